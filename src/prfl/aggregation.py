@@ -1,0 +1,181 @@
+"""Server-side aggregation maths: staleness functions, weighted and mask-aware averaging.
+
+All functions are pure: they read their inputs and return new tensors, never modifying a tensor
+they were given (policies hand the same tensors out to clients). Averages accumulate in float64
+and are cast back to the input dtype, so an average of float32 vectors stays within the range of
+its inputs coordinate by coordinate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import overload
+
+import torch
+
+STALENESS_KINDS: tuple[str, ...] = ("const", "poly", "hinge")
+
+_ACC_DTYPE = torch.float64
+
+
+# --------------------------------------------------------------------------- staleness
+def _check_staleness_params(kind: str, a: float, b: float) -> None:
+    if kind not in STALENESS_KINDS:
+        raise ValueError(
+            f"unknown staleness kind {kind!r}; valid kinds: {', '.join(STALENESS_KINDS)}"
+        )
+    if not (math.isfinite(a) and a >= 0):
+        raise ValueError(f"staleness exponent/slope a must be a finite number >= 0, got {a!r}")
+    if not (math.isfinite(b) and b >= 0):
+        raise ValueError(f"staleness hinge point b must be a finite number >= 0, got {b!r}")
+
+
+@overload
+def staleness_weight(kind: str, tau: torch.Tensor, a: float = ..., b: float = ...) -> torch.Tensor: ...
+@overload
+def staleness_weight(kind: str, tau: float, a: float = ..., b: float = ...) -> float: ...
+
+
+def staleness_weight(
+    kind: str, tau: float | torch.Tensor, a: float = 0.6, b: float = 2.0
+) -> float | torch.Tensor:
+    """Weight s(tau) of an update that is ``tau`` server rounds stale.
+
+    - ``const``: s = 1
+    - ``poly``:  s = (tau + 1)^(-a)
+    - ``hinge``: s = 1 if tau <= b else 1 / (a * (tau - b) + 1)
+
+    ``tau`` is a number (returns a float) or a tensor (returns a float64 tensor, element-wise).
+    """
+    _check_staleness_params(kind, a, b)
+    if isinstance(tau, torch.Tensor):
+        t = tau.to(_ACC_DTYPE)
+        if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+            raise ValueError("staleness tau must be finite and >= 0 for every entry")
+        if kind == "const":
+            return torch.ones_like(t)
+        if kind == "poly":
+            return (t + 1.0).pow(-a)
+        return torch.where(t <= b, torch.ones_like(t), 1.0 / (a * (t - b) + 1.0))
+    tau_f = float(tau)
+    if not (math.isfinite(tau_f) and tau_f >= 0):
+        raise ValueError(f"staleness tau must be finite and >= 0, got {tau!r}")
+    if kind == "const":
+        return 1.0
+    if kind == "poly":
+        return (tau_f + 1.0) ** (-a)
+    return 1.0 if tau_f <= b else 1.0 / (a * (tau_f - b) + 1.0)
+
+
+def fedbuff_staleness(tau: float) -> float:
+    """FedBuff's staleness weight s(tau) = 1 / sqrt(1 + tau)."""
+    tau_f = float(tau)
+    if not (math.isfinite(tau_f) and tau_f >= 0):
+        raise ValueError(f"staleness tau must be finite and >= 0, got {tau!r}")
+    return 1.0 / math.sqrt(1.0 + tau_f)
+
+
+# --------------------------------------------------------------------------- averaging
+def _check_coeffs(weights: Sequence[float], name: str) -> list[float]:
+    out = [float(w) for w in weights]
+    for i, w in enumerate(out):
+        if not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"{name}[{i}] must be a finite number >= 0, got {w!r}")
+    if not sum(out) > 0:
+        raise ValueError(f"{name} must have a positive total, got {sum(out)!r}")
+    return out
+
+
+def _check_vectors(vectors: Sequence[torch.Tensor], shape: torch.Size, name: str) -> None:
+    for i, v in enumerate(vectors):
+        if v.shape != shape:
+            raise ValueError(f"{name}[{i}] has shape {tuple(v.shape)}, expected {tuple(shape)}")
+
+
+def weighted_average(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Normalised weighted average  sum_i w_i v_i / sum_i w_i  (a new tensor, dtype of ``vectors[0]``).
+
+    Also the plain-FedAvg ablation of MaskFedAvg (masks ignored).
+    """
+    if len(vectors) == 0:
+        raise ValueError("weighted_average needs at least one vector")
+    if len(weights) != len(vectors):
+        raise ValueError(f"got {len(vectors)} vectors but {len(weights)} weights")
+    coeffs = _check_coeffs(weights, "weights")
+    _check_vectors(vectors, vectors[0].shape, "vectors")
+    acc = torch.zeros(vectors[0].shape, dtype=_ACC_DTYPE)
+    for v, c in zip(vectors, coeffs):
+        if c != 0.0:
+            acc.add_(v, alpha=c)
+    return acc.div_(sum(coeffs)).to(vectors[0].dtype)
+
+
+plain_fedavg = weighted_average
+
+
+def mask_fedavg(
+    prev: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor | None],
+    coeffs: Sequence[float],
+    num_prunable: int,
+    eta_g: float = 1.0,
+) -> torch.Tensor:
+    """MaskFedAvg: average each prunable weight over the clients whose mask holds it.
+
+    With c_i = p_i n_i, on the prunable prefix (first ``num_prunable`` entries):
+        W_acc = sum_i c_i (W_i ⊙ m_i),  M_acc = sum_i c_i m_i,  W_new = W_acc / M_acc,
+    keeping ``prev`` wherever M_acc == 0 (nobody holds the weight) or W_new is exactly 0 (so a
+    weight is never pruned for ever). On the suffix (biases etc., held by every client):
+        W_new = sum_i c_i W_i / sum_i c_i.
+    Then the server step  W = (1 - eta_g) prev + eta_g W_new  (eta_g = 1: W = W_new).
+    A mask of None means dense (all ones). Returns a new tensor of ``prev``'s dtype.
+    """
+    if prev.dim() != 1:
+        raise ValueError("prev must be a flat 1-D tensor")
+    n = len(models)
+    if n == 0:
+        raise ValueError("mask_fedavg needs at least one model")
+    if len(masks) != n or len(coeffs) != n:
+        raise ValueError(f"got {n} models, {len(masks)} masks and {len(coeffs)} coeffs; lengths must match")
+    if not 0 <= num_prunable <= prev.numel():
+        raise ValueError(f"num_prunable must lie in [0, {prev.numel()}], got {num_prunable}")
+    if not (math.isfinite(eta_g) and eta_g > 0):
+        raise ValueError(f"eta_g must be a finite number > 0, got {eta_g!r}")
+    cs = _check_coeffs(coeffs, "coeffs")
+    _check_vectors(models, prev.shape, "models")
+    for i, m in enumerate(masks):
+        if m is not None and (m.dtype != torch.bool or m.shape != (num_prunable,)):
+            raise ValueError(
+                f"masks[{i}] must be a bool tensor of shape ({num_prunable},), "
+                f"got {m.dtype} {tuple(m.shape)}"
+            )
+
+    npr = num_prunable
+    w_acc = torch.zeros(npr, dtype=_ACC_DTYPE)
+    m_acc = torch.zeros(npr, dtype=_ACC_DTYPE)
+    s_acc = torch.zeros(prev.numel() - npr, dtype=_ACC_DTYPE)
+    dense_total = 0.0  # coefficient mass of dense clients, added to m_acc once at the end
+    for w, m, c in zip(models, masks, cs):
+        if c == 0.0:
+            continue
+        if m is None:
+            w_acc.add_(w[:npr], alpha=c)
+            dense_total += c
+        else:
+            w_acc.addcmul_(w[:npr], m, value=c)
+            m_acc.add_(m, alpha=c)
+        s_acc.add_(w[npr:], alpha=c)
+    if dense_total:
+        m_acc.add_(dense_total)
+
+    prev64 = prev.to(_ACC_DTYPE)
+    new = torch.empty(prev.numel(), dtype=_ACC_DTYPE)
+    held = m_acc > 0
+    head = torch.where(held, w_acc / torch.where(held, m_acc, 1.0), prev64[:npr])
+    new[:npr] = torch.where(head == 0, prev64[:npr], head)
+    new[npr:] = s_acc / sum(cs)
+    if eta_g != 1.0:
+        new = torch.lerp(prev64, new, eta_g)
+    return new.to(prev.dtype)

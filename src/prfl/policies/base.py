@@ -1,0 +1,233 @@
+"""Server policies: pure, event-driven state machines.
+
+A policy is told what happened (an :class:`Event` carrying ``now``) and answers with a list of
+:class:`Action`. It never sleeps, never reads a clock and does no I/O, so the virtual-clock
+simulator and the Flower driver run the same policy objects, and tests script events by hand.
+
+Contract on weights: tensors a policy hands out in a :class:`TaskSpec` are never modified in
+place afterwards (aggregation builds new tensors), so a driver may keep references cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+
+from prfl.client.result import TaskResult
+
+
+# --------------------------------------------------------------------------- context
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a policy knows about the federation when it is built."""
+
+    num_clients: int
+    num_samples: tuple[int, ...]  # training samples per client
+    initial_weights: torch.Tensor  # flat vector, prunable weights first
+    num_prunable: int  # N: length of the prunable prefix of the flat vector
+    seed: int = 0
+    max_rounds: int | None = None  # stop after this many server updates (None: never)
+    max_time: float | None = None  # stop at this time (None: never)
+
+    def __post_init__(self) -> None:
+        if self.num_clients < 1:
+            raise ValueError("num_clients must be at least 1")
+        if len(self.num_samples) != self.num_clients:
+            raise ValueError(
+                f"num_samples has {len(self.num_samples)} entries for {self.num_clients} clients"
+            )
+        if self.initial_weights.dim() != 1:
+            raise ValueError("initial_weights must be a flat 1-D tensor")
+        if not 0 <= self.num_prunable <= self.initial_weights.numel():
+            raise ValueError("num_prunable must lie between 0 and the number of weights")
+
+
+# --------------------------------------------------------------------------- events
+@dataclass(frozen=True)
+class Start:
+    """The run begins; every client is idle and online unless told otherwise."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class ClientIdle:
+    """A client came (back) online and holds no task."""
+
+    now: float
+    client: int
+
+
+@dataclass(frozen=True)
+class ResultArrived:
+    """A client's upload finished at the server."""
+
+    now: float
+    result: TaskResult
+
+
+@dataclass(frozen=True)
+class TaskFailed:
+    """A dispatched task will not return (client went offline, crashed, or was rejected)."""
+
+    now: float
+    client: int
+    task_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class TimerFired:
+    """A timer set by the policy with :class:`SetTimer` fired."""
+
+    now: float
+    key: str
+
+
+@dataclass(frozen=True)
+class EvaluationDone:
+    """Answer to a :class:`RequestEvaluation`."""
+
+    now: float
+    tag: str
+    accuracy: float
+    loss: float
+
+
+Event = Union[Start, ClientIdle, ResultArrived, TaskFailed, TimerFired, EvaluationDone]
+
+
+# --------------------------------------------------------------------------- actions
+@dataclass(frozen=True)
+class TaskSpec:
+    """A local training task: start from ``weights`` (model ``version``), train under ``mask``.
+
+    ``mask`` is a bool tensor over the prunable prefix (None: dense). ``download_bytes`` and
+    ``upload_bytes`` are what the client's links carry; ``server_egress_bytes`` is what the
+    server's uplink must push for this dispatch (less than ``download_bytes`` when pieces are
+    shared between clients). ``pieces`` names residual pieces the client needs, if any.
+    """
+
+    task_id: int
+    client: int
+    version: int
+    weights: torch.Tensor
+    mask: torch.Tensor | None
+    density: float
+    download_bytes: int
+    upload_bytes: int
+    server_egress_bytes: int | None = None
+    pieces: tuple[str, ...] = ()
+    width: float = 1.0
+    want_importance: bool = False
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Send ``task`` to its client now."""
+
+    task: TaskSpec
+
+
+@dataclass(frozen=True)
+class SetTimer:
+    """Deliver ``TimerFired(key)`` at time ``at`` (replaces a pending timer with the same key)."""
+
+    at: float
+    key: str
+
+
+@dataclass(frozen=True)
+class RequestEvaluation:
+    """Evaluate ``weights`` on the held-out set and reply with ``EvaluationDone(tag)``."""
+
+    weights: torch.Tensor
+    tag: str
+
+
+@dataclass(frozen=True)
+class Record:
+    """A policy event worth keeping in the run history (density change, recovery step, ...)."""
+
+    kind: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stop:
+    """End the run."""
+
+    reason: str
+
+
+Action = Union[Dispatch, SetTimer, RequestEvaluation, Record, Stop]
+
+
+# --------------------------------------------------------------------------- policy
+class Policy:
+    """Base class: holds the global model and its version; subclasses implement ``on_event``.
+
+    ``version`` counts server updates (the server round). ``weights`` is the current global flat
+    vector. ``participation[i]`` counts results aggregated from client ``i``.
+    """
+
+    name: str = "policy"
+
+    def __init__(self, ctx: PolicyContext) -> None:
+        self.ctx = ctx
+        self.weights: torch.Tensor = ctx.initial_weights.detach().clone()
+        self.version: int = 0
+        self.next_task_id: int = 0
+        self.participation: list[int] = [0] * ctx.num_clients
+
+    # -- to implement
+    def on_event(self, event: Event) -> list[Action]:
+        raise NotImplementedError
+
+    # -- helpers for subclasses
+    def new_task_id(self) -> int:
+        tid = self.next_task_id
+        self.next_task_id += 1
+        return tid
+
+    def dense_bytes(self) -> int:
+        """Bytes of the whole model in fp32."""
+        return 4 * self.weights.numel()
+
+    def dense_task(self, client: int, want_importance: bool = False) -> TaskSpec:
+        """A dense task on the current global model (full download and upload)."""
+        nbytes = self.dense_bytes()
+        return TaskSpec(
+            task_id=self.new_task_id(),
+            client=client,
+            version=self.version,
+            weights=self.weights,
+            mask=None,
+            density=1.0,
+            download_bytes=nbytes,
+            upload_bytes=nbytes,
+            want_importance=want_importance,
+        )
+
+    def should_stop(self, now: float) -> bool:
+        """True once the configured round or time budget is spent."""
+        if self.ctx.max_rounds is not None and self.version >= self.ctx.max_rounds:
+            return True
+        return self.ctx.max_time is not None and now >= self.ctx.max_time
+
+    # -- checkpointing: subclasses extend with their own state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "weights": self.weights.clone(),
+            "version": self.version,
+            "next_task_id": self.next_task_id,
+            "participation": list(self.participation),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weights = state["weights"].clone()
+        self.version = int(state["version"])
+        self.next_task_id = int(state["next_task_id"])
+        self.participation = list(state["participation"])

@@ -1,0 +1,1 @@
+"""Reports: history tables, time-to-accuracy and plots, computed from run files."""

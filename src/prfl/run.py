@@ -1,0 +1,259 @@
+"""Build a scenario from a config and run experiments into run directories.
+
+A run directory holds ``config.yaml`` (resolved), ``partition.json``, ``history.jsonl``,
+``summary.json``, ``accuracy.png`` and ``checkpoint.pt`` (for ``prfl run --resume DIR``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from prfl.client.trainer import TrainConfig, evaluate
+from prfl.config import ConfigError, ExperimentConfig, PolicyConfig, load_config, save_config
+from prfl.data import Dataset, Partition, load_dataset, partition_dataset
+from prfl.models import build_model, model_cost
+from prfl.models.cost import ModelCost
+from prfl.params import ParamLayout
+from prfl.policies import build_policy
+from prfl.policies.base import Policy, PolicyContext
+from prfl.report.plots import plot_accuracy
+from prfl.sim.devices import Fleet, load_fleet, make_fleet
+from prfl.sim.engine import SimSettings, Simulation
+from prfl.sim.executors import WorkerSpec, make_executor
+from prfl.sim.history import HistoryWriter, read_history
+
+log = logging.getLogger(__name__)
+
+
+class StepCost:
+    """FLOPs of one local training step under a mask, with a sparse-efficiency factor.
+
+    A layer at density d costs as if at ``1 - e (1 - d)``: e = 1 means compute shrinks with the
+    sub-model, e = 0 means masked training costs as much as dense training.
+    """
+
+    def __init__(self, cost: ModelCost, layout: ParamLayout, efficiency: float = 1.0) -> None:
+        self.cost = cost
+        self.layout = layout
+        self.efficiency = efficiency
+        self._cache: weakref.WeakKeyDictionary[torch.Tensor, dict[str, float]] = weakref.WeakKeyDictionary()
+
+    def layer_density(self, mask: torch.Tensor) -> dict[str, float]:
+        hit = self._cache.get(mask)
+        if hit is None:
+            counts = torch.cumsum(mask.to(torch.int64), 0)
+            hit = {}
+            for e in self.layout.prunable_entries:
+                kept = int(counts[e.stop - 1]) - (int(counts[e.offset - 1]) if e.offset > 0 else 0)
+                d = kept / e.numel
+                hit[e.name] = 1.0 - self.efficiency * (1.0 - d)
+            self._cache[mask] = hit
+        return hit
+
+    def __call__(self, mask: torch.Tensor | None, batch_size: int) -> float:
+        if mask is None:
+            return self.cost.train_step_flops(batch_size)
+        return self.cost.train_step_flops(batch_size, self.layer_density(mask))
+
+
+@dataclass
+class Scenario:
+    """Everything a run needs besides its policy: data, partition, model, fleet, evaluation."""
+
+    cfg: ExperimentConfig
+    dataset: Dataset
+    partition: Partition
+    layout: ParamLayout
+    cost: ModelCost
+    initial_weights: torch.Tensor
+    fleet: Fleet
+    train_cfg: TrainConfig
+    worker_spec: WorkerSpec
+    model: torch.nn.Module
+
+    def evaluator(self) -> Callable[[torch.Tensor], tuple[float, float]]:
+        model = build_model(self.cfg.model.name, self.dataset.input_shape, self.dataset.num_classes, **self.cfg.model.options)
+        bound = self.layout.flatten(model)
+        self.layout.bind(model, bound)
+        n = self.cfg.data.eval_samples
+        x, y = self.dataset.x_test, self.dataset.y_test
+        if n is not None:
+            x, y = x[:n], y[:n]
+        xt, yt = torch.as_tensor(x), torch.as_tensor(y, dtype=torch.int64)
+        loss = self.train_cfg.loss
+
+        def run(weights: torch.Tensor) -> tuple[float, float]:
+            return evaluate(model, self.layout, bound, weights, xt, yt, loss)
+
+        return run
+
+    def policy_context(self) -> PolicyContext:
+        return PolicyContext(
+            num_clients=self.cfg.data.num_clients,
+            num_samples=tuple(int(s) for s in self.partition.sizes()),
+            initial_weights=self.initial_weights,
+            num_prunable=self.layout.num_prunable,
+            seed=self.cfg.seed,
+            max_rounds=self.cfg.sim.max_rounds,
+            max_time=self.cfg.sim.max_time,
+        )
+
+
+def build_scenario(cfg: ExperimentConfig, dataset: Dataset | None = None) -> Scenario:
+    """Load data, partition it, build the model and fleet named by ``cfg``."""
+    d = cfg.data
+    ds = dataset if dataset is not None else load_dataset(d.dataset, d.data_dir, **d.options)
+    try:
+        part = partition_dataset(ds, d.partition, d.num_clients, seed=cfg.seed, **d.partition_options)
+    except TypeError as exc:
+        raise ConfigError(f"data.partition_options: {exc}") from exc
+    torch.manual_seed(cfg.model.seed)
+    model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, **cfg.model.options)
+    layout = ParamLayout(model)
+    cost = model_cost(model, ds.input_shape)
+    if cfg.fleet.file:
+        fleet = load_fleet(cfg.fleet.file)
+        if len(fleet) != d.num_clients:
+            raise ConfigError(f"fleet file {cfg.fleet.file} has {len(fleet)} clients but data.num_clients is {d.num_clients}")
+    else:
+        fleet = make_fleet(cfg.fleet.preset, d.num_clients, seed=cfg.seed, **cfg.fleet.options)
+    train_cfg = cfg.train.to_train_config()
+    spec = WorkerSpec(
+        dataset=d.dataset,
+        model=cfg.model.name,
+        train=train_cfg,
+        dataset_options=dict(d.options),
+        model_options=dict(cfg.model.options),
+        data_dir=d.data_dir,
+    )
+    return Scenario(cfg, ds, part, layout, cost, layout.flatten(model), fleet, train_cfg, spec, model)
+
+
+def _availability(cfg: ExperimentConfig) -> Any:
+    a = cfg.fleet.availability
+    if a is None:
+        return None
+    from prfl.sim.availability import OnOffAvailability
+
+    return OnOffAvailability(mean_on=a.mean_on, mean_off=a.mean_off, run_seed=cfg.seed, start_online_prob=a.start_online_prob)
+
+
+def make_policy(sc: Scenario, pcfg: PolicyConfig) -> Policy:
+    try:
+        return build_policy(pcfg.name, sc.policy_context(), **pcfg.options)
+    except ValueError as exc:
+        raise ConfigError(f"policy.options: {exc}") from exc
+
+
+def make_simulation(
+    sc: Scenario,
+    policy: Policy,
+    out_dir: Path | None,
+    history: HistoryWriter,
+    executor: Any,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> Simulation:
+    s = sc.cfg.sim
+    settings = SimSettings(
+        eval_every_rounds=s.eval_every_rounds,
+        eval_every_seconds=s.eval_every_seconds,
+        max_time=s.max_time,
+        compute_time=s.compute_time,
+        sparse_efficiency=s.sparse_efficiency,
+        shared_server_link=s.shared_server_link,
+        checkpoint_every_rounds=s.checkpoint_every_rounds if out_dir is not None else None,
+        target_accuracies=tuple(s.targets),
+    )
+    return Simulation(
+        policy=policy,
+        fleet=sc.fleet,
+        executor=executor,
+        client_indices=sc.partition.client_indices,
+        train_cfg=sc.train_cfg,
+        step_flops=StepCost(sc.cost, sc.layout, s.sparse_efficiency),
+        evaluator=sc.evaluator(),
+        settings=settings,
+        seed=sc.cfg.seed,
+        history=history,
+        availability=_availability(sc.cfg),
+        checkpoint_dir=out_dir,
+        on_progress=on_progress,
+    )
+
+
+def _executor(sc: Scenario) -> Any:
+    s = sc.cfg.sim
+    return make_executor(s.executor, sc.worker_spec, workers=s.workers, dataset=sc.dataset if s.executor == "inline" else None)
+
+
+def run_policy(
+    sc: Scenario,
+    pcfg: PolicyConfig | None = None,
+    out_dir: str | Path | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run one policy on the scenario; write the run directory when ``out_dir`` is given."""
+    pcfg = pcfg or sc.cfg.policy
+    cfg = sc.cfg.with_policy(pcfg)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        sc.partition.save(out / "partition.json")
+        for stale in ("history.jsonl", "checkpoint.pt", "summary.json"):
+            (out / stale).unlink(missing_ok=True)
+    history = HistoryWriter(out / "history.jsonl" if out is not None else None)
+    executor = _executor(sc)
+    try:
+        sim = make_simulation(sc, make_policy(sc, pcfg), out, history, executor, on_progress)
+        summary = sim.run()
+    finally:
+        executor.close()
+        history.close()
+    summary["name"] = cfg.name
+    summary["seed"] = cfg.seed
+    if out is not None:
+        _finish_run_dir(out, summary, history.records)
+    summary["history"] = history.records
+    return summary
+
+
+def resume_run(run_dir: str | Path, on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Continue a run from its last checkpoint; the history is cut back to that point first."""
+    out = Path(run_dir)
+    ckpt = out / "checkpoint.pt"
+    if not (out / "config.yaml").is_file():
+        raise ConfigError(f"{out} is not a run directory (no config.yaml)")
+    if not ckpt.is_file():
+        raise ConfigError(f"{out} has no checkpoint.pt to resume from; start the run again with `prfl run`")
+    cfg = load_config(out / "config.yaml")
+    sc = build_scenario(cfg)
+    state = torch.load(ckpt, weights_only=False)
+    history = HistoryWriter(out / "history.jsonl", truncate_at=state["history_offset"])
+    executor = _executor(sc)
+    try:
+        sim = make_simulation(sc, make_policy(sc, cfg.policy), out, history, executor, on_progress)
+        summary = sim.run(resume_state=state)
+    finally:
+        executor.close()
+        history.close()
+    summary["name"] = cfg.name
+    summary["seed"] = cfg.seed
+    records = list(read_history(out / "history.jsonl"))
+    _finish_run_dir(out, summary, records)
+    summary["history"] = records
+    return summary
+
+
+def _finish_run_dir(out: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
+    plot_accuracy({summary["policy"]: records}, out / "accuracy.png", title=summary.get("name", ""))

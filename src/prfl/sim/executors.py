@@ -1,0 +1,129 @@
+"""Executors run local training jobs: inline, or on a pool of worker processes.
+
+Every job carries everything that decides its outcome (start weights, mask, sample indices, a
+seed derived from the job's address), so any executor returns the same weights bit for bit.
+Workers build their own model and data once, from a picklable :class:`WorkerSpec`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from prfl.client.trainer import LocalTrainer, TrainConfig, TrainOutput
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """How a worker builds its trainer: data set, model and optimiser settings."""
+
+    dataset: str
+    model: str
+    train: TrainConfig
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    model_options: dict[str, Any] = field(default_factory=dict)
+    data_dir: str | None = None
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One local task, self-contained."""
+
+    task_id: int
+    client: int
+    weights: torch.Tensor
+    indices: np.ndarray
+    seed: int
+    mask: torch.Tensor | None = None
+    want_importance: bool = False
+
+
+class Workspace:
+    """A worker's model, layout and trainer, built once from a :class:`WorkerSpec`."""
+
+    def __init__(self, spec: WorkerSpec, dataset: Any | None = None) -> None:
+        from prfl.data import load_dataset
+        from prfl.models import build_model
+        from prfl.params import ParamLayout
+
+        torch.set_num_threads(max(1, spec.threads))
+        ds = dataset if dataset is not None else load_dataset(spec.dataset, spec.data_dir, **spec.dataset_options)
+        self.dataset = ds
+        model = build_model(spec.model, ds.input_shape, ds.num_classes, **spec.model_options)
+        self.layout = ParamLayout(model)
+        self.trainer = LocalTrainer(model, self.layout, ds.x_train, ds.y_train, spec.train)
+
+    def run(self, job: TrainJob) -> TrainOutput:
+        return self.trainer.train(job.weights, job.indices, job.seed, mask=job.mask, want_importance=job.want_importance)
+
+
+class Executor(Protocol):
+    def submit(self, job: TrainJob) -> Future[TrainOutput]: ...
+    def close(self) -> None: ...
+
+
+class InlineExecutor:
+    """Runs each job in the calling process when it is submitted."""
+
+    name = "inline"
+
+    def __init__(self, spec: WorkerSpec, dataset: Any | None = None) -> None:
+        self.workspace = Workspace(spec, dataset)
+
+    def submit(self, job: TrainJob) -> Future[TrainOutput]:
+        fut: Future[TrainOutput] = Future()
+        try:
+            fut.set_result(self.workspace.run(job))
+        except BaseException as exc:  # surfaced when the driver asks for the result
+            fut.set_exception(exc)
+        return fut
+
+    def close(self) -> None:
+        pass
+
+
+_WORKSPACE: Workspace | None = None
+
+
+def _init_worker(spec: WorkerSpec) -> None:
+    global _WORKSPACE
+    _WORKSPACE = Workspace(spec)
+
+
+def _run_job(job: TrainJob) -> TrainOutput:
+    assert _WORKSPACE is not None, "worker not initialised"
+    return _WORKSPACE.run(job)
+
+
+class ProcessPoolExecutorAdapter:
+    """Runs jobs on ``workers`` processes (spawned, so no state leaks from the parent)."""
+
+    name = "process"
+
+    def __init__(self, spec: WorkerSpec, workers: int = 2) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        self.pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(spec,)
+        )
+
+    def submit(self, job: TrainJob) -> Future[TrainOutput]:
+        return self.pool.submit(_run_job, job)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def make_executor(kind: str, spec: WorkerSpec, workers: int = 2, dataset: Any | None = None) -> Executor:
+    """Build an executor by name: ``inline`` or ``process``."""
+    if kind == "inline":
+        return InlineExecutor(spec, dataset)
+    if kind == "process":
+        return ProcessPoolExecutorAdapter(spec, workers)
+    raise ValueError(f"unknown executor {kind!r}; choose one of: inline, process")

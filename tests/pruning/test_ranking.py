@@ -1,0 +1,92 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prfl.pruning.ranking import build_ranking, kept_count, magnitude_ranking
+
+
+def test_kept_count_is_exact_ceil_without_float_noise():
+    assert kept_count(0.3, 100) == 30  # 0.3*100 = 30.000000000000004 in floats
+    assert kept_count(0.301, 100) == 31
+    assert kept_count(0.0, 100) == 0
+    assert kept_count(1.0, 7) == 7
+    assert kept_count(0.1, 7) == 1
+    with pytest.raises(ValueError):
+        kept_count(1.5, 10)
+
+
+def test_small_hand_ranking():
+    # two layers: [0,4) and [4,10); floor 0.25 keeps ceil(0.25*4)=1 and ceil(0.25*6)=2 by magnitude
+    mags = torch.tensor([0.1, 0.9, 0.2, 0.3, 5.0, 0.0, 4.0, 0.1, 0.2, 0.3])
+    scores = torch.tensor([9.0, 0.0, 8.0, 7.0, 0.0, 6.0, 0.5, 5.0, 4.0, 3.0])
+    r = build_ranking(scores, mags, [(0, 4), (4, 10)], floor=0.25)
+    # floor = {1 (layer 0), 4, 6 (layer 1)}, ordered among themselves by score: 6 (0.5), then 1, 4 (0, ties by index)
+    assert r.floor_count == 3
+    assert r.order.tolist() == [6, 1, 4, 0, 2, 3, 5, 7, 8, 9]
+    assert r.mask(0.5).nonzero().flatten().tolist() == sorted([6, 1, 4, 0, 2])
+    assert r.piece(0.3, 0.5).tolist() == [0, 2]  # ranks 3 and 4
+
+
+def test_layer_cost_divides_scores():
+    mags = torch.ones(4)
+    scores = torch.tensor([1.0, 1.0, 3.0, 3.0])
+    r = build_ranking(scores, mags, [(0, 2), (2, 4)], floor=0.0, layer_cost=[1.0, 10.0])
+    assert r.order.tolist() == [0, 1, 2, 3]
+
+
+@st.composite
+def layered(draw):
+    sizes = draw(st.lists(st.integers(1, 40), min_size=1, max_size=5))
+    n = sum(sizes)
+    seed = draw(st.integers(0, 2**31 - 1))
+    bounds, a = [], 0
+    for s in sizes:
+        bounds.append((a, a + s))
+        a += s
+    return bounds, n, seed
+
+
+@settings(max_examples=60, deadline=None)
+@given(layered(), st.lists(st.floats(0.0, 1.0), min_size=1, max_size=6))
+def test_masks_nested_counts_exact_pieces_partition(spec, densities):
+    bounds, n, seed = spec
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, generator=g)
+    # repeated values exercise the tie-breaking
+    scores = torch.randint(0, 4, (n,), generator=g).float()
+    r = build_ranking(scores, w.abs(), bounds, floor=0.05)
+    assert sorted(r.order.tolist()) == list(range(n))
+    ds = sorted(densities)
+    masks = [r.mask(d) for d in ds]
+    for d, m in zip(ds, masks):
+        assert int(m.sum()) == math.ceil(round(d * n, 6))
+    for small, big in zip(masks, masks[1:]):
+        assert not (small & ~big).any()  # nested
+    pieces = r.pieces(ds)
+    allidx = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int64)
+    assert len(set(allidx.tolist())) == len(allidx)  # disjoint
+    assert set(allidx.tolist()) == set(masks[-1].nonzero().flatten().tolist())  # cover the largest mask
+    # floor: every layer keeps its top ceil(5%) by magnitude once the mask is at least the floor
+    if r.count(ds[-1]) >= r.floor_count:
+        m = masks[-1]
+        for a, b in bounds:
+            k = math.ceil(0.05 * (b - a))
+            top = torch.sort(w.abs()[a:b], descending=True, stable=True).indices[:k] + a
+            assert m[top].all()
+
+
+def test_magnitude_ranking_prefers_large_weights():
+    w = torch.tensor([0.5, -3.0, 0.1, 2.0])
+    r = magnitude_ranking(w, [(0, 4)], floor=0.0)
+    assert r.order.tolist() == [1, 3, 0, 2]
+    assert r.rank_of().tolist() == [2, 0, 3, 1]
+
+
+def test_bad_ranking_inputs():
+    with pytest.raises(ValueError, match="cover"):
+        build_ranking(torch.ones(4), torch.ones(4), [(0, 3)])
+    with pytest.raises(ValueError, match="differ"):
+        build_ranking(torch.ones(4), torch.ones(3), [(0, 4)])

@@ -1,0 +1,215 @@
+"""Aggregation maths: staleness functions, weighted average, MaskFedAvg (hand numbers + properties)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prfl.aggregation import (
+    fedbuff_staleness,
+    mask_fedavg,
+    plain_fedavg,
+    staleness_weight,
+    weighted_average,
+)
+
+T = torch.tensor
+F32 = torch.float32
+
+
+# --------------------------------------------------------------------------- staleness
+@pytest.mark.parametrize(
+    "kind, tau, a, b, expected",
+    [
+        ("const", 0, 0.6, 2.0, 1.0),
+        ("const", 7, 0.6, 2.0, 1.0),
+        ("poly", 0, 0.6, 2.0, 1.0),
+        ("poly", 3, 0.5, 2.0, 0.5),  # 4^-0.5
+        ("poly", 8, 0.5, 2.0, 1 / 3),  # 9^-0.5
+        ("poly", 31, 0.2, 2.0, 0.5),  # 32^-0.2
+        ("poly", 1, 1.0, 2.0, 0.5),  # 2^-1
+        ("hinge", 0, 0.5, 2.0, 1.0),
+        ("hinge", 2, 0.5, 2.0, 1.0),  # tau <= b
+        ("hinge", 4, 0.5, 2.0, 0.5),  # 1 / (0.5 * 2 + 1)
+        ("hinge", 12, 0.6, 2.0, 1 / 7),  # 1 / (0.6 * 10 + 1)
+        ("hinge", 2.5, 2.0, 2.0, 0.5),  # 1 / (2 * 0.5 + 1)
+    ],
+)
+def test_staleness_weight_hand_values(kind, tau, a, b, expected):
+    assert staleness_weight(kind, tau, a, b) == pytest.approx(expected, rel=1e-12)
+
+
+def test_staleness_defaults_are_poly_a06_b2():
+    assert staleness_weight("poly", 1) == pytest.approx(2 ** -0.6)
+    assert staleness_weight("hinge", 2) == 1.0
+    assert staleness_weight("hinge", 3) == pytest.approx(1 / 1.6)
+
+
+def test_staleness_weight_on_tensors():
+    taus = T([0, 3, 8])
+    assert staleness_weight("poly", taus, a=0.5).tolist() == pytest.approx([1.0, 0.5, 1 / 3])
+    assert staleness_weight("hinge", taus, a=0.5, b=2.0).tolist() == pytest.approx([1.0, 1 / 1.5, 1 / 4])
+    assert staleness_weight("const", taus).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_fedbuff_staleness_hand_values():
+    assert fedbuff_staleness(0) == 1.0
+    assert fedbuff_staleness(3) == 0.5
+    assert fedbuff_staleness(8) == pytest.approx(1 / 3)
+
+
+def test_staleness_errors_name_the_problem():
+    with pytest.raises(ValueError, match="const, poly, hinge"):
+        staleness_weight("linear", 1)
+    with pytest.raises(ValueError, match="tau"):
+        staleness_weight("poly", -1)
+    with pytest.raises(ValueError, match="tau"):
+        staleness_weight("poly", T([0, -2]))
+    with pytest.raises(ValueError, match="tau"):
+        fedbuff_staleness(-0.5)
+    with pytest.raises(ValueError, match="a must"):
+        staleness_weight("hinge", 1, a=-1.0)
+
+
+# --------------------------------------------------------------------------- weighted average
+def test_weighted_average_hand_values():
+    out = weighted_average([T([1.0, 2.0]), T([3.0, 6.0])], [1.0, 3.0])
+    assert out.tolist() == [2.5, 5.0]  # (1 + 9) / 4, (2 + 18) / 4
+    assert out.dtype == F32
+    assert plain_fedavg is weighted_average
+
+
+def test_weighted_average_errors():
+    with pytest.raises(ValueError, match="at least one"):
+        weighted_average([], [])
+    with pytest.raises(ValueError, match="positive total"):
+        weighted_average([T([1.0])], [0.0])
+    with pytest.raises(ValueError, match="weights"):
+        weighted_average([T([1.0]), T([2.0])], [1.0])
+    with pytest.raises(ValueError, match="shape"):
+        weighted_average([T([1.0]), T([2.0, 3.0])], [1.0, 1.0])
+
+
+# --------------------------------------------------------------------------- MaskFedAvg
+PREV = T([10.0, 20.0, 30.0, 40.0, 50.0, 60.0])
+# Client A holds prunable weights 0 and 3 (the 99 at index 1 lies outside its mask: ignored);
+# client B holds 0, 1 and 3; nobody holds 2. Coefficients c_A = 1, c_B = 2.
+W_A = T([1.0, 99.0, 0.0, 2.0, 5.0, 6.0])
+M_A = T([True, False, False, True])
+W_B = T([4.0, 7.0, 0.0, -1.0, 8.0, 9.0])
+M_B = T([True, True, False, True])
+
+
+def test_mask_fedavg_hand_example():
+    out = mask_fedavg(PREV, [W_A, W_B], [M_A, M_B], [1.0, 2.0], num_prunable=4)
+    # 0: (1*1 + 2*4) / 3 = 3        both hold it: average weighted by c_i
+    # 1: 2*7 / 2 = 7                only B holds it: B's value
+    # 2: nobody holds it            previous value 30
+    # 3: (1*2 + 2*(-1)) / 3 = 0     exact zero: previous value 40
+    # 4, 5 (not prunable): (5 + 16) / 3 = 7, (6 + 18) / 3 = 8
+    assert out.tolist() == [3.0, 7.0, 30.0, 40.0, 7.0, 8.0]
+    assert out.dtype == F32
+
+
+def test_mask_fedavg_server_step():
+    out = mask_fedavg(PREV, [W_A, W_B], [M_A, M_B], [1.0, 2.0], num_prunable=4, eta_g=0.5)
+    # (prev + [3, 7, 30, 40, 7, 8]) / 2
+    assert out.tolist() == [6.5, 13.5, 30.0, 40.0, 28.5, 34.0]
+
+
+def test_mask_fedavg_coeffs_are_p_times_n():
+    # p = (0.25, 0.75) (staleness shares), n = (40, 10): c = (10, 7.5)
+    p, n = (0.25, 0.75), (40, 10)
+    coeffs = [pi * ni for pi, ni in zip(p, n)]
+    w1, w2 = T([1.0, 1.0, 1.0]), T([8.0, 8.0, 8.0])
+    out = mask_fedavg(T([0.0, 0.0, 0.0]), [w1, w2], [None, T([True, False])], coeffs, num_prunable=2)
+    # 0: (10*1 + 7.5*8) / 17.5 = 4;  1: only client 1 (dense) holds it = 1;  2 (suffix): 4
+    assert out.tolist() == [4.0, 1.0, 4.0]
+
+
+def test_mask_fedavg_dense_none_and_no_prunable():
+    out = mask_fedavg(T([5.0, 5.0]), [T([2.0, 4.0]), T([4.0, 8.0])], [None, None], [1.0, 1.0], num_prunable=0)
+    assert out.tolist() == [3.0, 6.0]
+
+
+def test_mask_fedavg_does_not_touch_inputs():
+    prev, wa, wb = PREV.clone(), W_A.clone(), W_B.clone()
+    out = mask_fedavg(prev, [wa, wb], [M_A, M_B], [1.0, 2.0], num_prunable=4)
+    assert torch.equal(prev, PREV) and torch.equal(wa, W_A) and torch.equal(wb, W_B)
+    assert out.data_ptr() != prev.data_ptr()
+
+
+def test_mask_fedavg_errors():
+    with pytest.raises(ValueError, match="at least one"):
+        mask_fedavg(PREV, [], [], [], num_prunable=4)
+    with pytest.raises(ValueError, match="lengths must match"):
+        mask_fedavg(PREV, [W_A], [M_A, M_B], [1.0], num_prunable=4)
+    with pytest.raises(ValueError, match=r"masks\[0\] must be a bool"):
+        mask_fedavg(PREV, [W_A], [M_A.float()], [1.0], num_prunable=4)
+    with pytest.raises(ValueError, match=r"masks\[0\] must be a bool"):
+        mask_fedavg(PREV, [W_A], [M_A[:3]], [1.0], num_prunable=4)
+    with pytest.raises(ValueError, match=r"coeffs\[0\]"):
+        mask_fedavg(PREV, [W_A], [M_A], [-1.0], num_prunable=4)
+    with pytest.raises(ValueError, match="positive total"):
+        mask_fedavg(PREV, [W_A], [M_A], [0.0], num_prunable=4)
+    with pytest.raises(ValueError, match="eta_g"):
+        mask_fedavg(PREV, [W_A], [M_A], [1.0], num_prunable=4, eta_g=0.0)
+    with pytest.raises(ValueError, match=r"models\[0\] has shape"):
+        mask_fedavg(PREV, [W_A[:5]], [M_A], [1.0], num_prunable=4)
+
+
+# --------------------------------------------------------------------------- properties
+finite = st.floats(-100, 100, allow_nan=False, width=32)
+
+
+@st.composite
+def fleets(draw):
+    dim = draw(st.integers(1, 8))
+    npr = draw(st.integers(0, dim))
+    k = draw(st.integers(1, 4))
+    prev = T(draw(st.lists(finite, min_size=dim, max_size=dim)), dtype=F32)
+    models = [T(draw(st.lists(finite, min_size=dim, max_size=dim)), dtype=F32) for _ in range(k)]
+    masks = [T(draw(st.lists(st.booleans(), min_size=npr, max_size=npr)), dtype=torch.bool) for _ in range(k)]
+    coeffs = draw(st.lists(st.floats(0.01, 100), min_size=k, max_size=k))
+    return prev, models, masks, coeffs, npr
+
+
+@settings(max_examples=150, deadline=None)
+@given(fleets())
+def test_dense_masks_equal_weighted_average(fleet):
+    prev, models, _, coeffs, npr = fleet
+    dense = [torch.ones(npr, dtype=torch.bool)] * len(models)
+    out = mask_fedavg(prev, models, dense, coeffs, num_prunable=npr)
+    avg = weighted_average(models, coeffs)
+    # identical except that an exact-zero prunable average keeps the previous value
+    expected = avg.clone()
+    expected[:npr] = torch.where(avg[:npr] == 0, prev[:npr], avg[:npr])
+    assert torch.equal(out, expected)
+    assert torch.equal(mask_fedavg(prev, models, [None] * len(models), coeffs, num_prunable=npr), expected)
+
+
+@settings(max_examples=150, deadline=None)
+@given(fleets())
+def test_each_weight_lies_between_its_holders_or_keeps_prev(fleet):
+    prev, models, masks, coeffs, npr = fleet
+    out = mask_fedavg(prev, models, masks, coeffs, num_prunable=npr)
+    stacked = torch.stack(models)
+    held = torch.stack(masks) if npr else torch.zeros(len(models), 0, dtype=torch.bool)
+    for j in range(prev.numel()):
+        holders = stacked[:, j] if j >= npr else stacked[held[:, j], j]
+        if holders.numel() == 0:
+            assert out[j] == prev[j]  # nobody holds it
+        else:  # an average of the holders (or prev, where that average is exactly zero)
+            assert holders.min() <= out[j] <= holders.max() or (j < npr and out[j] == prev[j])
+
+
+@settings(max_examples=100, deadline=None)
+@given(fleets(), st.floats(0.01, 1.0))
+def test_server_step_interpolates(fleet, eta):
+    prev, models, masks, coeffs, npr = fleet
+    full = mask_fedavg(prev, models, masks, coeffs, num_prunable=npr)
+    step = mask_fedavg(prev, models, masks, coeffs, num_prunable=npr, eta_g=eta)
+    expected = (1 - eta) * prev.double() + eta * full.double()
+    assert torch.allclose(step.double(), expected, rtol=1e-5, atol=1e-4)
