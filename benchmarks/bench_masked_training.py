@@ -49,6 +49,8 @@ MODEL = "conv2"
 INPUT_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+CONTROL = "dense(A/A)"
+EVICT_BYTES = 256 * 2**20  # rewritten before each isolated op: larger than any last-level cache
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "masked_training.json"
 
 
@@ -109,11 +111,16 @@ def summarize(values: list[float]) -> dict[str, float]:
     }
 
 
-def time_op(fn: Callable[[], Any], repeats: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` calls (after one untimed call)."""
+def time_op(fn: Callable[[], Any], repeats: int, before: Callable[[], Any] | None = None) -> float:
+    """Median seconds of ``fn`` over ``repeats`` calls (after one untimed call).
+
+    ``before`` runs untimed ahead of every call (used to evict the caches).
+    """
     fn()
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -161,17 +168,21 @@ def overhead_breakdown(
     """Median seconds of each piece of mask work ``LocalTrainer.train`` adds over a dense task.
 
     Mirrors the trainer: per task ``layout.full_mask(mask).to(float32)`` and ``w.mul_(fmask)``,
-    per step ``g.mul_(fmask)`` on the flat gradient.
+    per step ``g.mul_(fmask)`` on the flat gradient. Before every timed call a scratch buffer
+    larger than the last-level cache is rewritten, since in a real task the forward and backward
+    passes evict the flat vectors between mask operations; warm-cache timings understate the cost.
     """
     w = torch.randn(layout.total)
     g = torch.randn(layout.total)
+    scratch = torch.empty(EVICT_BYTES // 4)
+    flush = lambda: scratch.fill_(1.0)  # noqa: E731
     out: dict[str, Any] = {"flat_weights": layout.total, "prunable_weights": layout.num_prunable}
     per_density = {}
     for density, mask in masks.items():
         fmask = layout.full_mask(mask).to(torch.float32)  # type: ignore[union-attr]
-        build = time_op(lambda: layout.full_mask(mask).to(torch.float32), repeats)  # type: ignore[union-attr]
-        w_mul = time_op(lambda: w.mul_(fmask), repeats)
-        g_mul = time_op(lambda: g.mul_(fmask), repeats)
+        build = time_op(lambda: layout.full_mask(mask).to(torch.float32), repeats, flush)  # type: ignore[union-attr]
+        w_mul = time_op(lambda: w.mul_(fmask), repeats, flush)
+        g_mul = time_op(lambda: g.mul_(fmask), repeats, flush)
         per_density[f"{density:g}"] = {
             "build_float_mask_s": build,
             "w_mul_s": w_mul,
@@ -201,6 +212,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     client = np.sort(rng.choice(len(y), size=args.client_size, replace=False))
     variants: list[float | None] = [None, *densities]
     names = [variant_name(v) for v in variants]
+    if args.control:  # a second, identical dense variant: its paired ratio is the noise floor
+        variants.append(None)
+        names.append(CONTROL)
 
     def task(density: float | None, seed: int) -> tuple[float, float, float]:
         mask = None if density is None else masks[density]
@@ -251,6 +265,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
         entry["pass"] = entry["wall"]["paired_ratio_median"] <= args.target
         ratios[f"{d:g}"] = entry
+    control = None
+    if args.control:
+        paired = np.asarray(wall[CONTROL]) / np.asarray(wall["dense"])
+        control = {
+            "ratio_of_medians": float(np.median(wall[CONTROL]) / np.median(wall["dense"])),
+            "paired_ratio_median": float(np.median(paired)),
+            "paired_ratio_p10": float(np.percentile(paired, 10)),
+            "paired_ratio_p90": float(np.percentile(paired, 90)),
+        }
 
     breakdown = overhead_breakdown(layout, masks, args.steps, repeats=args.breakdown_repeats) if args.breakdown else None
     if breakdown is not None:
@@ -286,6 +309,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "variants": results,
         "ratios_vs_dense": ratios,
+        "control_dense_vs_dense": control,
         "overhead_breakdown": breakdown,
         "target": args.target,
         "verdict_metric": "median of per-round paired wall-time ratios masked/dense, worst density",
@@ -313,6 +337,9 @@ def print_report(report: dict[str, Any]) -> None:
         w, c = r["wall_s"], r["compute_s"]
         if name == "dense":
             tail = f"{'1.000':>7} {'1.000':>7}"
+        elif name == CONTROL:
+            e = report["control_dense_vs_dense"]
+            tail = f"{e['ratio_of_medians']:>7.3f} {e['paired_ratio_median']:>7.3f}  (noise floor)"
         else:
             e = report["ratios_vs_dense"][name.split("@", 1)[1]]
             tail = (
@@ -326,7 +353,7 @@ def print_report(report: dict[str, Any]) -> None:
     b = report["overhead_breakdown"]
     if b:
         print()
-        print(f"mask work per task (median of isolated ops, flat vector of {b['flat_weights']} floats):")
+        print(f"mask work per task (isolated ops, cold cache, median; flat vector of {b['flat_weights']} floats):")
         print(f"{'density':<8} {'build ms':>9} {'w.mul_ ms':>10} {'g.mul_/step ms':>15} {'total ms':>9} {'predicted':>10}")
         for d, e in b["per_density"].items():
             print(
@@ -352,6 +379,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", type=float, default=1.15, help="max masked/dense ratio (default 1.15)")
+    p.add_argument("--control", action="store_true",
+                   help="add a second dense variant (A/A) whose ratio to dense shows the noise floor")
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                    help="skip timing the isolated mask operations")
     p.add_argument("--breakdown-repeats", type=int, default=20)

@@ -1,9 +1,9 @@
 """Server-side aggregation maths: staleness functions, weighted and mask-aware averaging.
 
 All functions are pure: they read their inputs and return new tensors, never modifying a tensor
-they were given (policies hand the same tensors out to clients). Averages accumulate in float64
-and are cast back to the input dtype, so an average of float32 vectors stays within the range of
-its inputs coordinate by coordinate.
+they were given (policies hand the same tensors out to clients). Averages accumulate in the
+inputs' floating dtype (float32 for models): accumulating in float64 costs several times the
+time on large models for a gain of about one float32 ulp.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 STALENESS_KINDS: tuple[str, ...] = ("const", "poly", "hinge")
 
-_ACC_DTYPE = torch.float64
+_TAU_DTYPE = torch.float64
 
 
 # --------------------------------------------------------------------------- staleness
@@ -50,7 +50,7 @@ def staleness_weight(
     """
     _check_staleness_params(kind, a, b)
     if isinstance(tau, torch.Tensor):
-        t = tau.to(_ACC_DTYPE)
+        t = tau.to(_TAU_DTYPE)
         if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
             raise ValueError("staleness tau must be finite and >= 0 for every entry")
         if kind == "const":
@@ -91,6 +91,8 @@ def _check_vectors(vectors: Sequence[torch.Tensor], shape: torch.Size, name: str
     for i, v in enumerate(vectors):
         if v.shape != shape:
             raise ValueError(f"{name}[{i}] has shape {tuple(v.shape)}, expected {tuple(shape)}")
+        if not v.is_floating_point():
+            raise ValueError(f"{name}[{i}] must be a floating-point tensor, got {v.dtype}")
 
 
 def weighted_average(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -104,11 +106,11 @@ def weighted_average(vectors: Sequence[torch.Tensor], weights: Sequence[float]) 
         raise ValueError(f"got {len(vectors)} vectors but {len(weights)} weights")
     coeffs = _check_coeffs(weights, "weights")
     _check_vectors(vectors, vectors[0].shape, "vectors")
-    acc = torch.zeros(vectors[0].shape, dtype=_ACC_DTYPE)
+    acc = torch.zeros_like(vectors[0])
     for v, c in zip(vectors, coeffs):
         if c != 0.0:
             acc.add_(v, alpha=c)
-    return acc.div_(sum(coeffs)).to(vectors[0].dtype)
+    return acc.div_(sum(coeffs))
 
 
 plain_fedavg = weighted_average
@@ -132,8 +134,8 @@ def mask_fedavg(
     Then the server step  W = (1 - eta_g) prev + eta_g W_new  (eta_g = 1: W = W_new).
     A mask of None means dense (all ones). Returns a new tensor of ``prev``'s dtype.
     """
-    if prev.dim() != 1:
-        raise ValueError("prev must be a flat 1-D tensor")
+    if prev.dim() != 1 or not prev.is_floating_point():
+        raise ValueError(f"prev must be a flat 1-D floating-point tensor, got {prev.dtype} {tuple(prev.shape)}")
     n = len(models)
     if n == 0:
         raise ValueError("mask_fedavg needs at least one model")
@@ -153,9 +155,10 @@ def mask_fedavg(
             )
 
     npr = num_prunable
-    w_acc = torch.zeros(npr, dtype=_ACC_DTYPE)
-    m_acc = torch.zeros(npr, dtype=_ACC_DTYPE)
-    s_acc = torch.zeros(prev.numel() - npr, dtype=_ACC_DTYPE)
+    dtype = prev.dtype
+    w_acc = torch.zeros(npr, dtype=dtype)
+    m_acc = torch.zeros(npr, dtype=dtype)
+    s_acc = torch.zeros(prev.numel() - npr, dtype=dtype)
     dense_total = 0.0  # coefficient mass of dense clients, added to m_acc once at the end
     for w, m, c in zip(models, masks, cs):
         if c == 0.0:
@@ -170,12 +173,11 @@ def mask_fedavg(
     if dense_total:
         m_acc.add_(dense_total)
 
-    prev64 = prev.to(_ACC_DTYPE)
-    new = torch.empty(prev.numel(), dtype=_ACC_DTYPE)
-    held = m_acc > 0
-    head = torch.where(held, w_acc / torch.where(held, m_acc, 1.0), prev64[:npr])
-    new[:npr] = torch.where(head == 0, prev64[:npr], head)
-    new[npr:] = s_acc / sum(cs)
+    head = w_acc.div_(m_acc)  # NaN where m_acc == 0, replaced below
+    keep = (m_acc == 0).logical_or_(head == 0)
+    new = torch.empty_like(prev)
+    torch.where(keep, prev[:npr], head, out=new[:npr])
+    torch.div(s_acc, sum(cs), out=new[npr:])
     if eta_g != 1.0:
-        new = torch.lerp(prev64, new, eta_g)
-    return new.to(prev.dtype)
+        new = torch.lerp(prev, new, eta_g)
+    return new

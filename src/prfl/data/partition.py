@@ -99,7 +99,7 @@ class Partition:
         return {
             "format_version": FORMAT_VERSION,
             "scheme": self.scheme,
-            "params": self.params,
+            "params": {str(k): _plain(v) for k, v in self.params.items()},
             "num_clients": self.num_clients,
             "num_classes": self.num_classes,
             "sizes": self.sizes().tolist(),
@@ -126,14 +126,24 @@ class Partition:
                 labels=np.asarray(doc["labels"], dtype=np.int64),
                 params=dict(doc.get("params", {})),
             )
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            stored = np.asarray(doc.get("label_histogram", []), dtype=np.int64)
+            recomputed = part.label_histogram()
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise PartitionError(f"cannot read partition file {path}: {exc}") from exc
-        stored = np.asarray(doc.get("label_histogram", []), dtype=np.int64)
-        if stored.shape != (part.num_clients, part.num_classes) or not np.array_equal(
-            stored, part.label_histogram()
-        ):
+        if stored.shape != recomputed.shape or not np.array_equal(stored, recomputed):
             raise PartitionError(f"partition file {path}: stored label histogram does not match its indices")
         return part
+
+
+def _plain(value: Any) -> Any:
+    """Convert numpy scalars and arrays in partition parameters to JSON-ready values."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _split_iid(labels: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:

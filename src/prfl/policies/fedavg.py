@@ -306,7 +306,7 @@ class FedAvg(FleetPolicy):
         self.arrived: list[int] = []
         self.failed: list[int] = []
         self.attempt = 0  # rounds at this version whose whole cohort failed
-        self._acc = torch.zeros(self.weights.shape, dtype=torch.float64)  # sum_i n_i W_i
+        self._acc = torch.zeros_like(self.weights)  # sum_i n_i W_i
         self._acc_n = 0.0  # sum_i n_i
 
     def _on_start(self, now: float) -> list[Action]:
@@ -347,7 +347,7 @@ class FedAvg(FleetPolicy):
         cohort, arrived, failed = self.cohort, self.arrived, self.failed
         self.cohort, self.arrived, self.failed = [], [], []
         if arrived:
-            new = (self._acc / self._acc_n).to(self.weights.dtype)
+            new = self._acc / self._acc_n
             self._acc = torch.zeros_like(self._acc)
             self._acc_n = 0.0
             self.attempt = 0

@@ -1,0 +1,3 @@
+from prfl.cli import main
+
+main()

@@ -1,0 +1,189 @@
+"""The ``prfl`` command line: run experiments, resume them, inspect presets and data sets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from prfl.config import ConfigError, ExperimentConfig, load_config, preset_names
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, help="prfl: federated learning across heterogeneous devices.")
+console = Console(stderr=False)
+DEFAULT_PRESET = "demo"
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[bold red]error:[/] {msg}")
+    raise typer.Exit(code=2)
+
+
+class RunProgress:
+    """A rich progress bar per run: virtual time, server round, latest accuracy, wall-clock ETA."""
+
+    def __init__(self, progress: Progress, label: str, cfg: ExperimentConfig) -> None:
+        self.progress = progress
+        self.by_rounds = cfg.sim.max_rounds is not None
+        total = cfg.sim.max_rounds if self.by_rounds else cfg.sim.max_time
+        self.task = progress.add_task(label, total=total, vt="0s", rnd=0, acc="-")
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        done = rec["round"] if self.by_rounds else rec["time"]
+        self.progress.update(
+            self.task, completed=done, vt=f"{rec['time']:.0f}s", rnd=rec["round"], acc=f"{rec['accuracy']:.3f}"
+        )
+
+    def finish(self) -> None:
+        t = self.progress.tasks[self.task]
+        self.progress.update(self.task, completed=t.total)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description:<10}"),
+        BarColumn(),
+        TextColumn("virtual {task.fields[vt]:>7}"),
+        TextColumn("round {task.fields[rnd]:>5}"),
+        TextColumn("acc {task.fields[acc]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def _summary_table(results: list[dict[str, Any]], targets: list[float]) -> Table:
+    table = Table(title="results (virtual time)")
+    table.add_column("policy")
+    table.add_column("final acc", justify="right")
+    table.add_column("best acc", justify="right")
+    for t in targets:
+        table.add_column(f"time to {t:g}", justify="right")
+    table.add_column("rounds", justify="right")
+    table.add_column("virtual s", justify="right")
+    table.add_column("local rounds min/max", justify="right")
+    table.add_column("wall s", justify="right")
+    for r in results:
+        tta = r.get("time_to_accuracy", {})
+        lr = r["local_rounds"]
+        row = [r["policy"], f"{r['final_accuracy']:.3f}", f"{r['best_accuracy']:.3f}"]
+        row += [f"{tta[f'{t:g}']:.0f}" if tta.get(f"{t:g}") is not None else "-" for t in targets]
+        row += [str(r["server_rounds"]), f"{r['virtual_seconds']:.0f}", f"{min(lr)}/{max(lr)}", f"{r['wall_seconds']:.1f}"]
+        table.add_row(*row)
+    return table
+
+
+@app.command()
+def run(
+    config: Optional[Path] = typer.Argument(None, help="experiment YAML (default: the 'demo' preset)"),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="a preset scenario shipped with prfl"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a field: key.path=value (repeatable)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (default runs/<name>-<time>)"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this directory from its checkpoint"),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="also run the config's baselines"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
+) -> None:
+    """Run an experiment (the main policy and its baselines) in the virtual-clock simulator."""
+    from prfl.run import build_scenario, resume_run, run_policy
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        if resume is not None:
+            with _progress() as progress:
+                cfg = load_config(resume / "config.yaml")
+                bar = RunProgress(progress, cfg.policy.name, cfg)
+                res = resume_run(resume, on_progress=None if quiet else bar)
+                bar.finish()
+            res.pop("history", None)
+            console.print(_summary_table([res], cfg.sim.targets))
+            console.print(f"results: [bold]{resume}[/]")
+            return
+        if config is None and preset is None:
+            preset = DEFAULT_PRESET
+        cfg = load_config(config, set_, preset=preset)
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        root = out or Path("runs") / f"{cfg.name}-{stamp}"
+        policies = [cfg.policy] + (list(cfg.baselines) if baselines else [])
+        console.print(f"[bold]{cfg.name}[/]: {cfg.data.dataset} / {cfg.model.name} / {cfg.data.num_clients} clients "
+                      f"({cfg.data.partition}) / fleet {cfg.fleet.file or cfg.fleet.preset} / seed {cfg.seed}")
+        sc = build_scenario(cfg)
+        results = []
+        with _progress() as progress:
+            for i, pcfg in enumerate(policies):
+                name = pcfg.name if [p.name for p in policies].count(pcfg.name) == 1 else f"{pcfg.name}-{i}"
+                bar = RunProgress(progress, name, cfg)
+                res = run_policy(sc, pcfg, root / name, on_progress=None if quiet else bar)
+                bar.finish()
+                res.pop("history", None)
+                results.append(res)
+        console.print(_summary_table(results, cfg.sim.targets))
+        if len(results) > 1:
+            from prfl.report.plots import plot_accuracy
+            from prfl.sim.history import read_history
+
+            curves = {p.name: list(read_history(root / p.name / "history.jsonl")) for p in policies if (root / p.name).exists()}
+            plot_accuracy(curves, root / "accuracy.png", title=cfg.name)
+            (root / "results.json").write_text(json.dumps(results, indent=2, default=float), encoding="utf-8")
+        console.print(f"results: [bold]{root}[/] (config.yaml, history.jsonl, summary.json, accuracy.png per policy)")
+    except ConfigError as exc:
+        _fail(str(exc))
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def config(
+    config: Optional[Path] = typer.Argument(None, help="experiment YAML"),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a field: key.path=value"),
+) -> None:
+    """Print the resolved configuration (defaults, file or preset, then overrides)."""
+    import yaml
+
+    try:
+        cfg = load_config(config, set_, preset=preset)
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="", markup=False, highlight=False)
+
+
+@app.command()
+def presets() -> None:
+    """List the preset scenarios shipped with prfl."""
+    for name in preset_names():
+        cfg = load_config(preset=name)
+        console.print(f"{name:<22} {cfg.data.dataset:<14} {cfg.model.name:<9} {cfg.policy.name} "
+                      f"+ {', '.join(p.name for p in cfg.baselines) or '-'}")
+
+
+@app.command()
+def datasets() -> None:
+    """List the data sets and whether their files are available here."""
+    from prfl.data import DATASETS, DataError, load_dataset
+
+    for name in DATASETS:
+        try:
+            t0 = time.perf_counter()
+            ds = load_dataset(name)
+            status = f"ok: {len(ds.y_train)} train / {len(ds.y_test)} test, {ds.num_classes} classes, shape {ds.input_shape} ({time.perf_counter() - t0:.1f}s)"
+        except DataError as exc:
+            status = "missing: " + str(exc).splitlines()[0]
+        console.print(f"{name:<14} {status}", markup=False, highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
