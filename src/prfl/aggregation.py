@@ -159,6 +159,7 @@ def mask_fedavg(
     w_acc = torch.zeros(npr, dtype=dtype)
     m_acc = torch.zeros(npr, dtype=dtype)
     s_acc = torch.zeros(prev.numel() - npr, dtype=dtype)
+    masked = torch.empty(npr, dtype=dtype)  # W_i ⊙ m_i, reused across clients
     dense_total = 0.0  # coefficient mass of dense clients, added to m_acc once at the end
     for w, m, c in zip(models, masks, cs):
         if c == 0.0:
@@ -167,7 +168,7 @@ def mask_fedavg(
             w_acc.add_(w[:npr], alpha=c)
             dense_total += c
         else:
-            w_acc.addcmul_(w[:npr], m, value=c)
+            w_acc.add_(torch.mul(w[:npr], m, out=masked), alpha=c)
             m_acc.add_(m, alpha=c)
         s_acc.add_(w[npr:], alpha=c)
     if dense_total:

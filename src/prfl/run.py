@@ -41,10 +41,18 @@ class StepCost:
     sub-model, e = 0 means masked training costs as much as dense training.
     """
 
-    def __init__(self, cost: ModelCost, layout: ParamLayout, efficiency: float = 1.0) -> None:
+    def __init__(
+        self,
+        cost: ModelCost,
+        layout: ParamLayout,
+        efficiency: float = 1.0,
+        width_cost: Callable[[float], ModelCost] | None = None,
+    ) -> None:
         self.cost = cost
         self.layout = layout
         self.efficiency = efficiency
+        self.width_cost = width_cost
+        self._width_costs: dict[float, ModelCost] = {1.0: cost}
         self._cache: weakref.WeakKeyDictionary[torch.Tensor, dict[str, float]] = weakref.WeakKeyDictionary()
 
     def layer_density(self, mask: torch.Tensor) -> dict[str, float]:
@@ -59,7 +67,15 @@ class StepCost:
             self._cache[mask] = hit
         return hit
 
-    def __call__(self, mask: torch.Tensor | None, batch_size: int) -> float:
+    def __call__(self, mask: torch.Tensor | None, batch_size: int, width: float = 1.0) -> float:
+        if width != 1.0:
+            # a width-sliced sub-network is a smaller dense network: cost it as such
+            cost = self._width_costs.get(width)
+            if cost is None:
+                if self.width_cost is None:
+                    raise ValueError("this scenario cannot cost width-sliced sub-models")
+                cost = self._width_costs[width] = self.width_cost(width)
+            return cost.train_step_flops(batch_size)
         if mask is None:
             return self.cost.train_step_flops(batch_size)
         return self.cost.train_step_flops(batch_size, self.layer_density(mask))
@@ -96,6 +112,10 @@ class Scenario:
 
         return run
 
+    def width_cost(self, width: float) -> ModelCost:
+        """Cost of the model built at ``width`` times every hidden width."""
+        return model_cost(self.build_at_width(width), self.dataset.input_shape)
+
     def policy_context(self) -> PolicyContext:
         return PolicyContext(
             num_clients=self.cfg.data.num_clients,
@@ -105,7 +125,20 @@ class Scenario:
             seed=self.cfg.seed,
             max_rounds=self.cfg.sim.max_rounds,
             max_time=self.cfg.sim.max_time,
+            layer_bounds=tuple(self.layout.layer_bounds()),
+            client_labels=tuple(
+                tuple(int(c) for c in np.unique(self.partition.labels[idx])) for idx in self.partition.client_indices
+            ),
+            num_classes=self.dataset.num_classes,
+            model_builder=self.build_at_width,
         )
+
+    def build_at_width(self, width: float = 1.0) -> torch.nn.Module:
+        """A fresh model of this scenario at ``width`` times every hidden width."""
+        options = dict(self.cfg.model.options)
+        if width != 1.0:
+            options["width_mult"] = width * options.get("width_mult", 1.0)
+        return build_model(self.cfg.model.name, self.dataset.input_shape, self.dataset.num_classes, **options)
 
 
 def build_scenario(cfg: ExperimentConfig, dataset: Dataset | None = None) -> Scenario:
@@ -179,7 +212,7 @@ def make_simulation(
         executor=executor,
         client_indices=sc.partition.client_indices,
         train_cfg=sc.train_cfg,
-        step_flops=StepCost(sc.cost, sc.layout, s.sparse_efficiency),
+        step_flops=StepCost(sc.cost, sc.layout, s.sparse_efficiency, sc.width_cost),
         evaluator=sc.evaluator(),
         settings=settings,
         seed=sc.cfg.seed,

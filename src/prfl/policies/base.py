@@ -11,7 +11,7 @@ place afterwards (aggregation builds new tensors), so a driver may keep referenc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import torch
 
@@ -30,6 +30,10 @@ class PolicyContext:
     seed: int = 0
     max_rounds: int | None = None  # stop after this many server updates (None: never)
     max_time: float | None = None  # stop at this time (None: never)
+    layer_bounds: tuple[tuple[int, int], ...] = ()  # (start, stop) of each prunable layer in the prefix
+    client_labels: tuple[tuple[int, ...], ...] | None = None  # labels present in each client's data
+    num_classes: int | None = None
+    model_builder: Callable[[float], Any] | None = None  # width -> a fresh nn.Module (HeteroFL slicing)
 
     def __post_init__(self) -> None:
         if self.num_clients < 1:

@@ -97,7 +97,7 @@ class Simulation:
         executor: Executor,
         client_indices: list[np.ndarray],
         train_cfg: TrainConfig,
-        step_flops: Callable[[torch.Tensor | None, int], float],
+        step_flops: Callable[[torch.Tensor | None, int, float], float],  # (mask, batch, width) -> FLOPs of a step
         evaluator: Evaluator,
         settings: SimSettings = SimSettings(),
         seed: int = 0,
@@ -260,6 +260,7 @@ class Simulation:
             seed=int_seed(self.seed, "train", c, spec.task_id),
             mask=spec.mask,
             want_importance=spec.want_importance,
+            width=spec.width,
         )
         fl = InFlight(spec=spec, speeds=speeds, dispatched_at=self.now, future=self.executor.submit(job))
         self.inflight[spec.task_id] = fl
@@ -290,7 +291,7 @@ class Simulation:
         else:
             n = len(self.client_indices[fl.spec.client])
             steps = self.train_cfg.num_steps(n)
-            flops = steps * self.step_flops(fl.spec.mask, min(self.train_cfg.batch_size, n))
+            flops = steps * self.step_flops(fl.spec.mask, min(self.train_cfg.batch_size, n), fl.spec.width)
             seconds = flops / fl.speeds.compute_flops
         fl.compute_seconds = seconds
         self._push(self.now + seconds, "compute_done", tid)

@@ -42,6 +42,7 @@ class TrainJob:
     seed: int
     mask: torch.Tensor | None = None
     want_importance: bool = False
+    width: float = 1.0  # < 1: train the width-sliced sub-network (HeteroFL)
 
 
 class Workspace:
@@ -55,12 +56,30 @@ class Workspace:
         torch.set_num_threads(max(1, spec.threads))
         ds = dataset if dataset is not None else load_dataset(spec.dataset, spec.data_dir, **spec.dataset_options)
         self.dataset = ds
-        model = build_model(spec.model, ds.input_shape, ds.num_classes, **spec.model_options)
-        self.layout = ParamLayout(model)
-        self.trainer = LocalTrainer(model, self.layout, ds.x_train, ds.y_train, spec.train)
+        self.spec = spec
+        self._trainers: dict[float, LocalTrainer] = {}
+        self.trainer = self.trainer_for(1.0)
+        self.layout = self.trainer.layout
+
+    def trainer_for(self, width: float) -> LocalTrainer:
+        """The trainer of the model at ``width`` (1: the full model), built on first use."""
+        from prfl.models import build_model
+        from prfl.params import ParamLayout
+
+        trainer = self._trainers.get(width)
+        if trainer is None:
+            options = dict(self.spec.model_options)
+            if width != 1.0:
+                options["width_mult"] = width * options.get("width_mult", 1.0)
+            ds = self.dataset
+            model = build_model(self.spec.model, ds.input_shape, ds.num_classes, **options)
+            trainer = LocalTrainer(model, ParamLayout(model), ds.x_train, ds.y_train, self.spec.train)
+            self._trainers[width] = trainer
+        return trainer
 
     def run(self, job: TrainJob) -> TrainOutput:
-        return self.trainer.train(job.weights, job.indices, job.seed, mask=job.mask, want_importance=job.want_importance)
+        trainer = self.trainer_for(job.width)
+        return trainer.train(job.weights, job.indices, job.seed, mask=job.mask, want_importance=job.want_importance)
 
 
 class Executor(Protocol):
