@@ -128,15 +128,27 @@ def test_bad_config_and_bad_results():
     with pytest.raises(RuntimeError, match="before Start"):
         pol.on_event(ClientIdle(0.0, 0))
     acts = pol.on_event(Start(0.0))
-    t0 = task_of(acts, 0)
+    t0, t1 = task_of(acts, 0), task_of(acts, 1)
+    # malformed results raise and leave the policy as it was
     with pytest.raises(ValueError, match="shape"):
         arrive(pol, t0, torch.zeros(3))
-    pol = FedAvg(make_ctx((10, 20)))
-    t0 = task_of(pol.on_event(Start(0.0)), 0)
     with pytest.raises(ValueError, match="non-finite"):
         arrive(pol, t0, float("nan"))
-    pol = FedAvg(make_ctx((10, 20)))
-    t0 = task_of(pol.on_event(Start(0.0)), 0)
+    with pytest.raises(ValueError, match="names client 1, but it was sent to 0"):
+        pol.on_event(TaskFailed(1.0, 1, t0.task_id, "mixed up"))
+    with pytest.raises(ValueError, match="num_samples"):
+        arrive(pol, t0, 1.0, num_samples=-1)
     arrive(pol, t0, 1.0)
     with pytest.raises(ValueError, match="not in flight"):
         arrive(pol, t0, 1.0)  # the same task twice
+    arrive(pol, t1, 4.0)
+    assert torch.equal(pol.weights, vec(3.0))  # (10 * 1 + 20 * 4) / 30
+
+
+def test_one_arrival_is_taken_bit_for_bit():
+    pol = FedAvg(make_ctx((7, 20)))
+    acts = pol.on_event(Start(0.0))
+    pol.on_event(TaskFailed(1.0, 1, task_of(acts, 1).task_id, "offline"))
+    w = torch.tensor([0.3, 0.7, 3.3, 0.1, 5.1, 7.7])  # 3.3 * 7 / 7 is off by one ulp in float32
+    arrive(pol, task_of(acts, 0), w)
+    assert torch.equal(pol.weights, w)

@@ -89,7 +89,8 @@ def test_inline_and_process_executors_agree_bit_for_bit(policy: str, process_exe
     strip = lambda s: {k: v for k, v in s.items() if k not in WALL_FIELDS}  # noqa: E731
     assert strip(sum_a) == strip(sum_b)
     # and the histories are not trivially equal: training happened and the model learned
-    assert sum_a["final_accuracy"] > 0.3
+    evals = [r for r in rec_a if r["event"] == "eval"]
+    assert evals[-1]["accuracy"] > evals[0]["accuracy"] + 0.1
 
 
 def test_history_depends_on_the_seed() -> None:

@@ -203,10 +203,10 @@ def make_sim(
         calls.append(float(weights.sum()))
         return 1.0, 0.5
 
-    flops_calls: list[tuple[Any, int]] = []
+    flops_calls: list[tuple[Any, int, float]] = []
 
-    def step_flops(mask: torch.Tensor | None, batch_size: int) -> float:
-        flops_calls.append((mask, batch_size))
+    def step_flops(mask: torch.Tensor | None, batch_size: int, width: float = 1.0) -> float:
+        flops_calls.append((mask, batch_size, width))
         return STEP_FLOPS
 
     sim = Simulation(
@@ -255,8 +255,8 @@ def test_shared_server_link_hand_computed_times(executor, initial_weights) -> No
     assert [r["duration"] for r in arrivals] == [approx(11.6), approx(13.6)]  # both dispatched at 0
     assert [r["compute"] for r in arrivals] == [approx(1.0), approx(4.0)]
     assert [(r["bytes_down"], r["bytes_up"]) for r in arrivals] == [(20, 24), (32, 10)]
-    # step_flops is asked for the task's mask and batch size min(batch_size, client samples)
-    assert sim.flops_calls == [(None, 10), (None, 10)]  # type: ignore[attr-defined]
+    # step_flops is asked for the task's mask, batch size min(batch_size, client samples), width
+    assert sim.flops_calls == [(None, 10, 1.0), (None, 10, 1.0)]  # type: ignore[attr-defined]
 
     assert summary["server_egress_bytes"] == 20 + 32
     assert summary["server_ingress_bytes"] == 24 + 10
@@ -448,14 +448,15 @@ def test_request_evaluation_is_answered(executor, initial_weights) -> None:
 
 # ---------------------------------------------------------------------------- budget
 def test_max_time_stops_the_run(executor, initial_weights) -> None:
-    # Arrivals would be at 11.6 and 13.6; a 12 s budget lets only the first one through.
-    sim = make_sim(executor, initial_weights, settings=SimSettings(eval_every_rounds=None, max_time=12.0))
+    # Arrivals would be at 11.6 and 13.6; a 13 s budget lets only the first one through and the
+    # clock stops at exactly 13.
+    sim = make_sim(executor, initial_weights, settings=SimSettings(eval_every_rounds=None, max_time=13.0))
     summary = sim.run()
     assert sim.policy.arrivals == [(approx(11.6), 0)]
     assert summary["stopped"] == "time budget spent"
-    assert summary["virtual_seconds"] == 12.0
+    assert summary["virtual_seconds"] == 13.0
     end = records(sim, "end")
-    assert len(end) == 1 and end[0]["time"] == 12.0 and end[0]["reason"] == "time budget spent"
+    assert len(end) == 1 and end[0]["time"] == 13.0 and end[0]["reason"] == "time budget spent"
     assert summary["local_rounds"] == [1, 0]
 
 
@@ -480,4 +481,4 @@ def test_mismatched_fleet_is_rejected(executor, initial_weights) -> None:
     ctx = PolicyContext(num_clients=3, num_samples=(1, 1, 1), initial_weights=w0, num_prunable=num_prunable)
     with pytest.raises(ValueError, match="must agree"):
         Simulation(Scripted(ctx), two_client_fleet(), executor, [np.arange(1)] * 3,
-                   executor.workspace.trainer.cfg, lambda m, b: 1.0, lambda w: (0.0, 0.0))
+                   executor.workspace.trainer.cfg, lambda m, b, w=1.0: 1.0, lambda w: (0.0, 0.0))

@@ -5,7 +5,9 @@ where ``input_shape`` excludes the batch dimension. Hidden widths accept a
 ``width_mult`` option (HeteroFL-style width scaling): every hidden width ``w``
 becomes ``ceil(w * width_mult)`` (at least 1) while the input channels and the
 number of classes stay fixed, so a width-``r`` model is a channel slice of the
-full one.
+full one. ``scaler=True`` adds HeteroFL's train-time scaler: every hidden activation is divided
+by ``width_mult`` in training mode (identity in eval mode), so a width-``r`` sub-model trains at
+the activation scale of the full model; it adds no parameters and keeps parameter names.
 
 Initialisation is PyTorch's default, so models are deterministic given
 ``torch.manual_seed``.
@@ -29,6 +31,7 @@ __all__ = [
     "CharLSTM",
     "ConvNet",
     "MLP",
+    "ScaledReLU",
     "build_model",
     "scaled_width",
 ]
@@ -65,6 +68,17 @@ def _check_width_mult(width_mult: float) -> float:
     return float(width_mult)
 
 
+def _check_scaler(scaler: bool) -> bool:
+    if not isinstance(scaler, bool):
+        raise ModelError(f"scaler must be True or False, got {scaler!r}")
+    return scaler
+
+
+def _relu(width_mult: float, scaler: bool) -> nn.Module:
+    """The hidden activation: ``ReLU``, or ``ScaledReLU(width_mult)`` when the scaler is on."""
+    return ScaledReLU(width_mult, inplace=True) if scaler else nn.ReLU(inplace=True)
+
+
 def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
     if len(input_shape) != 3:
         raise ModelError(
@@ -84,28 +98,57 @@ def _pool_if_possible(h: int, w: int) -> tuple[bool, int, int]:
 # --------------------------------------------------------------------------- models
 
 
+class ScaledReLU(nn.ReLU):
+    """ReLU followed by HeteroFL's scaler: ``relu(x) / rate`` in training mode, ``relu(x)`` in eval.
+
+    ``relu(x) / rate = relu(x / rate)`` for ``rate > 0``, so this is the scaler applied to the
+    layer output before or after the activation alike. A subclass of ``nn.ReLU`` so the cost
+    model counts it as one element-wise op, like the plain ReLU it replaces.
+    """
+
+    def __init__(self, rate: float, inplace: bool = False) -> None:
+        super().__init__(inplace=inplace)
+        self.rate = float(rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.training and self.rate != 1.0:
+            out = out / self.rate
+        return out
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}" + (", inplace=True" if self.inplace else "")
+
+
 class ConvNet(nn.Module):
     """Convolutional ``features`` followed by a fully connected ``classifier``.
 
     ``forward(x) = classifier(flatten(features(x)))`` for ``x`` of shape (B, C, H, W).
-    Used for VGG-11 and the LEAF CNN.
+    Used for VGG-11 and the LEAF CNN. ``scaler_rate`` is the train-time scaler's rate (None: off).
     """
 
-    def __init__(self, features: nn.Sequential, classifier: nn.Sequential) -> None:
+    def __init__(
+        self, features: nn.Sequential, classifier: nn.Sequential, scaler_rate: float | None = None
+    ) -> None:
         super().__init__()
         self.features = features
         self.classifier = classifier
+        self.scaler_rate = scaler_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
 class MLP(nn.Module):
-    """``layers(flatten(x))``: Linear/ReLU stack over the flattened input."""
+    """``layers(flatten(x))``: Linear/ReLU stack over the flattened input.
 
-    def __init__(self, layers: nn.Sequential) -> None:
+    ``scaler_rate`` is the train-time scaler's rate (None: off).
+    """
+
+    def __init__(self, layers: nn.Sequential, scaler_rate: float | None = None) -> None:
         super().__init__()
         self.layers = layers
+        self.scaler_rate = scaler_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(torch.flatten(x, 1))
@@ -116,17 +159,28 @@ class CharLSTM(nn.Module):
 
     Input: int64 token ids of shape (B, T); output: logits (B, vocab_size) for
     the character following the sequence.
+
+    With ``scaler_rate = r`` (HeteroFL's scaler), training mode divides the embedding output and
+    the last hidden state fed to ``fc`` by ``r``; the LSTM's internal activations are left alone
+    (they are saturating gates, and ``nn.LSTM`` offers no hook between its stacked layers).
     """
 
-    def __init__(self, vocab_size: int, embed_dim: int, hidden: int, layers: int) -> None:
+    def __init__(
+        self, vocab_size: int, embed_dim: int, hidden: int, layers: int, scaler_rate: float | None = None
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.lstm = nn.LSTM(embed_dim, hidden, num_layers=layers, batch_first=True)
         self.fc = nn.Linear(hidden, vocab_size)
+        self.scaler_rate = scaler_rate
+
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
+        rate = self.scaler_rate
+        return x / rate if self.training and rate is not None and rate != 1.0 else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.lstm(self.embed(x))
-        return self.fc(out[:, -1, :])
+        out, _ = self.lstm(self._scale(self.embed(x)))
+        return self.fc(self._scale(out[:, -1, :]))
 
 
 # --------------------------------------------------------------------------- builders
@@ -139,6 +193,7 @@ def _build_vgg11(
     *,
     width_mult: float = 1.0,
     dropout: float = 0.0,
+    scaler: bool = False,
 ) -> nn.Module:
     """VGG-11 without batch norm; 3x3 convs (padding 1), FC 512-512-num_classes.
 
@@ -148,6 +203,7 @@ def _build_vgg11(
     size is ``last_width * H_out * W_out`` (512 * 1 * 1 for 32x32 inputs).
     """
     width_mult = _check_width_mult(width_mult)
+    scaler = _check_scaler(scaler)
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ModelError(f"dropout must be in [0, 1), got {dropout!r}")
     in_ch, h, w = _image_shape("vgg11", input_shape)
@@ -160,18 +216,18 @@ def _build_vgg11(
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
             out = scaled_width(int(item), width_mult)
-            layers += [nn.Conv2d(ch, out, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(ch, out, kernel_size=3, padding=1), _relu(width_mult, scaler)]
             ch = out
     fc = scaled_width(512, width_mult)
     head: list[nn.Module] = []
     in_features = ch * h * w
     for _ in range(2):
-        head += [nn.Linear(in_features, fc), nn.ReLU(inplace=True)]
+        head += [nn.Linear(in_features, fc), _relu(width_mult, scaler)]
         if dropout > 0:
             head.append(nn.Dropout(dropout))
         in_features = fc
     head.append(nn.Linear(in_features, num_classes))
-    return ConvNet(nn.Sequential(*layers), nn.Sequential(*head))
+    return ConvNet(nn.Sequential(*layers), nn.Sequential(*head), width_mult if scaler else None)
 
 
 @_register("conv2")
@@ -180,6 +236,7 @@ def _build_conv2(
     num_classes: int,
     *,
     width_mult: float = 1.0,
+    scaler: bool = False,
 ) -> nn.Module:
     """LEAF FEMNIST CNN: [conv5x5(32, pad 2)-ReLU-pool2] x2 with 32/64 channels, FC 2048, FC classes.
 
@@ -187,19 +244,20 @@ def _build_conv2(
     4096 for 32x32); as in VGG-11 a pool is skipped if the map is already < 2.
     """
     width_mult = _check_width_mult(width_mult)
+    scaler = _check_scaler(scaler)
     in_ch, h, w = _image_shape("conv2", input_shape)
     layers: list[nn.Module] = []
     ch = in_ch
     for width in (32, 64):
         out = scaled_width(width, width_mult)
-        layers += [nn.Conv2d(ch, out, kernel_size=5, padding=2), nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(ch, out, kernel_size=5, padding=2), _relu(width_mult, scaler)]
         pooled, h, w = _pool_if_possible(h, w)
         if pooled:
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         ch = out
     fc = scaled_width(2048, width_mult)
-    head = nn.Sequential(nn.Linear(ch * h * w, fc), nn.ReLU(inplace=True), nn.Linear(fc, num_classes))
-    return ConvNet(nn.Sequential(*layers), head)
+    head = nn.Sequential(nn.Linear(ch * h * w, fc), _relu(width_mult, scaler), nn.Linear(fc, num_classes))
+    return ConvNet(nn.Sequential(*layers), head, width_mult if scaler else None)
 
 
 @_register("mlp")
@@ -209,9 +267,11 @@ def _build_mlp(
     *,
     hidden: Sequence[int] = (200, 200),
     width_mult: float = 1.0,
+    scaler: bool = False,
 ) -> nn.Module:
     """Flatten -> [Linear(h_i) -> ReLU]* -> Linear(num_classes); ``hidden=()`` is logistic regression."""
     width_mult = _check_width_mult(width_mult)
+    scaler = _check_scaler(scaler)
     if len(input_shape) < 1:
         raise ModelError(f"mlp expects a non-empty input_shape, got {input_shape!r}")
     try:
@@ -224,10 +284,10 @@ def _build_mlp(
     in_features = math.prod(input_shape)
     for width in widths:
         out = scaled_width(width, width_mult)
-        layers += [nn.Linear(in_features, out), nn.ReLU(inplace=True)]
+        layers += [nn.Linear(in_features, out), _relu(width_mult, scaler)]
         in_features = out
     layers.append(nn.Linear(in_features, num_classes))
-    return MLP(nn.Sequential(*layers))
+    return MLP(nn.Sequential(*layers), width_mult if scaler else None)
 
 
 @_register("char_lstm")
@@ -239,12 +299,14 @@ def _build_char_lstm(
     hidden: int = 256,
     layers: int = 2,
     width_mult: float = 1.0,
+    scaler: bool = False,
 ) -> nn.Module:
     """LEAF Shakespeare model; ``num_classes`` is the vocabulary size, input_shape is ``(seq_len,)``.
 
     ``width_mult`` scales both ``embed_dim`` and ``hidden``.
     """
     width_mult = _check_width_mult(width_mult)
+    scaler = _check_scaler(scaler)
     if len(input_shape) != 1:
         raise ModelError(f"char_lstm expects input_shape (seq_len,), got {input_shape!r}")
     for key, value in (("embed_dim", embed_dim), ("hidden", hidden), ("layers", layers)):
@@ -255,6 +317,7 @@ def _build_char_lstm(
         embed_dim=scaled_width(embed_dim, width_mult),
         hidden=scaled_width(hidden, width_mult),
         layers=layers,
+        scaler_rate=width_mult if scaler else None,
     )
 
 

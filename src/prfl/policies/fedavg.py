@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from prfl.aggregation import ACCUMULATE_DTYPE
 from prfl.client.result import TaskResult
 from prfl.policies.base import (
     Action,
@@ -129,7 +130,8 @@ class FleetPolicy(Policy):
         if isinstance(event, ResultArrived):
             return self._on_result(event.now, event.result)
         if isinstance(event, TaskFailed):
-            task, _ = self._pop_task(event.task_id, event.client, "TaskFailed")
+            task = self._find_task(event.task_id, event.client, "TaskFailed")
+            self._retire(task)
             self.online.discard(event.client)
             return self._on_task_failed(event.now, task)
         if isinstance(event, TimerFired):
@@ -173,8 +175,11 @@ class FleetPolicy(Policy):
         return Dispatch(task)
 
     def take_result(self, result: TaskResult) -> Arrival:
-        """Validate ``result`` against its in-flight task and retire the task."""
-        task, start = self._pop_task(result.task_id, result.client, "result")
+        """Validate ``result`` against its in-flight task, then retire the task.
+
+        A malformed result raises before any state changes.
+        """
+        task = self._find_task(result.task_id, result.client, "result")
         if result.version != task.version:
             raise ValueError(
                 f"result of task {task.task_id} claims model version {result.version}, "
@@ -188,6 +193,7 @@ class FleetPolicy(Policy):
             )
         if not bool(torch.isfinite(w).all()):
             raise ValueError(f"result of task {task.task_id} (client {task.client}) has non-finite weights")
+        start = self._retire(task)
         return Arrival(task, w.to(self.weights.dtype), start, self.version - task.version)
 
     def commit(self, new_weights: torch.Tensor, now: float, clients: list[int],
@@ -220,8 +226,7 @@ class FleetPolicy(Policy):
         self._busy[task.client] = task.task_id
         self._refs[task.version] = self._refs.get(task.version, 0) + 1
 
-    def _pop_task(self, task_id: int, client: int, what: str) -> tuple[InFlight, torch.Tensor | None]:
-        """Retire an in-flight task; return it with its start weights (None unless kept)."""
+    def _find_task(self, task_id: int, client: int, what: str) -> InFlight:
         task = self.in_flight.get(task_id)
         if task is None:
             raise ValueError(
@@ -230,8 +235,12 @@ class FleetPolicy(Policy):
             )
         if task.client != client:
             raise ValueError(f"{what} for task {task_id} names client {client}, but it was sent to {task.client}")
-        del self.in_flight[task_id]
-        del self._busy[client]
+        return task
+
+    def _retire(self, task: InFlight) -> torch.Tensor | None:
+        """Forget an in-flight task; return its start weights (None unless kept)."""
+        del self.in_flight[task.task_id]
+        del self._busy[task.client]
         start = self.start_weights.get(task.version)
         left = self._refs[task.version] - 1
         if left:
@@ -239,7 +248,7 @@ class FleetPolicy(Policy):
         else:  # no in-flight task started from this version any more
             del self._refs[task.version]
             self.start_weights.pop(task.version, None)
-        return task, start
+        return start
 
     # -- checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -306,7 +315,8 @@ class FedAvg(FleetPolicy):
         self.arrived: list[int] = []
         self.failed: list[int] = []
         self.attempt = 0  # rounds at this version whose whole cohort failed
-        self._acc = torch.zeros_like(self.weights)  # sum_i n_i W_i
+        # sum_i n_i W_i, in float64 so that one model (or identical ones) average to themselves
+        self._acc = torch.zeros(self.weights.shape, dtype=ACCUMULATE_DTYPE)
         self._acc_n = 0.0  # sum_i n_i
 
     def _on_start(self, now: float) -> list[Action]:
@@ -317,9 +327,9 @@ class FedAvg(FleetPolicy):
         return [] if self.cohort else self._start_round(now)
 
     def _on_result(self, now: float, result: TaskResult) -> list[Action]:
-        arrival = self.take_result(result)
         n = result.num_samples
         check_number(f"num_samples of task {result.task_id}", n, low=0)
+        arrival = self.take_result(result)
         self._acc.add_(arrival.weights, alpha=float(n))
         self._acc_n += float(n)
         self.arrived.append(arrival.task.client)
@@ -347,7 +357,7 @@ class FedAvg(FleetPolicy):
         cohort, arrived, failed = self.cohort, self.arrived, self.failed
         self.cohort, self.arrived, self.failed = [], [], []
         if arrived:
-            new = self._acc / self._acc_n
+            new = (self._acc / self._acc_n).to(self.weights.dtype)
             self._acc = torch.zeros_like(self._acc)
             self._acc_n = 0.0
             self.attempt = 0

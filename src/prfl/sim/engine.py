@@ -82,6 +82,7 @@ class InFlight:
     speeds: TaskSpeeds
     dispatched_at: float
     stage: str = "download"
+    relay_bytes: int = 0  # part of the download served from already-published pieces
     output: TrainOutput | None = None
     compute_seconds: float = 0.0
     future: Any = field(default=None, repr=False)
@@ -199,6 +200,8 @@ class Simulation:
 
     def _step(self) -> bool:
         """Process the next thing that happens. False when nothing is left."""
+        while self._heap and self._heap[0][2] == "timer" and self._timers.get(self._heap[0][3][0]) != self._heap[0][3][1]:
+            heapq.heappop(self._heap)  # a replaced timer: drop it without moving the clock
         t_heap = self._heap[0][0] if self._heap else math.inf
         nxt = [(c[0], name) for name, link in (("down", self.uplink), ("up", self.downlink)) if (c := link.next_completion())]
         t_link = min((t for t, _ in nxt), default=math.inf)
@@ -224,6 +227,8 @@ class Simulation:
             self._upload_done(tid)
         if kind == "compute_done":
             self._compute_done(payload)
+        elif kind == "relay_done":
+            self._download_done(payload, relayed=True)
         elif kind == "timer":
             key, seq = payload
             if self._timers.get(key) == seq:
@@ -262,17 +267,25 @@ class Simulation:
             want_importance=spec.want_importance,
             width=spec.width,
         )
-        fl = InFlight(spec=spec, speeds=speeds, dispatched_at=self.now, future=self.executor.submit(job))
+        egress = spec.download_bytes
+        if spec.server_egress_bytes is not None:
+            egress = min(spec.server_egress_bytes, spec.download_bytes)
+        fl = InFlight(
+            spec=spec, speeds=speeds, dispatched_at=self.now, relay_bytes=spec.download_bytes - egress,
+            future=self.executor.submit(job),
+        )
         self.inflight[spec.task_id] = fl
         self.busy[c] = spec.task_id
-        egress = spec.server_egress_bytes if spec.server_egress_bytes is not None else spec.download_bytes
         self.server_egress += egress
         self.bytes_down[c] += spec.download_bytes
         self._set_server_capacity()
         cap = speeds.down_bps
         if not self.settings.shared_server_link:  # every transfer sees the whole server link
             cap = min(cap, self.fleet.server.up_bps)
-        self.uplink.start(spec.task_id, spec.download_bytes, cap, self.now)
+        # Bytes the server publishes for this dispatch cross its shared uplink; pieces it already
+        # published for this model version are served from the publication point at the
+        # client's own speed (see prfl.distribution).
+        self.uplink.start(spec.task_id, egress, cap, self.now)
 
     def _output(self, fl: InFlight) -> TrainOutput:
         if fl.output is None:
@@ -281,9 +294,13 @@ class Simulation:
             self.compute_total += fl.output.compute_seconds
         return fl.output
 
-    def _download_done(self, tid: int) -> None:
+    def _download_done(self, tid: int, relayed: bool = False) -> None:
         fl = self.inflight.get(tid)
         if fl is None:
+            return
+        if fl.relay_bytes > 0 and not relayed:
+            fl.stage = "relay"
+            self._push(self.now + fl.relay_bytes / fl.speeds.down_bps, "relay_done", tid)
             return
         fl.stage = "compute"
         if self.settings.compute_time == "measured":
@@ -482,6 +499,7 @@ class Simulation:
                 "speeds": fl.speeds,
                 "dispatched_at": fl.dispatched_at,
                 "stage": fl.stage,
+                "relay_bytes": fl.relay_bytes,
                 "output": out,
                 "compute_seconds": fl.compute_seconds,
             }
@@ -517,6 +535,8 @@ class Simulation:
         """Write ``checkpoint.pt`` atomically (temporary file, fsync, rename)."""
         assert self.checkpoint_dir is not None
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        # Written before the state (and its history offset) is taken, so a resumed history keeps it.
+        self.history.write("checkpoint", time=self.now, round=self.policy.version)
         state = self.state_dict()
         final = self.checkpoint_dir / "checkpoint.pt"
         tmp = final.with_suffix(".pt.tmp")
@@ -526,7 +546,6 @@ class Simulation:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
         self._last_ckpt_version = self.policy.version
-        self.history.write("checkpoint", time=self.now, round=self.policy.version)
         return final
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -554,5 +573,6 @@ class Simulation:
         for tid, d in state["inflight"].items():
             self.inflight[int(tid)] = InFlight(
                 spec=d["spec"], speeds=d["speeds"], dispatched_at=d["dispatched_at"], stage=d["stage"],
+                relay_bytes=d["relay_bytes"],
                 output=d["output"], compute_seconds=d["compute_seconds"],
             )

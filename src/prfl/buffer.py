@@ -1,0 +1,373 @@
+"""Per-client latest-model buffer: the server's store for PR-FL's asynchronous aggregation.
+
+Slot i holds client i's latest flat model W_i, its mask m_i over the prunable prefix (None =
+dense), its sample count n_i and the server round n'_i at which it was sent. At round n:
+
+    s_i = staleness_weight(kind, n - n'_i)        p_i = s_i / sum_j s_j
+    MaskFedAvg with coefficients c_i = p_i n_i    (prfl.aggregation.mask_fedavg)
+
+Storage:
+
+- ``"dense"``: each slot keeps the full fp32 vector (4 |W| bytes) and a bool mask (N bytes).
+  With ``path`` the vectors live in one memory-mapped file of num_clients x total fp32 instead
+  of RAM (the buffer's only I/O).
+- ``"sparse"``: each slot keeps the values at its mask (ascending positions) then the suffix,
+  and the mask as a :class:`~prfl.distribution.PackedIndex` (bitmap or int32 positions, the
+  cheaper). Lossless because a masked client's weights are exactly zero outside its mask;
+  :meth:`ClientBuffer.put` checks this and refuses weights that are not.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from prfl.aggregation import staleness_weight
+from prfl.distribution import PackedIndex
+
+STORAGE_KINDS: tuple[str, ...] = ("dense", "sparse")
+_DTYPE = torch.float32
+
+
+@dataclass
+class BufferEntry:
+    """One client's latest model as handed out by :meth:`ClientBuffer.get`."""
+
+    client: int
+    weights: torch.Tensor
+    mask: torch.Tensor | None
+    num_samples: int
+    sent_round: int
+
+
+@dataclass
+class _Slot:
+    """Stored form of an entry. Dense: ``values`` = all weights, ``mask`` bool. Sparse: ``values`` =
+    weights at the mask then the suffix, ``index`` = packed mask (both None for a dense client)."""
+
+    values: torch.Tensor
+    mask: torch.Tensor | None
+    index: PackedIndex | None
+    num_samples: int
+    sent_round: int
+
+
+class ClientBuffer:
+    """The latest model of every client, with staleness weights and buffer-wide MaskFedAvg."""
+
+    def __init__(
+        self,
+        num_clients: int,
+        total: int,
+        num_prunable: int,
+        storage: str = "dense",
+        path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if num_clients < 1:
+            raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+        if not 0 <= num_prunable <= total:
+            raise ValueError(f"num_prunable must lie in [0, total={total}], got {num_prunable}")
+        if storage not in STORAGE_KINDS:
+            raise ValueError(f"unknown storage {storage!r}; valid: {', '.join(STORAGE_KINDS)}")
+        if path is not None and storage != "dense":
+            raise ValueError("a file-backed buffer (path=...) needs storage='dense'")
+        self.num_clients = int(num_clients)
+        self.total = int(total)
+        self.num_prunable = int(num_prunable)
+        self.storage = storage
+        self.path = None if path is None else os.fspath(path)
+        self._slots: dict[int, _Slot] = {}
+        self._rows: torch.Tensor | None = None
+        if self.path is not None:
+            size = self.num_clients * self.total
+            with open(self.path, "wb") as f:  # fresh zero-filled (sparse) file of the exact size
+                f.truncate(size * _DTYPE.itemsize)
+            self._rows = torch.from_file(self.path, shared=True, size=size, dtype=_DTYPE).view(
+                self.num_clients, self.total
+            )
+
+    # ------------------------------------------------------------------ slots
+    def put(
+        self, client: int, weights: torch.Tensor, mask: torch.Tensor | None, num_samples: int, sent_round: int
+    ) -> None:
+        """Store ``client``'s latest model (copied), replacing its previous slot."""
+        self._commit(client, self._make_slot(client, weights, mask, num_samples, sent_round))
+
+    def _make_slot(
+        self, client: int, weights: torch.Tensor, mask: torch.Tensor | None, num_samples: int, sent_round: int
+    ) -> _Slot:
+        """Validate an entry and build its stored form (no side effects)."""
+        self._check_client(client)
+        if weights.dim() != 1 or weights.numel() != self.total or not weights.is_floating_point():
+            raise ValueError(
+                f"client {client}: expected flat floating-point weights of length {self.total}, "
+                f"got {weights.dtype} {tuple(weights.shape)}"
+            )
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != (self.num_prunable,)):
+            raise ValueError(
+                f"client {client}: mask must be a bool tensor of shape ({self.num_prunable},), "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
+        if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 0:
+            raise ValueError(f"client {client}: num_samples must be an integer >= 0, got {num_samples!r}")
+        if isinstance(sent_round, bool) or int(sent_round) != sent_round or sent_round < 0:
+            raise ValueError(f"client {client}: sent_round must be an integer >= 0, got {sent_round!r}")
+        w = weights.detach()
+        n, r = int(num_samples), int(sent_round)
+        if self.storage == "dense" or mask is None:
+            return _Slot(w.to(_DTYPE, copy=True), None if mask is None else mask.clone(), None, n, r)
+        npr = self.num_prunable
+        outside = int(torch.count_nonzero(w[:npr].masked_select(~mask)))
+        if outside:
+            raise ValueError(
+                f"client {client}: {outside} weights outside the mask are nonzero, so sparse storage would "
+                "lose them; send W ⊙ m or use storage='dense'"
+            )
+        values = torch.cat([w[:npr].masked_select(mask), w[npr:]]).to(_DTYPE)
+        return _Slot(values, None, PackedIndex.from_mask(mask), n, r)
+
+    def _commit(self, client: int, slot: _Slot) -> None:
+        """Install a built slot (into the mapped file for a file-backed buffer)."""
+        if self._rows is not None:
+            self._rows[client].copy_(slot.values)
+            slot.values = self._rows[client]
+        self._slots[client] = slot
+
+    def get(self, client: int) -> BufferEntry | None:
+        """Client's entry, or None if its slot is empty. Dense storage returns the stored tensors
+        (treat as read-only); sparse storage returns freshly rebuilt ones."""
+        self._check_client(client)
+        slot = self._slots.get(client)
+        if slot is None:
+            return None
+        weights, mask = self._dense(slot)
+        return BufferEntry(client, weights, mask, slot.num_samples, slot.sent_round)
+
+    def clients(self) -> list[int]:
+        """Occupied slots, ascending."""
+        return sorted(self._slots)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __contains__(self, client: object) -> bool:
+        return client in self._slots
+
+    def nbytes(self) -> int:
+        """Bytes of model data held (values, masks, indices; the file for a file-backed buffer)."""
+        if self._rows is not None:
+            masks = sum(s.mask.numel() for s in self._slots.values() if s.mask is not None)
+            return self._rows.numel() * self._rows.element_size() + masks
+        out = 0
+        for s in self._slots.values():
+            out += s.values.numel() * s.values.element_size()
+            if s.mask is not None:
+                out += s.mask.numel() * s.mask.element_size()
+            if s.index is not None:
+                out += s.index.data.numel() * s.index.data.element_size()
+        return out
+
+    # ------------------------------------------------------------------ aggregation
+    def staleness_weights(self, now_round: int, kind: str = "poly", a: float = 0.6, b: float = 2.0) -> dict[int, float]:
+        """p_i = s_i / sum_j s_j over occupied slots, s_i = staleness_weight(kind, now_round - n'_i)."""
+        if not self._slots:
+            raise ValueError("the buffer is empty; put at least one client model first")
+        s: dict[int, float] = {}
+        for c in self.clients():
+            tau = now_round - self._slots[c].sent_round
+            if tau < 0:
+                raise ValueError(
+                    f"client {c} was sent at round {self._slots[c].sent_round}, after now_round={now_round}"
+                )
+            s[c] = staleness_weight(kind, tau, a, b)
+        total = math.fsum(s.values())
+        return {c: v / total for c, v in s.items()}
+
+    def coefficients(self, now_round: int, kind: str = "poly", a: float = 0.6, b: float = 2.0) -> dict[int, float]:
+        """Aggregation coefficients c_i = p_i n_i."""
+        p = self.staleness_weights(now_round, kind, a, b)
+        return {c: p[c] * self._slots[c].num_samples for c in p}
+
+    def aggregate(
+        self,
+        prev: torch.Tensor,
+        now_round: int,
+        kind: str = "poly",
+        a: float = 0.6,
+        b: float = 2.0,
+        eta_g: float = 1.0,
+        masked: bool = True,
+    ) -> torch.Tensor:
+        """MaskFedAvg over the whole buffer with c_i = p_i n_i; a new tensor of ``prev``'s dtype.
+
+        masked (the PR-FL rule, equal to :func:`prfl.aggregation.mask_fedavg` on the same inputs):
+            W_acc = sum_i c_i (W_i ⊙ m_i),  M_acc = sum_i c_i m_i,  W_new = W_acc / M_acc on the prefix,
+            keeping ``prev`` where M_acc == 0 or W_new == 0; suffix: sum_i c_i W_i / sum_i c_i.
+        masked=False (ablation): W_new = sum_i c_i W_i / sum_i c_i on the whole vector.
+        Then W = (1 - eta_g) prev + eta_g W_new. Accumulates slot by slot into W_acc and M_acc, so a
+        sparse buffer is never densified all at once.
+        """
+        if prev.dim() != 1 or prev.numel() != self.total or not prev.is_floating_point():
+            raise ValueError(
+                f"prev must be flat floating-point weights of length {self.total}, got {prev.dtype} {tuple(prev.shape)}"
+            )
+        if not (math.isfinite(eta_g) and eta_g > 0):
+            raise ValueError(f"eta_g must be a finite number > 0, got {eta_g!r}")
+        coeffs = self.coefficients(now_round, kind, a, b)
+        total_c = sum(coeffs.values())
+        if not total_c > 0:
+            raise ValueError("every buffered client has num_samples == 0; nothing to average")
+        if not masked:
+            new = self._weighted_sum(coeffs, prev.dtype).div_(total_c)
+        else:
+            new = self._mask_fedavg(prev, coeffs, total_c)
+        if eta_g != 1.0:
+            new = torch.lerp(prev, new, eta_g)
+        return new
+
+    def plain_average(self) -> torch.Tensor:
+        """The n_i-weighted average of the buffered models, sum_i n_i W_i / sum_i n_i (masks and
+        staleness ignored): PR-FL's server score model. Weighting by n_i, like every average in
+        FedAvg-style training, keeps a client with little data from counting as much as a big one."""
+        if not self._slots:
+            raise ValueError("the buffer is empty; put at least one client model first")
+        coeffs = {c: float(s.num_samples) for c, s in sorted(self._slots.items())}
+        total_c = sum(coeffs.values())
+        if not total_c > 0:
+            raise ValueError("every buffered client has num_samples == 0; nothing to average")
+        return self._weighted_sum(coeffs, _DTYPE).div_(total_c)
+
+    def _weighted_sum(self, coeffs: dict[int, float], dtype: torch.dtype) -> torch.Tensor:
+        """sum_i c_i W_i over the slots in ``coeffs``."""
+        acc = torch.zeros(self.total, dtype=dtype)
+        scratch = torch.empty(self.total, dtype=_DTYPE) if self.storage == "sparse" else None
+        for c, coef in coeffs.items():
+            if coef == 0.0:
+                continue
+            slot = self._slots[c]
+            if slot.index is None:
+                acc.add_(slot.values, alpha=coef)
+            else:
+                assert scratch is not None
+                acc.add_(self._densify_into(slot, scratch), alpha=coef)
+        return acc
+
+    def _mask_fedavg(self, prev: torch.Tensor, coeffs: dict[int, float], total_c: float) -> torch.Tensor:
+        """The MaskFedAvg accumulation, in the same operation order as prfl.aggregation.mask_fedavg."""
+        npr = self.num_prunable
+        dtype = prev.dtype
+        w_acc = torch.zeros(npr, dtype=dtype)
+        m_acc = torch.zeros(npr, dtype=dtype)
+        s_acc = torch.zeros(self.total - npr, dtype=dtype)
+        masked = torch.empty(npr, dtype=_DTYPE)  # W_i ⊙ m_i, reused across clients
+        dense_total = 0.0
+        for c, coef in coeffs.items():
+            if coef == 0.0:
+                continue
+            slot = self._slots[c]
+            if slot.index is not None:  # sparse, masked client
+                mask = slot.index.to_mask()
+                cnt = slot.index.count
+                masked.zero_().masked_scatter_(mask, slot.values[:cnt])
+                w_acc.add_(masked, alpha=coef)
+                m_acc.add_(mask, alpha=coef)
+                s_acc.add_(slot.values[cnt:], alpha=coef)
+                continue
+            w = slot.values
+            if slot.mask is None:
+                w_acc.add_(w[:npr], alpha=coef)
+                dense_total += coef
+            else:
+                w_acc.add_(torch.mul(w[:npr], slot.mask, out=masked), alpha=coef)
+                m_acc.add_(slot.mask, alpha=coef)
+            s_acc.add_(w[npr:], alpha=coef)
+        if dense_total:
+            m_acc.add_(dense_total)
+        head = w_acc.div_(m_acc)  # NaN where m_acc == 0, replaced below
+        keep = (m_acc == 0).logical_or_(head == 0)
+        new = torch.empty_like(prev)
+        torch.where(keep, prev[:npr], head, out=new[:npr])
+        torch.div(s_acc, total_c, out=new[npr:])
+        return new
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors only (safetensors-friendly), in the stored form (a sparse buffer stays small)."""
+        ids = self.clients()
+        state: dict[str, torch.Tensor] = {
+            "config": torch.tensor(
+                [self.num_clients, self.total, self.num_prunable, STORAGE_KINDS.index(self.storage)], dtype=torch.int64
+            ),
+            "clients": torch.tensor(ids, dtype=torch.int64),
+            "num_samples": torch.tensor([self._slots[c].num_samples for c in ids], dtype=torch.int64),
+            "sent_round": torch.tensor([self._slots[c].sent_round for c in ids], dtype=torch.int64),
+        }
+        for c in ids:
+            s = self._slots[c]
+            state[f"slot.{c}.values"] = s.values.clone()
+            if s.mask is not None:
+                state[f"slot.{c}.mask"] = s.mask.clone()
+            if s.index is not None:
+                key = "bitmap" if s.index.is_bitmap else "positions"
+                state[f"slot.{c}.{key}"] = s.index.data.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the contents with a :meth:`state_dict` (from a buffer of either storage kind).
+
+        Every slot is validated before any is installed: on error the buffer is unchanged."""
+        try:
+            n_clients, total, npr, kind = (int(x) for x in state["config"].tolist())
+            ids = [int(x) for x in state["clients"].tolist()]
+            samples = [int(x) for x in state["num_samples"].tolist()]
+            rounds = [int(x) for x in state["sent_round"].tolist()]
+            if (n_clients, total, npr) != (self.num_clients, self.total, self.num_prunable):
+                raise ValueError(
+                    f"state is for (num_clients, total, num_prunable) = {(n_clients, total, npr)}, "
+                    f"this buffer has {(self.num_clients, self.total, self.num_prunable)}"
+                )
+            if not 0 <= kind < len(STORAGE_KINDS):
+                raise ValueError(f"unknown storage code {kind} in state")
+            slots: dict[int, _Slot] = {}
+            for c, n, r in zip(ids, samples, rounds, strict=True):
+                values = state[f"slot.{c}.values"]
+                mask: torch.Tensor | None = None
+                if STORAGE_KINDS[kind] == "dense":
+                    weights, mask = values, state.get(f"slot.{c}.mask")
+                elif f"slot.{c}.bitmap" in state:
+                    index = PackedIndex(npr, values.numel() - (total - npr), True, state[f"slot.{c}.bitmap"])
+                    weights, mask = self._dense(_Slot(values, None, index, n, r))
+                elif f"slot.{c}.positions" in state:
+                    data = state[f"slot.{c}.positions"]
+                    index = PackedIndex(npr, int(data.numel()), False, data)
+                    weights, mask = self._dense(_Slot(values, None, index, n, r))
+                else:
+                    weights = values
+                slots[c] = self._make_slot(c, weights, mask, n, r)
+        except KeyError as e:
+            raise ValueError(f"not a ClientBuffer state dict: missing {e}") from None
+        self._slots.clear()
+        for c, slot in slots.items():
+            self._commit(c, slot)
+
+    # ------------------------------------------------------------------ helpers
+    def _check_client(self, client: int) -> None:
+        if isinstance(client, bool) or int(client) != client or not 0 <= client < self.num_clients:
+            raise ValueError(f"client id must be an integer in [0, {self.num_clients}), got {client!r}")
+
+    def _densify_into(self, slot: _Slot, out: torch.Tensor) -> torch.Tensor:
+        """Write a sparse slot's full weight vector into ``out``."""
+        assert slot.index is not None
+        npr, cnt = self.num_prunable, slot.index.count
+        out[:npr].zero_().masked_scatter_(slot.index.to_mask(), slot.values[:cnt])
+        out[npr:] = slot.values[cnt:]
+        return out
+
+    def _dense(self, slot: _Slot) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weights, mask) of a slot in full form."""
+        if slot.index is None:
+            return slot.values, slot.mask
+        return self._densify_into(slot, torch.empty(self.total, dtype=_DTYPE)), slot.index.to_mask()

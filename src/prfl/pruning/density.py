@@ -1,0 +1,98 @@
+"""Density control: each client's sub-model density from its observed round times.
+
+``Q_i`` is a FIFO of client i's last ``I`` round times and ``t_i = mean(Q_i)``.
+
+- Rule A (default): ``rho_i = max(min_j t_j / t_i, rho_min_i)``.
+- Rule B: start from preset densities; at each control step, with
+  ``rate = (t_i - t_fastest) / t_i``, if ``|rate| > 0.05`` then
+  ``rho_i <- round(rho_i * (1 - 0.9 * rate), 2)``, never below ``rho_min_i`` (nor above 1).
+
+Clients with no observation yet keep their density.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+RATE_DEADBAND = 0.05
+RATE_GAIN = 0.9
+
+
+@dataclass
+class DensityController:
+    """Round-time FIFOs, per-client minimum densities and the densities they imply."""
+
+    num_clients: int
+    interval: int = 50
+    rule: Literal["A", "B"] = "A"
+    global_min: float = 0.1
+    initial: Sequence[float] | None = None
+    densities: list[float] = field(init=False)
+    minimums: list[float] = field(init=False)
+    queues: list[deque[float]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.rule not in ("A", "B"):
+            raise ValueError(f"density rule must be 'A' or 'B', got {self.rule!r}")
+        if self.interval < 1:
+            raise ValueError(f"interval must be at least 1, got {self.interval}")
+        if not 0 < self.global_min <= 1:
+            raise ValueError(f"global minimum density must lie in (0, 1], got {self.global_min}")
+        if self.initial is not None:
+            if len(self.initial) != self.num_clients:
+                raise ValueError(f"{len(self.initial)} initial densities for {self.num_clients} clients")
+            if any(not 0 < d <= 1 for d in self.initial):
+                raise ValueError(f"initial densities must lie in (0, 1], got {list(self.initial)}")
+        start = list(self.initial) if self.initial is not None else [1.0] * self.num_clients
+        self.minimums = [self.global_min] * self.num_clients
+        self.densities = [max(d, self.global_min) for d in start]
+        self.queues = [deque(maxlen=self.interval) for _ in range(self.num_clients)]
+
+    def observe(self, client: int, round_time: float) -> None:
+        """Append one observed round time (dispatch to arrival) of ``client`` to its FIFO."""
+        if round_time < 0:
+            raise ValueError(f"round time must be non-negative, got {round_time}")
+        self.queues[client].append(float(round_time))
+
+    def mean_times(self) -> list[float | None]:
+        return [sum(q) / len(q) if q else None for q in self.queues]
+
+    def update(self) -> list[float]:
+        """One control step; returns the new densities."""
+        t = self.mean_times()
+        known = [x for x in t if x is not None and x > 0]
+        if not known:
+            return list(self.densities)
+        fastest = min(known)
+        for i, ti in enumerate(t):
+            if ti is None or ti <= 0:
+                continue
+            if self.rule == "A":
+                rho = fastest / ti
+            else:
+                rate = (ti - fastest) / ti
+                rho = self.densities[i]
+                if abs(rate) > RATE_DEADBAND:
+                    rho = round(rho * (1 - RATE_GAIN * rate), 2)
+            self.densities[i] = min(1.0, max(rho, self.minimums[i]))
+        return list(self.densities)
+
+    def raise_minimum(self, client: int | None, delta: float) -> None:
+        """Recovery: raise ``rho_min`` of one client (or all, ``None``) by ``delta``, capped at 1."""
+        for i in range(self.num_clients) if client is None else [client]:
+            self.minimums[i] = min(1.0, round(self.minimums[i] + delta, 10))
+            self.densities[i] = max(self.densities[i], self.minimums[i])
+
+    @property
+    def all_dense(self) -> bool:
+        return all(m >= 1.0 for m in self.minimums)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"densities": list(self.densities), "minimums": list(self.minimums), "queues": [list(q) for q in self.queues]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.densities = list(state["densities"])
+        self.minimums = list(state["minimums"])
+        self.queues = [deque(q, maxlen=self.interval) for q in state["queues"]]

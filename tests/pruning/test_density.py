@@ -1,0 +1,64 @@
+import pytest
+
+from prfl.pruning.density import DensityController
+
+
+def test_rule_a_on_scripted_round_times():
+    dc = DensityController(4, interval=3, rule="A", global_min=0.1)
+    for t in (2.0, 2.0):
+        dc.observe(0, t)
+    for t in (4.0, 6.0):
+        dc.observe(1, t)
+    dc.observe(2, 40.0)  # 2/40 = 0.05, below the global minimum
+    # client 3 never reported: keeps its density
+    assert dc.update() == pytest.approx([1.0, 0.4, 0.1, 1.0])
+    # the FIFO keeps only the last `interval` times: client 1 -> (6, 1, 1) mean 8/3
+    for t in (1.0, 1.0):
+        dc.observe(1, t)
+    assert dc.mean_times()[1] == pytest.approx(8 / 3)
+    assert dc.update()[1] == pytest.approx(2.0 / (8 / 3))
+
+
+def test_rule_b_on_scripted_round_times():
+    dc = DensityController(4, interval=5, rule="B", global_min=0.1, initial=[1.0, 0.6, 0.3, 0.2])
+    dc.observe(0, 2.0)
+    dc.observe(1, 2.5)  # rate 0.2 -> 0.6 * (1 - 0.18) = 0.492 -> 0.49
+    dc.observe(2, 5.0)  # rate 0.6 -> 0.3 * (1 - 0.54) = 0.138 -> 0.14
+    dc.observe(3, 2.1)  # rate 0.0476 inside the 5% dead band -> unchanged
+    assert dc.update() == [1.0, 0.49, 0.14, 0.2]
+    dc.observe(2, 95.0)  # mean 50 -> rate 0.96 -> 0.14 * 0.136 -> 0.02 -> floor 0.1
+    assert dc.update()[2] == 0.1
+
+
+def test_recovery_raises_minimums_and_caps_at_one():
+    dc = DensityController(2, rule="A", global_min=0.1)
+    dc.observe(0, 1.0)
+    dc.observe(1, 10.0)
+    dc.update()
+    assert dc.densities == [1.0, 0.1]
+    dc.raise_minimum(None, 0.2)
+    assert dc.minimums == [pytest.approx(0.3)] * 2 and dc.densities[1] == pytest.approx(0.3)
+    dc.update()
+    assert dc.densities[1] == pytest.approx(0.3)  # rule A never goes below the raised minimum
+    for _ in range(5):
+        dc.raise_minimum(1, 0.2)
+    assert dc.minimums[1] == 1.0 and dc.densities == [1.0, 1.0]
+    assert not dc.all_dense
+    dc.raise_minimum(0, 0.9)
+    assert dc.all_dense
+
+
+def test_state_round_trip_and_errors():
+    dc = DensityController(2, interval=2)
+    dc.observe(0, 1.0)
+    dc.observe(1, 3.0)
+    dc.update()
+    other = DensityController(2, interval=2)
+    other.load_state_dict(dc.state_dict())
+    assert other.densities == dc.densities and other.mean_times() == dc.mean_times()
+    with pytest.raises(ValueError, match="rule"):
+        DensityController(2, rule="C")
+    with pytest.raises(ValueError, match="initial densities"):
+        DensityController(2, initial=[1.0])
+    with pytest.raises(ValueError, match="non-negative"):
+        dc.observe(0, -1.0)
