@@ -4,7 +4,7 @@ All functions are pure: they read their inputs and return new tensors, never mod
 they were given (policies hand the same tensors out to clients). Averages accumulate in float64
 (``accumulate_dtype``) and are rounded once to the inputs' dtype, so the average of one model,
 or of identical models, is that model bit for bit, and every coordinate of an average lies
-within the range of its inputs. Accumulating in float32 is about 3x faster on large models and
+within the range of its inputs. Accumulating in float32 is 2-3x faster on large models and
 off by about one float32 ulp; pass ``accumulate_dtype=torch.float32`` where that matters more.
 """
 
