@@ -306,3 +306,13 @@ def test_round_trip_and_bounds_for_random_splits(case):
     assert pub.egress_total == s.version_bytes()
     assert pub.egress_total <= dense_model_bytes(n + m) + k * (math.ceil(n / 8) + 1)
     assert pub.egress_total <= sum(sparse_model_bytes(ranking.count(r), n, m) for r in s.levels)
+
+
+def test_publisher_state_dict_round_trip(hand_split):
+    s = hand_split
+    pub = Publisher()
+    pub.publish(s, s.needed(0.5))
+    other = Publisher()
+    other.load_state_dict(pub.state_dict())
+    assert other.egress_total == 268
+    assert other.publish(s, s.needed(1.0)) == 214  # p0..p2 known to be out already

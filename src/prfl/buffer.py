@@ -10,7 +10,7 @@ Storage:
 
 - ``"dense"``: each slot keeps the full fp32 vector (4 |W| bytes) and a bool mask (N bytes).
   With ``path`` the vectors live in one memory-mapped file of num_clients x total fp32 instead
-  of RAM (the buffer's only I/O).
+  of RAM (the buffer's only I/O; the file is created or overwritten, zero-filled).
 - ``"sparse"``: each slot keeps the values at its mask (ascending positions) then the suffix,
   and the mask as a :class:`~prfl.distribution.PackedIndex` (bitmap or int32 positions, the
   cheaper). Lossless because a masked client's weights are exactly zero outside its mask;
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prfl.aggregation import staleness_weight
+from prfl.aggregation import ACCUMULATE_DTYPE, staleness_weight
 from prfl.distribution import PackedIndex
 
 STORAGE_KINDS: tuple[str, ...] = ("dense", "sparse")
@@ -93,7 +93,7 @@ class ClientBuffer:
     def put(
         self, client: int, weights: torch.Tensor, mask: torch.Tensor | None, num_samples: int, sent_round: int
     ) -> None:
-        """Store ``client``'s latest model (copied), replacing its previous slot."""
+        """Store ``client``'s latest model (copied, as fp32), replacing its previous slot."""
         self._commit(client, self._make_slot(client, weights, mask, num_samples, sent_round))
 
     def _make_slot(
@@ -200,15 +200,18 @@ class ClientBuffer:
         b: float = 2.0,
         eta_g: float = 1.0,
         masked: bool = True,
+        accumulate_dtype: torch.dtype = ACCUMULATE_DTYPE,
     ) -> torch.Tensor:
         """MaskFedAvg over the whole buffer with c_i = p_i n_i; a new tensor of ``prev``'s dtype.
 
-        masked (the PR-FL rule, equal to :func:`prfl.aggregation.mask_fedavg` on the same inputs):
+        masked (the PR-FL rule; equals :func:`prfl.aggregation.mask_fedavg` on the same inputs):
             W_acc = sum_i c_i (W_i ⊙ m_i),  M_acc = sum_i c_i m_i,  W_new = W_acc / M_acc on the prefix,
-            keeping ``prev`` where M_acc == 0 or W_new == 0; suffix: sum_i c_i W_i / sum_i c_i.
-        masked=False (ablation): W_new = sum_i c_i W_i / sum_i c_i on the whole vector.
-        Then W = (1 - eta_g) prev + eta_g W_new. Accumulates slot by slot into W_acc and M_acc, so a
-        sparse buffer is never densified all at once.
+            keeping ``prev`` where M_acc == 0 or W_new == 0; suffix: sum_i c_i W_i / sum_i c_i;
+            then W = (1 - eta_g) prev + eta_g W_new.
+        masked=False (ablation; equals :func:`prfl.aggregation.weighted_average`):
+            W_new = sum_i c_i W_i / sum_i c_i on the whole vector, then the same server step.
+        Accumulates slot by slot into W_acc and M_acc (in ``accumulate_dtype``, like
+        prfl.aggregation), so a sparse buffer is never densified all at once.
         """
         if prev.dim() != 1 or prev.numel() != self.total or not prev.is_floating_point():
             raise ValueError(
@@ -220,15 +223,12 @@ class ClientBuffer:
         total_c = sum(coeffs.values())
         if not total_c > 0:
             raise ValueError("every buffered client has num_samples == 0; nothing to average")
-        if not masked:
-            new = self._weighted_sum(coeffs, prev.dtype).div_(total_c)
-        else:
-            new = self._mask_fedavg(prev, coeffs, total_c)
-        if eta_g != 1.0:
-            new = torch.lerp(prev, new, eta_g)
-        return new
+        if masked:
+            return self._mask_fedavg(prev, coeffs, total_c, eta_g, accumulate_dtype)
+        new = self._weighted_sum(coeffs, accumulate_dtype).div_(total_c).to(prev.dtype)
+        return new if eta_g == 1.0 else torch.lerp(prev, new, eta_g)
 
-    def plain_average(self) -> torch.Tensor:
+    def plain_average(self, accumulate_dtype: torch.dtype = ACCUMULATE_DTYPE) -> torch.Tensor:
         """The n_i-weighted average of the buffered models, sum_i n_i W_i / sum_i n_i (masks and
         staleness ignored): PR-FL's server score model. Weighting by n_i, like every average in
         FedAvg-style training, keeps a client with little data from counting as much as a big one."""
@@ -238,10 +238,10 @@ class ClientBuffer:
         total_c = sum(coeffs.values())
         if not total_c > 0:
             raise ValueError("every buffered client has num_samples == 0; nothing to average")
-        return self._weighted_sum(coeffs, _DTYPE).div_(total_c)
+        return self._weighted_sum(coeffs, accumulate_dtype).div_(total_c).to(_DTYPE)
 
     def _weighted_sum(self, coeffs: dict[int, float], dtype: torch.dtype) -> torch.Tensor:
-        """sum_i c_i W_i over the slots in ``coeffs``."""
+        """sum_i c_i W_i over the slots in ``coeffs``, accumulated in ``dtype``."""
         acc = torch.zeros(self.total, dtype=dtype)
         scratch = torch.empty(self.total, dtype=_DTYPE) if self.storage == "sparse" else None
         for c, coef in coeffs.items():
@@ -255,25 +255,26 @@ class ClientBuffer:
                 acc.add_(self._densify_into(slot, scratch), alpha=coef)
         return acc
 
-    def _mask_fedavg(self, prev: torch.Tensor, coeffs: dict[int, float], total_c: float) -> torch.Tensor:
-        """The MaskFedAvg accumulation, in the same operation order as prfl.aggregation.mask_fedavg."""
+    def _mask_fedavg(
+        self, prev: torch.Tensor, coeffs: dict[int, float], total_c: float, eta_g: float, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """MaskFedAvg accumulation, in the operation order of prfl.aggregation.mask_fedavg (so the
+        results agree bit for bit)."""
         npr = self.num_prunable
-        dtype = prev.dtype
         w_acc = torch.zeros(npr, dtype=dtype)
         m_acc = torch.zeros(npr, dtype=dtype)
         s_acc = torch.zeros(self.total - npr, dtype=dtype)
-        masked = torch.empty(npr, dtype=_DTYPE)  # W_i ⊙ m_i, reused across clients
-        dense_total = 0.0
+        buf = torch.empty(npr, dtype=dtype)  # m_i, then W_i ⊙ m_i (reused across clients)
+        dense_total = 0.0  # coefficient mass of dense clients, added to m_acc once at the end
         for c, coef in coeffs.items():
             if coef == 0.0:
                 continue
             slot = self._slots[c]
-            if slot.index is not None:  # sparse, masked client
+            if slot.index is not None:  # sparse storage, masked client: scatter its kept values
                 mask = slot.index.to_mask()
                 cnt = slot.index.count
-                masked.zero_().masked_scatter_(mask, slot.values[:cnt])
-                w_acc.add_(masked, alpha=coef)
-                m_acc.add_(mask, alpha=coef)
+                m_acc.add_(buf.copy_(mask), alpha=coef)
+                w_acc.add_(buf.zero_().masked_scatter_(mask, slot.values[:cnt].to(dtype)), alpha=coef)
                 s_acc.add_(slot.values[cnt:], alpha=coef)
                 continue
             w = slot.values
@@ -281,17 +282,20 @@ class ClientBuffer:
                 w_acc.add_(w[:npr], alpha=coef)
                 dense_total += coef
             else:
-                w_acc.add_(torch.mul(w[:npr], slot.mask, out=masked), alpha=coef)
-                m_acc.add_(slot.mask, alpha=coef)
+                m_acc.add_(buf.copy_(slot.mask), alpha=coef)
+                w_acc.add_(buf.mul_(w[:npr]), alpha=coef)
             s_acc.add_(w[npr:], alpha=coef)
         if dense_total:
             m_acc.add_(dense_total)
+        prev_acc = prev.to(dtype)
         head = w_acc.div_(m_acc)  # NaN where m_acc == 0, replaced below
         keep = (m_acc == 0).logical_or_(head == 0)
-        new = torch.empty_like(prev)
-        torch.where(keep, prev[:npr], head, out=new[:npr])
+        new = torch.empty_like(prev_acc)
+        torch.where(keep, prev_acc[:npr], head, out=new[:npr])
         torch.div(s_acc, total_c, out=new[npr:])
-        return new
+        if eta_g != 1.0:
+            new = torch.lerp(prev_acc, new, eta_g)
+        return new.to(prev.dtype)
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, torch.Tensor]:

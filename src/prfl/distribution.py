@@ -34,6 +34,7 @@ import copy
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -403,6 +404,15 @@ class Publisher:
     def forget_versions_before(self, version: int) -> None:
         """Drop the record of older versions (bounded memory; they will not be requested again)."""
         self._published = {p for p in self._published if p.version >= version}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data for a checkpoint: published (version, index) pairs and the egress so far."""
+        return {"published": [(p.version, p.index) for p in sorted(self._published)], "egress_total": self._egress}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
+        self._published = {PieceId(int(v), int(i)) for v, i in state["published"]}
+        self._egress = int(state["egress_total"])
 
 
 class PieceCache:

@@ -53,10 +53,12 @@ class StepCost:
         self.efficiency = efficiency
         self.width_cost = width_cost
         self._width_costs: dict[float, ModelCost] = {1.0: cost}
-        self._cache: weakref.WeakKeyDictionary[torch.Tensor, dict[str, float]] = weakref.WeakKeyDictionary()
+        # per-mask cache keyed by identity (tensors hash by id but compare element-wise)
+        self._cache: dict[int, tuple[weakref.ref[torch.Tensor], dict[str, float]]] = {}
 
     def layer_density(self, mask: torch.Tensor) -> dict[str, float]:
-        hit = self._cache.get(mask)
+        entry = self._cache.get(id(mask))
+        hit = entry[1] if entry is not None and entry[0]() is mask else None
         if hit is None:
             counts = torch.cumsum(mask.to(torch.int64), 0)
             hit = {}
@@ -64,7 +66,9 @@ class StepCost:
                 kept = int(counts[e.stop - 1]) - (int(counts[e.offset - 1]) if e.offset > 0 else 0)
                 d = kept / e.numel
                 hit[e.name] = 1.0 - self.efficiency * (1.0 - d)
-            self._cache[mask] = hit
+            if len(self._cache) > 256:
+                self._cache = {k: v for k, v in self._cache.items() if v[0]() is not None}
+            self._cache[id(mask)] = (weakref.ref(mask), hit)
         return hit
 
     def __call__(self, mask: torch.Tensor | None, batch_size: int, width: float = 1.0) -> float:

@@ -16,12 +16,14 @@ from prfl.policies.fedasync import FedAsync, FedAsyncConfig
 from prfl.policies.fedavg import FedAvg, FedAvgConfig, FleetPolicy
 from prfl.policies.fedbuff import FedBuff, FedBuffConfig
 from prfl.policies.fedfix import FedFix, FedFixConfig
+from prfl.policies.prfl import PRFL, PRFLConfig
 
 POLICIES: dict[str, type[Policy]] = {
     "fedavg": FedAvg,
     "fedasync": FedAsync,
     "fedbuff": FedBuff,
     "fedfix": FedFix,
+    "prfl": PRFL,
 }
 
 
@@ -78,6 +80,8 @@ __all__ = [
     "FedFix",
     "FedFixConfig",
     "FleetPolicy",
+    "PRFL",
+    "PRFLConfig",
     "Policy",
     "PolicyContext",
     "build_policy",

@@ -53,7 +53,7 @@ from typing import Any, Literal
 
 import torch
 
-from prfl.aggregation import mask_fedavg
+from prfl.aggregation import ACCUMULATE_DTYPE, mask_fedavg
 from prfl.client.result import TaskResult
 from prfl.models.slicing import SliceMap, output_classes
 from prfl.params import ParamLayout
@@ -134,6 +134,7 @@ def holder_average(
     indices: Sequence[torch.Tensor | None],
     coeffs: Sequence[float],
     include: Sequence[torch.Tensor | None] | None = None,
+    accumulate_dtype: torch.dtype = ACCUMULATE_DTYPE,
 ) -> torch.Tensor:
     """HeteroFL's element-wise average over the clients holding each coordinate.
 
@@ -143,7 +144,9 @@ def holder_average(
 
         W_new[k] = sum_i c_i e_ij v_ij / sum_i c_i e_ij     over (i, j) with indices[i][j] = k,
 
-    and ``W_new[k] = prev[k]`` where the denominator is 0. Returns a new tensor of ``prev``'s dtype.
+    and ``W_new[k] = prev[k]`` where the denominator is 0. Sums accumulate in ``accumulate_dtype``
+    (float64, as in :mod:`prfl.aggregation`) and are rounded once: averaging identical values gives
+    them back bit for bit. Returns a new tensor of ``prev``'s dtype.
     """
     if prev.dim() != 1 or not prev.is_floating_point():
         raise ValueError(f"prev must be a flat 1-D floating-point tensor, got {prev.dtype} {tuple(prev.shape)}")
@@ -162,8 +165,9 @@ def holder_average(
             raise ValueError(f"coeffs[{i}] must be a finite number >= 0, got {c!r}")
     if not sum(cs) > 0:
         raise ValueError(f"coeffs must have a positive total, got {sum(cs)!r}")
-    num = torch.zeros_like(prev)
-    den = torch.zeros_like(prev)
+    acc = {"dtype": accumulate_dtype, "device": prev.device}
+    num = torch.zeros(prev.numel(), **acc)
+    den = torch.zeros(prev.numel(), **acc)
     for i, (v, idx, inc, c) in enumerate(zip(values, indices, incl, cs)):
         length = prev.numel() if idx is None else idx.numel()
         if v.shape != (length,):
@@ -172,8 +176,8 @@ def holder_average(
             raise ValueError(f"include[{i}] must be a bool tensor of shape ({length},)")
         if c == 0.0:
             continue
-        w = torch.full((length,), c, dtype=prev.dtype) if inc is None else inc.to(prev.dtype).mul_(c)
-        contrib = v.to(prev.dtype) * w
+        w = torch.full((length,), c, **acc) if inc is None else inc.to(accumulate_dtype).mul_(c)
+        contrib = v.to(accumulate_dtype) * w
         if idx is None:
             num.add_(contrib)
             den.add_(w)
@@ -181,7 +185,8 @@ def holder_average(
             num.index_add_(0, idx, contrib)
             den.index_add_(0, idx, w)
     held = den > 0
-    return torch.where(held, num / torch.where(held, den, torch.ones_like(den)), prev)
+    avg = num.div_(torch.where(held, den, torch.ones_like(den))).to(prev.dtype)
+    return torch.where(held, avg, prev)
 
 
 def label_include(classes: torch.Tensor, idx: torch.Tensor | None, labels: Sequence[int]) -> torch.Tensor:
@@ -316,9 +321,18 @@ class HeteroFL(FleetPolicy):
         return self.ctx.model_builder
 
     def _build(self, width: float) -> Any:
-        # Model constructors draw initial values from torch's global generator: leave it untouched.
-        with torch.random.fork_rng(devices=[]):
-            return self._builder()(width)
+        """The width-``width`` model, for its structure only (names, shapes, modules).
+
+        Built on the meta device: no memory and no draws from torch's global generator. A builder
+        that cannot run there is run on the CPU with the generator's state restored afterwards.
+        """
+        builder = self._builder()
+        try:
+            with torch.device("meta"):
+                return builder(width)
+        except (RuntimeError, NotImplementedError):
+            with torch.random.fork_rng(devices=[]):
+                return builder(width)
 
     def _check_scaler(self, model: Any, width: float) -> None:
         rate = getattr(model, "scaler_rate", None)
@@ -327,7 +341,7 @@ class HeteroFL(FleetPolicy):
                 f"scaler=true, but the width-{width} model scales by {rate!r} instead of {width}: build the "
                 "models with the model option scaler: true (and width_mult 1 for the full model)"
             )
-        if not self.config.scaler and rate is not None and rate != 1.0:
+        if not self.config.scaler and rate is not None:
             raise ValueError(
                 "the models train with the 1/r scaler (model option scaler: true); set the policy option "
                 "scaler: true to state it, or drop the model option"

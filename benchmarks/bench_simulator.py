@@ -1,0 +1,100 @@
+"""Simulator overhead and process-pool speed-up, measured in one run.
+
+Overhead = wall time of a simulated run / sum of the raw local-training seconds of its tasks
+(measured inside the trainer), inline executor; goal <= 1.10. Speed-up = wall time inline /
+wall time on a process pool of ``--workers`` processes, same run (same seed, so the same tasks
+and, by construction, the same history; the script checks the histories agree).
+
+Usage: .venv/bin/python benchmarks/bench_simulator.py [--rounds 200] [--policy fedasync]
+Writes benchmarks/results/simulator.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from prfl.config import load_config
+from prfl.run import build_scenario, run_policy
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def comparable(history):
+    """History records without wall-clock fields."""
+    return [{k: v for k, v in r.items() if k not in ("wall",)} for r in history]
+
+
+def one_run(sc, executor: str, workers: int):
+    sc.cfg.sim.executor = executor
+    sc.cfg.sim.workers = workers
+    t0 = time.perf_counter()
+    summary = run_policy(sc)
+    wall = time.perf_counter() - t0
+    return wall, summary
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--policy", default="fedasync")
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--model", default="conv2")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    overrides = [
+        f"data.dataset={args.dataset}", f"model.name={args.model}", f"policy.name={args.policy}",
+        "data.num_clients=10", "fleet.preset=paper10", "train.lr=0.1",
+        f"sim.max_rounds={args.rounds}", "sim.max_time=null", "sim.eval_every_rounds=null",
+        "sim.eval_every_seconds=null", "sim.checkpoint_every_rounds=null", "data.eval_samples=500",
+    ]
+    cfg = load_config(overrides=overrides)
+    sc = build_scenario(cfg)
+    torch.set_num_threads(1)  # one core per trainer, as the pool's workers use
+    rows = {"inline": [], "process": []}
+    histories = {}
+    for rep in range(args.repeats):  # interleave: the machine is shared and noisy
+        for kind in ("inline", "process"):
+            wall, s = one_run(sc, kind, args.workers)
+            rows[kind].append({"wall": wall, "train": s["train_seconds"], "overhead": wall / s["train_seconds"]})
+            histories[kind] = s["history"]
+            print(f"[{rep}] {kind:<8} wall {wall:7.2f}s  train {s['train_seconds']:7.2f}s  ratio {wall / s['train_seconds']:.3f}", flush=True)
+    same = comparable(histories["inline"]) == comparable(histories["process"])
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("wall", "train", "overhead")} for k, v in rows.items()}
+    speedups = [i["wall"] / p["wall"] for i, p in zip(rows["inline"], rows["process"])]
+    out = {
+        "benchmark": "simulator overhead and process-pool speed-up",
+        "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
+        "workload": {"dataset": args.dataset, "model": args.model, "policy": args.policy, "rounds": args.rounds,
+                     "clients": 10, "fleet": "paper10", "local_steps": 5, "batch_size": 20},
+        "runs": rows,
+        "median": med,
+        "inline_overhead_median": med["inline"]["overhead"],
+        "process_speedup_median": statistics.median(speedups),
+        "process_speedup_per_repeat": speedups,
+        "histories_identical": same,
+        "goal_overhead": 1.10,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "simulator.json").write_text(json.dumps(out, indent=2))
+    print(f"inline overhead (median wall/train): {out['inline_overhead_median']:.3f}  (goal <= 1.10)")
+    print(f"process pool speed-up on {args.workers} workers (median): {out['process_speedup_median']:.2f}x")
+    print(f"histories identical across executors: {same}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,388 @@
+"""PR-FL: Federated Learning based on Pruning and Recovery.
+
+Slow clients train sparser sub-models of one global model: densities follow the clients'
+observed round times (:mod:`prfl.pruning.density`), the mask at density rho is the prefix of an
+importance ranking rebuilt every ``interval`` rounds from the clients' squared gradients, and an
+early-stopping monitor raises the minimum densities step by step when accuracy stalls
+(recovery). The server keeps every client's latest model in a buffer and aggregates the whole
+buffer with staleness weights and MaskFedAvg; sub-models are distributed as nested residual
+pieces so that a piece of a model version leaves the server once.
+
+Ablation switches: ``recovery``, ``buffer`` (off: aggregate only the window's arrivals),
+``mask_fedavg`` (off: plain weighted FedAvg), ``residual_split`` (off: each client gets its whole
+sparse sub-model), ``synchronous`` (wait for every online client before aggregating).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from prfl.aggregation import mask_fedavg, staleness_weight, weighted_average
+from prfl.buffer import ClientBuffer
+from prfl.client.result import TaskResult
+from prfl.distribution import Publisher, ResidualSplit, dense_model_bytes, sparse_model_bytes
+from prfl.policies.base import (
+    Action,
+    Dispatch,
+    EvaluationDone,
+    Event,
+    PolicyContext,
+    Record,
+    RequestEvaluation,
+    SetTimer,
+    Stop,
+    TaskSpec,
+)
+from prfl.policies.fedavg import FleetPolicy, InFlight
+from prfl.pruning.density import DensityController
+from prfl.pruning.ranking import Ranking, build_ranking, magnitude_ranking
+from prfl.pruning.recovery import EarlyStopping
+
+PAPER_PRESET_DENSITIES = (1.0, 1.0, 0.6, 0.6, 0.3, 0.3, 0.1, 0.1, 0.1, 0.1)
+WINDOW_TIMER = "prfl:window"
+SERVER_SCORE = "prfl:server-score"
+CLIENT_SCORE = "prfl:client-score:"
+
+
+@dataclass(frozen=True)
+class PRFLConfig:
+    """PR-FL options; defaults are the paper's (see ALGORITHMS.md)."""
+
+    interval: int = 50  # I: rounds between ranking rebuilds, density steps and monitor checks
+    density_rule: Literal["A", "B"] = "A"
+    initial_densities: tuple[float, ...] | None = None  # rule B preset (default: the paper's for 10 clients)
+    min_density: float = 0.1  # global minimum density
+    floor: float = 0.05  # per-layer magnitude floor of the ranking
+    importance: bool = True  # rank by squared gradients (False: by magnitude)
+    staleness: Literal["const", "poly", "hinge"] = "poly"
+    a: float = 0.6
+    b: float = 2.0
+    eta_g: float = 1.0
+    window: float = 0.5  # seconds an aggregation window stays open after its first arrival
+    recovery: bool = True
+    patience: int = 10
+    delta_rho: float = 0.2
+    final_patience_factor: int = 5
+    client_scores: bool = False
+    buffer: bool = True
+    mask_fedavg: bool = True
+    residual_split: bool = True
+    synchronous: bool = False
+
+    def __post_init__(self) -> None:
+        if self.interval < 1:
+            raise ValueError(f"interval must be at least 1, got {self.interval}")
+        if self.density_rule not in ("A", "B"):
+            raise ValueError(f"density_rule must be 'A' or 'B', got {self.density_rule!r}")
+        if not 0 < self.min_density <= 1:
+            raise ValueError(f"min_density must lie in (0, 1], got {self.min_density}")
+        if not 0 <= self.floor <= 1:
+            raise ValueError(f"floor must lie in [0, 1], got {self.floor}")
+        if self.staleness not in ("const", "poly", "hinge"):
+            raise ValueError(f"staleness must be const, poly or hinge, got {self.staleness!r}")
+        if not 0 < self.eta_g <= 1:
+            raise ValueError(f"eta_g must lie in (0, 1], got {self.eta_g}")
+        if self.window < 0:
+            raise ValueError(f"window must be non-negative, got {self.window}")
+        if self.patience < 1 or self.final_patience_factor < 1:
+            raise ValueError("patience and final_patience_factor must be at least 1")
+        if not 0 < self.delta_rho <= 1:
+            raise ValueError(f"delta_rho must lie in (0, 1], got {self.delta_rho}")
+        if self.initial_densities is not None:
+            object.__setattr__(self, "initial_densities", tuple(float(d) for d in self.initial_densities))
+
+
+class PRFL(FleetPolicy):
+    """The PR-FL server policy (asynchronous by default)."""
+
+    name = "prfl"
+    config_cls = PRFLConfig
+
+    def __init__(self, ctx: PolicyContext, config: PRFLConfig | None = None) -> None:
+        super().__init__(ctx, config)
+        cfg: PRFLConfig = self.config
+        n = ctx.num_clients
+        if not ctx.layer_bounds:
+            raise ValueError("PR-FL needs ctx.layer_bounds (the prunable layers of the model)")
+        initial = cfg.initial_densities
+        if cfg.density_rule == "B" and initial is None:
+            if n % len(PAPER_PRESET_DENSITIES):
+                raise ValueError("density rule B needs initial_densities unless the fleet has a multiple of 10 clients")
+            initial = tuple(PAPER_PRESET_DENSITIES[i % 10] for i in range(n))
+        self.control = DensityController(n, cfg.interval, cfg.density_rule, cfg.min_density, initial)
+        self.num_prunable = ctx.num_prunable
+        self.total = ctx.initial_weights.numel()
+        self.ranking: Ranking = magnitude_ranking(self.weights[: self.num_prunable], ctx.layer_bounds, cfg.floor)
+        self.ranking_id = 0
+        self.model_id = 0  # bumps whenever the global weights change (aggregation or roll-back)
+        self._imp_sum: torch.Tensor | None = None
+        self._imp_count = 0
+        self._masks: dict[float, torch.Tensor] = {}
+        self.buffer = ClientBuffer(n, self.total, self.num_prunable)
+        self.window: list[tuple[InFlight, TaskResult, int]] = []  # (task, result, staleness)
+        self.task_masks: dict[int, torch.Tensor | None] = {}  # the mask each task was sent with
+        self.window_open = False
+        self.publisher = Publisher()
+        self._split: ResidualSplit | None = None
+        self._split_key: tuple[int, int, tuple[float, ...]] | None = None
+        self._split_id = 0
+        self.held: list[set[Any]] = [set() for _ in range(n)]  # pieces each client holds
+        self.monitor = EarlyStopping(cfg.patience)
+        self.client_monitors = [EarlyStopping(cfg.patience) for _ in range(n)]
+        self.best_weights: torch.Tensor = self.weights
+        self.final_phase = False
+
+    # ------------------------------------------------------------------ views
+    @property
+    def densities(self) -> list[float]:
+        return list(self.control.densities)
+
+    def mask_for(self, density: float) -> torch.Tensor | None:
+        if density >= 1.0:
+            return None
+        m = self._masks.get(density)
+        if m is None:
+            m = self._masks[density] = self.ranking.mask(density)
+        return m
+
+    def _current_split(self) -> ResidualSplit:
+        levels = tuple(sorted(set(self.control.densities)))
+        key = (self.model_id, self.ranking_id, levels)
+        if self._split is None or key != self._split_key:
+            self._split_id += 1
+            self._split = ResidualSplit(self.ranking, levels, self._split_id, self.total)
+            self._split_key = key
+            self.publisher.forget_versions_before(self._split_id)
+        return self._split
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, client: int, now: float) -> Dispatch:
+        if client in self._busy:
+            raise RuntimeError(f"client {client} already holds task {self._busy[client]}")
+        rho = self.control.densities[client]
+        mask = self.mask_for(rho)
+        count = self.ranking.count(rho)
+        suffix = self.total - self.num_prunable
+        if self.config.residual_split:
+            split = self._current_split()
+            needed = split.needed(rho)
+            missing = [p for p in needed if p not in self.held[client]]
+            down = sum(split.piece_bytes(p) for p in missing)
+            egress = self.publisher.publish(split, needed)
+            self.held[client] = set(needed)  # the client's cache now holds this version's pieces
+        elif rho >= 1.0:
+            down = egress = dense_model_bytes(self.total)
+        else:
+            down = egress = sparse_model_bytes(count, self.num_prunable, suffix)
+        up = 4 * (count + suffix)  # values only: the server knows the mask it sent
+        task = TaskSpec(
+            task_id=self.new_task_id(),
+            client=client,
+            version=self.version,
+            weights=self.weights,
+            mask=mask,
+            density=rho,
+            download_bytes=down,
+            upload_bytes=up,
+            server_egress_bytes=egress,
+            want_importance=self.config.importance,
+        )
+        self._track(InFlight(task.task_id, client, task.version, float(now)))
+        self.task_masks[task.task_id] = mask
+        return Dispatch(task)
+
+    # ------------------------------------------------------------------ events
+    def on_event(self, event: Event) -> list[Action]:
+        if isinstance(event, EvaluationDone) and not self.stopped:
+            return self._on_evaluation(event)
+        return super().on_event(event)
+
+    def _on_start(self, now: float) -> list[Action]:
+        return [self.dispatch(c, now) for c in self.free_clients()]
+
+    def _on_result(self, now: float, result: TaskResult) -> list[Action]:
+        arrival = self.take_result(result)
+        task = arrival.task
+        self.control.observe(task.client, now - task.dispatched_at)
+        if result.grad_sq is not None:
+            self._add_importance(result.grad_sq)
+        self.window.append((task, dataclasses.replace(result, weights=arrival.weights), arrival.staleness))
+        if self.config.synchronous:
+            return self._aggregate(now) if not self.in_flight else []
+        if self.config.window == 0:
+            return self._aggregate(now)
+        if not self.window_open:
+            self.window_open = True
+            return [SetTimer(now + self.config.window, WINDOW_TIMER)]
+        return []
+
+    def _on_timer(self, now: float, key: str) -> list[Action]:
+        if key != WINDOW_TIMER:
+            raise ValueError(f"PR-FL set no timer {key!r}")
+        self.window_open = False
+        return self._aggregate(now) if self.window else []
+
+    def _on_task_failed(self, now: float, task: InFlight) -> list[Action]:
+        self.task_masks.pop(task.task_id, None)
+        if self.config.synchronous and not self.in_flight and self.window:
+            return self._aggregate(now)
+        return []
+
+    def _on_client_idle(self, now: float, client: int) -> list[Action]:
+        if self.config.synchronous and self.in_flight:
+            return []  # joins at the next round
+        return [self.dispatch(client, now)] if self.is_free(client) else []
+
+    # ------------------------------------------------------------------ aggregation
+    def _add_importance(self, grad_sq: torch.Tensor) -> None:
+        g = grad_sq.to(torch.float32)
+        lo, hi = g.min(), g.max()
+        norm = (g - lo) / (hi - lo) if hi > lo else torch.zeros_like(g)
+        if self._imp_sum is None:
+            self._imp_sum = norm.clone()
+        else:
+            self._imp_sum += norm
+        self._imp_count += 1
+
+    def _aggregate(self, now: float) -> list[Action]:
+        cfg = self.config
+        arrived = self.window
+        self.window = []
+        masks = {t.task_id: self.task_masks.pop(t.task_id) for t, _, _ in arrived}
+        for task, result, _ in arrived:
+            self.buffer.put(task.client, result.weights, masks[task.task_id], result.num_samples, task.version)
+        if cfg.buffer:
+            # fp32 accumulation: the models are fp32 and this halves the cost of the step
+            new = self.buffer.aggregate(
+                self.weights, self.version, kind=cfg.staleness, a=cfg.a, b=cfg.b, eta_g=cfg.eta_g,
+                masked=cfg.mask_fedavg, accumulate_dtype=torch.float32,
+            )
+        else:
+            s = [staleness_weight(cfg.staleness, st, cfg.a, cfg.b) for _, _, st in arrived]
+            total = sum(s)
+            coeffs = [si / total * r.num_samples for si, (_, r, _) in zip(s, arrived)]
+            models = [r.weights for _, r, _ in arrived]
+            if cfg.mask_fedavg:
+                new = mask_fedavg(self.weights, models, [masks[t.task_id] for t, _, _ in arrived], coeffs, self.num_prunable, cfg.eta_g)
+            else:
+                avg = weighted_average(models, coeffs)
+                new = avg if cfg.eta_g == 1.0 else torch.lerp(self.weights, avg, cfg.eta_g)
+        clients = [t.client for t, _, _ in arrived]
+        self.model_id += 1
+        actions = self.commit(new, now, clients, [st for _, _, st in arrived], densities=[r.density for _, r, _ in arrived])
+        if self.version % cfg.interval == 0:
+            actions += self._control_step()
+        if not self.stopped:
+            targets = self.free_clients() if cfg.synchronous else [c for c in clients if self.is_free(c)]
+            actions += [self.dispatch(c, now) for c in targets]
+        return actions
+
+    def _control_step(self) -> list[Action]:
+        """Every I rounds: new densities, a new ranking, and the recovery monitor's check."""
+        cfg = self.config
+        actions: list[Action] = []
+        before = self.densities
+        after = self.control.update()
+        if after != before:
+            actions.append(Record("densities", {"density": after, "mean_round_time": self.control.mean_times()}))
+        if cfg.importance and self._imp_sum is not None and self._imp_count:
+            scores = self._imp_sum / self._imp_count
+            self.ranking = build_ranking(scores, self.weights[: self.num_prunable], self.ctx.layer_bounds, cfg.floor)
+            self._imp_sum, self._imp_count = None, 0
+            self.ranking_id += 1
+            self._masks = {}
+            actions.append(Record("ranking", {"ranking_id": self.ranking_id}))
+        if cfg.recovery:
+            score_model = self.buffer.plain_average(torch.float32) if len(self.buffer) else self.weights
+            actions.append(RequestEvaluation(score_model, SERVER_SCORE))
+            if cfg.client_scores:
+                for c in self.buffer.clients():
+                    entry = self.buffer.get(c)
+                    assert entry is not None
+                    actions.append(RequestEvaluation(entry.weights, f"{CLIENT_SCORE}{c}"))
+        return actions
+
+    # ------------------------------------------------------------------ recovery
+    def _on_evaluation(self, ev: EvaluationDone) -> list[Action]:
+        cfg = self.config
+        if ev.tag.startswith(CLIENT_SCORE):
+            c = int(ev.tag[len(CLIENT_SCORE) :])
+            _, fired = self.client_monitors[c].check(ev.accuracy, self.version)
+            if fired and self.control.minimums[c] < 1.0:
+                self.control.raise_minimum(c, cfg.delta_rho)
+                return [Record("recovery", {"scope": "client", "client": c, "min_density": self.control.minimums[c],
+                                            "density": self.densities, "score": ev.accuracy})]
+            return []
+        if ev.tag != SERVER_SCORE:
+            return []
+        improved, fired = self.monitor.check(ev.accuracy, self.version)
+        if improved:
+            self.best_weights = self.weights
+            return []
+        if not fired:
+            return []
+        if self.final_phase:
+            self.stopped = True
+            return [Record("recovery", {"scope": "stop", "best_score": self.monitor.best, "best_round": self.monitor.best_round}),
+                    Stop("early stopping: no improvement with every density at 1")]
+        self.weights = self.best_weights  # roll back to the best checkpoint
+        self.model_id += 1
+        self.control.raise_minimum(None, cfg.delta_rho)
+        rec: dict[str, Any] = {"scope": "server", "min_density": list(self.control.minimums), "density": self.densities,
+                               "best_score": self.monitor.best, "best_round": self.monitor.best_round, "score": ev.accuracy}
+        if self.control.all_dense:
+            self.final_phase = True
+            self.monitor.patience *= cfg.final_patience_factor
+            rec["final_phase"] = True
+        return [Record("recovery", rec)]
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            control=self.control.state_dict(),
+            ranking_order=self.ranking.order.clone(),
+            ranking_floor=self.ranking.floor_count,
+            ranking_id=self.ranking_id,
+            model_id=self.model_id,
+            imp_sum=None if self._imp_sum is None else self._imp_sum.clone(),
+            imp_count=self._imp_count,
+            buffer=self.buffer.state_dict(),
+            window=[(dataclasses.asdict(t), r, st) for t, r, st in self.window],
+            task_masks=dict(self.task_masks),
+            window_open=self.window_open,
+            publisher=self.publisher.state_dict(),
+            split_id=self._split_id,
+            held=[sorted(h, key=repr) for h in self.held],
+            monitor=self.monitor.state_dict(),
+            client_monitors=[m.state_dict() for m in self.client_monitors],
+            best_weights=self.best_weights.clone(),
+            final_phase=self.final_phase,
+        )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.control.load_state_dict(state["control"])
+        self.ranking = Ranking(state["ranking_order"].clone(), state["ranking_floor"])
+        self.ranking_id = state["ranking_id"]
+        self.model_id = state["model_id"]
+        self._imp_sum = None if state["imp_sum"] is None else state["imp_sum"].clone()
+        self._imp_count = state["imp_count"]
+        self._masks = {}
+        self.buffer.load_state_dict(state["buffer"])
+        self.window = [(InFlight(**t), r, st) for t, r, st in state["window"]]
+        self.task_masks = dict(state["task_masks"])
+        self.window_open = state["window_open"]
+        self.publisher.load_state_dict(state["publisher"])
+        self._split, self._split_key, self._split_id = None, None, state["split_id"]
+        self.held = [set(h) for h in state["held"]]
+        self.monitor.load_state_dict(state["monitor"])
+        for m, s in zip(self.client_monitors, state["client_monitors"]):
+            m.load_state_dict(s)
+        self.best_weights = state["best_weights"].clone()
+        self.final_phase = state["final_phase"]

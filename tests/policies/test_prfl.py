@@ -1,0 +1,163 @@
+"""PR-FL policy driven by scripted events, checked against hand-computed numbers."""
+
+import pytest
+import torch
+
+from prfl.client.result import TaskResult
+from prfl.policies import build_policy
+from prfl.policies.base import (
+    Dispatch, EvaluationDone, PolicyContext, Record, RequestEvaluation, ResultArrived, SetTimer, Start, Stop, TimerFired,
+)
+from prfl.policies.prfl import SERVER_SCORE, WINDOW_TIMER
+
+W0 = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.5, 0.5])  # 4 prunable weights (one layer) + 2 biases
+
+
+def ctx(num_samples=(1, 3), **kw):
+    return PolicyContext(
+        num_clients=len(num_samples), num_samples=tuple(num_samples), initial_weights=W0.clone(), num_prunable=4,
+        layer_bounds=((0, 4),), **kw,
+    )
+
+
+def dispatches(actions):
+    return {a.task.client: a.task for a in actions if isinstance(a, Dispatch)}
+
+
+def result(task, weights, n):
+    return TaskResult(task_id=task.task_id, client=task.client, version=task.version, weights=torch.tensor(weights),
+                      num_samples=n, mean_loss=0.0, steps=1, compute_seconds=0.0, density=task.density)
+
+
+def test_buffer_aggregation_with_poly_staleness_by_hand():
+    pol = build_policy("prfl", ctx(), window=0.0, interval=1000, recovery=False, importance=False)
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    assert set(tasks) == {0, 1} and all(t.mask is None and t.density == 1.0 for t in tasks.values())
+    # client 0 alone: one holder, staleness 0 -> its model
+    acts = pol.on_event(ResultArrived(1.0, result(tasks[0], [2, 2, 2, 2, 1, 1], 1)))
+    assert pol.version == 1 and torch.equal(pol.weights, torch.tensor([2.0, 2, 2, 2, 1, 1]))
+    assert 0 in dispatches(acts)  # redispatched at once
+    # client 1 (sent at round 0) arrives at round 1: both slots have tau = 1, so equal p_i = 1/2;
+    # c = p_i n_i = (0.5, 1.5): W = (0.5 w0 + 1.5 w1) / 2 = 0.25 w0 + 0.75 w1
+    pol.on_event(ResultArrived(2.0, result(tasks[1], [4, 0, 4, 4, 3, 3], 3)))
+    assert torch.allclose(pol.weights, torch.tensor([3.5, 0.5, 3.5, 3.5, 2.5, 2.5]))
+
+
+def test_masked_client_and_residual_bytes_by_hand():
+    # rule B with preset densities (1, 0.5). Magnitude ranking of [1,2,3,4]: order [3,2,1,0], so
+    # mask(0.5) = {2, 3}.
+    pol = build_policy("prfl", ctx(), window=0.0, interval=1000, recovery=False, importance=False,
+                       density_rule="B", initial_densities=(1.0, 0.5))
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    assert tasks[1].mask.tolist() == [False, False, True, True]
+    # Pieces for levels (0.5, 1): p0 = 2 biases = 8 B; p1 = 2 weights = 4*2 + min(ceil(4/8), 8) + 1 = 10 B;
+    # p2 = 10 B. Client 0 (dense) needs p0..p2 = 28 B and publishes them all; client 1 needs
+    # p0, p1 = 18 B, already published: no new egress.
+    assert tasks[0].download_bytes == 28 and tasks[0].server_egress_bytes == 28
+    assert tasks[1].download_bytes == 18 and tasks[1].server_egress_bytes == 0
+    assert tasks[1].upload_bytes == 4 * (2 + 2) and tasks[0].upload_bytes == 4 * 6
+    pol.on_event(ResultArrived(1.0, result(tasks[0], [2, 2, 2, 2, 1, 1], 1)))
+    pol.on_event(ResultArrived(2.0, result(tasks[1], [0, 0, 8, 8, 3, 3], 3)))
+    # weights 0, 1: only client 0 holds them -> 2; weights 2, 3: (0.5*2 + 1.5*8)/2 = 6.5;
+    # biases (0.5*1 + 1.5*3)/2 = 2.5
+    assert torch.allclose(pol.weights, torch.tensor([2.0, 2.0, 6.5, 6.5, 2.5, 2.5]))
+
+
+def test_safeguard_keeps_weights_nobody_trained():
+    pol = build_policy("prfl", ctx(), window=0.0, interval=1000, recovery=False, importance=False,
+                       density_rule="B", initial_densities=(0.5, 0.5))
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    pol.on_event(ResultArrived(1.0, result(tasks[0], [0, 0, 5, 7, 1, 1], 1)))
+    # weights 0 and 1 are outside every mask: they keep the server's values 1 and 2
+    assert torch.equal(pol.weights, torch.tensor([1.0, 2.0, 5.0, 7.0, 1.0, 1.0]))
+
+
+def test_window_collects_arrivals_until_its_timer():
+    pol = build_policy("prfl", ctx(), window=0.5, interval=1000, recovery=False, importance=False)
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    acts = pol.on_event(ResultArrived(1.0, result(tasks[0], [2, 2, 2, 2, 1, 1], 1)))
+    assert acts == [SetTimer(1.5, WINDOW_TIMER)] and pol.version == 0
+    assert pol.on_event(ResultArrived(1.2, result(tasks[1], [4, 0, 4, 4, 3, 3], 3))) == []
+    acts = pol.on_event(TimerFired(1.5, WINDOW_TIMER))
+    # both in one server step, staleness 0 each: W = (1 w0 + 3 w1) / 4
+    assert pol.version == 1 and set(dispatches(acts)) == {0, 1}
+    assert torch.allclose(pol.weights, torch.tensor([3.5, 0.5, 3.5, 3.5, 2.5, 2.5]))
+
+
+def test_density_rule_a_applied_every_interval():
+    pol = build_policy("prfl", ctx(), window=0.0, interval=2, recovery=False, importance=False)
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    acts = pol.on_event(ResultArrived(2.0, result(tasks[0], [1, 2, 3, 4, 1, 1], 1)))  # round time 2
+    t0 = dispatches(acts)[0]
+    acts = pol.on_event(ResultArrived(8.0, result(tasks[1], [1, 2, 3, 4, 1, 1], 3)))  # round time 8
+    # round 2 closes the interval: rho_1 = max(2 / 8, 0.1) = 0.25
+    recs = [a for a in acts if isinstance(a, Record) and a.kind == "densities"]
+    assert recs and recs[0].data["density"] == [1.0, 0.25]
+    assert dispatches(acts)[1].density == 0.25 and dispatches(acts)[1].mask.sum() == 1
+    assert t0.density == 1.0
+
+
+def test_recovery_fires_on_scripted_accuracy_and_ends_training():
+    pol = build_policy("prfl", ctx(), window=0.0, interval=1000, importance=False, patience=2, delta_rho=0.2)
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    best = pol.weights
+    assert pol.on_event(EvaluationDone(0.0, SERVER_SCORE, 0.5, 1.0)) == []  # improvement: best checkpoint
+    pol.on_event(ResultArrived(1.0, result(tasks[0], [9, 9, 9, 9, 9, 9], 1)))
+    assert not torch.equal(pol.weights, best)
+    assert pol.on_event(EvaluationDone(1.0, SERVER_SCORE, 0.4, 1.0)) == []
+    acts = pol.on_event(EvaluationDone(1.0, SERVER_SCORE, 0.45, 1.0))  # 2nd bad check: fires
+    rec = [a for a in acts if isinstance(a, Record) and a.kind == "recovery"]
+    assert rec and rec[0].data["min_density"] == pytest.approx([0.3, 0.3])
+    assert torch.equal(pol.weights, best)  # rolled back
+    minimums = [0.3]
+    for _ in range(4):  # 0.5, 0.7, 0.9, 1.0 (capped)
+        pol.on_event(EvaluationDone(2.0, SERVER_SCORE, 0.1, 1.0))
+        acts = pol.on_event(EvaluationDone(2.0, SERVER_SCORE, 0.1, 1.0))
+        minimums.append(pol.control.minimums[0])
+    assert minimums == pytest.approx([0.3, 0.5, 0.7, 0.9, 1.0])
+    assert pol.final_phase and pol.monitor.patience == 10
+    for _ in range(9):
+        assert pol.on_event(EvaluationDone(3.0, SERVER_SCORE, 0.1, 1.0)) == []
+    acts = pol.on_event(EvaluationDone(3.0, SERVER_SCORE, 0.1, 1.0))
+    assert any(isinstance(a, Stop) for a in acts) and pol.stopped
+
+
+def test_control_step_requests_the_server_score_of_the_buffer_average():
+    pol = build_policy("prfl", ctx(), window=0.0, interval=1, importance=False)
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    acts = pol.on_event(ResultArrived(1.0, result(tasks[0], [2, 2, 2, 2, 1, 1], 1)))
+    evals = [a for a in acts if isinstance(a, RequestEvaluation)]
+    assert len(evals) == 1 and evals[0].tag == SERVER_SCORE
+    assert torch.equal(evals[0].weights, torch.tensor([2.0, 2, 2, 2, 1, 1]))  # the buffer's only model
+
+
+def test_importance_rebuilds_the_ranking():
+    pol = build_policy("prfl", ctx(), window=0.0, interval=1, recovery=False, floor=0.0,
+                       density_rule="B", initial_densities=(1.0, 0.5))
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    assert tasks[1].mask.tolist() == [False, False, True, True]  # by magnitude at first
+    r = result(tasks[0], [1, 2, 3, 4, 0.5, 0.5], 1)
+    r.grad_sq = torch.tensor([9.0, 5.0, 1.0, 0.0])  # importance favours weights 0 and 1
+    acts = pol.on_event(ResultArrived(1.0, r))
+    assert any(isinstance(a, Record) and a.kind == "ranking" for a in acts)
+    assert pol.mask_for(0.5).tolist() == [True, True, False, False]
+
+
+def test_state_dict_round_trip_continues_identically():
+    kw = dict(window=0.0, interval=2, importance=False, density_rule="B", initial_densities=(1.0, 0.5))
+    a = build_policy("prfl", ctx(), **kw)
+    tasks = dispatches(a.on_event(Start(0.0)))
+    a.on_event(ResultArrived(1.0, result(tasks[0], [2, 2, 2, 2, 1, 1], 1)))
+    b = build_policy("prfl", ctx(), **kw)
+    b.load_state_dict(a.state_dict())
+    for pol in (a, b):
+        pol.on_event(ResultArrived(2.0, result(tasks[1], [0, 0, 8, 8, 3, 3], 3)))
+    assert torch.equal(a.weights, b.weights) and a.version == b.version == 2
+    assert a.densities == b.densities
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ValueError, match="density_rule"):
+        build_policy("prfl", ctx(), density_rule="C")
+    with pytest.raises(ValueError, match="unknown option 'speed'"):
+        build_policy("prfl", ctx(), speed=2)

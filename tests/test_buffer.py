@@ -1,0 +1,304 @@
+"""Per-client latest-model buffer: slots, staleness weights, MaskFedAvg, storage kinds, checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prfl.aggregation import mask_fedavg, weighted_average
+from prfl.buffer import BufferEntry, ClientBuffer
+
+T = torch.tensor
+
+
+def masked_model(total: int, npr: int, density: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random weights zeroed outside a random mask of the given density (W ⊙ m, suffix dense)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(total, generator=g)
+    mask = torch.rand(npr, generator=g) < density
+    w[:npr] = torch.where(mask, w[:npr], torch.zeros(()))
+    return w, mask
+
+
+def fill(buf: ClientBuffer, specs: list[tuple[int, float | None, int, int]], seed: int = 0) -> dict:
+    """Put (client, density or None for dense, num_samples, sent_round) entries; return them."""
+    data = {}
+    for client, density, n, r in specs:
+        if density is None:
+            w = torch.randn(buf.total, generator=torch.Generator().manual_seed(seed + client))
+            mask = None
+        else:
+            w, mask = masked_model(buf.total, buf.num_prunable, density, seed + client)
+        buf.put(client, w, mask, n, r)
+        data[client] = (w, mask, n, r)
+    return data
+
+
+SPECS = [(0, None, 50, 9), (2, 0.1, 20, 4), (3, 0.5, 30, 7), (5, 0.3, 0, 8), (6, 0.8, 10, 10)]
+
+
+@pytest.fixture(params=["dense", "sparse"])
+def storage(request) -> str:
+    return request.param
+
+
+# --------------------------------------------------------------------------- staleness
+def test_staleness_weights_hand_values():
+    buf = ClientBuffer(3, total=4, num_prunable=3)
+    for c, r in [(0, 10), (1, 7), (2, 2)]:
+        buf.put(c, torch.zeros(4), None, 1, r)
+    # poly a = 0.5 at round 10: tau = 0, 3, 8 -> s = 1, 1/2, 1/3, sum 11/6 -> p = 6/11, 3/11, 2/11
+    p = buf.staleness_weights(10, "poly", a=0.5)
+    assert p == pytest.approx({0: 6 / 11, 1: 3 / 11, 2: 2 / 11}, rel=1e-12)
+    # default poly a = 0.6 at round 11: tau = 1, 4, 9 -> s = 2^-0.6 = 0.659754, 5^-0.6 = 0.380731,
+    # 10^-0.6 = 0.251189; sum 1.291674 -> p = 0.659754/1.291674 = 0.510775, 0.294758, 0.194468
+    p = buf.staleness_weights(11)
+    assert p == pytest.approx({0: 0.510775, 1: 0.294758, 2: 0.194468}, abs=2e-6)
+    # hinge a = 0.6, b = 2 at round 12: tau = 2, 5, 10 -> s = 1, 1/(0.6*3+1) = 1/2.8, 1/(0.6*8+1) = 1/5.8
+    s = [1.0, 1 / 2.8, 1 / 5.8]
+    p = buf.staleness_weights(12, "hinge")
+    assert p == pytest.approx({i: v / sum(s) for i, v in enumerate(s)}, rel=1e-12)
+    assert buf.staleness_weights(12, "const") == pytest.approx({0: 1 / 3, 1: 1 / 3, 2: 1 / 3})
+    # coefficients c_i = p_i n_i
+    buf.put(1, torch.zeros(4), None, 4, 7)
+    assert buf.coefficients(10, "poly", a=0.5) == pytest.approx({0: 6 / 11, 1: 12 / 11, 2: 2 / 11})
+
+
+def test_staleness_errors():
+    buf = ClientBuffer(2, total=4, num_prunable=3)
+    with pytest.raises(ValueError, match="empty"):
+        buf.staleness_weights(0)
+    buf.put(1, torch.zeros(4), None, 1, 5)
+    with pytest.raises(ValueError, match="client 1 was sent at round 5"):
+        buf.staleness_weights(4)
+    with pytest.raises(ValueError, match="staleness kind"):
+        buf.staleness_weights(5, "linear")
+
+
+# --------------------------------------------------------------------------- aggregation
+def test_aggregate_hand_numbers(storage):
+    # N = 3, M = 1; both sent at round 0, so p = 1/2 each; n = 1 and 3 -> c = 0.5 and 1.5
+    buf = ClientBuffer(2, total=4, num_prunable=3, storage=storage)
+    buf.put(0, T([2.0, 0.0, 0.0, 1.0]), T([True, False, False]), 1, 0)
+    buf.put(1, T([4.0, 6.0, 0.0, 5.0]), T([True, True, False]), 3, 0)
+    prev = T([9.0, 9.0, 9.0, 9.0])
+    # w0 = (0.5*2 + 1.5*4) / 2 = 3.5; w1 = 1.5*6 / 1.5 = 6; w2: nobody holds it -> prev 9;
+    # suffix = (0.5*1 + 1.5*5) / 2 = 4
+    assert buf.aggregate(prev, 0).tolist() == [3.5, 6.0, 9.0, 4.0]
+    # ablation, masks ignored: (0.5*[2,0,0,1] + 1.5*[4,6,0,5]) / 2 = [3.5, 4.5, 0, 4]
+    assert buf.aggregate(prev, 0, masked=False).tolist() == [3.5, 4.5, 0.0, 4.0]
+    # server step eta_g = 0.5: halfway between prev and W_new
+    assert buf.aggregate(prev, 0, eta_g=0.5).tolist() == [6.25, 7.5, 9.0, 6.5]
+    # plain average weighted by n: (1*[2,0,0,1] + 3*[4,6,0,5]) / 4 = [3.5, 4.5, 0, 4]
+    assert buf.plain_average().tolist() == [3.5, 4.5, 0.0, 4.0]
+
+
+@pytest.mark.parametrize("kind", ["poly", "hinge", "const"])
+@pytest.mark.parametrize("eta_g", [1.0, 0.7])
+def test_aggregate_equals_mask_fedavg(storage, kind, eta_g):
+    total, npr = 1200, 1000
+    buf = ClientBuffer(8, total, npr, storage=storage)
+    data = fill(buf, SPECS)
+    prev = torch.randn(total, generator=torch.Generator().manual_seed(99))
+    now = 12
+    coeffs = buf.coefficients(now, kind)
+    ids = sorted(data)
+    models = [data[c][0] for c in ids]
+    masks = [data[c][1] for c in ids]
+    c = [coeffs[i] for i in ids]
+    expected = mask_fedavg(prev, models, masks, c, npr, eta_g=eta_g)
+    got = buf.aggregate(prev, now, kind=kind, eta_g=eta_g)
+    assert torch.equal(got, expected)
+    plain = buf.aggregate(prev, now, kind=kind, masked=False, eta_g=eta_g)
+    assert torch.equal(plain, torch.lerp(prev, weighted_average(models, c), eta_g) if eta_g != 1.0 else weighted_average(models, c))
+    assert torch.equal(buf.plain_average(), weighted_average(models, [data[i][2] for i in ids]))
+    # float32 accumulation is passed through as well
+    f32 = mask_fedavg(prev, models, masks, c, npr, eta_g=eta_g, accumulate_dtype=torch.float32)
+    assert torch.equal(buf.aggregate(prev, now, kind=kind, eta_g=eta_g, accumulate_dtype=torch.float32), f32)
+
+
+def test_aggregate_does_not_modify_inputs(storage):
+    buf = ClientBuffer(8, 300, 250, storage=storage)
+    fill(buf, SPECS)
+    prev = torch.randn(300)
+    before = prev.clone()
+    snapshot = {c: buf.get(c).weights.clone() for c in buf.clients()}
+    buf.aggregate(prev, 12)
+    assert torch.equal(prev, before)
+    for c, w in snapshot.items():
+        assert torch.equal(buf.get(c).weights, w)
+
+
+def test_aggregate_errors():
+    buf = ClientBuffer(2, total=4, num_prunable=3)
+    with pytest.raises(ValueError, match="empty"):
+        buf.aggregate(torch.zeros(4), 0)
+    buf.put(0, torch.ones(4), None, 0, 0)
+    with pytest.raises(ValueError, match="num_samples == 0"):
+        buf.aggregate(torch.zeros(4), 0)
+    with pytest.raises(ValueError, match="num_samples == 0"):
+        buf.plain_average()
+    buf.put(0, torch.ones(4), None, 2, 0)
+    with pytest.raises(ValueError, match="length 4"):
+        buf.aggregate(torch.zeros(5), 0)
+    with pytest.raises(ValueError, match="eta_g"):
+        buf.aggregate(torch.zeros(4), 0, eta_g=0.0)
+
+
+# --------------------------------------------------------------------------- slots and storage
+def test_slot_is_replaced_by_a_newer_model(storage):
+    buf = ClientBuffer(4, total=5, num_prunable=4, storage=storage)
+    buf.put(2, T([1.0, 0.0, 0.0, 0.0, 1.0]), T([True, False, False, False]), 10, 1)
+    buf.put(0, torch.ones(5), None, 5, 2)
+    buf.put(2, T([0.0, 3.0, 4.0, 0.0, 2.0]), T([False, True, True, False]), 12, 5)
+    assert len(buf) == 2 and buf.clients() == [0, 2] and 2 in buf and 1 not in buf
+    e = buf.get(2)
+    assert isinstance(e, BufferEntry)
+    assert (e.client, e.num_samples, e.sent_round) == (2, 12, 5)
+    assert e.weights.tolist() == [0.0, 3.0, 4.0, 0.0, 2.0]
+    assert e.mask.tolist() == [False, True, True, False]
+    assert buf.get(1) is None
+    assert buf.get(0).mask is None
+
+
+def test_put_copies_its_input(storage):
+    buf = ClientBuffer(1, total=3, num_prunable=2, storage=storage)
+    w = T([1.0, 2.0, 3.0])
+    buf.put(0, w, None, 1, 0)
+    w.zero_()
+    assert buf.get(0).weights.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_sparse_equals_dense():
+    total, npr = 700, 600
+    dense = ClientBuffer(8, total, npr, storage="dense")
+    sparse = ClientBuffer(8, total, npr, storage="sparse")
+    fill(dense, SPECS)
+    fill(sparse, SPECS)
+    for c in dense.clients():
+        a, b = dense.get(c), sparse.get(c)
+        assert torch.equal(a.weights, b.weights)
+        assert (a.mask is None and b.mask is None) or torch.equal(a.mask, b.mask)
+        assert (a.num_samples, a.sent_round) == (b.num_samples, b.sent_round)
+    prev = torch.randn(total)
+    for masked in (True, False):
+        assert torch.equal(dense.aggregate(prev, 11, masked=masked), sparse.aggregate(prev, 11, masked=masked))
+    assert torch.equal(dense.plain_average(), sparse.plain_average())
+
+
+def test_sparse_nbytes_below_dense_at_10_percent():
+    total, npr = 1010, 1000
+    mask = torch.zeros(npr, dtype=torch.bool)
+    mask[::10] = True  # 100 of 1000
+    w = torch.zeros(total)
+    w[:npr][mask] = 1.5
+    w[npr:] = -2.0
+    dense = ClientBuffer(1, total, npr, storage="dense")
+    sparse = ClientBuffer(1, total, npr, storage="sparse")
+    assert dense.nbytes() == sparse.nbytes() == 0
+    dense.put(0, w, mask, 1, 0)
+    sparse.put(0, w, mask, 1, 0)
+    assert dense.nbytes() == 4 * 1010 + 1000  # fp32 vector + bool mask = 5040
+    assert sparse.nbytes() == 4 * (100 + 10) + 125  # kept values + suffix + bitmap of 1000 bits = 565
+    assert torch.equal(sparse.get(0).weights, w)
+
+
+def test_sparse_refuses_weights_outside_the_mask():
+    buf = ClientBuffer(1, total=4, num_prunable=3, storage="sparse")
+    with pytest.raises(ValueError, match="1 weights outside the mask are nonzero"):
+        buf.put(0, T([1.0, 0.5, 0.0, 2.0]), T([True, False, False]), 1, 0)
+    assert len(buf) == 0
+    buf.put(0, T([1.0, -0.0, 0.0, 2.0]), T([True, False, False]), 1, 0)  # -0.0 is zero
+    assert buf.get(0).weights.tolist() == [1.0, 0.0, 0.0, 2.0]
+
+
+def test_put_errors():
+    buf = ClientBuffer(3, total=4, num_prunable=3)
+    with pytest.raises(ValueError, match="length 4"):
+        buf.put(0, torch.zeros(5), None, 1, 0)
+    with pytest.raises(ValueError, match="length 4"):
+        buf.put(0, torch.zeros(2, 2), None, 1, 0)
+    with pytest.raises(ValueError, match="floating-point"):
+        buf.put(0, torch.zeros(4, dtype=torch.int64), None, 1, 0)
+    for bad in (-1, 3, 1.5):
+        with pytest.raises(ValueError, match=r"client id must be an integer in \[0, 3\)"):
+            buf.put(bad, torch.zeros(4), None, 1, 0)
+    with pytest.raises(ValueError, match="client id"):
+        buf.get(7)
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(3,\)"):
+        buf.put(0, torch.zeros(4), torch.ones(4, dtype=torch.bool), 1, 0)
+    with pytest.raises(ValueError, match="mask must be a bool"):
+        buf.put(0, torch.zeros(4), torch.ones(3), 1, 0)
+    with pytest.raises(ValueError, match="num_samples"):
+        buf.put(0, torch.zeros(4), None, -1, 0)
+    with pytest.raises(ValueError, match="sent_round"):
+        buf.put(0, torch.zeros(4), None, 1, -2)
+    with pytest.raises(ValueError, match="storage"):
+        ClientBuffer(3, 4, 3, storage="compressed")
+    with pytest.raises(ValueError, match="num_prunable"):
+        ClientBuffer(3, 4, 5)
+    assert len(buf) == 0
+
+
+def test_file_backed_buffer_matches_memory(tmp_path):
+    total, npr = 500, 400
+    path = tmp_path / "buffer.f32"
+    mem = ClientBuffer(8, total, npr)
+    mapped = ClientBuffer(8, total, npr, path=path)
+    fill(mem, SPECS)
+    fill(mapped, SPECS)
+    assert path.stat().st_size == 8 * total * 4
+    prev = torch.randn(total)
+    assert torch.equal(mem.aggregate(prev, 12), mapped.aggregate(prev, 12))
+    for c in mem.clients():
+        assert torch.equal(mem.get(c).weights, mapped.get(c).weights)
+    with pytest.raises(ValueError, match="storage='dense'"):
+        ClientBuffer(2, total, npr, storage="sparse", path=tmp_path / "x")
+
+
+# --------------------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("target", ["dense", "sparse"])
+def test_state_dict_round_trip(storage, target):
+    total, npr = 400, 350
+    src = ClientBuffer(8, total, npr, storage=storage)
+    fill(src, SPECS)
+    state = src.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    dst = ClientBuffer(8, total, npr, storage=target)
+    dst.put(1, torch.ones(total), None, 3, 0)  # replaced by the load
+    dst.load_state_dict(state)
+    assert dst.clients() == src.clients()
+    for c in src.clients():
+        a, b = src.get(c), dst.get(c)
+        assert torch.equal(a.weights, b.weights)
+        assert (a.mask is None and b.mask is None) or torch.equal(a.mask, b.mask)
+        assert (a.num_samples, a.sent_round) == (b.num_samples, b.sent_round)
+    prev = torch.randn(total)
+    assert torch.equal(src.aggregate(prev, 12), dst.aggregate(prev, 12))
+
+
+def test_state_dict_through_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = ClientBuffer(8, 300, 250, storage="sparse")
+    fill(src, SPECS)
+    save_file(src.state_dict(), str(tmp_path / "buf.safetensors"))
+    dst = ClientBuffer(8, 300, 250, storage="sparse")
+    dst.load_state_dict(load_file(str(tmp_path / "buf.safetensors")))
+    assert torch.equal(src.plain_average(), dst.plain_average())
+
+
+def test_load_state_dict_errors_leave_buffer_unchanged():
+    buf = ClientBuffer(8, 300, 250)
+    fill(buf, SPECS[:2])
+    other = ClientBuffer(8, 301, 250)
+    fill(other, SPECS)
+    with pytest.raises(ValueError, match="num_prunable"):
+        buf.load_state_dict(other.state_dict())
+    state = ClientBuffer(8, 300, 250)
+    fill(state, SPECS)
+    broken = state.state_dict()
+    del broken["slot.3.values"]
+    with pytest.raises(ValueError, match="slot.3.values"):
+        buf.load_state_dict(broken)
+    assert buf.clients() == [0, 2]
