@@ -31,7 +31,6 @@ sum_i |W_i| for sending every client its own sub-model (:func:`sparse_model_byte
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any

@@ -13,9 +13,11 @@ from typing import Any
 
 from prfl.policies.base import Policy, PolicyContext
 from prfl.policies.fedasync import FedAsync, FedAsyncConfig
-from prfl.policies.fedavg import FedAvg, FedAvgConfig, FleetPolicy
+from prfl.policies.fedavg import FedAvg, FedAvgConfig
+from prfl.policies.fleet import FleetPolicy
 from prfl.policies.fedbuff import FedBuff, FedBuffConfig
 from prfl.policies.fedfix import FedFix, FedFixConfig
+from prfl.policies.heterofl import HeteroFL, HeteroFLConfig
 from prfl.policies.prfl import PRFL, PRFLConfig
 
 POLICIES: dict[str, type[Policy]] = {
@@ -23,6 +25,7 @@ POLICIES: dict[str, type[Policy]] = {
     "fedasync": FedAsync,
     "fedbuff": FedBuff,
     "fedfix": FedFix,
+    "heterofl": HeteroFL,
     "prfl": PRFL,
 }
 
@@ -80,6 +83,8 @@ __all__ = [
     "FedFix",
     "FedFixConfig",
     "FleetPolicy",
+    "HeteroFL",
+    "HeteroFLConfig",
     "PRFL",
     "PRFLConfig",
     "Policy",

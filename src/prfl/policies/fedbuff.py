@@ -10,7 +10,7 @@ import torch
 from prfl.aggregation import fedbuff_staleness
 from prfl.client.result import TaskResult
 from prfl.policies.base import Action, PolicyContext
-from prfl.policies.fedavg import FleetPolicy, check_number
+from prfl.policies.fleet import FleetPolicy, check_number
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import torch
 
 from prfl.client.result import TaskResult
 from prfl.policies.base import Action, PolicyContext, SetTimer
-from prfl.policies.fedavg import FleetPolicy, check_number
+from prfl.policies.fleet import FleetPolicy, check_number
 
 TIMER_KEY = "aggregate"
 

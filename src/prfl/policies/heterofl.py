@@ -58,7 +58,7 @@ from prfl.client.result import TaskResult
 from prfl.models.slicing import SliceMap, output_classes
 from prfl.params import ParamLayout
 from prfl.policies.base import Action, Dispatch, PolicyContext, Record, TaskSpec
-from prfl.policies.fedavg import FleetPolicy, InFlight, check_number
+from prfl.policies.fleet import FleetPolicy, InFlight, check_number
 from prfl.pruning.ranking import Ranking, magnitude_ranking
 from prfl.seeding import rng_for
 

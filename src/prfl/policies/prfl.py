@@ -37,7 +37,7 @@ from prfl.policies.base import (
     Stop,
     TaskSpec,
 )
-from prfl.policies.fedavg import FleetPolicy, InFlight
+from prfl.policies.fleet import FleetPolicy, InFlight
 from prfl.pruning.density import DensityController
 from prfl.pruning.ranking import Ranking, build_ranking, magnitude_ranking
 from prfl.pruning.recovery import EarlyStopping

@@ -50,8 +50,6 @@ class Workspace:
 
     def __init__(self, spec: WorkerSpec, dataset: Any | None = None) -> None:
         from prfl.data import load_dataset
-        from prfl.models import build_model
-        from prfl.params import ParamLayout
 
         torch.set_num_threads(max(1, spec.threads))
         ds = dataset if dataset is not None else load_dataset(spec.dataset, spec.data_dir, **spec.dataset_options)
