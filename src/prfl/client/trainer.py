@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -131,6 +132,7 @@ class LocalTrainer:
         self.w = layout.flatten(model)  # binding keeps the model's current values
         self.g = torch.zeros(layout.total, dtype=torch.float32)
         self.buf = torch.zeros(layout.total, dtype=torch.float32)
+        self._mask_cache: tuple[weakref.ref[torch.Tensor], torch.Tensor] | None = None
         layout.bind(model, self.w, self.g)
 
     def train(
@@ -153,14 +155,10 @@ class LocalTrainer:
         indices = np.asarray(indices, dtype=np.int64)
         n = len(indices)
         t0 = time.perf_counter()
-        fmask = None
-        if mask is not None:
-            full = self.layout.full_mask(mask)
-            assert full is not None
-            fmask = full.to(torch.float32)
+        fmask = self._float_mask(mask)
         self.w.copy_(weights)
         if fmask is not None:
-            self.w.mul_(fmask)
+            self.w[: self.layout.num_prunable].mul_(fmask)
         self.buf.zero_()
         self.model.train()
         total_loss = 0.0
@@ -187,11 +185,28 @@ class LocalTrainer:
             grad_sq=grad_sq,
         )
 
+    def _float_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The mask over the prunable prefix as 0/1 floats, cached for the last mask object seen
+        (policies hand out one mask object per density, so consecutive tasks reuse it)."""
+        if mask is None:
+            return None
+        if mask.dtype != torch.bool or mask.numel() != self.layout.num_prunable:
+            raise ValueError(
+                f"mask must be a bool tensor over the {self.layout.num_prunable} prunable weights, "
+                f"got {mask.dtype} of {mask.numel()} entries"
+            )
+        cached = self._mask_cache
+        if cached is not None and cached[0]() is mask:
+            return cached[1]
+        fmask = mask.to(torch.float32)
+        self._mask_cache = (weakref.ref(mask), fmask)
+        return fmask
+
     def _sgd_step(self, cfg: TrainConfig, fmask: torch.Tensor | None) -> None:
         """SGD with optional momentum and weight decay (as torch.optim.SGD), on the flat vectors."""
         g = self.g
         if fmask is not None:
-            g.mul_(fmask)
+            g[: self.layout.num_prunable].mul_(fmask)
         if cfg.weight_decay:
             g.add_(self.w, alpha=cfg.weight_decay)
         if cfg.momentum:
