@@ -118,7 +118,10 @@ class ClientBuffer:
         w = weights.detach()
         n, r = int(num_samples), int(sent_round)
         if self.storage == "dense" or mask is None:
-            return _Slot(w.to(_DTYPE, copy=True), None if mask is None else mask.clone(), None, n, r)
+            values = w.to(_DTYPE, copy=True)
+            if mask is not None:
+                values[: self.num_prunable].mul_(mask)  # store W ⊙ m once, not at every aggregation
+            return _Slot(values, None if mask is None else mask.clone(), None, n, r)
         npr = self.num_prunable
         outside = int(torch.count_nonzero(w[:npr].masked_select(~mask)))
         if outside:
@@ -281,9 +284,9 @@ class ClientBuffer:
             if slot.mask is None:
                 w_acc.add_(w[:npr], alpha=coef)
                 dense_total += coef
-            else:
-                m_acc.add_(buf.copy_(slot.mask), alpha=coef)
-                w_acc.add_(buf.mul_(w[:npr]), alpha=coef)
+            else:  # the slot already holds W ⊙ m (see _make_slot)
+                m_acc.add_(slot.mask, alpha=coef)
+                w_acc.add_(w[:npr], alpha=coef)
             s_acc.add_(w[npr:], alpha=coef)
         if dense_total:
             m_acc.add_(dense_total)
