@@ -62,7 +62,10 @@ class PRFLConfig:
     a: float = 0.6
     b: float = 2.0
     eta_g: float = 1.0
-    window: float = 0.5  # seconds an aggregation window stays open after its first arrival
+    # Aggregation window (the paper's simulator closes a server step at
+    # max(t + window, t + upload_time + 0.1 s)). Here a window opens when its first upload has
+    # completed, so it closes `window` seconds after that arrival; 0 aggregates every arrival.
+    window: float = 0.5
     recovery: bool = True
     patience: int = 10
     delta_rho: float = 0.2

@@ -1,9 +1,16 @@
-"""Plots computed from run histories (matplotlib, Agg backend: no display needed)."""
+"""Plots computed from run histories (matplotlib, Agg backend: no display needed).
+
+``plot_accuracy`` draws one line per run; the comparison plots (accuracy and server egress with
+seed bands, client densities with recovery events, local rounds per client) take several seeds
+per method.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
 
 import matplotlib
 
@@ -39,3 +46,173 @@ def plot_accuracy(curves: Mapping[str, Iterable[Mapping[str, Any]]], path: str |
     fig.savefig(path.with_suffix(".svg"))
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------- comparison plots
+# Every function below writes ``path`` as PNG and the same figure as SVG beside it, and returns the
+# PNG path. Colours follow the order of the methods, so a method has one colour in every figure.
+Records = Sequence[Mapping[str, Any]]
+
+
+def method_colors(methods: Iterable[str]) -> dict[str, Any]:
+    """A colour per method (tab10, then tab20 for more than ten methods)."""
+    names = list(methods)
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    return {m: cmap(i % cmap.N) for i, m in enumerate(names)}
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` (PNG) and ``path`` with suffix ``.svg``; close it."""
+    path = Path(path).with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    fig.savefig(path.with_suffix(".svg"))
+    plt.close(fig)
+    return path
+
+
+def _empty(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _banded(
+    ax: Any,
+    runs: Mapping[str, Sequence[Records]],
+    key: str,
+    scale: float,
+    points: int,
+) -> bool:
+    from prfl.report.analysis import band, on_grid, series, time_grid
+
+    grid = time_grid((rec for rs in runs.values() for rec in rs), points)
+    colors = method_colors(runs)
+    drawn = False
+    for method, seeds in runs.items():
+        curves = [on_grid(*series(rec, key), grid) * scale for rec in seeds]
+        curves = [c for c in curves if not np.all(np.isnan(c))]
+        if not curves:
+            continue
+        mean, lo, hi = band(curves)
+        label = method if len(curves) == 1 else f"{method} (n={len(curves)})"
+        ax.plot(grid, mean, color=colors[method], label=label, linewidth=1.6)
+        if len(curves) > 1:
+            ax.fill_between(grid, lo, hi, color=colors[method], alpha=0.2, linewidth=0)
+        drawn = True
+    return drawn
+
+
+def plot_accuracy_bands(runs: Mapping[str, Sequence[Records]], path: str | Path, title: str = "", points: int = 200) -> Path:
+    """Accuracy against virtual time: per method the mean over seeds and a ±1 sd band.
+
+    Each seed's evaluations are linearly interpolated on a common grid of ``points`` times; a seed
+    counts only within its own time span.
+    """
+    fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=110)
+    if _banded(ax, runs, "accuracy", 1.0, points):
+        ax.set_xlabel("virtual time (s)")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize="small")
+    else:
+        _empty(ax, "no evaluations")
+    ax.set_title(title or "accuracy (mean ± sd over seeds)")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_egress(runs: Mapping[str, Sequence[Records]], path: str | Path, title: str = "", points: int = 200) -> Path:
+    """Cumulative bytes sent by the server (MB) against virtual time, mean ± sd over seeds."""
+    fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=110)
+    if _banded(ax, runs, "server_egress", 1e-6, points):
+        ax.set_xlabel("virtual time (s)")
+        ax.set_ylabel("server egress (MB, cumulative)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize="small")
+    else:
+        _empty(ax, "no byte counts")
+    ax.set_title(title or "bytes sent by the server")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_local_rounds(rounds: Mapping[str, Sequence[Sequence[float]]], path: str | Path, title: str = "") -> Path:
+    """Local rounds per client as grouped bars (one bar per method), mean over seeds with sd whiskers.
+
+    ``rounds`` maps a method to its runs' local rounds per client.
+    """
+    methods = [m for m, runs in rounds.items() if runs]
+    n = max((len(r) for m in methods for r in rounds[m]), default=0)
+    fig, ax = plt.subplots(figsize=(max(6.0, min(16.0, 1.0 + 0.12 * n * max(1, len(methods)))), 4.2), dpi=110)
+    if not methods or n == 0:
+        _empty(ax, "no local rounds")
+    else:
+        colors = method_colors(rounds)
+        width = 0.8 / len(methods)
+        x = np.arange(n)
+        for i, m in enumerate(methods):
+            mat = np.full((len(rounds[m]), n), np.nan)
+            for j, r in enumerate(rounds[m]):
+                mat[j, : len(r)] = r
+            mean = np.nanmean(mat, axis=0)
+            sd = np.nanstd(mat, axis=0, ddof=1) if mat.shape[0] > 1 else None
+            ax.bar(x - 0.4 + width * (i + 0.5), mean, width, yerr=sd, color=colors[m], label=m,
+                   error_kw={"elinewidth": 0.8, "capsize": 1.5})
+        ax.set_xticks(x if n <= 40 else x[:: max(1, n // 20)])
+        ax.set_xlabel("client")
+        ax.set_ylabel("local rounds")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize="small", ncol=min(len(methods), 4))
+    ax.set_title(title or "local rounds per client")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_density(runs: Mapping[str, Records], path: str | Path, title: str = "") -> Path:
+    """Density of each client's sub-model over virtual time, one panel per method.
+
+    Densities come from ``densities`` events and the ``density`` field of evaluations (a step
+    function); ``recovery`` events are marked: server-wide steps as red dashed lines, per-client
+    steps as markers on that client's curve, early stopping as a black line.
+    """
+    from prfl.report.analysis import density_series, recovery_events
+
+    panels = [(m, density_series(rec), recovery_events(rec)) for m, rec in runs.items()]
+    panels = [p for p in panels if p[1][0].size]
+    fig, axes = plt.subplots(max(1, len(panels)), 1, figsize=(7.0, 2.6 * max(1, len(panels)) + 0.6), dpi=110,
+                             sharex=True, squeeze=False)
+    if not panels:
+        _empty(axes[0][0], "no density records (the policies train dense models)")
+        axes[0][0].set_title(title or "client densities")
+    for (method, (ts, mat), recs), row in zip(panels, axes):
+        ax = row[0]
+        cmap = plt.get_cmap("viridis")
+        k = mat.shape[1]
+        for c in range(k):
+            ax.step(ts, mat[:, c], where="post", color=cmap(c / max(1, k - 1)), linewidth=1.0,
+                    label=f"client {c}" if k <= 12 else None)
+        labelled: set[str] = set()
+        for ev in recs:
+            if ev.scope == "client" and ev.client is not None and ev.client < k:
+                idx = max(0, int(np.searchsorted(ts, ev.time, side="right")) - 1)
+                ax.plot([ev.time], [mat[idx, ev.client]], marker="^", color="tab:red", markersize=6,
+                        label=None if "client" in labelled else "recovery (client)")
+            else:
+                color, style = ("black", "-") if ev.scope == "stop" else ("tab:red", "--")
+                name = "early stop" if ev.scope == "stop" else "recovery"
+                ax.axvline(ev.time, color=color, linestyle=style, linewidth=1.0,
+                           label=None if name in labelled else name)
+                labelled.add(name)
+            if ev.scope == "client":
+                labelled.add("client")
+        ax.set_ylim(0.0, 1.05)
+        ax.set_ylabel("density")
+        ax.set_title(method if len(panels) > 1 or not title else f"{title}: {method}", fontsize="medium")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small", ncol=4, loc="lower right")
+    axes[-1][0].set_xlabel("virtual time (s)")
+    if title and len(panels) > 1:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,377 @@
+"""Wire format of prfl tasks and results in Flower messages, with honest byte counts.
+
+Arrays travel as raw little-endian buffers (``stype="raw"``, no header), so the payload bytes
+Flower carries are exactly the byte formulas of :mod:`prfl.distribution`:
+
+- a dense task: ``weights``, 4 |W| bytes;
+- a sparse sub-model (a mask, no residual split): ``values`` at the mask (4 c), ``index``
+  (1 tag byte + the cheaper of a bitmap, ceil(N / 8), or int32 positions, 4 c) and ``suffix``
+  (4 M): ``sparse_model_bytes(c, N, M)``;
+- residual pieces: ``p0.values`` (4 M) and for every prunable piece j the node lacks
+  ``p{j}.values`` + ``p{j}.index`` (4 c + min(ceil(N / 8), 4 c) + 1): ``piece_bytes``.
+
+A result carries the trained values at the task's mask plus the suffix (the server knows the
+mask it sent), 4 (c + M) bytes, or all 4 |W| for a dense task; the squared gradients PR-FL
+ranks by travel beside them (4 N) and are counted separately.
+
+``payload bytes`` below are the array buffers (what prfl's accounting models); ``record bytes``
+are Flower's own ``count_bytes`` of every record in the message (adds key names and the small
+config record describing the task).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from prfl.distribution import PackedIndex, PieceId, unpack_bits
+
+RAW = "raw"
+"""``Array.stype`` of a headerless little-endian buffer."""
+
+TASK = "prfl.task"
+PAYLOAD = "prfl.payload"
+RESULT = "prfl.result"
+UPDATE = "prfl.update"
+NODE = "prfl.node"
+
+TRAIN_TYPE = "train"
+DESCRIBE_TYPE = "query.describe"
+
+KIND_DENSE = "dense"
+KIND_SPARSE = "sparse"
+KIND_PIECES = "pieces"
+
+_TAG_POSITIONS = 0
+_TAG_BITMAP = 1
+_DTYPES = {"float32": "<f4", "int32": "<i4", "uint8": "u1"}
+
+
+# --------------------------------------------------------------------------- raw arrays
+def raw_array(values: torch.Tensor | np.ndarray, dtype: str) -> Array:
+    """A 1-D array as a headerless little-endian buffer of ``dtype`` (float32, int32, uint8)."""
+    arr = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    data = np.ascontiguousarray(arr.reshape(-1), dtype=_DTYPES[dtype]).tobytes()
+    return Array(dtype=dtype, shape=(int(arr.size),), stype=RAW, data=data)
+
+
+def from_raw(array: Array) -> np.ndarray:
+    """Inverse of :func:`raw_array` (a read-only view of the buffer)."""
+    if array.stype != RAW or array.dtype not in _DTYPES:
+        raise ValueError(f"expected a raw float32/int32/uint8 array, got stype={array.stype!r} dtype={array.dtype!r}")
+    return np.frombuffer(array.data, dtype=_DTYPES[array.dtype])
+
+
+def encode_index(index: PackedIndex) -> Array:
+    """A packed index as one uint8 buffer: the 1-byte tag, then the bitmap or int32 positions."""
+    tag = np.array([_TAG_BITMAP if index.is_bitmap else _TAG_POSITIONS], dtype=np.uint8)
+    body = index.data.numpy()
+    body_bytes = body.astype(np.uint8).tobytes() if index.is_bitmap else body.astype("<i4").tobytes()
+    data = tag.tobytes() + body_bytes
+    return Array(dtype="uint8", shape=(len(data),), stype=RAW, data=data)
+
+
+def decode_index(array: Array, size: int) -> torch.Tensor:
+    """Positions (ascending, int64) of an index made by :func:`encode_index` over ``size`` items."""
+    buf = from_raw(array)
+    if buf.size < 1:
+        raise ValueError("an index needs at least its tag byte")
+    tag, body = int(buf[0]), buf[1:]
+    if tag == _TAG_BITMAP:
+        return unpack_bits(torch.from_numpy(body.copy()), size).nonzero().view(-1)
+    if tag == _TAG_POSITIONS:
+        if body.size % 4:
+            raise ValueError(f"a position list needs a multiple of 4 bytes, got {body.size}")
+        pos = torch.from_numpy(body.view("<i4").astype(np.int64))
+        if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= size):
+            raise ValueError(f"positions outside [0, {size})")
+        return pos
+    raise ValueError(f"unknown index tag {tag}")
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    """Bytes of the array buffers of ``record`` (what prfl's byte accounting models)."""
+    return sum(len(a.data) for a in record.values())
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Flower's byte count of every array, config and metric record in ``content``."""
+    total = 0
+    for rec in content.values():
+        total += rec.count_bytes()
+    return total
+
+
+# --------------------------------------------------------------------------- tasks
+@dataclass
+class TaskMessage:
+    """A decoded task: what a node must train, and from what."""
+
+    task_id: int
+    client: int
+    num_clients: int
+    version: int
+    density: float
+    width: float
+    want_importance: bool
+    seed: int
+    kind: str
+    total: int
+    num_prunable: int
+    split: int = -1
+    needed: tuple[int, ...] = ()  # piece indices 0..j of split ``split`` (kind == pieces)
+    counts: tuple[int, ...] = ()  # weights per needed piece, for validation
+    arrays: dict[str, Array] = field(default_factory=dict)
+
+    @property
+    def needed_ids(self) -> list[PieceId]:
+        return [PieceId(self.split, j) for j in self.needed]
+
+
+def encode_task(
+    *,
+    task_id: int,
+    client: int,
+    num_clients: int,
+    version: int,
+    density: float,
+    width: float,
+    want_importance: bool,
+    seed: int,
+    kind: str,
+    total: int,
+    num_prunable: int,
+    arrays: dict[str, Array],
+    split: int = -1,
+    needed: tuple[int, ...] = (),
+    counts: tuple[int, ...] = (),
+) -> RecordDict:
+    """The content of a train message."""
+    cfg: dict[str, Any] = {
+        "task-id": int(task_id),
+        "client": int(client),
+        "num-clients": int(num_clients),
+        "version": int(version),
+        "density": float(density),
+        "width": float(width),
+        "want-importance": bool(want_importance),
+        "seed": int(seed),
+        "kind": kind,
+        "total": int(total),
+        "num-prunable": int(num_prunable),
+        "split": int(split),
+    }
+    if needed:
+        cfg["needed"] = [int(j) for j in needed]
+        cfg["counts"] = [int(c) for c in counts]
+    return RecordDict({TASK: ConfigRecord(cfg), PAYLOAD: ArrayRecord(array_dict=dict(arrays))})
+
+
+def decode_task(content: RecordDict) -> TaskMessage:
+    """Inverse of :func:`encode_task`."""
+    if TASK not in content or PAYLOAD not in content:
+        raise ValueError(f"a prfl train message needs records {TASK!r} and {PAYLOAD!r}, got {sorted(content)}")
+    c = content[TASK]
+    kind = str(c["kind"])
+    if kind not in (KIND_DENSE, KIND_SPARSE, KIND_PIECES):
+        raise ValueError(f"unknown task kind {kind!r}")
+    return TaskMessage(
+        task_id=int(c["task-id"]),
+        client=int(c["client"]),
+        num_clients=int(c["num-clients"]),
+        version=int(c["version"]),
+        density=float(c["density"]),
+        width=float(c["width"]),
+        want_importance=bool(c["want-importance"]),
+        seed=int(c["seed"]),
+        kind=kind,
+        total=int(c["total"]),
+        num_prunable=int(c["num-prunable"]),
+        split=int(c["split"]),
+        needed=tuple(int(j) for j in c.get("needed", [])),
+        counts=tuple(int(n) for n in c.get("counts", [])),
+        arrays=dict(content[PAYLOAD].items()),
+    )
+
+
+def sparse_arrays(weights: torch.Tensor, mask: torch.Tensor, num_prunable: int) -> dict[str, Array]:
+    """A sub-model as one message: values at the mask, their index and the dense suffix."""
+    pos = mask.nonzero().view(-1)
+    return {
+        "values": raw_array(weights[pos], "float32"),
+        "index": encode_index(PackedIndex.from_mask(mask)),
+        "suffix": raw_array(weights[num_prunable:], "float32"),
+    }
+
+
+def decode_sparse(arrays: dict[str, Array], total: int, num_prunable: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights, mask)`` of a sub-model sent by :func:`sparse_arrays` (zeros outside the mask)."""
+    pos = decode_index(arrays["index"], num_prunable)
+    values = torch.from_numpy(from_raw(arrays["values"]).astype(np.float32))
+    suffix = torch.from_numpy(from_raw(arrays["suffix"]).astype(np.float32))
+    if values.numel() != pos.numel() or suffix.numel() != total - num_prunable:
+        raise ValueError(
+            f"sparse task: {values.numel()} values for {pos.numel()} positions and {suffix.numel()} suffix "
+            f"values for {total - num_prunable} non-prunable weights"
+        )
+    weights = torch.zeros(total, dtype=torch.float32)
+    weights[pos] = values
+    weights[num_prunable:] = suffix
+    mask = torch.zeros(num_prunable, dtype=torch.bool)
+    mask[pos] = True
+    return weights, mask
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class ResultMessage:
+    """A decoded result."""
+
+    task_id: int
+    client: int
+    version: int
+    num_samples: int
+    mean_loss: float
+    steps: int
+    compute_seconds: float
+    delay_seconds: float
+    received_payload_bytes: int
+    received_record_bytes: int
+    partition_id: int
+    update_payload_bytes: int
+    importance_bytes: int
+    arrays: dict[str, Array]
+
+
+def encode_result(
+    *,
+    task: TaskMessage,
+    weights: torch.Tensor,
+    mask: torch.Tensor | None,
+    grad_sq: torch.Tensor | None,
+    num_samples: int,
+    mean_loss: float,
+    steps: int,
+    compute_seconds: float,
+    delay_seconds: float,
+    received_payload_bytes: int,
+    received_record_bytes: int,
+    partition_id: int,
+) -> RecordDict:
+    """The content of a result: values at the mask plus the suffix (all weights when dense)."""
+    if mask is None:
+        arrays = {"weights": raw_array(weights, "float32")}
+    else:
+        pos = mask.nonzero().view(-1)
+        arrays = {"values": raw_array(torch.cat([weights[pos], weights[task.num_prunable:]]), "float32")}
+    update = payload_bytes(ArrayRecord(array_dict=dict(arrays)))
+    importance = 0
+    if grad_sq is not None:
+        arrays["grad_sq"] = raw_array(grad_sq, "float32")
+        importance = len(arrays["grad_sq"].data)
+    cfg = ConfigRecord(
+        {
+            "task-id": task.task_id,
+            "client": task.client,
+            "version": task.version,
+            "num-samples": int(num_samples),
+            "mean-loss": float(mean_loss),
+            "steps": int(steps),
+            "compute-seconds": float(compute_seconds),
+            "delay-seconds": float(delay_seconds),
+            "received-payload-bytes": int(received_payload_bytes),
+            "received-record-bytes": int(received_record_bytes),
+            "partition-id": int(partition_id),
+            "update-payload-bytes": int(update),
+            "importance-bytes": int(importance),
+        }
+    )
+    return RecordDict({RESULT: cfg, UPDATE: ArrayRecord(array_dict=arrays)})
+
+
+def decode_result(content: RecordDict) -> ResultMessage:
+    """Inverse of :func:`encode_result` (weights are rebuilt by :func:`result_weights`)."""
+    if RESULT not in content or UPDATE not in content:
+        raise ValueError(f"a prfl result needs records {RESULT!r} and {UPDATE!r}, got {sorted(content)}")
+    c = content[RESULT]
+    return ResultMessage(
+        task_id=int(c["task-id"]),
+        client=int(c["client"]),
+        version=int(c["version"]),
+        num_samples=int(c["num-samples"]),
+        mean_loss=float(c["mean-loss"]),
+        steps=int(c["steps"]),
+        compute_seconds=float(c["compute-seconds"]),
+        delay_seconds=float(c["delay-seconds"]),
+        received_payload_bytes=int(c["received-payload-bytes"]),
+        received_record_bytes=int(c["received-record-bytes"]),
+        partition_id=int(c["partition-id"]),
+        update_payload_bytes=int(c["update-payload-bytes"]),
+        importance_bytes=int(c["importance-bytes"]),
+        arrays=dict(content[UPDATE].items()),
+    )
+
+
+def result_weights(
+    msg: ResultMessage, mask: torch.Tensor | None, total: int, num_prunable: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weights, grad_sq)`` of a result, given the mask its task was sent with."""
+    if mask is None:
+        if "weights" not in msg.arrays:
+            raise ValueError(f"result of task {msg.task_id}: a dense task must return 'weights'")
+        weights = torch.from_numpy(from_raw(msg.arrays["weights"]).astype(np.float32))
+        if weights.numel() != total:
+            raise ValueError(f"result of task {msg.task_id} has {weights.numel()} weights, expected {total}")
+    else:
+        if "values" not in msg.arrays:
+            raise ValueError(f"result of task {msg.task_id}: a masked task must return 'values'")
+        values = torch.from_numpy(from_raw(msg.arrays["values"]).astype(np.float32))
+        pos = mask.nonzero().view(-1)
+        if values.numel() != pos.numel() + total - num_prunable:
+            raise ValueError(
+                f"result of task {msg.task_id} has {values.numel()} values, expected "
+                f"{pos.numel()} at the mask + {total - num_prunable} suffix"
+            )
+        weights = torch.zeros(total, dtype=torch.float32)
+        weights[pos] = values[: pos.numel()]
+        weights[num_prunable:] = values[pos.numel():]
+    grad_sq = None
+    if "grad_sq" in msg.arrays:
+        grad_sq = torch.from_numpy(from_raw(msg.arrays["grad_sq"]).astype(np.float32))
+        if grad_sq.numel() != num_prunable:
+            raise ValueError(f"result of task {msg.task_id} has {grad_sq.numel()} importance values, expected {num_prunable}")
+    return weights, grad_sq
+
+
+# --------------------------------------------------------------------------- node description
+def encode_node(partition_id: int, num_partitions: int, delay_seconds: float, cached_pieces: int) -> RecordDict:
+    """A node's answer to the describe query (-1: not set in its node config)."""
+    return RecordDict(
+        {
+            NODE: ConfigRecord(
+                {
+                    "partition-id": int(partition_id),
+                    "num-partitions": int(num_partitions),
+                    "delay-seconds": float(delay_seconds),
+                    "cached-pieces": int(cached_pieces),
+                }
+            )
+        }
+    )
+
+
+def decode_node(content: RecordDict) -> dict[str, Any]:
+    """Inverse of :func:`encode_node`."""
+    if NODE not in content:
+        raise ValueError(f"a describe reply needs record {NODE!r}, got {sorted(content)}")
+    c = content[NODE]
+    return {
+        "partition_id": int(c["partition-id"]),
+        "num_partitions": int(c["num-partitions"]),
+        "delay_seconds": float(c["delay-seconds"]),
+        "cached_pieces": int(c["cached-pieces"]),
+    }

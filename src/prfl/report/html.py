@@ -1,0 +1,150 @@
+"""One self-contained HTML page for a run directory or a comparison directory.
+
+The page needs nothing but itself: the plots are PNG data URIs, the styles are inline, there is no
+script, and a Content-Security-Policy forbids loading anything else (``img-src data:``), so a page
+that renders in a browser with the network off renders the same anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+from prfl import __version__
+from prfl.report import tables
+from prfl.report.analysis import MethodSummary
+from prfl.report.outputs import PLOT_TITLES, write_plots
+from prfl.report.runset import RunSet, load_runset
+
+REPORT_NAME = "report.html"
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+STYLE = """
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1100px;
+       padding: 1.5rem; color: #1d1d1f; }
+h1 { font-size: 1.6rem; margin-bottom: 0.2rem; }
+h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #ddd; padding-bottom: 0.2rem; }
+p.meta { color: #555; margin-top: 0; }
+nav a { margin-right: 1rem; }
+table { border-collapse: collapse; margin: 0.6rem 0; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #d0d0d0; padding: 0.25rem 0.6rem; }
+th { background: #f3f3f3; text-align: left; }
+td.num { text-align: right; }
+figure { margin: 1rem 0; }
+figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9rem; }
+pre { background: #f7f7f7; padding: 0.8rem; overflow-x: auto; font-size: 0.85rem; }
+.warn { background: #fff4e5; border-left: 4px solid #f0a020; padding: 0.5rem 0.8rem; }
+"""
+
+CAPTIONS = {
+    "accuracy": "Test accuracy against virtual time; line: mean over seeds, band: ±1 sample sd "
+                "(each seed interpolated linearly on a common time grid).",
+    "egress": "Cumulative bytes sent by the server against virtual time (mean ± sd over seeds).",
+    "local_rounds": "Local rounds finished by each client; bars: mean over seeds, whiskers: sd.",
+    "density": "Density of each client's sub-model over virtual time; red dashed lines: recovery "
+               "(every minimum density raised), triangles: a client's minimum raised, black: early stop.",
+}
+
+
+def _esc(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def html_table(table: tables.Table) -> str:
+    """An HTML table; every column but the first is right-aligned."""
+    headers, rows = table
+    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+    body = []
+    for row in rows:
+        cells = "".join(f"<td{' class=num' if i else ''}>{_esc(c)}</td>" for i, c in enumerate(row))
+        body.append(f"<tr>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def data_uri(path: str | Path, mime: str = "image/png") -> str:
+    """A file as a base64 ``data:`` URI."""
+    return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def render(rs: RunSet, plot_paths: dict[str, Path], summaries: Sequence[MethodSummary] | None = None) -> str:
+    """The HTML text of the report of ``rs`` with the PNGs in ``plot_paths`` embedded."""
+    summ = list(summaries) if summaries is not None else rs.summaries()
+    kind = {"comparison": "comparison", "run": "run", "runs": "runs"}.get(rs.kind, rs.kind)
+    seeds = sorted({s for m in summ for s in m.seeds})
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_esc(rs.title)} - prfl report</title>",
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>{_esc(rs.title)}</h1>",
+        f'<p class="meta">{_esc(kind)} report of <code>{_esc(rs.root)}</code>: {len(summ)} method(s), '
+        f"seeds {_esc(', '.join(str(s) for s in seeds) or '-')}; generated {stamp} by prfl {__version__}. "
+        f"Times are virtual seconds; ± is the sample standard deviation over seeds.</p>",
+    ]
+    if rs.command:
+        parts.append(f'<p class="meta">Made by <code>{_esc(rs.command)}</code>; rebuild this page with '
+                     f"<code>prfl report {_esc(rs.root)}</code>.</p>")
+    sections = [("tta", "Time to accuracy"), ("accuracy", "Final accuracy"), ("participation", "Participation"),
+                ("bytes", "Bytes"), ("plots", "Plots"), ("clients", "Per client"), ("config", "Configuration")]
+    parts.append("<nav>" + "".join(f'<a href="#{k}">{_esc(v)}</a>' for k, v in sections) + "</nav>")
+    if rs.missing:
+        parts.append(f'<p class="warn">Missing or unfinished runs, left out of every table and plot: '
+                     f"{_esc(', '.join(rs.missing))}.</p>")
+    if not summ:
+        parts.append('<p class="warn">No run has finished yet: nothing to report.</p>')
+
+    base = f" (speed-up against {rs.baseline})" if rs.baseline else ""
+    parts.append(f'<h2 id="tta">Time to accuracy{_esc(base)}</h2>')
+    if rs.targets:
+        parts.append(html_table(tables.time_to_accuracy_table(summ, rs.targets, rs.baseline)))
+        parts.append('<p class="meta">The first evaluation at or above the target. A speed-up is given when '
+                     "every seed of both methods reached the target.</p>")
+    else:
+        parts.append("<p>No target accuracies were set (<code>sim.targets</code> or <code>--targets</code>).</p>")
+    parts.append('<h2 id="accuracy">Final accuracy</h2>' + html_table(tables.accuracy_table(summ)))
+    parts.append('<h2 id="participation">Participation</h2>' + html_table(tables.participation_table(summ)))
+    parts.append('<p class="meta">Local rounds: tasks each client finished. max/min and the coefficient of '
+                 "variation (CV) of the local rounds per client measure the imbalance; mean ± sd over seeds.</p>")
+    parts.append('<h2 id="bytes">Bytes</h2>' + html_table(tables.bytes_table(summ)))
+    parts.append('<h2 id="plots">Plots</h2>')
+    for name, path in plot_paths.items():
+        title = PLOT_TITLES.get(name, name)
+        parts.append(f'<figure id="fig-{_esc(name)}"><img src="{data_uri(path)}" alt="{_esc(title)}">'
+                     f"<figcaption>{_esc(CAPTIONS.get(name, title))}</figcaption></figure>")
+    parts.append('<h2 id="clients">Per client</h2>' + html_table(tables.clients_table(summ)))
+    parts.append('<h2 id="config">Configuration</h2>')
+    parts.append(f"<pre>{_esc(rs.config_text)}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(
+    path: str | Path,
+    out: str | Path | None = None,
+    plot_paths: dict[str, Path] | None = None,
+    runset: RunSet | None = None,
+) -> Path:
+    """Build the report of the run, run root or comparison directory ``path``.
+
+    Writes ``out`` (default ``path/report.html``). Plots are drawn afresh in a temporary directory
+    unless ``plot_paths`` (PNG files, e.g. those ``prfl compare`` just wrote) are given.
+    """
+    rs = runset if runset is not None else load_runset(path)
+    target = Path(out) if out is not None else Path(path) / REPORT_NAME
+    summ = rs.summaries()
+    if plot_paths is not None:
+        text = render(rs, plot_paths, summ)
+    else:
+        with tempfile.TemporaryDirectory(prefix="prfl-report-") as tmp:
+            text = render(rs, write_plots(rs, tmp), summ)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
+    return target
