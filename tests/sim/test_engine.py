@@ -115,8 +115,10 @@ class Scripted(Policy):
         bump: bool = False,
         timers: tuple[SetTimer, ...] = (),
         on_timer: dict[str, list[Action]] | None = None,
+        egress: dict[int, int] | None = None,
     ) -> None:
         super().__init__(ctx)
+        self.egress = egress or {}
         self.stop_after = stop_after
         self.start_clients = start_clients
         self.redispatch = redispatch
@@ -138,6 +140,7 @@ class Scripted(Policy):
             density=1.0,
             download_bytes=DOWN[client],
             upload_bytes=UP[client],
+            server_egress_bytes=self.egress.get(client),
         )
         self.dispatched[spec.task_id] = spec
         return Dispatch(spec)
@@ -482,3 +485,20 @@ def test_mismatched_fleet_is_rejected(executor, initial_weights) -> None:
     with pytest.raises(ValueError, match="must agree"):
         Simulation(Scripted(ctx), two_client_fleet(), executor, [np.arange(1)] * 3,
                    executor.workspace.trainer.cfg, lambda m, b, w=1.0: 1.0, lambda w: (0.0, 0.0))
+
+
+def test_published_pieces_are_relayed_at_the_clients_own_speed(executor, initial_weights) -> None:
+    # Client 1 needs 32 B of which 20 B were already published (egress 12 B): only 12 B cross the
+    # shared server uplink; the other 20 B come from the publication point at its own 6 B/s.
+    sim = make_sim(executor, initial_weights, egress={0: 20, 1: 12})
+    summary = sim.run()
+    # Shared uplink (10 B/s) from t = 0: flows of 20 B (cap 8) and 12 B (cap 6), 5 B/s each.
+    #   client 1's 12 B are done at 12/5 = 2.4; client 0 has 8 B left at min(8, 10) = 8 -> 3.4.
+    #   client 1 then relays 20 B at 6 B/s: done at 2.4 + 20/6 = 5.7333...
+    # Compute: client 0 1 s -> upload from 4.4; client 1 4 s -> upload from 9.7333...
+    # Uploads (server downlink 5 B/s): client 0 alone at 4 B/s moves 5.3333*4 = 21.333 B by
+    #   9.7333 (2.6667 left); then 2.5 B/s each: client 0 done at 9.7333 + 2.6667/2.5 = 10.8;
+    #   client 1 has 10 - 2.6667 = 7.3333 B left at 3 B/s -> 10.8 + 7.3333/3 = 13.2444...
+    assert sim.policy.arrivals == [(approx(10.8), 0), (approx(10.8 + 22 / 9), 1)]
+    assert summary["server_egress_bytes"] == 20 + 12
+    assert summary["client_download_bytes"] == [20, 32]
