@@ -186,3 +186,180 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------------------- compare and report
+class _SpaceSeparatedLists(typer.core.TyperCommand):
+    """Lets list options take several values after one flag (``--seeds 0 1 2``).
+
+    The words after ``--methods``, ``--seeds`` or ``--targets`` up to the next option are rewritten
+    into repeated options (``--seeds 0 --seeds 1 --seeds 2``), which is what click parses; numbers
+    only for seeds and targets, and not a ``.yaml``/``.yml`` path for methods (that is the scenario).
+    """
+
+    MULTI = {"--methods": "word", "-m": "word", "--seeds": "int", "--targets": "float"}
+
+    @staticmethod
+    def _fits(kind: str, token: str) -> bool:
+        if token.startswith("-") and kind == "word":
+            return False
+        if kind == "word":
+            return not token.endswith((".yaml", ".yml"))
+        try:
+            (int if kind == "int" else float)(token)
+        except ValueError:
+            return False
+        return True
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        out: list[str] = []
+        flag: str | None = None
+        fresh = False
+        for token in args:
+            if token in self.MULTI:
+                flag, fresh = token, True
+                out.append(token)
+                continue
+            if flag is not None and not fresh and self._fits(self.MULTI[flag], token):
+                out += [flag, token]
+                continue
+            if not fresh:
+                flag = None
+            fresh = False
+            out.append(token)
+        return super().parse_args(ctx, out)
+
+
+def _split_words(values: list[str]) -> list[str]:
+    return [w for v in values for w in v.replace(",", " ").split()]
+
+
+class CompareProgress:
+    """Rich progress for a comparison: one bar over all runs and one bar per run that starts."""
+
+    def __init__(self, progress: Progress, plan: Any, total: int) -> None:
+        self.progress = progress
+        self.plan = plan
+        self.overall = progress.add_task("all runs", total=total, info="")
+        self.tasks: dict[tuple[str, int], Any] = {}
+        self.closed: set[tuple[str, int]] = set()
+        self.counts = {"done": 0, "skip": 0, "failed": 0}
+
+    def _info(self) -> str:
+        c = self.counts
+        return f"{c['done']} ran, {c['skip']} already done, {c['failed']} failed"
+
+    def __call__(self, ev: Any) -> None:
+        key = (ev.method, ev.seed)
+        label = f"{ev.method} s{ev.seed}"
+        sim = self.plan.scenario.sim
+        by_rounds = sim.max_rounds is not None
+        if ev.kind == "start":
+            total = sim.max_rounds if by_rounds else sim.max_time
+            note = "resumed" if ev.data.get("action") == "resume" else ""
+            self.tasks[key] = self.progress.add_task(label, total=total, info=note)
+        elif ev.kind == "progress" and key in self.tasks and key not in self.closed:
+            d = ev.data
+            done = d["round"] if by_rounds else d["time"]
+            self.progress.update(self.tasks[key], completed=done,
+                                 info=f"virtual {d['time']:.0f}s  round {d['round']}  acc {d['accuracy']:.3f}")
+        elif ev.kind in ("done", "failed", "skip"):
+            self.closed.add(key)
+            self.counts[ev.kind] += 1
+            if key in self.tasks:
+                t = self.progress.tasks[self.tasks[key]]
+                info = (f"final acc {ev.data.get('final_accuracy') or 0:.3f}, {ev.data.get('server_rounds')} rounds"
+                        if ev.kind == "done" else "[red]failed[/]")
+                self.progress.update(self.tasks[key], completed=t.total, info=info)
+            self.progress.update(self.overall, advance=1, info=self._info())
+
+
+def _rich_table(title: str, table: tuple[list[str], list[list[str]]]) -> Table:
+    headers, rows = table
+    out = Table(title=title)
+    for i, h in enumerate(headers):
+        out.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        out.add_row(*r)
+    return out
+
+
+@app.command(cls=_SpaceSeparatedLists)
+def compare(
+    config: Optional[Path] = typer.Argument(None, help="scenario YAML, may hold a methods: mapping (default: the 'demo' preset)"),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="a preset scenario shipped with prfl"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a scenario field: key.path=value (repeatable)"),
+    methods: list[str] = typer.Option([], "--methods", "-m", help="methods: policies, prfl-<ablation> or methods: variants "
+                                      "(--methods prfl fedasync; default: policy, baselines and methods: variants)"),
+    seeds: list[int] = typer.Option([], "--seeds", help="seeds (--seeds 0 1 2; default: the scenario's seed)"),
+    targets: list[float] = typer.Option([], "--targets", help="target accuracies for time-to-accuracy (default: sim.targets)"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", "-b", help="speed-ups against this method (default: fedasync if compared, else the first)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (default runs/<name>-compare; rerun to resume)"),
+    jobs: int = typer.Option(0, "--jobs", "-j", help="runs at once (process pool, inline executor per run); 0 = one per CPU"),
+    restart: bool = typer.Option(False, "--restart", help="run again runs that are complete or made by another configuration"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
+) -> None:
+    """Compare methods (and ablations) over several seeds on one scenario; resumable."""
+    import shlex
+    import sys
+
+    from prfl.compare import describe_plan, pending_runs, plan_comparison, run_comparison
+    from prfl.report import tables
+
+    logging.basicConfig(level=logging.WARNING)
+    if config is None and preset is None:
+        preset = DEFAULT_PRESET
+    try:
+        plan = plan_comparison(config, preset, set_, _split_words(methods) or None, seeds or None, targets or None,
+                               baseline, out, command=shlex.join(["prfl", *sys.argv[1:]]))
+        todo, done = pending_runs(plan, restart)
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    n_runs = len(plan.methods) * len(plan.seeds)
+    console.print(f"[bold]{plan.scenario.name}[/] ({plan.source}): {len(plan.methods)} methods x {len(plan.seeds)} seeds "
+                  f"= {n_runs} runs, {len(done)} already complete; output [bold]{plan.out}[/]")
+    for line in describe_plan(plan):
+        console.print(f"  {line}", highlight=False, markup=False)
+    progress = Progress(
+        TextColumn("[bold]{task.description:<18}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+    )
+    try:
+        with progress:
+            tracker = CompareProgress(progress, plan, n_runs)
+            result = run_comparison(plan, jobs=jobs, restart=restart, on_event=tracker)
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    summ = result.runset.summaries() if result.runset is not None else []
+    if plan.targets:
+        console.print(_rich_table(f"time to accuracy (virtual s, mean ± sd over seeds; speed-up vs {plan.baseline})",
+                                  tables.time_to_accuracy_table(summ, plan.targets, plan.baseline)))
+    console.print(_rich_table("final accuracy", tables.accuracy_table(summ)))
+    console.print(_rich_table("participation (local rounds per client)", tables.participation_table(summ)))
+    for (method, seed), err in result.failed.items():
+        console.print(f"[bold red]failed:[/] {method} seed {seed}: {err}", highlight=False)
+    console.print(f"results: [bold]{plan.out}[/] (results.md, tables/, plots/, report.html)")
+    if result.failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def report(
+    directory: Path = typer.Argument(..., help="a run directory, a `prfl run` output root or a `prfl compare` directory"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default DIR/report.html)"),
+) -> None:
+    """Build one self-contained HTML page (tables, embedded plots, configuration) from results."""
+    from prfl.report.html import write_report
+
+    try:
+        path = write_report(directory, out)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    console.print(f"report: [bold]{path}[/]")

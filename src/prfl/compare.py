@@ -407,7 +407,7 @@ class ComparisonResult:
     runset: RunSet | None
 
 
-def pending_runs(plan: ComparisonPlan, restart: bool = False, inline: bool = False) -> tuple[list[RunSpec], list[tuple[str, int]]]:
+def pending_runs(plan: ComparisonPlan, restart: bool = False) -> tuple[list[RunSpec], list[tuple[str, int]]]:
     """(runs to do, runs already complete); checks every existing run directory first."""
     todo, done = [], []
     for seed in plan.seeds:
@@ -417,8 +417,6 @@ def pending_runs(plan: ComparisonPlan, restart: bool = False, inline: bool = Fal
                 done.append((m.name, seed))
                 continue
             cfg = plan.run_config(m.name, seed)
-            if inline:
-                cfg.sim.executor = "inline"
             todo.append(RunSpec(m.name, seed, cfg.model_dump(mode="json"), str(plan.run_dir(m.name, seed)), state))
     return todo, done
 
@@ -442,8 +440,8 @@ def run_comparison(
     cpus = available_cpus()
     if jobs <= 0:
         jobs = max(1, min(len(todo), cpus))
-    if jobs > 1:
-        todo, _ = pending_runs(plan, restart, inline=True)
+    if jobs > 1:  # parallel runs: each on the inline executor
+        todo = [dataclasses.replace(s, config={**s.config, "sim": {**s.config["sim"], "executor": "inline"}}) for s in todo]
     plan.write_manifest()
     for method, seed in done:
         emit(RunEvent("skip", method, seed))
@@ -518,9 +516,8 @@ def _run_pool(
                         spec = futures.pop(fut)
                         exc = fut.exception()
                         finished(spec, None if exc else fut.result(), exc)
-            except BaseException:
-                for fut in futures:
-                    fut.cancel()
+            except BaseException:  # e.g. Ctrl-C: queued runs are dropped, running ones keep their checkpoints
+                pool.shutdown(wait=False, cancel_futures=True)
                 raise
         drain()
 

@@ -106,8 +106,9 @@ class PolicyConfig(_Strict):
 
 
 class SimConfig(_Strict):
-    executor: Literal["inline", "process"] = "inline"
+    executor: Literal["inline", "process", "ray"] = "inline"
     workers: int = Field(2, ge=1)
+    ray_address: str | None = Field(None, description="an existing Ray cluster (ray executor); None starts one")
     max_rounds: int | None = Field(300, ge=1)
     max_time: float | None = Field(None, gt=0)
     eval_every_rounds: int | None = Field(10, ge=1)

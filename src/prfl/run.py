@@ -228,7 +228,10 @@ def make_simulation(
 
 def _executor(sc: Scenario) -> Any:
     s = sc.cfg.sim
-    return make_executor(s.executor, sc.worker_spec, workers=s.workers, dataset=sc.dataset if s.executor == "inline" else None)
+    return make_executor(
+        s.executor, sc.worker_spec, workers=s.workers, dataset=sc.dataset if s.executor == "inline" else None,
+        address=s.ray_address,
+    )
 
 
 def run_policy(

@@ -222,14 +222,25 @@ class Stat:
     def all_present(self) -> bool:
         return self.total > 0 and self.n == self.total
 
-    def fmt(self, digits: int = 0, scale: float = 1.0) -> str:
-        """``mean ± std`` (``mean`` for one value), ``-`` when nothing is there."""
+    def fmt(self, digits: int | None = None, scale: float = 1.0) -> str:
+        """``mean ± std`` (``mean`` for one value), ``-`` when nothing is there.
+
+        ``digits`` decimals, or (``None``) enough for three significant digits of the mean.
+        """
         if self.mean is None:
             return "-"
         m = self.mean * scale
+        d = auto_digits(m) if digits is None else digits
         if self.std is None or self.n < 2:
-            return f"{m:.{digits}f}"
-        return f"{m:.{digits}f} ± {self.std * scale:.{digits}f}"
+            return f"{m:.{d}f}"
+        return f"{m:.{d}f} ± {self.std * scale:.{d}f}"
+
+
+def auto_digits(x: float, significant: int = 3, most: int = 4) -> int:
+    """Decimals that show ``significant`` digits of ``x`` (none for large numbers, at most ``most``)."""
+    if x == 0 or not math.isfinite(x):
+        return 0
+    return int(min(most, max(0, significant - 1 - math.floor(math.log10(abs(x))))))
 
 
 def describe(values: Iterable[float | None]) -> Stat:
@@ -254,7 +265,7 @@ class TargetResult:
         """The Markdown cell: ``mean ± sd``, with ``(k/n)`` when only some seeds reached it."""
         if self.time.n == 0:
             return f"not reached (0/{self.time.total})"
-        text = self.time.fmt(0)
+        text = self.time.fmt()
         if not self.time.all_present:
             text += f" ({self.time.n}/{self.time.total} reached)"
         return text

@@ -86,10 +86,10 @@ def _banded(
 ) -> bool:
     from prfl.report.analysis import band, on_grid, series, time_grid
 
-    grid = time_grid((rec for rs in runs.values() for rec in rs), points)
     colors = method_colors(runs)
     drawn = False
     for method, seeds in runs.items():
+        grid = time_grid(seeds, points)  # common to the seeds of a method, ends with the longest
         curves = [on_grid(*series(rec, key), grid) * scale for rec in seeds]
         curves = [c for c in curves if not np.all(np.isnan(c))]
         if not curves:
@@ -106,8 +106,8 @@ def _banded(
 def plot_accuracy_bands(runs: Mapping[str, Sequence[Records]], path: str | Path, title: str = "", points: int = 200) -> Path:
     """Accuracy against virtual time: per method the mean over seeds and a ±1 sd band.
 
-    Each seed's evaluations are linearly interpolated on a common grid of ``points`` times; a seed
-    counts only within its own time span.
+    The seeds of a method are linearly interpolated on a common grid of ``points`` times from 0 to
+    the end of its longest run; a seed counts only within its own time span.
     """
     fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=110)
     if _banded(ax, runs, "accuracy", 1.0, points):
@@ -144,7 +144,8 @@ def plot_local_rounds(rounds: Mapping[str, Sequence[Sequence[float]]], path: str
     """
     methods = [m for m, runs in rounds.items() if runs]
     n = max((len(r) for m in methods for r in rounds[m]), default=0)
-    fig, ax = plt.subplots(figsize=(max(6.0, min(16.0, 1.0 + 0.12 * n * max(1, len(methods)))), 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(max(6.0, min(16.0, 1.0 + 0.12 * n * max(1, len(methods)))), 4.4), dpi=110,
+                           layout="constrained")
     if not methods or n == 0:
         _empty(ax, "no local rounds")
     else:
@@ -156,16 +157,18 @@ def plot_local_rounds(rounds: Mapping[str, Sequence[Sequence[float]]], path: str
             for j, r in enumerate(rounds[m]):
                 mat[j, : len(r)] = r
             mean = np.nanmean(mat, axis=0)
-            sd = np.nanstd(mat, axis=0, ddof=1) if mat.shape[0] > 1 else None
-            ax.bar(x - 0.4 + width * (i + 0.5), mean, width, yerr=sd, color=colors[m], label=m,
+            yerr = None
+            if mat.shape[0] > 1:
+                sd = np.nanstd(mat, axis=0, ddof=1)
+                yerr = np.vstack([np.minimum(sd, mean), sd])  # whiskers stop at zero
+            ax.bar(x - 0.4 + width * (i + 0.5), mean, width, yerr=yerr, color=colors[m], label=m,
                    error_kw={"elinewidth": 0.8, "capsize": 1.5})
         ax.set_xticks(x if n <= 40 else x[:: max(1, n // 20)])
         ax.set_xlabel("client")
         ax.set_ylabel("local rounds")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize="small", ncol=min(len(methods), 4))
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title or "local rounds per client")
-    fig.tight_layout()
     return save_figure(fig, path)
 
 
@@ -180,8 +183,8 @@ def plot_density(runs: Mapping[str, Records], path: str | Path, title: str = "")
 
     panels = [(m, density_series(rec), recovery_events(rec)) for m, rec in runs.items()]
     panels = [p for p in panels if p[1][0].size]
-    fig, axes = plt.subplots(max(1, len(panels)), 1, figsize=(7.0, 2.6 * max(1, len(panels)) + 0.6), dpi=110,
-                             sharex=True, squeeze=False)
+    fig, axes = plt.subplots(max(1, len(panels)), 1, figsize=(7.6, 2.6 * max(1, len(panels)) + 0.6), dpi=110,
+                             sharex=True, squeeze=False, layout="constrained")
     if not panels:
         _empty(axes[0][0], "no density records (the policies train dense models)")
         axes[0][0].set_title(title or "client densities")
@@ -210,9 +213,9 @@ def plot_density(runs: Mapping[str, Records], path: str | Path, title: str = "")
         ax.set_ylabel("density")
         ax.set_title(method if len(panels) > 1 or not title else f"{title}: {method}", fontsize="medium")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="x-small", ncol=4, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[-1][0].set_xlabel("virtual time (s)")
     if title and len(panels) > 1:
         fig.suptitle(title)
-    fig.tight_layout()
     return save_figure(fig, path)

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from prfl.report.analysis import MB, MethodSummary, RunData, Stat, run_metrics, target_key
+from prfl.report.analysis import MB, MethodSummary, RunData, Stat, auto_digits, run_metrics, target_key
 
 Table = tuple[list[str], list[list[str]]]
 
@@ -53,7 +53,7 @@ def time_to_accuracy_table(summaries: Sequence[MethodSummary], targets: Sequence
 def accuracy_table(summaries: Sequence[MethodSummary]) -> Table:
     headers = ["method", "seeds", "final accuracy", "best accuracy", "server rounds", "virtual s"]
     rows = [
-        [s.method, str(len(s.runs)), s.final_accuracy.fmt(3), s.best_accuracy.fmt(3), s.server_rounds.fmt(0), s.virtual_seconds.fmt(0)]
+        [s.method, str(len(s.runs)), s.final_accuracy.fmt(3), s.best_accuracy.fmt(3), s.server_rounds.fmt(0), s.virtual_seconds.fmt()]
         for s in summaries
     ]
     return headers, rows
@@ -76,11 +76,13 @@ def bytes_table(summaries: Sequence[MethodSummary]) -> Table:
     headers = ["method", "server egress (MB)", "server ingress (MB)", "client upload (MB per client)", "client download (MB per client)"]
     rows = []
     for s in summaries:
-        cells = [s.method, s.server_egress_mb.fmt(2), s.server_ingress_mb.fmt(2)]
+        cells = [s.method, s.server_egress_mb.fmt(), s.server_ingress_mb.fmt()]
         for per in (s.client_upload_mb, s.client_download_mb):
             vals = [c.mean for c in per if c.mean is not None]
             if vals:
-                cells.append(f"{sum(vals) / len(vals):.2f} [{min(vals):.2f}-{max(vals):.2f}]")
+                mean = sum(vals) / len(vals)
+                d = auto_digits(mean)
+                cells.append(f"{mean:.{d}f} [{min(vals):.{d}f}-{max(vals):.{d}f}]")
             else:
                 cells.append("-")
         rows.append(cells)
@@ -99,7 +101,7 @@ def clients_table(summaries: Sequence[MethodSummary]) -> Table:
         for s in summaries:
             lr = s.local_rounds_per_client[c] if c < len(s.local_rounds_per_client) else Stat(None, None, 0, 0)
             up = s.client_upload_mb[c] if c < len(s.client_upload_mb) else Stat(None, None, 0, 0)
-            row += [lr.fmt(1), up.fmt(2)]
+            row += [lr.fmt(1), up.fmt()]
         rows.append(row)
     return headers, rows
 

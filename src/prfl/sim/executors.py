@@ -8,6 +8,7 @@ Workers build their own model and data once, from a picklable :class:`WorkerSpec
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -137,10 +138,71 @@ class ProcessPoolExecutorAdapter:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def make_executor(kind: str, spec: WorkerSpec, workers: int = 2, dataset: Any | None = None) -> Executor:
-    """Build an executor by name: ``inline`` or ``process``."""
+class RayExecutor:
+    """Runs jobs on Ray actors, one :class:`Workspace` each (``ray.init()`` locally, or an address).
+
+    The in-flight tasks of an asynchronous run are independent, so they train in parallel on the
+    actors; jobs go to the actor with the fewest pending jobs (ties: lowest index). Results do
+    not depend on which actor trains a job, so the history is the inline executor's.
+    """
+
+    name = "ray"
+
+    def __init__(self, spec: WorkerSpec, workers: int = 2, address: str | None = None) -> None:
+        try:
+            import ray
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise RuntimeError(
+                "the ray executor needs Ray: pip install 'prfl[flower]' (Flower's simulation extra brings it)"
+            ) from exc
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        self._ray = ray
+        self._owns_ray = not ray.is_initialized()
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU only: leave device vars alone
+        if self._owns_ray:
+            ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        actor_cls = ray.remote(num_cpus=1)(_RayWorkspace)
+        self.actors = [actor_cls.remote(spec) for _ in range(workers)]
+        self.pending = [0] * workers
+
+    def submit(self, job: TrainJob) -> Future[TrainOutput]:
+        i = min(range(len(self.actors)), key=lambda k: (self.pending[k], k))
+        self.pending[i] += 1
+        fut: Future[TrainOutput] = self.actors[i].run.remote(job).future()
+
+        def done(_: Future[TrainOutput], i: int = i) -> None:
+            self.pending[i] -= 1
+
+        fut.add_done_callback(done)
+        return fut
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self._ray.kill(actor)
+        self.actors = []
+        if self._owns_ray:
+            self._ray.shutdown()
+
+
+class _RayWorkspace:
+    """A Ray actor holding one Workspace."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.workspace = Workspace(spec)
+
+    def run(self, job: TrainJob) -> TrainOutput:
+        return self.workspace.run(job)
+
+
+def make_executor(
+    kind: str, spec: WorkerSpec, workers: int = 2, dataset: Any | None = None, address: str | None = None
+) -> Executor:
+    """Build an executor by name: ``inline``, ``process`` or ``ray`` (``address``: a Ray cluster)."""
     if kind == "inline":
         return InlineExecutor(spec, dataset)
     if kind == "process":
         return ProcessPoolExecutorAdapter(spec, workers)
-    raise ValueError(f"unknown executor {kind!r}; choose one of: inline, process")
+    if kind == "ray":
+        return RayExecutor(spec, workers, address)
+    raise ValueError(f"unknown executor {kind!r}; choose one of: inline, process, ray")
