@@ -46,7 +46,7 @@ class RunProgress:
         self.progress.update(self.task, completed=t.total)
 
 
-def _progress() -> Progress:
+def _progress(quiet: bool = False) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description:<10}"),
         BarColumn(),
@@ -57,26 +57,33 @@ def _progress() -> Progress:
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=console,
+        disable=quiet,
     )
+
+
+def _seconds(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def _summary_table(results: list[dict[str, Any]], targets: list[float]) -> Table:
     table = Table(title="results (virtual time)")
-    table.add_column("policy")
-    table.add_column("final acc", justify="right")
-    table.add_column("best acc", justify="right")
+    table.add_column("policy", no_wrap=True)
+    table.add_column("final", justify="right")
+    table.add_column("best", justify="right")
     for t in targets:
-        table.add_column(f"time to {t:g}", justify="right")
+        table.add_column(f"t({t:g}) s", justify="right")
     table.add_column("rounds", justify="right")
     table.add_column("virtual s", justify="right")
-    table.add_column("local rounds min/max", justify="right")
+    table.add_column("local min/max", justify="right")
     table.add_column("wall s", justify="right")
     for r in results:
         tta = r.get("time_to_accuracy", {})
         lr = r["local_rounds"]
         row = [r["policy"], f"{r['final_accuracy']:.3f}", f"{r['best_accuracy']:.3f}"]
-        row += [f"{tta[f'{t:g}']:.0f}" if tta.get(f"{t:g}") is not None else "-" for t in targets]
-        row += [str(r["server_rounds"]), f"{r['virtual_seconds']:.0f}", f"{min(lr)}/{max(lr)}", f"{r['wall_seconds']:.1f}"]
+        row += [_seconds(tta.get(f"{t:g}")) for t in targets]
+        row += [str(r["server_rounds"]), _seconds(r["virtual_seconds"]), f"{min(lr)}/{max(lr)}", f"{r['wall_seconds']:.1f}"]
         table.add_row(*row)
     return table
 
@@ -97,7 +104,7 @@ def run(
     logging.basicConfig(level=logging.WARNING)
     try:
         if resume is not None:
-            with _progress() as progress:
+            with _progress(quiet) as progress:
                 cfg = load_config(resume / "config.yaml")
                 bar = RunProgress(progress, cfg.policy.name, cfg)
                 res = resume_run(resume, on_progress=None if quiet else bar)
@@ -116,7 +123,7 @@ def run(
                       f"({cfg.data.partition}) / fleet {cfg.fleet.file or cfg.fleet.preset} / seed {cfg.seed}")
         sc = build_scenario(cfg)
         results = []
-        with _progress() as progress:
+        with _progress(quiet) as progress:
             for i, pcfg in enumerate(policies):
                 name = pcfg.name if [p.name for p in policies].count(pcfg.name) == 1 else f"{pcfg.name}-{i}"
                 bar = RunProgress(progress, name, cfg)
