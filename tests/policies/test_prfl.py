@@ -56,7 +56,10 @@ def test_masked_client_and_residual_bytes_by_hand():
     assert tasks[0].download_bytes == 28 and tasks[0].server_egress_bytes == 28
     assert tasks[1].download_bytes == 18 and tasks[1].server_egress_bytes == 0
     assert tasks[1].upload_bytes == 4 * (2 + 2) and tasks[0].upload_bytes == 4 * 6
-    pol.on_event(ResultArrived(1.0, result(tasks[0], [2, 2, 2, 2, 1, 1], 1)))
+    again = dispatches(pol.on_event(ResultArrived(1.0, result(tasks[0], [2, 2, 2, 2, 1, 1], 1))))[0]
+    # a new model version with the same ranking and levels: the client keeps the positions, so
+    # it fetches values only, p0 + p1 + p2 = 8 + 8 + 8 B, and they are new on the server's link
+    assert again.download_bytes == 24 and again.server_egress_bytes == 24
     pol.on_event(ResultArrived(2.0, result(tasks[1], [0, 0, 8, 8, 3, 3], 3)))
     # weights 0, 1: only client 0 holds them -> 2; weights 2, 3: (0.5*2 + 1.5*8)/2 = 6.5;
     # biases (0.5*1 + 1.5*3)/2 = 2.5

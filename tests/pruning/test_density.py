@@ -62,3 +62,17 @@ def test_state_round_trip_and_errors():
         DensityController(2, initial=[1.0])
     with pytest.raises(ValueError, match="non-negative"):
         dc.observe(0, -1.0)
+
+
+def test_dense_time_basis_steps_towards_equal_round_times():
+    # client 1 took 8 s at density 0.25: its dense-equivalent round is 32 s, the fastest 4 s,
+    # so rule A gives 4 / 32 = 0.125 (observed basis: 4 / 8 = 0.5)
+    dense = DensityController(2, rule="A", global_min=0.1)
+    observed = DensityController(2, rule="A", global_min=0.1, time_basis="observed")
+    for dc in (dense, observed):
+        dc.observe(0, 4.0, 1.0)
+        dc.observe(1, 8.0, 0.25)
+    assert dense.update() == pytest.approx([1.0, 0.125])
+    assert observed.update() == pytest.approx([1.0, 0.5])
+    with pytest.raises(ValueError, match="density"):
+        dense.observe(0, 1.0, 0.0)

@@ -54,6 +54,7 @@ class PRFLConfig:
 
     interval: int = 50  # I: rounds between ranking rebuilds, density steps and monitor checks
     density_rule: Literal["A", "B"] = "A"
+    time_basis: Literal["dense", "observed"] = "dense"  # see prfl.pruning.density
     initial_densities: tuple[float, ...] | None = None  # rule B preset (default: the paper's for 10 clients)
     min_density: float = 0.1  # global minimum density
     floor: float = 0.05  # per-layer magnitude floor of the ranking
@@ -116,7 +117,7 @@ class PRFL(FleetPolicy):
             if n % len(PAPER_PRESET_DENSITIES):
                 raise ValueError("density rule B needs initial_densities unless the fleet has a multiple of 10 clients")
             initial = tuple(PAPER_PRESET_DENSITIES[i % 10] for i in range(n))
-        self.control = DensityController(n, cfg.interval, cfg.density_rule, cfg.min_density, initial)
+        self.control = DensityController(n, cfg.interval, cfg.density_rule, cfg.min_density, initial, cfg.time_basis)
         self.num_prunable = ctx.num_prunable
         self.total = ctx.initial_weights.numel()
         self.ranking: Ranking = magnitude_ranking(self.weights[: self.num_prunable], ctx.layer_bounds, cfg.floor)
@@ -133,7 +134,13 @@ class PRFL(FleetPolicy):
         self._split: ResidualSplit | None = None
         self._split_key: tuple[int, int, tuple[float, ...]] | None = None
         self._split_id = 0
-        self.held: list[set[Any]] = [set() for _ in range(n)]  # pieces each client holds
+        self.held: list[set[Any]] = [set() for _ in range(n)]  # piece values each client holds
+        # Piece positions depend only on the ranking and the density levels (the split's
+        # structure), not on the model version: a client keeps them until the structure changes.
+        self._structure_key: tuple[int, tuple[float, ...]] | None = None
+        self._structure_id = 0
+        self.held_index: list[set[int]] = [set() for _ in range(n)]  # piece indexes, current structure
+        self.published_index: set[int] = set()
         self.monitor = EarlyStopping(cfg.patience)
         self.client_monitors = [EarlyStopping(cfg.patience) for _ in range(n)]
         self.best_weights: torch.Tensor = self.weights
@@ -154,6 +161,11 @@ class PRFL(FleetPolicy):
 
     def _current_split(self) -> ResidualSplit:
         levels = tuple(sorted(set(self.control.densities)))
+        if (self.ranking_id, levels) != self._structure_key:
+            self._structure_key = (self.ranking_id, levels)
+            self._structure_id += 1
+            self.held_index = [set() for _ in self.held_index]
+            self.published_index = set()
         key = (self.model_id, self.ranking_id, levels)
         if self._split is None or key != self._split_key:
             self._split_id += 1
@@ -173,10 +185,23 @@ class PRFL(FleetPolicy):
         if self.config.residual_split:
             split = self._current_split()
             needed = split.needed(rho)
-            missing = [p for p in needed if p not in self.held[client]]
-            down = sum(split.piece_bytes(p) for p in missing)
-            egress = self.publisher.publish(split, needed)
+            new = self.publisher.pending(needed)
+            self.publisher.publish(split, needed)
+
+            def values(p: Any) -> int:
+                return 4 * split.count(p)
+
+            def index(p: Any) -> int:
+                return split.piece_bytes(p) - values(p)
+
+            # values: each piece of this model version once; positions: once per structure
+            down = sum(values(p) for p in needed if p not in self.held[client])
+            down += sum(index(p) for p in needed if p.index not in self.held_index[client])
+            egress = sum(values(p) for p in new)
+            egress += sum(index(p) for p in needed if p.index not in self.published_index)
             self.held[client] = set(needed)  # the client's cache now holds this version's pieces
+            self.held_index[client].update(p.index for p in needed)
+            self.published_index.update(p.index for p in needed)
         elif rho >= 1.0:
             down = egress = dense_model_bytes(self.total)
         else:
@@ -210,7 +235,7 @@ class PRFL(FleetPolicy):
     def _on_result(self, now: float, result: TaskResult) -> list[Action]:
         arrival = self.take_result(result)
         task = arrival.task
-        self.control.observe(task.client, now - task.dispatched_at)
+        self.control.observe(task.client, now - task.dispatched_at, result.density)
         if result.grad_sq is not None:
             self._add_importance(result.grad_sq)
         self.window.append((task, dataclasses.replace(result, weights=arrival.weights), arrival.staleness))
@@ -361,6 +386,10 @@ class PRFL(FleetPolicy):
             publisher=self.publisher.state_dict(),
             split_id=self._split_id,
             held=[sorted(h, key=repr) for h in self.held],
+            structure_key=self._structure_key,
+            structure_id=self._structure_id,
+            held_index=[sorted(h) for h in self.held_index],
+            published_index=sorted(self.published_index),
             monitor=self.monitor.state_dict(),
             client_monitors=[m.state_dict() for m in self.client_monitors],
             best_weights=self.best_weights.clone(),
@@ -384,6 +413,10 @@ class PRFL(FleetPolicy):
         self.publisher.load_state_dict(state["publisher"])
         self._split, self._split_key, self._split_id = None, None, state["split_id"]
         self.held = [set(h) for h in state["held"]]
+        self._structure_key = state["structure_key"]
+        self._structure_id = state["structure_id"]
+        self.held_index = [set(h) for h in state["held_index"]]
+        self.published_index = set(state["published_index"])
         self.monitor.load_state_dict(state["monitor"])
         for m, s in zip(self.client_monitors, state["client_monitors"]):
             m.load_state_dict(s)

@@ -8,6 +8,13 @@
   ``rho_i <- round(rho_i * (1 - 0.9 * rate), 2)``, never below ``rho_min_i`` (nor above 1).
 
 Clients with no observation yet keep their density.
+
+Time basis. The rules compare a client's round time with the fastest client's to find the density
+that would make it as fast. A round observed at density rho is faster than the same client's
+round at full density, so with ``time_basis="dense"`` (default) each observation is stored as its
+dense equivalent ``t / rho``; rule A then gives ``rho_i = t_fastest / (t_i / rho_i)``, a
+multiplicative step towards equal round times. ``time_basis="observed"`` uses the raw times, which
+makes rule A swing between a density and its reciprocal effect.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ class DensityController:
     rule: Literal["A", "B"] = "A"
     global_min: float = 0.1
     initial: Sequence[float] | None = None
+    time_basis: Literal["dense", "observed"] = "dense"
     densities: list[float] = field(init=False)
     minimums: list[float] = field(init=False)
     queues: list[deque[float]] = field(init=False)
@@ -36,6 +44,8 @@ class DensityController:
     def __post_init__(self) -> None:
         if self.rule not in ("A", "B"):
             raise ValueError(f"density rule must be 'A' or 'B', got {self.rule!r}")
+        if self.time_basis not in ("dense", "observed"):
+            raise ValueError(f"time_basis must be 'dense' or 'observed', got {self.time_basis!r}")
         if self.interval < 1:
             raise ValueError(f"interval must be at least 1, got {self.interval}")
         if not 0 < self.global_min <= 1:
@@ -50,11 +60,14 @@ class DensityController:
         self.densities = [max(d, self.global_min) for d in start]
         self.queues = [deque(maxlen=self.interval) for _ in range(self.num_clients)]
 
-    def observe(self, client: int, round_time: float) -> None:
-        """Append one observed round time (dispatch to arrival) of ``client`` to its FIFO."""
+    def observe(self, client: int, round_time: float, density: float = 1.0) -> None:
+        """Append one round time (dispatch to arrival) of ``client``, trained at ``density``."""
         if round_time < 0:
             raise ValueError(f"round time must be non-negative, got {round_time}")
-        self.queues[client].append(float(round_time))
+        if not 0 < density <= 1:
+            raise ValueError(f"density must lie in (0, 1], got {density}")
+        t = float(round_time) / density if self.time_basis == "dense" else float(round_time)
+        self.queues[client].append(t)
 
     def mean_times(self) -> list[float | None]:
         return [sum(q) / len(q) if q else None for q in self.queues]
