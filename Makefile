@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 
 data:
 	@bash scripts/install-data.sh
+	@bash scripts/install-browser.sh
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -219,22 +219,27 @@ class _SpaceSeparatedLists(typer.core.TyperCommand):
         return True
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, self.rewrite(args))
+
+    @classmethod
+    def rewrite(cls, args: list[str]) -> list[str]:
+        """The arguments with every extra list value behind its own flag."""
         out: list[str] = []
         flag: str | None = None
         fresh = False
         for token in args:
-            if token in self.MULTI:
+            if token in cls.MULTI:
                 flag, fresh = token, True
                 out.append(token)
                 continue
-            if flag is not None and not fresh and self._fits(self.MULTI[flag], token):
+            if flag is not None and not fresh and cls._fits(cls.MULTI[flag], token):
                 out += [flag, token]
                 continue
             if not fresh:
                 flag = None
             fresh = False
             out.append(token)
-        return super().parse_args(ctx, out)
+        return out
 
 
 def _split_words(values: list[str]) -> list[str]:
@@ -310,6 +315,8 @@ def compare(
     import shlex
     import sys
 
+    from rich.markup import escape
+
     from prfl.compare import describe_plan, pending_runs, plan_comparison, run_comparison
     from prfl.report import tables
 
@@ -319,7 +326,7 @@ def compare(
     try:
         plan = plan_comparison(config, preset, set_, _split_words(methods) or None, seeds or None, targets or None,
                                baseline, out, command=shlex.join(["prfl", *sys.argv[1:]]))
-        todo, done = pending_runs(plan, restart)
+        _, done = pending_runs(plan, restart)
     except ConfigError as exc:
         _fail(str(exc))
         return
@@ -343,6 +350,9 @@ def compare(
     except ConfigError as exc:
         _fail(str(exc))
         return
+    except KeyboardInterrupt:
+        console.print("[bold yellow]interrupted:[/] finished runs are kept; run the same command again to resume")
+        raise typer.Exit(code=130) from None
     summ = result.runset.summaries() if result.runset is not None else []
     if plan.targets:
         console.print(_rich_table(f"time to accuracy (virtual s, mean ± sd over seeds; speed-up vs {plan.baseline})",
@@ -350,7 +360,7 @@ def compare(
     console.print(_rich_table("final accuracy", tables.accuracy_table(summ)))
     console.print(_rich_table("participation (local rounds per client)", tables.participation_table(summ)))
     for (method, seed), err in result.failed.items():
-        console.print(f"[bold red]failed:[/] {method} seed {seed}: {err}", highlight=False)
+        console.print(f"[bold red]failed:[/] {method} seed {seed}: {escape(err)}", highlight=False)
     console.print(f"results: [bold]{plan.out}[/] (results.md, tables/, plots/, report.html)")
     if result.failed:
         raise typer.Exit(code=1)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import base64
 import html
 import tempfile
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Sequence
 
 from prfl import __version__
 from prfl.report import tables
@@ -76,7 +76,7 @@ def render(rs: RunSet, plot_paths: dict[str, Path], summaries: Sequence[MethodSu
     summ = list(summaries) if summaries is not None else rs.summaries()
     kind = {"comparison": "comparison", "run": "run", "runs": "runs"}.get(rs.kind, rs.kind)
     seeds = sorted({s for m in summ for s in m.seeds})
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -85,9 +85,9 @@ def render(rs: RunSet, plot_paths: dict[str, Path], summaries: Sequence[MethodSu
         f"<title>{_esc(rs.title)} - prfl report</title>",
         f"<style>{STYLE}</style></head><body>",
         f"<h1>{_esc(rs.title)}</h1>",
-        f'<p class="meta">{_esc(kind)} report of <code>{_esc(rs.root)}</code>: {len(summ)} method(s), '
-        f"seeds {_esc(', '.join(str(s) for s in seeds) or '-')}; generated {stamp} by prfl {__version__}. "
-        f"Times are virtual seconds; ± is the sample standard deviation over seeds.</p>",
+        (f'<p class="meta">{_esc(kind)} report of <code>{_esc(rs.root)}</code>: {len(summ)} method(s), '
+         f"seeds {_esc(', '.join(str(s) for s in seeds) or '-')}; generated {stamp} by prfl {__version__}. "
+         "Times are virtual seconds; ± is the sample standard deviation over seeds.</p>"),
     ]
     if rs.command:
         parts.append(f'<p class="meta">Made by <code>{_esc(rs.command)}</code>; rebuild this page with '

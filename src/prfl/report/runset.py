@@ -17,7 +17,14 @@ from typing import Any
 
 import yaml
 
-from prfl.report.analysis import MethodSummary, RunData, add_speedups, is_run_dir, load_run, summarise_method
+from prfl.report.analysis import (
+    MethodSummary,
+    RunData,
+    add_speedups,
+    is_run_dir,
+    load_run,
+    summarise_method,
+)
 
 MANIFEST = "comparison.yaml"
 RUNS_DIR = "runs"

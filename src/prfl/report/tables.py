@@ -10,10 +10,19 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from prfl.report.analysis import MB, MethodSummary, RunData, Stat, auto_digits, run_metrics, target_key
+from prfl.report.analysis import (
+    MB,
+    MethodSummary,
+    RunData,
+    Stat,
+    auto_digits,
+    run_metrics,
+    target_key,
+)
 
 Table = tuple[list[str], list[list[str]]]
 
@@ -37,7 +46,7 @@ def time_to_accuracy_table(summaries: Sequence[MethodSummary], targets: Sequence
     for t in targets:
         headers.append(f"time to {target_key(t)} (s)")
         if baseline:
-            headers.append(f"speed-up vs {baseline}")
+            headers.append(f"speed-up vs {baseline} ({target_key(t)})")
     rows = []
     for s in summaries:
         row = [s.method, str(len(s.runs))]
@@ -67,7 +76,7 @@ def participation_table(summaries: Sequence[MethodSummary]) -> Table:
         per = [c.mean for c in s.local_rounds_per_client if c.mean is not None]
         lo = f"{min(per):.1f}" if per else "-"
         hi = f"{max(per):.1f}" if per else "-"
-        rows.append([s.method, s.local_rounds_total.fmt(0), lo, hi, _ratio(s.imbalance_ratio), s.imbalance_cv.fmt(3)])
+        rows.append([s.method, s.local_rounds_total.fmt(), lo, hi, _ratio(s.imbalance_ratio), s.imbalance_cv.fmt(3)])
     return headers, rows
 
 

@@ -1,0 +1,269 @@
+"""Generate docs/RESULTS.md from the committed benchmark result files; never edit it by hand.
+
+Sources (under ``--results``, default ``benchmarks/results``):
+
+* ``paper_fmnist/results.csv`` -- one row per run, as written by ``benchmarks/paper_fmnist.py``
+  (scenario, method, seed, final_accuracy, best_accuracy, virtual_seconds, server_rounds,
+  local_rounds, local_rounds_min, local_rounds_max, server_egress_mb, wall_seconds,
+  time_to_<target>...). Any other ``*/results.csv`` or ``*/tables/runs.csv`` (``prfl compare``)
+  with these columns is rendered the same way.
+* ``masked_training.json`` (``benchmarks/bench_masked_training.py``) and ``simulator.json``
+  (``benchmarks/bench_simulator.py``); any other ``*.json`` at the top level is listed by its
+  scalar fields.
+
+Statistics follow ``prfl.report``: mean ± sample sd over seeds; a time to accuracy is the first
+evaluation at or above the target; a speed-up (baseline time / method time) is given only when
+every seed of both methods reached the target.
+
+Usage:
+  .venv/bin/python scripts/make_results_md.py            # writes docs/RESULTS.md
+  .venv/bin/python scripts/make_results_md.py --check    # exit 1 if docs/RESULTS.md is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from prfl.report.analysis import Stat, describe, imbalance
+from prfl.report.tables import markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMAND = "python scripts/make_results_md.py"
+METHOD_ORDER = ("prfl", "fedasync", "fedbuff", "fedfix", "heterofl", "fedavg")
+RUN_COLUMNS = ("scenario", "method", "seed", "final_accuracy")
+
+
+def _float(x: str | None) -> float | None:
+    if x is None or x.strip() == "" or x.strip().lower() in ("none", "nan"):
+        return None
+    return float(x)
+
+
+def read_runs(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def target_columns(rows: Sequence[dict[str, str]]) -> list[tuple[float, str]]:
+    """(target, column) of the ``time_to_<target>`` columns, by target."""
+    cols = [c for c in (rows[0] if rows else {}) if c.startswith("time_to_")]
+    return sorted(((float(c[len("time_to_"):]), c) for c in cols), key=lambda p: p[0])
+
+
+def method_key(name: str) -> tuple[int, int, str]:
+    """PR-FL and its variants first, then the baselines in the paper's order, then the rest."""
+    base = name.split("-")[0]
+    idx = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
+    return idx, 0 if name == base else 1, name
+
+
+def _cell(st: Stat, digits: int | None = None) -> str:
+    if st.n == 0:
+        return f"not reached (0/{st.total})"
+    text = st.fmt(digits)
+    if not st.all_present:
+        text += f" ({st.n}/{st.total} reached)"
+    return text
+
+
+def scenario_table(rows: Sequence[dict[str, str]], baseline: str) -> str:
+    """The Markdown table of one scenario: time to each target with speed-ups, accuracy, rounds, bytes."""
+    targets = target_columns(rows)
+    methods = sorted({r["method"] for r in rows}, key=method_key)
+    by_method = {m: [r for r in rows if r["method"] == m] for m in methods}
+    times = {m: {t: describe(_float(r.get(col)) for r in rs) for t, col in targets} for m, rs in by_method.items()}
+    headers = ["method", "seeds"]
+    for t, _ in targets:
+        headers += [f"time to {t:g} (s)", f"speed-up vs {baseline}"]
+    headers += ["final accuracy", "best accuracy", "local rounds min-max", "max/min", "server egress (GB)"]
+    body = []
+    for m, rs in by_method.items():
+        row = [m, str(len(rs))]
+        for t, _ in targets:
+            st = times[m][t]
+            ref = times.get(baseline, {}).get(t)
+            speed = "-"
+            if ref is not None and ref.all_present and st.all_present and st.mean:
+                speed = f"{ref.mean / st.mean:.2f}x"
+            row += [_cell(st, 0), speed]
+        lows = [_float(r.get("local_rounds_min")) for r in rs]
+        highs = [_float(r.get("local_rounds_max")) for r in rs]
+        ratios = []
+        for r in rs:
+            per = [float(x) for x in (r.get("local_rounds") or "").split()]
+            ratios.append(imbalance(per)[0] if per else None)
+        ratio = describe(ratios)
+        lo = min((x for x in lows if x is not None), default=None)
+        hi = max((x for x in highs if x is not None), default=None)
+        egress = describe((_float(r.get("server_egress_mb")) or 0.0) / 1e3 for r in rs)
+        row += [
+            describe(_float(r.get("final_accuracy")) for r in rs).fmt(3),
+            describe(_float(r.get("best_accuracy")) for r in rs).fmt(3),
+            "-" if lo is None or hi is None else f"{lo:.0f}-{hi:.0f}",
+            ratio.fmt(2) if ratio.all_present else ("∞" if ratio.n == 0 else f"{ratio.fmt(2)} (∞ in {ratio.total - ratio.n})"),
+            egress.fmt(),
+        ]
+        body.append(row)
+    return markdown((headers, body))
+
+
+def runs_section(path: Path, results: Path, baseline: str) -> list[str]:
+    rows = read_runs(path)
+    rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.relative_to(results.parent)
+    if not rows or any(c not in rows[0] for c in RUN_COLUMNS):
+        return [f"`{rel.as_posix()}` has no run rows in the expected columns; skipped.\n"]
+    lines = []
+    for scenario in sorted({r["scenario"] for r in rows}):
+        sub = [r for r in rows if r["scenario"] == scenario]
+        seeds = sorted({int(float(r["seed"])) for r in sub})
+        lines.append(f"### {scenario}\n")
+        lines.append(f"From `{rel.as_posix()}`: {len(sub)} runs, seeds {', '.join(map(str, seeds))}. "
+                     f"Times are virtual seconds (mean ± sd over seeds).\n")
+        lines.append(scenario_table(sub, baseline))
+    return lines
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _num(x: Any, fmt: str = ".3f") -> str:
+    return "-" if not isinstance(x, (int, float)) or isinstance(x, bool) else format(x, fmt)
+
+
+def _provenance(d: dict[str, Any]) -> str:
+    parts = []
+    if d.get("date"):
+        parts.append(f"run {d['date']}")
+    if d.get("command"):
+        parts.append(f"command `{d['command']}`")
+    return ("; ".join(parts) + ".\n") if parts else ""
+
+
+def masked_training_section(d: dict[str, Any], name: str) -> list[str]:
+    lines = ["## Masked against dense local training\n", f"From `{name}`; {_provenance(d)}"]
+    setup = d.get("setup") or {}
+    lines.append(f"Model `{setup.get('model', '?')}`, {setup.get('steps_per_task', '?')} local steps of batch "
+                 f"{_get(setup, 'train_config', 'batch_size') or '?'}; target overhead at most "
+                 f"{_num(d.get('target'), '.2f')}x ({d.get('verdict_metric', 'paired ratio')}). "
+                 f"Verdict: **{d.get('verdict', '?')}** (worst paired ratio {_num(d.get('worst_paired_ratio'))}).\n")
+    rows = []
+    for dens, r in sorted((d.get("ratios_vs_dense") or {}).items(), key=lambda p: float(p[0])):
+        w = r.get("wall") or {}
+        rows.append([str(dens), _num(w.get("paired_ratio_median")), _num(w.get("paired_ratio_p10")),
+                     _num(w.get("paired_ratio_p90")), _num(w.get("ratio_of_medians")),
+                     "yes" if r.get("pass") else "no"])
+    if rows:
+        lines.append(markdown((["density", "paired ratio (median)", "p10", "p90", "ratio of medians", "pass"], rows)))
+    m = d.get("machine") or {}
+    if m:
+        lines.append(f"Machine: {m.get('cpu_model', '?')}, {m.get('cpu_count', '?')} CPUs, torch "
+                     f"{m.get('torch_version', '?')}, {m.get('torch_num_threads', '?')} thread(s).\n")
+    return lines
+
+
+def simulator_section(d: dict[str, Any], name: str) -> list[str]:
+    lines = ["## Simulator overhead and process-pool speed-up\n", f"From `{name}`; {_provenance(d)}"]
+    w = d.get("workload") or {}
+    if w:
+        lines.append("Workload: " + ", ".join(f"{k} {v}" for k, v in w.items()) + ".\n")
+    rows = [
+        ["inline overhead (wall / training, median)", _num(d.get("inline_overhead_median")),
+         f"<= {_num(d.get('goal_overhead'), '.2f')}" if d.get("goal_overhead") is not None else "-"],
+        ["process-pool speed-up (median)", _num(d.get("process_speedup_median"), ".2f"), "-"],
+        ["histories identical across executors", str(d.get("histories_identical", "-")), "True"],
+    ]
+    lines.append(markdown((["measure", "value", "goal"], rows)))
+    m = d.get("machine") or {}
+    if m:
+        lines.append("Machine: " + ", ".join(f"{k} {v}" for k, v in m.items()) + ".\n")
+    return lines
+
+
+def generic_section(d: Any, name: str) -> list[str]:
+    title = (d.get("benchmark") if isinstance(d, dict) else None) or Path(name).stem
+    lines = [f"## {title}\n", f"From `{name}`.\n"]
+    if isinstance(d, dict):
+        rows = [[str(k), str(v)] for k, v in d.items() if isinstance(v, (str, int, float, bool)) or v is None]
+        if rows:
+            lines.append(markdown((["field", "value"], rows)))
+    return lines
+
+
+def run_files(results: Path) -> list[Path]:
+    """``paper_fmnist/results.csv`` first, then other run tables, without duplicates."""
+    found = [results / "paper_fmnist" / "results.csv"]
+    found += sorted(results.glob("*/results.csv")) + sorted(results.glob("**/tables/runs.csv"))
+    out: list[Path] = []
+    for p in found:
+        if p.is_file() and p not in out and "tmp" not in p.relative_to(results).parts:
+            out.append(p)
+    return out
+
+
+def render(results: Path, baseline: str = "fedasync") -> str:
+    """The text of RESULTS.md for the result files under ``results``."""
+    rel_root = results.relative_to(ROOT).as_posix() if results.is_relative_to(ROOT) else results.as_posix()
+    lines = [
+        "# Results\n",
+        f"<!-- Generated by `{COMMAND}` from the files in {rel_root}/; do not edit by hand. -->\n",
+        (f"Generated from the committed result files in `{rel_root}/`; regenerate with `{COMMAND}` "
+         "(`--check` tells whether this file is stale).\n"),
+        "## Time to accuracy\n",
+    ]
+    csvs = run_files(results)
+    if csvs:
+        lines.append(f"Speed-ups are against {baseline}; a speed-up is given when every seed of both methods "
+                     "reached the target.\n")
+        for p in csvs:
+            lines += runs_section(p, results, baseline)
+    else:
+        lines.append(f"No run results yet: run `benchmarks/paper_fmnist.py`, which writes "
+                     f"`{rel_root}/paper_fmnist/results.csv`.\n")
+    for p in sorted(results.glob("*.json")):
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            lines.append(f"## {p.stem}\n\n`{p.name}` is not valid JSON; skipped.\n")
+            continue
+        name = f"{rel_root}/{p.name}"
+        if p.name == "masked_training.json":
+            lines += masked_training_section(d, name)
+        elif p.name == "simulator.json":
+            lines += simulator_section(d, name)
+        else:
+            lines += generic_section(d, name)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="generate docs/RESULTS.md from benchmark result files")
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS.md")
+    ap.add_argument("--baseline", default="fedasync", help="method the speed-ups are measured against")
+    ap.add_argument("--check", action="store_true", help="only check that --out is up to date (exit 1 if not)")
+    args = ap.parse_args(list(argv) if argv is not None else None)
+    text = render(args.results.resolve(), args.baseline)
+    if args.check:
+        current = args.out.read_text(encoding="utf-8") if args.out.is_file() else None
+        if current != text:
+            sys.stderr.write(f"{args.out} is stale; run `{COMMAND}`\n")
+            return 1
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""scripts/make_results_md.py renders docs/RESULTS.md from result files: checked on a small fixture."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_results_md.py"
+HEADER = ("scenario,method,seed,final_accuracy,best_accuracy,virtual_seconds,server_rounds,local_rounds,"
+          "local_rounds_min,local_rounds_max,server_egress_mb,wall_seconds,time_to_0.75,time_to_0.8")
+ROWS = [
+    # iid: PR-FL reaches 0.75 at 100 and 140 s, FedAsync at 300 and 340 s -> speed-up 320 / 120
+    "iid,fedasync,0,0.77,0.78,3000,900,10 20 40,10,40,1500,60,300,",
+    "iid,fedasync,1,0.76,0.77,3000,880,5 20 40,5,40,2500,61,340,",
+    "iid,prfl,0,0.81,0.82,3000,950,30 30 40,30,40,1000,70,100,200",
+    "iid,prfl,1,0.79,0.80,3000,940,3 30 40,3,40,1000,71,140,",
+    "dirichlet,prfl,0,0.70,0.71,3000,900,0 30 40,0,40,900,70,,",
+    "dirichlet,prfl-norecovery,0,0.69,0.70,3000,900,20 30 40,20,40,900,70,,",
+]
+
+
+@pytest.fixture
+def script():
+    spec = importlib.util.spec_from_file_location("make_results_md", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    root = tmp_path / "results"
+    (root / "paper_fmnist").mkdir(parents=True)
+    (root / "paper_fmnist" / "results.csv").write_text("\n".join([HEADER, *ROWS]) + "\n", encoding="utf-8")
+    (root / "masked_training.json").write_text(json.dumps({
+        "benchmark": "masked_training", "date": "2026-01-01T00:00:00+00:00", "command": "python bench.py",
+        "setup": {"model": "conv2", "steps_per_task": 5, "train_config": {"batch_size": 20}},
+        "ratios_vs_dense": {"0.5": {"wall": {"paired_ratio_median": 1.08, "paired_ratio_p10": 0.9, "paired_ratio_p90": 1.3,
+                                             "ratio_of_medians": 1.07}, "pass": True}},
+        "target": 1.15, "verdict": "PASS", "worst_paired_ratio": 1.08,
+    }), encoding="utf-8")
+    (root / "simulator.json").write_text(json.dumps({
+        "benchmark": "simulator", "inline_overhead_median": 1.042, "goal_overhead": 1.1,
+        "process_speedup_median": 1.71, "histories_identical": True, "workload": {"rounds": 200},
+    }), encoding="utf-8")
+    (root / "other.json").write_text(json.dumps({"benchmark": "something else", "score": 3, "nested": {"x": 1}}),
+                                     encoding="utf-8")
+    return root
+
+
+def table_row(text: str, method: str, after: str) -> list[str]:
+    """The cells of ``method``'s row in the first table after the heading ``after``."""
+    section = text.split(after, 1)[1]
+    for line in section.splitlines():
+        if line.startswith(f"| {method} |"):
+            return [c.strip() for c in line.strip("|").split("|")]
+    raise AssertionError(f"no row for {method} after {after!r}")
+
+
+def test_results_md_from_a_fixture(script, results, tmp_path) -> None:
+    out = tmp_path / "RESULTS.md"
+    assert script.main(["--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "python scripts/make_results_md.py" in text and "do not edit by hand" in text
+    prfl = table_row(text, "prfl", "### iid")
+    fedasync = table_row(text, "fedasync", "### iid")
+    # method, seeds, t0.75, speed-up, t0.8, speed-up, final, best, local rounds min-max, max/min, egress GB
+    assert prfl[:6] == ["prfl", "2", "120 ± 28", "2.67x", "200 (1/2 reached)", "-"]
+    assert fedasync[:6] == ["fedasync", "2", "320 ± 28", "1.00x", "not reached (0/2)", "-"]
+    assert prfl[6] == "0.800 ± 0.014" and prfl[8] == "3-40"
+    assert prfl[9] == "7.33 ± 8.49"  # 40/30 and 40/3
+    assert fedasync[10] == "2.00 ± 0.71"  # 1.5 and 2.5 GB
+    assert text.index("| prfl |") < text.index("| fedasync |")  # PR-FL first, then the paper's order
+    noniid = table_row(text, "prfl", "### dirichlet")
+    assert noniid[2] == "not reached (0/1)" and noniid[9] == "∞"  # a client without a round
+    assert table_row(text, "prfl-norecovery", "### dirichlet")[9] == "2.00"
+    assert "Verdict: **PASS**" in text and "| 0.5 | 1.080 | 0.900 | 1.300 | 1.070 | yes |" in text
+    assert "| inline overhead (wall / training, median) | 1.042 | <= 1.10 |" in text
+    assert "## something else" in text and "| score | 3 |" in text
+    # --check passes on the file just written and fails once a source changes
+    assert script.main(["--results", str(results), "--out", str(out), "--check"]) == 0
+    (results / "simulator.json").unlink()
+    assert script.main(["--results", str(results), "--out", str(out), "--check"]) == 1
+
+
+def test_results_md_without_run_results(script, tmp_path) -> None:
+    (tmp_path / "results").mkdir()
+    out = tmp_path / "RESULTS.md"
+    assert script.main(["--results", str(tmp_path / "results"), "--out", str(out)]) == 0
+    assert "No run results yet" in out.read_text(encoding="utf-8")
