@@ -151,7 +151,6 @@ def machine_info(threads: int) -> dict[str, Any]:
         "torch_num_threads": torch.get_num_threads(),
         "torch_num_interop_threads": torch.get_num_interop_threads(),
         "threads_requested": threads,
-        "loadavg_start": list(os.getloadavg()),
     }
 
 
@@ -165,29 +164,33 @@ def variant_name(density: float | None) -> str:
 def overhead_breakdown(
     layout: ParamLayout, masks: dict[float, torch.Tensor], steps: int, repeats: int
 ) -> dict[str, Any]:
-    """Median seconds of each piece of mask work ``LocalTrainer.train`` adds over a dense task.
+    """Median seconds of each piece of mask work a masked task adds over a dense one.
 
-    Mirrors the trainer: per task ``layout.full_mask(mask).to(float32)`` and ``w.mul_(fmask)``,
-    per step ``g.mul_(fmask)`` on the flat gradient. Before every timed call a scratch buffer
-    larger than the last-level cache is rewritten, since in a real task the forward and backward
-    passes evict the flat vectors between mask operations; warm-cache timings understate the cost.
+    The pieces, over the prunable prefix of the flat vectors: converting the bool mask to 0/1
+    floats (paid per task unless the trainer reuses a cached conversion), zeroing the pruned
+    weights once per task (``w.mul_``) and masking the gradient once per step (``g.mul_``).
+    Before every timed call a scratch buffer larger than the last-level cache is rewritten,
+    since in a real task the forward and backward passes evict the flat vectors between mask
+    operations; warm-cache timings understate the cost.
     """
-    w = torch.randn(layout.total)
-    g = torch.randn(layout.total)
+    n = layout.num_prunable
+    w = torch.randn(layout.total)[:n]
+    g = torch.randn(layout.total)[:n]
     scratch = torch.empty(EVICT_BYTES // 4)
     flush = lambda: scratch.fill_(1.0)  # noqa: E731
     out: dict[str, Any] = {"flat_weights": layout.total, "prunable_weights": layout.num_prunable}
     per_density = {}
     for density, mask in masks.items():
-        fmask = layout.full_mask(mask).to(torch.float32)  # type: ignore[union-attr]
-        build = time_op(lambda: layout.full_mask(mask).to(torch.float32), repeats, flush)  # type: ignore[union-attr]
-        w_mul = time_op(lambda: w.mul_(fmask), repeats, flush)
-        g_mul = time_op(lambda: g.mul_(fmask), repeats, flush)
+        fmask = mask.to(torch.float32)
+        build = time_op(lambda m=mask: m.to(torch.float32), repeats, flush)
+        w_mul = time_op(lambda f=fmask: w.mul_(f), repeats, flush)
+        g_mul = time_op(lambda f=fmask: g.mul_(f), repeats, flush)
         per_density[f"{density:g}"] = {
             "build_float_mask_s": build,
             "w_mul_s": w_mul,
             "g_mul_per_step_s": g_mul,
             "per_task_total_s": build + w_mul + steps * g_mul,
+            "per_task_without_build_s": w_mul + steps * g_mul,
         }
     out["per_density"] = per_density
     return out
@@ -195,6 +198,7 @@ def overhead_breakdown(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
+    loadavg_start = list(os.getloadavg())
     densities = [float(d) for d in args.densities.split(",")]
     x, y, data_source = load_train_split()
 
@@ -228,6 +232,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for v in variants:
             task(v, seed=10_000 + i)
 
+    sequence: list[str] = []  # variants in the order they ran, timed rounds only
     wall: dict[str, list[float]] = {n: [] for n in names}
     compute: dict[str, list[float]] = {n: [] for n in names}
     losses: dict[str, list[float]] = {n: [] for n in names}
@@ -240,6 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for k in order_rng.permutation(len(variants)):
                 # Same seed for every variant in a round: identical batch schedule.
                 w_s, c_s, loss = task(variants[k], seed=r)
+                sequence.append(names[k])
                 wall[names[k]].append(w_s)
                 compute[names[k]].append(c_s)
                 losses[names[k]].append(loss)
@@ -275,13 +281,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "paired_ratio_p90": float(np.percentile(paired, 90)),
         }
 
-    breakdown = overhead_breakdown(layout, masks, args.steps, repeats=args.breakdown_repeats) if args.breakdown else None
+    breakdown = None
+    if args.breakdown:
+        breakdown = overhead_breakdown(layout, masks, args.steps, repeats=args.breakdown_repeats)
     if breakdown is not None:
         dense_median = results["dense"]["wall_s"]["median"]
-        for key, b in breakdown["per_density"].items():
+        for b in breakdown["per_density"].values():
             b["predicted_ratio"] = (dense_median + b["per_task_total_s"]) / dense_median
+            b["predicted_ratio_without_build"] = (dense_median + b["per_task_without_build_s"]) / dense_median
 
+    # How often a masked task got the same mask object as the previous masked task: only then
+    # can a trainer that caches the last float mask skip the conversion.
+    masked_seq = [n for n in sequence if n.startswith("masked@")]
+    reuse = {
+        "masked_tasks": len(masked_seq),
+        "same_mask_as_previous_masked_task": sum(a == b for a, b in zip(masked_seq, masked_seq[1:], strict=False)),
+    }
     info = machine_info(args.threads)
+    info["loadavg_start"] = loadavg_start
     info["loadavg_end"] = list(os.getloadavg())
     worst = max(ratios.values(), key=lambda e: e["wall"]["paired_ratio_median"])
     return {
@@ -311,6 +328,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ratios_vs_dense": ratios,
         "control_dense_vs_dense": control,
         "overhead_breakdown": breakdown,
+        "mask_reuse": reuse,
         "target": args.target,
         "verdict_metric": "median of per-round paired wall-time ratios masked/dense, worst density",
         "worst_paired_ratio": worst["wall"]["paired_ratio_median"],
@@ -330,7 +348,10 @@ def print_report(report: dict[str, Any]) -> None:
         f"load {m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}"
     )
     print()
-    header = f"{'variant':<12} {'median ms':>10} {'p10 ms':>8} {'p90 ms':>8} {'compute ms':>11} {'ratio':>7} {'paired':>7}  verdict"
+    header = (
+        f"{'variant':<12} {'median ms':>10} {'p10 ms':>8} {'p90 ms':>8} {'compute ms':>11} "
+        f"{'ratio':>7} {'paired':>7}  verdict"
+    )
     print(header)
     print("-" * len(header))
     for name, r in report["variants"].items():
@@ -353,13 +374,23 @@ def print_report(report: dict[str, Any]) -> None:
     b = report["overhead_breakdown"]
     if b:
         print()
-        print(f"mask work per task (isolated ops, cold cache, median; flat vector of {b['flat_weights']} floats):")
-        print(f"{'density':<8} {'build ms':>9} {'w.mul_ ms':>10} {'g.mul_/step ms':>15} {'total ms':>9} {'predicted':>10}")
+        print(f"mask work per task (isolated ops, cold cache, median; {b['prunable_weights']} prunable weights):")
+        print(
+            f"{'density':<8} {'to float ms':>11} {'w.mul_ ms':>10} {'g.mul_/step ms':>15} {'total ms':>9} "
+            f"{'predicted':>10} {'cached':>7}"
+        )
         for d, e in b["per_density"].items():
             print(
-                f"{d:<8} {e['build_float_mask_s'] * 1e3:>9.2f} {e['w_mul_s'] * 1e3:>10.2f} "
-                f"{e['g_mul_per_step_s'] * 1e3:>15.2f} {e['per_task_total_s'] * 1e3:>9.2f} {e['predicted_ratio']:>10.3f}"
+                f"{d:<8} {e['build_float_mask_s'] * 1e3:>11.2f} {e['w_mul_s'] * 1e3:>10.2f} "
+                f"{e['g_mul_per_step_s'] * 1e3:>15.2f} {e['per_task_total_s'] * 1e3:>9.2f} "
+                f"{e['predicted_ratio']:>10.3f} {e['predicted_ratio_without_build']:>7.3f}"
             )
+        print("(predicted = dense median + this work; cached = the same without the float conversion)")
+    u = report["mask_reuse"]
+    print(
+        f"masked tasks given the same mask object as the previous masked task: "
+        f"{u['same_mask_as_previous_masked_task']} of {u['masked_tasks']}"
+    )
     print()
     print(
         f"{report['verdict']}: worst paired masked/dense ratio {report['worst_paired_ratio']:.3f} "
