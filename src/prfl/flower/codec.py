@@ -7,8 +7,10 @@ Flower carries are exactly the byte formulas of :mod:`prfl.distribution`:
 - a sparse sub-model (a mask, no residual split): ``values`` at the mask (4 c), ``index``
   (1 tag byte + the cheaper of a bitmap, ceil(N / 8), or int32 positions, 4 c) and ``suffix``
   (4 M): ``sparse_model_bytes(c, N, M)``;
-- residual pieces: ``p0.values`` (4 M) and for every prunable piece j the node lacks
-  ``p{j}.values`` + ``p{j}.index`` (4 c + min(ceil(N / 8), 4 c) + 1): ``piece_bytes``.
+- residual pieces: the values of every piece the node lacks for this model version,
+  ``p0.values`` (4 M) and ``p{j}.values`` (4 c), and the positions it lacks for this split
+  structure, ``p{j}.index`` (min(ceil(N / 8), 4 c) + 1): PR-FL's accounting, in which a node
+  keeps piece positions until the ranking or the density levels change.
 
 A result carries the trained values at the task's mask plus the suffix (the server knows the
 mask it sent), 4 (c + M) bytes, or all 4 |W| for a dense task; the squared gradients PR-FL
@@ -123,6 +125,7 @@ class TaskMessage:
     total: int
     num_prunable: int
     split: int = -1
+    structure: int = -1  # the split's structure (ranking and levels): piece positions are keyed by it
     needed: tuple[int, ...] = ()  # piece indices 0..j of split ``split`` (kind == pieces)
     counts: tuple[int, ...] = ()  # weights per needed piece, for validation
     arrays: dict[str, Array] = field(default_factory=dict)
@@ -147,6 +150,7 @@ def encode_task(
     num_prunable: int,
     arrays: dict[str, Array],
     split: int = -1,
+    structure: int = -1,
     needed: tuple[int, ...] = (),
     counts: tuple[int, ...] = (),
 ) -> RecordDict:
@@ -164,6 +168,7 @@ def encode_task(
         "total": int(total),
         "num-prunable": int(num_prunable),
         "split": int(split),
+        "structure": int(structure),
     }
     if needed:
         cfg["needed"] = [int(j) for j in needed]
@@ -192,6 +197,7 @@ def decode_task(content: RecordDict) -> TaskMessage:
         total=int(c["total"]),
         num_prunable=int(c["num-prunable"]),
         split=int(c["split"]),
+        structure=int(c["structure"]),
         needed=tuple(int(j) for j in c.get("needed", [])),
         counts=tuple(int(n) for n in c.get("counts", [])),
         arrays=dict(content[PAYLOAD].items()),

@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -85,6 +86,7 @@ class Pending:
     kind: str  # "task" or "describe"
     node_id: int
     deadline: float  # monotonic
+    mid: str = ""  # message id
     sent_at: float = 0.0  # driver clock (now)
     spec: TaskSpec | None = None
     mask: torch.Tensor | None = None  # the mask the node trains under (None: dense)
@@ -137,6 +139,7 @@ class FlowerDriver:
         self.timers: dict[str, float] = {}
         self.queue: deque[Event] = deque()  # events to deliver at the next tick
         self.pieces = PieceServer(k)
+        self._stop_file = Path(settings.stop_file).expanduser() if settings.stop_file else None
 
         self.t0 = clock()
         self.started = False
@@ -179,14 +182,17 @@ class FlowerDriver:
         self.started = True
         self.history.write("start", time=0.0, round=0, clients=self.num_clients, policy=self.policy.name,
                            driver="flower", nodes={str(c): n for c, n in sorted(self.client_node.items())})
-        self._evaluate()
-        self._deliver(Start(now=0.0))
         try:
+            self._evaluate()
+            self._deliver(Start(now=0.0))
             while self.stopped is None:
                 self._tick()
-        finally:
-            if self.busy:
-                log.info("run ended with %d task(s) still out; their replies are ignored", len(self.busy))
+        except Exception as exc:
+            self.history.write("end", time=self.now(), round=self.policy.version, reason=f"error: {exc}")
+            self.history.offset()
+            raise
+        if self.busy:
+            log.info("run ended with %d task(s) still out; their replies are ignored", len(self.busy))
         if self.last_eval_version != self.policy.version or not self.evals:
             self._evaluate()
         self.history.write("end", time=self.now(), round=self.policy.version, reason=self.stopped)
@@ -197,18 +203,33 @@ class FlowerDriver:
         """Describe the federation's nodes until every client has one (or the wait runs out)."""
         deadline = self._clock() + self.settings.wait_for_nodes
         while True:
-            self._discover(force=self._clock() - self.last_discover >= self.settings.discover_interval)
+            self._discover(force=False)
             self._pull()
             self._expire()
-            bound = len(self.client_node)
-            if bound >= self.num_clients:
-                log.info("all %d clients have a node", self.num_clients)
-                return
-            if self._clock() >= deadline:
-                log.warning("starting with %d of %d clients bound to a node after %.0f s; the others fail as "
-                            "offline until their node appears", bound, self.num_clients, self.settings.wait_for_nodes)
+            self._probe()
+            waiting = [n for n in self.nodes.values() if n.described and n.client is None and not n.gone]
+            if len(self.client_node) + len(waiting) >= self.num_clients or self._clock() >= deadline:
+                self._bind_unassigned()
+                bound = len(self.client_node)
+                if bound >= self.num_clients:
+                    log.info("all %d clients have a node", self.num_clients)
+                else:
+                    log.warning("starting with %d of %d clients bound to a node after %.0f s; the others fail as "
+                                "offline until their node appears", bound, self.num_clients,
+                                self.settings.wait_for_nodes)
                 return
             self._sleep(self.settings.poll_interval)
+
+    def _bind_unassigned(self) -> None:
+        """Give nodes without a partition id the free clients, in the order of their node ids."""
+        for node in sorted(self.nodes.values(), key=lambda n: n.node_id):
+            if node.described and node.client is None and not node.gone and node.partition_id < 0:
+                client = self._free_client()
+                if client is None:
+                    log.warning("node %d has no partition-id and every client has a node; it stays unused",
+                                node.node_id)
+                    continue
+                self._bind(node, client)
 
     def _tick(self) -> None:
         """One pass of the loop: queued events, timers, replies, timeouts, nodes, budget, sleep."""
@@ -222,6 +243,8 @@ class FlowerDriver:
         now = self.now()
         if self.stopped is None and self.max_time is not None and now >= self.max_time:
             self.stopped = "time budget spent"
+        if self.stopped is None and self._stop_file is not None and self._stop_file.exists():
+            self.stopped = f"stop requested ({self._stop_file} exists)"
         if self.stopped is None and self.next_eval_time is not None and now >= self.next_eval_time:
             self._evaluate()
             assert self.eval_every_seconds is not None
@@ -323,7 +346,7 @@ class FlowerDriver:
         if mid is None:
             self._fail_now(c, spec.task_id, "push failed")
             return
-        self.pending[mid] = Pending("task", node.node_id, self._clock() + self.settings.reply_timeout, now, spec,
+        self.pending[mid] = Pending("task", node.node_id, self._clock() + self.settings.reply_timeout, mid, now, spec,
                                     mask, payload, rec_bytes, pieces)
         self.busy[c] = mid
         self.tasks_sent += 1
@@ -337,22 +360,22 @@ class FlowerDriver:
 
     def _encode_task(self, spec: TaskSpec) -> tuple[RecordDict, torch.Tensor | None, int, list[str]]:
         """Train-message content, the mask trained under, server egress bytes and pieces sent."""
-        common = dict(
-            task_id=spec.task_id, client=spec.client, num_clients=self.num_clients, version=spec.version,
-            density=spec.density, width=spec.width, want_importance=spec.want_importance,
-            seed=int_seed(self.seed, "train", spec.client, spec.task_id),
-        )
+        common = {
+            "task_id": spec.task_id, "client": spec.client, "num_clients": self.num_clients, "version": spec.version,
+            "density": spec.density, "width": spec.width, "want_importance": spec.want_importance,
+            "seed": int_seed(self.seed, "train", spec.client, spec.task_id),
+        }
         plan = residual_plan(self.policy, spec) if spec.width == 1.0 else None
         if plan is not None:
-            arrays, missing, egress = self.pieces.arrays_for(plan, spec.weights, spec.client)
+            arrays, sent, egress = self.pieces.arrays_for(plan, spec.weights, spec.client)
             j = plan.needed[-1].index
             mask = None if plan.split.bounds[j] >= self.num_prunable else plan.split.mask(plan.split.levels[j - 1])
             content = codec.encode_task(
                 **common, kind=codec.KIND_PIECES, total=self.total, num_prunable=self.num_prunable, arrays=arrays,
-                split=plan.split.version, needed=tuple(p.index for p in plan.needed),
+                split=plan.split.version, structure=self.pieces.structure, needed=tuple(p.index for p in plan.needed),
                 counts=tuple(plan.split.count(p) for p in plan.needed),
             )
-            return content, mask, egress, [str(p) for p in missing]
+            return content, mask, egress, sent
         weights = spec.weights.detach().to(torch.float32)
         if spec.mask is None or spec.width != 1.0:
             arrays = {"weights": codec.raw_array(weights, "float32")}
@@ -402,11 +425,17 @@ class FlowerDriver:
             else:
                 self._on_describe_reply(entry, reply)
 
+    def _release(self, entry: Pending) -> None:
+        """The client of ``entry`` no longer holds its task."""
+        assert entry.spec is not None
+        if self.busy.get(entry.spec.client) == entry.mid:
+            del self.busy[entry.spec.client]
+
     def _on_task_reply(self, mid: str, entry: Pending, reply: Message) -> None:
         spec = entry.spec
         assert spec is not None
         c = spec.client
-        self.busy.pop(c, None)
+        self._release(entry)
         node = self.nodes.get(entry.node_id)
         if reply.has_error():
             err = reply.error
@@ -449,7 +478,8 @@ class FlowerDriver:
             staleness=self.policy.version - spec.version, density=spec.density, train_loss=res.mean_loss,
             duration=duration, compute=res.compute_seconds, bytes_down=entry.payload_bytes,
             bytes_up=res.update_payload_bytes, accounted_down=spec.download_bytes, accounted_up=spec.upload_bytes,
-            importance_bytes=res.importance_bytes, record_bytes_down=entry.record_bytes,
+            importance_bytes=res.importance_bytes, received_bytes=res.received_payload_bytes,
+            record_bytes_down=entry.record_bytes,
             record_bytes_up=codec.record_bytes(reply.content), delay=res.delay_seconds, node=entry.node_id,
             pieces=entry.pieces,
         )
@@ -459,7 +489,7 @@ class FlowerDriver:
         spec = entry.spec
         assert spec is not None
         c = spec.client
-        self.busy.pop(c, None)
+        self._release(entry)
         self.failures[c] += 1
         self.pieces.forget(c)  # the node may have lost its cache
         node = self.nodes.get(entry.node_id)
@@ -491,7 +521,7 @@ class FlowerDriver:
             return
         self.last_discover = t
         try:
-            listed = set(int(n) for n in self.grid.get_node_ids())
+            listed = {int(n) for n in self.grid.get_node_ids()}
         except Exception:
             log.exception("get_node_ids failed; retrying later")
             return
@@ -502,6 +532,9 @@ class FlowerDriver:
             if nid not in listed and not node.gone:
                 node.gone = True
                 log.info("node %d left the federation", nid)
+                for mid, entry in list(self.pending.items()):
+                    if entry.node_id == nid and self.pending.pop(mid, None) is not None and entry.kind == "task":
+                        self._task_failed(entry, "node left the federation")
                 if node.client is not None and self.client_node.get(node.client) == nid:
                     del self.client_node[node.client]
                     if self.started:
@@ -525,7 +558,7 @@ class FlowerDriver:
         if mid is None:
             return
         self.record_down += codec.record_bytes(content)
-        self.pending[mid] = Pending("describe", node.node_id, self._clock() + self.settings.hello_timeout)
+        self.pending[mid] = Pending("describe", node.node_id, self._clock() + self.settings.hello_timeout, mid)
 
     def _on_describe_reply(self, entry: Pending, reply: Message) -> None:
         node = self.nodes.get(entry.node_id)
@@ -552,12 +585,10 @@ class FlowerDriver:
         recovered = node.suspect
         node.suspect = False
         if node.client is None:
-            client = pid if pid >= 0 else self._free_client()
-            if client is None:
-                log.warning("node %d has no partition-id and every client already has a node; it stays unused",
-                            node.node_id)
-                return
-            self._bind(node, client)
+            if pid >= 0:
+                self._bind(node, pid)
+            elif self.started:  # before Start, nodes without a partition id are bound in node-id order
+                self._bind_unassigned()
         elif recovered and self.client_node.get(node.client) == node.node_id:
             self._client_back(node.client, node.node_id, "node answered again")
 

@@ -1,23 +1,23 @@
 """Residual pieces over Flower: what the server sends each node, and the node's piece cache.
 
 The server side (:class:`PieceServer`) encodes each piece of a model version once, remembers
-which pieces every client holds (like PR-FL's ``held``) and sends a node only the pieces it
-lacks. The node side (:class:`NodeCache`) keeps the pieces keyed by :class:`PieceId` (model
-version of the split, piece index) in the ClientApp's ``Context.state``, which Flower keeps
-on the SuperNode between messages of a run, and rebuilds the sub-model from them.
+what every client holds (like PR-FL's ``held`` and ``held_index``) and sends a node only what
+it lacks. The node side (:class:`NodeCache`) keeps piece values keyed by :class:`PieceId`
+(model version of the split, piece index) and piece positions keyed by (split structure,
+piece index) in the ClientApp's ``Context.state``, which Flower keeps on the SuperNode between
+the messages of a run, and rebuilds the sub-model from them.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from prfl.distribution import PackedIndex, Piece, PieceId, Publisher, ResidualSplit, assemble
+from prfl.distribution import PackedIndex, Piece, PieceId, ResidualSplit, assemble
 from prfl.flower.codec import TaskMessage, decode_index, encode_index, from_raw, raw_array
 from prfl.policies.base import Policy, TaskSpec
 
@@ -67,61 +67,90 @@ def residual_plan(policy: Policy, spec: TaskSpec) -> PiecePlan | None:
 
 
 class PieceServer:
-    """Server side of the residual split: encoded pieces of the current split, and who holds what."""
+    """Server side of the residual split: what each client holds, and the arrays it still needs.
+
+    A piece's *values* belong to one model version (the split's ``version``); its *positions*
+    depend only on the split's structure (the ranking and the density levels), so a node keeps
+    them across model versions until the structure changes. A client is sent the values of the
+    pieces it lacks for this version and the positions it lacks for this structure, matching
+    PR-FL's accounting (piece 0, the dense suffix, has no positions to send).
+    """
 
     def __init__(self, num_clients: int) -> None:
-        self.held: list[set[PieceId]] = [set() for _ in range(num_clients)]
-        self.publisher = Publisher()
-        self._encoded: dict[PieceId, dict[str, bytes]] = {}
-        self._split_version: int | None = None
+        self.held_values: list[set[PieceId]] = [set() for _ in range(num_clients)]
+        self.held_index: list[set[int]] = [set() for _ in range(num_clients)]
+        self.structure = 0
+        self._ranking: object | None = None
+        self._levels: tuple[float, ...] | None = None
+        self._version: int | None = None
+        self._values: dict[PieceId, bytes] = {}  # encoded values of the current version
+        self._index: dict[int, bytes] = {}  # encoded positions of the current structure
+        self._published_values: set[PieceId] = set()
+        self._published_index: set[int] = set()
 
     def forget(self, client: int) -> None:
         """The node of ``client`` may have lost its cache (restart, failure): send everything next time."""
-        self.held[client] = set()
+        self.held_values[client] = set()
+        self.held_index[client] = set()
 
-    def arrays_for(self, plan: PiecePlan, weights: torch.Tensor, client: int) -> tuple[dict[str, Array], list[PieceId], int]:
-        """Arrays of the pieces ``client`` lacks, their ids, and the bytes newly published."""
+    def _sync(self, split: ResidualSplit) -> None:
+        if split.ranking is not self._ranking or split.levels != self._levels:
+            self.structure += 1
+            self._ranking, self._levels = split.ranking, split.levels
+            self._index = {}
+            self._published_index = set()
+            self.held_index = [set() for _ in self.held_index]
+        if split.version != self._version:
+            self._version = split.version
+            self._values = {}
+            self._published_values = {p for p in self._published_values if p.version >= split.version}
+
+    def arrays_for(self, plan: PiecePlan, weights: torch.Tensor, client: int) -> tuple[dict[str, Array], list[str], int]:
+        """Arrays ``client`` still needs for ``plan``, their labels, and the bytes newly published."""
         split = plan.split
-        if split.version != self._split_version:
-            self._encoded = {}
-            self._split_version = split.version
-            self.publisher.forget_versions_before(split.version)
-        missing = [p for p in plan.needed if p not in self.held[client]]
+        self._sync(split)
         arrays: dict[str, Array] = {}
-        for p in missing:
-            enc = self._encoded.get(p)
-            if enc is None:
-                enc = self._encoded[p] = self._encode(split, weights, p)
-            for key, (dtype, n, data) in enc.items():  # fresh Array objects, shared buffers
-                arrays[key] = Array(dtype=dtype, shape=(n,), stype="raw", data=data)
-        egress = self.publisher.publish(split, missing)
-        self.held[client] = set(plan.needed)
-        return arrays, missing, egress
-
-    @staticmethod
-    def _encode(split: ResidualSplit, weights: torch.Tensor, piece: PieceId) -> dict[str, Any]:
-        p = split.extract(weights.to(torch.float32), piece)
-        values = raw_array(p.values, "float32")
-        out = {f"p{piece.index}.values": (values.dtype, values.shape[0], values.data)}
-        if piece.index > 0:
-            index = encode_index(PackedIndex.from_positions(p.indices, split.num_prunable))
-            out[f"p{piece.index}.index"] = (index.dtype, index.shape[0], index.data)
-        return out
+        sent: list[str] = []
+        egress = 0
+        for p in plan.needed:
+            j = p.index
+            if p not in self.held_values[client]:
+                data = self._values.get(p)
+                if data is None:
+                    vals = split.extract(weights.to(torch.float32), p).values
+                    data = self._values[p] = raw_array(vals, "float32").data
+                arrays[f"p{j}.values"] = Array(dtype="float32", shape=(len(data) // 4,), stype="raw", data=data)
+                sent.append(str(p))
+                if p not in self._published_values:
+                    self._published_values.add(p)
+                    egress += len(data)
+            if j > 0 and j not in self.held_index[client]:
+                data = self._index.get(j)
+                if data is None:
+                    pos = split.indices(p)
+                    data = self._index[j] = encode_index(PackedIndex.from_positions(pos, split.num_prunable)).data
+                arrays[f"p{j}.index"] = Array(dtype="uint8", shape=(len(data),), stype="raw", data=data)
+                sent.append(f"s{self.structure}/p{j}.index")
+                if j not in self._published_index:
+                    self._published_index.add(j)
+                    egress += len(data)
+        self.held_values[client] = set(plan.needed)
+        self.held_index[client].update(p.index for p in plan.needed)
+        return arrays, sent, egress
 
 
 class NodeCache:
-    """Node side: the residual pieces a node holds, keyed by :class:`PieceId`, kept in Context.state."""
+    """Node side: piece values keyed by (model version, piece) and piece positions keyed by
+    (structure, piece), kept in the ClientApp's ``Context.state`` between messages."""
 
     STATE_KEY = "prfl.pieces"
 
     def __init__(self) -> None:
-        self._pieces: dict[PieceId, Piece] = {}
+        self.values: dict[PieceId, torch.Tensor] = {}
+        self.index: dict[tuple[int, int], torch.Tensor] = {}
 
     def __len__(self) -> int:
-        return len(self._pieces)
-
-    def held(self) -> set[PieceId]:
-        return set(self._pieces)
+        return len(self.values)
 
     # -- persistence in Context.state
     @classmethod
@@ -130,49 +159,55 @@ class NodeCache:
         rec = state.get(cls.STATE_KEY)
         if isinstance(rec, ArrayRecord):
             for key, arr in rec.items():
-                if not key.endswith("/idx"):
-                    continue
-                v, j = (int(x) for x in key[: -len("/idx")].split("/"))
-                pid = PieceId(v, j)
-                idx = torch.from_numpy(arr.numpy().astype(np.int64))
-                val = torch.from_numpy(rec[f"{v}/{j}/val"].numpy().astype(np.float32))
-                cache._pieces[pid] = Piece(pid, idx, val)
+                kind, a, b = key.split("/")
+                if kind == "v":
+                    cache.values[PieceId(int(a), int(b))] = torch.from_numpy(arr.numpy().astype(np.float32))
+                elif kind == "i":
+                    cache.index[(int(a), int(b))] = torch.from_numpy(arr.numpy().astype(np.int64))
         return cache
 
     def save(self, state: RecordDict) -> None:
         arrays: dict[str, Array] = {}
-        for pid, piece in sorted(self._pieces.items()):
-            arrays[f"{pid.version}/{pid.index}/idx"] = Array(piece.indices.numpy().astype(np.int32))
-            arrays[f"{pid.version}/{pid.index}/val"] = Array(piece.values.numpy().astype(np.float32))
+        for pid, vals in sorted(self.values.items()):
+            arrays[f"v/{pid.version}/{pid.index}"] = Array(vals.numpy().astype(np.float32))
+        for (st, j), pos in sorted(self.index.items()):
+            arrays[f"i/{st}/{j}"] = Array(pos.numpy().astype(np.int32))
         state[self.STATE_KEY] = ArrayRecord(array_dict=arrays)
 
     # -- use
     def receive(self, task: TaskMessage) -> int:
-        """Store the pieces carried by ``task``; drop older versions. Returns pieces stored."""
-        old = [p for p in self._pieces if p.version < task.split]
-        for p in old:
-            del self._pieces[p]
+        """Store the values and positions ``task`` carries; drop older versions and structures."""
+        for pid in [p for p in self.values if p.version < task.split]:
+            del self.values[pid]
+        for key in [k for k in self.index if k[0] != task.structure]:
+            del self.index[key]
         stored = 0
         for j in task.needed:
-            key = f"p{j}.values"
-            if key not in task.arrays:
-                continue
-            values = torch.from_numpy(from_raw(task.arrays[key]).astype(np.float32))
-            if j == 0:
-                idx = torch.arange(task.num_prunable, task.total, dtype=torch.int64)
-            else:
-                idx = decode_index(task.arrays[f"p{j}.index"], task.num_prunable)
-            self._pieces[PieceId(task.split, j)] = Piece(PieceId(task.split, j), idx, values)
-            stored += 1
+            if f"p{j}.values" in task.arrays:
+                vals = from_raw(task.arrays[f"p{j}.values"]).astype(np.float32)
+                self.values[PieceId(task.split, j)] = torch.from_numpy(vals)
+                stored += 1
+            if j > 0 and f"p{j}.index" in task.arrays:
+                self.index[(task.structure, j)] = decode_index(task.arrays[f"p{j}.index"], task.num_prunable)
         return stored
 
     def rebuild(self, task: TaskMessage) -> tuple[torch.Tensor, torch.Tensor]:
         """``(weights, prunable mask)`` of the task's sub-model from the cached pieces."""
-        ids = task.needed_ids
-        absent = [str(p) for p in ids if p not in self._pieces]
-        if absent:
-            raise MissingPieces(f"task {task.task_id}: pieces {', '.join(absent)} are not cached on this node")
-        for pid, count in zip(ids, task.counts):
-            if self._pieces[pid].indices.numel() != count:
-                raise MissingPieces(f"task {task.task_id}: cached piece {pid} has {self._pieces[pid].indices.numel()} weights, expected {count}")
-        return assemble((self._pieces[p] for p in ids), task.total, task.num_prunable)
+        pieces = []
+        for j, count in zip(task.needed, task.counts):
+            pid = PieceId(task.split, j)
+            vals = self.values.get(pid)
+            if vals is None:
+                raise MissingPieces(f"task {task.task_id}: the values of piece {pid} are not cached on this node")
+            if j == 0:
+                pos = torch.arange(task.num_prunable, task.total, dtype=torch.int64)
+            else:
+                pos = self.index.get((task.structure, j))
+                if pos is None:
+                    raise MissingPieces(f"task {task.task_id}: the positions of piece {j} (structure "
+                                        f"{task.structure}) are not cached on this node")
+            if vals.numel() != count or pos.numel() != count:
+                raise MissingPieces(f"task {task.task_id}: piece {pid} has {vals.numel()} values and {pos.numel()} "
+                                    f"positions cached, expected {count}")
+            pieces.append(Piece(pid, pos, vals))
+        return assemble(pieces, task.total, task.num_prunable)

@@ -2,12 +2,15 @@
 
 Flower hands a ServerApp and a ClientApp the app's run config as flat ``key: value`` pairs
 (``[tool.flwr.app.config]`` of the app's ``pyproject.toml``, nested tables joined with ``.``,
-then ``flwr run --run-config`` overrides). Two families of keys are understood:
+then ``flwr run --run-config`` overrides). Three families of keys are understood:
 
 - ``prfl.<path>``: any field of prfl's :class:`~prfl.config.ExperimentConfig`, e.g.
   ``prfl.data.dataset``, ``prfl.policy.name``, ``prfl.policy.options.interval``,
   ``prfl.sim.max_rounds``. TOML has no lists or nulls in a run config, so a string that starts
   with ``[`` or ``{`` is parsed as YAML (``"[32]"`` -> ``[32]``) and ``"none"`` means None.
+- ``policy-options.<policy>.<option>``: an option of one policy, used only when
+  ``prfl.policy.name`` is that policy, so that one app config can hold every policy's options
+  and ``--run-config 'prfl.policy.name="fedbuff"'`` switches between them;
 - driver keys (:data:`DRIVER_KEYS`): reply timeout, where the history goes, per-partition delays...
 
 ``config-file`` names a prfl YAML config (the one ``prfl run`` takes) applied before the
@@ -24,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from pydantic import ValidationError
 
 from prfl.config import ConfigError, ExperimentConfig, load_config
 
 PRFL_PREFIX = "prfl."
+OPTIONS_PREFIX = "policy-options."
 
 DRIVER_KEYS: dict[str, str] = {
     "config-file": "a prfl YAML config applied before the prfl.* keys ('' for none)",
@@ -43,6 +46,7 @@ DRIVER_KEYS: dict[str, str] = {
     "idle-timeout": "seconds with nothing in flight and no usable node before the run stops",
     "client-delays": "comma-separated artificial delay (s) per partition id; node config delay-seconds wins",
     "max-client-errors": "consecutive ClientApp errors from one node before the run fails",
+    "stop-file": "path whose appearance ends the run gracefully (history and summary written; '' for none)",
 }
 
 # Defaults of the driver keys (the example app's pyproject.toml repeats them).
@@ -58,6 +62,7 @@ DRIVER_DEFAULTS: dict[str, Any] = {
     "idle-timeout": 120.0,
     "client-delays": "",
     "max-client-errors": 3,
+    "stop-file": "",
 }
 
 # prfl.* values used when neither the run config nor a config file sets them. The simulator's
@@ -82,6 +87,7 @@ class DriverSettings:
     idle_timeout: float = DRIVER_DEFAULTS["idle-timeout"]
     client_delays: tuple[float, ...] = ()
     max_client_errors: int = DRIVER_DEFAULTS["max-client-errors"]
+    stop_file: str = ""
 
     def __post_init__(self) -> None:
         for name in ("reply_timeout", "hello_timeout", "poll_interval", "discover_interval", "probe_interval", "idle_timeout"):
@@ -142,11 +148,11 @@ def app_settings(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | No
     """
     flat: dict[str, Any] = dict(defaults or {})
     flat.update(run_config)
-    unknown = sorted(k for k in flat if not k.startswith(PRFL_PREFIX) and k not in DRIVER_KEYS)
+    unknown = sorted(k for k in flat if not k.startswith((PRFL_PREFIX, OPTIONS_PREFIX)) and k not in DRIVER_KEYS)
     if unknown:
         raise ConfigError(
             f"unknown run-config key {unknown[0]!r}; use prfl.<field> for the experiment "
-            f"(e.g. prfl.policy.name) or one of: {', '.join(DRIVER_KEYS)}"
+            f"(e.g. prfl.policy.name), policy-options.<policy>.<option>, or one of: {', '.join(DRIVER_KEYS)}"
         )
     drv = {**DRIVER_DEFAULTS, **{k: v for k, v in flat.items() if k in DRIVER_KEYS}}
 
@@ -172,6 +178,20 @@ def app_settings(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | No
                 raise ConfigError(f"run-config key 'prfl.{key}': {p!r} is not a section")
             node = nxt
         node[parts[-1]] = value
+    # policy-options.<name>.<option>: options of one policy, applied only when that policy runs
+    policy = data.setdefault("policy", {})
+    chosen = policy.get("name", ExperimentConfig().policy.name)
+    for key, value in sorted(flat.items()):
+        if not key.startswith(OPTIONS_PREFIX):
+            continue
+        name, _, option = key[len(OPTIONS_PREFIX):].partition(".")
+        if not name or not option or "." in option:
+            raise ConfigError(f"run-config key {key!r} must look like policy-options.<policy>.<option>")
+        if name == chosen:
+            options = policy.get("options")
+            if options is None:
+                options = policy["options"] = {}
+            options.setdefault(option, _value(value))  # an explicit prfl.policy.options.<option> wins
     try:
         experiment = ExperimentConfig.model_validate(data)
     except ValidationError as err:  # name the fields in the run-config spelling
@@ -190,6 +210,7 @@ def app_settings(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | No
             idle_timeout=float(drv["idle-timeout"]),
             client_delays=parse_delays(str(drv["client-delays"])),
             max_client_errors=int(drv["max-client-errors"]),
+            stop_file=str(drv["stop-file"]).strip(),
         )
     except ConfigError:
         raise
@@ -199,11 +220,12 @@ def app_settings(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | No
 
 
 __all__ = [
-    "AppSettings",
     "DRIVER_DEFAULTS",
     "DRIVER_KEYS",
-    "DriverSettings",
+    "OPTIONS_PREFIX",
     "PRFL_PREFIX",
+    "AppSettings",
+    "DriverSettings",
     "app_settings",
     "parse_delays",
 ]

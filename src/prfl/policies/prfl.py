@@ -11,6 +11,13 @@ pieces so that a piece of a model version leaves the server once.
 Ablation switches: ``recovery``, ``buffer`` (off: aggregate only the window's arrivals),
 ``mask_fedavg`` (off: plain weighted FedAvg), ``residual_split`` (off: each client gets its whole
 sparse sub-model), ``synchronous`` (wait for every online client before aggregating).
+
+Robustness (off by default): ``robust`` = ``clip`` clips each arriving update W_i - W_sent (W_sent:
+the weights its task started from) to norm ``clip_norm`` on the client's mask before it enters
+the buffer, then aggregates with MaskFedAvg; ``trimmed_mean`` / ``median`` replace MaskFedAvg by
+the coordinate-wise rule over the holders of each weight (:mod:`prfl.robust`), with trimmed
+fraction ``trim``. ``norm_factor`` = k rejects an update whose norm exceeds k times the median of
+the last ``norm_window`` accepted update norms (:mod:`prfl.validation`).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 from prfl.aggregation import mask_fedavg, staleness_weight, weighted_average
 from prfl.buffer import ClientBuffer
 from prfl.client.result import TaskResult
-from prfl.distribution import Publisher, ResidualSplit, dense_model_bytes, sparse_model_bytes
+from prfl.distribution import PieceId, Publisher, ResidualSplit, dense_model_bytes, sparse_model_bytes
 from prfl.policies.base import (
     Action,
     Dispatch,
@@ -41,6 +48,8 @@ from prfl.policies.fleet import FleetPolicy, InFlight
 from prfl.pruning.density import DensityController
 from prfl.pruning.ranking import Ranking, build_ranking, magnitude_ranking
 from prfl.pruning.recovery import EarlyStopping
+from prfl.robust import ROBUST_METHODS, check_method, clip_update, robust_aggregate
+from prfl.validation import UpdateChecks
 
 PAPER_PRESET_DENSITIES = (1.0, 1.0, 0.6, 0.6, 0.3, 0.3, 0.1, 0.1, 0.1, 0.1)
 WINDOW_TIMER = "prfl:window"
@@ -76,6 +85,11 @@ class PRFLConfig:
     mask_fedavg: bool = True
     residual_split: bool = True
     synchronous: bool = False
+    robust: Literal["none", "clip", "trimmed_mean", "median"] = "none"
+    clip_norm: float | None = None  # c of robust: clip (required then)
+    trim: float = 0.1  # beta of robust: trimmed_mean, in [0, 0.5)
+    norm_factor: float | None = None  # k of the update-norm check (None: off)
+    norm_window: int = 20  # M: accepted update norms the check's median is taken over
 
     def __post_init__(self) -> None:
         if self.interval < 1:
@@ -98,6 +112,10 @@ class PRFLConfig:
             raise ValueError(f"delta_rho must lie in (0, 1], got {self.delta_rho}")
         if self.initial_densities is not None:
             object.__setattr__(self, "initial_densities", tuple(float(d) for d in self.initial_densities))
+        if self.robust not in ROBUST_METHODS:
+            raise ValueError(f"robust must be one of {', '.join(ROBUST_METHODS)}, got {self.robust!r}")
+        check_method(self.robust, self.trim, self.clip_norm)
+        UpdateChecks(self.norm_factor, self.norm_window)  # validates both
 
 
 class PRFL(FleetPolicy):
@@ -174,6 +192,12 @@ class PRFL(FleetPolicy):
             self.publisher.forget_versions_before(self._split_id)
         return self._split
 
+    def residual_split_for(self, spec: TaskSpec) -> tuple[ResidualSplit, tuple[PieceId, ...]] | None:
+        """The split the current dispatches use and the pieces ``spec`` needs (None: whole models)."""
+        if not self.config.residual_split or self._split is None:
+            return None
+        return self._split, self._split.needed(spec.density)
+
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, client: int, now: float) -> Dispatch:
         if client in self._busy:
@@ -182,6 +206,7 @@ class PRFL(FleetPolicy):
         mask = self.mask_for(rho)
         count = self.ranking.count(rho)
         suffix = self.total - self.num_prunable
+        pieces: tuple[str, ...] = ()
         if self.config.residual_split:
             split = self._current_split()
             needed = split.needed(rho)
@@ -202,6 +227,7 @@ class PRFL(FleetPolicy):
             self.held[client] = set(needed)  # the client's cache now holds this version's pieces
             self.held_index[client].update(p.index for p in needed)
             self.published_index.update(p.index for p in needed)
+            pieces = tuple(str(p) for p in needed)
         elif rho >= 1.0:
             down = egress = dense_model_bytes(self.total)
         else:
@@ -217,11 +243,22 @@ class PRFL(FleetPolicy):
             download_bytes=down,
             upload_bytes=up,
             server_egress_bytes=egress,
+            pieces=pieces,
             want_importance=self.config.importance,
         )
-        self._track(InFlight(task.task_id, client, task.version, float(now)))
+        self.track_task(task, now)
         self.task_masks[task.task_id] = mask
         return Dispatch(task)
+
+    # ------------------------------------------------------------------ validation hooks
+    def update_checks(self) -> UpdateChecks:
+        return UpdateChecks(self.config.norm_factor, self.config.norm_window)
+
+    def measures_norms(self) -> bool:
+        return self.config.robust == "clip"
+
+    def task_mask(self, task: InFlight) -> torch.Tensor | None:
+        return self.task_masks.get(task.task_id)
 
     # ------------------------------------------------------------------ events
     def on_event(self, event: Event) -> list[Action]:
@@ -238,7 +275,12 @@ class PRFL(FleetPolicy):
         self.control.observe(task.client, now - task.dispatched_at, result.density)
         if result.grad_sq is not None:
             self._add_importance(result.grad_sq)
-        self.window.append((task, dataclasses.replace(result, weights=arrival.weights), arrival.staleness))
+        weights = arrival.weights
+        if self.config.robust == "clip":
+            assert arrival.start is not None and self.config.clip_norm is not None  # measures_norms keeps start weights
+            weights, _ = clip_update(weights, arrival.start, self.task_masks.get(task.task_id), self.num_prunable,
+                                     self.config.clip_norm)
+        self.window.append((task, dataclasses.replace(result, weights=weights), arrival.staleness))
         if self.config.synchronous:
             return self._aggregate(now) if not self.in_flight else []
         if self.config.window == 0:
@@ -256,6 +298,8 @@ class PRFL(FleetPolicy):
 
     def _on_task_failed(self, now: float, task: InFlight) -> list[Action]:
         self.task_masks.pop(task.task_id, None)
+        self.held[task.client] = set()  # a failed device may have lost its piece cache
+        self.held_index[task.client] = set()
         if self.config.synchronous and not self.in_flight and self.window:
             return self._aggregate(now)
         return []
@@ -283,18 +327,24 @@ class PRFL(FleetPolicy):
         masks = {t.task_id: self.task_masks.pop(t.task_id) for t, _, _ in arrived}
         for task, result, _ in arrived:
             self.buffer.put(task.client, result.weights, masks[task.task_id], result.num_samples, task.version)
+        # clipping happened on arrival (against W_sent); the coordinate-wise rules run here
+        rule = cfg.robust if cfg.robust in ("trimmed_mean", "median") else "none"
         if cfg.buffer:
             # fp32 accumulation: the models are fp32 and this halves the cost of the step
             new = self.buffer.aggregate(
                 self.weights, self.version, kind=cfg.staleness, a=cfg.a, b=cfg.b, eta_g=cfg.eta_g,
-                masked=cfg.mask_fedavg, accumulate_dtype=torch.float32,
+                masked=cfg.mask_fedavg, accumulate_dtype=torch.float32, robust=rule, trim=cfg.trim,
             )
         else:
             s = [staleness_weight(cfg.staleness, st, cfg.a, cfg.b) for _, _, st in arrived]
             total = sum(s)
             coeffs = [si / total * r.num_samples for si, (_, r, _) in zip(s, arrived)]
             models = [r.weights for _, r, _ in arrived]
-            if cfg.mask_fedavg:
+            if rule != "none":
+                task_masks = [masks[t.task_id] if cfg.mask_fedavg else None for t, _, _ in arrived]
+                new = robust_aggregate(self.weights, models, task_masks, coeffs, self.num_prunable, rule, cfg.trim,
+                                       eta_g=cfg.eta_g)
+            elif cfg.mask_fedavg:
                 new = mask_fedavg(self.weights, models, [masks[t.task_id] for t, _, _ in arrived], coeffs, self.num_prunable, cfg.eta_g)
             else:
                 avg = weighted_average(models, coeffs)
@@ -385,6 +435,7 @@ class PRFL(FleetPolicy):
             window_open=self.window_open,
             publisher=self.publisher.state_dict(),
             split_id=self._split_id,
+            split_key=self._split_key,
             held=[sorted(h, key=repr) for h in self.held],
             structure_key=self._structure_key,
             structure_id=self._structure_id,
@@ -412,6 +463,11 @@ class PRFL(FleetPolicy):
         self.window_open = state["window_open"]
         self.publisher.load_state_dict(state["publisher"])
         self._split, self._split_key, self._split_id = None, None, state["split_id"]
+        key = state.get("split_key")
+        if key is not None:  # rebuild the split in force, so a resumed run publishes exactly the same pieces
+            model_id, ranking_id, levels = key
+            self._split_key = (int(model_id), int(ranking_id), tuple(float(d) for d in levels))
+            self._split = ResidualSplit(self.ranking, self._split_key[2], self._split_id, self.total)
         self.held = [set(h) for h in state["held"]]
         self._structure_key = state["structure_key"]
         self._structure_id = state["structure_id"]

@@ -41,6 +41,11 @@ class HistoryWriter:
         if self._fh is not None:
             self._fh.write(json.dumps(rec, separators=(",", ":")) + "\n")
 
+    def flush(self) -> None:
+        """Hand buffered events to the operating system (no fsync)."""
+        if self._fh is not None:
+            self._fh.flush()
+
     def offset(self) -> int:
         """Flush and return the file size: everything before it is durable."""
         if self._fh is None:

@@ -1,0 +1,85 @@
+"""The prfl ServerApp: builds the scenario and the policy, then runs the real-time driver.
+
+The server builds the same scenario as ``prfl run`` (data, partition sizes, model and initial
+weights from the run config's seeds), evaluates on the data set's test split, and writes
+``config.yaml``, ``partition.json``, ``history.jsonl`` (the simulator's format) and
+``summary.json`` into the run config's ``out-dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from prfl.config import save_config
+from prfl.flower.driver import FlowerDriver
+from prfl.flower.settings import app_settings
+from prfl.run import build_scenario, make_policy
+from prfl.sim.history import HistoryWriter
+
+log = logging.getLogger(__name__)
+
+
+def _ensure_log_handler() -> None:
+    """Show prfl's INFO logs in the ServerApp's output (Flower streams it with ``flwr log``)."""
+    logger = logging.getLogger("prfl")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def run_server(grid: Grid, run_config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run one experiment on ``grid``; return its summary (also written to ``summary.json``)."""
+    settings = app_settings(run_config, defaults)
+    cfg = settings.experiment
+    sc = build_scenario(cfg)
+    policy = make_policy(sc, cfg.policy)
+    out = settings.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    sc.partition.save(out / "partition.json")
+    for stale in ("history.jsonl", "summary.json"):
+        (out / stale).unlink(missing_ok=True)
+    log.info("prfl on Flower: policy %s, %d clients, %s/%s, history in %s", policy.name, cfg.data.num_clients,
+             cfg.data.dataset, cfg.model.name, out.resolve())
+    history = HistoryWriter(out / "history.jsonl")
+    s = cfg.sim
+    driver = FlowerDriver(
+        grid, policy, sc.evaluator(), settings.driver, seed=cfg.seed, history=history,
+        eval_every_rounds=s.eval_every_rounds, eval_every_seconds=s.eval_every_seconds, max_time=s.max_time,
+        target_accuracies=s.targets,
+    )
+    try:
+        summary = driver.run()
+    finally:
+        history.close()
+    summary["name"] = cfg.name
+    summary["seed"] = cfg.seed
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
+    log.info("done: %s after %d server updates, %.1f s; final accuracy %s; %d messages sent",
+             summary["stopped"], summary["server_rounds"], summary["seconds"], summary["final_accuracy"],
+             summary["messages_sent"])
+    return summary
+
+
+def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp; ``defaults`` (flat run-config keys) fill keys the run config lacks."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        _ensure_log_handler()
+        run_server(grid, context.run_config, defaults)
+
+    return server_app
+
+
+app = make_server_app()
+"""The ServerApp ``[tool.flwr.app.components] serverapp`` points at."""

@@ -1,0 +1,240 @@
+"""The real-time driver and the apps over an in-process Grid (fast; no SuperLink, no Ray)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="Flower is not installed: pip install 'prfl[flower]' to run the Flower tests")
+
+from flower_fakegrid import FakeGrid
+from flower_support import EXAMPLE_APP, SMALL_RUN, events, read_history
+
+from prfl.config import ConfigError
+from prfl.distribution import PackedIndex, prunable_piece_bytes, sparse_model_bytes
+from prfl.flower import codec
+from prfl.flower.client_app import make_client_app
+from prfl.flower.server_app import run_server
+from prfl.flower.settings import DRIVER_KEYS, app_settings
+from prfl.seeding import int_seed
+from prfl.sim.executors import TrainJob
+
+
+def _config(extra: dict[str, Any]) -> dict[str, Any]:
+    return {**SMALL_RUN, **extra}
+
+
+def _run(tmp_path: Path, extra: dict[str, Any], node_configs: list[dict[str, Any]] | None = None,
+         grid_hook: Any = None, latency: float = 0.0) -> tuple[dict[str, Any], list[dict[str, Any]], FakeGrid]:
+    rc = {**_config(extra), "out-dir": str(tmp_path / "run"), "reply-timeout": 5.0, "wait-for-nodes": 2.0,
+          "poll-interval": 0.01, "discover-interval": 0.05, "probe-interval": 0.05, "idle-timeout": 5.0, **extra}
+    if node_configs is None:
+        node_configs = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
+    grid = FakeGrid(make_client_app(), rc, node_configs, latency=latency)
+    if grid_hook is not None:
+        grid_hook(grid)
+    summary = run_server(grid, rc)
+    return summary, read_history(tmp_path / "run" / "history.jsonl"), grid
+
+
+def test_prfl_bytes_match_accounting_and_accuracy_rises(tmp_path: Path) -> None:
+    summary, recs, _ = _run(tmp_path, {"prfl.sim.max_rounds": 8, "prfl.sim.eval_every_rounds": 2})
+    assert summary["server_rounds"] == 8
+    evals = events(recs, "eval")
+    assert evals[-1]["accuracy"] > evals[0]["accuracy"] + 0.2
+    arrivals = events(recs, "arrival")
+    assert {a["client"] for a in arrivals} == {0, 1, 2}
+    for a in arrivals:
+        assert a["bytes_down"] == a["accounted_down"] == a["received_bytes"]
+        assert a["bytes_up"] == a["accounted_up"]
+    assert any(a["density"] < 1 for a in arrivals)
+    assert summary["client_download_bytes"] == summary["accounted_download_bytes"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["server_rounds"] == 8
+
+
+def test_node_trains_what_the_simulator_trains(tmp_path: Path) -> None:
+    """The first task's result equals the simulator's executor on the same job, bit for bit."""
+    captured: dict[str, Any] = {}
+
+    def hook(grid: FakeGrid) -> None:
+        original = grid.push_messages
+
+        def push(messages):  # keep the first train message and its reply
+            msgs = list(messages)
+            ids = list(original(msgs))
+            for m, i in zip(msgs, ids):
+                if m.metadata.message_type == codec.TRAIN_TYPE and "task" not in captured:
+                    captured["task"] = codec.decode_task(m.content)
+                    captured["reply"] = grid.replies[i]
+            return ids
+
+        grid.push_messages = push
+
+    _run(tmp_path, {"prfl.sim.max_rounds": 1, "prfl.policy.name": "fedasync", "prfl.policy.options": "{}"},
+         grid_hook=hook)
+    from prfl.config import ExperimentConfig
+    from prfl.run import build_scenario
+
+    task = captured["task"]
+    cfg = app_settings(_config({"prfl.policy.name": "fedasync", "prfl.policy.options": "{}"})).experiment
+    assert isinstance(cfg, ExperimentConfig)
+    sc = build_scenario(cfg)
+    from prfl.sim.executors import InlineExecutor
+
+    job = TrainJob(task.task_id, task.client, sc.initial_weights, sc.partition.client_indices[task.client],
+                   int_seed(cfg.seed, "train", task.client, task.task_id))
+    expected = InlineExecutor(sc.worker_spec, sc.dataset).submit(job).result().weights
+    got, _ = codec.result_weights(codec.decode_result(captured["reply"].content), None, expected.numel(),
+                                  sc.layout.num_prunable)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    "policy, options",
+    [
+        ("fedasync", "{}"),
+        ("fedavg", "{}"),
+        ("fedbuff", "{k: 2}"),
+        ("fedfix", "{dt: 0.05}"),  # timers fire from the driver loop
+        ("heterofl", "{mode: width, rates: [1.0, 0.5, 0.25]}"),
+        ("heterofl", "{mode: mask, densities: [1.0, 0.5, 0.25]}"),
+        ("prfl", "{interval: 2, residual_split: false}"),
+    ],
+)
+def test_any_policy_runs(tmp_path: Path, policy: str, options: str) -> None:
+    summary, recs, _ = _run(tmp_path, {"prfl.sim.max_rounds": 3, "prfl.policy.name": policy,
+                                       "prfl.policy.options": options})
+    assert summary["server_rounds"] == 3, summary["stopped"]
+    arrivals = events(recs, "arrival")
+    assert arrivals and all(a["bytes_down"] == a["received_bytes"] == a["accounted_down"] for a in arrivals)
+    for a in arrivals:  # HeteroFL's mask form accounts an index in the upload too; values only are sent
+        assert a["bytes_up"] == a["accounted_up"] or ("mask" in options and a["bytes_up"] < a["accounted_up"])
+
+
+def test_dead_node_times_out_and_a_new_node_rejoins(tmp_path: Path) -> None:
+    """No reply -> TaskFailed after the timeout; a new node with the same partition -> ClientIdle."""
+    state: dict[str, Any] = {}
+
+    def hook(grid: FakeGrid) -> None:
+        original = grid.push_messages
+
+        def push(messages):
+            msgs = list(messages)
+            for m in msgs:
+                if "killed" not in state and m.metadata.message_type == codec.TRAIN_TYPE:
+                    task = codec.decode_task(m.content)
+                    if task.client == 2 and task.task_id >= 3:  # its node dies with this task
+                        state["killed"], state["at"] = m.metadata.dst_node_id, time.monotonic()
+                        grid.dead.add(m.metadata.dst_node_id)
+            if "killed" in state and "restarted" not in state and time.monotonic() - state["at"] > 1.0:
+                state["restarted"] = True
+                grid.add_node(9999, {"partition-id": 2, "num-partitions": 3})
+            return original(msgs)
+
+        grid.push_messages = push
+
+    summary, recs, _ = _run(tmp_path, {"prfl.sim.max_rounds": 80, "prfl.sim.eval_every_rounds": 1,
+                                       "reply-timeout": 0.5, "policy-options.prfl.window": 0.0},
+                            grid_hook=hook, latency=0.03)
+    fail = events(recs, "task_failed", client=2)[0]
+    assert fail["reason"].startswith("timeout") and fail["node"] == state["killed"]
+    join = events(recs, "node", client=2, status="joined")[0]
+    assert join["node"] == 9999
+    i_fail, i_join = recs.index(fail), recs.index(join)
+    assert events(recs[i_fail:i_join], "server_update")
+    stale = [e["buffer_staleness"][2] for e in events(recs[i_fail:i_join], "eval")]
+    assert len(stale) >= 2 and stale == sorted(stale) and stale[-1] > stale[0]
+    assert events(recs[i_join:], "availability", client=2, online=True)
+    assert [a for a in events(recs[i_join:], "arrival", client=2) if a["node"] == 9999]
+    assert summary["nodes"]["2"] == 9999
+
+
+def test_nodes_without_partition_id_take_clients_in_node_id_order(tmp_path: Path) -> None:
+    summary, _recs, _ = _run(tmp_path, {"prfl.sim.max_rounds": 2}, node_configs=[{}, {}, {}])
+    assert summary["nodes"] == {"0": 1000, "1": 1017, "2": 1034}
+
+
+def test_client_errors_fail_tasks_then_the_run(tmp_path: Path) -> None:
+    def hook(grid: FakeGrid) -> None:
+        app = grid.client_app
+
+        def failing(msg, ctx):
+            if msg.metadata.message_type == codec.TRAIN_TYPE and ctx.node_id == 1017:
+                raise RuntimeError("boom")
+            return app(msg, ctx)
+
+        grid.client_app = failing
+
+    with pytest.raises(RuntimeError, match="failed 2 tasks in a row"):
+        _run(tmp_path, {"prfl.sim.max_rounds": 50, "max-client-errors": 2}, grid_hook=hook, latency=0.01)
+    recs = read_history(tmp_path / "run" / "history.jsonl")
+    assert events(recs, "task_failed", client=1) and recs[-1]["event"] == "end"
+    assert recs[-1]["reason"].startswith("error: node 1017")
+
+
+# --------------------------------------------------------------------------- codec and settings
+def test_sparse_and_index_encodings_cost_the_formulas() -> None:
+    gen = torch.Generator().manual_seed(0)
+    n, m = 1000, 7
+    w = torch.randn(n + m, generator=gen)
+    for keep in (0, 3, 30, 500, 1000):
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[torch.randperm(n, generator=gen)[:keep]] = True
+        arrays = codec.sparse_arrays(w, mask, n)
+        assert sum(len(a.data) for a in arrays.values()) == sparse_model_bytes(keep, n, m)
+        assert len(arrays["values"].data) + len(arrays["index"].data) == prunable_piece_bytes(keep, n)
+        weights, got_mask = codec.decode_sparse(arrays, n + m, n)
+        assert torch.equal(got_mask, mask)
+        assert torch.equal(weights[:n][mask], w[:n][mask]) and torch.equal(weights[n:], w[n:])
+        pos = codec.decode_index(codec.encode_index(PackedIndex.from_mask(mask)), n)
+        assert torch.equal(pos, mask.nonzero().view(-1))
+
+
+def test_example_app_config_parses_and_declares_every_key() -> None:
+    import tomllib
+
+    from flwr.common.config import flatten_dict
+
+    conf = tomllib.loads((EXAMPLE_APP / "pyproject.toml").read_text(encoding="utf-8"))
+    flat = flatten_dict(conf["tool"]["flwr"]["app"]["config"])
+    assert set(DRIVER_KEYS) <= set(flat)
+    assert set(SMALL_RUN) <= set(flat)  # the tests override only declared keys
+    settings = app_settings(flat)
+    assert settings.experiment.policy.name == "prfl" and settings.experiment.model.options == {"hidden": [32]}
+    comps = conf["tool"]["flwr"]["app"]["components"]
+    assert comps == {"serverapp": "prfl.flower.server_app:app", "clientapp": "prfl.flower.client_app:app"}
+
+
+def test_policy_options_follow_the_chosen_policy() -> None:
+    import tomllib
+
+    from flwr.common.config import flatten_dict
+
+    conf = tomllib.loads((EXAMPLE_APP / "pyproject.toml").read_text(encoding="utf-8"))
+    flat = flatten_dict(conf["tool"]["flwr"]["app"]["config"])
+    assert app_settings(flat).experiment.policy.options == {"interval": 5, "window": 0.3, "min_density": 0.2}
+    fedbuff = app_settings({**flat, "prfl.policy.name": "fedbuff"}).experiment.policy
+    assert fedbuff.name == "fedbuff" and fedbuff.options == {"k": 3}
+    explicit = app_settings({**flat, "prfl.policy.options.window": 0.0}).experiment.policy.options
+    assert explicit["window"] == 0.0 and explicit["interval"] == 5
+    with pytest.raises(ConfigError, match="policy-options.<policy>.<option>"):
+        app_settings({"policy-options.prfl": 1})
+
+
+def test_bad_run_config_names_the_key() -> None:
+    with pytest.raises(ConfigError, match="unknown run-config key 'reply_timeout'"):
+        app_settings({"reply_timeout": 3.0})
+    with pytest.raises(ConfigError, match="prfl.data.num_clients"):
+        app_settings({"prfl.data.num_clients": 0})
+    with pytest.raises(ConfigError, match="reply-timeout"):
+        app_settings({"reply-timeout": -1.0})
+    with pytest.raises(ConfigError, match="client-delays"):
+        app_settings({"client-delays": "0,fast"})
+    assert app_settings({"client-delays": "0, 1.5"}).driver.delay_for(1) == 1.5
+    assert np.isclose(app_settings({}).driver.reply_timeout, 120.0)
