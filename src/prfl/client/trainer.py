@@ -132,7 +132,7 @@ class LocalTrainer:
         self.w = layout.flatten(model)  # binding keeps the model's current values
         self.g = torch.zeros(layout.total, dtype=torch.float32)
         self.buf = torch.zeros(layout.total, dtype=torch.float32)
-        self._mask_cache: tuple[weakref.ref[torch.Tensor], torch.Tensor] | None = None
+        self._mask_cache: tuple[weakref.ref[torch.Tensor], int, torch.Tensor] | None = None
         layout.bind(model, self.w, self.g)
 
     def train(
@@ -196,10 +196,11 @@ class LocalTrainer:
                 f"got {mask.dtype} of {mask.numel()} entries"
             )
         cached = self._mask_cache
-        if cached is not None and cached[0]() is mask:
-            return cached[1]
+        # identity and version: a mask edited in place is converted again
+        if cached is not None and cached[0]() is mask and cached[1] == mask._version:
+            return cached[2]
         fmask = mask.to(torch.float32)
-        self._mask_cache = (weakref.ref(mask), fmask)
+        self._mask_cache = (weakref.ref(mask), mask._version, fmask)
         return fmask
 
     def _sgd_step(self, cfg: TrainConfig, fmask: torch.Tensor | None) -> None:
