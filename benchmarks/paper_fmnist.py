@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prfl.config import load_config
+import yaml
+
+from prfl.config import PolicyConfig, load_config
 from prfl.run import build_scenario, run_policy
 
 SCENARIOS: dict[str, list[str]] = {
@@ -36,6 +38,17 @@ METHODS: dict[str, str] = {
     "heterofl": "{name: heterofl, options: {mode: width}}",
     "fedavg": "{name: fedavg, options: {}}",
 }
+# PR-FL with one part switched off, to find what each part buys (run with --methods ...)
+ABLATIONS: dict[str, str] = {
+    "prfl-norecovery": "{name: prfl, options: {recovery: false}}",
+    "prfl-nobuffer": "{name: prfl, options: {buffer: false}}",
+    "prfl-nomaskfedavg": "{name: prfl, options: {mask_fedavg: false}}",
+    "prfl-noresidual": "{name: prfl, options: {residual_split: false}}",
+    "prfl-sync": "{name: prfl, options: {synchronous: true}}",
+    "prfl-observedtime": "{name: prfl, options: {time_basis: observed}}",
+    "prfl-dense": "{name: prfl, options: {min_density: 1.0}}",
+}
+ALL_METHODS = {**METHODS, **ABLATIONS}
 BASE = [
     "name=paper-fmnist",
     "data.dataset=fashion-mnist",
@@ -113,7 +126,7 @@ def table(rows: list[dict[str, Any]], targets: list[float]) -> str:
         for t in targets:
             vals = [r[f"time_to_{t:g}"] for r in sub if r["method"] == "fedasync" and r[f"time_to_{t:g}"] is not None]
             ref[t] = statistics.mean(vals) if vals else None
-        for method in METHODS:
+        for method in ALL_METHODS:
             rs = [r for r in sub if r["method"] == method]
             if not rs:
                 continue
@@ -140,7 +153,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "paper_fmnist")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(ALL_METHODS))
     ap.add_argument("--max-time", type=float, default=3000.0)
     ap.add_argument("--targets", type=float, nargs="+", default=[0.75, 0.8])
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra config override")
@@ -161,7 +174,7 @@ def main() -> int:
                     if sc is None:
                         sc = build_scenario(load_config(overrides=overrides))
                     t0 = time.perf_counter()
-                    s = run_policy(sc, sc.cfg.policy.model_validate(__import__("yaml").safe_load(METHODS[method])), d)
+                    s = run_policy(sc, PolicyConfig.model_validate(yaml.safe_load(ALL_METHODS[method])), d)
                     print(f"{scenario} {method} seed{seed}: final {s['final_accuracy']:.3f} "
                           f"rounds {s['server_rounds']} wall {time.perf_counter() - t0:.0f}s", flush=True)
     rows = collect(args.out, args.targets)
