@@ -1,5 +1,5 @@
 # prfl developer entry points. `make test` and `make demo` work on a fresh machine:
-# they create .venv, install the project with its dev and flower extras, and fetch the offline data sets
+# they create .venv, install the project with its dev, flower and privacy extras, and fetch the offline data sets
 # that the machine's package manager provides.
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +13,7 @@ setup: $(STAMP) data
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,flower]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,flower,privacy]'
 	touch $(STAMP)
 
 data:

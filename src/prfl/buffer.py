@@ -6,6 +6,9 @@ dense), its sample count n_i and the server round n'_i at which it was sent. At 
     s_i = staleness_weight(kind, n - n'_i)        p_i = s_i / sum_j s_j
     MaskFedAvg with coefficients c_i = p_i n_i    (prfl.aggregation.mask_fedavg)
 
+or, with ``robust=``, a robust rule over the buffer that respects the masks (prfl.robust):
+norm clipping of W_i - W_prev, coordinate-wise trimmed mean (weighted by c_i) or median.
+
 Storage:
 
 - ``"dense"``: each slot keeps the full fp32 vector (4 |W| bytes) and a bool mask (N bytes).
@@ -25,8 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from prfl.aggregation import ACCUMULATE_DTYPE, staleness_weight
+from prfl.aggregation import ACCUMULATE_DTYPE, mask_fedavg, staleness_weight, weighted_average
 from prfl.distribution import PackedIndex
+from prfl.robust import check_method, clip_updates, coordinate_median, holders, trimmed_mean
 
 STORAGE_KINDS: tuple[str, ...] = ("dense", "sparse")
 _DTYPE = torch.float32
@@ -204,6 +208,9 @@ class ClientBuffer:
         eta_g: float = 1.0,
         masked: bool = True,
         accumulate_dtype: torch.dtype = ACCUMULATE_DTYPE,
+        robust: str = "none",
+        trim: float = 0.1,
+        clip_norm: float | None = None,
     ) -> torch.Tensor:
         """MaskFedAvg over the whole buffer with c_i = p_i n_i; a new tensor of ``prev``'s dtype.
 
@@ -215,6 +222,14 @@ class ClientBuffer:
             W_new = sum_i c_i W_i / sum_i c_i on the whole vector, then the same server step.
         Accumulates slot by slot into W_acc and M_acc (in ``accumulate_dtype``, like
         prfl.aggregation), so a sparse buffer is never densified all at once.
+
+        robust (see :mod:`prfl.robust`; clients with c_i = 0 take no part; with masked=False every
+        client counts as holding every weight):
+            ``clip``: W_i' = W_prev + (W_i - W_prev) min(1, clip_norm / ||W_i - W_prev||_held),
+            then the rule above; ``trimmed_mean``: per weight, drop the floor(trim h) highest
+            and lowest of its h holders and average the rest with weights c_i; ``median``: the
+            median over its holders. A weight with no holder keeps ``prev``. These stack the
+            buffer into one (K, total) tensor.
         """
         if prev.dim() != 1 or prev.numel() != self.total or not prev.is_floating_point():
             raise ValueError(
@@ -226,9 +241,51 @@ class ClientBuffer:
         total_c = sum(coeffs.values())
         if not total_c > 0:
             raise ValueError("every buffered client has num_samples == 0; nothing to average")
+        check_method(robust, trim, clip_norm)
+        if robust != "none":
+            return self._robust(prev, coeffs, eta_g, masked, accumulate_dtype, robust, trim, clip_norm)
         if masked:
             return self._mask_fedavg(prev, coeffs, total_c, eta_g, accumulate_dtype)
         new = self._weighted_sum(coeffs, accumulate_dtype).div_(total_c).to(prev.dtype)
+        return new if eta_g == 1.0 else torch.lerp(prev, new, eta_g)
+
+    def stacked(self, clients: list[int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """The models of ``clients`` (default: every occupied slot, ascending) as one (K, total)
+        fp32 tensor (W_i ⊙ m_i rows), with their masks."""
+        ids = self.clients() if clients is None else clients
+        rows = torch.empty(len(ids), self.total, dtype=_DTYPE)
+        masks: list[torch.Tensor | None] = []
+        for r, c in enumerate(ids):
+            slot = self._slots[c]
+            if slot.index is None:
+                rows[r].copy_(slot.values)
+                masks.append(slot.mask)
+            else:
+                self._densify_into(slot, rows[r])
+                masks.append(slot.index.to_mask())
+        return rows, masks
+
+    def _robust(
+        self, prev: torch.Tensor, coeffs: dict[int, float], eta_g: float, masked: bool, dtype: torch.dtype,
+        method: str, trim: float, clip_norm: float | None,
+    ) -> torch.Tensor:
+        """The robust rules of :meth:`aggregate` over the clients with c_i > 0."""
+        ids = [c for c, v in coeffs.items() if v > 0]
+        cs = [coeffs[c] for c in ids]
+        rows, masks = self.stacked(ids)
+        if not masked:
+            masks = [None] * len(ids)
+        held = holders(masks, self.num_prunable, self.total)
+        if method == "clip":
+            assert clip_norm is not None
+            clipped, _ = clip_updates(rows, prev, held, clip_norm)
+            if masked:
+                return mask_fedavg(prev, list(clipped), masks, cs, self.num_prunable, eta_g, dtype)
+            new = weighted_average(list(clipped), cs, dtype).to(prev.dtype)
+        elif method == "trimmed_mean":
+            new = trimmed_mean(rows, held, prev, trim, cs)
+        else:
+            new = coordinate_median(rows, held, prev)
         return new if eta_g == 1.0 else torch.lerp(prev, new, eta_g)
 
     def plain_average(self, accumulate_dtype: torch.dtype = ACCUMULATE_DTYPE) -> torch.Tensor:

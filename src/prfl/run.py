@@ -1,13 +1,16 @@
 """Build a scenario from a config and run experiments into run directories.
 
 A run directory holds ``config.yaml`` (resolved), ``partition.json``, ``history.jsonl``,
-``summary.json``, ``accuracy.png`` and ``checkpoint.pt`` (for ``prfl run --resume DIR``).
+``summary.json``, ``accuracy.png`` and ``checkpoint.pt`` with the one before it,
+``checkpoint.prev.pt`` (for ``prfl run --resume DIR``; a torn checkpoint falls back to the
+previous one and the history is cut back to that checkpoint).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +29,7 @@ from prfl.policies import build_policy
 from prfl.policies.base import Policy, PolicyContext
 from prfl.report.plots import plot_accuracy
 from prfl.sim.devices import Fleet, load_fleet, make_fleet
-from prfl.sim.engine import SimSettings, Simulation
+from prfl.sim.engine import CHECKPOINT, PREVIOUS_CHECKPOINT, CheckpointError, SimSettings, Simulation, load_checkpoint
 from prfl.sim.executors import WorkerSpec, make_executor
 from prfl.sim.history import HistoryWriter, read_history
 
@@ -248,7 +251,7 @@ def run_policy(
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         sc.partition.save(out / "partition.json")
-        for stale in ("history.jsonl", "checkpoint.pt", "summary.json"):
+        for stale in ("history.jsonl", CHECKPOINT, PREVIOUS_CHECKPOINT, CHECKPOINT + ".tmp", "summary.json"):
             (out / stale).unlink(missing_ok=True)
     history = HistoryWriter(out / "history.jsonl" if out is not None else None)
     executor = _executor(sc)
@@ -267,17 +270,28 @@ def run_policy(
 
 
 def resume_run(run_dir: str | Path, on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Continue a run from its last checkpoint; the history is cut back to that point first."""
+    """Continue a run from its last good checkpoint; the history is cut back to that point first.
+
+    ``checkpoint.pt`` is used unless it is torn or corrupted (its checksum fails) or ahead of the
+    history file; then ``checkpoint.prev.pt`` is.
+    """
     out = Path(run_dir)
-    ckpt = out / "checkpoint.pt"
     if not (out / "config.yaml").is_file():
         raise ConfigError(f"{out} is not a run directory (no config.yaml)")
-    if not ckpt.is_file():
-        raise ConfigError(f"{out} has no checkpoint.pt to resume from; start the run again with `prfl run`")
+    if not (out / CHECKPOINT).is_file() and not (out / PREVIOUS_CHECKPOINT).is_file():
+        raise ConfigError(f"{out} has no {CHECKPOINT} to resume from; start the run again with `prfl run`")
+    hist = out / "history.jsonl"
+    if not hist.is_file():
+        raise ConfigError(f"{out} has a checkpoint but no history.jsonl to continue; start the run again with `prfl run`")
     cfg = load_config(out / "config.yaml")
+    try:
+        state, used = load_checkpoint(out, history_size=hist.stat().st_size)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    if used.name != CHECKPOINT:
+        log.warning("%s: resuming from %s", out, used.name)
     sc = build_scenario(cfg)
-    state = torch.load(ckpt, weights_only=False)
-    history = HistoryWriter(out / "history.jsonl", truncate_at=state["history_offset"])
+    history = HistoryWriter(hist, truncate_at=state["history_offset"])
     executor = _executor(sc)
     try:
         sim = make_simulation(sc, make_policy(sc, cfg.policy), out, history, executor, on_progress)
@@ -294,5 +308,8 @@ def resume_run(run_dir: str | Path, on_progress: Callable[[dict[str, Any]], None
 
 
 def _finish_run_dir(out: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> None:
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
+    # atomically: a run killed while finishing leaves the old summary or none, never half of one
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
+    os.replace(tmp, out / "summary.json")
     plot_accuracy({summary["policy"]: records}, out / "accuracy.png", title=summary.get("name", ""))

@@ -129,11 +129,7 @@ def test_bad_config_and_bad_results():
         pol.on_event(ClientIdle(0.0, 0))
     acts = pol.on_event(Start(0.0))
     t0, t1 = task_of(acts, 0), task_of(acts, 1)
-    # malformed results raise and leave the policy as it was
-    with pytest.raises(ValueError, match="shape"):
-        arrive(pol, t0, torch.zeros(3))
-    with pytest.raises(ValueError, match="non-finite"):
-        arrive(pol, t0, float("nan"))
+    # driver errors raise and leave the policy as it was
     with pytest.raises(ValueError, match="names client 1, but it was sent to 0"):
         pol.on_event(TaskFailed(1.0, 1, t0.task_id, "mixed up"))
     with pytest.raises(ValueError, match="num_samples"):
@@ -141,8 +137,24 @@ def test_bad_config_and_bad_results():
     arrive(pol, t0, 1.0)
     with pytest.raises(ValueError, match="not in flight"):
         arrive(pol, t0, 1.0)  # the same task twice
-    arrive(pol, t1, 4.0)
+    acts = arrive(pol, t1, 4.0)
     assert torch.equal(pol.weights, vec(3.0))  # (10 * 1 + 20 * 4) / 30
+
+    # malformed results are rejected: recorded, never aggregated, their task counts as failed
+    for bad, check in ((torch.zeros(3), "shape"), (float("nan"), "finite")):
+        t0, t1 = task_of(acts, 0), task_of(acts, 1)
+        before = pol.weights
+        acts = arrive(pol, t0, bad)
+        (rej,) = [a.data for a in acts if isinstance(a, Record) and a.kind == "rejected"]
+        assert rej["client"] == 0 and rej["task"] == t0.task_id and rej["check"] == check
+        assert tasks(acts) == [] and updates(acts) == []
+        assert torch.equal(pol.weights, before)  # waits for client 1; nothing of client 0 is used
+        acts = arrive(pol, t1, 5.0)
+        (upd,) = updates(acts)
+        assert upd["clients"] == [1] and upd["failed"] == [0]
+        assert torch.equal(pol.weights, vec(5.0))
+        assert [t.client for t in tasks(acts)] == [0, 1]  # the rejected client is in the next cohort
+    assert pol.rejected == [2, 0]
 
 
 def test_one_arrival_is_taken_bit_for_bit():

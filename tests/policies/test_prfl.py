@@ -25,7 +25,7 @@ def dispatches(actions):
 
 
 def result(task, weights, n):
-    return TaskResult(task_id=task.task_id, client=task.client, version=task.version, weights=torch.tensor(weights),
+    return TaskResult(task_id=task.task_id, client=task.client, version=task.version, weights=torch.tensor(weights, dtype=torch.float32),
                       num_samples=n, mean_loss=0.0, steps=1, compute_seconds=0.0, density=task.density)
 
 

@@ -1,10 +1,25 @@
 """Fleet bookkeeping shared by the policies: who is online, which tasks are in flight and from
 which weights they started, validation of results, server-update records, stopping, checkpoints.
+
+Rejected updates. :meth:`FleetPolicy.take_result` screens every result with
+:func:`prfl.validation.validate_update` (type, dtype, shape, claimed version, sample count,
+finiteness, mask, importance statistic and, when configured, the update norm) before anything
+changes. A failing result raises :class:`~prfl.validation.RejectedUpdate`, which
+:meth:`FleetPolicy.on_event` turns into ``Record("rejected", {client, task, version, check,
+reason})``: the update is never aggregated and its task is treated as failed
+(``_on_task_failed``), but the client stays online and is offered work again at once through
+``_on_client_idle``, as if it had just become idle. Drivers need nothing new: a rejection is a
+record plus, usually, a dispatch. A client whose last ``max_rejections`` results in a row were
+rejected is quarantined (``Record("quarantined")``, offline for the policy until the driver
+reports it idle again), and once every client is quarantined the policy stops the run with the
+last reason. Results that cannot be matched to an in-flight task (unknown task, wrong client)
+are driver errors and still raise ``ValueError``.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -26,6 +41,7 @@ from prfl.policies.base import (
     TaskFailed,
     TimerFired,
 )
+from prfl.validation import RejectedUpdate, Rejection, UpdateChecks, check_norm, update_norm, validate_update
 
 
 # --------------------------------------------------------------------------- config checks
@@ -63,12 +79,14 @@ class InFlight:
 @dataclass(frozen=True)
 class Arrival:
     """A validated result: its task, its weights (model dtype), the weights the task started
-    from (None unless the policy keeps start weights) and its staleness version - task.version."""
+    from (None unless the policy keeps start weights), its staleness version - task.version and
+    its update norm ||W_i - W_sent|| on the held weights (None unless the policy measures it)."""
 
     task: InFlight
     weights: torch.Tensor
     start: torch.Tensor | None
     staleness: int
+    norm: float | None = None
 
 
 class FleetPolicy(Policy):
@@ -80,7 +98,8 @@ class FleetPolicy(Policy):
     (one reference per model version, never a copy), and stops the run once the round or time
     budget is spent: ``Stop`` is emitted once, after which every event is ignored.
 
-    Subclasses set ``config_cls`` and implement the ``_on_*`` hooks.
+    Subclasses set ``config_cls`` and implement the ``_on_*`` hooks; :meth:`update_checks` and
+    :meth:`task_mask` tell the validation which norm check to run and which mask a task had.
     """
 
     config_cls: ClassVar[type]
@@ -102,6 +121,14 @@ class FleetPolicy(Policy):
         self.start_weights: dict[int, torch.Tensor] = {}  # version -> weights handed out
         self._busy: dict[int, int] = {}  # client -> task_id (derived from in_flight)
         self._refs: dict[int, int] = {}  # version -> in-flight tasks started from it (derived)
+        self.checks: UpdateChecks = self.update_checks()
+        # the weights each in-flight task started from, by task (references, never copies): the
+        # norm check and clipping need W_sent even when the model changed without a new version
+        self._track_starts = self.checks.norm_check or self.measures_norms()
+        self.task_starts: dict[int, torch.Tensor] = {}
+        self.recent_norms: deque[float] = deque(maxlen=self.checks.norm_window)  # accepted update norms
+        self.rejected: list[int] = [0] * ctx.num_clients  # rejected results per client
+        self.reject_streak: list[int] = [0] * ctx.num_clients  # rejections in a row per client
 
     # -- event routing
     def on_event(self, event: Event) -> list[Action]:
@@ -122,7 +149,10 @@ class FleetPolicy(Policy):
             self.online.add(event.client)
             return self._on_client_idle(event.now, event.client)
         if isinstance(event, ResultArrived):
-            return self._on_result(event.now, event.result)
+            try:
+                return self._on_result(event.now, event.result)
+            except RejectedUpdate as rej:
+                return self._reject(event.now, event.result, rej.rejection)
         if isinstance(event, TaskFailed):
             task = self._find_task(event.task_id, event.client, "TaskFailed")
             self._retire(task)
@@ -150,6 +180,46 @@ class FleetPolicy(Policy):
     def _on_timer(self, now: float, key: str) -> list[Action]:
         raise ValueError(f"{type(self).__name__} set no timer, got TimerFired({key!r})")
 
+    def update_checks(self) -> UpdateChecks:
+        """Settings of the statistical checks (default: structural checks only)."""
+        return UpdateChecks()
+
+    def measures_norms(self) -> bool:
+        """True if the policy needs every accepted update's norm (e.g. to clip it)."""
+        return False
+
+    def task_mask(self, task: InFlight) -> torch.Tensor | None:
+        """The mask ``task`` was dispatched with (None: dense)."""
+        return None
+
+    def _reject(self, now: float, result: TaskResult, rejection: Rejection) -> list[Action]:
+        """A result failed validation: record it, fail its task, offer the client new work."""
+        task = self.in_flight[result.task_id]  # take_result raised before retiring it
+        c = task.client
+        self._retire(task)
+        self.rejected[c] += 1
+        self.reject_streak[c] += 1
+        actions: list[Action] = [Record("rejected", {
+            "client": c, "task": task.task_id, "version": task.version,
+            "check": rejection.check, "reason": rejection.reason,
+        })]
+        limit = self.checks.max_rejections
+        if limit is not None and self.reject_streak[c] >= limit:
+            self.online.discard(c)
+            actions.append(Record("quarantined", {"client": c, "rejections": self.reject_streak[c]}))
+        actions += self._on_task_failed(now, task)
+        if self.stopped:
+            return actions
+        if c in self.online:
+            actions += self._on_client_idle(now, c)
+        elif limit is not None and all(n >= limit for n in self.reject_streak) and not self.in_flight:
+            self.stopped = True
+            actions.append(Stop(
+                f"every client is quarantined after {limit} rejected updates in a row (last: {rejection}); "
+                "fix the cause (learning rate, model, data or the clients) and run again"
+            ))
+        return actions
+
     # -- helpers
     def is_free(self, client: int) -> bool:
         """Online and holding no task: a task may be dispatched to it."""
@@ -163,33 +233,47 @@ class FleetPolicy(Policy):
         if client in self._busy:
             raise RuntimeError(f"client {client} already holds task {self._busy[client]}")
         task = self.dense_task(client)
-        self._track(InFlight(task.task_id, client, task.version, float(now)))
+        self.track_task(task, now)
+        return Dispatch(task)
+
+    def track_task(self, task: Any, now: float) -> InFlight:
+        """Record a dispatched :class:`~prfl.policies.base.TaskSpec` as in flight (and keep the
+        weights it starts from when the policy or its checks need them)."""
+        inflight = InFlight(task.task_id, task.client, task.version, float(now))
+        self._track(inflight)
         if self.keeps_start_weights:
             self.start_weights.setdefault(task.version, task.weights)
-        return Dispatch(task)
+        if self._track_starts:
+            self.task_starts[task.task_id] = task.weights
+        return inflight
 
     def take_result(self, result: TaskResult) -> Arrival:
         """Validate ``result`` against its in-flight task, then retire the task.
 
-        A malformed result raises before any state changes.
+        A result for a task that is not in flight (or from another client) raises ValueError;
+        a result that fails :func:`prfl.validation.validate_update` raises
+        :class:`~prfl.validation.RejectedUpdate`. Either is raised before any state changes.
         """
         task = self._find_task(result.task_id, result.client, "result")
-        if result.version != task.version:
-            raise ValueError(
-                f"result of task {task.task_id} claims model version {result.version}, "
-                f"but the task was dispatched at version {task.version}"
-            )
-        w = result.weights
-        if w.shape != self.weights.shape:
-            raise ValueError(
-                f"result of task {task.task_id} (client {task.client}) has weights of shape "
-                f"{tuple(w.shape)}, expected {tuple(self.weights.shape)}"
-            )
-        # a NaN or inf anywhere makes the sum non-finite: one cheap reduction in the common case
-        if not bool(torch.isfinite(w.sum())) and not bool(torch.isfinite(w).all()):
-            raise ValueError(f"result of task {task.task_id} (client {task.client}) has non-finite weights")
+        mask = self.task_mask(task)
+        start = self.task_starts.get(task.task_id)
+        rejection = validate_update(
+            result.weights, claimed_version=result.version, expected_version=task.version, like=self.weights,
+            mask=mask, num_prunable=self.ctx.num_prunable, num_samples=result.num_samples, grad_sq=result.grad_sq,
+        )
+        norm: float | None = None
+        if rejection is None and start is not None and (self.checks.norm_check or self.measures_norms()):
+            norm = update_norm(result.weights, start, mask, self.ctx.num_prunable)
+            reason = check_norm(norm, self.recent_norms, self.checks.norm_factor, self.checks.norm_window)
+            if reason is not None:
+                rejection = Rejection("norm", reason)
+        if rejection is not None:
+            raise RejectedUpdate(rejection, task.task_id, task.client)
+        if norm is not None:
+            self.recent_norms.append(norm)
+        self.reject_streak[task.client] = 0
         start = self._retire(task)
-        return Arrival(task, w.to(self.weights.dtype), start, self.version - task.version)
+        return Arrival(task, result.weights.to(self.weights.dtype), start, self.version - task.version, norm)
 
     def commit(self, new_weights: torch.Tensor, now: float, clients: list[int],
                staleness: list[int], **extra: Any) -> list[Action]:
@@ -233,7 +317,7 @@ class FleetPolicy(Policy):
         return task
 
     def _retire(self, task: InFlight) -> torch.Tensor | None:
-        """Forget an in-flight task; return its start weights (None unless kept)."""
+        """Forget an in-flight task; return the weights it started from (None unless kept)."""
         del self.in_flight[task.task_id]
         del self._busy[task.client]
         start = self.start_weights.get(task.version)
@@ -243,7 +327,8 @@ class FleetPolicy(Policy):
         else:  # no in-flight task started from this version any more
             del self._refs[task.version]
             self.start_weights.pop(task.version, None)
-        return start
+        own = self.task_starts.pop(task.task_id, None)
+        return own if own is not None else start
 
     # -- checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -254,6 +339,10 @@ class FleetPolicy(Policy):
             online=sorted(self.online),
             in_flight=[asdict(t) for t in self.in_flight.values()],
             start_weights={v: w.clone() for v, w in self.start_weights.items()},
+            task_starts=dict(self.task_starts),  # shared tensors: torch.save stores each once
+            recent_norms=list(self.recent_norms),
+            rejected=list(self.rejected),
+            reject_streak=list(self.reject_streak),
         )
         return state
 
@@ -266,3 +355,12 @@ class FleetPolicy(Policy):
         for t in state["in_flight"]:
             self._track(InFlight(**t))
         self.start_weights = {int(v): w.clone() for v, w in state["start_weights"].items()}
+        copies: dict[int, torch.Tensor] = {}  # one copy per distinct tensor, as at save time
+        self.task_starts = {}
+        for t, w in state.get("task_starts", {}).items():
+            if id(w) not in copies:
+                copies[id(w)] = w.clone()
+            self.task_starts[int(t)] = copies[id(w)]
+        self.recent_norms = deque((float(x) for x in state.get("recent_norms", ())), maxlen=self.checks.norm_window)
+        self.rejected = [int(x) for x in state.get("rejected", [0] * self.ctx.num_clients)]
+        self.reject_streak = [int(x) for x in state.get("reject_streak", [0] * self.ctx.num_clients)]

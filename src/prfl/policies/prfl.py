@@ -90,6 +90,7 @@ class PRFLConfig:
     trim: float = 0.1  # beta of robust: trimmed_mean, in [0, 0.5)
     norm_factor: float | None = None  # k of the update-norm check (None: off)
     norm_window: int = 20  # M: accepted update norms the check's median is taken over
+    max_rejections: int | None = 5  # rejections in a row that quarantine a client (None: never)
 
     def __post_init__(self) -> None:
         if self.interval < 1:
@@ -115,7 +116,7 @@ class PRFLConfig:
         if self.robust not in ROBUST_METHODS:
             raise ValueError(f"robust must be one of {', '.join(ROBUST_METHODS)}, got {self.robust!r}")
         check_method(self.robust, self.trim, self.clip_norm)
-        UpdateChecks(self.norm_factor, self.norm_window)  # validates both
+        UpdateChecks(self.norm_factor, self.norm_window, self.max_rejections)  # validates them
 
 
 class PRFL(FleetPolicy):
@@ -252,7 +253,7 @@ class PRFL(FleetPolicy):
 
     # ------------------------------------------------------------------ validation hooks
     def update_checks(self) -> UpdateChecks:
-        return UpdateChecks(self.config.norm_factor, self.config.norm_window)
+        return UpdateChecks(self.config.norm_factor, self.config.norm_window, self.config.max_rejections)
 
     def measures_norms(self) -> bool:
         return self.config.robust == "clip"

@@ -5,11 +5,24 @@ over the server's shared uplink, its local compute (FLOPs of the steps at the su
 density, divided by the device's drawn speed) and its upload over the server's shared downlink.
 All draws are seeded by address, so a run's history is fixed by its seed, whatever executor
 trains and however loaded the host is (unless compute time is taken from measurements).
+
+Checkpoints and exact resume. With a checkpoint directory the driver saves its whole state
+(event queue, links, in-flight tasks with their trained outputs, the policy, counters and the
+byte offset of the history file) every ``checkpoint_every_rounds`` server rounds, once the
+event that made the round has been handled completely (the evaluations it requested
+included), so a run resumed from any checkpoint replays exactly what the uninterrupted run did.
+``checkpoint.pt`` is written atomically: to a temporary file with a trailer (magic, payload
+length, SHA-256 of the payload), fsynced, then renamed over the previous checkpoint, which is
+kept as ``checkpoint.prev.pt``. :func:`load_checkpoint` verifies the trailer (a torn or
+corrupted file fails it) and falls back to the previous checkpoint; the caller cuts the history
+back to the offset of the checkpoint it got.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
+import io
 import logging
 import math
 import os
@@ -46,6 +59,16 @@ from prfl.sim.history import HistoryWriter
 from prfl.sim.links import SharedLink
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
+_TRAILER_MAGIC = b"PRFLCKP1"
+_TRAILER_SIZE = len(_TRAILER_MAGIC) + 8 + 32  # magic, payload length (little endian), SHA-256
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, torn or not a simulation checkpoint; the message names the file."""
+
 
 Evaluator = Callable[[torch.Tensor], tuple[float, float]]  # weights -> (loss, accuracy)
 
@@ -106,13 +129,24 @@ class Simulation:
         availability: Any | None = None,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
+        privacy: Any | None = None,
     ) -> None:
+        """``privacy``: a :class:`prfl.privacy.ClientDP` to privatise every client update (the
+        executor is wrapped in :class:`prfl.privacy.PrivatizingExecutor`) and report epsilon in
+        the summary; needs the ``privacy`` extra for the accounting."""
         if len(fleet) != policy.ctx.num_clients or len(client_indices) != policy.ctx.num_clients:
             raise ValueError(
                 f"fleet has {len(fleet)} clients, partition {len(client_indices)}, policy {policy.ctx.num_clients}: they must agree"
             )
         self.policy = policy
         self.fleet = fleet
+        self.privacy = privacy
+        if privacy is not None:
+            from prfl.privacy import INSTALL_HINT, PrivatizingExecutor, accountant_available
+
+            if not accountant_available():
+                raise ImportError(f"privacy=... reports epsilon with dp-accounting, which is missing; {INSTALL_HINT}")
+            executor = PrivatizingExecutor(executor, privacy, policy.ctx.num_prunable, seed)
         self.executor = executor
         self.client_indices = client_indices
         self.train_cfg = train_cfg
@@ -148,6 +182,7 @@ class Simulation:
         self.evals: list[dict[str, Any]] = []
         self.reached: dict[float, float] = {}
         self._last_ckpt_version = 0
+        self._checkpoint_due = False
         self._events_handled = 0
 
     # ------------------------------------------------------------------ scheduling
@@ -427,6 +462,11 @@ class Simulation:
                     raise TypeError(f"unknown action {action!r}")
             if self.policy.version != before:
                 self._after_update()
+        # A checkpoint waits until the event is handled completely (the evaluations it asked
+        # for answered), so that nothing pending is left out of the saved state.
+        if self._checkpoint_due and not pending and self.stopped is None:
+            self._checkpoint_due = False
+            self.save_checkpoint()
 
     def _after_update(self) -> None:
         self._set_server_capacity()
@@ -437,7 +477,7 @@ class Simulation:
                 self.next_eval_round += every
         ck = self.settings.checkpoint_every_rounds
         if ck and self.checkpoint_dir is not None and self.policy.version - self._last_ckpt_version >= ck:
-            self.save_checkpoint()
+            self._checkpoint_due = True  # saved by _deliver once the event is fully handled
 
     def _evaluate(self, force: bool = False) -> None:
         loss, acc = self.evaluator(self.policy.weights)
@@ -465,7 +505,7 @@ class Simulation:
     # ------------------------------------------------------------------ results
     def summary(self, wall_seconds: float) -> dict[str, Any]:
         accs = [e["accuracy"] for e in self.evals]
-        return {
+        out = {
             "policy": self.policy.name,
             "stopped": self.stopped,
             "virtual_seconds": self.now,
@@ -482,6 +522,15 @@ class Simulation:
             "wall_seconds": wall_seconds,
             "train_seconds": self.compute_total,
         }
+        rejected = getattr(self.policy, "rejected", None)
+        if rejected is not None and any(rejected):
+            out["rejected_updates"] = list(rejected)
+        if self.privacy is not None:
+            from prfl.privacy import privacy_report
+
+            # every upload released one privatised update, whether it was aggregated or not
+            out["privacy"] = privacy_report(self.privacy, self.arrivals, self.policy.version)
+        return out
 
     def _drain_futures(self) -> None:
         for fl in self.inflight.values():
@@ -532,19 +581,17 @@ class Simulation:
         }
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoint.pt`` atomically (temporary file, fsync, rename)."""
+        """Write ``checkpoint.pt`` atomically, keeping the previous one as ``checkpoint.prev.pt``.
+
+        The file is the ``torch.save`` payload followed by a trailer (magic, payload length,
+        SHA-256 of the payload), written to a temporary file, fsynced, renamed; then the
+        directory is fsynced. ``torch.load`` reads it as it is (the trailer is ignored).
+        """
         assert self.checkpoint_dir is not None
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         # Written before the state (and its history offset) is taken, so a resumed history keeps it.
         self.history.write("checkpoint", time=self.now, round=self.policy.version)
-        state = self.state_dict()
-        final = self.checkpoint_dir / "checkpoint.pt"
-        tmp = final.with_suffix(".pt.tmp")
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        final = write_checkpoint(self.state_dict(), self.checkpoint_dir)
         self._last_ckpt_version = self.policy.version
         return final
 
@@ -569,6 +616,7 @@ class Simulation:
         self.last_eval_version = state["last_eval_version"]
         self.next_eval_round = state["next_eval_round"]
         self._last_ckpt_version = self.policy.version
+        self._checkpoint_due = False
         self.inflight = {}
         for tid, d in state["inflight"].items():
             self.inflight[int(tid)] = InFlight(
@@ -576,3 +624,93 @@ class Simulation:
                 relay_bytes=d["relay_bytes"],
                 output=d["output"], compute_seconds=d["compute_seconds"],
             )
+
+
+# ---------------------------------------------------------------------- checkpoint files
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platform dependent
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - platform dependent
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(state: dict[str, Any], directory: str | os.PathLike[str]) -> Path:
+    """Write ``state`` as ``directory/checkpoint.pt`` with a checksum trailer, atomically; the
+    checkpoint it replaces becomes ``checkpoint.prev.pt``."""
+    d = Path(directory)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    trailer = _TRAILER_MAGIC + len(payload).to_bytes(8, "little") + hashlib.sha256(payload).digest()
+    final, prev = d / CHECKPOINT, d / PREVIOUS_CHECKPOINT
+    tmp = d / (CHECKPOINT + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(payload)
+        fh.write(trailer)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if final.exists():
+        os.replace(final, prev)  # a kill right here leaves prev (and the complete tmp): resume uses prev
+    os.replace(tmp, final)
+    _fsync_dir(d)
+    return final
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load and verify one checkpoint file; raise :class:`CheckpointError` if it is torn,
+    corrupted or not a simulation checkpoint. (Checkpoints are pickles: load only your own.)"""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{p}: cannot be read ({exc})") from None
+    payload = data
+    if len(data) >= _TRAILER_SIZE and data[-_TRAILER_SIZE : -_TRAILER_SIZE + len(_TRAILER_MAGIC)] == _TRAILER_MAGIC:
+        size = int.from_bytes(data[-40:-32], "little")
+        if size != len(data) - _TRAILER_SIZE:
+            raise CheckpointError(f"{p}: torn checkpoint (payload of {len(data) - _TRAILER_SIZE} bytes, trailer says {size})")
+        payload = data[:size]
+        if hashlib.sha256(payload).digest() != data[-32:]:
+            raise CheckpointError(f"{p}: checksum mismatch; the checkpoint is corrupted")
+    try:
+        state = torch.load(io.BytesIO(payload), weights_only=False)
+    except Exception as exc:  # a file from before checksums, torn: torch.load is the check
+        raise CheckpointError(f"{p}: torn or corrupted checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or not {"policy", "history_offset", "now"} <= set(state):
+        raise CheckpointError(f"{p}: not a simulation checkpoint")
+    return state
+
+
+def load_checkpoint(
+    directory: str | os.PathLike[str], history_size: int | None = None
+) -> tuple[dict[str, Any], Path]:
+    """The newest usable checkpoint of a run directory: ``checkpoint.pt``, else (torn, missing, or
+    ahead of a history of ``history_size`` bytes) ``checkpoint.prev.pt``. Returns (state, path)."""
+    d = Path(directory)
+    problems: list[str] = []
+    for path in (d / CHECKPOINT, d / PREVIOUS_CHECKPOINT):
+        if not path.is_file():
+            continue
+        try:
+            state = read_checkpoint(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            log.warning("%s; trying the previous checkpoint", exc)
+            continue
+        offset = int(state["history_offset"])
+        if history_size is not None and offset > history_size:
+            problems.append(f"{path}: expects {offset} bytes of history.jsonl, which holds {history_size}")
+            log.warning("%s", problems[-1])
+            continue
+        if problems:
+            log.warning("resuming from %s", path)
+        return state, path
+    detail = "; ".join(problems) if problems else f"no {CHECKPOINT} or {PREVIOUS_CHECKPOINT}"
+    raise CheckpointError(f"{d} has no usable checkpoint ({detail}); start the run again with `prfl run`")
