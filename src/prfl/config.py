@@ -126,6 +126,16 @@ class SimConfig(_Strict):
         return self
 
 
+class PrivacyConfig(_Strict):
+    """Client-level differential privacy: clip each update to ``clip_norm`` and add Gaussian noise
+    of std ``noise_multiplier * clip_norm`` on the held weights; epsilon is reported for ``delta``."""
+
+    clip_norm: float = Field(..., gt=0)
+    noise_multiplier: float = Field(..., ge=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    sampling_rate: float = Field(1.0, gt=0, le=1)
+
+
 class ExperimentConfig(_Strict):
     """One experiment: data, model, training, fleet, the policy under test, and baselines."""
 
@@ -138,6 +148,7 @@ class ExperimentConfig(_Strict):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     baselines: list[PolicyConfig] = Field(default_factory=list, description="policies run beside the main one")
     sim: SimConfig = Field(default_factory=SimConfig)
+    privacy: PrivacyConfig | None = Field(None, description="client-level DP (needs the privacy extra)")
 
     def with_policy(self, policy: PolicyConfig) -> "ExperimentConfig":
         """This experiment with another policy and no baselines."""

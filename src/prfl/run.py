@@ -186,6 +186,14 @@ def _availability(cfg: ExperimentConfig) -> Any:
     return OnOffAvailability(mean_on=a.mean_on, mean_off=a.mean_off, run_seed=cfg.seed, start_online_prob=a.start_online_prob)
 
 
+def _privacy(cfg: ExperimentConfig) -> Any:
+    if cfg.privacy is None:
+        return None
+    from prfl.privacy import ClientDP
+
+    return ClientDP(**cfg.privacy.model_dump())
+
+
 def make_policy(sc: Scenario, pcfg: PolicyConfig) -> Policy:
     try:
         return build_policy(pcfg.name, sc.policy_context(), **pcfg.options)
@@ -226,6 +234,7 @@ def make_simulation(
         availability=_availability(sc.cfg),
         checkpoint_dir=out_dir,
         on_progress=on_progress,
+        privacy=_privacy(sc.cfg),
     )
 
 
