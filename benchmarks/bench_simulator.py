@@ -71,6 +71,11 @@ def main() -> int:
             histories[kind] = s["history"]
             print(f"[{rep}] {kind:<8} wall {wall:7.2f}s  train {s['train_seconds']:7.2f}s  ratio {wall / s['train_seconds']:.3f}", flush=True)
     same = comparable(histories["inline"]) == comparable(histories["process"])
+    first_difference = None
+    for a, b in zip(comparable(histories["inline"]), comparable(histories["process"])):
+        if a != b:
+            first_difference = {"inline": a, "process": b}
+            break
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("wall", "train", "overhead")} for k, v in rows.items()}
     speedups = [i["wall"] / p["wall"] for i, p in zip(rows["inline"], rows["process"])]
     out = {
@@ -86,6 +91,7 @@ def main() -> int:
         "process_speedup_median": statistics.median(speedups),
         "process_speedup_per_repeat": speedups,
         "histories_identical": same,
+        "first_difference": first_difference,
         "goal_overhead": 1.10,
     }
     RESULTS.mkdir(exist_ok=True)
