@@ -16,7 +16,6 @@ from prfl.policies.base import (
     Record,
 )
 from prfl.policies.fleet import FleetPolicy, InFlight, check_number
-from prfl.seeding import rng_for
 
 
 # --------------------------------------------------------------------------- FedAvg
@@ -86,13 +85,10 @@ class FedAvg(FleetPolicy):
         return self._maybe_close(now)
 
     def _start_round(self, now: float) -> list[Action]:
-        free = self.free_clients()
-        if len(free) < self.config.min_clients:
+        cohort = self.draw_cohort(self.cohort_size, self.config.min_clients, self.attempt)
+        if cohort is None:
             return []
-        m = min(self.cohort_size, len(free))
-        keys = (self.version,) if self.attempt == 0 else (self.version, self.attempt)
-        rng = rng_for(self.ctx.seed, "cohort", *keys)
-        self.cohort = sorted(int(c) for c in rng.choice(free, size=m, replace=False))
+        self.cohort = cohort
         return [self.dispatch(c, now) for c in self.cohort]
 
     def _maybe_close(self, now: float) -> list[Action]:

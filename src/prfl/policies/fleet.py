@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from prfl.client.result import TaskResult
+from prfl.seeding import rng_for
 from prfl.policies.base import (
     Action,
     ClientIdle,
@@ -224,6 +225,16 @@ class FleetPolicy(Policy):
     def is_free(self, client: int) -> bool:
         """Online and holding no task: a task may be dispatched to it."""
         return client in self.online and client not in self._busy
+
+    def draw_cohort(self, size: int, min_clients: int, attempt: int = 0) -> list[int] | None:
+        """A synchronous round's cohort: ``size`` free clients drawn by address (seed, "cohort",
+        version[, attempt]), sorted; None while fewer than ``min_clients`` are free."""
+        free = self.free_clients()
+        if len(free) < min_clients:
+            return None
+        keys = (self.version,) if attempt == 0 else (self.version, attempt)
+        rng = rng_for(self.ctx.seed, "cohort", *keys)
+        return sorted(int(c) for c in rng.choice(free, size=min(size, len(free)), replace=False))
 
     def free_clients(self) -> list[int]:
         return [c for c in range(self.ctx.num_clients) if self.is_free(c)]

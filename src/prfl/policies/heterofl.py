@@ -60,7 +60,6 @@ from prfl.params import ParamLayout
 from prfl.policies.base import Action, Dispatch, PolicyContext, Record, TaskSpec
 from prfl.policies.fleet import FleetPolicy, InFlight, check_number
 from prfl.pruning.ranking import Ranking, magnitude_ranking
-from prfl.seeding import rng_for
 
 __all__ = [
     "DENSITY_LEVELS",
@@ -412,13 +411,10 @@ class HeteroFL(FleetPolicy):
 
     # -- rounds
     def _start_round(self, now: float) -> list[Action]:
-        free = self.free_clients()
-        if len(free) < self.config.min_clients:
+        cohort = self.draw_cohort(self.cohort_size, self.config.min_clients, self.attempt)
+        if cohort is None:
             return []
-        m = min(self.cohort_size, len(free))
-        keys = (self.version,) if self.attempt == 0 else (self.version, self.attempt)
-        rng = rng_for(self.ctx.seed, "cohort", *keys)
-        self.cohort = sorted(int(c) for c in rng.choice(free, size=m, replace=False))
+        self.cohort = cohort
         return [self._dispatch(c, now) for c in self.cohort]
 
     def _dispatch(self, client: int, now: float) -> Dispatch:
