@@ -41,9 +41,10 @@ from prfl.config import (
     ConfigError,
     ExperimentConfig,
     PolicyConfig,
-    _format_errors,
+    format_errors,
     apply_overrides,
     load_config,
+    read_yaml_mapping,
     preset_data,
 )
 from prfl.report.runset import MANIFEST, RunSet, load_comparison, run_dir_of
@@ -106,16 +107,8 @@ def read_scenario(
     if path is not None and preset is not None:
         raise ConfigError("give a scenario file or a preset, not both")
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"scenario file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p} must hold a mapping of sections (data, model, policy, methods, ...)")
+        source = str(path)
+        data = read_yaml_mapping(path, "scenario file", "data, model, policy, methods, ...")
     elif preset is not None:
         source = f"preset {preset}"
         data = preset_data(preset)
@@ -129,7 +122,7 @@ def read_scenario(
     try:
         scenario = ExperimentConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(format_errors(err, source)) from None
     if not isinstance(raw_methods, dict):
         raise ConfigError(f"methods ({source}): expected a mapping of name -> policy config, e.g. "
                           "methods: {prfl-norecovery: {name: prfl, options: {recovery: false}}}")
@@ -143,7 +136,7 @@ def read_scenario(
         try:
             named[name] = PolicyConfig.model_validate(spec)
         except ValidationError as err:
-            raise ConfigError(_format_errors(err, f"methods.{name} in {source}")) from None
+            raise ConfigError(format_errors(err, f"methods.{name} in {source}")) from None
     return scenario, named, source
 
 

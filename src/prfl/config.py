@@ -159,7 +159,7 @@ class ExperimentConfig(_Strict):
 
 
 # ---------------------------------------------------------------------------- loading
-def _format_errors(err: ValidationError, source: str) -> str:
+def format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -215,6 +215,20 @@ def preset_data(name: str) -> dict[str, Any]:
     return yaml.safe_load(text) or {}
 
 
+def read_yaml_mapping(path: str | Path, what: str, sections: str) -> dict[str, Any]:
+    """The mapping a YAML file holds; a clear ConfigError if it is missing, invalid or not a mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of sections ({sections})")
+    return data
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, preset: str | None = None
 ) -> ExperimentConfig:
@@ -224,16 +238,8 @@ def load_config(
     source = "defaults"
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p} must hold a mapping of sections (data, model, policy, ...)")
+        source = str(path)
+        data = read_yaml_mapping(path, "config file", "data, model, policy, ...")
     elif preset is not None:
         source = f"preset {preset}"
         data = preset_data(preset)
@@ -243,7 +249,7 @@ def load_config(
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(format_errors(err, source)) from None
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
