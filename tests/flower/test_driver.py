@@ -105,6 +105,7 @@ def test_node_trains_what_the_simulator_trains(tmp_path: Path) -> None:
         ("heterofl", "{mode: width, rates: [1.0, 0.5, 0.25]}"),
         ("heterofl", "{mode: mask, densities: [1.0, 0.5, 0.25]}"),
         ("prfl", "{interval: 2, residual_split: false}"),
+        ("prfl", "{interval: 2, importance_dtype: bfloat16}"),
     ],
 )
 def test_any_policy_runs(tmp_path: Path, policy: str, options: str) -> None:
@@ -194,6 +195,21 @@ def test_sparse_and_index_encodings_cost_the_formulas() -> None:
         assert torch.equal(weights[:n][mask], w[:n][mask]) and torch.equal(weights[n:], w[n:])
         pos = codec.decode_index(codec.encode_index(PackedIndex.from_mask(mask)), n)
         assert torch.equal(pos, mask.nonzero().view(-1))
+
+
+def test_importance_scores_cross_the_wire_at_the_chosen_precision() -> None:
+    g = torch.tensor([0.0, 3e-30, 1e-3, 2.5, 7.5e4])
+    exact = codec.importance_array(g, "float32")
+    assert exact.dtype == "float32" and len(exact.data) == 4 * 5
+    assert torch.equal(torch.from_numpy(codec.importance_values(exact)), g)
+    half = codec.importance_array(g, "bfloat16")
+    assert half.dtype == "bfloat16" and len(half.data) == 2 * 5
+    back = torch.from_numpy(codec.importance_values(half))
+    assert torch.allclose(back, g, rtol=2 ** -8) and bool(back[1] > 0)
+    with pytest.raises(ValueError, match="even number of bytes"):
+        codec.importance_values(type(half)(dtype="bfloat16", shape=(1,), stype=half.stype, data=b"abc"))
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        codec.importance_values(codec.raw_array(np.zeros(3, dtype=np.int32), "int32"))
 
 
 def test_example_app_config_parses_and_declares_every_key() -> None:

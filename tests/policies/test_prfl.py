@@ -146,6 +146,33 @@ def test_importance_rebuilds_the_ranking():
     assert pol.mask_for(0.5).tolist() == [True, True, False, False]
 
 
+@pytest.mark.parametrize(("dtype", "per_value"), [("float32", 4), ("bfloat16", 2)])
+def test_uploads_carry_the_squared_gradients_of_every_prunable_weight(dtype, per_value):
+    # client 1 trains 2 of the 4 prunable weights and 2 biases: 4 * 4 B of values, plus the
+    # importance of all 4 prunable weights (pruned ones included), at the chosen precision
+    pol = build_policy("prfl", ctx(), window=0.0, interval=1000, recovery=False, importance_dtype=dtype,
+                       density_rule="B", initial_densities=(1.0, 0.5))
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    assert tasks[1].upload_bytes == 4 * (2 + 2) + per_value * 4
+    assert tasks[0].upload_bytes == 4 * 6 + per_value * 4
+    assert tasks[1].want_importance and tasks[1].importance_dtype == dtype
+
+
+def test_bfloat16_importance_keeps_range_and_order_and_is_idempotent():
+    from prfl.pruning.ranking import importance_for_upload
+
+    # squared gradients span many decades: a half-precision format would flush the small ones to 0
+    g = torch.tensor([3e-30, 7.5e4, 1e-3, 2.0, 0.0, 1.0001e-3])
+    h = importance_for_upload(g, "bfloat16")
+    assert h.dtype == torch.float32 and torch.all(h[:4] > 0)
+    assert torch.equal(torch.argsort(h[:5], descending=True), torch.argsort(g[:5], descending=True))
+    assert torch.allclose(h, g, rtol=2 ** -8)
+    assert torch.equal(importance_for_upload(h, "bfloat16"), h)
+    assert torch.equal(importance_for_upload(g, "float32"), g)
+    with pytest.raises(ValueError, match="importance dtype"):
+        importance_for_upload(g, "int8")
+
+
 def test_state_dict_round_trip_continues_identically():
     kw = dict(window=0.0, interval=2, importance=False, density_rule="B", initial_densities=(1.0, 0.5))
     a = build_policy("prfl", ctx(), **kw)
@@ -162,5 +189,7 @@ def test_state_dict_round_trip_continues_identically():
 def test_bad_options_are_named():
     with pytest.raises(ValueError, match="density_rule"):
         build_policy("prfl", ctx(), density_rule="C")
+    with pytest.raises(ValueError, match="importance_dtype"):
+        build_policy("prfl", ctx(), importance_dtype="float16")
     with pytest.raises(ValueError, match="unknown option 'speed'"):
         build_policy("prfl", ctx(), speed=2)

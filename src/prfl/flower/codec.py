@@ -31,6 +31,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from prfl.distribution import PackedIndex, PieceId, unpack_bits
+from prfl.pruning.ranking import IMPORTANCE_BYTES, importance_for_upload
 
 RAW = "raw"
 """``Array.stype`` of a headerless little-endian buffer."""
@@ -66,6 +67,27 @@ def from_raw(array: Array) -> np.ndarray:
     if array.stype != RAW or array.dtype not in _DTYPES:
         raise ValueError(f"expected a raw float32/int32/uint8 array, got stype={array.stype!r} dtype={array.dtype!r}")
     return np.frombuffer(array.data, dtype=_DTYPES[array.dtype])
+
+
+def importance_array(grad_sq: torch.Tensor, dtype: str) -> Array:
+    """Importance scores for the wire: raw float32, or bfloat16 as the upper 16 bits of each float32."""
+    if dtype == "float32":
+        return raw_array(grad_sq, "float32")
+    bits = importance_for_upload(grad_sq, dtype).view(torch.int32).numpy().view(np.uint32) >> 16
+    data = np.ascontiguousarray(bits.astype("<u2")).tobytes()
+    return Array(dtype="bfloat16", shape=(int(grad_sq.numel()),), stype=RAW, data=data)
+
+
+def importance_values(array: Array) -> np.ndarray:
+    """Inverse of :func:`importance_array`, as float32."""
+    if array.stype == RAW and array.dtype == "bfloat16":
+        if len(array.data) % 2:
+            raise ValueError(f"a bfloat16 array needs an even number of bytes, got {len(array.data)}")
+        high = np.frombuffer(array.data, dtype="<u2").astype(np.uint32) << 16
+        return high.view(np.float32)
+    if array.dtype != "float32":
+        raise ValueError(f"importance scores must be float32 or bfloat16, got {array.dtype!r}")
+    return from_raw(array).astype(np.float32)
 
 
 def encode_index(index: PackedIndex) -> Array:
@@ -124,6 +146,7 @@ class TaskMessage:
     kind: str
     total: int
     num_prunable: int
+    importance_dtype: str = "float32"  # precision of the importance scores in the result
     split: int = -1
     structure: int = -1  # the split's structure (ranking and levels): piece positions are keyed by it
     needed: tuple[int, ...] = ()  # piece indices 0..j of split ``split`` (kind == pieces)
@@ -149,6 +172,7 @@ def encode_task(
     total: int,
     num_prunable: int,
     arrays: dict[str, Array],
+    importance_dtype: str = "float32",
     split: int = -1,
     structure: int = -1,
     needed: tuple[int, ...] = (),
@@ -163,6 +187,7 @@ def encode_task(
         "density": float(density),
         "width": float(width),
         "want-importance": bool(want_importance),
+        "importance-dtype": str(importance_dtype),
         "seed": int(seed),
         "kind": kind,
         "total": int(total),
@@ -184,6 +209,9 @@ def decode_task(content: RecordDict) -> TaskMessage:
     kind = str(c["kind"])
     if kind not in (KIND_DENSE, KIND_SPARSE, KIND_PIECES):
         raise ValueError(f"unknown task kind {kind!r}")
+    imp_dtype = str(c["importance-dtype"]) if "importance-dtype" in c else "float32"
+    if imp_dtype not in IMPORTANCE_BYTES:
+        raise ValueError(f"unknown importance dtype {imp_dtype!r}: expected one of {sorted(IMPORTANCE_BYTES)}")
     return TaskMessage(
         task_id=int(c["task-id"]),
         client=int(c["client"]),
@@ -192,6 +220,7 @@ def decode_task(content: RecordDict) -> TaskMessage:
         density=float(c["density"]),
         width=float(c["width"]),
         want_importance=bool(c["want-importance"]),
+        importance_dtype=imp_dtype,
         seed=int(c["seed"]),
         kind=kind,
         total=int(c["total"]),
@@ -277,7 +306,7 @@ def encode_result(
     update = payload_bytes(ArrayRecord(array_dict=dict(arrays)))
     importance = 0
     if grad_sq is not None:
-        arrays["grad_sq"] = raw_array(grad_sq, "float32")
+        arrays["grad_sq"] = importance_array(grad_sq, task.importance_dtype)
         importance = len(arrays["grad_sq"].data)
     cfg = ConfigRecord(
         {
@@ -322,6 +351,13 @@ def decode_result(content: RecordDict) -> ResultMessage:
     )
 
 
+def _float32(msg: ResultMessage, name: str) -> np.ndarray:
+    array = msg.arrays[name]
+    if array.dtype != "float32":
+        raise ValueError(f"result of task {msg.task_id}: {name!r} must be float32, got {array.dtype!r}")
+    return from_raw(array)
+
+
 def result_weights(
     msg: ResultMessage, mask: torch.Tensor | None, total: int, num_prunable: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -329,13 +365,13 @@ def result_weights(
     if mask is None:
         if "weights" not in msg.arrays:
             raise ValueError(f"result of task {msg.task_id}: a dense task must return 'weights'")
-        weights = torch.from_numpy(from_raw(msg.arrays["weights"]).astype(np.float32))
+        weights = torch.from_numpy(_float32(msg, "weights").astype(np.float32))
         if weights.numel() != total:
             raise ValueError(f"result of task {msg.task_id} has {weights.numel()} weights, expected {total}")
     else:
         if "values" not in msg.arrays:
             raise ValueError(f"result of task {msg.task_id}: a masked task must return 'values'")
-        values = torch.from_numpy(from_raw(msg.arrays["values"]).astype(np.float32))
+        values = torch.from_numpy(_float32(msg, "values").astype(np.float32))
         pos = mask.nonzero().view(-1)
         if values.numel() != pos.numel() + total - num_prunable:
             raise ValueError(
@@ -347,7 +383,7 @@ def result_weights(
         weights[num_prunable:] = values[pos.numel():]
     grad_sq = None
     if "grad_sq" in msg.arrays:
-        grad_sq = torch.from_numpy(from_raw(msg.arrays["grad_sq"]).astype(np.float32))
+        grad_sq = torch.from_numpy(importance_values(msg.arrays["grad_sq"]))
         if grad_sq.numel() != num_prunable:
             raise ValueError(f"result of task {msg.task_id} has {grad_sq.numel()} importance values, expected {num_prunable}")
     return weights, grad_sq

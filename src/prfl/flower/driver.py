@@ -151,8 +151,8 @@ class FlowerDriver:
         self.last_eval_version = -1
         # measured and accounted traffic
         self.bytes_down = [0] * k  # payload bytes sent to each client (array buffers)
-        self.bytes_up = [0] * k  # payload bytes of the model updates received
-        self.importance_up = [0] * k  # squared-gradient bytes received beside the updates
+        self.bytes_up = [0] * k  # payload bytes received: the model updates and the importance scores
+        self.importance_up = [0] * k  # of which squared-gradient bytes
         self.accounted_down = [0] * k  # the policy's TaskSpec.download_bytes of the same tasks
         self.accounted_up = [0] * k
         self.record_down = 0  # Flower count_bytes of every message pushed (incl. describes)
@@ -363,6 +363,7 @@ class FlowerDriver:
         common = {
             "task_id": spec.task_id, "client": spec.client, "num_clients": self.num_clients, "version": spec.version,
             "density": spec.density, "width": spec.width, "want_importance": spec.want_importance,
+            "importance_dtype": spec.importance_dtype,
             "seed": int_seed(self.seed, "train", spec.client, spec.task_id),
         }
         plan = residual_plan(self.policy, spec) if spec.width == 1.0 else None
@@ -461,7 +462,7 @@ class FlowerDriver:
         if res.received_payload_bytes != entry.payload_bytes:
             log.warning("task %d: node counted %d payload bytes, server sent %d", spec.task_id,
                         res.received_payload_bytes, entry.payload_bytes)
-        self.bytes_up[c] += res.update_payload_bytes
+        self.bytes_up[c] += res.update_payload_bytes + res.importance_bytes
         self.importance_up[c] += res.importance_bytes
         self.accounted_up[c] += spec.upload_bytes
         self.server_ingress += res.update_payload_bytes + res.importance_bytes
@@ -477,7 +478,7 @@ class FlowerDriver:
             "arrival", time=now, round=self.policy.version, client=c, task=spec.task_id, version=spec.version,
             staleness=self.policy.version - spec.version, density=spec.density, train_loss=res.mean_loss,
             duration=duration, compute=res.compute_seconds, bytes_down=entry.payload_bytes,
-            bytes_up=res.update_payload_bytes, accounted_down=spec.download_bytes, accounted_up=spec.upload_bytes,
+            bytes_up=res.update_payload_bytes + res.importance_bytes, accounted_down=spec.download_bytes, accounted_up=spec.upload_bytes,
             importance_bytes=res.importance_bytes, received_bytes=res.received_payload_bytes,
             record_bytes_down=entry.record_bytes,
             record_bytes_up=codec.record_bytes(reply.content), delay=res.delay_seconds, node=entry.node_id,

@@ -126,6 +126,7 @@ class TaskSpec:
     pieces: tuple[str, ...] = ()
     width: float = 1.0
     want_importance: bool = False
+    importance_dtype: str = "float32"  # precision the importance scores are uploaded in
 
 
 @dataclass(frozen=True)

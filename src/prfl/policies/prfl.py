@@ -46,7 +46,7 @@ from prfl.policies.base import (
 )
 from prfl.policies.fleet import FleetPolicy, InFlight
 from prfl.pruning.density import DensityController
-from prfl.pruning.ranking import Ranking, build_ranking, magnitude_ranking
+from prfl.pruning.ranking import IMPORTANCE_BYTES, Ranking, build_ranking, importance_for_upload, magnitude_ranking
 from prfl.pruning.recovery import EarlyStopping
 from prfl.robust import ROBUST_METHODS, check_method, clip_update, robust_aggregate
 from prfl.validation import UpdateChecks
@@ -68,6 +68,8 @@ class PRFLConfig:
     min_density: float = 0.1  # global minimum density
     floor: float = 0.05  # per-layer magnitude floor of the ranking
     importance: bool = True  # rank by squared gradients (False: by magnitude)
+    # precision of the squared gradients every upload carries (N values; bfloat16 halves the bytes)
+    importance_dtype: Literal["float32", "bfloat16"] = "float32"
     staleness: Literal["const", "poly", "hinge"] = "poly"
     a: float = 0.6
     b: float = 2.0
@@ -97,6 +99,8 @@ class PRFLConfig:
             raise ValueError(f"interval must be at least 1, got {self.interval}")
         if self.density_rule not in ("A", "B"):
             raise ValueError(f"density_rule must be 'A' or 'B', got {self.density_rule!r}")
+        if self.importance_dtype not in IMPORTANCE_BYTES:
+            raise ValueError(f"importance_dtype must be one of {sorted(IMPORTANCE_BYTES)}, got {self.importance_dtype!r}")
         if not 0 < self.min_density <= 1:
             raise ValueError(f"min_density must lie in (0, 1], got {self.min_density}")
         if not 0 <= self.floor <= 1:
@@ -234,6 +238,10 @@ class PRFL(FleetPolicy):
         else:
             down = egress = sparse_model_bytes(count, self.num_prunable, suffix)
         up = 4 * (count + suffix)  # values only: the server knows the mask it sent
+        if self.config.importance:
+            # the squared gradients of every prunable weight ride along (pruned ones included:
+            # they are what lets a later ranking bring a weight back)
+            up += IMPORTANCE_BYTES[self.config.importance_dtype] * self.num_prunable
         task = TaskSpec(
             task_id=self.new_task_id(),
             client=client,
@@ -246,6 +254,7 @@ class PRFL(FleetPolicy):
             server_egress_bytes=egress,
             pieces=pieces,
             want_importance=self.config.importance,
+            importance_dtype=self.config.importance_dtype,
         )
         self.track_task(task, now)
         self.task_masks[task.task_id] = mask
@@ -275,7 +284,7 @@ class PRFL(FleetPolicy):
         task = arrival.task
         self.control.observe(task.client, now - task.dispatched_at, result.density)
         if result.grad_sq is not None:
-            self._add_importance(result.grad_sq)
+            self._add_importance(importance_for_upload(result.grad_sq, self.config.importance_dtype))
         weights = arrival.weights
         if self.config.robust == "clip":
             assert arrival.start is not None and self.config.clip_norm is not None  # measures_norms keeps start weights

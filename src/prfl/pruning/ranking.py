@@ -120,3 +120,20 @@ def magnitude_ranking(weights: torch.Tensor, layer_bounds: Sequence[tuple[int, i
     """The ranking before any importance is known: by magnitude, with the same floor."""
     w = weights.detach().abs()
     return build_ranking(w, w, layer_bounds, floor=floor)
+
+
+IMPORTANCE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+def importance_for_upload(grad_sq: torch.Tensor, dtype: str = "float32") -> torch.Tensor:
+    """Importance scores as they cross the network, returned as float32.
+
+    ``float32`` sends them as they are. ``bfloat16`` halves the upload and keeps float32's range
+    (squared gradients span many orders of magnitude, which half precision would flush to zero);
+    only the mantissa is rounded, to 8 bits. The function is idempotent, so applying it on both
+    ends of a link is harmless.
+    """
+    if dtype not in IMPORTANCE_BYTES:
+        raise ValueError(f"importance dtype must be one of {sorted(IMPORTANCE_BYTES)}, got {dtype!r}")
+    g = grad_sq.to(torch.float32)
+    return g if dtype == "float32" else g.to(torch.bfloat16).to(torch.float32)
