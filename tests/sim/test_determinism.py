@@ -170,3 +170,40 @@ def test_ray_executor_agrees_with_inline_bit_for_bit() -> None:
     assert rec_a == rec_b
     assert torch.equal(w_a, w_b)
     assert any(r["event"] == "densities" for r in rec_a)  # PR-FL's density control really ran
+
+
+def test_process_pool_captures_the_job_when_it_is_submitted(process_executor) -> None:
+    """The pool must not read a job's tensors after ``submit`` returns: the caller may go on
+    using (or reusing) their memory. Overwriting the start weights right after submitting
+    leaves the result equal to the inline executor's."""
+    pool, spec = process_executor
+    sc = build_scenario(config())
+    from prfl.sim.executors import TrainJob
+
+    jobs = [TrainJob(task_id=k, client=k % 4, weights=sc.initial_weights.clone(),
+                     indices=sc.partition.client_indices[k % 4], seed=100 + k) for k in range(6)]
+    inline = make_executor("inline", spec, dataset=sc.dataset)
+    expected = [inline.submit(j).result().weights for j in jobs]
+    futures = []
+    for j in jobs:
+        futures.append(pool.submit(j))
+        j.weights.fill_(float("nan"))  # the caller's buffer is reused at once
+    for f, w in zip(futures, expected):
+        got = f.result(timeout=120).weights
+        assert torch.equal(got, w)
+
+
+def test_conv_model_histories_agree_across_executors() -> None:
+    """Convolutions take other kernels than the MLP: a small conv2 (quarter width) on digits."""
+    extra = ("model.name=conv2", "model.options={width_mult: 0.25}", "policy.name=fedasync", "sim.max_rounds=24")
+    sc = build_scenario(config(*extra))
+    rec_a, w_a, _ = run_with(sc, make_executor("inline", sc.worker_spec, dataset=sc.dataset))
+    pool = make_executor("process", sc.worker_spec, workers=2)
+    try:
+        runs = [run_with(sc, pool) for _ in range(2)]
+    finally:
+        pool.close()
+    for rec_b, w_b, _ in runs:
+        for i, (a, b) in enumerate(zip(rec_a, rec_b)):
+            assert a == b, f"history record {i} differs:\n inline:  {a}\n process: {b}"
+        assert len(rec_a) == len(rec_b) and torch.equal(w_a, w_b)

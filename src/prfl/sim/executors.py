@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -119,6 +120,23 @@ def _run_job(job: TrainJob) -> TrainOutput:
     return _WORKSPACE.run(job)
 
 
+def _run_packed(packed: bytes) -> bytes:
+    return pickle.dumps(_run_job(pickle.loads(packed)), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _unpack(packed: Future[bytes]) -> Future[TrainOutput]:
+    out: Future[TrainOutput] = Future()
+
+    def done(f: Future[bytes]) -> None:
+        try:
+            out.set_result(pickle.loads(f.result()))
+        except BaseException as exc:  # surfaced when the driver asks for the result
+            out.set_exception(exc)
+
+    packed.add_done_callback(done)
+    return out
+
+
 class ProcessPoolExecutorAdapter:
     """Runs jobs on ``workers`` processes (spawned, so no state leaks from the parent)."""
 
@@ -132,7 +150,11 @@ class ProcessPoolExecutorAdapter:
         )
 
     def submit(self, job: TrainJob) -> Future[TrainOutput]:
-        return self.pool.submit(_run_job, job)
+        # Serialise now, with the plain pickler: tensors travel by value. Handing the job itself to
+        # the pool would pickle it later, on the pool's feeder thread, with torch's reducers, which
+        # move each tensor's storage into shared memory in place while the caller goes on using
+        # it; runs then differed in the last bits from one execution to the next.
+        return _unpack(self.pool.submit(_run_packed, pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)))
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
