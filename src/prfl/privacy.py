@@ -119,6 +119,10 @@ class _Chained(Future):  # type: ignore[type-arg]
         self._fn = fn
         inner.add_done_callback(self._finish)
 
+    def result(self, timeout: float | None = None) -> Any:
+        self._inner.exception(timeout)  # a deferred inner future computes now; _finish follows
+        return super().result(timeout)
+
     def _finish(self, inner: Future) -> None:  # type: ignore[type-arg]
         if self.cancelled():
             return

@@ -152,8 +152,10 @@ def check_num_samples(num_samples: Any) -> str | None:
 def check_finite(weights: torch.Tensor, dtype: torch.dtype = torch.float32, name: str = "weights") -> str | None:
     """Every value is finite once cast to ``dtype`` (the model's): no NaN, no inf, no overflow."""
     w = weights.detach()
-    # a NaN or inf anywhere makes the sum non-finite: one cheap reduction in the common case
-    if bool(torch.isfinite(w.sum(dtype=torch.float64))) and (w.dtype == dtype or _fits(w, dtype)):
+    # A NaN or inf anywhere makes the sum non-finite: one cheap reduction in the common case (in
+    # the tensor's own dtype: converting to float64 first costs 15x more). A sum that overflows
+    # although every value is finite only sends the check down the exact path below.
+    if bool(torch.isfinite(w.sum())) and (w.dtype == dtype or _fits(w, dtype)):
         return None
     nan = int(torch.isnan(w).sum())
     inf = int(torch.isinf(w).sum())
@@ -181,7 +183,7 @@ def check_mask(weights: torch.Tensor, mask: torch.Tensor | None, num_prunable: i
     if mask is None:
         return None
     head = weights.detach()[:num_prunable]
-    outside = int(torch.count_nonzero(head.masked_select(~mask)))
+    outside = int(torch.count_nonzero(head * ~mask))  # 5x faster than masked_select; NaN*0 counts
     if outside:
         return f"{name} have {outside} non-zero values outside the assigned mask (density {float(mask.float().mean()):.3g})"
     return None
@@ -196,7 +198,7 @@ def check_importance(grad_sq: Any, num_prunable: int) -> str | None:
     reason = reason or check_finite(grad_sq, torch.float32, "grad_sq")
     if reason:
         return reason
-    negative = int((grad_sq < 0).sum())
+    negative = int((grad_sq < 0).sum()) if grad_sq.numel() and bool(grad_sq.min() < 0) else 0
     if negative:
         return f"grad_sq has {negative} negative values; squared gradients are >= 0"
     return None

@@ -156,9 +156,12 @@ class LocalTrainer:
         n = len(indices)
         t0 = time.perf_counter()
         fmask = self._float_mask(mask)
-        self.w.copy_(weights)
-        if fmask is not None:
-            self.w[: self.layout.num_prunable].mul_(fmask)
+        npr = self.layout.num_prunable
+        if fmask is None:
+            self.w.copy_(weights)
+        else:  # one pass: W ⊙ m into the prefix, the suffix as it is
+            torch.mul(weights[:npr], fmask, out=self.w[:npr])
+            self.w[npr:].copy_(weights[npr:])
         self.buf.zero_()
         self.model.train()
         total_loss = 0.0
@@ -176,8 +179,13 @@ class LocalTrainer:
                 grad_sq = self.g[: self.layout.num_prunable].square() * float(n)
             self._sgd_step(cfg, fmask)
         seconds = time.perf_counter() - t0
+        # Hand the trained vector over and bind the model to a fresh one: cheaper than a copy
+        # (the next task overwrites every value anyway).
+        out = self.w
+        self.w = torch.empty_like(out)
+        self.layout.bind(self.model, self.w)
         return TrainOutput(
-            weights=self.w.clone(),
+            weights=out,
             num_samples=n,
             mean_loss=total_loss / len(batches),
             steps=len(batches),

@@ -34,6 +34,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 
+from prfl.allocator import tune_allocator
 from prfl.client.result import TaskResult
 from prfl.client.trainer import TrainConfig, TrainOutput
 from prfl.policies.base import (
@@ -131,6 +132,7 @@ class Simulation:
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         privacy: Any | None = None,
     ) -> None:
+        tune_allocator()
         """``privacy``: a :class:`prfl.privacy.ClientDP` to privatise every client update (the
         executor is wrapped in :class:`prfl.privacy.PrivatizingExecutor`) and report epsilon in
         the summary; needs the ``privacy`` extra for the accounting."""

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from prfl.allocator import tune_allocator
 from prfl.client.trainer import LocalTrainer, TrainConfig, TrainOutput
 
 
@@ -53,6 +54,7 @@ class Workspace:
     def __init__(self, spec: WorkerSpec, dataset: Any | None = None) -> None:
         from prfl.data import load_dataset
 
+        tune_allocator()
         torch.set_num_threads(max(1, spec.threads))
         ds = dataset if dataset is not None else load_dataset(spec.dataset, spec.data_dir, **spec.dataset_options)
         self.dataset = ds
@@ -87,8 +89,38 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
+class _Deferred(Future):  # type: ignore[type-arg]
+    """A future that computes its value when first asked for it (``result`` or ``exception``)."""
+
+    def __init__(self, fn: Any) -> None:
+        super().__init__()
+        self._fn = fn
+
+    def _run(self) -> None:
+        fn, self._fn = self._fn, None
+        if fn is None or self.done():  # already computed, or cancelled
+            return
+        try:
+            self.set_result(fn())
+        except BaseException as exc:  # surfaced when the driver asks for the result
+            self.set_exception(exc)
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._run()
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._run()
+        return super().exception(timeout)
+
+
 class InlineExecutor:
-    """Runs each job in the calling process when it is submitted."""
+    """Runs each job in the calling process, when its result is first asked for.
+
+    Training is deferred rather than done at ``submit``: a task still in flight when the run
+    stops (or that fails on the way) is then never trained, which is pure waste in one process.
+    The outcome is the same either way, since a job carries everything that decides it.
+    """
 
     name = "inline"
 
@@ -96,12 +128,7 @@ class InlineExecutor:
         self.workspace = Workspace(spec, dataset)
 
     def submit(self, job: TrainJob) -> Future[TrainOutput]:
-        fut: Future[TrainOutput] = Future()
-        try:
-            fut.set_result(self.workspace.run(job))
-        except BaseException as exc:  # surfaced when the driver asks for the result
-            fut.set_exception(exc)
-        return fut
+        return _Deferred(lambda: self.workspace.run(job))
 
     def close(self) -> None:
         pass
