@@ -47,6 +47,10 @@ ABLATIONS: dict[str, str] = {
     "prfl-sync": "{name: prfl, options: {synchronous: true}}",
     "prfl-observedtime": "{name: prfl, options: {time_basis: observed}}",
     "prfl-dense": "{name: prfl, options: {min_density: 1.0}}",
+    # the squared gradients' upload: once per client per ranking interval, in bfloat16; or none
+    # (rank by magnitude)
+    "prfl-lean": "{name: prfl, options: {importance_requests: interval, importance_dtype: bfloat16}}",
+    "prfl-magnitude": "{name: prfl, options: {importance: false}}",
 }
 ALL_METHODS = {**METHODS, **ABLATIONS}
 BASE = [

@@ -158,6 +158,28 @@ def test_uploads_carry_the_squared_gradients_of_every_prunable_weight(dtype, per
     assert tasks[1].want_importance and tasks[1].importance_dtype == dtype
 
 
+def test_importance_once_per_interval_asks_each_client_once_between_rebuilds():
+    pol = build_policy("prfl", ctx(), window=0.0, interval=3, recovery=False, importance_requests="interval",
+                       density_rule="B", initial_densities=(1.0, 0.5))
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    assert tasks[0].want_importance and tasks[1].want_importance
+    assert tasks[1].upload_bytes == 4 * (2 + 2) + 4 * 4
+    r = result(tasks[0], [1, 2, 3, 4, 0.5, 0.5], 1)
+    r.grad_sq = torch.tensor([9.0, 5.0, 1.0, 0.0])
+    again = dispatches(pol.on_event(ResultArrived(1.0, r)))[0]  # round 1: no rebuild yet
+    assert not again.want_importance and again.upload_bytes == 4 * 6  # values only
+    again = dispatches(pol.on_event(ResultArrived(2.0, result(again, [1, 2, 3, 4, 0.5, 0.5], 1))))[0]
+    assert not again.want_importance
+    acts = pol.on_event(ResultArrived(3.0, result(again, [1, 2, 3, 4, 0.5, 0.5], 1)))  # round 3: rebuild
+    assert any(isinstance(a, Record) and a.kind == "ranking" for a in acts)
+    assert dispatches(acts)[0].want_importance  # a new interval: asked again
+    # the round trip through a checkpoint keeps who was asked
+    clone = build_policy("prfl", ctx(), window=0.0, interval=3, recovery=False, importance_requests="interval",
+                         density_rule="B", initial_densities=(1.0, 0.5))
+    clone.load_state_dict(pol.state_dict())
+    assert clone._imp_asked == pol._imp_asked == {0}
+
+
 def test_bfloat16_importance_keeps_range_and_order_and_is_idempotent():
     from prfl.pruning.ranking import importance_for_upload
 

@@ -70,6 +70,9 @@ class PRFLConfig:
     importance: bool = True  # rank by squared gradients (False: by magnitude)
     # precision of the squared gradients every upload carries (N values; bfloat16 halves the bytes)
     importance_dtype: Literal["float32", "bfloat16"] = "float32"
+    # which tasks carry them: "every" task (the paper), or one task per client per ranking
+    # interval ("interval": the first dispatch to a client after a rebuild asks for them)
+    importance_requests: Literal["every", "interval"] = "every"
     staleness: Literal["const", "poly", "hinge"] = "poly"
     a: float = 0.6
     b: float = 2.0
@@ -99,6 +102,8 @@ class PRFLConfig:
             raise ValueError(f"interval must be at least 1, got {self.interval}")
         if self.density_rule not in ("A", "B"):
             raise ValueError(f"density_rule must be 'A' or 'B', got {self.density_rule!r}")
+        if self.importance_requests not in ("every", "interval"):
+            raise ValueError(f"importance_requests must be 'every' or 'interval', got {self.importance_requests!r}")
         if self.importance_dtype not in IMPORTANCE_BYTES:
             raise ValueError(f"importance_dtype must be one of {sorted(IMPORTANCE_BYTES)}, got {self.importance_dtype!r}")
         if not 0 < self.min_density <= 1:
@@ -148,6 +153,7 @@ class PRFL(FleetPolicy):
         self.model_id = 0  # bumps whenever the global weights change (aggregation or roll-back)
         self._imp_sum: torch.Tensor | None = None
         self._imp_count = 0
+        self._imp_asked: set[int] = set()  # clients asked for importance since the last rebuild
         self._masks: dict[float, torch.Tensor] = {}
         self.buffer = ClientBuffer(n, self.total, self.num_prunable)
         self.window: list[tuple[InFlight, TaskResult, int]] = []  # (task, result, staleness)
@@ -238,7 +244,10 @@ class PRFL(FleetPolicy):
         else:
             down = egress = sparse_model_bytes(count, self.num_prunable, suffix)
         up = 4 * (count + suffix)  # values only: the server knows the mask it sent
-        if self.config.importance:
+        want_importance = self.config.importance and (
+            self.config.importance_requests == "every" or client not in self._imp_asked)
+        if want_importance:
+            self._imp_asked.add(client)
             # the squared gradients of every prunable weight ride along (pruned ones included:
             # they are what lets a later ranking bring a weight back)
             up += IMPORTANCE_BYTES[self.config.importance_dtype] * self.num_prunable
@@ -253,7 +262,7 @@ class PRFL(FleetPolicy):
             upload_bytes=up,
             server_egress_bytes=egress,
             pieces=pieces,
-            want_importance=self.config.importance,
+            want_importance=want_importance,
             importance_dtype=self.config.importance_dtype,
         )
         self.track_task(task, now)
@@ -308,6 +317,7 @@ class PRFL(FleetPolicy):
 
     def _on_task_failed(self, now: float, task: InFlight) -> list[Action]:
         self.task_masks.pop(task.task_id, None)
+        self._imp_asked.discard(task.client)  # ask again: that task's importance never came
         self.held[task.client] = set()  # a failed device may have lost its piece cache
         self.held_index[task.client] = set()
         if self.config.synchronous and not self.in_flight and self.window:
@@ -381,6 +391,7 @@ class PRFL(FleetPolicy):
             scores = self._imp_sum / self._imp_count
             self.ranking = build_ranking(scores, self.weights[: self.num_prunable], self.ctx.layer_bounds, cfg.floor)
             self._imp_sum, self._imp_count = None, 0
+            self._imp_asked = set()
             self.ranking_id += 1
             self._masks = {}
             actions.append(Record("ranking", {"ranking_id": self.ranking_id}))
@@ -439,6 +450,7 @@ class PRFL(FleetPolicy):
             model_id=self.model_id,
             imp_sum=None if self._imp_sum is None else self._imp_sum.clone(),
             imp_count=self._imp_count,
+            imp_asked=sorted(self._imp_asked),
             buffer=self.buffer.state_dict(),
             window=[(dataclasses.asdict(t), r, st) for t, r, st in self.window],
             task_masks=dict(self.task_masks),
@@ -466,6 +478,7 @@ class PRFL(FleetPolicy):
         self.model_id = state["model_id"]
         self._imp_sum = None if state["imp_sum"] is None else state["imp_sum"].clone()
         self._imp_count = state["imp_count"]
+        self._imp_asked = set(state.get("imp_asked", ()))
         self._masks = {}
         self.buffer.load_state_dict(state["buffer"])
         self.window = [(InFlight(**t), r, st) for t, r, st in state["window"]]
