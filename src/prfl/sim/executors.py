@@ -7,9 +7,9 @@ Workers build their own model and data once, from a picklable :class:`WorkerSpec
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
-import pickle
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -147,21 +147,12 @@ def _run_job(job: TrainJob) -> TrainOutput:
     return _WORKSPACE.run(job)
 
 
-def _run_packed(packed: bytes) -> bytes:
-    return pickle.dumps(_run_job(pickle.loads(packed)), protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _unpack(packed: Future[bytes]) -> Future[TrainOutput]:
-    out: Future[TrainOutput] = Future()
-
-    def done(f: Future[bytes]) -> None:
-        try:
-            out.set_result(pickle.loads(f.result()))
-        except BaseException as exc:  # surfaced when the driver asks for the result
-            out.set_exception(exc)
-
-    packed.add_done_callback(done)
-    return out
+def _shared_copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A copy of ``t`` in shared memory: the pool passes a handle to it, not its bytes."""
+    if t is None:
+        return None
+    out = torch.empty(t.shape, dtype=t.dtype).share_memory_()
+    return out.copy_(t)
 
 
 class ProcessPoolExecutorAdapter:
@@ -177,11 +168,13 @@ class ProcessPoolExecutorAdapter:
         )
 
     def submit(self, job: TrainJob) -> Future[TrainOutput]:
-        # Serialise now, with the plain pickler: tensors travel by value. Handing the job itself to
-        # the pool would pickle it later, on the pool's feeder thread, with torch's reducers, which
-        # move each tensor's storage into shared memory in place while the caller goes on using
-        # it; runs then differed in the last bits from one execution to the next.
-        return _unpack(self.pool.submit(_run_packed, pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)))
+        # The pool pickles a job later, on its feeder thread, with torch's reducers, which move a
+        # tensor's storage into shared memory in place. Done to the caller's tensors while the
+        # caller goes on reading them, that made runs differ in the last bits from one execution
+        # to the next. So the job travels with private shared-memory copies made here, now: the
+        # worker maps them (no bytes through the pipe) and the caller's tensors are left alone.
+        job = dataclasses.replace(job, weights=_shared_copy(job.weights), mask=_shared_copy(job.mask))
+        return self.pool.submit(_run_job, job)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
