@@ -254,3 +254,53 @@ def test_bad_run_config_names_the_key() -> None:
         app_settings({"client-delays": "0,fast"})
     assert app_settings({"client-delays": "0, 1.5"}).driver.delay_for(1) == 1.5
     assert np.isclose(app_settings({}).driver.reply_timeout, 120.0)
+
+
+# --------------------------------------------------------------------------- checkpoint and resume
+def test_server_resumes_from_its_checkpoint_after_a_crash(tmp_path: Path) -> None:
+    extra = {"prfl.sim.max_rounds": 12, "prfl.sim.eval_every_rounds": 2, "checkpoint-every-rounds": 3}
+
+    def crash_after(n: int):
+        def hook(grid: FakeGrid) -> None:
+            push = grid.push_messages
+
+            def pushing(messages):
+                trains = sum(m.metadata.message_type == codec.TRAIN_TYPE for m in grid.pushed)
+                if trains >= n:
+                    raise KeyboardInterrupt("server killed")  # not an Exception: nothing is tidied up
+                return push(messages)
+
+            grid.push_messages = pushing
+        return hook
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, extra, grid_hook=crash_after(14), latency=0.01)
+    run = tmp_path / "run"
+    before = read_history(run / "history.jsonl")
+    checkpoints = events(before, "checkpoint")
+    assert checkpoints and not (run / "summary.json").exists()
+    last = checkpoints[-1]["round"]
+    assert 3 <= last < 12 and last % 3 == 0
+
+    summary, recs, _ = _run(tmp_path, {**extra, "resume": True}, latency=0.01)
+    assert summary["server_rounds"] == 12 and summary["stopped"] == "reached max_rounds=12"
+    resume = events(recs, "resume")
+    assert len(resume) == 1 and resume[0]["round"] == last
+    cut = recs.index(resume[0])
+    # the history up to the checkpoint is kept as it was; nothing after it survives
+    assert recs[:cut] == before[: cut] and recs[cut - 1]["event"] == "checkpoint"
+    assert all(r["round"] >= last for r in recs[cut:] if "round" in r)
+    rounds = [r["round"] for r in events(recs, "server_update")]
+    assert rounds == list(range(1, 13))  # every round once: the lost ones are not counted twice
+    assert recs[cut]["time"] >= recs[cut - 1]["time"]  # the clock goes on
+    lost = set(resume[0]["lost_tasks"])
+    failed = {r["task"] for r in events(recs, "task_failed")[-len(lost):]} if lost else set()
+    assert failed == lost
+    assert sum(summary["local_rounds"]) >= 12
+
+
+def test_resume_refuses_another_experiment(tmp_path: Path) -> None:
+    _run(tmp_path, {"prfl.sim.max_rounds": 3, "checkpoint-every-rounds": 1})
+    with pytest.raises(ConfigError, match="changes train"):
+        _run(tmp_path, {"prfl.sim.max_rounds": 6, "checkpoint-every-rounds": 1, "resume": True,
+                        "prfl.train.lr": 0.5})

@@ -55,6 +55,7 @@ from prfl.policies.base import (
     TimerFired,
 )
 from prfl.seeding import int_seed
+from prfl.sim.engine import write_checkpoint
 from prfl.sim.history import HistoryWriter
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,12 @@ log = logging.getLogger(__name__)
 Evaluator = Callable[[torch.Tensor], tuple[float, float]]  # weights -> (loss, accuracy)
 
 NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE
+
+# driver attributes a checkpoint carries as they are
+_COUNTERS = (
+    "bytes_down", "bytes_up", "importance_up", "accounted_down", "accounted_up", "record_down", "record_up",
+    "server_egress", "server_ingress", "messages_sent", "messages_received", "tasks_sent", "arrivals", "failures",
+)
 
 
 @dataclass
@@ -167,6 +174,10 @@ class FlowerDriver:
         self.evals: list[dict[str, Any]] = []
         self.reached: dict[float, float] = {}
         self.round_times: list[list[float]] = [[] for _ in range(k)]
+        self.checkpoint_dir: Path | None = None  # set by the caller to enable checkpoints
+        self._last_ckpt_version = 0
+        self._checkpoint_due = False
+        self._resume: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ clock
     def now(self) -> float:
@@ -178,13 +189,20 @@ class FlowerDriver:
         """Wait for the nodes, start the policy, and drive it until it stops."""
         wall0 = self._clock()
         self._wait_for_nodes()
-        self.t0 = self._clock()  # now = 0 at Start
+        resumed = self._resume
+        elapsed = 0.0 if resumed is None else float(resumed["now"])
+        self.t0 = self._clock() - elapsed  # now = 0 at Start; a resumed run goes on from its checkpoint
         self.started = True
-        self.history.write("start", time=0.0, round=0, clients=self.num_clients, policy=self.policy.name,
-                           driver="flower", nodes={str(c): n for c, n in sorted(self.client_node.items())})
+        nodes = {str(c): n for c, n in sorted(self.client_node.items())}
+        if resumed is None:
+            self.history.write("start", time=0.0, round=0, clients=self.num_clients, policy=self.policy.name,
+                               driver="flower", nodes=nodes)
         try:
-            self._evaluate()
-            self._deliver(Start(now=0.0))
+            if resumed is None:
+                self._evaluate()
+                self._deliver(Start(now=0.0))
+            else:
+                self._restart_tasks(nodes)
             while self.stopped is None:
                 self._tick()
         except Exception as exc:
@@ -198,6 +216,74 @@ class FlowerDriver:
         self.history.write("end", time=self.now(), round=self.policy.version, reason=self.stopped)
         self.history.offset()
         return self.summary(self._clock() - wall0)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The server's state: the policy's, the clock, counters and the history offset."""
+        return {
+            "kind": "flower-driver",
+            "now": self.now(),
+            "history_offset": self.history.offset(),
+            "policy": self.policy.state_dict(),
+            "policy_online": list(self.policy_online),
+            "timers": dict(self.timers),
+            "counters": {name: getattr(self, name) for name in _COUNTERS},
+            "evals": list(self.evals),
+            "reached": dict(self.reached),
+            "round_times": [list(r) for r in self.round_times],
+            "next_eval_round": self.next_eval_round,
+            "next_eval_time": self.next_eval_time,
+            "last_eval_version": self.last_eval_version,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint when :meth:`run` starts (before: nodes are not known yet)."""
+        if state.get("kind") != "flower-driver":
+            raise ValueError("not a checkpoint of the Flower driver (a simulator checkpoint? resume it with prfl run --resume)")
+        self.policy.load_state_dict(state["policy"])
+        self.policy_online = list(state["policy_online"])
+        self.timers = dict(state["timers"])
+        for name in _COUNTERS:
+            value = state["counters"][name]
+            setattr(self, name, list(value) if isinstance(value, list) else value)
+        self.evals = list(state["evals"])
+        self.reached = dict(state["reached"])
+        self.round_times = [list(r) for r in state["round_times"]]
+        self.next_eval_round = state["next_eval_round"]
+        self.next_eval_time = state["next_eval_time"]
+        self.last_eval_version = state["last_eval_version"]
+        self._last_ckpt_version = self.policy.version
+        self._resume = state
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoint.pt`` in the checkpoint directory atomically (previous one kept)."""
+        assert self.checkpoint_dir is not None
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self.history.write("checkpoint", time=self.now(), round=self.policy.version)
+        path = write_checkpoint(self.state_dict(), self.checkpoint_dir)
+        self._last_ckpt_version = self.policy.version
+        return path
+
+    def _restart_tasks(self, nodes: dict[str, int]) -> None:
+        """After a resume: tasks in flight at the checkpoint will never be answered (their messages
+        belong to the old server), so the policy is told they failed; clients with a node are then
+        idle again and get new tasks."""
+        now = self.now()
+        lost = sorted(getattr(self.policy, "in_flight", {}).values(), key=lambda t: t.task_id)
+        self.history.write("resume", time=now, round=self.policy.version, lost_tasks=[t.task_id for t in lost],
+                           nodes=nodes)
+        log.info("resumed at round %d (t=%.1f s); %d task(s) in flight at the checkpoint are failed",
+                 self.policy.version, now, len(lost))
+        reason = "server restarted: the task's reply is lost"
+        for task in lost:
+            self.failures[task.client] += 1
+            self.history.write("task_failed", time=now, round=self.policy.version, client=task.client,
+                               task=task.task_id, reason=reason, node=self.client_node.get(task.client))
+            self._deliver(TaskFailed(now=now, client=task.client, task_id=task.task_id, reason=reason))
+        for c in range(self.num_clients):
+            if self._usable_node(c) is not None:
+                self.policy_online[c] = False  # so that _client_back announces it
+                self._client_back(c, self.client_node[c], "server resumed")
 
     def _wait_for_nodes(self) -> None:
         """Describe the federation's nodes until every client has one (or the wait runs out)."""
@@ -300,9 +386,16 @@ class FlowerDriver:
                     raise TypeError(f"unknown action {action!r}")
             if self.policy.version != before:
                 self._after_update()
+        # saved once the event is fully handled (the evaluations it asked for included)
+        if self._checkpoint_due and not pending and self.stopped is None:
+            self._checkpoint_due = False
+            self.save_checkpoint()
         self.history.offset()  # flushed: the history can be followed while the run goes on
 
     def _after_update(self) -> None:
+        ck = self.settings.checkpoint_every_rounds
+        if ck and self.checkpoint_dir is not None and self.policy.version - self._last_ckpt_version >= ck:
+            self._checkpoint_due = True
         every = self.eval_every_rounds
         if every and self.policy.version >= self.next_eval_round:
             self._evaluate()

@@ -3,7 +3,10 @@
 The server builds the same scenario as ``prfl run`` (data, partition sizes, model and initial
 weights from the run config's seeds), evaluates on the data set's test split, and writes
 ``config.yaml``, ``partition.json``, ``history.jsonl`` (the simulator's format) and
-``summary.json`` into the run config's ``out-dir``.
+``summary.json`` into the run config's ``out-dir``. Every ``checkpoint-every-rounds`` server
+rounds it saves its state there (``checkpoint.pt``, written atomically, the previous one kept);
+with ``resume = true`` a new ServerApp continues from it: the history is cut back to the
+checkpoint and goes on, and the tasks that were in flight are failed and sent again.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from prfl.config import save_config
+import yaml
+
+from prfl.config import ConfigError, save_config
 from prfl.flower.driver import FlowerDriver
 from prfl.flower.settings import app_settings
 from prfl.run import build_scenario, make_policy
+from prfl.sim.engine import CHECKPOINT, PREVIOUS_CHECKPOINT, CheckpointError, load_checkpoint
 from prfl.sim.history import HistoryWriter
 
 log = logging.getLogger(__name__)
@@ -43,19 +49,26 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], defaults: Mapping[str,
     policy = make_policy(sc, cfg.policy)
     out = settings.out_dir
     out.mkdir(parents=True, exist_ok=True)
+    state = _checkpoint_to_resume(out, cfg) if settings.driver.resume else None
+    if state is None:
+        for stale in ("history.jsonl", "summary.json", CHECKPOINT, PREVIOUS_CHECKPOINT):
+            (out / stale).unlink(missing_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)
     save_config(cfg, out / "config.yaml")
     sc.partition.save(out / "partition.json")
-    for stale in ("history.jsonl", "summary.json"):
-        (out / stale).unlink(missing_ok=True)
     log.info("prfl on Flower: policy %s, %d clients, %s/%s, history in %s", policy.name, cfg.data.num_clients,
              cfg.data.dataset, cfg.model.name, out.resolve())
-    history = HistoryWriter(out / "history.jsonl")
+    history = HistoryWriter(out / "history.jsonl", truncate_at=None if state is None else int(state["history_offset"]))
     s = cfg.sim
     driver = FlowerDriver(
         grid, policy, sc.evaluator(), settings.driver, seed=cfg.seed, history=history,
         eval_every_rounds=s.eval_every_rounds, eval_every_seconds=s.eval_every_seconds, max_time=s.max_time,
         target_accuracies=s.targets,
     )
+    if settings.driver.checkpoint_every_rounds:
+        driver.checkpoint_dir = out
+    if state is not None:
+        driver.load_state_dict(state)
     try:
         summary = driver.run()
     finally:
@@ -67,6 +80,31 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], defaults: Mapping[str,
              summary["stopped"], summary["server_rounds"], summary["seconds"], summary["final_accuracy"],
              summary["messages_sent"])
     return summary
+
+
+def _checkpoint_to_resume(out: Any, cfg: Any) -> dict[str, Any] | None:
+    """The checkpoint a resumed run continues from; None (start afresh) when out-dir has none."""
+    if not (out / CHECKPOINT).exists() and not (out / PREVIOUS_CHECKPOINT).exists():
+        log.warning("resume requested but %s holds no checkpoint: starting a new run", out)
+        return None
+    saved = out / "config.yaml"
+    if saved.exists():
+        old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        new = cfg.model_dump(mode="json")
+        # the budget may grow on resume; anything else would continue a different experiment
+        changed = sorted(k for k in set(old) | set(new) if k not in ("sim", "name") and old.get(k) != new.get(k))
+        if changed:
+            raise ConfigError(
+                f"cannot resume the run in {out}: the run config changes {', '.join(changed)} "
+                f"(compare with {saved}); use the same config, or resume = false to start afresh"
+            )
+    history = out / "history.jsonl"
+    try:
+        state, path = load_checkpoint(out, history.stat().st_size if history.exists() else 0)
+    except CheckpointError as exc:
+        raise ConfigError(f"{exc}; or set resume = false to start afresh") from None
+    log.info("resuming from %s", path)
+    return state
 
 
 def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:

@@ -47,6 +47,8 @@ DRIVER_KEYS: dict[str, str] = {
     "client-delays": "comma-separated artificial delay (s) per partition id; node config delay-seconds wins",
     "max-client-errors": "consecutive ClientApp errors from one node before the run fails",
     "stop-file": "path whose appearance ends the run gracefully (history and summary written; '' for none)",
+    "checkpoint-every-rounds": "server rounds between checkpoints of the server's state in out-dir (0: none)",
+    "resume": "continue from the checkpoint in out-dir if there is one (tasks then in flight are failed)",
 }
 
 # Defaults of the driver keys (the example app's pyproject.toml repeats them).
@@ -63,6 +65,8 @@ DRIVER_DEFAULTS: dict[str, Any] = {
     "client-delays": "",
     "max-client-errors": 3,
     "stop-file": "",
+    "checkpoint-every-rounds": 20,
+    "resume": False,
 }
 
 # prfl.* values used when neither the run config nor a config file sets them. The simulator's
@@ -88,6 +92,8 @@ class DriverSettings:
     client_delays: tuple[float, ...] = ()
     max_client_errors: int = DRIVER_DEFAULTS["max-client-errors"]
     stop_file: str = ""
+    checkpoint_every_rounds: int = DRIVER_DEFAULTS["checkpoint-every-rounds"]
+    resume: bool = False
 
     def __post_init__(self) -> None:
         for name in ("reply_timeout", "hello_timeout", "poll_interval", "discover_interval", "probe_interval", "idle_timeout"):
@@ -98,6 +104,8 @@ class DriverSettings:
             raise ConfigError(f"wait-for-nodes must be >= 0 seconds, got {self.wait_for_nodes!r}")
         if any(d < 0 or not math.isfinite(d) for d in self.client_delays):
             raise ConfigError(f"client-delays must be non-negative seconds, got {list(self.client_delays)}")
+        if self.checkpoint_every_rounds < 0:
+            raise ConfigError(f"checkpoint-every-rounds must be >= 0 (0: no checkpoints), got {self.checkpoint_every_rounds}")
         if self.max_client_errors < 1:
             raise ConfigError(f"max-client-errors must be at least 1, got {self.max_client_errors}")
 
@@ -127,6 +135,18 @@ def _value(raw: Any) -> Any:
             except yaml.YAMLError as exc:
                 raise ConfigError(f"value {raw!r} looks like a YAML list or map but does not parse: {exc}") from exc
     return raw
+
+
+def parse_bool(raw: Any, key: str) -> bool:
+    """A TOML bool, or the strings true/false/1/0/yes/no."""
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise ConfigError(f"{key} must be true or false, got {raw!r}")
 
 
 def parse_delays(text: str) -> tuple[float, ...]:
@@ -211,6 +231,8 @@ def app_settings(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | No
             client_delays=parse_delays(str(drv["client-delays"])),
             max_client_errors=int(drv["max-client-errors"]),
             stop_file=str(drv["stop-file"]).strip(),
+            checkpoint_every_rounds=int(drv["checkpoint-every-rounds"]),
+            resume=parse_bool(drv["resume"], "resume"),
         )
     except ConfigError:
         raise
