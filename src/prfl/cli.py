@@ -112,6 +112,7 @@ def run(
             res.pop("history", None)
             console.print(_summary_table([res], cfg.sim.targets))
             console.print(f"results: [bold]{resume}[/]")
+            _exit_if_aborted([res])
             return
         if config is None and preset is None:
             preset = DEFAULT_PRESET
@@ -140,10 +141,25 @@ def run(
             plot_accuracy(curves, root / "accuracy.png", title=cfg.name)
             (root / "results.json").write_text(json.dumps(results, indent=2, default=float), encoding="utf-8")
         console.print(f"results: [bold]{root}[/] (config.yaml, history.jsonl, summary.json, accuracy.png per policy)")
+        _exit_if_aborted(results)
     except ConfigError as exc:
         _fail(str(exc))
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
+
+
+def _exit_if_aborted(results: list[dict[str, Any]]) -> None:
+    """Exit with code 3 when a run ended because every client was quarantined (its results are
+    kept, but they are not an experiment's outcome)."""
+    from rich.markup import escape
+
+    from prfl.policies.fleet import QUARANTINED_STOP
+
+    aborted = [r for r in results if str(r.get("stopped") or "").startswith(QUARANTINED_STOP)]
+    for r in aborted:
+        console.print(f"[bold red]aborted:[/] {escape(str(r.get('policy')))}: {escape(r['stopped'])}", highlight=False)
+    if aborted:
+        raise typer.Exit(code=3)
 
 
 @app.command()

@@ -132,8 +132,14 @@ def test_bad_config_and_bad_results():
     # driver errors raise and leave the policy as it was
     with pytest.raises(ValueError, match="names client 1, but it was sent to 0"):
         pol.on_event(TaskFailed(1.0, 1, t0.task_id, "mixed up"))
-    with pytest.raises(ValueError, match="num_samples"):
-        arrive(pol, t0, 1.0, num_samples=-1)
+    # a negative sample count is a bad update like any other: rejected, its task failed
+    acts = arrive(pol, t0, 1.0, num_samples=-1)
+    assert [a.data["check"] for a in acts if isinstance(a, Record) and a.kind == "rejected"] == ["samples"]
+    with pytest.raises(ValueError, match="not in flight"):
+        arrive(pol, t0, 1.0)  # its task is gone
+    acts = arrive(pol, t1, 4.0)
+    assert torch.equal(pol.weights, vec(4.0))  # client 1 alone
+    t0, t1 = task_of(acts, 0), task_of(acts, 1)
     arrive(pol, t0, 1.0)
     with pytest.raises(ValueError, match="not in flight"):
         arrive(pol, t0, 1.0)  # the same task twice
@@ -154,7 +160,7 @@ def test_bad_config_and_bad_results():
         assert upd["clients"] == [1] and upd["failed"] == [0]
         assert torch.equal(pol.weights, vec(5.0))
         assert [t.client for t in tasks(acts)] == [0, 1]  # the rejected client is in the next cohort
-    assert pol.rejected == [2, 0]
+    assert pol.rejected == [3, 0]
 
 
 def test_one_arrival_is_taken_bit_for_bit():

@@ -99,10 +99,12 @@ def test_width_tasks_carry_the_sliced_sub_model():
     assert t1.weights.numel() == sum(p.numel() for p in mlp(0.5).parameters()) == 14
     assert t1.weights.tolist() == [float(i) for i in HALF]
     assert t1.download_bytes == t1.upload_bytes == 4 * 14
-    # a result must have the sub-model's length; a wrong one is refused before any state change
-    with pytest.raises(ValueError, match=r"expected \(14,\)"):
-        arrive(pol, t1, torch.zeros(26))
-    assert set(pol.in_flight) == {t0.task_id, t1.task_id}
+    # a result must have the sub-model's length; a wrong one is rejected: recorded, its task
+    # failed, nothing aggregated
+    acts = arrive(pol, t1, torch.zeros(26))
+    (rej,) = [a.data for a in acts if isinstance(a, Record) and a.kind == "rejected"]
+    assert rej["check"] == "shape" and "(14,)" in rej["reason"] and rej["client"] == 1
+    assert set(pol.in_flight) == {t0.task_id} and pol.version == 0
 
 
 def test_width_aggregation_over_holders_with_label_split():

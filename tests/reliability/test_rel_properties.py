@@ -235,8 +235,10 @@ def test_overrides_through_a_value_name_the_path(section, leaf, value) -> None:
 
 
 def test_nonfinite_numbers_name_the_field() -> None:
-    for key in ("train.lr", "sim.sparse_efficiency", "sim.max_time"):
-        for raw in (".nan", "-.inf"):
+    # every float field refuses NaN and inf, not only those with their own range check
+    for key in ("train.lr", "sim.sparse_efficiency", "sim.max_time", "sim.eval_every_seconds", "train.momentum",
+                "train.weight_decay"):
+        for raw in (".nan", "-.inf", ".inf"):
             with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
                 load_config(None, [f"{key}={raw}"])
 

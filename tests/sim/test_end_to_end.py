@@ -110,6 +110,21 @@ def test_cli_rejects_a_bad_override(cli_run, tmp_path) -> None:
     assert not (tmp_path / "x").exists()
 
 
+def test_cli_run_whose_clients_are_all_quarantined_exits_3(cli_run, tmp_path) -> None:
+    """A learning rate that blows every update up to inf/NaN: each client's updates are rejected,
+    every client is quarantined, the run stops, and the command says so with exit code 3."""
+    cfg_path, _ = cli_run
+    out = tmp_path / "diverged"
+    result = CliRunner().invoke(
+        app, ["run", str(cfg_path), "--set", "train.lr=1e30", "--set", "sim.max_rounds=50", "--out", str(out),
+              "--no-baselines", "-q"]
+    )
+    assert result.exit_code == 3, result.output
+    assert "aborted" in result.output and "every client is quarantined" in result.output
+    summary = json.loads((out / POLICY / "summary.json").read_text())
+    assert summary["server_rounds"] < 50 and summary["stopped"].startswith("every client is quarantined")
+
+
 @pytest.fixture(scope="module")
 def resumed_run(cli_run, tmp_path_factory) -> tuple[Path, dict[str, Any]]:
     """The same experiment killed at round 100 and resumed; returns (run dir, resume summary)."""

@@ -72,9 +72,8 @@ class FedAvg(FleetPolicy):
         return [] if self.cohort else self._start_round(now)
 
     def _on_result(self, now: float, result: TaskResult) -> list[Action]:
+        arrival = self.take_result(result)  # a bad sample count is rejected there, like any bad update
         n = result.num_samples
-        check_number(f"num_samples of task {result.task_id}", n, low=0)
-        arrival = self.take_result(result)
         self._acc.add_(arrival.weights, alpha=float(n))
         self._acc_n += float(n)
         self.arrived.append(arrival.task.client)

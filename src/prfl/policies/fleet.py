@@ -66,6 +66,10 @@ def check_number(
         raise ValueError(f"{name} must be <= {high}, got {value!r}")
 
 
+# how the stop reason of a run in which every client got quarantined begins
+QUARANTINED_STOP = "every client is quarantined"
+
+
 # --------------------------------------------------------------------------- fleet bookkeeping
 @dataclass(frozen=True)
 class InFlight:
@@ -216,7 +220,7 @@ class FleetPolicy(Policy):
         elif limit is not None and all(n >= limit for n in self.reject_streak) and not self.in_flight:
             self.stopped = True
             actions.append(Stop(
-                f"every client is quarantined after {limit} rejected updates in a row (last: {rejection}); "
+                f"{QUARANTINED_STOP} after {limit} rejected updates in a row (last: {rejection}); "
                 "fix the cause (learning rate, model, data or the clients) and run again"
             ))
         return actions

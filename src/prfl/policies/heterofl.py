@@ -60,6 +60,7 @@ from prfl.params import ParamLayout
 from prfl.policies.base import Action, Dispatch, PolicyContext, Record, TaskSpec
 from prfl.policies.fleet import FleetPolicy, InFlight, check_number
 from prfl.pruning.ranking import Ranking, magnitude_ranking
+from prfl.validation import RejectedUpdate, validate_update
 
 __all__ = [
     "DENSITY_LEVELS",
@@ -385,24 +386,17 @@ class HeteroFL(FleetPolicy):
 
     def _on_result(self, now: float, result: TaskResult) -> list[Action]:
         task = self._find_task(result.task_id, result.client, "result")
-        n = result.num_samples
-        check_number(f"num_samples of task {result.task_id}", n, low=0)
-        if result.version != task.version:
-            raise ValueError(
-                f"result of task {task.task_id} claims model version {result.version}, "
-                f"but the task was dispatched at version {task.version}"
-            )
-        expected = self._task_length(task.client)
-        w = result.weights
-        if w.shape != (expected,):
-            raise ValueError(
-                f"result of task {task.task_id} (client {task.client}) has weights of shape "
-                f"{tuple(w.shape)}, expected ({expected},)"
-            )
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError(f"result of task {task.task_id} (client {task.client}) has non-finite weights")
+        # the width form returns the sub-network's vector: validate against its length
+        like = torch.empty((self._task_length(task.client),), dtype=self.weights.dtype, device="meta")
+        rejection = validate_update(
+            result.weights, claimed_version=result.version, expected_version=task.version, like=like,
+            mask=self.task_mask(task), num_prunable=self.ctx.num_prunable, num_samples=result.num_samples,
+        )
+        if rejection is not None:
+            raise RejectedUpdate(rejection, task.task_id, task.client)  # the fleet records it and tells the client
+        self.reject_streak[task.client] = 0
         self._retire(task)
-        self.held.append(_Held(task.client, float(n), w.to(self.weights.dtype)))
+        self.held.append(_Held(task.client, float(result.num_samples), result.weights.to(self.weights.dtype)))
         return self._maybe_close(now)
 
     def _on_task_failed(self, now: float, task: InFlight) -> list[Action]:
