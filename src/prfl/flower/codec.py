@@ -328,11 +328,31 @@ def encode_result(
     return RecordDict({RESULT: cfg, UPDATE: ArrayRecord(array_dict=arrays)})
 
 
+class MalformedResult(ValueError):
+    """A result message that cannot be decoded; the message says what is wrong with it."""
+
+
 def decode_result(content: RecordDict) -> ResultMessage:
-    """Inverse of :func:`encode_result` (weights are rebuilt by :func:`result_weights`)."""
+    """Inverse of :func:`encode_result` (weights are rebuilt by :func:`result_weights`).
+
+    Anything a node could send that is not a well-formed result raises :class:`MalformedResult`.
+    """
+    try:
+        return _decode_result(content)
+    except MalformedResult:
+        raise
+    except KeyError as exc:
+        raise MalformedResult(f"result lacks the field {exc.args[0]!r}") from None
+    except (TypeError, ValueError, OverflowError, AttributeError) as exc:
+        raise MalformedResult(f"result has a field of the wrong type ({exc})") from None
+
+
+def _decode_result(content: RecordDict) -> ResultMessage:
     if RESULT not in content or UPDATE not in content:
-        raise ValueError(f"a prfl result needs records {RESULT!r} and {UPDATE!r}, got {sorted(content)}")
+        raise MalformedResult(f"a prfl result needs records {RESULT!r} and {UPDATE!r}, got {sorted(content)}")
     c = content[RESULT]
+    if not isinstance(c, ConfigRecord) or not isinstance(content[UPDATE], ArrayRecord):
+        raise MalformedResult(f"record {RESULT!r} must be a ConfigRecord and {UPDATE!r} an ArrayRecord")
     return ResultMessage(
         task_id=int(c["task-id"]),
         client=int(c["client"]),

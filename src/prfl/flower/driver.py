@@ -544,14 +544,19 @@ class FlowerDriver:
                     )
             self._task_failed(entry, reason)
             return
-        if node is not None:
-            node.errors = 0
         now = self.now()
         self.record_up += codec.record_bytes(reply.content)
-        res = codec.decode_result(reply.content)
-        if res.task_id != spec.task_id or res.client != c:
-            raise RuntimeError(f"reply to task {spec.task_id} (client {c}) names task {res.task_id} (client {res.client})")
-        weights, grad_sq = codec.result_weights(res, entry.mask, spec.weights.numel(), self.num_prunable)
+        try:
+            res = codec.decode_result(reply.content)
+            if res.task_id != spec.task_id or res.client != c:
+                raise codec.MalformedResult(
+                    f"reply to task {spec.task_id} (client {c}) names task {res.task_id} (client {res.client})")
+            weights, grad_sq = codec.result_weights(res, entry.mask, spec.weights.numel(), self.num_prunable)
+        except ValueError as exc:  # MalformedResult, or arrays of the wrong size or type
+            self._malformed(entry, node, str(exc))
+            return
+        if node is not None:
+            node.errors = 0
         if res.received_payload_bytes != entry.payload_bytes:
             log.warning("task %d: node counted %d payload bytes, server sent %d", spec.task_id,
                         res.received_payload_bytes, entry.payload_bytes)
@@ -578,6 +583,20 @@ class FlowerDriver:
             pieces=entry.pieces,
         )
         self._deliver(ResultArrived(now=now, result=result))
+
+    def _malformed(self, entry: Pending, node: Node | None, reason: str) -> None:
+        """A reply that is not a usable result: recorded as rejected, its task failed; a node that
+        sends nothing else ``max-client-errors`` times in a row ends the run."""
+        assert entry.spec is not None
+        c = entry.spec.client
+        self.history.write("rejected", time=self.now(), round=self.policy.version, client=c,
+                           task=entry.spec.task_id, check="decode", reason=reason, node=entry.node_id)
+        if node is not None:
+            node.errors += 1
+            if node.errors >= self.settings.max_client_errors:
+                raise RuntimeError(f"node {node.node_id} (client {c}) sent {node.errors} unusable results in a row; "
+                                   f"last: {reason}")
+        self._task_failed(entry, f"malformed result: {reason}")
 
     def _task_failed(self, entry: Pending, reason: str) -> None:
         spec = entry.spec
