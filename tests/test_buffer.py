@@ -302,3 +302,97 @@ def test_load_state_dict_errors_leave_buffer_unchanged():
     with pytest.raises(ValueError, match="slot.3.values"):
         buf.load_state_dict(broken)
     assert buf.clients() == [0, 2]
+
+
+# --------------------------------------------------------------------------- prefix storage
+def prefix_fleet(total: int, npr: int, seed: int = 0):
+    """Entries whose masks are prefixes of two rankings (as PR-FL's are), plus a dense client,
+    one that holds nothing, and one with n = 0: (client, weights, mask, order, n, sent_round)."""
+    g = torch.Generator().manual_seed(seed)
+    orders = [torch.randperm(npr, generator=g), torch.randperm(npr, generator=g)]
+    out = []
+    for c, (which, count, n, r) in enumerate([(0, 100, 20, 4), (0, 500, 30, 7), (1, 300, 10, 9), (0, 0, 5, 8),
+                                              (1, 800, 0, 6), (0, 100, 40, 9)]):
+        order = orders[which]
+        mask = torch.zeros(npr, dtype=torch.bool)
+        mask[order[:count]] = True
+        w = torch.randn(total, generator=g)
+        w[:npr] *= mask
+        out.append((c, w, mask, order, n, r))
+    out.append((len(out), torch.randn(total, generator=g), None, None, 25, 10))  # dense
+    return out
+
+
+@pytest.mark.parametrize("kind", ["poly", "const"])
+@pytest.mark.parametrize("eta_g", [1.0, 0.5])
+def test_prefix_storage_aggregates_like_mask_fedavg(kind, eta_g):
+    total, npr = 1100, 1000
+    fleet = prefix_fleet(total, npr)
+    buf = ClientBuffer(len(fleet), total, npr, storage="prefix")
+    for c, w, mask, order, n, r in fleet:
+        buf.put(c, w, mask, n, r, order=order)
+    prev = torch.randn(total, generator=torch.Generator().manual_seed(5))
+    coeffs = buf.coefficients(12, kind)
+    ids = [f[0] for f in fleet]
+    expected = mask_fedavg(prev, [f[1] for f in fleet], [f[2] for f in fleet], [coeffs[c] for c in ids], npr, eta_g=eta_g)
+    got = buf.aggregate(prev, 12, kind=kind, eta_g=eta_g)
+    assert torch.allclose(got, expected, rtol=1e-6, atol=1e-7)  # another summation order
+    # the safeguard holds exactly: no client holds ranks >= 800 of ranking 1 that ranking 0's
+    # 500 and the dense client miss... so use a buffer without the dense client to check it
+    sparse_only = ClientBuffer(len(fleet), total, npr, storage="prefix")
+    for c, w, mask, order, n, r in fleet[:-1]:
+        sparse_only.put(c, w, mask, n, r, order=order)
+    got = sparse_only.aggregate(prev, 12, kind=kind)
+    held = torch.zeros(npr, dtype=torch.bool)
+    for _, _, mask, _, n, _ in fleet[:-1]:
+        if n > 0:
+            held |= mask
+    assert not bool(held.all())
+    assert torch.equal(got[:npr][~held], prev[:npr][~held])  # a weight nobody holds keeps its value
+    # entries, masks and the plain average come back as they were put
+    for c, w, mask, _, _, _ in fleet:
+        e = buf.get(c)
+        assert torch.equal(e.weights, w) and (mask is None and e.mask is None or torch.equal(e.mask, mask))
+    assert torch.allclose(buf.plain_average(), weighted_average([f[1] for f in fleet], [f[4] for f in fleet]))
+
+
+def test_prefix_storage_holds_each_ranking_once_and_round_trips():
+    total, npr = 1100, 1000
+    fleet = prefix_fleet(total, npr)
+    buf = ClientBuffer(len(fleet), total, npr, storage="prefix")
+    sparse = ClientBuffer(len(fleet), total, npr, storage="sparse")
+    for c, w, mask, order, n, r in fleet:
+        buf.put(c, w, mask, n, r, order=order)
+        sparse.put(c, w, mask, n, r)
+    assert len(buf._orders) == 2
+    values = sum(f[2].sum().item() if f[2] is not None else total for f in fleet) + sum(
+        total - npr for f in fleet if f[2] is not None)
+    assert buf.nbytes() == 4 * values + 2 * 8 * npr  # values + suffixes, and the two rankings once
+    # a checkpoint restores the same buffer (same aggregate, bit for bit)
+    prev = torch.randn(total, generator=torch.Generator().manual_seed(1))
+    copy = ClientBuffer(len(fleet), total, npr, storage="prefix")
+    copy.load_state_dict(buf.state_dict())
+    assert torch.equal(copy.aggregate(prev, 12), buf.aggregate(prev, 12)) and len(copy._orders) == 2
+    # replacing every slot of ranking 1 drops that ranking
+    for c, w, mask, order, n, r in fleet:
+        if order is not None and order is fleet[2][3]:
+            buf.put(c, torch.zeros(total), None, n, r + 1)
+    assert len(buf._orders) == 1
+
+
+def test_prefix_storage_refuses_what_it_cannot_store():
+    total, npr = 20, 16
+    buf = ClientBuffer(2, total, npr, storage="prefix")
+    order = torch.arange(npr)
+    mask = torch.zeros(npr, dtype=torch.bool)
+    mask[:4] = True
+    w = torch.zeros(total)
+    w[:4] = 1.0
+    with pytest.raises(ValueError, match="needs the ranking order"):
+        buf.put(0, w, mask, 1, 0)
+    with pytest.raises(ValueError, match="not the first 4 entries"):
+        buf.put(0, w, mask, 1, 0, order=order.flip(0))
+    w[10] = 2.0
+    with pytest.raises(ValueError, match="outside the mask are nonzero"):
+        buf.put(0, w, mask, 1, 0, order=order)
+    assert len(buf) == 0

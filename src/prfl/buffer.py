@@ -18,6 +18,17 @@ Storage:
   and the mask as a :class:`~prfl.distribution.PackedIndex` (bitmap or int32 positions, the
   cheaper). Lossless because a masked client's weights are exactly zero outside its mask;
   :meth:`ClientBuffer.put` checks this and refuses weights that are not.
+- ``"prefix"``: for masks that are prefixes of a ranking (PR-FL's: the first ceil(rho N) weights
+  of the current importance order), :meth:`ClientBuffer.put` takes the ranking's ``order`` too.
+  A slot keeps only its values in ranking order and the suffix; the mask is (ranking, count), and
+  each distinct ranking is held once for all the slots that use it. MaskFedAvg then works per
+  ranking in rank space: the kept values of every slot of that ranking are added into one
+  accumulator over their prefix (contiguous, no index), the mask weights M form a step function
+  (sum of c_i over the slots whose count exceeds the rank: one cumulative sum), and one scatter
+  per ranking brings both back to weight positions. An aggregation costs sum_i |m_i| + (rankings
+  x N) instead of (clients x N): what lets a buffer of 1,000 sparse clients aggregate at every
+  update. Summation order differs from :func:`~prfl.aggregation.mask_fedavg` (equal up to
+  rounding, not bit for bit).
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ from prfl.aggregation import ACCUMULATE_DTYPE, mask_fedavg, staleness_weight, we
 from prfl.distribution import PackedIndex
 from prfl.robust import check_method, clip_updates, coordinate_median, holders, trimmed_mean
 
-STORAGE_KINDS: tuple[str, ...] = ("dense", "sparse")
+STORAGE_KINDS: tuple[str, ...] = ("dense", "sparse", "prefix")
 _DTYPE = torch.float32
 
 
@@ -57,6 +68,8 @@ class _Slot:
     index: PackedIndex | None
     num_samples: int
     sent_round: int
+    order_key: int | None = None  # prefix storage: the ranking (key into ClientBuffer._orders)
+    count: int = 0  # prefix storage: how many leading ranks the mask keeps
 
 
 class ClientBuffer:
@@ -84,6 +97,7 @@ class ClientBuffer:
         self.storage = storage
         self.path = None if path is None else os.fspath(path)
         self._slots: dict[int, _Slot] = {}
+        self._orders: dict[int, torch.Tensor] = {}  # prefix storage: ranking key -> order (int64, N)
         self._rows: torch.Tensor | None = None
         if self.path is not None:
             size = self.num_clients * self.total
@@ -95,13 +109,21 @@ class ClientBuffer:
 
     # ------------------------------------------------------------------ slots
     def put(
-        self, client: int, weights: torch.Tensor, mask: torch.Tensor | None, num_samples: int, sent_round: int
+        self, client: int, weights: torch.Tensor, mask: torch.Tensor | None, num_samples: int, sent_round: int,
+        order: torch.Tensor | None = None,
     ) -> None:
-        """Store ``client``'s latest model (copied, as fp32), replacing its previous slot."""
-        self._commit(client, self._make_slot(client, weights, mask, num_samples, sent_round))
+        """Store ``client``'s latest model (copied, as fp32), replacing its previous slot.
+
+        With prefix storage a masked entry needs ``order``, a ranking whose first ``mask.sum()``
+        entries are exactly the mask's positions (the buffer keeps a reference to it: do not
+        modify it in place)."""
+        self._commit(client, self._make_slot(client, weights, mask, num_samples, sent_round, order))
+        if self._orders:
+            self._drop_unused_orders()  # a ranking no slot uses any more
 
     def _make_slot(
-        self, client: int, weights: torch.Tensor, mask: torch.Tensor | None, num_samples: int, sent_round: int
+        self, client: int, weights: torch.Tensor, mask: torch.Tensor | None, num_samples: int, sent_round: int,
+        order: torch.Tensor | None = None,
     ) -> _Slot:
         """Validate an entry and build its stored form (no side effects)."""
         self._check_client(client)
@@ -127,14 +149,44 @@ class ClientBuffer:
                 values[: self.num_prunable].mul_(mask)  # store W ⊙ m once, not at every aggregation
             return _Slot(values, None if mask is None else mask.clone(), None, n, r)
         npr = self.num_prunable
-        outside = int(torch.count_nonzero(w[:npr].masked_select(~mask)))
+        outside = int(torch.count_nonzero(w[:npr] * ~mask))
         if outside:
             raise ValueError(
-                f"client {client}: {outside} weights outside the mask are nonzero, so sparse storage would "
+                f"client {client}: {outside} weights outside the mask are nonzero, so {self.storage} storage would "
                 "lose them; send W ⊙ m or use storage='dense'"
             )
+        if self.storage == "prefix":
+            if order is None:
+                raise ValueError(f"client {client}: prefix storage needs the ranking order the mask is a prefix of")
+            if order.dtype != torch.int64 or order.shape != (npr,):
+                raise ValueError(f"client {client}: order must be an int64 permutation of length {npr}, "
+                                 f"got {order.dtype} {tuple(order.shape)}")
+            count = int(mask.sum())
+            head = order[:count]
+            if count and not bool(mask[head].all()):
+                raise ValueError(f"client {client}: the mask is not the first {count} entries of the given order")
+            key = self._order_key(order)
+            values = torch.cat([w[:npr][head], w[npr:]]).to(_DTYPE)
+            return _Slot(values, None, None, n, r, order_key=key, count=count)
         values = torch.cat([w[:npr].masked_select(mask), w[npr:]]).to(_DTYPE)
         return _Slot(values, None, PackedIndex.from_mask(mask), n, r)
+
+    def _order_key(self, order: torch.Tensor) -> int:
+        """The key of ``order`` among the held rankings (the same tensor, or an equal one, is held once)."""
+        for key, held in self._orders.items():
+            if held is order or (held.data_ptr() == order.data_ptr() and held.shape == order.shape):
+                return key
+        for key, held in self._orders.items():
+            if torch.equal(held, order):
+                return key
+        key = max(self._orders, default=-1) + 1
+        self._orders[key] = order
+        return key
+
+    def _drop_unused_orders(self) -> None:
+        used = {s.order_key for s in self._slots.values() if s.order_key is not None}
+        for key in [k for k in self._orders if k not in used]:
+            del self._orders[key]
 
     def _commit(self, client: int, slot: _Slot) -> None:
         """Install a built slot (into the mapped file for a file-backed buffer)."""
@@ -175,6 +227,7 @@ class ClientBuffer:
                 out += s.mask.numel() * s.mask.element_size()
             if s.index is not None:
                 out += s.index.data.numel() * s.index.data.element_size()
+        out += sum(o.numel() * o.element_size() for o in self._orders.values())
         return out
 
     # ------------------------------------------------------------------ aggregation
@@ -257,12 +310,12 @@ class ClientBuffer:
         masks: list[torch.Tensor | None] = []
         for r, c in enumerate(ids):
             slot = self._slots[c]
-            if slot.index is None:
+            if slot.index is None and slot.order_key is None:
                 rows[r].copy_(slot.values)
                 masks.append(slot.mask)
             else:
                 self._densify_into(slot, rows[r])
-                masks.append(slot.index.to_mask())
+                masks.append(self._slot_mask(slot))
         return rows, masks
 
     def _robust(
@@ -303,12 +356,12 @@ class ClientBuffer:
     def _weighted_sum(self, coeffs: dict[int, float], dtype: torch.dtype) -> torch.Tensor:
         """sum_i c_i W_i over the slots in ``coeffs``, accumulated in ``dtype``."""
         acc = torch.zeros(self.total, dtype=dtype)
-        scratch = torch.empty(self.total, dtype=_DTYPE) if self.storage == "sparse" else None
+        scratch = torch.empty(self.total, dtype=_DTYPE) if self.storage != "dense" else None
         for c, coef in coeffs.items():
             if coef == 0.0:
                 continue
             slot = self._slots[c]
-            if slot.index is None:
+            if slot.index is None and slot.order_key is None:
                 acc.add_(slot.values, alpha=coef)
             else:
                 assert scratch is not None
@@ -326,10 +379,15 @@ class ClientBuffer:
         s_acc = torch.zeros(self.total - npr, dtype=dtype)
         buf = torch.empty(npr, dtype=dtype)  # m_i, then W_i ⊙ m_i (reused across clients)
         dense_total = 0.0  # coefficient mass of dense clients, added to m_acc once at the end
+        groups: dict[int, list[tuple[float, _Slot]]] = {}  # prefix storage: slots by ranking
         for c, coef in coeffs.items():
             if coef == 0.0:
                 continue
             slot = self._slots[c]
+            if slot.order_key is not None:
+                groups.setdefault(slot.order_key, []).append((coef, slot))
+                s_acc.add_(slot.values[slot.count :], alpha=coef)
+                continue
             if slot.index is not None:  # sparse storage, masked client: scatter its kept values
                 mask = slot.index.to_mask()
                 cnt = slot.index.count
@@ -345,6 +403,8 @@ class ClientBuffer:
                 m_acc.add_(slot.mask, alpha=coef)
                 w_acc.add_(w[:npr], alpha=coef)
             s_acc.add_(w[npr:], alpha=coef)
+        for key, members in groups.items():
+            self._add_prefix_group(self._orders[key], members, w_acc, m_acc, dtype)
         if dense_total:
             m_acc.add_(dense_total)
         prev_acc = prev.to(dtype)
@@ -356,6 +416,26 @@ class ClientBuffer:
         if eta_g != 1.0:
             new = torch.lerp(prev_acc, new, eta_g)
         return new.to(prev.dtype)
+
+    @staticmethod
+    def _add_prefix_group(
+        order: torch.Tensor, members: list[tuple[float, _Slot]], w_acc: torch.Tensor, m_acc: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> None:
+        """Add the slots of one ranking to W_acc and M_acc, working in rank space."""
+        top = max(slot.count for _, slot in members)
+        if top == 0:
+            return
+        acc = torch.zeros(top, dtype=dtype)
+        steps = torch.zeros(top + 1, dtype=dtype)  # M in rank space: + c_i at rank 0, - c_i at rank count_i
+        for coef, slot in members:
+            k = slot.count
+            acc[:k].add_(slot.values[:k], alpha=coef)
+            steps[0] += coef
+            steps[k] -= coef
+        positions = order[:top]
+        w_acc.index_add_(0, positions, acc)
+        m_acc.index_add_(0, positions, torch.cumsum(steps[:top], 0))
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -377,12 +457,17 @@ class ClientBuffer:
             if s.index is not None:
                 key = "bitmap" if s.index.is_bitmap else "positions"
                 state[f"slot.{c}.{key}"] = s.index.data.clone()
+            if s.order_key is not None:
+                state[f"slot.{c}.prefix"] = torch.tensor([s.order_key, s.count], dtype=torch.int64)
+        for key, order in self._orders.items():
+            state[f"order.{key}"] = order.clone()
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Replace the contents with a :meth:`state_dict` (from a buffer of either storage kind).
 
         Every slot is validated before any is installed: on error the buffer is unchanged."""
+        orders_before = dict(self._orders)
         try:
             n_clients, total, npr, kind = (int(x) for x in state["config"].tolist())
             ids = [int(x) for x in state["clients"].tolist()]
@@ -399,6 +484,7 @@ class ClientBuffer:
             for c, n, r in zip(ids, samples, rounds, strict=True):
                 values = state[f"slot.{c}.values"]
                 mask: torch.Tensor | None = None
+                order: torch.Tensor | None = None
                 if STORAGE_KINDS[kind] == "dense":
                     weights, mask = values, state.get(f"slot.{c}.mask")
                 elif f"slot.{c}.bitmap" in state:
@@ -408,22 +494,48 @@ class ClientBuffer:
                     data = state[f"slot.{c}.positions"]
                     index = PackedIndex(npr, int(data.numel()), False, data)
                     weights, mask = self._dense(_Slot(values, None, index, n, r))
+                elif f"slot.{c}.prefix" in state:
+                    key, count = (int(x) for x in state[f"slot.{c}.prefix"].tolist())
+                    order = state[f"order.{key}"]
+                    weights, mask = self._prefix_dense(values, order, count), _prefix_mask(order, count)
                 else:
                     weights = values
-                slots[c] = self._make_slot(c, weights, mask, n, r)
+                slots[c] = self._make_slot(c, weights, mask, n, r, order)
         except KeyError as e:
+            self._orders = orders_before
             raise ValueError(f"not a ClientBuffer state dict: missing {e}") from None
+        except BaseException:
+            self._orders = orders_before
+            raise
         self._slots.clear()
         for c, slot in slots.items():
             self._commit(c, slot)
+        if self._orders:
+            self._drop_unused_orders()
 
     # ------------------------------------------------------------------ helpers
     def _check_client(self, client: int) -> None:
         if isinstance(client, bool) or int(client) != client or not 0 <= client < self.num_clients:
             raise ValueError(f"client id must be an integer in [0, {self.num_clients}), got {client!r}")
 
+    def _slot_mask(self, slot: _Slot) -> torch.Tensor | None:
+        if slot.order_key is not None:
+            return _prefix_mask(self._orders[slot.order_key], slot.count)
+        return slot.index.to_mask() if slot.index is not None else slot.mask
+
+    def _prefix_dense(self, values: torch.Tensor, order: torch.Tensor, count: int,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+        npr = self.num_prunable
+        out = torch.empty(self.total, dtype=_DTYPE) if out is None else out
+        out[:npr].zero_()
+        out[:npr][order[:count]] = values[:count]
+        out[npr:] = values[count:]
+        return out
+
     def _densify_into(self, slot: _Slot, out: torch.Tensor) -> torch.Tensor:
-        """Write a sparse slot's full weight vector into ``out``."""
+        """Write a sparse or prefix slot's full weight vector into ``out``."""
+        if slot.order_key is not None:
+            return self._prefix_dense(slot.values, self._orders[slot.order_key], slot.count, out)
         assert slot.index is not None
         npr, cnt = self.num_prunable, slot.index.count
         out[:npr].zero_().masked_scatter_(slot.index.to_mask(), slot.values[:cnt])
@@ -432,6 +544,14 @@ class ClientBuffer:
 
     def _dense(self, slot: _Slot) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weights, mask) of a slot in full form."""
+        if slot.order_key is not None:
+            return self._densify_into(slot, torch.empty(self.total, dtype=_DTYPE)), self._slot_mask(slot)
         if slot.index is None:
             return slot.values, slot.mask
         return self._densify_into(slot, torch.empty(self.total, dtype=_DTYPE)), slot.index.to_mask()
+
+
+def _prefix_mask(order: torch.Tensor, count: int) -> torch.Tensor:
+    mask = torch.zeros(order.numel(), dtype=torch.bool)
+    mask[order[:count]] = True
+    return mask

@@ -195,6 +195,22 @@ def test_bfloat16_importance_keeps_range_and_order_and_is_idempotent():
         importance_for_upload(g, "int8")
 
 
+def test_prefix_buffer_storage_aggregates_like_dense_storage_and_survives_a_checkpoint():
+    kw = dict(window=0.0, interval=1000, recovery=False, importance=False, density_rule="B",
+              initial_densities=(1.0, 0.5))
+    pols = {s: build_policy("prfl", ctx(), buffer_storage=s, **kw) for s in ("dense", "prefix")}
+    tasks = {s: dispatches(p.on_event(Start(0.0))) for s, p in pols.items()}
+    for s, p in pols.items():  # client 1 trains the prefix {2, 3} of the magnitude ranking
+        p.on_event(ResultArrived(1.0, result(tasks[s][1], [0, 0, 5, 7, 2, 2], 3)))
+        p.on_event(ResultArrived(2.0, result(tasks[s][0], [2, 2, 2, 2, 1, 1], 1)))
+    assert torch.allclose(pols["prefix"].weights, pols["dense"].weights)
+    assert len(pols["prefix"].buffer._orders) == 1 and not pols["prefix"].task_orders.keys() & {0, 1}
+    twin = build_policy("prfl", ctx(), buffer_storage="prefix", **kw)
+    twin.load_state_dict(pols["prefix"].state_dict())
+    a, b = twin, pols["prefix"]
+    assert torch.equal(a.buffer.aggregate(a.weights, a.version), b.buffer.aggregate(b.weights, b.version))
+
+
 def test_state_dict_round_trip_continues_identically():
     kw = dict(window=0.0, interval=2, importance=False, density_rule="B", initial_densities=(1.0, 0.5))
     a = build_policy("prfl", ctx(), **kw)

@@ -76,3 +76,18 @@ def test_dense_time_basis_steps_towards_equal_round_times():
     assert observed.update() == pytest.approx([1.0, 0.5])
     with pytest.raises(ValueError, match="density"):
         dense.observe(0, 1.0, 0.0)
+
+
+def test_density_step_rounds_rule_a_down_to_shared_levels():
+    # mean times 2, 3, 7, 2.1 (dense basis, observed at density 1): rule A gives 1, 2/3, 2/7, 2/2.1
+    dc = DensityController(4, interval=5, rule="A", global_min=0.1, step=0.25)
+    for c, t in enumerate((2.0, 3.0, 7.0, 2.1)):
+        dc.observe(c, t)
+    # 1 -> 1; 0.667 -> 0.5; 0.286 -> 0.25; 0.952 -> 0.75 (never above what rule A allows)
+    assert dc.update() == [1.0, 0.5, 0.25, 0.75]
+    dc = DensityController(2, interval=5, rule="A", global_min=0.1, step=0.25)
+    dc.observe(0, 1.0)
+    dc.observe(1, 20.0)  # 0.05 -> 0.0 on the grid -> the global minimum 0.1
+    assert dc.update() == [1.0, 0.1]
+    with pytest.raises(ValueError, match="density step"):
+        DensityController(2, step=0.0)

@@ -66,6 +66,10 @@ class PRFLConfig:
     time_basis: Literal["dense", "observed"] = "dense"  # see prfl.pruning.density
     initial_densities: tuple[float, ...] | None = None  # rule B preset (default: the paper's for 10 clients)
     min_density: float = 0.1  # global minimum density
+    density_step: float | None = None  # round densities down to multiples of this (large fleets)
+    # how the buffer stores sparse models: "dense" vectors, "sparse" (values + index) or
+    # "prefix" (values in ranking order; see prfl.buffer); prefix suits large fleets
+    buffer_storage: Literal["dense", "sparse", "prefix"] = "dense"
     floor: float = 0.05  # per-layer magnitude floor of the ranking
     importance: bool = True  # rank by squared gradients (False: by magnitude)
     # precision of the squared gradients every upload carries (N values; bfloat16 halves the bytes)
@@ -106,6 +110,10 @@ class PRFLConfig:
             raise ValueError(f"importance_requests must be 'every' or 'interval', got {self.importance_requests!r}")
         if self.importance_dtype not in IMPORTANCE_BYTES:
             raise ValueError(f"importance_dtype must be one of {sorted(IMPORTANCE_BYTES)}, got {self.importance_dtype!r}")
+        if self.density_step is not None and not 0 < self.density_step <= 1:
+            raise ValueError(f"density_step must lie in (0, 1], got {self.density_step}")
+        if self.buffer_storage not in ("dense", "sparse", "prefix"):
+            raise ValueError(f"buffer_storage must be 'dense', 'sparse' or 'prefix', got {self.buffer_storage!r}")
         if not 0 < self.min_density <= 1:
             raise ValueError(f"min_density must lie in (0, 1], got {self.min_density}")
         if not 0 <= self.floor <= 1:
@@ -145,7 +153,8 @@ class PRFL(FleetPolicy):
             if n % len(PAPER_PRESET_DENSITIES):
                 raise ValueError("density rule B needs initial_densities unless the fleet has a multiple of 10 clients")
             initial = tuple(PAPER_PRESET_DENSITIES[i % 10] for i in range(n))
-        self.control = DensityController(n, cfg.interval, cfg.density_rule, cfg.min_density, initial, cfg.time_basis)
+        self.control = DensityController(n, cfg.interval, cfg.density_rule, cfg.min_density, initial, cfg.time_basis,
+                                         step=cfg.density_step)
         self.num_prunable = ctx.num_prunable
         self.total = ctx.initial_weights.numel()
         self.ranking: Ranking = magnitude_ranking(self.weights[: self.num_prunable], ctx.layer_bounds, cfg.floor)
@@ -155,7 +164,8 @@ class PRFL(FleetPolicy):
         self._imp_count = 0
         self._imp_asked: set[int] = set()  # clients asked for importance since the last rebuild
         self._masks: dict[float, torch.Tensor] = {}
-        self.buffer = ClientBuffer(n, self.total, self.num_prunable)
+        self.buffer = ClientBuffer(n, self.total, self.num_prunable, storage=cfg.buffer_storage)
+        self.task_orders: dict[int, torch.Tensor] = {}  # prefix storage: the ranking each task's mask is a prefix of
         self.window: list[tuple[InFlight, TaskResult, int]] = []  # (task, result, staleness)
         self.task_masks: dict[int, torch.Tensor | None] = {}  # the mask each task was sent with
         self.window_open = False
@@ -267,6 +277,8 @@ class PRFL(FleetPolicy):
         )
         self.track_task(task, now)
         self.task_masks[task.task_id] = mask
+        if self.config.buffer_storage == "prefix" and mask is not None:
+            self.task_orders[task.task_id] = self.ranking.order
         return Dispatch(task)
 
     # ------------------------------------------------------------------ validation hooks
@@ -317,6 +329,7 @@ class PRFL(FleetPolicy):
 
     def _on_task_failed(self, now: float, task: InFlight) -> list[Action]:
         self.task_masks.pop(task.task_id, None)
+        self.task_orders.pop(task.task_id, None)
         self._imp_asked.discard(task.client)  # ask again: that task's importance never came
         self.held[task.client] = set()  # a failed device may have lost its piece cache
         self.held_index[task.client] = set()
@@ -346,7 +359,8 @@ class PRFL(FleetPolicy):
         self.window = []
         masks = {t.task_id: self.task_masks.pop(t.task_id) for t, _, _ in arrived}
         for task, result, _ in arrived:
-            self.buffer.put(task.client, result.weights, masks[task.task_id], result.num_samples, task.version)
+            self.buffer.put(task.client, result.weights, masks[task.task_id], result.num_samples, task.version,
+                            order=self.task_orders.pop(task.task_id, None))
         # clipping happened on arrival (against W_sent); the coordinate-wise rules run here
         rule = cfg.robust if cfg.robust in ("trimmed_mean", "median") else "none"
         if cfg.buffer:
@@ -454,6 +468,7 @@ class PRFL(FleetPolicy):
             buffer=self.buffer.state_dict(),
             window=[(dataclasses.asdict(t), r, st) for t, r, st in self.window],
             task_masks=dict(self.task_masks),
+            task_orders=dict(self.task_orders),
             window_open=self.window_open,
             publisher=self.publisher.state_dict(),
             split_id=self._split_id,
@@ -483,6 +498,7 @@ class PRFL(FleetPolicy):
         self.buffer.load_state_dict(state["buffer"])
         self.window = [(InFlight(**t), r, st) for t, r, st in state["window"]]
         self.task_masks = dict(state["task_masks"])
+        self.task_orders = dict(state.get("task_orders", {}))
         self.window_open = state["window_open"]
         self.publisher.load_state_dict(state["publisher"])
         self._split, self._split_key, self._split_id = None, None, state["split_id"]

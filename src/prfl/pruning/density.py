@@ -19,6 +19,7 @@ makes rule A swing between a density and its reciprocal effect.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
@@ -37,6 +38,9 @@ class DensityController:
     global_min: float = 0.1
     initial: Sequence[float] | None = None
     time_basis: Literal["dense", "observed"] = "dense"
+    # densities rounded down to multiples of step (None: not rounded). A fleet of thousands of
+    # clients then shares a few sub-models (masks, residual pieces) instead of one per client.
+    step: float | None = None
     densities: list[float] = field(init=False)
     minimums: list[float] = field(init=False)
     queues: list[deque[float]] = field(init=False)
@@ -48,6 +52,8 @@ class DensityController:
             raise ValueError(f"time_basis must be 'dense' or 'observed', got {self.time_basis!r}")
         if self.interval < 1:
             raise ValueError(f"interval must be at least 1, got {self.interval}")
+        if self.step is not None and not 0 < self.step <= 1:
+            raise ValueError(f"density step must lie in (0, 1], got {self.step}")
         if not 0 < self.global_min <= 1:
             raise ValueError(f"global minimum density must lie in (0, 1], got {self.global_min}")
         if self.initial is not None:
@@ -89,6 +95,8 @@ class DensityController:
                 rho = self.densities[i]
                 if abs(rate) > RATE_DEADBAND:
                     rho = round(rho * (1 - RATE_GAIN * rate), 2)
+            if self.step is not None:
+                rho = round(self.step * math.floor(rho / self.step + 1e-9), 10)
             self.densities[i] = min(1.0, max(rho, self.minimums[i]))
         return list(self.densities)
 
