@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import os
+import weakref
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -147,12 +148,29 @@ def _run_job(job: TrainJob) -> TrainOutput:
     return _WORKSPACE.run(job)
 
 
-def _shared_copy(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A copy of ``t`` in shared memory: the pool passes a handle to it, not its bytes."""
-    if t is None:
-        return None
-    out = torch.empty(t.shape, dtype=t.dtype).share_memory_()
-    return out.copy_(t)
+class _SharedCopies:
+    """Shared-memory copies of the tensors jobs carry, one per source tensor and version.
+
+    Jobs dispatched from one model version (or with one mask) share its copy, as they share the
+    source: memory grows with the versions and masks in flight, not with the jobs. A copy lives
+    as long as a job or the source holds it (the cache keeps only weak references to both)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[weakref.ref[torch.Tensor], int, weakref.ref[torch.Tensor]]] = {}
+
+    def get(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        hit = self._cache.get(id(t))
+        if hit is not None:
+            src, version, copy = hit[0](), hit[1], hit[2]()
+            if src is t and version == t._version and copy is not None:
+                return copy
+        out = torch.empty(t.shape, dtype=t.dtype).share_memory_()
+        out.copy_(t)
+        key = id(t)
+        self._cache[key] = (weakref.ref(t, lambda _, k=key: self._cache.pop(k, None)), t._version, weakref.ref(out))
+        return out
 
 
 class ProcessPoolExecutorAdapter:
@@ -166,6 +184,7 @@ class ProcessPoolExecutorAdapter:
         self.pool = ProcessPoolExecutor(
             max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(spec,)
         )
+        self._copies = _SharedCopies()
 
     def submit(self, job: TrainJob) -> Future[TrainOutput]:
         # The pool pickles a job later, on its feeder thread, with torch's reducers, which move a
@@ -173,7 +192,7 @@ class ProcessPoolExecutorAdapter:
         # caller goes on reading them, that made runs differ in the last bits from one execution
         # to the next. So the job travels with private shared-memory copies made here, now: the
         # worker maps them (no bytes through the pipe) and the caller's tensors are left alone.
-        job = dataclasses.replace(job, weights=_shared_copy(job.weights), mask=_shared_copy(job.mask))
+        job = dataclasses.replace(job, weights=self._copies.get(job.weights), mask=self._copies.get(job.mask))
         return self.pool.submit(_run_job, job)
 
     def close(self) -> None:
