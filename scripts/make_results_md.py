@@ -173,20 +173,41 @@ def masked_training_section(d: dict[str, Any], name: str) -> list[str]:
 
 
 def simulator_section(d: dict[str, Any], name: str) -> list[str]:
-    lines = ["## Simulator overhead and process-pool speed-up\n", f"From `{name}`; {_provenance(d)}"]
+    lines = ["## Simulator overhead and parallel speed-ups\n", f"From `{name}`; {_provenance(d)}"]
     w = d.get("workload") or {}
     if w:
         lines.append("Workload: " + ", ".join(f"{k} {v}" for k, v in w.items()) + ".\n")
     rows = [
         ["inline overhead (wall / training, median)", _num(d.get("inline_overhead_median")),
          f"<= {_num(d.get('goal_overhead'), '.2f')}" if d.get("goal_overhead") is not None else "-"],
-        ["process-pool speed-up (median)", _num(d.get("process_speedup_median"), ".2f"), "-"],
-        ["histories identical across executors", str(d.get("histories_identical", "-")), "True"],
     ]
+    speedups = d.get("speedup_median")
+    if not isinstance(speedups, dict):  # files written before the Ray executor was measured
+        speedups = {"process": d.get("process_speedup_median")}
+    for kind, value in speedups.items():
+        rows.append([f"{kind} speed-up vs inline (median)", _num(value, ".2f"), "-"])
+    same = d.get("histories_identical", "-")
+    if isinstance(same, dict):
+        for kind, value in same.items():
+            rows.append([f"{kind} history identical to inline", str(value), "True"])
+    else:
+        rows.append(["histories identical across executors", str(same), "True"])
     lines.append(markdown((["measure", "value", "goal"], rows)))
     m = d.get("machine") or {}
     if m:
         lines.append("Machine: " + ", ".join(f"{k} {v}" for k, v in m.items()) + ".\n")
+    return lines
+
+
+def flower_section(d: dict[str, Any], name: str) -> list[str]:
+    lines = ["## FedAvg: prfl's simulator against Flower's Simulation Engine\n", f"From `{name}`; {_provenance(d)}"]
+    w = d.get("workload") or {}
+    if w:
+        lines.append("Workload: " + ", ".join(f"{k} {v}" for k, v in w.items()) + ".\n")
+    rows = [[run, _num(r.get("wall"), ".1f"), _num(r.get("final_accuracy"))] for run, r in (d.get("runs") or {}).items()]
+    lines.append(markdown((["run", "wall (s)", "final accuracy"], rows)))
+    lines.append(f"Flower / prfl wall time: {_num(d.get('wall_ratio_flower_over_prfl_process'), '.2f')} against prfl's "
+                 f"process pool, {_num(d.get('wall_ratio_flower_over_prfl_inline'), '.2f')} against prfl inline.\n")
     return lines
 
 
@@ -241,6 +262,8 @@ def render(results: Path, baseline: str = "fedasync") -> str:
             lines += masked_training_section(d, name)
         elif p.name == "simulator.json":
             lines += simulator_section(d, name)
+        elif p.name == "flower_sim.json":
+            lines += flower_section(d, name)
         else:
             lines += generic_section(d, name)
     return "\n".join(lines).rstrip() + "\n"

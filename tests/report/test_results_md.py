@@ -46,6 +46,11 @@ def results(tmp_path: Path) -> Path:
         "benchmark": "simulator", "inline_overhead_median": 1.042, "goal_overhead": 1.1,
         "process_speedup_median": 1.71, "histories_identical": True, "workload": {"rounds": 200},
     }), encoding="utf-8")
+    (root / "flower_sim.json").write_text(json.dumps({
+        "benchmark": "flower", "workload": {"rounds": 10},
+        "runs": {"prfl-process": {"wall": 30.0, "final_accuracy": 0.7}, "flower": {"wall": 90.0, "final_accuracy": 0.69}},
+        "wall_ratio_flower_over_prfl_process": 3.0, "wall_ratio_flower_over_prfl_inline": 2.5,
+    }), encoding="utf-8")
     (root / "other.json").write_text(json.dumps({"benchmark": "something else", "score": 3, "nested": {"x": 1}}),
                                      encoding="utf-8")
     return root
@@ -79,11 +84,23 @@ def test_results_md_from_a_fixture(script, results, tmp_path) -> None:
     assert table_row(text, "prfl-norecovery", "### dirichlet")[9] == "2.00"
     assert "Verdict: **PASS**" in text and "| 0.5 | 1.080 | 0.900 | 1.300 | 1.070 | yes |" in text
     assert "| inline overhead (wall / training, median) | 1.042 | <= 1.10 |" in text
+    assert "| process speed-up vs inline (median) | 1.71 | - |" in text  # an older file's keys
+    assert "| flower | 90.0 | 0.690 |" in text and "Flower / prfl wall time: 3.00" in text
     assert "## something else" in text and "| score | 3 |" in text
     # --check passes on the file just written and fails once a source changes
     assert script.main(["--results", str(results), "--out", str(out), "--check"]) == 0
     (results / "simulator.json").unlink()
     assert script.main(["--results", str(results), "--out", str(out), "--check"]) == 1
+
+
+def test_simulator_section_lists_every_executor(script) -> None:
+    lines = script.simulator_section({
+        "inline_overhead_median": 1.06, "goal_overhead": 1.1, "speedup_median": {"process": 1.1, "ray": 0.9},
+        "histories_identical": {"process": True, "ray": False},
+    }, "simulator.json")
+    text = "\n".join(lines)
+    assert "| ray speed-up vs inline (median) | 0.90 | - |" in text
+    assert "| ray history identical to inline | False | True |" in text
 
 
 def test_results_md_without_run_results(script, tmp_path) -> None:
