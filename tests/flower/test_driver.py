@@ -375,3 +375,30 @@ def test_a_node_sending_garbage_is_rejected_then_ends_the_run(tmp_path: Path) ->
     assert len(rejected) == 2 and all(r["check"] == "decode" and "needs records" in r["reason"] for r in rejected)
     assert events(recs, "task_failed", client=1)
     assert any(r["client"] != 1 for r in events(recs, "arrival"))  # the others kept training
+
+
+def test_a_node_whose_update_is_rejected_is_told(tmp_path: Path) -> None:
+    from prfl.flower.client_app import NOTICES
+
+    def hook(grid: FakeGrid) -> None:
+        app = grid.client_app
+
+        def poisoned(msg, ctx):  # node 1017 trains, then reports NaN weights in a well-formed reply
+            if msg.metadata.message_type == codec.TRAIN_TYPE and ctx.node_id == 1017:
+                reply = app(msg, ctx)
+                arrays = reply.content[codec.UPDATE]
+                name = "values" if "values" in arrays else "weights"
+                bad = np.full(len(arrays[name].data) // 4, np.nan, dtype=np.float32)
+                arrays[name] = codec.raw_array(bad, "float32")
+                return reply
+            return app(msg, ctx)
+
+        grid.client_app = poisoned
+
+    summary, recs, grid = _run(tmp_path, {"prfl.sim.max_rounds": 6}, grid_hook=hook, latency=0.01)
+    assert summary["server_rounds"] == 6
+    rejected = events(recs, "rejected", client=1)
+    assert rejected and all(r["check"] == "finite" for r in rejected)
+    state = grid.contexts[1017].state.config_records[NOTICES]
+    assert int(state["count"]) == len(rejected) and state["last-check"] == "finite"
+    assert NOTICES not in grid.contexts[1000].state.config_records  # the honest nodes heard nothing

@@ -11,7 +11,9 @@ a run) keyed by (model version, piece): a message carries only the pieces the no
 optional artificial delay (node config ``delay-seconds``, else the run config's
 ``client-delays``) is slept after training to emulate a slow device.
 
-Message types: ``train`` (a task) and ``query.describe`` (partition id, delay, cached pieces).
+Message types: ``train`` (a task), ``query.describe`` (partition id, delay, cached pieces) and
+``query.notice`` (the server rejected one of this node's results: logged as a warning and kept,
+with a count, in the node's state under ``prfl.notices``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from prfl.config import ConfigError, ExperimentConfig
@@ -147,6 +149,21 @@ def handle_describe(msg: Message, context: Context, defaults: Mapping[str, Any] 
     return Message(codec.encode_node(pid, nparts, delay, cached), reply_to=msg)
 
 
+NOTICES = "prfl.notices"
+
+
+def handle_notice(msg: Message, context: Context) -> Message:
+    """Log the server's rejection notice, count it in the node's state, and acknowledge it."""
+    notice = codec.decode_notice(msg.content)
+    log.warning("the server rejected the result of task %d (client %d): %s: %s", notice["task_id"],
+                notice["client"], notice["check"], notice["reason"])
+    seen = context.state.config_records.get(NOTICES)
+    count = int(seen["count"]) + 1 if seen is not None else 1
+    context.state[NOTICES] = ConfigRecord({"count": count, "last-task": notice["task_id"],
+                                           "last-check": notice["check"], "last-reason": notice["reason"]})
+    return Message(RecordDict({NOTICES: ConfigRecord({"count": count})}), reply_to=msg)
+
+
 def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp; ``defaults`` (flat run-config keys) fill keys the run config lacks."""
     client_app = ClientApp()
@@ -158,6 +175,10 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     @client_app.query("describe")
     def describe(msg: Message, context: Context) -> Message:
         return handle_describe(msg, context, defaults)
+
+    @client_app.query("notice")
+    def notice(msg: Message, context: Context) -> Message:
+        return handle_notice(msg, context)
 
     return client_app
 

@@ -44,6 +44,8 @@ NODE = "prfl.node"
 
 TRAIN_TYPE = "train"
 DESCRIBE_TYPE = "query.describe"
+NOTICE_TYPE = "query.notice"  # the server tells a node that its result was rejected
+NOTICE = "prfl.notice"
 
 KIND_DENSE = "dense"
 KIND_SPARSE = "sparse"
@@ -437,3 +439,18 @@ def decode_node(content: RecordDict) -> dict[str, Any]:
         "delay_seconds": float(c["delay-seconds"]),
         "cached_pieces": int(c["cached-pieces"]),
     }
+
+
+# --------------------------------------------------------------------------- notices
+def encode_notice(task_id: int, client: int, check: str, reason: str) -> RecordDict:
+    """The server's notice that the result of ``task_id`` was rejected, and why."""
+    return RecordDict({NOTICE: ConfigRecord({"task-id": int(task_id), "client": int(client), "check": str(check),
+                                             "reason": str(reason)})})
+
+
+def decode_notice(content: RecordDict) -> dict[str, Any]:
+    """Inverse of :func:`encode_notice`."""
+    if NOTICE not in content:
+        raise ValueError(f"a notice needs record {NOTICE!r}, got {sorted(content)}")
+    c = content[NOTICE]
+    return {"task_id": int(c["task-id"]), "client": int(c["client"]), "check": str(c["check"]), "reason": str(c["reason"])}

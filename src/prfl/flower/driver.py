@@ -90,7 +90,7 @@ class Node:
 class Pending:
     """A pushed message waiting for its reply."""
 
-    kind: str  # "task" or "describe"
+    kind: str  # "task", "describe" or "notice"
     node_id: int
     deadline: float  # monotonic
     mid: str = ""  # message id
@@ -380,6 +380,9 @@ class FlowerDriver:
                     pending.append(EvaluationDone(now=self.now(), tag=action.tag, accuracy=acc, loss=loss))
                 elif isinstance(action, Record):
                     self.history.write(action.kind, **{"time": self.now(), "round": self.policy.version, **action.data})
+                    if action.kind == "rejected":
+                        d = action.data
+                        self._notify(int(d["client"]), int(d["task"]), str(d["check"]), str(d["reason"]))
                 elif isinstance(action, Stop):
                     self.stopped = action.reason
                 else:
@@ -516,8 +519,9 @@ class FlowerDriver:
             self.messages_received += 1
             if entry.kind == "task":
                 self._on_task_reply(mid, entry, reply)
-            else:
+            elif entry.kind == "describe":
                 self._on_describe_reply(entry, reply)
+            # notices: the acknowledgement carries nothing the server needs
 
     def _release(self, entry: Pending) -> None:
         """The client of ``entry`` no longer holds its task."""
@@ -584,6 +588,20 @@ class FlowerDriver:
         )
         self._deliver(ResultArrived(now=now, result=result))
 
+    def _notify(self, client: int, task_id: int, check: str, reason: str, node_id: int | None = None) -> None:
+        """Tell the client's node that the result of ``task_id`` was rejected (fire and forget:
+        the acknowledgement is pulled and dropped)."""
+        nid = node_id if node_id is not None else self.client_node.get(client)
+        if nid is None:
+            return
+        content = codec.encode_notice(task_id, client, check, reason)
+        msg = Message(content, nid, codec.NOTICE_TYPE, ttl=self.settings.hello_timeout + 5.0)
+        mid = self._push(msg)
+        if mid is None:
+            return
+        self.record_down += codec.record_bytes(content)
+        self.pending[mid] = Pending("notice", nid, self._clock() + self.settings.hello_timeout, mid)
+
     def _malformed(self, entry: Pending, node: Node | None, reason: str) -> None:
         """A reply that is not a usable result: recorded as rejected, its task failed; a node that
         sends nothing else ``max-client-errors`` times in a row ends the run."""
@@ -591,6 +609,7 @@ class FlowerDriver:
         c = entry.spec.client
         self.history.write("rejected", time=self.now(), round=self.policy.version, client=c,
                            task=entry.spec.task_id, check="decode", reason=reason, node=entry.node_id)
+        self._notify(c, entry.spec.task_id, "decode", reason, entry.node_id)
         if node is not None:
             node.errors += 1
             if node.errors >= self.settings.max_client_errors:
@@ -621,6 +640,8 @@ class FlowerDriver:
                 continue
             if entry.kind == "task":
                 self._task_failed(entry, f"timeout: no reply within {self.settings.reply_timeout:g} s")
+            elif entry.kind == "notice":
+                log.info("node %d did not acknowledge a rejection notice", entry.node_id)
             else:
                 node = self.nodes.get(entry.node_id)
                 if node is not None:
