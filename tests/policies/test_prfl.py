@@ -224,6 +224,14 @@ def test_state_dict_round_trip_continues_identically():
     assert a.densities == b.densities
 
 
+def test_one_initial_density_for_every_client():
+    pol = build_policy("prfl", ctx(), window=0.0, interval=1000, recovery=False, initial_densities=0.5)
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    assert pol.densities == [0.5, 0.5] and all(t.density == 0.5 for t in tasks.values())
+    with pytest.raises(ValueError, match="initial densities"):
+        build_policy("prfl", ctx(), initial_densities=1.5)
+
+
 def test_bad_options_are_named():
     with pytest.raises(ValueError, match="density_rule"):
         build_policy("prfl", ctx(), density_rule="C")

@@ -64,7 +64,9 @@ class PRFLConfig:
     interval: int = 50  # I: rounds between ranking rebuilds, density steps and monitor checks
     density_rule: Literal["A", "B"] = "A"
     time_basis: Literal["dense", "observed"] = "dense"  # see prfl.pruning.density
-    initial_densities: tuple[float, ...] | None = None  # rule B preset (default: the paper's for 10 clients)
+    # densities before the first control step: one per client, or one number for every client
+    # (rule B's preset; default: the paper's for 10 clients under rule B, all dense under rule A)
+    initial_densities: tuple[float, ...] | float | None = None
     min_density: float = 0.1  # global minimum density
     density_step: float | None = None  # round densities down to multiples of this (large fleets)
     # how the buffer stores sparse models: "dense" vectors, "sparse" (values + index) or
@@ -128,7 +130,9 @@ class PRFLConfig:
             raise ValueError("patience and final_patience_factor must be at least 1")
         if not 0 < self.delta_rho <= 1:
             raise ValueError(f"delta_rho must lie in (0, 1], got {self.delta_rho}")
-        if self.initial_densities is not None:
+        if isinstance(self.initial_densities, (int, float)) and not isinstance(self.initial_densities, bool):
+            object.__setattr__(self, "initial_densities", float(self.initial_densities))
+        elif self.initial_densities is not None:
             object.__setattr__(self, "initial_densities", tuple(float(d) for d in self.initial_densities))
         if self.robust not in ROBUST_METHODS:
             raise ValueError(f"robust must be one of {', '.join(ROBUST_METHODS)}, got {self.robust!r}")
@@ -149,6 +153,8 @@ class PRFL(FleetPolicy):
         if not ctx.layer_bounds:
             raise ValueError("PR-FL needs ctx.layer_bounds (the prunable layers of the model)")
         initial = cfg.initial_densities
+        if isinstance(initial, float):  # one density for every client (large fleets start sparse)
+            initial = (initial,) * n
         if cfg.density_rule == "B" and initial is None:
             if n % len(PAPER_PRESET_DENSITIES):
                 raise ValueError("density rule B needs initial_densities unless the fleet has a multiple of 10 clients")
