@@ -110,6 +110,9 @@ class SimConfig(_Strict):
     executor: Literal["inline", "process", "ray"] = "inline"
     workers: int = Field(2, ge=1)
     ray_address: str | None = Field(None, description="an existing Ray cluster (ray executor); None starts one")
+    spill_dir: str | None = Field(
+        None, description="inline executor: keep the start weights of tasks in flight in this directory, not in memory"
+    )
     max_rounds: int | None = Field(300, ge=1)
     max_time: float | None = Field(None, gt=0)
     eval_every_rounds: int | None = Field(10, ge=1)

@@ -242,7 +242,7 @@ def _executor(sc: Scenario) -> Any:
     s = sc.cfg.sim
     return make_executor(
         s.executor, sc.worker_spec, workers=s.workers, dataset=sc.dataset if s.executor == "inline" else None,
-        address=s.ray_address,
+        address=s.ray_address, spill_dir=s.spill_dir,
     )
 
 

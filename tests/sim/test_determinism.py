@@ -207,3 +207,27 @@ def test_conv_model_histories_agree_across_executors() -> None:
         for i, (a, b) in enumerate(zip(rec_a, rec_b)):
             assert a == b, f"history record {i} differs:\n inline:  {a}\n process: {b}"
         assert len(rec_a) == len(rec_b) and torch.equal(w_a, w_b)
+
+
+def test_packed_and_spilled_jobs_train_exactly_like_full_ones(tmp_path) -> None:
+    """A job keeps only W at its mask (packed), or waits on disk (spill_dir): same history."""
+    extra = ("policy.name=prfl", "policy.options={interval: 5, density_rule: B, initial_densities: [1.0, 0.5, 0.3, 0.1]}",
+             "sim.max_rounds=20")
+    sc = build_scenario(config(*extra))
+    rec_a, w_a, _ = run_with(sc, make_executor("inline", sc.worker_spec, dataset=sc.dataset))
+    spill = tmp_path / "spill"
+    rec_b, w_b, _ = run_with(sc, make_executor("inline", sc.worker_spec, dataset=sc.dataset, spill_dir=spill))
+    assert rec_a == rec_b and torch.equal(w_a, w_b)
+    assert any(r["event"] == "arrival" and r["density"] < 1 for r in rec_a)  # masked jobs were packed
+    assert list(spill.iterdir()) == []  # every waiting job's file is gone (trained or cancelled)
+
+    from prfl.sim.executors import TrainJob
+
+    w = torch.randn(sc.initial_weights.numel())
+    mask = torch.rand(sc.layout.num_prunable) < 0.3
+    job = TrainJob(task_id=1, client=0, weights=w, indices=sc.partition.client_indices[0], seed=1, mask=mask)
+    packed = job.pack()
+    assert packed.packed and packed.weights.numel() == int(mask.sum()) + w.numel() - mask.numel()
+    full = packed.unpacked_weights(w.numel())
+    assert torch.equal(full[: mask.numel()][mask], w[: mask.numel()][mask]) and torch.equal(full[mask.numel():], w[mask.numel():])
+    assert not bool(full[: mask.numel()][~mask].any())

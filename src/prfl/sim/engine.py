@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -61,6 +62,7 @@ from prfl.sim.links import SharedLink
 
 log = logging.getLogger(__name__)
 
+_NO_WEIGHTS = torch.empty(0)  # what an in-flight task record holds in place of its start weights
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
 _TRAILER_MAGIC = b"PRFLCKP1"
@@ -307,9 +309,13 @@ class Simulation:
         egress = spec.download_bytes
         if spec.server_egress_bytes is not None:
             egress = min(spec.server_egress_bytes, spec.download_bytes)
+        future = self.executor.submit(job)
+        del job
+        # The job carries what training needs; the record of the task does not need the start
+        # weights, and keeping them would keep one model version alive per task in flight.
         fl = InFlight(
-            spec=spec, speeds=speeds, dispatched_at=self.now, relay_bytes=spec.download_bytes - egress,
-            future=self.executor.submit(job),
+            spec=dataclasses.replace(spec, weights=_NO_WEIGHTS), speeds=speeds, dispatched_at=self.now,
+            relay_bytes=spec.download_bytes - egress, future=future,
         )
         self.inflight[spec.task_id] = fl
         self.busy[c] = spec.task_id

@@ -13,6 +13,7 @@ import os
 import weakref
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -47,6 +48,32 @@ class TrainJob:
     mask: torch.Tensor | None = None
     want_importance: bool = False
     width: float = 1.0  # < 1: train the width-sliced sub-network (HeteroFL)
+    packed: bool = False  # weights hold only the values at the mask (ascending) then the suffix
+
+    def pack(self) -> TrainJob:
+        """The same job carrying only what training reads: W at the mask and the suffix.
+
+        Training starts from W ⊙ m, so the values outside the mask are never used; a job of
+        density rho then holds rho N + suffix values instead of the whole vector."""
+        if self.mask is None or self.packed:
+            return self
+        npr = int(self.mask.numel())
+        values = torch.cat([self.weights[:npr][self.mask], self.weights[npr:]])
+        return dataclasses.replace(self, weights=values, packed=True)
+
+    def unpacked_weights(self, total: int) -> torch.Tensor:
+        """The start weights as a full vector (zeros outside the mask for a packed job)."""
+        if not self.packed:
+            return self.weights
+        assert self.mask is not None
+        npr = int(self.mask.numel())
+        count = self.weights.numel() - (total - npr)
+        if count < 0 or count != int(self.mask.sum()):
+            raise ValueError(f"packed job {self.task_id}: {self.weights.numel()} values do not fit its mask and suffix")
+        out = torch.zeros(total, dtype=self.weights.dtype)
+        out[:npr].masked_scatter_(self.mask, self.weights[:count])
+        out[npr:] = self.weights[count:]
+        return out
 
 
 class Workspace:
@@ -82,7 +109,8 @@ class Workspace:
 
     def run(self, job: TrainJob) -> TrainOutput:
         trainer = self.trainer_for(job.width)
-        return trainer.train(job.weights, job.indices, job.seed, mask=job.mask, want_importance=job.want_importance)
+        weights = job.unpacked_weights(trainer.layout.total)
+        return trainer.train(weights, job.indices, job.seed, mask=job.mask, want_importance=job.want_importance)
 
 
 class Executor(Protocol):
@@ -121,15 +149,38 @@ class InlineExecutor:
     Training is deferred rather than done at ``submit``: a task still in flight when the run
     stops (or that fails on the way) is then never trained, which is pure waste in one process.
     The outcome is the same either way, since a job carries everything that decides it.
+
+    A waiting job keeps only what training reads (:meth:`TrainJob.pack`). With ``spill_dir`` it
+    waits on disk instead: its tensors are written there at ``submit`` and read back to train,
+    so a fleet of thousands of clients with a task each in flight does not hold their start
+    models in memory.
     """
 
     name = "inline"
 
-    def __init__(self, spec: WorkerSpec, dataset: Any | None = None) -> None:
+    def __init__(self, spec: WorkerSpec, dataset: Any | None = None, spill_dir: str | os.PathLike[str] | None = None) -> None:
         self.workspace = Workspace(spec, dataset)
+        self.spill_dir = None if spill_dir is None else Path(spill_dir)
+        if self.spill_dir is not None:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
 
     def submit(self, job: TrainJob) -> Future[TrainOutput]:
-        return _Deferred(lambda: self.workspace.run(job))
+        job = job.pack()
+        if self.spill_dir is None:
+            return _Deferred(lambda: self.workspace.run(job))
+        path = self.spill_dir / f"job-{job.task_id}.pt"
+        torch.save({"weights": job.weights.clone()}, path)  # clone: only the job's values, not a larger storage
+        light = dataclasses.replace(job, weights=torch.empty(0))
+        del job
+
+        def run() -> TrainOutput:
+            weights = torch.load(path, weights_only=True)["weights"]
+            path.unlink(missing_ok=True)
+            return self.workspace.run(dataclasses.replace(light, weights=weights))
+
+        fut = _Deferred(run)
+        fut.add_done_callback(lambda f: path.unlink(missing_ok=True))  # a cancelled job leaves no file
+        return fut
 
     def close(self) -> None:
         pass
@@ -257,11 +308,13 @@ class _RayWorkspace:
 
 
 def make_executor(
-    kind: str, spec: WorkerSpec, workers: int = 2, dataset: Any | None = None, address: str | None = None
+    kind: str, spec: WorkerSpec, workers: int = 2, dataset: Any | None = None, address: str | None = None,
+    spill_dir: str | os.PathLike[str] | None = None,
 ) -> Executor:
-    """Build an executor by name: ``inline``, ``process`` or ``ray`` (``address``: a Ray cluster)."""
+    """Build an executor by name: ``inline``, ``process`` or ``ray`` (``address``: a Ray cluster;
+    ``spill_dir``: where the inline executor keeps waiting jobs)."""
     if kind == "inline":
-        return InlineExecutor(spec, dataset)
+        return InlineExecutor(spec, dataset, spill_dir)
     if kind == "process":
         return ProcessPoolExecutorAdapter(spec, workers)
     if kind == "ray":
