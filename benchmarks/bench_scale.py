@@ -1,9 +1,12 @@
 """PR-FL with a large fleet: peak resident memory of the server process and where its time goes.
 
 Workload: Fashion-MNIST, ``conv2`` (6.5 M weights), ``--clients`` clients from the ``lognormal``
-fleet preset with on/off availability periods, PR-FL with the buffer in ``prefix`` storage and
-densities on a grid of ``--density-step``, one server update per arrival (window 0), run for
-``--updates`` server updates on the process pool. A thread samples the server process's resident
+fleet preset with on/off availability periods, PR-FL with the buffer in ``prefix`` storage,
+densities on a grid of ``--density-step`` starting at ``--initial-density`` (a large fleet starts
+sparse: a client's first model stays in the buffer until its next arrival), one server update
+per arrival (window 0), run for ``--updates`` server updates. The default executor is inline
+with its waiting jobs spilled to disk (``sim.spill_dir``): the start models of a thousand tasks
+in flight are the clients' memory, not the server's. A thread samples the server process's resident
 set (``VmRSS`` in /proc/self/status) every 0.2 s; ``ru_maxrss`` gives the kernel's peak.
 
 Usage:
@@ -66,7 +69,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=1000)
     ap.add_argument("--updates", type=int, default=2000)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--executor", default="process", choices=["inline", "process", "ray"])
+    ap.add_argument("--executor", default="inline", choices=["inline", "process", "ray"])
+    ap.add_argument("--initial-density", type=float, default=0.1)
     ap.add_argument("--density-step", type=float, default=0.05)
     ap.add_argument("--storage", default="prefix", choices=["dense", "sparse", "prefix"])
     ap.add_argument("--out", type=Path, default=Path("/tmp/prfl-bench-scale"))
@@ -78,10 +82,10 @@ def main() -> int:
         "fleet.preset=lognormal", "fleet.availability={mean_on: 600, mean_off: 120, start_online_prob: 0.83}",
         f"sim.executor={args.executor}", f"sim.workers={args.workers}", f"sim.max_rounds={args.updates}",
         "sim.max_time=null", f"sim.eval_every_rounds={max(1, args.updates // 10)}", "sim.eval_every_seconds=null",
-        "sim.checkpoint_every_rounds=null",
+        "sim.checkpoint_every_rounds=null", f"sim.spill_dir={args.out / 'spill'}",
     ]
     policy = PolicyConfig(name="prfl", options={"buffer_storage": args.storage, "density_step": args.density_step,
-                                                "window": 0.0})
+                                                "initial_densities": args.initial_density, "window": 0.0})
     sampler = RssSampler()
     sampler.start()
     t0 = time.perf_counter()
@@ -104,7 +108,8 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
         "workload": {"clients": args.clients, "updates": args.updates, "model": "conv2", "weights": n_total,
                      "fleet": "lognormal + availability (mean_on 600 s, mean_off 120 s)", "storage": args.storage,
-                     "density_step": args.density_step, "executor": args.executor, "workers": args.workers},
+                     "density_step": args.density_step, "initial_density": args.initial_density,
+                     "executor": args.executor, "workers": args.workers},
         "server_rounds": summary["server_rounds"],
         "virtual_seconds": summary["virtual_seconds"],
         "wall_seconds": wall,

@@ -361,7 +361,8 @@ class Simulation:
         if fl is None:
             return
         fl.stage = "upload"
-        self._output(fl)
+        # The result is fetched when the upload completes: a deferred (inline) job then trains
+        # just before the server needs it, and nothing waits in memory during the upload.
         cap = fl.speeds.up_bps
         if not self.settings.shared_server_link:
             cap = min(cap, self.fleet.server.down_bps)
