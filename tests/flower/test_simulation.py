@@ -41,10 +41,10 @@ SCRIPT = textwrap.dedent(
 def test_prfl_on_the_simulation_engine(tmp_path: Path) -> None:
     out = tmp_path / "run"
     defaults = {**SMALL_RUN, "out-dir": str(out), "client-delays": "0,0,0.5", "prfl.sim.max_rounds": 6,
-                "prfl.sim.eval_every_rounds": 2, "reply-timeout": 60.0}
+                "prfl.sim.eval_every_rounds": 2, "reply-timeout": 150.0}
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
     done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(defaults)], check=False, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=240, env=env)
+                          capture_output=True, text=True, timeout=480, env=env)
     summary_path = out / "summary.json"
     assert summary_path.exists(), f"no summary; exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     summary = json.loads(summary_path.read_text())
