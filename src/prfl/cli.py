@@ -22,7 +22,10 @@ DEFAULT_PRESET = "demo"
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
+    from rich.markup import escape
+
+    # soft wrap: a long path in the message stays on one line, ready to copy
+    console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code=2)
 
 

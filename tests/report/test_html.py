@@ -92,5 +92,6 @@ def test_cli_report(handmade, tmp_path) -> None:
     result = CliRunner().invoke(app, ["report", str(handmade), "--out", str(tmp_path / "r.html")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "r.html").is_file()
-    bad = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
-    assert bad.exit_code == 2 and "not a directory" in bad.output
+    nowhere = tmp_path / ("a-long-directory-name-that-would-not-fit-on-one-terminal-line-" * 2 + "[x]")
+    bad = CliRunner().invoke(app, ["report", str(nowhere)])
+    assert bad.exit_code == 2 and f"{nowhere} is not a directory" in bad.output  # one line, markup-safe
