@@ -241,6 +241,13 @@ def test_mask_mode_nested_masks_bytes_and_mask_fedavg():
     assert u1.mask.tolist() == [True, False, True, False]
     assert u2.mask.tolist() == [True, False, False, False]
 
+    # an update with a non-zero weight outside its task's mask is rejected, not aggregated
+    before = pol.weights
+    acts = arrive(pol, u2, torch.tensor([5.0, 0, 1.0, 0, 1, 1]))  # index 2 is outside u2's mask
+    (rej,) = [a.data for a in acts if isinstance(a, Record) and a.kind == "rejected"]
+    assert rej["check"] == "mask" and rej["client"] == 2 and "outside the assigned mask" in rej["reason"]
+    assert torch.equal(pol.weights, before)
+
 
 def test_mask_mode_default_densities_for_ten_clients():
     ctx = PolicyContext(num_clients=10, num_samples=(1,) * 10, initial_weights=torch.randn(120), num_prunable=100,

@@ -403,6 +403,14 @@ class HeteroFL(FleetPolicy):
         self.failed.append(task.client)
         return self._maybe_close(now)
 
+    def task_mask(self, task: InFlight) -> torch.Tensor | None:
+        """Mask form: the mask the task trained under. Rounds are synchronous, so a task in flight
+        started from the current weights and its mask is the current one at its density."""
+        if self.config.mode != "mask" or task.version != self.version:
+            return None
+        assert self.densities is not None
+        return self.mask_for(self.densities[task.client])
+
     # -- rounds
     def _start_round(self, now: float) -> list[Action]:
         cohort = self.draw_cohort(self.cohort_size, self.config.min_clients, self.attempt)
