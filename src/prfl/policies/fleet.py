@@ -197,6 +197,10 @@ class FleetPolicy(Policy):
         """The mask ``task`` was dispatched with (None: dense)."""
         return None
 
+    def result_like(self, task: InFlight) -> torch.Tensor:
+        """A tensor with the shape and dtype ``task``'s result must have (the global model's)."""
+        return self.weights
+
     def _reject(self, now: float, result: TaskResult, rejection: Rejection) -> list[Action]:
         """A result failed validation: record it, fail its task, offer the client new work."""
         task = self.in_flight[result.task_id]  # take_result raised before retiring it
@@ -273,7 +277,7 @@ class FleetPolicy(Policy):
         mask = self.task_mask(task)
         start = self.task_starts.get(task.task_id)
         rejection = validate_update(
-            result.weights, claimed_version=result.version, expected_version=task.version, like=self.weights,
+            result.weights, claimed_version=result.version, expected_version=task.version, like=self.result_like(task),
             mask=mask, num_prunable=self.ctx.num_prunable, num_samples=result.num_samples, grad_sq=result.grad_sq,
         )
         norm: float | None = None

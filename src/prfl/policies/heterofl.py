@@ -60,7 +60,6 @@ from prfl.params import ParamLayout
 from prfl.policies.base import Action, Dispatch, PolicyContext, Record, TaskSpec
 from prfl.policies.fleet import FleetPolicy, InFlight, check_number
 from prfl.pruning.ranking import Ranking, magnitude_ranking
-from prfl.validation import RejectedUpdate, validate_update
 
 __all__ = [
     "DENSITY_LEVELS",
@@ -385,19 +384,13 @@ class HeteroFL(FleetPolicy):
         return [] if self.cohort else self._start_round(now)
 
     def _on_result(self, now: float, result: TaskResult) -> list[Action]:
-        task = self._find_task(result.task_id, result.client, "result")
-        # the width form returns the sub-network's vector: validate against its length
-        like = torch.empty((self._task_length(task.client),), dtype=self.weights.dtype, device="meta")
-        rejection = validate_update(
-            result.weights, claimed_version=result.version, expected_version=task.version, like=like,
-            mask=self.task_mask(task), num_prunable=self.ctx.num_prunable, num_samples=result.num_samples,
-        )
-        if rejection is not None:
-            raise RejectedUpdate(rejection, task.task_id, task.client)  # the fleet records it and tells the client
-        self.reject_streak[task.client] = 0
-        self._retire(task)
-        self.held.append(_Held(task.client, float(result.num_samples), result.weights.to(self.weights.dtype)))
+        arrival = self.take_result(result)  # a bad update is rejected there (recorded, client told)
+        self.held.append(_Held(arrival.task.client, float(result.num_samples), arrival.weights))
         return self._maybe_close(now)
+
+    def result_like(self, task: InFlight) -> torch.Tensor:
+        """The width form returns the sub-network's vector: its length is the one expected."""
+        return torch.empty((self._task_length(task.client),), dtype=self.weights.dtype, device="meta")
 
     def _on_task_failed(self, now: float, task: InFlight) -> list[Action]:
         self.failed.append(task.client)
