@@ -7,9 +7,10 @@ Sources (under ``--results``, default ``benchmarks/results``):
   local_rounds, local_rounds_min, local_rounds_max, server_egress_mb, wall_seconds,
   time_to_<target>...). Any other ``*/results.csv`` or ``*/tables/runs.csv`` (``prfl compare``)
   with these columns is rendered the same way.
-* ``masked_training.json`` (``benchmarks/bench_masked_training.py``) and ``simulator.json``
-  (``benchmarks/bench_simulator.py``); any other ``*.json`` at the top level is listed by its
-  scalar fields.
+* ``masked_training.json`` (``benchmarks/bench_masked_training.py``), ``simulator.json``
+  (``benchmarks/bench_simulator.py``), ``flower_sim.json`` (``benchmarks/bench_flower_sim.py``),
+  ``scale.json`` (``benchmarks/bench_scale.py``) and ``vmap.json`` (``benchmarks/bench_vmap.py``);
+  any other ``*.json`` at the top level is listed by its scalar fields.
 
 Statistics follow ``prfl.report``: mean ± sample sd over seeds; a time to accuracy is the first
 evaluation at or above the target; a speed-up (baseline time / method time) is given only when
@@ -211,6 +212,43 @@ def flower_section(d: dict[str, Any], name: str) -> list[str]:
     return lines
 
 
+def scale_section(d: dict[str, Any], name: str) -> list[str]:
+    lines = ["## A large fleet: server memory\n", f"From `{name}`; {_provenance(d)}"]
+    w = d.get("workload") or {}
+    if w:
+        lines.append("Workload: " + ", ".join(f"{k} {v}" for k, v in w.items()) + ".\n")
+    gib = 2**30
+
+    def _gib(key: str) -> str:
+        v = d.get(key)
+        return f"{v / gib:.2f}" if isinstance(v, (int, float)) else "-"
+
+    target = d.get("target_peak_rss_bytes")
+    rows = [
+        ["server updates", str(d.get("server_rounds", "-")), "-"],
+        ["peak RSS of the server process (GiB)", _gib("peak_rss_bytes"),
+         f"<= {target / gib:.0f}" if isinstance(target, (int, float)) else "-"],
+        ["RSS after loading the scenario (GiB)", _gib("rss_after_scenario_bytes"), "-"],
+        ["a dense buffer alone would hold (GiB)", _gib("dense_buffer_would_need_bytes"), "-"],
+        ["wall time (s)", _num(d.get("wall_seconds"), ".0f"), "-"],
+        ["virtual time (s)", _num(d.get("virtual_seconds"), ".0f"), "-"],
+        ["clients that arrived", str(d.get("clients_that_arrived", "-")), "-"],
+        ["final accuracy", _num(d.get("final_accuracy")), "-"],
+    ]
+    lines.append(markdown((["measure", "value", "goal"], rows)))
+    return lines
+
+
+def vmap_section(d: dict[str, Any], name: str) -> list[str]:
+    lines = ["## Several clients at once with torch.func.vmap\n", f"From `{name}`; {_provenance(d)}"]
+    rows = [[str(r.get("model")), str(r.get("k")), _num(r.get("sequential_median_s")), _num(r.get("vmap_median_s")),
+             _num(r.get("paired_speedup_median"), ".2f"), _num(r.get("max_abs_diff"), ".1e")]
+            for r in d.get("results") or []]
+    lines.append(markdown((["model", "clients K", "one after the other (s)", "vmapped (s)",
+                            "speed-up (paired median)", "max abs diff"], rows)))
+    return lines
+
+
 def generic_section(d: Any, name: str) -> list[str]:
     title = (d.get("benchmark") if isinstance(d, dict) else None) or Path(name).stem
     lines = [f"## {title}\n", f"From `{name}`.\n"]
@@ -264,6 +302,10 @@ def render(results: Path, baseline: str = "fedasync") -> str:
             lines += simulator_section(d, name)
         elif p.name == "flower_sim.json":
             lines += flower_section(d, name)
+        elif p.name == "scale.json":
+            lines += scale_section(d, name)
+        elif p.name == "vmap.json":
+            lines += vmap_section(d, name)
         else:
             lines += generic_section(d, name)
     return "\n".join(lines).rstrip() + "\n"

@@ -103,6 +103,21 @@ def test_simulator_section_lists_every_executor(script) -> None:
     assert "| ray history identical to inline | False | True |" in text
 
 
+def test_scale_and_vmap_sections(script) -> None:
+    scale = "\n".join(script.scale_section({
+        "server_rounds": 2000, "peak_rss_bytes": 3 * 2**30, "target_peak_rss_bytes": 4 * 2**30,
+        "dense_buffer_would_need_bytes": 26 * 2**30, "wall_seconds": 1234.4, "final_accuracy": 0.71,
+        "workload": {"clients": 1000},
+    }, "scale.json"))
+    assert "| peak RSS of the server process (GiB) | 3.00 | <= 4 |" in scale
+    assert "| a dense buffer alone would hold (GiB) | 26.00 | - |" in scale and "| wall time (s) | 1234 | - |" in scale
+    assert "Workload: clients 1000." in scale
+    vm = "\n".join(script.vmap_section({"results": [
+        {"model": "conv2", "k": 4, "sequential_median_s": 2.0, "vmap_median_s": 2.5, "paired_speedup_median": 0.8,
+         "max_abs_diff": 2e-8}]}, "vmap.json"))
+    assert "| conv2 | 4 | 2.000 | 2.500 | 0.80 | 2.0e-08 |" in vm
+
+
 def test_results_md_without_run_results(script, tmp_path) -> None:
     (tmp_path / "results").mkdir()
     out = tmp_path / "RESULTS.md"
