@@ -27,3 +27,34 @@ def _base_env():
     import os
 
     return {k: v for k, v in os.environ.items() if k != "PRFL_MALLOC_TUNING"}
+
+
+RELEASE = """
+import torch
+from prfl.allocator import free_heap_bytes, release_free_heap, tune_allocator
+
+def rss_anon():
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("RssAnon:"))
+
+assert tune_allocator()
+blocks = [torch.ones(1 << 20) for _ in range(200)]  # 4 MiB each, below the mmap threshold: heap
+kept = blocks[1::2]  # free every other block: holes between live blocks, not at the top
+del blocks
+free = free_heap_bytes()
+assert free is not None and free >= 100 * (4 << 20), free
+assert not release_free_heap(keep=free + 1)  # below the bound: nothing done
+before = rss_anon()
+assert release_free_heap(keep=64 << 20)
+after = rss_anon()
+assert before - after >= 300 << 20, (before, after)
+assert all(float(b[0]) == 1.0 and float(b[-1]) == 1.0 for b in kept)  # live blocks untouched
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallinfo2/malloc_trim are glibc (Linux) interfaces")
+def test_free_heap_between_live_blocks_is_released():
+    out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, env=_base_env())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

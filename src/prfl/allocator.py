@@ -9,6 +9,13 @@ up to ``MMAP_THRESHOLD`` come from the heap and are reused, and at most ``TRIM_T
 memory at the top of the heap is kept rather than returned. The bound matters: without it a
 run's resident memory stays at its peak plus whatever it freed (a 10-client PR-FL run on
 conv2 sat at 4 GB). Set ``PRFL_MALLOC_TUNING=0`` to leave the allocator alone.
+
+glibc trims only the top of the heap by itself. Blocks freed *between* live ones (a server
+buffer of a thousand client models interleaved with freed aggregates and updates) stay resident:
+a 1,000-client PR-FL run held 1.3 GB of such free heap after 60 updates, with 0.75 GB of live
+tensors. :func:`release_free_heap` checks the free total (``mallinfo2``, well under a
+millisecond) and hands free pages back with ``malloc_trim`` when more than ``TRIM_THRESHOLD``
+lies free; the simulator calls it after every event.
 """
 
 from __future__ import annotations
@@ -23,11 +30,17 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 64 << 20  # bytes: a model vector of up to 16 M float32 weights comes from the heap
 TRIM_THRESHOLD = 256 << 20  # bytes of free heap kept for reuse
 _done = False
+_libc: ctypes.CDLL | None = None
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 def tune_allocator() -> bool:
     """Apply the thresholds once per process; True if glibc accepted them."""
-    global _done
+    global _done, _libc
     if _done:
         return True
     if os.environ.get("PRFL_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
@@ -40,4 +53,32 @@ def tune_allocator() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     ok = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     _done = ok
+    if ok:
+        _libc = libc
     return ok
+
+
+def free_heap_bytes() -> int | None:
+    """Bytes lying free in glibc's heap arenas (None when the allocator was not tuned or glibc
+    is older than 2.33)."""
+    if _libc is None:
+        return None
+    try:
+        mallinfo2 = _libc.mallinfo2
+    except AttributeError:
+        return None
+    mallinfo2.restype = _MallInfo2
+    return int(mallinfo2().fordblks)
+
+
+def release_free_heap(keep: int = TRIM_THRESHOLD) -> bool:
+    """Give free heap pages back to the kernel when more than ``keep`` bytes lie free.
+
+    Only acts in a process whose allocator :func:`tune_allocator` set up. True if it trimmed.
+    """
+    free = free_heap_bytes()
+    if free is None or free <= keep:
+        return False
+    assert _libc is not None
+    _libc.malloc_trim(0)
+    return True

@@ -35,7 +35,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 
-from prfl.allocator import tune_allocator
+from prfl.allocator import release_free_heap, tune_allocator
 from prfl.client.result import TaskResult
 from prfl.client.trainer import TrainConfig, TrainOutput
 from prfl.policies.base import (
@@ -134,10 +134,10 @@ class Simulation:
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         privacy: Any | None = None,
     ) -> None:
-        tune_allocator()
         """``privacy``: a :class:`prfl.privacy.ClientDP` to privatise every client update (the
         executor is wrapped in :class:`prfl.privacy.PrivatizingExecutor`) and report epsilon in
         the summary; needs the ``privacy`` extra for the accounting."""
+        tune_allocator()
         if len(fleet) != policy.ctx.num_clients or len(client_indices) != policy.ctx.num_clients:
             raise ValueError(
                 f"fleet has {len(fleet)} clients, partition {len(client_indices)}, policy {policy.ctx.num_clients}: they must agree"
@@ -229,6 +229,7 @@ class Simulation:
                 if not self._step():
                     self.stopped = self.stopped or "idle: no task in flight and nothing scheduled"
                     break
+                release_free_heap()  # freed blocks between live ones are not trimmed by glibc
         finally:
             self._drain_futures()
         if self.last_eval_version != self.policy.version or not self.evals:
