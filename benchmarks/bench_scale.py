@@ -4,7 +4,8 @@ Workload: Fashion-MNIST, ``conv2`` (6.5 M weights), ``--clients`` clients from t
 fleet preset with on/off availability periods, PR-FL with the buffer in ``prefix`` storage,
 densities on a grid of ``--density-step`` starting at ``--initial-density`` (a large fleet starts
 sparse: a client's first model stays in the buffer until its next arrival), one server update
-per arrival (window 0), run for ``--updates`` server updates. The default executor is inline
+per arrival (window 0), run for ``--updates`` server updates. The buffer's values live in a file
+(PR-FL's ``buffer_dir``; ``--buffer-in-memory`` keeps them in RAM). The default executor is inline
 with its waiting jobs spilled to disk (``sim.spill_dir``): the start models of a thousand tasks
 in flight are the clients' memory, not the server's. A thread samples the server process's resident
 set (``VmRSS`` in /proc/self/status) every 0.2 s; ``ru_maxrss`` gives the kernel's peak.
@@ -74,6 +75,8 @@ def main() -> int:
     ap.add_argument("--density-step", type=float, default=0.05)
     ap.add_argument("--storage", default="prefix", choices=["dense", "sparse", "prefix"])
     ap.add_argument("--out", type=Path, default=Path("/tmp/prfl-bench-scale"))
+    ap.add_argument("--buffer-in-memory", action="store_true",
+                    help="keep the buffer's values in RAM (default: in a file under --out, buffer_dir)")
     args = ap.parse_args()
 
     overrides = [
@@ -84,8 +87,11 @@ def main() -> int:
         "sim.max_time=null", f"sim.eval_every_rounds={max(1, args.updates // 10)}", "sim.eval_every_seconds=null",
         "sim.checkpoint_every_rounds=null", f"sim.spill_dir={args.out / 'spill'}",
     ]
-    policy = PolicyConfig(name="prfl", options={"buffer_storage": args.storage, "density_step": args.density_step,
-                                                "initial_densities": args.initial_density, "window": 0.0})
+    options = {"buffer_storage": args.storage, "density_step": args.density_step,
+               "initial_densities": args.initial_density, "window": 0.0}
+    if args.storage == "prefix" and not args.buffer_in_memory:
+        options["buffer_dir"] = str(args.out / "buffer")
+    policy = PolicyConfig(name="prfl", options=options)
     sampler = RssSampler()
     sampler.start()
     t0 = time.perf_counter()
@@ -109,7 +115,8 @@ def main() -> int:
         "workload": {"clients": args.clients, "updates": args.updates, "model": "conv2", "weights": n_total,
                      "fleet": "lognormal + availability (mean_on 600 s, mean_off 120 s)", "storage": args.storage,
                      "density_step": args.density_step, "initial_density": args.initial_density,
-                     "executor": args.executor, "workers": args.workers},
+                     "executor": args.executor, "workers": args.workers,
+                     "buffer_values": "in a file (buffer_dir)" if "buffer_dir" in options else "in memory"},
         "server_rounds": summary["server_rounds"],
         "virtual_seconds": summary["virtual_seconds"],
         "wall_seconds": wall,

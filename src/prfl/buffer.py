@@ -28,13 +28,23 @@ Storage:
   per ranking brings both back to weight positions. An aggregation costs sum_i |m_i| + (rankings
   x N) instead of (clients x N): what lets a buffer of 1,000 sparse clients aggregate at every
   update. Summation order differs from :func:`~prfl.aggregation.mask_fedavg` (equal up to
-  rounding, not bit for bit).
+  rounding, not bit for bit). ``order`` may be a prefix of the ranking (at least as long as the
+  slot's count): rankings whose held prefixes agree are one ranking, and :meth:`ClientBuffer.compact_orders`
+  cuts every held ranking to the longest prefix its slots use (after a new ranking, the old ones
+  are needed only as far as the densities of the slots still holding them).
+  With ``path`` (a directory) the slot values live in a file there instead of RAM
+  (:class:`SlotArena`): each slot a page-aligned region mapped on its own, whose pages are handed
+  back to the kernel as soon as an aggregation has read them, so the server's resident memory does
+  not grow with the fleet (the values stay in the page cache, which the kernel may evict).
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 import os
+import tempfile
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +55,59 @@ from prfl.robust import check_method, clip_updates, coordinate_median, holders, 
 
 STORAGE_KINDS: tuple[str, ...] = ("dense", "sparse", "prefix")
 _DTYPE = torch.float32
+
+
+class SlotArena:
+    """fp32 vectors in one (unlinked) file: each stored vector is a tensor over its own mapping
+    of a page-aligned region; :meth:`release` drops its pages from the process (the data stays in
+    the file and the page cache), :meth:`free` returns its region for reuse by a vector of the
+    same page count."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        os.makedirs(directory, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="prfl-buffer-", suffix=".f32", dir=directory)
+        os.unlink(name)  # the file goes away with the process
+        self._fd = fd
+        self.size = 0  # bytes of the file
+        self._free: dict[int, list[int]] = {}  # region length -> offsets
+        self._maps: dict[int, tuple[mmap.mmap, int, int]] = {}  # data_ptr -> (mapping, offset, length)
+        self._finalizer = weakref.finalize(self, os.close, fd)
+
+    def store(self, values: torch.Tensor) -> torch.Tensor:
+        """Copy ``values`` (1-D fp32) into the file; the returned tensor reads and writes it."""
+        n = int(values.numel())
+        length = max(mmap.PAGESIZE, -(-n * _DTYPE.itemsize // mmap.PAGESIZE) * mmap.PAGESIZE)
+        spare = self._free.get(length)
+        if spare:
+            offset = spare.pop()
+        else:
+            offset = self.size
+            self.size += length
+            os.ftruncate(self._fd, self.size)
+        mapping = mmap.mmap(self._fd, length, offset=offset)
+        out = torch.frombuffer(mapping, dtype=_DTYPE, count=n) if n else torch.empty(0, dtype=_DTYPE)
+        out.copy_(values)
+        self._maps[out.data_ptr()] = (mapping, offset, length)
+        mapping.madvise(mmap.MADV_DONTNEED)  # written through to the page cache
+        return out
+
+    def release(self, t: torch.Tensor) -> None:
+        """Hand the pages of a stored tensor back to the kernel (they are read again on next use)."""
+        entry = self._maps.get(t.data_ptr())
+        if entry is not None:
+            entry[0].madvise(mmap.MADV_DONTNEED)
+
+    def free(self, t: torch.Tensor) -> None:
+        """Forget a stored tensor; its region is reused. Do not use ``t`` afterwards."""
+        entry = self._maps.pop(t.data_ptr(), None)
+        if entry is not None:
+            entry[0].madvise(mmap.MADV_DONTNEED)
+            self._free.setdefault(entry[2], []).append(entry[1])
+
+    def resident_bytes(self) -> int:
+        """Bytes of stored vectors currently mapped in (from /proc/self/smaps is exact; this is
+        an upper bound: every region not yet released counts whole)."""
+        return sum(length for _, _, length in self._maps.values())
 
 
 @dataclass
@@ -89,8 +152,8 @@ class ClientBuffer:
             raise ValueError(f"num_prunable must lie in [0, total={total}], got {num_prunable}")
         if storage not in STORAGE_KINDS:
             raise ValueError(f"unknown storage {storage!r}; valid: {', '.join(STORAGE_KINDS)}")
-        if path is not None and storage != "dense":
-            raise ValueError("a file-backed buffer (path=...) needs storage='dense'")
+        if path is not None and storage == "sparse":
+            raise ValueError("a file-backed buffer (path=...) needs storage='dense' (one file) or 'prefix' (a directory)")
         self.num_clients = int(num_clients)
         self.total = int(total)
         self.num_prunable = int(num_prunable)
@@ -99,7 +162,11 @@ class ClientBuffer:
         self._slots: dict[int, _Slot] = {}
         self._orders: dict[int, torch.Tensor] = {}  # prefix storage: ranking key -> order (int64, N)
         self._rows: torch.Tensor | None = None
-        if self.path is not None:
+        self._arena: SlotArena | None = None
+        self._order_alias: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}  # id(order) -> key
+        if self.path is not None and storage == "prefix":
+            self._arena = SlotArena(self.path)
+        elif self.path is not None:
             size = self.num_clients * self.total
             with open(self.path, "wb") as f:  # fresh zero-filled (sparse) file of the exact size
                 f.truncate(size * _DTYPE.itemsize)
@@ -158,10 +225,10 @@ class ClientBuffer:
         if self.storage == "prefix":
             if order is None:
                 raise ValueError(f"client {client}: prefix storage needs the ranking order the mask is a prefix of")
-            if order.dtype != torch.int64 or order.shape != (npr,):
-                raise ValueError(f"client {client}: order must be an int64 permutation of length {npr}, "
-                                 f"got {order.dtype} {tuple(order.shape)}")
             count = int(mask.sum())
+            if order.dtype != torch.int64 or order.dim() != 1 or not count <= order.numel() <= npr:
+                raise ValueError(f"client {client}: order must be an int64 ranking (or a prefix of one at least "
+                                 f"{count} long) of the {npr} prunable weights, got {order.dtype} {tuple(order.shape)}")
             head = order[:count]
             if count and not bool(mask[head].all()):
                 raise ValueError(f"client {client}: the mask is not the first {count} entries of the given order")
@@ -172,27 +239,60 @@ class ClientBuffer:
         return _Slot(values, None, PackedIndex.from_mask(mask), n, r)
 
     def _order_key(self, order: torch.Tensor) -> int:
-        """The key of ``order`` among the held rankings (the same tensor, or an equal one, is held once)."""
-        for key, held in self._orders.items():
-            if held is order or (held.data_ptr() == order.data_ptr() and held.shape == order.shape):
-                return key
-        for key, held in self._orders.items():
-            if torch.equal(held, order):
-                return key
-        key = max(self._orders, default=-1) + 1
-        self._orders[key] = order
+        """The key of the held ranking ``order`` belongs to. Two rankings are one where their held
+        prefixes agree (every slot only uses ranks below its count); a longer prefix replaces a
+        shorter one."""
+        alias = self._order_alias.get(id(order))
+        if alias is not None and alias[0]() is order and alias[1] in self._orders:
+            key = alias[1]
+        else:
+            key = None
+            for k, held in self._orders.items():
+                n = min(held.numel(), order.numel())
+                if held is order or (held.data_ptr() == order.data_ptr() and n == order.numel()) or torch.equal(
+                    held[:n], order[:n]
+                ):
+                    key = k
+                    break
+            if key is None:
+                key = max(self._orders, default=-1) + 1
+                self._orders[key] = order
+            self._order_alias[id(order)] = (weakref.ref(order), key)
+        if order.numel() > self._orders[key].numel():
+            self._orders[key] = order
         return key
+
+    def compact_orders(self) -> int:
+        """Cut every held ranking to the longest prefix its slots use (a copy, so the full ranking
+        can be freed by its owner). Returns the bytes the held rankings take afterwards."""
+        caps: dict[int, int] = {}
+        for slot in self._slots.values():
+            if slot.order_key is not None:
+                caps[slot.order_key] = max(caps.get(slot.order_key, 0), slot.count)
+        for key, held in list(self._orders.items()):
+            cap = caps.get(key, 0)
+            if cap < held.numel():
+                self._orders[key] = held[:cap].clone()
+        self._order_alias = {}
+        return sum(o.numel() * o.element_size() for o in self._orders.values())
 
     def _drop_unused_orders(self) -> None:
         used = {s.order_key for s in self._slots.values() if s.order_key is not None}
         for key in [k for k in self._orders if k not in used]:
             del self._orders[key]
+        if len(self._order_alias) > 4 * len(self._orders) + 16:
+            self._order_alias = {i: a for i, a in self._order_alias.items() if a[0]() is not None and a[1] in self._orders}
 
     def _commit(self, client: int, slot: _Slot) -> None:
         """Install a built slot (into the mapped file for a file-backed buffer)."""
         if self._rows is not None:
             self._rows[client].copy_(slot.values)
             slot.values = self._rows[client]
+        elif self._arena is not None:
+            old = self._slots.get(client)
+            if old is not None:  # its region takes the new values when the sizes match
+                self._arena.free(old.values)
+            slot.values = self._arena.store(slot.values)
         self._slots[client] = slot
 
     def get(self, client: int) -> BufferEntry | None:
@@ -203,6 +303,8 @@ class ClientBuffer:
         if slot is None:
             return None
         weights, mask = self._dense(slot)
+        if self._arena is not None:
+            self._arena.release(slot.values)
         return BufferEntry(client, weights, mask, slot.num_samples, slot.sent_round)
 
     def clients(self) -> list[int]:
@@ -295,12 +397,21 @@ class ClientBuffer:
         if not total_c > 0:
             raise ValueError("every buffered client has num_samples == 0; nothing to average")
         check_method(robust, trim, clip_norm)
-        if robust != "none":
-            return self._robust(prev, coeffs, eta_g, masked, accumulate_dtype, robust, trim, clip_norm)
-        if masked:
-            return self._mask_fedavg(prev, coeffs, total_c, eta_g, accumulate_dtype)
-        new = self._weighted_sum(coeffs, accumulate_dtype).div_(total_c).to(prev.dtype)
-        return new if eta_g == 1.0 else torch.lerp(prev, new, eta_g)
+        try:
+            if robust != "none":
+                return self._robust(prev, coeffs, eta_g, masked, accumulate_dtype, robust, trim, clip_norm)
+            if masked:
+                return self._mask_fedavg(prev, coeffs, total_c, eta_g, accumulate_dtype)
+            new = self._weighted_sum(coeffs, accumulate_dtype).div_(total_c).to(prev.dtype)
+            return new if eta_g == 1.0 else torch.lerp(prev, new, eta_g)
+        finally:
+            self._release_all()
+
+    def _release_all(self) -> None:
+        """File-backed prefix storage: hand every slot's pages back to the kernel."""
+        if self._arena is not None:
+            for slot in self._slots.values():
+                self._arena.release(slot.values)
 
     def stacked(self, clients: list[int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """The models of ``clients`` (default: every occupied slot, ascending) as one (K, total)
@@ -351,7 +462,10 @@ class ClientBuffer:
         total_c = sum(coeffs.values())
         if not total_c > 0:
             raise ValueError("every buffered client has num_samples == 0; nothing to average")
-        return self._weighted_sum(coeffs, accumulate_dtype).div_(total_c).to(_DTYPE)
+        try:
+            return self._weighted_sum(coeffs, accumulate_dtype).div_(total_c).to(_DTYPE)
+        finally:
+            self._release_all()
 
     def _weighted_sum(self, coeffs: dict[int, float], dtype: torch.dtype) -> torch.Tensor:
         """sum_i c_i W_i over the slots in ``coeffs``, accumulated in ``dtype``."""
@@ -404,7 +518,7 @@ class ClientBuffer:
                 w_acc.add_(w[:npr], alpha=coef)
             s_acc.add_(w[npr:], alpha=coef)
         for key, members in groups.items():
-            self._add_prefix_group(self._orders[key], members, w_acc, m_acc, dtype)
+            self._add_prefix_group(self._orders[key], members, w_acc, m_acc, dtype, self._arena)
         if dense_total:
             m_acc.add_(dense_total)
         prev_acc = prev.to(dtype)
@@ -420,7 +534,7 @@ class ClientBuffer:
     @staticmethod
     def _add_prefix_group(
         order: torch.Tensor, members: list[tuple[float, _Slot]], w_acc: torch.Tensor, m_acc: torch.Tensor,
-        dtype: torch.dtype,
+        dtype: torch.dtype, arena: SlotArena | None = None,
     ) -> None:
         """Add the slots of one ranking to W_acc and M_acc, working in rank space."""
         top = max(slot.count for _, slot in members)
@@ -433,6 +547,8 @@ class ClientBuffer:
             acc[:k].add_(slot.values[:k], alpha=coef)
             steps[0] += coef
             steps[k] -= coef
+            if arena is not None:
+                arena.release(slot.values)
         positions = order[:top]
         w_acc.index_add_(0, positions, acc)
         m_acc.index_add_(0, positions, torch.cumsum(steps[:top], 0))
@@ -452,6 +568,8 @@ class ClientBuffer:
         for c in ids:
             s = self._slots[c]
             state[f"slot.{c}.values"] = s.values.clone()
+            if self._arena is not None:
+                self._arena.release(s.values)
             if s.mask is not None:
                 state[f"slot.{c}.mask"] = s.mask.clone()
             if s.index is not None:
@@ -497,7 +615,7 @@ class ClientBuffer:
                 elif f"slot.{c}.prefix" in state:
                     key, count = (int(x) for x in state[f"slot.{c}.prefix"].tolist())
                     order = state[f"order.{key}"]
-                    weights, mask = self._prefix_dense(values, order, count), _prefix_mask(order, count)
+                    weights, mask = self._prefix_dense(values, order, count), _prefix_mask(order, count, npr)
                 else:
                     weights = values
                 slots[c] = self._make_slot(c, weights, mask, n, r, order)
@@ -507,6 +625,9 @@ class ClientBuffer:
         except BaseException:
             self._orders = orders_before
             raise
+        if self._arena is not None:
+            for old in self._slots.values():
+                self._arena.free(old.values)
         self._slots.clear()
         for c, slot in slots.items():
             self._commit(c, slot)
@@ -520,7 +641,7 @@ class ClientBuffer:
 
     def _slot_mask(self, slot: _Slot) -> torch.Tensor | None:
         if slot.order_key is not None:
-            return _prefix_mask(self._orders[slot.order_key], slot.count)
+            return _prefix_mask(self._orders[slot.order_key], slot.count, self.num_prunable)
         return slot.index.to_mask() if slot.index is not None else slot.mask
 
     def _prefix_dense(self, values: torch.Tensor, order: torch.Tensor, count: int,
@@ -551,7 +672,7 @@ class ClientBuffer:
         return self._densify_into(slot, torch.empty(self.total, dtype=_DTYPE)), slot.index.to_mask()
 
 
-def _prefix_mask(order: torch.Tensor, count: int) -> torch.Tensor:
-    mask = torch.zeros(order.numel(), dtype=torch.bool)
+def _prefix_mask(order: torch.Tensor, count: int, n: int) -> torch.Tensor:
+    mask = torch.zeros(n, dtype=torch.bool)
     mask[order[:count]] = True
     return mask

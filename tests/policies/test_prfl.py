@@ -239,3 +239,42 @@ def test_bad_options_are_named():
         build_policy("prfl", ctx(), importance_dtype="float16")
     with pytest.raises(ValueError, match="unknown option 'speed'"):
         build_policy("prfl", ctx(), speed=2)
+
+
+def test_old_rankings_are_cut_to_the_prefixes_in_use(tmp_path):
+    # 3 clients at densities (1, 0.5, 0.25); a new ranking every 2 rounds from the squared
+    # gradients. Client 2's task is in flight across the rebuild: afterwards its ranking is held
+    # only as far as its mask reaches, and the buffer's rankings only as far as its slots reach.
+    # The same events on a buffer kept in a file give the same weights.
+    kw = dict(window=0.0, interval=2, recovery=False, density_rule="B", initial_densities=(1.0, 0.5, 0.25),
+              buffer_storage="prefix")
+    pols = [build_policy("prfl", ctx((1, 2, 3)), **kw), build_policy("prfl", ctx((1, 2, 3)), buffer_dir=str(tmp_path), **kw)]
+    for pol in pols:
+        tasks = dispatches(pol.on_event(Start(0.0)))
+        first = pol.ranking.order
+        assert pol.task_orders[2] is first and pol.task_orders[1] is first
+        r0 = result(tasks[0], [2, 2, 2, 2, 1, 1], 1)
+        r0.grad_sq = torch.tensor([4.0, 3.0, 2.0, 1.0])  # reverses the magnitude ranking
+        pol.on_event(ResultArrived(1.0, r0))
+        kept = tasks[1].mask.nonzero().flatten()
+        w1 = torch.zeros(6)
+        w1[kept] = 5.0
+        w1[4:] = 2.0
+        r1 = result(tasks[1], w1.tolist(), 2)
+        r1.grad_sq = torch.tensor([4.0, 3.0, 2.0, 1.0])
+        pol.on_event(ResultArrived(2.0, r1))  # round 2: a new ranking
+        assert pol.ranking_id == 1 and not torch.equal(pol.ranking.order, first)
+        held = pol.task_orders[2]
+        assert held is not first and torch.equal(held, first[:1])  # client 2 keeps 1 of 4 weights
+        assert [o.numel() for o in pol.buffer._orders.values()] == [2]  # client 1's slot: 2 ranks
+        w2 = torch.zeros(6)
+        w2[first[0]] = 9.0
+        w2[4:] = 3.0
+        pol.on_event(ResultArrived(3.0, result(tasks[2], w2.tolist(), 3)))
+    assert torch.equal(pols[0].weights, pols[1].weights)
+    assert torch.equal(pols[0].buffer.aggregate(pols[0].weights, 3), pols[1].buffer.aggregate(pols[1].weights, 3))
+
+
+def test_buffer_dir_needs_prefix_storage(tmp_path):
+    with pytest.raises(ValueError, match="buffer_storage: prefix"):
+        build_policy("prfl", ctx(), buffer_dir=str(tmp_path))

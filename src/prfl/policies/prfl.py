@@ -72,6 +72,8 @@ class PRFLConfig:
     # how the buffer stores sparse models: "dense" vectors, "sparse" (values + index) or
     # "prefix" (values in ranking order; see prfl.buffer); prefix suits large fleets
     buffer_storage: Literal["dense", "sparse", "prefix"] = "dense"
+    # prefix storage only: keep the buffer's values in a file in this directory instead of RAM
+    buffer_dir: str | None = None
     floor: float = 0.05  # per-layer magnitude floor of the ranking
     importance: bool = True  # rank by squared gradients (False: by magnitude)
     # precision of the squared gradients every upload carries (N values; bfloat16 halves the bytes)
@@ -116,6 +118,9 @@ class PRFLConfig:
             raise ValueError(f"density_step must lie in (0, 1], got {self.density_step}")
         if self.buffer_storage not in ("dense", "sparse", "prefix"):
             raise ValueError(f"buffer_storage must be 'dense', 'sparse' or 'prefix', got {self.buffer_storage!r}")
+        if self.buffer_dir is not None and self.buffer_storage != "prefix":
+            raise ValueError(f"buffer_dir keeps prefix-stored values on disk; set buffer_storage: prefix "
+                             f"(got {self.buffer_storage!r}) or drop buffer_dir")
         if not 0 < self.min_density <= 1:
             raise ValueError(f"min_density must lie in (0, 1], got {self.min_density}")
         if not 0 <= self.floor <= 1:
@@ -170,7 +175,7 @@ class PRFL(FleetPolicy):
         self._imp_count = 0
         self._imp_asked: set[int] = set()  # clients asked for importance since the last rebuild
         self._masks: dict[float, torch.Tensor] = {}
-        self.buffer = ClientBuffer(n, self.total, self.num_prunable, storage=cfg.buffer_storage)
+        self.buffer = ClientBuffer(n, self.total, self.num_prunable, storage=cfg.buffer_storage, path=cfg.buffer_dir)
         self.task_orders: dict[int, torch.Tensor] = {}  # prefix storage: the ranking each task's mask is a prefix of
         self.window: list[tuple[InFlight, TaskResult, int]] = []  # (task, result, staleness)
         self.task_masks: dict[int, torch.Tensor | None] = {}  # the mask each task was sent with
@@ -399,6 +404,27 @@ class PRFL(FleetPolicy):
             actions += [self.dispatch(c, now) for c in targets]
         return actions
 
+    def _compact_orders(self) -> None:
+        """After a new ranking, old ones are needed only up to the densities still in use: the
+        tasks in flight keep one shared prefix per old ranking, the buffer cuts its own."""
+        if not self.task_orders and not len(self.buffer):
+            return
+        counts: dict[int, int] = {}  # id(mask) -> kept weights
+        need: dict[int, tuple[torch.Tensor, int]] = {}  # id(order) -> (order, longest prefix in use)
+        for tid, order in self.task_orders.items():
+            mask = self.task_masks.get(tid)
+            if mask is None:
+                continue
+            if id(mask) not in counts:
+                counts[id(mask)] = int(mask.sum())
+            held = need.get(id(order))
+            need[id(order)] = (order, max(counts[id(mask)], held[1] if held else 0))
+        short = {i: order[:cap].clone() for i, (order, cap) in need.items() if cap < order.numel()}
+        for tid, order in list(self.task_orders.items()):
+            if id(order) in short:
+                self.task_orders[tid] = short[id(order)]
+        self.buffer.compact_orders()
+
     def _control_step(self) -> list[Action]:
         """Every I rounds: new densities, a new ranking, and the recovery monitor's check."""
         cfg = self.config
@@ -414,6 +440,7 @@ class PRFL(FleetPolicy):
             self._imp_asked = set()
             self.ranking_id += 1
             self._masks = {}
+            self._compact_orders()
             actions.append(Record("ranking", {"ranking_id": self.ranking_id}))
         if cfg.recovery:
             score_model = self.buffer.plain_average(torch.float32) if len(self.buffer) else self.weights
