@@ -164,6 +164,7 @@ class ClientBuffer:
         self._rows: torch.Tensor | None = None
         self._arena: SlotArena | None = None
         self._order_alias: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}  # id(order) -> key
+        self._next_key = 0
         if self.path is not None and storage == "prefix":
             self._arena = SlotArena(self.path)
         elif self.path is not None:
@@ -255,7 +256,9 @@ class ClientBuffer:
                     key = k
                     break
             if key is None:
-                key = max(self._orders, default=-1) + 1
+                # keys are never reused: an alias of a dropped ranking must not find a new one
+                key = self._next_key = max(self._next_key, max(self._orders, default=-1) + 1)
+                self._next_key += 1
                 self._orders[key] = order
             self._order_alias[id(order)] = (weakref.ref(order), key)
         if order.numel() > self._orders[key].numel():
@@ -278,9 +281,10 @@ class ClientBuffer:
 
     def _drop_unused_orders(self) -> None:
         used = {s.order_key for s in self._slots.values() if s.order_key is not None}
-        for key in [k for k in self._orders if k not in used]:
+        dropped = [k for k in self._orders if k not in used]
+        for key in dropped:
             del self._orders[key]
-        if len(self._order_alias) > 4 * len(self._orders) + 16:
+        if dropped or len(self._order_alias) > 4 * len(self._orders) + 16:
             self._order_alias = {i: a for i, a in self._order_alias.items() if a[0]() is not None and a[1] in self._orders}
 
     def _commit(self, client: int, slot: _Slot) -> None:
