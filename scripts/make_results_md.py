@@ -9,7 +9,8 @@ Sources (under ``--results``, default ``benchmarks/results``):
   with these columns is rendered the same way.
 * ``masked_training.json`` (``benchmarks/bench_masked_training.py``), ``simulator.json``
   (``benchmarks/bench_simulator.py``), ``flower_sim.json`` (``benchmarks/bench_flower_sim.py``),
-  ``scale.json`` (``benchmarks/bench_scale.py``) and ``vmap.json`` (``benchmarks/bench_vmap.py``);
+  ``scale.json`` (``benchmarks/bench_scale.py``), ``vmap.json`` (``benchmarks/bench_vmap.py``) and
+  ``buffer.json`` (``benchmarks/bench_buffer.py``);
   any other ``*.json`` at the top level is listed by its scalar fields.
 
 Statistics follow ``prfl.report``: mean ± sample sd over seeds; a time to accuracy is the first
@@ -239,6 +240,31 @@ def scale_section(d: dict[str, Any], name: str) -> list[str]:
     return lines
 
 
+def buffer_section(d: dict[str, Any], name: str) -> list[str]:
+    lines = ["## MaskFedAvg over a buffer of sparse models: RAM or file\n", f"From `{name}`; {_provenance(d)}"]
+    w = d.get("workload") or {}
+    if w:
+        lines.append("Workload: " + ", ".join(f"{k} {v}" for k, v in w.items()) + ".\n")
+    mib = 2**20
+
+    def grown(run: dict[str, Any], key: str) -> str:
+        a, b = run.get("rss_before") or {}, run.get(key) or {}
+        try:
+            return f"{(b['RssAnon'] + b['RssFile'] - a['RssAnon'] - a['RssFile']) / mib:.0f}"
+        except (KeyError, TypeError):
+            return "-"
+
+    rows = [[str(r.get("variant")), _num(r.get("aggregate_seconds_median"), ".2f"), grown(r, "rss_filled"),
+             grown(r, "rss_peak_during_aggregations"), _num((r.get("buffer_nbytes") or 0) / mib, ".0f")]
+            for r in d.get("runs") or []]
+    lines.append(markdown((["buffer values", "one aggregation (s, median)", "resident growth, filled (MiB)",
+                            "resident growth, aggregating (MiB)", "buffer holds (MiB)"], rows)))
+    dense = d.get("dense_storage_would_need_bytes")
+    if isinstance(dense, (int, float)):
+        lines.append(f"Dense storage would hold {dense / 2**30:.1f} GiB.\n")
+    return lines
+
+
 def vmap_section(d: dict[str, Any], name: str) -> list[str]:
     lines = ["## Several clients at once with torch.func.vmap\n", f"From `{name}`; {_provenance(d)}"]
     rows = [[str(r.get("model")), str(r.get("k")), _num(r.get("sequential_median_s")), _num(r.get("vmap_median_s")),
@@ -306,6 +332,8 @@ def render(results: Path, baseline: str = "fedasync") -> str:
             lines += scale_section(d, name)
         elif p.name == "vmap.json":
             lines += vmap_section(d, name)
+        elif p.name == "buffer.json":
+            lines += buffer_section(d, name)
         else:
             lines += generic_section(d, name)
     return "\n".join(lines).rstrip() + "\n"

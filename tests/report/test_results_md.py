@@ -116,6 +116,12 @@ def test_scale_and_vmap_sections(script) -> None:
         {"model": "conv2", "k": 4, "sequential_median_s": 2.0, "vmap_median_s": 2.5, "paired_speedup_median": 0.8,
          "max_abs_diff": 2e-8}]}, "vmap.json"))
     assert "| conv2 | 4 | 2.000 | 2.500 | 0.80 | 2.0e-08 |" in vm
+    mib = 2**20
+    buf = "\n".join(script.buffer_section({"dense_storage_would_need_bytes": 26 * 2**30, "runs": [
+        {"variant": "file", "aggregate_seconds_median": 1.234, "buffer_nbytes": 3000 * mib,
+         "rss_before": {"RssAnon": 100 * mib, "RssFile": 10 * mib}, "rss_filled": {"RssAnon": 120 * mib, "RssFile": 20 * mib},
+         "rss_peak_during_aggregations": {"RssAnon": 150 * mib, "RssFile": 10 * mib}}]}, "buffer.json"))
+    assert "| file | 1.23 | 30 | 50 | 3000 |" in buf and "Dense storage would hold 26.0 GiB." in buf
 
 
 def test_results_md_without_run_results(script, tmp_path) -> None:
