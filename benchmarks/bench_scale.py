@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from prfl import allocator
 from prfl.config import PolicyConfig, load_config
 from prfl.run import build_scenario, run_policy
 
@@ -126,6 +127,7 @@ def main() -> int:
         "clients_that_arrived": sum(1 for x in summary["local_rounds"] if x > 0),
         "failed_tasks": failed,
         "distinct_densities": densities,
+        "heap_trims": allocator.trims,
         "peak_rss_bytes": max(sampler.peak, peak_kernel),
         "peak_rss_sampled_bytes": sampler.peak,
         "peak_rss_kernel_bytes": peak_kernel,

@@ -13,9 +13,11 @@ conv2 sat at 4 GB). Set ``PRFL_MALLOC_TUNING=0`` to leave the allocator alone.
 glibc trims only the top of the heap by itself. Blocks freed *between* live ones (a server
 buffer of a thousand client models interleaved with freed aggregates and updates) stay resident:
 a 1,000-client PR-FL run held 1.3 GB of such free heap after 60 updates, with 0.75 GB of live
-tensors. :func:`release_free_heap` checks the free total (``mallinfo2``, well under a
-millisecond) and hands free pages back with ``malloc_trim`` when more than ``TRIM_THRESHOLD``
-lies free; the simulator calls it after every event.
+tensors. :func:`release_free_heap` hands free pages back with ``malloc_trim`` when more than
+``TRIM_THRESHOLD`` lies free (``mallinfo2``) and the resident size or the free total has grown by
+that much since the last trim (freed blocks keep counting as free after their pages went back,
+so the free total alone would trim at every call). The check costs well under a millisecond;
+the simulator makes it after every event.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ MMAP_THRESHOLD = 64 << 20  # bytes: a model vector of up to 16 M float32 weights
 TRIM_THRESHOLD = 256 << 20  # bytes of free heap kept for reuse
 _done = False
 _libc: ctypes.CDLL | None = None
+trims = 0  # how many times release_free_heap trimmed (benchmarks report it)
+_baseline: tuple[int, int] | None = None  # (resident, free heap) bytes right after the last trim
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class _MallInfo2(ctypes.Structure):
@@ -71,14 +76,33 @@ def free_heap_bytes() -> int | None:
     return int(mallinfo2().fordblks)
 
 
-def release_free_heap(keep: int = TRIM_THRESHOLD) -> bool:
-    """Give free heap pages back to the kernel when more than ``keep`` bytes lie free.
+def resident_bytes() -> int:
+    """The process's resident set size (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
 
+
+def release_free_heap(keep: int = TRIM_THRESHOLD) -> bool:
+    """Give free heap pages back to the kernel when more than ``keep`` bytes lie free and, since
+    the last trim, either the resident size or the free total has grown by more than ``keep``
+    (the first call trims whenever more than ``keep`` lies free).
+
+    Freed blocks keep counting as free after their pages went back, so the free total alone would
+    trim at every call; growth since the last trim is what can be handed back.
     Only acts in a process whose allocator :func:`tune_allocator` set up. True if it trimmed.
     """
+    global _baseline, trims
     free = free_heap_bytes()
     if free is None or free <= keep:
         return False
+    rss = resident_bytes()
+    if _baseline is not None and rss <= _baseline[0] + keep and free <= _baseline[1] + keep:
+        return False
     assert _libc is not None
     _libc.malloc_trim(0)
+    trims += 1
+    _baseline = (resident_bytes(), free_heap_bytes() or 0)
     return True
