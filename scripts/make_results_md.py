@@ -115,7 +115,11 @@ def scenario_table(rows: Sequence[dict[str, str]], baseline: str) -> str:
     return markdown((headers, body))
 
 
-def runs_section(path: Path, results: Path, baseline: str) -> list[str]:
+def runs_section(path: Path, results: Path, baseline: str,
+                 reference: tuple[str, Sequence[dict[str, str]]] | None = None) -> list[str]:
+    """One table per scenario of a run CSV. ``reference`` (name, rows): where a scenario lacks
+    the baseline or ``prfl``, their runs of the same scenario and seeds are taken from there (an
+    ablation table then shows the speed-up against the same baseline runs)."""
     rows = read_runs(path)
     rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.relative_to(results.parent)
     if not rows or any(c not in rows[0] for c in RUN_COLUMNS):
@@ -124,9 +128,19 @@ def runs_section(path: Path, results: Path, baseline: str) -> list[str]:
     for scenario in sorted({r["scenario"] for r in rows}):
         sub = [r for r in rows if r["scenario"] == scenario]
         seeds = sorted({int(float(r["seed"])) for r in sub})
+        borrowed: list[str] = []
+        if reference is not None:
+            have = {r["method"] for r in sub}
+            for method in (m for m in ("prfl", baseline) if m not in have):
+                extra = [r for r in reference[1] if r["scenario"] == scenario and r["method"] == method
+                         and int(float(r["seed"])) in seeds]
+                if extra:
+                    sub = sub + extra
+                    borrowed.append(method)
         lines.append(f"### {scenario}\n")
+        note = f" Rows of {', '.join(borrowed)} are the same seeds' runs from `{reference[0]}`." if borrowed else ""
         lines.append(f"From `{rel.as_posix()}`: {len(sub)} runs, seeds {', '.join(map(str, seeds))}. "
-                     f"Times are virtual seconds (mean ± sd over seeds).\n")
+                     f"Times are virtual seconds (mean ± sd over seeds).{note}\n")
         lines.append(scenario_table(sub, baseline))
     return lines
 
@@ -310,8 +324,13 @@ def render(results: Path, baseline: str = "fedasync") -> str:
     if csvs:
         lines.append(f"Speed-ups are against {baseline}; a speed-up is given when every seed of both methods "
                      "reached the target.\n")
+        main = results / "paper_fmnist" / "results.csv"
+        reference = None
+        if main.is_file():
+            rel_main = main.relative_to(ROOT) if main.is_relative_to(ROOT) else main.relative_to(results.parent)
+            reference = (rel_main.as_posix(), read_runs(main))
         for p in csvs:
-            lines += runs_section(p, results, baseline)
+            lines += runs_section(p, results, baseline, reference if p != main else None)
     else:
         lines.append(f"No run results yet: run `benchmarks/paper_fmnist.py`, which writes "
                      f"`{rel_root}/paper_fmnist/results.csv`.\n")

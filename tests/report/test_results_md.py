@@ -129,3 +129,21 @@ def test_results_md_without_run_results(script, tmp_path) -> None:
     out = tmp_path / "RESULTS.md"
     assert script.main(["--results", str(tmp_path / "results"), "--out", str(out)]) == 0
     assert "No run results yet" in out.read_text(encoding="utf-8")
+
+
+def test_ablation_tables_borrow_the_baseline_runs_of_the_same_seeds(script, results, tmp_path) -> None:
+    (results / "ablations").mkdir()
+    (results / "ablations" / "results.csv").write_text("\n".join([
+        HEADER, "iid,prfl-lean,0,0.85,0.86,3000,990,20 30 40,20,40,900,70,60,100",
+        "iid,prfl-lean,1,0.84,0.85,3000,990,20 30 40,20,40,900,70,68,",
+    ]) + "\n", encoding="utf-8")
+    out = tmp_path / "RESULTS.md"
+    assert script.main(["--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    section = text.split("### iid\n\nFrom `", 2)[2]  # the second iid table: the ablations'
+    assert section.startswith("ablations/results.csv") or "ablations/results.csv" in section.split("\n")[0]
+    assert "Rows of prfl, fedasync are the same seeds' runs" in section.split("\n")[0]
+    section = "### iid\n" + section
+    lean = table_row(section, "prfl-lean", "### iid")
+    assert lean[2] == "64 ± 6" and lean[3] == "5.00x"  # fedasync 320 s over seeds 0 and 1 / 64 s
+    assert table_row(section, "fedasync", "### iid")[2] == "320 ± 28"
