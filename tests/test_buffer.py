@@ -485,8 +485,17 @@ release_free_heap(keep=0)
 anon0, file0 = rss()
 for c in range(clients):
     buf.put(c, w, mask, 1, 0, order=order)
+peak_file = [0]
+release = buf._arena.release
+def watched(t):  # the file pages mapped in while the buffer is being read, slot after slot
+    peak_file[0] = max(peak_file[0], rss()[1])
+    release(t)
+buf._arena.release = watched
 new = buf.aggregate(torch.zeros(total), 1)
 assert float(new[order[0]]) == 1.0 and float(new[order[-1]]) == 0.0
+avg = buf.plain_average()
+assert float(avg[order[0]]) == 1.0
+assert peak_file[0] - file0 < 32 * 2**20, (file0, peak_file)
 _, file1 = rss()
 release_free_heap(keep=0)  # the freed temporaries of puts and aggregation go back too
 anon1, _ = rss()

@@ -430,6 +430,8 @@ class ClientBuffer:
                 masks.append(slot.mask)
             else:
                 self._densify_into(slot, rows[r])
+                if self._arena is not None:
+                    self._arena.release(slot.values)
                 masks.append(self._slot_mask(slot))
         return rows, masks
 
@@ -484,6 +486,8 @@ class ClientBuffer:
             else:
                 assert scratch is not None
                 acc.add_(self._densify_into(slot, scratch), alpha=coef)
+                if self._arena is not None:
+                    self._arena.release(slot.values)
         return acc
 
     def _mask_fedavg(
@@ -521,6 +525,8 @@ class ClientBuffer:
                 m_acc.add_(slot.mask, alpha=coef)
                 w_acc.add_(w[:npr], alpha=coef)
             s_acc.add_(w[npr:], alpha=coef)
+            if self._arena is not None:
+                self._arena.release(w)
         for key, members in groups.items():
             self._add_prefix_group(self._orders[key], members, w_acc, m_acc, dtype, self._arena)
         if dense_total:
