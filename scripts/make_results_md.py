@@ -87,9 +87,12 @@ def scenario_table(rows: Sequence[dict[str, str]], baseline: str) -> str:
     body = []
     for m, rs in by_method.items():
         row = [m, str(len(rs))]
-        for t, _ in targets:
+        seeds = {r.get("seed") for r in rs}
+        base_rows = [r for r in by_method.get(baseline, []) if r.get("seed") in seeds]
+        for t, col in targets:
             st = times[m][t]
-            ref = times.get(baseline, {}).get(t)
+            # against the baseline's runs of the same seeds
+            ref = describe(_float(r.get(col)) for r in base_rows) if base_rows else None
             speed = "-"
             if ref is not None and ref.all_present and st.all_present and st.mean:
                 speed = f"{ref.mean / st.mean:.2f}x"

@@ -136,6 +136,7 @@ def test_ablation_tables_borrow_the_baseline_runs_of_the_same_seeds(script, resu
     (results / "ablations" / "results.csv").write_text("\n".join([
         HEADER, "iid,prfl-lean,0,0.85,0.86,3000,990,20 30 40,20,40,900,70,60,100",
         "iid,prfl-lean,1,0.84,0.85,3000,990,20 30 40,20,40,900,70,68,",
+        "iid,prfl-magnitude,0,0.84,0.85,3000,990,20 30 40,20,40,900,70,100,",
     ]) + "\n", encoding="utf-8")
     out = tmp_path / "RESULTS.md"
     assert script.main(["--results", str(results), "--out", str(out)]) == 0
@@ -147,3 +148,5 @@ def test_ablation_tables_borrow_the_baseline_runs_of_the_same_seeds(script, resu
     lean = table_row(section, "prfl-lean", "### iid")
     assert lean[2] == "64 ± 6" and lean[3] == "5.00x"  # fedasync 320 s over seeds 0 and 1 / 64 s
     assert table_row(section, "fedasync", "### iid")[2] == "320 ± 28"
+    # a method with fewer seeds is compared with the baseline's runs of its own seeds: 300 / 100
+    assert table_row(section, "prfl-magnitude", "### iid")[3] == "3.00x"
