@@ -104,11 +104,6 @@ class SlotArena:
             entry[0].madvise(mmap.MADV_DONTNEED)
             self._free.setdefault(entry[2], []).append(entry[1])
 
-    def resident_bytes(self) -> int:
-        """Bytes of stored vectors currently mapped in (from /proc/self/smaps is exact; this is
-        an upper bound: every region not yet released counts whole)."""
-        return sum(length for _, _, length in self._maps.values())
-
 
 @dataclass
 class BufferEntry:
@@ -250,9 +245,7 @@ class ClientBuffer:
             key = None
             for k, held in self._orders.items():
                 n = min(held.numel(), order.numel())
-                if held is order or (held.data_ptr() == order.data_ptr() and n == order.numel()) or torch.equal(
-                    held[:n], order[:n]
-                ):
+                if held is order or (n > 0 and (held.data_ptr() == order.data_ptr() or torch.equal(held[:n], order[:n]))):
                     key = k
                     break
             if key is None:
