@@ -98,7 +98,20 @@ def main() -> int:
     t0 = time.perf_counter()
     sc = build_scenario(load_config(overrides=overrides))
     rss_scenario = rss_bytes()
-    summary = run_policy(sc, policy, args.out)
+    partial = RESULTS / "scale.partial.json"
+
+    def progress(rec: dict) -> None:  # a cut run still leaves its figures so far
+        RESULTS.mkdir(exist_ok=True)
+        partial.write_text(json.dumps({
+            "command": " ".join([sys.executable.split("/")[-1], *sys.argv]), "complete": False,
+            "server_rounds": rec.get("round"), "virtual_seconds": rec.get("time"), "accuracy": rec.get("accuracy"),
+            "wall_seconds": time.perf_counter() - t0, "peak_rss_sampled_bytes": sampler.peak,
+            "peak_rss_kernel_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "heap_trims": allocator.trims,
+        }, indent=2))
+
+    summary = run_policy(sc, policy, args.out, on_progress=progress)
+    partial.unlink(missing_ok=True)
     wall = time.perf_counter() - t0
     sampler.stop()
     peak_kernel = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
