@@ -169,8 +169,17 @@ def _provenance(d: dict[str, Any]) -> str:
     return ("; ".join(parts) + ".\n") if parts else ""
 
 
+def _section_head(title: str, d: dict[str, Any], name: str, workload: bool = True) -> list[str]:
+    """A benchmark section's heading, provenance and (if the file has one) workload line."""
+    lines = [f"## {title}\n", f"From `{name}`; {_provenance(d)}"]
+    w = (d.get("workload") or {}) if workload else {}
+    if w:
+        lines.append("Workload: " + ", ".join(f"{k} {v}" for k, v in w.items()) + ".\n")
+    return lines
+
+
 def masked_training_section(d: dict[str, Any], name: str) -> list[str]:
-    lines = ["## Masked against dense local training\n", f"From `{name}`; {_provenance(d)}"]
+    lines = _section_head("Masked against dense local training", d, name, workload=False)
     setup = d.get("setup") or {}
     lines.append(f"Model `{setup.get('model', '?')}`, {setup.get('steps_per_task', '?')} local steps of batch "
                  f"{_get(setup, 'train_config', 'batch_size') or '?'}; target overhead at most "
@@ -192,10 +201,7 @@ def masked_training_section(d: dict[str, Any], name: str) -> list[str]:
 
 
 def simulator_section(d: dict[str, Any], name: str) -> list[str]:
-    lines = ["## Simulator overhead and parallel speed-ups\n", f"From `{name}`; {_provenance(d)}"]
-    w = d.get("workload") or {}
-    if w:
-        lines.append("Workload: " + ", ".join(f"{k} {v}" for k, v in w.items()) + ".\n")
+    lines = _section_head("Simulator overhead and parallel speed-ups", d, name)
     rows = [
         ["inline overhead (wall / training, median)", _num(d.get("inline_overhead_median")),
          f"<= {_num(d.get('goal_overhead'), '.2f')}" if d.get("goal_overhead") is not None else "-"],
@@ -219,10 +225,7 @@ def simulator_section(d: dict[str, Any], name: str) -> list[str]:
 
 
 def flower_section(d: dict[str, Any], name: str) -> list[str]:
-    lines = ["## FedAvg: prfl's simulator against Flower's Simulation Engine\n", f"From `{name}`; {_provenance(d)}"]
-    w = d.get("workload") or {}
-    if w:
-        lines.append("Workload: " + ", ".join(f"{k} {v}" for k, v in w.items()) + ".\n")
+    lines = _section_head("FedAvg: prfl's simulator against Flower's Simulation Engine", d, name)
     rows = [[run, _num(r.get("wall"), ".1f"), _num(r.get("final_accuracy"))] for run, r in (d.get("runs") or {}).items()]
     lines.append(markdown((["run", "wall (s)", "final accuracy"], rows)))
     lines.append(f"Flower / prfl wall time: {_num(d.get('wall_ratio_flower_over_prfl_process'), '.2f')} against prfl's "
@@ -231,10 +234,7 @@ def flower_section(d: dict[str, Any], name: str) -> list[str]:
 
 
 def scale_section(d: dict[str, Any], name: str) -> list[str]:
-    lines = ["## A large fleet: server memory\n", f"From `{name}`; {_provenance(d)}"]
-    w = d.get("workload") or {}
-    if w:
-        lines.append("Workload: " + ", ".join(f"{k} {v}" for k, v in w.items()) + ".\n")
+    lines = _section_head("A large fleet: server memory", d, name)
     gib = 2**30
 
     def _gib(key: str) -> str:
@@ -258,10 +258,7 @@ def scale_section(d: dict[str, Any], name: str) -> list[str]:
 
 
 def buffer_section(d: dict[str, Any], name: str) -> list[str]:
-    lines = ["## MaskFedAvg over a buffer of sparse models: RAM or file\n", f"From `{name}`; {_provenance(d)}"]
-    w = d.get("workload") or {}
-    if w:
-        lines.append("Workload: " + ", ".join(f"{k} {v}" for k, v in w.items()) + ".\n")
+    lines = _section_head("MaskFedAvg over a buffer of sparse models: RAM or file", d, name)
     mib = 2**20
 
     def grown(run: dict[str, Any], key: str) -> str:
@@ -283,7 +280,7 @@ def buffer_section(d: dict[str, Any], name: str) -> list[str]:
 
 
 def vmap_section(d: dict[str, Any], name: str) -> list[str]:
-    lines = ["## Several clients at once with torch.func.vmap\n", f"From `{name}`; {_provenance(d)}"]
+    lines = _section_head("Several clients at once with torch.func.vmap", d, name, workload=False)
     rows = [[str(r.get("model")), str(r.get("k")), _num(r.get("sequential_median_s")), _num(r.get("vmap_median_s")),
              _num(r.get("paired_speedup_median"), ".2f"), _num(r.get("max_abs_diff"), ".1e")]
             for r in d.get("results") or []]

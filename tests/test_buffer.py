@@ -323,14 +323,20 @@ def prefix_fleet(total: int, npr: int, seed: int = 0):
     return out
 
 
+def prefix_buffer(fleet: list, total: int, npr: int, path=None) -> ClientBuffer:
+    """A prefix-storage buffer holding ``fleet`` (entries of :func:`prefix_fleet`)."""
+    buf = ClientBuffer(len(fleet), total, npr, storage="prefix", path=path)
+    for c, w, mask, order, n, r in fleet:
+        buf.put(c, w, mask, n, r, order=order)
+    return buf
+
+
 @pytest.mark.parametrize("kind", ["poly", "const"])
 @pytest.mark.parametrize("eta_g", [1.0, 0.5])
 def test_prefix_storage_aggregates_like_mask_fedavg(kind, eta_g):
     total, npr = 1100, 1000
     fleet = prefix_fleet(total, npr)
-    buf = ClientBuffer(len(fleet), total, npr, storage="prefix")
-    for c, w, mask, order, n, r in fleet:
-        buf.put(c, w, mask, n, r, order=order)
+    buf = prefix_buffer(fleet, total, npr)
     prev = torch.randn(total, generator=torch.Generator().manual_seed(5))
     coeffs = buf.coefficients(12, kind)
     ids = [f[0] for f in fleet]
@@ -401,9 +407,7 @@ def test_prefix_storage_refuses_what_it_cannot_store():
 def test_compacted_rankings_aggregate_the_same_and_take_less():
     total, npr = 1100, 1000
     fleet = prefix_fleet(total, npr)
-    buf = ClientBuffer(len(fleet), total, npr, storage="prefix")
-    for c, w, mask, order, n, r in fleet:
-        buf.put(c, w, mask, n, r, order=order)
+    buf = prefix_buffer(fleet, total, npr)
     prev = torch.randn(total, generator=torch.Generator().manual_seed(2))
     before, nbytes = buf.aggregate(prev, 12), buf.nbytes()
     held = buf.compact_orders()
@@ -438,11 +442,7 @@ def test_compacted_rankings_aggregate_the_same_and_take_less():
 def test_file_backed_prefix_buffer_matches_memory_and_reuses_its_file(tmp_path):
     total, npr = 1100, 1000
     fleet = prefix_fleet(total, npr)
-    mem = ClientBuffer(len(fleet), total, npr, storage="prefix")
-    disk = ClientBuffer(len(fleet), total, npr, storage="prefix", path=tmp_path)
-    for c, w, mask, order, n, r in fleet:
-        mem.put(c, w, mask, n, r, order=order)
-        disk.put(c, w, mask, n, r, order=order)
+    mem, disk = prefix_buffer(fleet, total, npr), prefix_buffer(fleet, total, npr, path=tmp_path)
     assert list(tmp_path.iterdir()) == []  # the value file is unlinked: it goes away with the process
     prev = torch.randn(total, generator=torch.Generator().manual_seed(3))
     for _ in range(2):  # pages handed back after the first aggregation are read again
