@@ -84,6 +84,15 @@ def deployment_run(tmp_path_factory: pytest.TempPathFactory) -> DeploymentRun:
             lambda r: any(str(e["reason"]).startswith("timeout") for e in events(r[kill_index:], "task_failed", client=2)),
             REPLY_TIMEOUT + 90, "the task of the killed node to time out",
         )
+
+        def outage_seen(r: list[dict[str, Any]]) -> bool:
+            # the node stays down until the server has evaluated twice without it, so the test
+            # can watch its buffer slot grow stale (restarting at once may leave a single eval)
+            after = r[kill_index:]
+            fails = [i for i, e in enumerate(after) if e["event"] == "task_failed" and e["client"] == 2]
+            return bool(fails) and len(events(after[fails[0]:], "eval")) >= 2
+
+        wait_for(history, outage_seen, 120, "two evaluations while node 2 is down")
         fed.start_node(2)
         wait_for(
             history,
