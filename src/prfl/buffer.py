@@ -469,18 +469,25 @@ class ClientBuffer:
     def _weighted_sum(self, coeffs: dict[int, float], dtype: torch.dtype) -> torch.Tensor:
         """sum_i c_i W_i over the slots in ``coeffs``, accumulated in ``dtype``."""
         acc = torch.zeros(self.total, dtype=dtype)
-        scratch = torch.empty(self.total, dtype=_DTYPE) if self.storage != "dense" else None
+        scratch = torch.empty(self.total, dtype=_DTYPE) if self.storage == "sparse" else None
+        groups: dict[int, list[tuple[float, _Slot]]] = {}  # prefix storage: slots by ranking, summed in rank space
+        npr = self.num_prunable
         for c, coef in coeffs.items():
             if coef == 0.0:
                 continue
             slot = self._slots[c]
-            if slot.index is None and slot.order_key is None:
+            if slot.order_key is not None:
+                groups.setdefault(slot.order_key, []).append((coef, slot))
+                acc[npr:].add_(slot.values[slot.count :], alpha=coef)
+            elif slot.index is None:
                 acc.add_(slot.values, alpha=coef)
             else:
                 assert scratch is not None
                 acc.add_(self._densify_into(slot, scratch), alpha=coef)
                 if self._arena is not None:
                     self._arena.release(slot.values)
+        for key, members in groups.items():
+            self._add_prefix_group(self._orders[key], members, acc[:npr], None, dtype, self._arena)
         return acc
 
     def _mask_fedavg(
@@ -536,10 +543,11 @@ class ClientBuffer:
 
     @staticmethod
     def _add_prefix_group(
-        order: torch.Tensor, members: list[tuple[float, _Slot]], w_acc: torch.Tensor, m_acc: torch.Tensor,
+        order: torch.Tensor, members: list[tuple[float, _Slot]], w_acc: torch.Tensor, m_acc: torch.Tensor | None,
         dtype: torch.dtype, arena: SlotArena | None = None,
     ) -> None:
-        """Add the slots of one ranking to W_acc and M_acc, working in rank space."""
+        """Add the slots of one ranking to W_acc (and M_acc unless None), working in rank space:
+        O(sum_i count_i + top) instead of a dense vector per slot."""
         top = max(slot.count for _, slot in members)
         if top == 0:
             return
@@ -554,7 +562,8 @@ class ClientBuffer:
                 arena.release(slot.values)
         positions = order[:top]
         w_acc.index_add_(0, positions, acc)
-        m_acc.index_add_(0, positions, torch.cumsum(steps[:top], 0))
+        if m_acc is not None:
+            m_acc.index_add_(0, positions, torch.cumsum(steps[:top], 0))
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, torch.Tensor]:
