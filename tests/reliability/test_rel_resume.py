@@ -191,3 +191,26 @@ def test_checkpoint_files_rotate_and_a_kill_between_the_renames_leaves_prev(tmp_
     (tmp_path / "checkpoint.prev.pt").unlink()
     with pytest.raises(CheckpointError, match="no usable checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_checkpoints_are_written_and_read_without_a_copy_of_the_file_in_memory(tmp_path) -> None:
+    """A checkpoint of a large state is streamed to its file and hashed and loaded from there:
+    neither side holds the whole payload as Python bytes (what an in-memory copy would cost)."""
+    import tracemalloc
+
+    import torch
+
+    weights = torch.randn(8_000_000)  # 32 MB
+    state = {"policy": {"version": 3, "weights": weights}, "history_offset": 0, "now": 2.0}
+    tracemalloc.start()
+    try:
+        write_checkpoint(state, tmp_path)
+        _, written = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        back = read_checkpoint(tmp_path / "checkpoint.pt")
+        _, read = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert torch.equal(back["policy"]["weights"], weights)
+    assert (tmp_path / "checkpoint.pt").stat().st_size > 32_000_000
+    assert written < 8 * 2**20 and read < 8 * 2**20, (written, read)

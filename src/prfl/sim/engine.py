@@ -651,19 +651,71 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+_CHUNK = 1 << 22  # bytes read at a time when hashing a checkpoint
+
+
+def _sha256_of(fh: Any, size: int) -> bytes:
+    """SHA-256 of the first ``size`` bytes of an open binary file, read in bounded chunks."""
+    h = hashlib.sha256()
+    chunk = bytearray(min(_CHUNK, max(size, 1)))
+    view = memoryview(chunk)
+    fh.seek(0)
+    left = size
+    while left > 0:
+        got = fh.readinto(view[: min(left, len(chunk))])
+        if not got:
+            break
+        h.update(view[:got])
+        left -= got
+    return h.digest()
+
+
+class _Window(io.RawIOBase):
+    """The first ``size`` bytes of an open binary file, as a seekable file of its own (so
+    ``torch.load`` reads the payload in place, without a copy of the whole checkpoint)."""
+
+    def __init__(self, fh: Any, size: int) -> None:
+        super().__init__()
+        self._fh, self._size, self._pos = fh, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), self._size - self._pos))
+        if n == 0:
+            return 0
+        self._fh.seek(self._pos)
+        got = self._fh.readinto(memoryview(b)[:n]) or 0
+        self._pos += got
+        return got
+
+
 def write_checkpoint(state: dict[str, Any], directory: str | os.PathLike[str]) -> Path:
     """Write ``state`` as ``directory/checkpoint.pt`` with a checksum trailer, atomically; the
-    checkpoint it replaces becomes ``checkpoint.prev.pt``."""
+    checkpoint it replaces becomes ``checkpoint.prev.pt``. The payload is streamed to the file
+    and hashed from there, so writing holds no second copy of the state in memory."""
     d = Path(directory)
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    payload = buf.getvalue()
-    trailer = _TRAILER_MAGIC + len(payload).to_bytes(8, "little") + hashlib.sha256(payload).digest()
     final, prev = d / CHECKPOINT, d / PREVIOUS_CHECKPOINT
     tmp = d / (CHECKPOINT + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(payload)
-        fh.write(trailer)
+    with open(tmp, "w+b") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        size = fh.seek(0, io.SEEK_END)
+        digest = _sha256_of(fh, size)
+        fh.seek(size)
+        fh.write(_TRAILER_MAGIC + size.to_bytes(8, "little") + digest)
         fh.flush()
         os.fsync(fh.fileno())
     if final.exists():
@@ -675,24 +727,30 @@ def write_checkpoint(state: dict[str, Any], directory: str | os.PathLike[str]) -
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load and verify one checkpoint file; raise :class:`CheckpointError` if it is torn,
-    corrupted or not a simulation checkpoint. (Checkpoints are pickles: load only your own.)"""
+    corrupted or not a simulation checkpoint. (Checkpoints are pickles: load only your own.)
+    The file is hashed in chunks and loaded in place: no copy of it is held in memory."""
     p = Path(path)
     try:
-        data = p.read_bytes()
+        with open(p, "rb") as fh:
+            total = fh.seek(0, io.SEEK_END)
+            size = total
+            if total >= _TRAILER_SIZE:
+                fh.seek(total - _TRAILER_SIZE)
+                trailer = fh.read(_TRAILER_SIZE)
+                if trailer.startswith(_TRAILER_MAGIC):
+                    size = int.from_bytes(trailer[len(_TRAILER_MAGIC) : len(_TRAILER_MAGIC) + 8], "little")
+                    if size != total - _TRAILER_SIZE:
+                        raise CheckpointError(
+                            f"{p}: torn checkpoint (payload of {total - _TRAILER_SIZE} bytes, trailer says {size})"
+                        )
+                    if _sha256_of(fh, size) != trailer[-32:]:
+                        raise CheckpointError(f"{p}: checksum mismatch; the checkpoint is corrupted")
+            try:
+                state = torch.load(_Window(fh, size), weights_only=False)
+            except Exception as exc:  # a file from before checksums, torn: torch.load is the check
+                raise CheckpointError(f"{p}: torn or corrupted checkpoint ({type(exc).__name__}: {exc})") from None
     except OSError as exc:
         raise CheckpointError(f"{p}: cannot be read ({exc})") from None
-    payload = data
-    if len(data) >= _TRAILER_SIZE and data[-_TRAILER_SIZE : -_TRAILER_SIZE + len(_TRAILER_MAGIC)] == _TRAILER_MAGIC:
-        size = int.from_bytes(data[-40:-32], "little")
-        if size != len(data) - _TRAILER_SIZE:
-            raise CheckpointError(f"{p}: torn checkpoint (payload of {len(data) - _TRAILER_SIZE} bytes, trailer says {size})")
-        payload = data[:size]
-        if hashlib.sha256(payload).digest() != data[-32:]:
-            raise CheckpointError(f"{p}: checksum mismatch; the checkpoint is corrupted")
-    try:
-        state = torch.load(io.BytesIO(payload), weights_only=False)
-    except Exception as exc:  # a file from before checksums, torn: torch.load is the check
-        raise CheckpointError(f"{p}: torn or corrupted checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or not {"policy", "history_offset", "now"} <= set(state):
         raise CheckpointError(f"{p}: not a simulation checkpoint")
     return state
