@@ -228,3 +228,53 @@ def test_server_step_interpolates(fleet, eta):
     step = mask_fedavg(prev, models, masks, coeffs, num_prunable=npr, eta_g=eta)
     expected = (1 - eta) * prev.double() + eta * full.double()
     assert torch.allclose(step.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- blocked sums
+def _plain_loop(prev, models, masks, coeffs, npr):
+    """MaskFedAvg as the textbook loop: every model added whole, in turn, in float64 (the mass
+    of the dense models joins M once at the end, as documented)."""
+    w_acc, m_acc = torch.zeros(npr, dtype=torch.float64), torch.zeros(npr, dtype=torch.float64)
+    s_acc = torch.zeros(prev.numel() - npr, dtype=torch.float64)
+    dense = 0.0
+    for w, m, c in zip(models, masks, coeffs):
+        if m is None:
+            dense += c
+            w_acc += c * w[:npr].to(torch.float64)
+        else:
+            m_acc += c * m.to(torch.float64)
+            w_acc += c * (m.to(torch.float64) * w[:npr].to(torch.float64))
+        s_acc += c * w[npr:].to(torch.float64)
+    m_acc += dense
+    head = w_acc / m_acc
+    out = prev.to(torch.float64).clone()
+    take = (m_acc != 0) & (head != 0)
+    out[:npr][take] = head[take]
+    out[npr:] = s_acc / sum(coeffs)
+    return out.to(prev.dtype)
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 1 << 18])
+def test_blocked_sums_equal_the_plain_loop_bit_for_bit(monkeypatch, block):
+    """However the sum is cut into blocks, each weight gets its terms in model order."""
+    import prfl.aggregation as agg
+    from prfl.buffer import ClientBuffer
+
+    monkeypatch.setattr(agg, "BLOCK", block)
+    g = torch.Generator().manual_seed(4)
+    total, npr = 300, 290
+    models = [torch.randn(total, generator=g) * 10 ** float(i - 2) for i in range(5)]
+    masks = [None, torch.rand(npr, generator=g) < 0.3, torch.rand(npr, generator=g) < 0.7, None, torch.rand(npr, generator=g) < 0.5]
+    coeffs = [0.1, 0.37, 0.0, 2.5, 1 / 3]
+    prev = torch.randn(total, generator=g)
+    want = _plain_loop(prev, models, masks, coeffs, npr)
+    assert torch.equal(mask_fedavg(prev, models, masks, coeffs, npr), want)
+    live = [(m, c) for m, c in zip(models, coeffs) if c]
+    plain = sum((c * m.to(torch.float64) for m, c in live), torch.zeros(total, dtype=torch.float64))
+    assert torch.equal(weighted_average(models, coeffs), (plain / sum(coeffs)).to(torch.float32))
+    # the buffer's dense storage sums block by block too, and agrees with mask_fedavg exactly
+    buf = ClientBuffer(len(models), total, npr, storage="dense")
+    for i, (w, m) in enumerate(zip(models, masks)):
+        buf.put(i, w if m is None else torch.cat([w[:npr] * m, w[npr:]]), m, 1, 0)
+    ones = [1.0] * len(models)
+    assert torch.equal(buf.aggregate(prev, 0, kind="const"), mask_fedavg(prev, models, masks, ones, npr))

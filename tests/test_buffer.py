@@ -463,6 +463,23 @@ def test_file_backed_prefix_buffer_matches_memory_and_reuses_its_file(tmp_path):
         ClientBuffer(2, total, npr, storage="sparse", path=tmp_path)
 
 
+
+@pytest.mark.parametrize("block", [3, 256])  # blocks inside a page: releases widened to whole pages
+def test_prefix_sums_do_not_depend_on_the_block_size(monkeypatch, tmp_path, block):
+    """Rank-space sums run block by block, handing file pages back per block; the result is the
+    one of a single block, bit for bit, in memory and from the file."""
+    import prfl.aggregation as agg
+
+    total, npr = 5100, 5000
+    fleet = prefix_fleet(total, npr)
+    prev = torch.randn(total, generator=torch.Generator().manual_seed(8))
+    mem, disk = prefix_buffer(fleet, total, npr), prefix_buffer(fleet, total, npr, path=tmp_path)
+    want = (mem.aggregate(prev, 12, eta_g=0.5), mem.plain_average())
+    monkeypatch.setattr(agg, "BLOCK", block)
+    for buf in (mem, disk):
+        assert torch.equal(buf.aggregate(prev, 12, eta_g=0.5), want[0])
+        assert torch.equal(buf.plain_average(), want[1])
+
 FILE_RSS = """
 import torch
 from prfl.allocator import release_free_heap, tune_allocator
@@ -487,9 +504,9 @@ for c in range(clients):
     buf.put(c, w, mask, 1, 0, order=order)
 peak_file = [0]
 release = buf._arena.release
-def watched(t):  # the file pages mapped in while the buffer is being read, slot after slot
+def watched(t, *span):  # the file pages mapped in while the buffer is being read, slot after slot
     peak_file[0] = max(peak_file[0], rss()[1])
-    release(t)
+    release(t, *span)
 buf._arena.release = watched
 new = buf.aggregate(torch.zeros(total), 1)
 assert float(new[order[0]]) == 1.0 and float(new[order[-1]]) == 0.0

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prfl.aggregation import ACCUMULATE_DTYPE, mask_fedavg, staleness_weight, weighted_average
+from prfl.aggregation import ACCUMULATE_DTYPE, blocks, mask_fedavg, staleness_weight, weighted_average
 from prfl.distribution import PackedIndex
 from prfl.robust import check_method, clip_updates, coordinate_median, holders, trimmed_mean
 
@@ -91,11 +91,20 @@ class SlotArena:
         mapping.madvise(mmap.MADV_DONTNEED)  # written through to the page cache
         return out
 
-    def release(self, t: torch.Tensor) -> None:
-        """Hand the pages of a stored tensor back to the kernel (they are read again on next use)."""
+    def release(self, t: torch.Tensor, start: int = 0, stop: int | None = None) -> None:
+        """Hand the pages of a stored tensor (of its elements ``start:stop``, widened to whole
+        pages) back to the kernel; they are read again on next use."""
         entry = self._maps.get(t.data_ptr())
-        if entry is not None:
+        if entry is None:
+            return
+        if start == 0 and stop is None:
             entry[0].madvise(mmap.MADV_DONTNEED)
+            return
+        page, length = mmap.PAGESIZE, entry[2]
+        lo = start * _DTYPE.itemsize // page * page
+        hi = length if stop is None else min(length, -(-stop * _DTYPE.itemsize // page) * page)
+        if hi > lo:
+            entry[0].madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def free(self, t: torch.Tensor) -> None:
         """Forget a stored tensor; its region is reused. Do not use ``t`` afterwards."""
@@ -469,9 +478,16 @@ class ClientBuffer:
     def _weighted_sum(self, coeffs: dict[int, float], dtype: torch.dtype) -> torch.Tensor:
         """sum_i c_i W_i over the slots in ``coeffs``, accumulated in ``dtype``."""
         acc = torch.zeros(self.total, dtype=dtype)
-        scratch = torch.empty(self.total, dtype=_DTYPE) if self.storage == "sparse" else None
-        groups: dict[int, list[tuple[float, _Slot]]] = {}  # prefix storage: slots by ranking, summed in rank space
         npr = self.num_prunable
+        if self.storage == "sparse":
+            scratch = torch.empty(self.total, dtype=_DTYPE)
+            for c, coef in coeffs.items():
+                if coef != 0.0:
+                    slot = self._slots[c]
+                    acc.add_(slot.values if slot.index is None else self._densify_into(slot, scratch), alpha=coef)
+            return acc
+        dense: list[tuple[float, torch.Tensor]] = []
+        groups: dict[int, list[tuple[float, _Slot]]] = {}  # prefix storage: slots by ranking, summed in rank space
         for c, coef in coeffs.items():
             if coef == 0.0:
                 continue
@@ -479,16 +495,31 @@ class ClientBuffer:
             if slot.order_key is not None:
                 groups.setdefault(slot.order_key, []).append((coef, slot))
                 acc[npr:].add_(slot.values[slot.count :], alpha=coef)
-            elif slot.index is None:
-                acc.add_(slot.values, alpha=coef)
             else:
-                assert scratch is not None
-                acc.add_(self._densify_into(slot, scratch), alpha=coef)
-                if self._arena is not None:
-                    self._arena.release(slot.values)
+                dense.append((coef, slot.values))
+        self._add_blocked(acc, dense)
         for key, members in groups.items():
             self._add_prefix_group(self._orders[key], members, acc[:npr], None, dtype, self._arena)
         return acc
+
+    def _add_blocked(self, acc: torch.Tensor, terms: list[tuple[float, torch.Tensor]],
+                     m_acc: torch.Tensor | None = None, masks: list[torch.Tensor | None] | None = None) -> None:
+        """acc[:n] += c_i v_i[:n] (and m_acc += c_i m_i for the given masks) block by block
+        (prfl.aggregation.blocks: the per-weight order of the plain loop); file-backed values
+        are handed back to the kernel block by block."""
+        if not terms:
+            return
+        n = acc.numel()
+        scratch = torch.empty(min(n, blocks(n)[0][1]), dtype=acc.dtype) if m_acc is not None else None
+        for a, b in blocks(n):
+            part = acc[a:b]
+            for i, (coef, v) in enumerate(terms):
+                if m_acc is not None and masks is not None and masks[i] is not None:
+                    assert scratch is not None
+                    m_acc[a:b].add_(scratch[: b - a].copy_(masks[i][a:b]), alpha=coef)
+                part.add_(v[a:b], alpha=coef)
+                if self._arena is not None:
+                    self._arena.release(v, a, b)
 
     def _mask_fedavg(
         self, prev: torch.Tensor, coeffs: dict[int, float], total_c: float, eta_g: float, dtype: torch.dtype
@@ -499,9 +530,11 @@ class ClientBuffer:
         w_acc = torch.zeros(npr, dtype=dtype)
         m_acc = torch.zeros(npr, dtype=dtype)
         s_acc = torch.zeros(self.total - npr, dtype=dtype)
-        buf = torch.empty(npr, dtype=dtype)  # m_i, then W_i ⊙ m_i (reused across clients)
         dense_total = 0.0  # coefficient mass of dense clients, added to m_acc once at the end
         groups: dict[int, list[tuple[float, _Slot]]] = {}  # prefix storage: slots by ranking
+        terms: list[tuple[float, torch.Tensor]] = []  # dense storage: W_i ⊙ m_i, summed block by block
+        masks: list[torch.Tensor | None] = []
+        buf = torch.empty(npr, dtype=dtype) if self.storage == "sparse" else None  # m_i, then W_i ⊙ m_i
         for c, coef in coeffs.items():
             if coef == 0.0:
                 continue
@@ -510,23 +543,22 @@ class ClientBuffer:
                 groups.setdefault(slot.order_key, []).append((coef, slot))
                 s_acc.add_(slot.values[slot.count :], alpha=coef)
                 continue
-            if slot.index is not None:  # sparse storage, masked client: scatter its kept values
+            if slot.mask is None and slot.index is None:
+                dense_total += coef
+            if buf is None:  # the slot holds W ⊙ m (see _make_slot)
+                terms.append((coef, slot.values[:npr]))
+                masks.append(slot.mask)
+            elif slot.index is not None:  # sparse storage, masked client: scatter its kept values
                 mask = slot.index.to_mask()
                 cnt = slot.index.count
                 m_acc.add_(buf.copy_(mask), alpha=coef)
                 w_acc.add_(buf.zero_().masked_scatter_(mask, slot.values[:cnt].to(dtype)), alpha=coef)
                 s_acc.add_(slot.values[cnt:], alpha=coef)
                 continue
-            w = slot.values
-            if slot.mask is None:
-                w_acc.add_(w[:npr], alpha=coef)
-                dense_total += coef
-            else:  # the slot already holds W ⊙ m (see _make_slot)
-                m_acc.add_(slot.mask, alpha=coef)
-                w_acc.add_(w[:npr], alpha=coef)
-            s_acc.add_(w[npr:], alpha=coef)
-            if self._arena is not None:
-                self._arena.release(w)
+            else:
+                w_acc.add_(slot.values[:npr], alpha=coef)
+            s_acc.add_(slot.values[npr:], alpha=coef)
+        self._add_blocked(w_acc, terms, m_acc, masks)
         for key, members in groups.items():
             self._add_prefix_group(self._orders[key], members, w_acc, m_acc, dtype, self._arena)
         if dense_total:
@@ -554,12 +586,19 @@ class ClientBuffer:
         acc = torch.zeros(top, dtype=dtype)
         steps = torch.zeros(top + 1, dtype=dtype)  # M in rank space: + c_i at rank 0, - c_i at rank count_i
         for coef, slot in members:
-            k = slot.count
-            acc[:k].add_(slot.values[:k], alpha=coef)
             steps[0] += coef
-            steps[k] -= coef
-            if arena is not None:
-                arena.release(slot.values)
+            steps[slot.count] -= coef
+        for a, b in blocks(top):  # block by block (prfl.aggregation.blocks), each rank in member order
+            part = acc[a:b]
+            for coef, slot in members:
+                e = min(slot.count, b)
+                if e > a:
+                    part[: e - a].add_(slot.values[a:e], alpha=coef)
+                    if arena is not None:
+                        arena.release(slot.values, a, e)
+        if arena is not None:
+            for _, slot in members:
+                arena.release(slot.values)  # the suffix too
         positions = order[:top]
         w_acc.index_add_(0, positions, acc)
         if m_acc is not None:
