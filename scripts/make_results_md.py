@@ -140,7 +140,9 @@ def runs_section(path: Path, results: Path, baseline: str,
                 if extra:
                     sub = sub + extra
                     borrowed.append(method)
-        lines.append(f"### {scenario}\n")
+        # a second run set (ablations) names its directory, so its tables are not mistaken for the main ones
+        label = "" if reference is None else f" ({path.parent.name})"
+        lines.append(f"### {scenario}{label}\n")
         note = f" Rows of {', '.join(borrowed)} are the same seeds' runs from `{reference[0]}`." if borrowed else ""
         lines.append(f"From `{rel.as_posix()}`: {len(sub)} runs, seeds {', '.join(map(str, seeds))}. "
                      f"Times are virtual seconds (mean ± sd over seeds).{note}\n")
