@@ -7,7 +7,7 @@ and, by construction, the same history; the script checks the histories agree).
 
 Usage: .venv/bin/python benchmarks/bench_simulator.py [--rounds 200] [--policy fedasync]
        [--executors inline process ray]
-Writes benchmarks/results/simulator.json.
+Writes benchmarks/results/simulator.json (FedAsync) or simulator_<policy>.json, or ``--out``.
 """
 
 from __future__ import annotations
@@ -54,7 +54,10 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--executors", nargs="+", default=["inline", "process", "ray"], choices=["inline", "process", "ray"])
+    ap.add_argument("--out", type=Path, default=None,
+                    help="result file (default: results/simulator.json for fedasync, simulator_<policy>.json otherwise)")
     args = ap.parse_args()
+    out_path = args.out or RESULTS / ("simulator.json" if args.policy == "fedasync" else f"simulator_{args.policy}.json")
 
     overrides = [
         f"data.dataset={args.dataset}", f"model.name={args.model}", f"policy.name={args.policy}",
@@ -102,8 +105,8 @@ def main() -> int:
         "goal_overhead": 1.10,
         "notes": "wall includes starting the executor (worker processes / Ray actors that load the data)",
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "simulator.json").write_text(json.dumps(out, indent=2))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(out, indent=2))
     print(f"inline overhead (median wall/train): {out['inline_overhead_median']:.3f}  (goal <= 1.10)")
     for kind, value in out["speedup_median"].items():
         print(f"{kind} speed-up on {args.workers} workers (median): {value:.2f}x")

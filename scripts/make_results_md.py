@@ -203,7 +203,9 @@ def masked_training_section(d: dict[str, Any], name: str) -> list[str]:
 
 
 def simulator_section(d: dict[str, Any], name: str) -> list[str]:
-    lines = _section_head("Simulator overhead and parallel speed-ups", d, name)
+    policy = _get(d, "workload", "policy")
+    title = "Simulator overhead and parallel speed-ups" + (f": {policy}" if isinstance(policy, str) else "")
+    lines = _section_head(title, d, name)
     rows = [
         ["inline overhead (wall / training, median)", _num(d.get("inline_overhead_median")),
          f"<= {_num(d.get('goal_overhead'), '.2f')}" if d.get("goal_overhead") is not None else "-"],
@@ -345,7 +347,7 @@ def render(results: Path, baseline: str = "fedasync") -> str:
         name = f"{rel_root}/{p.name}"
         if p.name == "masked_training.json":
             lines += masked_training_section(d, name)
-        elif p.name == "simulator.json":
+        elif p.name.startswith("simulator"):  # simulator.json (FedAsync), simulator_<policy>.json
             lines += simulator_section(d, name)
         elif p.name == "flower_sim.json":
             lines += flower_section(d, name)
