@@ -164,7 +164,7 @@ class ClientBuffer:
         self.storage = storage
         self.path = None if path is None else os.fspath(path)
         self._slots: dict[int, _Slot] = {}
-        self._orders: dict[int, torch.Tensor] = {}  # prefix storage: ranking key -> order (int64, N)
+        self._orders: dict[int, torch.Tensor] = {}  # prefix storage: ranking key -> order (int64 or int32, <= N)
         self._rows: torch.Tensor | None = None
         self._arena: SlotArena | None = None
         self._order_alias: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}  # id(order) -> key
@@ -231,8 +231,8 @@ class ClientBuffer:
             if order is None:
                 raise ValueError(f"client {client}: prefix storage needs the ranking order the mask is a prefix of")
             count = int(mask.sum())
-            if order.dtype != torch.int64 or order.dim() != 1 or not count <= order.numel() <= npr:
-                raise ValueError(f"client {client}: order must be an int64 ranking (or a prefix of one at least "
+            if order.dtype not in (torch.int64, torch.int32) or order.dim() != 1 or not count <= order.numel() <= npr:
+                raise ValueError(f"client {client}: order must be an int64 or int32 ranking (or a prefix of one at least "
                                  f"{count} long) of the {npr} prunable weights, got {order.dtype} {tuple(order.shape)}")
             head = order[:count]
             if count and not bool(mask[head].all()):
@@ -268,16 +268,18 @@ class ClientBuffer:
         return key
 
     def compact_orders(self) -> int:
-        """Cut every held ranking to the longest prefix its slots use (a copy, so the full ranking
-        can be freed by its owner). Returns the bytes the held rankings take afterwards."""
+        """Cut every held ranking to the longest prefix its slots use, as an int32 copy where the
+        positions fit (half the bytes; the full ranking can be freed by its owner). Call it when
+        the held rankings are old (PR-FL: right after a new ranking is built). Returns the bytes
+        the held rankings take afterwards."""
         caps: dict[int, int] = {}
         for slot in self._slots.values():
             if slot.order_key is not None:
                 caps[slot.order_key] = max(caps.get(slot.order_key, 0), slot.count)
         for key, held in list(self._orders.items()):
             cap = caps.get(key, 0)
-            if cap < held.numel():
-                self._orders[key] = held[:cap].clone()
+            if cap < held.numel() or held.dtype != order_dtype(self.num_prunable):
+                self._orders[key] = held[:cap].to(order_dtype(self.num_prunable), copy=True)
         self._order_alias = {}
         return sum(o.numel() * o.element_size() for o in self._orders.values())
 
@@ -721,6 +723,11 @@ class ClientBuffer:
         if slot.index is None:
             return slot.values, slot.mask
         return self._densify_into(slot, torch.empty(self.total, dtype=_DTYPE)), slot.index.to_mask()
+
+
+def order_dtype(n: int) -> torch.dtype:
+    """The smallest index dtype for positions in ``range(n)``: how old rankings are held."""
+    return torch.int32 if n <= torch.iinfo(torch.int32).max else torch.int64
 
 
 def _prefix_mask(order: torch.Tensor, count: int, n: int) -> torch.Tensor:

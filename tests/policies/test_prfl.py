@@ -267,6 +267,8 @@ def test_old_rankings_are_cut_to_the_prefixes_in_use(tmp_path):
         held = pol.task_orders[2]
         assert held is not first and torch.equal(held, first[:1])  # client 2 keeps 1 of 4 weights
         assert [o.numel() for o in pol.buffer._orders.values()] == [2]  # client 1's slot: 2 ranks
+        # old rankings are held as int32 copies (half the bytes of the int64 ranking)
+        assert held.dtype == torch.int32 and all(o.dtype == torch.int32 for o in pol.buffer._orders.values())
         w2 = torch.zeros(6)
         w2[first[0]] = 9.0
         w2[4:] = 3.0

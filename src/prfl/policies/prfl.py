@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 
 from prfl.aggregation import mask_fedavg, staleness_weight, weighted_average
-from prfl.buffer import ClientBuffer
+from prfl.buffer import ClientBuffer, order_dtype
 from prfl.client.result import TaskResult
 from prfl.distribution import PieceId, Publisher, ResidualSplit, dense_model_bytes, sparse_model_bytes
 from prfl.policies.base import (
@@ -419,7 +419,9 @@ class PRFL(FleetPolicy):
                 counts[id(mask)] = int(mask.sum())
             held = need.get(id(order))
             need[id(order)] = (order, max(counts[id(mask)], held[1] if held else 0))
-        short = {i: order[:cap].clone() for i, (order, cap) in need.items() if cap < order.numel()}
+        small = order_dtype(self.num_prunable)  # old rankings are kept as int32 copies of their used prefix
+        short = {i: order[:cap].to(small, copy=True) for i, (order, cap) in need.items()
+                 if cap < order.numel() or order.dtype != small}
         for tid, order in list(self.task_orders.items()):
             if id(order) in short:
                 self.task_orders[tid] = short[id(order)]
