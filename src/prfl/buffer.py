@@ -499,29 +499,10 @@ class ClientBuffer:
                 acc[npr:].add_(slot.values[slot.count :], alpha=coef)
             else:
                 dense.append((coef, slot.values))
-        self._add_blocked(acc, dense)
+        _blocked_add(acc, dense, self._arena)
         for key, members in groups.items():
             self._add_prefix_group(self._orders[key], members, acc[:npr], None, dtype, self._arena)
         return acc
-
-    def _add_blocked(self, acc: torch.Tensor, terms: list[tuple[float, torch.Tensor]],
-                     m_acc: torch.Tensor | None = None, masks: list[torch.Tensor | None] | None = None) -> None:
-        """acc[:n] += c_i v_i[:n] (and m_acc += c_i m_i for the given masks) block by block
-        (prfl.aggregation.blocks: the per-weight order of the plain loop); file-backed values
-        are handed back to the kernel block by block."""
-        if not terms:
-            return
-        n = acc.numel()
-        scratch = torch.empty(min(n, blocks(n)[0][1]), dtype=acc.dtype) if m_acc is not None else None
-        for a, b in blocks(n):
-            part = acc[a:b]
-            for i, (coef, v) in enumerate(terms):
-                if m_acc is not None and masks is not None and masks[i] is not None:
-                    assert scratch is not None
-                    m_acc[a:b].add_(scratch[: b - a].copy_(masks[i][a:b]), alpha=coef)
-                part.add_(v[a:b], alpha=coef)
-                if self._arena is not None:
-                    self._arena.release(v, a, b)
 
     def _mask_fedavg(
         self, prev: torch.Tensor, coeffs: dict[int, float], total_c: float, eta_g: float, dtype: torch.dtype
@@ -560,7 +541,7 @@ class ClientBuffer:
             else:
                 w_acc.add_(slot.values[:npr], alpha=coef)
             s_acc.add_(slot.values[npr:], alpha=coef)
-        self._add_blocked(w_acc, terms, m_acc, masks)
+        _blocked_add(w_acc, terms, self._arena, m_acc, masks)
         for key, members in groups.items():
             self._add_prefix_group(self._orders[key], members, w_acc, m_acc, dtype, self._arena)
         if dense_total:
@@ -590,14 +571,7 @@ class ClientBuffer:
         for coef, slot in members:
             steps[0] += coef
             steps[slot.count] -= coef
-        for a, b in blocks(top):  # block by block (prfl.aggregation.blocks), each rank in member order
-            part = acc[a:b]
-            for coef, slot in members:
-                e = min(slot.count, b)
-                if e > a:
-                    part[: e - a].add_(slot.values[a:e], alpha=coef)
-                    if arena is not None:
-                        arena.release(slot.values, a, e)
+        _blocked_add(acc, [(coef, slot.values[: slot.count]) for coef, slot in members], arena)
         if arena is not None:
             for _, slot in members:
                 arena.release(slot.values)  # the suffix too
@@ -723,6 +697,31 @@ class ClientBuffer:
         if slot.index is None:
             return slot.values, slot.mask
         return self._densify_into(slot, torch.empty(self.total, dtype=_DTYPE)), slot.index.to_mask()
+
+
+def _blocked_add(acc: torch.Tensor, terms: list[tuple[float, torch.Tensor]], arena: SlotArena | None = None,
+                 m_acc: torch.Tensor | None = None, masks: list[torch.Tensor | None] | None = None) -> None:
+    """acc[:len(v_i)] += c_i v_i (and m_acc += c_i m_i where ``masks`` has a mask) block by block
+    (prfl.aggregation.blocks), each weight taking its terms in order, as the plain loop would; a
+    term may be shorter than ``acc`` (a prefix in rank space). File-backed values are handed back
+    to the kernel block by block, so reading the buffer never maps it all in."""
+    if not terms:
+        return
+    n = acc.numel()
+    spans = blocks(n)
+    scratch = torch.empty(spans[0][1], dtype=acc.dtype) if m_acc is not None else None
+    for a, b in spans:
+        part = acc[a:b]
+        for i, (coef, v) in enumerate(terms):
+            e = min(v.numel(), b)
+            if e <= a:
+                continue
+            if scratch is not None and masks is not None and masks[i] is not None:
+                assert m_acc is not None
+                m_acc[a:e].add_(scratch[: e - a].copy_(masks[i][a:e]), alpha=coef)
+            part[: e - a].add_(v[a:e], alpha=coef)
+            if arena is not None:
+                arena.release(v, a, e)
 
 
 def order_dtype(n: int) -> torch.dtype:
