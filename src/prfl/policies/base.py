@@ -112,6 +112,8 @@ class TaskSpec:
     ``upload_bytes`` are what the client's links carry; ``server_egress_bytes`` is what the
     server's uplink must push for this dispatch (less than ``download_bytes`` when pieces are
     shared between clients). ``pieces`` names residual pieces the client needs, if any.
+    ``upload_index_bytes`` and ``upload_importance_bytes`` say how much of ``upload_bytes`` is
+    positions and importance scores; the rest is weight values.
     """
 
     task_id: int
@@ -127,6 +129,8 @@ class TaskSpec:
     width: float = 1.0
     want_importance: bool = False
     importance_dtype: str = "float32"  # precision the importance scores are uploaded in
+    upload_index_bytes: int = 0  # part of upload_bytes that is positions
+    upload_importance_bytes: int = 0  # part of upload_bytes that is importance scores
 
 
 @dataclass(frozen=True)
