@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from prfl.aggregation import mask_fedavg, weighted_average
+from prfl.checkpoint import Streamed, dumps, loads
 from prfl.buffer import BufferEntry, ClientBuffer
 
 T = torch.tensor
@@ -257,13 +258,18 @@ def test_file_backed_buffer_matches_memory(tmp_path):
 
 
 # --------------------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("through_file", [False, True])
 @pytest.mark.parametrize("target", ["dense", "sparse"])
-def test_state_dict_round_trip(storage, target):
+def test_state_dict_round_trip(storage, target, through_file):
     total, npr = 400, 350
     src = ClientBuffer(8, total, npr, storage=storage)
     fill(src, SPECS)
     state = src.state_dict()
-    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    values = {k: v for k, v in state.items() if k.endswith(".values")}
+    assert values and all(isinstance(v, Streamed) for v in values.values())  # read by the writer, one at a time
+    assert all(isinstance(v, torch.Tensor) for k, v in state.items() if k not in values)
+    if through_file:
+        state = loads(dumps(state))
     dst = ClientBuffer(8, total, npr, storage=target)
     dst.put(1, torch.ones(total), None, 3, 0)  # replaced by the load
     dst.load_state_dict(state)
@@ -277,14 +283,17 @@ def test_state_dict_round_trip(storage, target):
     assert torch.equal(src.aggregate(prev, 12), dst.aggregate(prev, 12))
 
 
-def test_state_dict_through_safetensors(tmp_path):
-    from safetensors.torch import load_file, save_file
+def test_state_dict_through_a_checkpoint_file_is_safetensors(tmp_path):
+    from safetensors import safe_open
 
     src = ClientBuffer(8, 300, 250, storage="sparse")
     fill(src, SPECS)
-    save_file(src.state_dict(), str(tmp_path / "buf.safetensors"))
+    path = tmp_path / "buf.safetensors"
+    path.write_bytes(dumps({"buffer": src.state_dict()}))
+    with safe_open(str(path), "pt") as f:  # a valid safetensors file, whatever else it holds
+        assert f.metadata()["format"] == "prfl-checkpoint" and len(list(f.keys())) > 8
     dst = ClientBuffer(8, 300, 250, storage="sparse")
-    dst.load_state_dict(load_file(str(tmp_path / "buf.safetensors")))
+    dst.load_state_dict(loads(path.read_bytes())["buffer"])
     assert torch.equal(src.plain_average(), dst.plain_average())
 
 

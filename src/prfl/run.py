@@ -29,7 +29,8 @@ from prfl.policies import build_policy
 from prfl.policies.base import Policy, PolicyContext
 from prfl.report.plots import plot_accuracy
 from prfl.sim.devices import Fleet, load_fleet, make_fleet
-from prfl.sim.engine import CHECKPOINT, PREVIOUS_CHECKPOINT, CheckpointError, SimSettings, Simulation, load_checkpoint
+from prfl.checkpoint import CHECKPOINT, PREVIOUS_CHECKPOINT, CheckpointError, load_checkpoint
+from prfl.sim.engine import SimSettings, Simulation
 from prfl.sim.executors import WorkerSpec, make_executor
 from prfl.sim.history import HistoryWriter, read_history
 
@@ -304,7 +305,9 @@ def resume_run(run_dir: str | Path, on_progress: Callable[[dict[str, Any]], None
     executor = _executor(sc)
     try:
         sim = make_simulation(sc, make_policy(sc, cfg.policy), out, history, executor, on_progress)
-        summary = sim.run(resume_state=state)
+        sim.resume(state)
+        del state  # what the run needs now lives in the simulation
+        summary = sim.run()
     finally:
         executor.close()
         history.close()

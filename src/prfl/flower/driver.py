@@ -55,7 +55,7 @@ from prfl.policies.base import (
     TimerFired,
 )
 from prfl.seeding import int_seed
-from prfl.sim.engine import write_checkpoint
+from prfl.checkpoint import write_checkpoint
 from prfl.sim.history import HistoryWriter
 
 log = logging.getLogger(__name__)

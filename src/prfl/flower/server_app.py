@@ -25,7 +25,7 @@ from prfl.config import ConfigError, save_config
 from prfl.flower.driver import FlowerDriver
 from prfl.flower.settings import app_settings
 from prfl.run import build_scenario, make_policy
-from prfl.sim.engine import CHECKPOINT, PREVIOUS_CHECKPOINT, CheckpointError, load_checkpoint
+from prfl.checkpoint import CHECKPOINT, PREVIOUS_CHECKPOINT, CheckpointError, load_checkpoint
 from prfl.sim.history import HistoryWriter
 
 log = logging.getLogger(__name__)

@@ -7,22 +7,22 @@ All draws are seeded by address, so a run's history is fixed by its seed, whatev
 trains and however loaded the host is (unless compute time is taken from measurements).
 
 Checkpoints and exact resume. With a checkpoint directory the driver saves its whole state
-(event queue, links, in-flight tasks with their trained outputs, the policy, counters and the
-byte offset of the history file) every ``checkpoint_every_rounds`` server rounds, once the
-event that made the round has been handled completely (the evaluations it requested
-included), so a run resumed from any checkpoint replays exactly what the uninterrupted run did.
-``checkpoint.pt`` is written atomically: to a temporary file with a trailer (magic, payload
-length, SHA-256 of the payload), fsynced, then renamed over the previous checkpoint, which is
-kept as ``checkpoint.prev.pt``. :func:`load_checkpoint` verifies the trailer (a torn or
-corrupted file fails it) and falls back to the previous checkpoint; the caller cuts the history
+(event queue, links, in-flight tasks, the policy, counters and the byte offset of the history
+file) every ``checkpoint_every_rounds`` server rounds, once the event that made the round has
+been handled completely (the evaluations it requested included), so a run resumed from any
+checkpoint replays exactly what the uninterrupted run did. An in-flight task is saved as the
+job it is (its start values, one copy per model version and mask, fetched from wherever the
+executor keeps them: memory or its spill files) and trained again after a resume, which gives
+the same output since a job carries everything that decides it; a task whose job is no longer
+at hand (already trained) is saved with its output. The file format is :mod:`prfl.checkpoint`
+(safetensors and JSON, written atomically with a checksum trailer, ``checkpoint.prev.pt`` kept);
+:func:`load_checkpoint` falls back to the previous checkpoint, and the caller cuts the history
 back to the offset of the checkpoint it got.
 """
 
 from __future__ import annotations
 
-import hashlib
 import heapq
-import io
 import logging
 import math
 import os
@@ -36,6 +36,16 @@ import numpy as np
 import torch
 
 from prfl.allocator import release_free_heap, tune_allocator
+from prfl.checkpoint import (  # noqa: F401  (the checkpoint names, as this module has always exported them)
+    CHECKPOINT,
+    PREVIOUS_CHECKPOINT,
+    CheckpointError,
+    Streamed,
+    load_checkpoint,
+    materialize,
+    read_checkpoint,
+    write_checkpoint,
+)
 from prfl.client.result import TaskResult
 from prfl.client.trainer import TrainConfig, TrainOutput
 from prfl.policies.base import (
@@ -56,21 +66,14 @@ from prfl.policies.base import (
 )
 from prfl.seeding import int_seed
 from prfl.sim.devices import Fleet, TaskSpeeds, draw_server_speeds, draw_task_speeds
-from prfl.sim.executors import Executor, TrainJob
+from prfl.sim.executors import Executor, TrainJob, job_source
 from prfl.sim.history import HistoryWriter
 from prfl.sim.links import SharedLink
 
 log = logging.getLogger(__name__)
 
 _NO_WEIGHTS = torch.empty(0)  # what an in-flight task record holds in place of its start weights
-CHECKPOINT = "checkpoint.pt"
-PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
-_TRAILER_MAGIC = b"PRFLCKP1"
-_TRAILER_SIZE = len(_TRAILER_MAGIC) + 8 + 32  # magic, payload length (little endian), SHA-256
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, torn or not a simulation checkpoint; the message names the file."""
+STATE_FORMAT = 2  # the layout of Simulation.state_dict
 
 
 Evaluator = Callable[[torch.Tensor], tuple[float, float]]  # weights -> (loss, accuracy)
@@ -188,6 +191,7 @@ class Simulation:
         self._last_ckpt_version = 0
         self._checkpoint_due = False
         self._events_handled = 0
+        self._resumed = False
 
     # ------------------------------------------------------------------ scheduling
     def _push(self, t: float, kind: str, payload: Any = None) -> int:
@@ -208,10 +212,20 @@ class Simulation:
         self.downlink.set_capacity(down, self.now)
 
     # ------------------------------------------------------------------ running
+    def resume(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint's state (from :func:`~prfl.checkpoint.load_checkpoint`); the next
+        :meth:`run` continues from it. The state is not kept: dropping it afterwards frees it."""
+        self._restore(state)
+        self._resumed = True
+
     def run(self, resume_state: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Run until the policy stops, time runs out, or nothing can happen any more."""
+        """Run until the policy stops, time runs out, or nothing can happen any more
+        (continuing from ``resume_state``, or from what :meth:`resume` restored)."""
         wall0 = time.perf_counter()
-        if resume_state is None:
+        if resume_state is not None:
+            self.resume(resume_state)
+            del resume_state
+        if not self._resumed:
             self.history.write("start", time=0.0, round=0, clients=self.policy.ctx.num_clients, policy=self.policy.name)
             if self.availability is not None:
                 for c in range(len(self.online)):
@@ -222,8 +236,6 @@ class Simulation:
             self._set_server_capacity()
             self._evaluate(force=True)
             self._deliver(Start(now=0.0))  # dispatches to offline clients fail at once
-        else:
-            self._restore(resume_state)
         try:
             while self.stopped is None:
                 if not self._step():
@@ -297,16 +309,7 @@ class Simulation:
             self._push(self.now, "failed", (c, spec.task_id, "offline"))
             return
         speeds = draw_task_speeds(self.fleet, c, spec.task_id, self.seed)
-        job = TrainJob(
-            task_id=spec.task_id,
-            client=c,
-            weights=spec.weights,
-            indices=self.client_indices[c],
-            seed=int_seed(self.seed, "train", c, spec.task_id),
-            mask=spec.mask,
-            want_importance=spec.want_importance,
-            width=spec.width,
-        )
+        job = self._job(spec, spec.weights)
         egress = spec.download_bytes
         if spec.server_egress_bytes is not None:
             egress = min(spec.server_egress_bytes, spec.download_bytes)
@@ -330,6 +333,20 @@ class Simulation:
         # published for this model version are served from the publication point at the
         # client's own speed (see prfl.distribution).
         self.uplink.start(spec.task_id, egress, cap, self.now)
+
+    def _job(self, spec: TaskSpec, weights: torch.Tensor, packed: bool = False) -> TrainJob:
+        """The training job of a task: everything that decides its output."""
+        return TrainJob(
+            task_id=spec.task_id,
+            client=spec.client,
+            weights=weights,
+            indices=self.client_indices[spec.client],
+            seed=int_seed(self.seed, "train", spec.client, spec.task_id),
+            mask=spec.mask,
+            want_importance=spec.want_importance,
+            width=spec.width,
+            packed=packed,
+        )
 
     def _output(self, fl: InFlight) -> TrainOutput:
         if fl.output is None:
@@ -549,21 +566,37 @@ class Simulation:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue this run exactly (in-flight training is resolved first)."""
+        """Everything needed to continue this run exactly.
+
+        An in-flight task whose job the executor still holds is saved as that job: its start
+        values are a :class:`~prfl.checkpoint.Streamed` read from where the executor keeps them
+        (one per model version and mask), and it is trained again after a resume. Otherwise
+        (an executor without job sources, or a task already trained) its output is saved,
+        trained first if need be."""
         inflight = {}
         for tid, fl in self.inflight.items():
-            out = self._output(fl)
-            inflight[tid] = {
+            entry: dict[str, Any] = {
                 "spec": fl.spec,
                 "speeds": fl.speeds,
                 "dispatched_at": fl.dispatched_at,
                 "stage": fl.stage,
                 "relay_bytes": fl.relay_bytes,
-                "output": out,
                 "compute_seconds": fl.compute_seconds,
             }
+            src = job_source(fl.future) if fl.output is None and fl.future is not None else None
+            if src is not None:
+                dense = not src.job.packed
+                entry["job"] = {
+                    "packed": src.job.packed,
+                    "start": Streamed(read=src.values, key=("job-start", src.key),
+                                      shape=(self.policy.weights.numel(),) if dense else None,
+                                      dtype=self.policy.weights.dtype if dense else None),
+                }
+            else:
+                entry["output"] = self._output(fl)
+            inflight[tid] = entry
         return {
-            "format": 1,
+            "format": STATE_FORMAT,
             "now": self.now,
             "seq": self._seq,
             "heap": list(self._heap),
@@ -603,9 +636,13 @@ class Simulation:
         self.history.write("checkpoint", time=self.now, round=self.policy.version)
         final = write_checkpoint(self.state_dict(), self.checkpoint_dir)
         self._last_ckpt_version = self.policy.version
+        release_free_heap()
         return final
 
     def _restore(self, state: dict[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"a simulation checkpoint of layout {state.get('format')!r}, this prfl reads "
+                                  f"layout {STATE_FORMAT}; start the run again with `prfl run`")
         self.now = state["now"]
         self._seq = state["seq"]
         self._heap = [tuple(e) for e in state["heap"]]  # type: ignore[misc]
@@ -628,157 +665,18 @@ class Simulation:
         self._last_ckpt_version = self.policy.version
         self._checkpoint_due = False
         self.inflight = {}
+        # Saved jobs go back to the executor, grouped by their start values: each is read from
+        # the checkpoint once, and the executor keeps one copy for the jobs that share it.
+        groups: dict[int, list[tuple[int, dict[str, Any]]]] = {}
         for tid, d in state["inflight"].items():
+            if "job" in d:
+                groups.setdefault(id(d["job"]["start"]), []).append((int(tid), d))
             self.inflight[int(tid)] = InFlight(
                 spec=d["spec"], speeds=d["speeds"], dispatched_at=d["dispatched_at"], stage=d["stage"],
-                relay_bytes=d["relay_bytes"],
-                output=d["output"], compute_seconds=d["compute_seconds"],
+                relay_bytes=d["relay_bytes"], output=d.get("output"), compute_seconds=d["compute_seconds"],
             )
-
-
-# ---------------------------------------------------------------------- checkpoint files
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platform dependent
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - platform dependent
-        pass
-    finally:
-        os.close(fd)
-
-
-_CHUNK = 1 << 22  # bytes read at a time when hashing a checkpoint
-
-
-def _sha256_of(fh: Any, size: int) -> bytes:
-    """SHA-256 of the first ``size`` bytes of an open binary file, read in bounded chunks."""
-    h = hashlib.sha256()
-    chunk = bytearray(min(_CHUNK, max(size, 1)))
-    view = memoryview(chunk)
-    fh.seek(0)
-    left = size
-    while left > 0:
-        got = fh.readinto(view[: min(left, len(chunk))])
-        if not got:
-            break
-        h.update(view[:got])
-        left -= got
-    return h.digest()
-
-
-class _Window(io.RawIOBase):
-    """The first ``size`` bytes of an open binary file, as a seekable file of its own (so
-    ``torch.load`` reads the payload in place, without a copy of the whole checkpoint)."""
-
-    def __init__(self, fh: Any, size: int) -> None:
-        super().__init__()
-        self._fh, self._size, self._pos = fh, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, b: Any) -> int:
-        n = max(0, min(len(b), self._size - self._pos))
-        if n == 0:
-            return 0
-        self._fh.seek(self._pos)
-        got = self._fh.readinto(memoryview(b)[:n]) or 0
-        self._pos += got
-        return got
-
-
-def write_checkpoint(state: dict[str, Any], directory: str | os.PathLike[str]) -> Path:
-    """Write ``state`` as ``directory/checkpoint.pt`` with a checksum trailer, atomically; the
-    checkpoint it replaces becomes ``checkpoint.prev.pt``. The payload is streamed to the file
-    and hashed from there, so writing holds no second copy of the state in memory."""
-    d = Path(directory)
-    final, prev = d / CHECKPOINT, d / PREVIOUS_CHECKPOINT
-    tmp = d / (CHECKPOINT + ".tmp")
-    with open(tmp, "w+b") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        size = fh.seek(0, io.SEEK_END)
-        digest = _sha256_of(fh, size)
-        fh.seek(size)
-        fh.write(_TRAILER_MAGIC + size.to_bytes(8, "little") + digest)
-        fh.flush()
-        os.fsync(fh.fileno())
-    if final.exists():
-        os.replace(final, prev)  # a kill right here leaves prev (and the complete tmp): resume uses prev
-    os.replace(tmp, final)
-    _fsync_dir(d)
-    return final
-
-
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load and verify one checkpoint file; raise :class:`CheckpointError` if it is torn,
-    corrupted or not a simulation checkpoint. (Checkpoints are pickles: load only your own.)
-    The file is hashed in chunks and loaded in place: no copy of it is held in memory."""
-    p = Path(path)
-    try:
-        with open(p, "rb") as fh:
-            total = fh.seek(0, io.SEEK_END)
-            size = total
-            if total >= _TRAILER_SIZE:
-                fh.seek(total - _TRAILER_SIZE)
-                trailer = fh.read(_TRAILER_SIZE)
-                if trailer.startswith(_TRAILER_MAGIC):
-                    size = int.from_bytes(trailer[len(_TRAILER_MAGIC) : len(_TRAILER_MAGIC) + 8], "little")
-                    if size != total - _TRAILER_SIZE:
-                        raise CheckpointError(
-                            f"{p}: torn checkpoint (payload of {total - _TRAILER_SIZE} bytes, trailer says {size})"
-                        )
-                    if _sha256_of(fh, size) != trailer[-32:]:
-                        raise CheckpointError(f"{p}: checksum mismatch; the checkpoint is corrupted")
-            try:
-                state = torch.load(_Window(fh, size), weights_only=False)
-            except Exception as exc:  # a file from before checksums, torn: torch.load is the check
-                raise CheckpointError(f"{p}: torn or corrupted checkpoint ({type(exc).__name__}: {exc})") from None
-    except OSError as exc:
-        raise CheckpointError(f"{p}: cannot be read ({exc})") from None
-    if not isinstance(state, dict) or not {"policy", "history_offset", "now"} <= set(state):
-        raise CheckpointError(f"{p}: not a simulation checkpoint")
-    return state
-
-
-def load_checkpoint(
-    directory: str | os.PathLike[str], history_size: int | None = None
-) -> tuple[dict[str, Any], Path]:
-    """The newest usable checkpoint of a run directory: ``checkpoint.pt``, else (torn, missing, or
-    ahead of a history of ``history_size`` bytes) ``checkpoint.prev.pt``. Returns (state, path)."""
-    d = Path(directory)
-    problems: list[str] = []
-    for path in (d / CHECKPOINT, d / PREVIOUS_CHECKPOINT):
-        if not path.is_file():
-            continue
-        try:
-            state = read_checkpoint(path)
-        except CheckpointError as exc:
-            problems.append(str(exc))
-            log.warning("%s; trying the previous checkpoint", exc)
-            continue
-        offset = int(state["history_offset"])
-        if history_size is not None and offset > history_size:
-            problems.append(f"{path}: expects {offset} bytes of history.jsonl, which holds {history_size}")
-            log.warning("%s", problems[-1])
-            continue
-        if problems:
-            log.warning("resuming from %s", path)
-        return state, path
-    detail = "; ".join(problems) if problems else f"no {CHECKPOINT} or {PREVIOUS_CHECKPOINT}"
-    raise CheckpointError(f"{d} has no usable checkpoint ({detail}); start the run again with `prfl run`")
+        for members in groups.values():
+            start = materialize(members[0][1]["job"]["start"])
+            for tid, d in members:
+                self.inflight[tid].future = self.executor.submit(self._job(d["spec"], start, bool(d["job"]["packed"])))
+            del start

@@ -8,9 +8,13 @@ Workers build their own model and data once, from a picklable :class:`WorkerSpec
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import multiprocessing as mp
 import os
+import shutil
+import tempfile
 import weakref
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +78,84 @@ class TrainJob:
         out[:npr].masked_scatter_(self.mask, self.weights[:count])
         out[npr:] = self.weights[count:]
         return out
+
+
+@dataclass(frozen=True)
+class JobSource:
+    """A submitted job as a checkpoint stores it in place of its output: ``job`` without its
+    start values, and ``values()``, which fetches them (packed, values at the mask then the
+    suffix, when ``job.packed``). Jobs with equal ``key`` start from equal values. Executors
+    attach one to the futures they return, as ``future.job_source``, for as long as the job's
+    start values are at hand."""
+
+    job: TrainJob
+    key: Hashable
+    values: Callable[[], torch.Tensor]
+
+
+def job_source(future: Any) -> JobSource | None:
+    """The :class:`JobSource` of a future an executor returned, or None if it has none."""
+    src = getattr(future, "job_source", None)
+    return src if isinstance(src, JobSource) else None
+
+
+_EMPTY = torch.empty(0)
+
+
+class _Start:
+    """The start values of waiting jobs, in memory or in a file of ``spill_dir``; removed
+    from disk once no job needs them."""
+
+    def __init__(self, key: int, values: torch.Tensor, spill_dir: Path | None) -> None:
+        self.key = key
+        self.users = 0
+        self.path: Path | None = None
+        self._values: torch.Tensor | None = values
+        if spill_dir is not None:
+            self.path = spill_dir / f"start-{key}.pt"
+            torch.save({"weights": values.clone()}, self.path)  # clone: only these values, not a larger storage
+            self._values = None
+
+    def values(self) -> torch.Tensor:
+        if self._values is not None:
+            return self._values
+        assert self.path is not None
+        return torch.load(self.path, weights_only=True)["weights"]
+
+    def drop(self) -> None:
+        self.users -= 1
+        if self.users <= 0 and self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+class _Starts:
+    """One :class:`_Start` per (start weights, mask) pair of the waiting jobs: jobs dispatched
+    from one model version under one mask share their packed start values (and spill file)."""
+
+    def __init__(self, spill_dir: Path | None) -> None:
+        self.spill_dir = spill_dir
+        self._cache: dict[tuple[int, int], tuple[weakref.ref[torch.Tensor], Any, int, weakref.ref[_Start]]] = {}
+        self._keys = itertools.count()
+
+    def get(self, job: TrainJob) -> _Start:
+        """The shared start of ``job`` (created if new); counts ``job`` as one of its users."""
+        w, mask = job.weights, job.mask
+        key = (id(w), id(mask) if mask is not None else -1)
+        hit = self._cache.get(key)
+        start = hit[3]() if hit is not None and hit[0]() is w and hit[2] == w._version else None
+        if start is not None and mask is not None and hit is not None and hit[1]() is not mask:
+            start = None
+        if start is None:
+            start = _Start(next(self._keys), job.pack().weights, self.spill_dir)
+            mask_ref: Any = weakref.ref(mask) if mask is not None else (lambda: None)
+            self._cache[key] = (weakref.ref(w, lambda _, k=key: self._forget(k)), mask_ref, w._version, weakref.ref(start))
+        start.users += 1
+        return start
+
+    def _forget(self, key: tuple[int, int]) -> None:
+        hit = self._cache.get(key)
+        if hit is not None and hit[0]() is None:
+            del self._cache[key]
 
 
 class Workspace:
@@ -150,40 +232,62 @@ class InlineExecutor:
     stops (or that fails on the way) is then never trained, which is pure waste in one process.
     The outcome is the same either way, since a job carries everything that decides it.
 
-    A waiting job keeps only what training reads (:meth:`TrainJob.pack`). With ``spill_dir`` it
-    waits on disk instead: its tensors are written there at ``submit`` and read back to train,
-    so a fleet of thousands of clients with a task each in flight does not hold their start
-    models in memory.
+    A waiting job keeps only what training reads (:meth:`TrainJob.pack`), and jobs started from
+    the same weights under the same mask (one model version, one density) share one copy. With
+    ``spill_dir`` that copy waits on disk instead: written there at the first such ``submit``,
+    read back to train and removed when no waiting job needs it, so a fleet of thousands of
+    clients with a task each in flight does not hold their start models in memory.
     """
 
     name = "inline"
 
     def __init__(self, spec: WorkerSpec, dataset: Any | None = None, spill_dir: str | os.PathLike[str] | None = None) -> None:
         self.workspace = Workspace(spec, dataset)
-        self.spill_dir = None if spill_dir is None else Path(spill_dir)
-        if self.spill_dir is not None:
-            self.spill_dir.mkdir(parents=True, exist_ok=True)
+        self.spill_dir = None if spill_dir is None else _own_spill_dir(Path(spill_dir))
+        if self.spill_dir is not None:  # removed at close, or when the executor goes away, or at exit
+            weakref.finalize(self, shutil.rmtree, self.spill_dir, True)
+        self._starts = _Starts(self.spill_dir)
 
     def submit(self, job: TrainJob) -> Future[TrainOutput]:
-        job = job.pack()
-        if self.spill_dir is None:
-            return _Deferred(lambda: self.workspace.run(job))
-        path = self.spill_dir / f"job-{job.task_id}.pt"
-        torch.save({"weights": job.weights.clone()}, path)  # clone: only the job's values, not a larger storage
-        light = dataclasses.replace(job, weights=torch.empty(0))
+        start = self._starts.get(job)
+        light = dataclasses.replace(job, weights=_EMPTY, packed=job.packed or job.mask is not None)
         del job
 
         def run() -> TrainOutput:
-            weights = torch.load(path, weights_only=True)["weights"]
-            path.unlink(missing_ok=True)
-            return self.workspace.run(dataclasses.replace(light, weights=weights))
+            return self.workspace.run(dataclasses.replace(light, weights=start.values()))
 
         fut = _Deferred(run)
-        fut.add_done_callback(lambda f: path.unlink(missing_ok=True))  # a cancelled job leaves no file
+        fut.add_done_callback(lambda f: start.drop())  # run or cancelled: one user fewer
+        fut.job_source = JobSource(light, ("inline", id(self), start.key), start.values)  # type: ignore[attr-defined]
         return fut
 
     def close(self) -> None:
-        pass
+        if self.spill_dir is not None:
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
+
+
+_SPILL_PREFIX = "prfl-jobs-"
+
+
+def _own_spill_dir(parent: Path) -> Path:
+    """A new directory of this process's own under ``parent``, after removing those left there
+    by processes that no longer run (a killed run's waiting jobs)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for d in parent.glob(f"{_SPILL_PREFIX}*-*"):
+        pid = d.name[len(_SPILL_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_SPILL_PREFIX}{os.getpid()}-", dir=parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 _WORKSPACE: Workspace | None = None
@@ -244,7 +348,11 @@ class ProcessPoolExecutorAdapter:
         # to the next. So the job travels with private shared-memory copies made here, now: the
         # worker maps them (no bytes through the pipe) and the caller's tensors are left alone.
         job = dataclasses.replace(job, weights=self._copies.get(job.weights), mask=self._copies.get(job.mask))
-        return self.pool.submit(_run_job, job)
+        fut = self.pool.submit(_run_job, job)
+        light = dataclasses.replace(job, weights=_EMPTY, packed=job.packed or job.mask is not None)
+        key = ("process", id(job.weights), -1 if job.mask is None else id(job.mask))  # the copies are shared by version
+        fut.job_source = JobSource(light, key, lambda: job.pack().weights)  # type: ignore[attr-defined]
+        return fut
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,738 @@
+"""Checkpoint files that load without running code: tensors in safetensors, the rest as JSON.
+
+A checkpoint is one file, a valid `safetensors <https://github.com/huggingface/safetensors>`_
+file: an 8-byte little-endian header length, a JSON header naming every stored array (dtype,
+shape, byte range), then the arrays' bytes. Besides the tensors' arrays it holds two ``U8``
+arrays: ``prfl.state``, the state as JSON, and last ``prfl.trailer`` (48 bytes: the magic
+``PRFLCKP2``, the length of everything before the trailer, the SHA-256 of it), which detects a
+torn or corrupted file. Loading parses JSON and copies bytes into tensors; nothing is unpickled
+and no class is built but those of :data:`ALLOWED_TYPES`, so a crafted file cannot run code. A
+pickle (the format before this one, or any ``torch.save`` file) is refused with an error that
+says what to do.
+
+The state is plain data: None, bool, int, float (inf and nan included), str, list, and with
+type tags tuple, set, frozenset, dicts whose keys are not plain strings (``{"$dict": [[k, v],
+...]}``), numpy scalars and arrays, torch dtypes, tensors and the dataclasses of
+:data:`ALLOWED_TYPES` (``{"$dc": name, "fields": {...}}``, rebuilt through their constructor).
+A tensor in the state is ``{"$t": i}``, an index into a table that says how tensor i is stored:
+
+- ``raw``: its bytes as they are;
+- ``bits``: a bool tensor as a bitmap (1 bit per element);
+- ``narrow``: an int64 tensor whose values fit in int32, stored as int32;
+- ``sparse``: a floating-point tensor with many zero elements (bit patterns equal to 0: a
+  negative zero is kept), as a bitmap of the nonzero ones and their values.
+
+The same tensor object (or the same memory viewed the same way) referenced twice is stored once
+and comes back as one object; tensors of equal dtype, shape and content are stored once (their
+bytes) and come back as distinct objects.
+
+Streaming. :class:`Streamed` stands for a tensor that the writer fetches only when it reaches it
+and lets go of right after (``release``): values that live in a file (a file-backed buffer) or
+that are loaded from disk (a waiting training job). The writer holds one tensor at a time beside
+the state, never the whole payload; the header is written last into space reserved at the start.
+On loading, a tensor written as :class:`Streamed` comes back as a :class:`Streamed` whose
+``read`` copies it from the file when asked (one at a time, in the consumer's order), so a
+large checkpoint is not loaded into memory at once either; every other tensor is read at once.
+
+Files. :func:`write_checkpoint` writes ``checkpoint.pt`` atomically (temporary file, fsync,
+rename; the previous checkpoint becomes ``checkpoint.prev.pt``); :func:`load_checkpoint` falls
+back to the previous one when the newest is torn, corrupted, refused or ahead of the history.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import io
+import json
+import logging
+import math
+import os
+import weakref
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
+FORMAT = "prfl-checkpoint"
+FORMAT_VERSION = 2
+TRAILER_MAGIC = b"PRFLCKP2"
+_PICKLE_TRAILER_MAGIC = b"PRFLCKP1"  # the trailer of the pickle checkpoints of earlier versions
+_TRAILER_SIZE = len(TRAILER_MAGIC) + 8 + 32  # magic, payload length (little endian), SHA-256
+_STATE, _TRAILER = "prfl.state", "prfl.trailer"
+_CHUNK = 1 << 22  # bytes hashed or copied at a time
+_ALIGN = 8  # every array starts at a multiple of this many bytes of the data section
+_HEADER_LIMIT = 100_000_000  # safetensors refuses longer headers
+_HEADER_START = b'{"__metadata__":{"format":"prfl-checkpoint"'  # how the header of every checkpoint begins
+
+#: Classes a checkpoint may rebuild (dataclasses, through their constructor), as
+#: ``module:qualified name``. Nothing else is ever constructed from a checkpoint.
+ALLOWED_TYPES: tuple[str, ...] = (
+    "prfl.policies.base:TaskSpec",
+    "prfl.policies.fleet:InFlight",
+    "prfl.client.result:TaskResult",
+    "prfl.client.trainer:TrainOutput",
+    "prfl.sim.devices:TaskSpeeds",
+    "prfl.distribution:PieceId",
+)
+
+_ST_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_FROM_ST = {v: k for k, v in _ST_DTYPES.items()}
+_DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in _ST_DTYPES}
+_INT_OF_SIZE = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+_NP_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "float16", "float32", "float64")
+_RESUME_HINT = "start the run again with `prfl run` (or resume it with the prfl version that wrote it)"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, torn, corrupted, refused or not a prfl checkpoint; the message
+    names the file and what to do."""
+
+
+@dataclass(frozen=True, eq=False)
+class Streamed:
+    """A tensor fetched when the writer (or, after loading, the consumer) gets to it.
+
+    ``read()`` returns the tensor; ``release(t)``, if given, is called once the writer is done
+    with it (e.g. to hand a file-backed tensor's pages back to the kernel). Streamed entries with
+    equal ``key`` (not None) are one tensor: it is read and stored once. ``shape`` and ``dtype``,
+    when known beforehand, let the writer store it once with any equal plain tensor too."""
+
+    read: Callable[[], torch.Tensor]
+    release: Callable[[torch.Tensor], None] | None = None
+    key: Hashable | None = None
+    shape: tuple[int, ...] | None = None
+    dtype: torch.dtype | None = None
+
+
+def materialize(value: torch.Tensor | Streamed) -> torch.Tensor:
+    """The tensor of a tensor or a :class:`Streamed`."""
+    return value.read() if isinstance(value, Streamed) else value
+
+
+# ---------------------------------------------------------------------------------------- types
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _allowed_class(name: str) -> type:
+    """The class of an allowed type name; raises KeyError for any other name."""
+    if name not in ALLOWED_TYPES:
+        raise KeyError(name)
+    module, _, qual = name.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qual.split("."):
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and dataclasses.is_dataclass(obj)):
+        raise KeyError(name)
+    return obj
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous tensor, without a copy."""
+    flat = t.reshape(-1)
+    if flat.dtype.itemsize != 1 or flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    return memoryview(flat.numpy()).cast("B")
+
+
+# ---------------------------------------------------------------------------------------- writing
+@dataclass
+class _Entry:
+    """One logical tensor to write: a tensor or a Streamed."""
+
+    source: torch.Tensor | Streamed
+    ndim_bound: int
+
+
+class _Encoder:
+    """Turns a state into JSON-able data, collecting its tensors (phase one of writing)."""
+
+    def __init__(self) -> None:
+        self.entries: list[_Entry] = []
+        self._by_view: dict[tuple[Any, ...], int] = {}
+        self._by_key: dict[Hashable, int] = {}
+        self._streams: dict[int, int] = {}  # id(Streamed) -> index (the state keeps them alive)
+
+    def tensor(self, t: torch.Tensor) -> int:
+        if t.layout != torch.strided:
+            raise TypeError(f"cannot checkpoint a {t.layout} tensor; make it dense first")
+        t = t.detach().cpu()
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"cannot checkpoint a tensor of dtype {t.dtype}; allowed: {sorted(map(str, _ST_DTYPES))}")
+        view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        index = self._by_view.get(view) if t.numel() else None
+        if index is None:
+            index = len(self.entries)
+            self.entries.append(_Entry(t, t.dim()))
+            if t.numel():
+                self._by_view[view] = index
+        return index
+
+    def streamed(self, s: Streamed) -> int:
+        index = self._streams.get(id(s))
+        if index is None and s.key is not None:
+            index = self._by_key.get(s.key)
+        if index is None:
+            index = len(self.entries)
+            self.entries.append(_Entry(s, 8 if s.shape is None else len(s.shape)))
+            if s.key is not None:
+                self._by_key[s.key] = index
+        self._streams[id(s)] = index
+        return index
+
+    def encode(self, obj: Any) -> Any:
+        if obj is None or isinstance(obj, (bool, str)):
+            return obj
+        if isinstance(obj, np.generic):  # before int/float: np.float64 is a float
+            dt = obj.dtype.name
+            if dt not in _NP_DTYPES:
+                raise TypeError(f"cannot checkpoint a numpy scalar of dtype {dt}")
+            return {"$npv": dt, "v": obj.item()}
+        if isinstance(obj, int):
+            return int(obj)
+        if isinstance(obj, float):
+            return float(obj)
+        if isinstance(obj, torch.Tensor):
+            return {"$t": self.tensor(obj)}
+        if isinstance(obj, Streamed):
+            return {"$s": self.streamed(obj)}
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.name not in _NP_DTYPES:
+                raise TypeError(f"cannot checkpoint a numpy array of dtype {obj.dtype}")
+            return {"$np": self.tensor(torch.from_numpy(np.ascontiguousarray(obj)))}
+        if isinstance(obj, list):
+            return [self.encode(v) for v in obj]
+        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+            return {"$tuple": [self.encode(v) for v in obj]}
+        if isinstance(obj, (set, frozenset)):
+            return {"$fset" if isinstance(obj, frozenset) else "$set": [self.encode(v) for v in obj]}
+        if isinstance(obj, dict):
+            if all(isinstance(k, str) and not k.startswith("$") for k in obj):
+                return {k: self.encode(v) for k, v in obj.items()}
+            return {"$dict": [[self.encode(k), self.encode(v)] for k, v in obj.items()]}
+        if isinstance(obj, torch.dtype):
+            return {"$dtype": str(obj).removeprefix("torch.")}
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            name = _qualname(type(obj))
+            if name not in ALLOWED_TYPES:
+                raise TypeError(f"cannot checkpoint a {name}: not in prfl.checkpoint.ALLOWED_TYPES")
+            fields = {f.name: self.encode(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+            return {"$dc": name, "fields": fields}
+        raise TypeError(
+            f"cannot checkpoint a {type(obj).__module__}.{type(obj).__qualname__}: checkpoints hold plain data, "
+            "tensors, numpy arrays and the dataclasses of prfl.checkpoint.ALLOWED_TYPES"
+        )
+
+
+def _encode_tensor(t: torch.Tensor) -> tuple[str, list[tuple[str, torch.Tensor]]]:
+    """How to store ``t`` (contiguous) and the arrays that store it: (encoding, [(dtype, array)])."""
+    n = t.numel()
+    st = _ST_DTYPES[t.dtype]
+    flat = t.reshape(-1)
+    if t.dtype == torch.bool and n >= 64:
+        bits = np.packbits(flat.numpy(), bitorder="little")
+        return "bits", [("U8", torch.from_numpy(bits))]
+    if t.dtype == torch.int64 and n >= 64:
+        lo, hi = torch.aminmax(flat)
+        if torch.iinfo(torch.int32).min <= int(lo) and int(hi) <= torch.iinfo(torch.int32).max:
+            return "narrow", [("I32", flat.to(torch.int32))]
+    if t.is_floating_point() and n >= 64:
+        size = t.element_size()
+        nonzero = flat.view(_INT_OF_SIZE[size]) != 0  # bit patterns: a negative zero is kept
+        count = int(nonzero.sum())
+        if size * count + (n + 7) // 8 < 0.75 * size * n:
+            bits = np.packbits(nonzero.numpy(), bitorder="little")
+            return "sparse", [("U8", torch.from_numpy(bits)), (st, flat[nonzero])]
+    return "raw", [(st, flat)]
+
+
+class _BlobWriter:
+    """Appends aligned arrays to the data section of a checkpoint being written."""
+
+    def __init__(self, fh: BinaryIO, data_start: int) -> None:
+        self.fh = fh
+        self.data_start = data_start
+        self.pos = 0  # offset in the data section
+        self.header: dict[str, Any] = {}
+        fh.seek(data_start)
+
+    def add(self, name: str, st_dtype: str, shape: list[int], data: memoryview | bytes) -> None:
+        pad = -self.pos % _ALIGN
+        if pad:  # safetensors wants the data section covered without holes: padding is an array too
+            self.header[f"{name}.pad"] = {"dtype": "U8", "shape": [pad], "data_offsets": [self.pos, self.pos + pad]}
+            self.fh.write(b"\0" * pad)
+            self.pos += pad
+        size = len(data)
+        self.header[name] = {"dtype": st_dtype, "shape": shape, "data_offsets": [self.pos, self.pos + size]}
+        view = memoryview(data)
+        for start in range(0, size, _CHUNK):
+            self.fh.write(view[start : start + _CHUNK])
+        self.pos += size
+
+
+def _content_key(t: torch.Tensor) -> tuple[Any, ...]:
+    h = hashlib.sha256()
+    data = _bytes_of(t)
+    for start in range(0, len(data), _CHUNK):
+        h.update(data[start : start + _CHUNK])
+    return (t.dtype, tuple(t.shape), h.digest())
+
+
+def save(state: Any, fh: BinaryIO) -> int:
+    """Write ``state`` as a checkpoint to ``fh`` (a seekable binary file, empty, opened for
+    reading and writing) and return its size in bytes. Tensors are fetched and written one at a
+    time; the file is hashed back from ``fh`` for the trailer."""
+    enc = _Encoder()
+    plain = enc.encode(state)
+    entries = enc.entries
+    # Header space: a tensor makes at most four arrays (a bitmap, values and their padding).
+    bound = 1024 + sum(4 * (120 + 22 * max(1, e.ndim_bound)) for e in entries)
+    data_start = 8 + bound + (-(8 + bound) % _ALIGN)
+    blobs = _BlobWriter(fh, data_start)
+    # Tensors that may share content with another one are hashed; others are written as they come.
+    groups: dict[tuple[Any, ...], int] = {}
+    for e in entries:
+        s = e.source
+        if isinstance(s, torch.Tensor):
+            sig: tuple[Any, ...] | None = (s.dtype, tuple(s.shape))
+        else:
+            sig = None if s.shape is None or s.dtype is None else (s.dtype, tuple(s.shape))
+        if sig is not None:
+            groups[sig] = groups.get(sig, 0) + 1
+    table: list[dict[str, Any]] = []
+    stored: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for i, e in enumerate(entries):
+        src = e.source
+        got = src.read() if isinstance(src, Streamed) else src
+        try:
+            if not isinstance(got, torch.Tensor) or got.dtype not in _ST_DTYPES:
+                raise TypeError(f"a streamed checkpoint entry gave {type(got).__name__}, not a tensor of an allowed dtype")
+            t = got.detach().cpu().contiguous()
+            key = _content_key(t) if groups.get((t.dtype, tuple(t.shape)), 0) > 1 and t.numel() else None
+            row = stored.get(key) if key is not None else None
+            if row is None:
+                encoding, arrays = _encode_tensor(t)
+                names = []
+                for j, (st, arr) in enumerate(arrays):
+                    name = f"t{i}" if len(arrays) == 1 else f"t{i}.{j}"
+                    blobs.add(name, st, list(arr.shape), _bytes_of(arr) if arr.numel() else b"")
+                    names.append(name)
+                del arrays
+                row = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "enc": encoding,
+                       "arrays": names}
+                if key is not None:
+                    stored[key] = row
+            table.append(row)
+            del t
+        finally:
+            if isinstance(src, Streamed) and src.release is not None and isinstance(got, torch.Tensor):
+                src.release(got)
+            del got
+    body = json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "tensors": table, "state": plain},
+                      separators=(",", ":"), allow_nan=True).encode("utf-8")
+    del plain
+    blobs.add(_STATE, "U8", [len(body)], body)
+    del body
+    blobs.add(_TRAILER, "U8", [_TRAILER_SIZE], b"\0" * _TRAILER_SIZE)  # filled in below
+    header = {"__metadata__": {"format": FORMAT, "version": str(FORMAT_VERSION)}, **blobs.header}
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    room = data_start - 8
+    if len(text) > room:  # pragma: no cover - the bound above is generous
+        raise RuntimeError(f"checkpoint header of {len(text)} bytes exceeds the {room} bytes reserved")
+    fh.seek(0)
+    fh.write(room.to_bytes(8, "little"))
+    fh.write(text + b" " * (room - len(text)))  # safetensors pads its header with spaces
+    fh.flush()
+    size = data_start + blobs.pos - _TRAILER_SIZE
+    digest = _sha256_of(fh, size)
+    fh.seek(size)
+    fh.write(TRAILER_MAGIC + size.to_bytes(8, "little") + digest)
+    fh.flush()
+    return size + _TRAILER_SIZE
+
+
+def _sha256_of(fh: BinaryIO, size: int) -> bytes:
+    """SHA-256 of the first ``size`` bytes of an open binary file, read in bounded chunks."""
+    h = hashlib.sha256()
+    chunk = bytearray(min(_CHUNK, max(size, 1)))
+    view = memoryview(chunk)
+    fh.seek(0)
+    left = size
+    while left > 0:
+        got = fh.readinto(view[: min(left, len(chunk))])  # type: ignore[attr-defined]
+        if not got:
+            break
+        h.update(view[:got])
+        left -= got
+    return h.digest()
+
+
+# ---------------------------------------------------------------------------------------- reading
+class _Source:
+    """Positional reads from an open checkpoint (kept open while Streamed entries need it)."""
+
+    def __init__(self, fh: BinaryIO, owned: bool) -> None:
+        self.fh = fh
+        if owned:
+            weakref.finalize(self, fh.close)
+
+    def readinto(self, offset: int, out: memoryview) -> None:
+        self.fh.seek(offset)
+        got = 0
+        while got < len(out):
+            n = self.fh.readinto(out[got:])  # type: ignore[attr-defined]
+            if not n:
+                raise CheckpointError("the file ends inside an array")
+            got += n
+
+
+class _Decoder:
+    """Builds the state back from its JSON and the arrays (phase two of reading)."""
+
+    def __init__(self, src: _Source, data_start: int, header: dict[str, Any], table: Any, where: str) -> None:
+        self.src, self.data_start, self.header, self.where = src, data_start, header, where
+        if not isinstance(table, list):
+            raise CheckpointError(f"{where}: malformed tensor table")
+        self.table = table
+        self._tensors: dict[int, torch.Tensor] = {}
+        self._streams: dict[int, Streamed] = {}
+        self._classes: dict[str, type] = {}
+
+    # -- arrays
+    def _array(self, name: Any, st_dtype: str, count: int) -> torch.Tensor:
+        meta = self.header.get(name) if isinstance(name, str) else None
+        if meta is None or meta["dtype"] != st_dtype:
+            raise CheckpointError(f"{self.where}: array {name!r} is missing or not {st_dtype}")
+        begin, end = meta["data_offsets"]
+        dtype = _FROM_ST[st_dtype]
+        if end - begin != count * dtype.itemsize:
+            raise CheckpointError(f"{self.where}: array {name!r} holds {end - begin} bytes, not {count} x {st_dtype}")
+        out = torch.empty(count, dtype=dtype)
+        if count:
+            self.src.readinto(self.data_start + begin, _bytes_of(out))
+        return out
+
+    def _index(self, i: Any) -> int:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(self.table):
+            raise CheckpointError(f"{self.where}: reference to tensor {i!r}, which the table does not have")
+        return i
+
+    def _load(self, i: int) -> torch.Tensor:
+        row = self.table[i]
+        try:
+            dtype = _DTYPE_NAMES[row["dtype"]]
+            shape = [int(d) for d in row["shape"]]
+            encoding, names = row["enc"], row["arrays"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{self.where}: malformed entry {i} of the tensor table") from None
+        if any(d < 0 for d in shape) or not isinstance(names, list):
+            raise CheckpointError(f"{self.where}: malformed entry {i} of the tensor table")
+        n = math.prod(shape)
+        st = _ST_DTYPES[dtype]
+        if encoding == "raw" and len(names) == 1:
+            flat = self._array(names[0], st, n)
+        elif encoding == "bits" and dtype == torch.bool and len(names) == 1:
+            bits = self._array(names[0], "U8", (n + 7) // 8)
+            flat = torch.from_numpy(np.unpackbits(bits.numpy(), count=n, bitorder="little").view(np.bool_))
+        elif encoding == "narrow" and dtype == torch.int64 and len(names) == 1:
+            flat = self._array(names[0], "I32", n).to(torch.int64)
+        elif encoding == "sparse" and dtype.is_floating_point and len(names) == 2:
+            bits = self._array(names[0], "U8", (n + 7) // 8)
+            nonzero = torch.from_numpy(np.unpackbits(bits.numpy(), count=n, bitorder="little").view(np.bool_))
+            values = self._array(names[1], st, int(nonzero.sum()))
+            flat = torch.zeros(n, dtype=dtype)
+            flat[nonzero] = values
+        else:
+            raise CheckpointError(f"{self.where}: unknown storage {encoding!r} for tensor {i}")
+        return flat.reshape(shape)
+
+    def tensor(self, i: Any) -> torch.Tensor:
+        """Tensor i, one object however often the state refers to it."""
+        t = self._tensors.get(self._index(i))
+        if t is None:
+            t = self._tensors[i] = self._load(i)
+        return t
+
+    def streamed(self, i: Any) -> Streamed:
+        """A :class:`Streamed` reading tensor i from the file when asked (one per i)."""
+        s = self._streams.get(self._index(i))
+        if s is None:
+            row = self.table[i]
+            try:
+                shape: tuple[int, ...] | None = tuple(int(d) for d in row["shape"])
+                dtype: torch.dtype | None = _DTYPE_NAMES[row["dtype"]]
+            except (KeyError, TypeError, ValueError):
+                shape, dtype = None, None  # reported when it is read
+            s = self._streams[i] = Streamed(read=lambda i=i: self._load(i), key=("checkpoint", i), shape=shape, dtype=dtype)
+        return s
+
+    # -- values
+    def state(self, obj: Any) -> Any:
+        """The decoded state; afterwards only Streamed entries keep a reference to the file."""
+        try:
+            return self.decode(obj)
+        finally:
+            self._tensors.clear()
+            self._streams.clear()
+
+    def decode(self, obj: Any) -> Any:
+        if isinstance(obj, list):
+            return [self.decode(v) for v in obj]
+        if not isinstance(obj, dict):
+            return obj
+        if not any(k.startswith("$") for k in obj):
+            return {k: self.decode(v) for k, v in obj.items()}
+        if len(obj) == 1:
+            (tag, value), = obj.items()
+            if tag == "$t":
+                return self.tensor(value)
+            if tag == "$s":
+                return self.streamed(value)
+            if tag == "$np":
+                return self.tensor(value).numpy()
+            if tag == "$tuple" and isinstance(value, list):
+                return tuple(self.decode(v) for v in value)
+            if tag in ("$set", "$fset") and isinstance(value, list):
+                items = [self.decode(v) for v in value]
+                return set(items) if tag == "$set" else frozenset(items)
+            if tag == "$dict" and isinstance(value, list):
+                out = {}
+                for pair in value:
+                    if not (isinstance(pair, list) and len(pair) == 2):
+                        raise CheckpointError(f"{self.where}: malformed $dict entry")
+                    out[self.decode(pair[0])] = self.decode(pair[1])
+                return out
+            if tag == "$dtype" and isinstance(value, str):
+                if value not in _DTYPE_NAMES:
+                    raise CheckpointError(f"{self.where}: unknown torch dtype {value!r}")
+                return _DTYPE_NAMES[value]
+        if (set(obj) == {"$npv", "v"} and obj["$npv"] in _NP_DTYPES and isinstance(obj["v"], (bool, int, float))):
+            return np.dtype(obj["$npv"]).type(obj["v"])
+        if set(obj) == {"$dc", "fields"} and isinstance(obj["fields"], dict):
+            return self._dataclass(obj["$dc"], obj["fields"])
+        raise CheckpointError(f"{self.where}: unknown tag {sorted(obj)[0]!r}; the file was not written by this prfl")
+
+    def _dataclass(self, name: Any, fields: dict[str, Any]) -> Any:
+        cls = self._classes.get(name) if isinstance(name, str) else None
+        if cls is None:
+            try:
+                cls = self._classes[name] = _allowed_class(name)
+            except (KeyError, TypeError, ImportError, AttributeError):
+                raise CheckpointError(
+                    f"{self.where}: names the type {name!r}, which a checkpoint may not build; not loaded"
+                ) from None
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        if set(fields) - set(known):
+            raise CheckpointError(f"{self.where}: {name} has no field(s) {sorted(set(fields) - set(known))}")
+        values = {k: self.decode(v) for k, v in fields.items()}
+        init = {k: v for k, v in values.items() if known[k].init}
+        try:
+            obj = cls(**init)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{self.where}: cannot rebuild a {name} ({exc})") from None
+        for k, v in values.items():
+            if not known[k].init:
+                object.__setattr__(obj, k, v)
+        return obj
+
+
+def _refuse_foreign(fh: BinaryIO, total: int, where: str) -> CheckpointError:
+    """The error for a file that is not a checkpoint of this format."""
+    fh.seek(0)
+    head = fh.read(8 + len(_HEADER_START))
+    fh.seek(max(0, total - _TRAILER_SIZE))
+    tail = fh.read(_TRAILER_SIZE)
+    if head[8:] == _HEADER_START:
+        return CheckpointError(f"{where}: torn checkpoint (it ends before its {TRAILER_MAGIC.decode()} trailer)")
+    if tail.startswith(_PICKLE_TRAILER_MAGIC) or head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return CheckpointError(
+            f"{where}: a pickle checkpoint (written by an older prfl, or by torch.save); prfl does not load "
+            f"pickles, which can run code; {_RESUME_HINT}"
+        )
+    return CheckpointError(f"{where}: not a prfl checkpoint (no {TRAILER_MAGIC.decode()} trailer); {_RESUME_HINT}")
+
+
+def load(fh: BinaryIO, where: str = "checkpoint", *, owned: bool = False) -> Any:
+    """Verify and read a checkpoint from ``fh`` (seekable binary). Streamed entries read from
+    ``fh`` later, so it must stay open while they are used (``owned``: close it once they are
+    all gone). Raises :class:`CheckpointError` naming ``where``."""
+    total = fh.seek(0, io.SEEK_END)
+    if total < 8 + _TRAILER_SIZE:
+        raise _refuse_foreign(fh, total, where) if total else CheckpointError(f"{where}: empty file; {_RESUME_HINT}")
+    fh.seek(total - _TRAILER_SIZE)
+    trailer = fh.read(_TRAILER_SIZE)
+    if not trailer.startswith(TRAILER_MAGIC):
+        raise _refuse_foreign(fh, total, where)
+    size = int.from_bytes(trailer[len(TRAILER_MAGIC) : len(TRAILER_MAGIC) + 8], "little")
+    if size != total - _TRAILER_SIZE:
+        raise CheckpointError(f"{where}: torn checkpoint (payload of {total - _TRAILER_SIZE} bytes, trailer says {size})")
+    if _sha256_of(fh, size) != trailer[-32:]:
+        raise CheckpointError(f"{where}: checksum mismatch; the checkpoint is corrupted")
+    fh.seek(0)
+    n = int.from_bytes(fh.read(8), "little")
+    if not 0 < n <= min(_HEADER_LIMIT, size - 8):
+        raise CheckpointError(f"{where}: bad header length {n}")
+    try:
+        header = json.loads(fh.read(n).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        meta = header.pop("__metadata__", None)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"no {FORMAT} metadata")
+        if meta.get("version") != str(FORMAT_VERSION):
+            raise CheckpointError(f"{where}: checkpoint format version {meta.get('version')!r}; this prfl reads "
+                                  f"version {FORMAT_VERSION}; {_RESUME_HINT}")
+        _check_layout(header, total - 8 - n)
+        src = _Source(fh, owned)
+        state_meta = header[_STATE]
+        body = bytearray(state_meta["data_offsets"][1] - state_meta["data_offsets"][0])
+        src.readinto(8 + n + state_meta["data_offsets"][0], memoryview(body))
+        doc = json.loads(body.decode("utf-8"))
+        del body
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != FORMAT_VERSION:
+            raise ValueError("the state is not a prfl checkpoint state")
+        decoder = _Decoder(src, 8 + n, header, doc.get("tensors"), where)
+        return decoder.state(doc.get("state"))
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError, UnicodeDecodeError, OverflowError) as exc:
+        raise CheckpointError(f"{where}: malformed checkpoint ({type(exc).__name__}: {exc}); {_RESUME_HINT}") from None
+
+
+def _check_layout(header: dict[str, Any], data_size: int) -> None:
+    """The safetensors rules: every array well formed, the data section covered without holes
+    or overlaps, and the state and trailer arrays present (the trailer last)."""
+    spans = []
+    for name, meta in header.items():
+        if not isinstance(meta, dict) or set(meta) != {"dtype", "shape", "data_offsets"}:
+            raise ValueError(f"array {name!r} is malformed")
+        dtype = _FROM_ST.get(meta["dtype"])
+        shape, offsets = meta["shape"], meta["data_offsets"]
+        if (dtype is None or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+                or not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets))):
+            raise ValueError(f"array {name!r} is malformed")
+        if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize or offsets[0] < 0:
+            raise ValueError(f"array {name!r}: its byte range does not match its shape")
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos:
+            raise ValueError(f"array {name!r} starts at {begin}, expected {pos}")
+        pos = end
+    if pos != data_size:
+        raise ValueError(f"the arrays cover {pos} bytes of a {data_size}-byte data section")
+    if _STATE not in header or not spans or spans[-1][2] != _TRAILER or header[_STATE]["dtype"] != "U8":
+        raise ValueError("no state or no trailer array")
+
+
+def dumps(state: Any) -> bytes:
+    """A checkpoint of ``state`` as bytes (tests and small states)."""
+    buf = io.BytesIO()
+    save(state, buf)
+    return buf.getvalue()
+
+
+def loads(data: bytes, where: str = "checkpoint") -> Any:
+    """Read a checkpoint from bytes (see :func:`load`)."""
+    return load(io.BytesIO(data), where)
+
+
+# ---------------------------------------------------------------------------------------- files
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platform dependent
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - platform dependent
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(state: Any, directory: str | os.PathLike[str]) -> Path:
+    """Write ``state`` as ``directory/checkpoint.pt`` atomically: to a temporary file, fsynced,
+    renamed over the previous checkpoint, which becomes ``checkpoint.prev.pt``; then the
+    directory is fsynced. Tensors are streamed to the file (see :func:`save`)."""
+    d = Path(directory)
+    final, prev = d / CHECKPOINT, d / PREVIOUS_CHECKPOINT
+    tmp = d / (CHECKPOINT + ".tmp")
+    try:
+        with open(tmp, "w+b") as fh:
+            save(state, fh)
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if final.exists():
+        os.replace(final, prev)  # a kill right here leaves prev (and the complete tmp): resume uses prev
+    os.replace(tmp, final)
+    _fsync_dir(d)
+    return final
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load and verify one checkpoint file; raise :class:`CheckpointError` (naming the file and
+    what to do) if it is torn, corrupted, a pickle or not a prfl checkpoint. The file is hashed
+    in chunks; tensors are read one by one (streamed ones when the consumer asks)."""
+    p = Path(path)
+    try:
+        fh = open(p, "rb")
+    except OSError as exc:
+        raise CheckpointError(f"{p}: cannot be read ({exc})") from None
+    try:
+        state = load(fh, str(p), owned=True)
+    except OSError as exc:
+        fh.close()
+        raise CheckpointError(f"{p}: cannot be read ({exc})") from None
+    except BaseException:
+        fh.close()
+        raise
+    if not isinstance(state, dict) or not {"policy", "history_offset", "now"} <= set(state):
+        raise CheckpointError(f"{p}: not a run checkpoint (no policy, history offset or time); {_RESUME_HINT}")
+    return state
+
+
+def load_checkpoint(
+    directory: str | os.PathLike[str], history_size: int | None = None
+) -> tuple[dict[str, Any], Path]:
+    """The newest usable checkpoint of a run directory: ``checkpoint.pt``, else (torn, missing,
+    refused, or ahead of a history of ``history_size`` bytes) ``checkpoint.prev.pt``. Returns
+    (state, path)."""
+    d = Path(directory)
+    problems: list[str] = []
+    for path in (d / CHECKPOINT, d / PREVIOUS_CHECKPOINT):
+        if not path.is_file():
+            continue
+        try:
+            state = read_checkpoint(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            log.warning("%s; trying the previous checkpoint", exc)
+            continue
+        offset = int(state["history_offset"])
+        if history_size is not None and offset > history_size:
+            problems.append(f"{path}: expects {offset} bytes of history.jsonl, which holds {history_size}")
+            log.warning("%s", problems[-1])
+            continue
+        if problems:
+            log.warning("resuming from %s", path)
+        return state, path
+    detail = "; ".join(problems) if problems else f"no {CHECKPOINT} or {PREVIOUS_CHECKPOINT}"
+    raise CheckpointError(f"{d} has no usable checkpoint ({detail}); start the run again with `prfl run`")
