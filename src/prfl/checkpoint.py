@@ -19,8 +19,9 @@ A tensor in the state is ``{"$t": i}``, an index into a table that says how tens
 - ``raw``: its bytes as they are;
 - ``bits``: a bool tensor as a bitmap (1 bit per element);
 - ``narrow``: an int64 tensor whose values fit in int32, stored as int32;
-- ``sparse``: a floating-point tensor with many zero elements (bit patterns equal to 0: a
-  negative zero is kept), as a bitmap of the nonzero ones and their values.
+- ``sparse``: a floating-point tensor with many zero elements, as a bitmap of the nonzero ones,
+  their values and, if some zeros are negative zeros, a bitmap of those among the zeros (so
+  the tensor comes back bit for bit).
 
 The same tensor object (or the same memory viewed the same way) referenced twice is stored once
 and comes back as one object; tensors of equal dtype, shape and content are stored once (their
@@ -251,11 +252,15 @@ def _encode_tensor(t: torch.Tensor) -> tuple[str, list[tuple[str, torch.Tensor]]
             return "narrow", [("I32", flat.to(torch.int32))]
     if t.is_floating_point() and n >= 64:
         size = t.element_size()
-        nonzero = flat.view(_INT_OF_SIZE[size]) != 0  # bit patterns: a negative zero is kept
+        nonzero = flat != 0
         count = int(nonzero.sum())
-        if size * count + (n + 7) // 8 < 0.75 * size * n:
-            bits = np.packbits(nonzero.numpy(), bitorder="little")
-            return "sparse", [("U8", torch.from_numpy(bits)), (st, flat[nonzero])]
+        if size * count + (n - count + 7) // 8 + (n + 7) // 8 < 0.75 * size * n:
+            arrays = [("U8", torch.from_numpy(np.packbits(nonzero.numpy(), bitorder="little"))), (st, flat[nonzero])]
+            zeros = flat[~nonzero]
+            negative = torch.signbit(zeros)  # W ⊙ m holds -0.0 where W < 0: kept, bit for bit
+            if bool(negative.any()):
+                arrays.append(("U8", torch.from_numpy(np.packbits(negative.numpy(), bitorder="little"))))
+            return "sparse", arrays
     return "raw", [(st, flat)]
 
 
@@ -298,8 +303,8 @@ def save(state: Any, fh: BinaryIO) -> int:
     enc = _Encoder()
     plain = enc.encode(state)
     entries = enc.entries
-    # Header space: a tensor makes at most four arrays (a bitmap, values and their padding).
-    bound = 1024 + sum(4 * (120 + 22 * max(1, e.ndim_bound)) for e in entries)
+    # Header space: a tensor makes at most six arrays (two bitmaps, values and their padding).
+    bound = 1024 + sum(6 * (120 + 22 * max(1, e.ndim_bound)) for e in entries)
     data_start = 8 + bound + (-(8 + bound) % _ALIGN)
     blobs = _BlobWriter(fh, data_start)
     # Tensors that may share content with another one are hashed; others are written as they come.
@@ -449,12 +454,19 @@ class _Decoder:
             flat = torch.from_numpy(np.unpackbits(bits.numpy(), count=n, bitorder="little").view(np.bool_))
         elif encoding == "narrow" and dtype == torch.int64 and len(names) == 1:
             flat = self._array(names[0], "I32", n).to(torch.int64)
-        elif encoding == "sparse" and dtype.is_floating_point and len(names) == 2:
+        elif encoding == "sparse" and dtype.is_floating_point and len(names) in (2, 3):
             bits = self._array(names[0], "U8", (n + 7) // 8)
             nonzero = torch.from_numpy(np.unpackbits(bits.numpy(), count=n, bitorder="little").view(np.bool_))
-            values = self._array(names[1], st, int(nonzero.sum()))
+            count = int(nonzero.sum())
+            values = self._array(names[1], st, count)
+            if bool((values == 0).any()):
+                raise CheckpointError(f"{self.where}: tensor {i} marks zeros as nonzero")
             flat = torch.zeros(n, dtype=dtype)
             flat[nonzero] = values
+            if len(names) == 3:  # negative zeros, among the zeros
+                signs = self._array(names[2], "U8", (n - count + 7) // 8)
+                negative = torch.from_numpy(np.unpackbits(signs.numpy(), count=n - count, bitorder="little").view(np.bool_))
+                flat[~nonzero] = torch.where(negative, -0.0, 0.0).to(dtype)
         else:
             raise CheckpointError(f"{self.where}: unknown storage {encoding!r} for tensor {i}")
         return flat.reshape(shape)
@@ -735,4 +747,5 @@ def load_checkpoint(
             log.warning("resuming from %s", path)
         return state, path
     detail = "; ".join(problems) if problems else f"no {CHECKPOINT} or {PREVIOUS_CHECKPOINT}"
-    raise CheckpointError(f"{d} has no usable checkpoint ({detail}); start the run again with `prfl run`")
+    hint = "" if _RESUME_HINT in detail else "; start the run again with `prfl run`"
+    raise CheckpointError(f"{d} has no usable checkpoint ({detail}){hint}")
