@@ -606,8 +606,7 @@ class ClientBuffer:
         release = self._arena.release if self._arena is not None else None
         for c in ids:
             s = self._slots[c]
-            state[f"slot.{c}.values"] = Streamed(read=lambda v=s.values: v, release=release,
-                                                 shape=tuple(s.values.shape), dtype=s.values.dtype)
+            state[f"slot.{c}.values"] = Streamed(read=lambda v=s.values: v, release=release)
             if s.mask is not None:
                 state[f"slot.{c}.mask"] = s.mask
             if s.index is not None:
