@@ -79,17 +79,32 @@ def test_compact_storage_and_dedupe() -> None:
     masked = weights * mask  # 90% zeros
     ranking = torch.randperm(n)  # int64 whose values fit in int32
     alone = len(dumps({"w": weights}))
-    assert alone < 4 * n + 4096
+    assert alone < 0.9 * 4 * n  # the high bytes (sign, exponent) through zlib
     assert len(dumps({"m": mask})) < n // 8 + 4096  # a bool tensor as a bitmap
-    assert len(dumps({"r": ranking})) < 4 * n + 4096  # narrowed to int32
+    assert len(dumps({"r": ranking})) < 3 * n + 4096  # positions below 2^24: 3 bytes each
+    assert len(dumps({"r": ranking + 2**30})) < 4 * n + 4096  # int64 that fits int32: narrowed
+    assert len(dumps({"w": torch.rand(n).mul(2 * torch.pi).sin().to(torch.float64)})) < 0.95 * 8 * n
     # W ⊙ m: the nonzeros, a bitmap of them, and one of the negative zeros (W < 0 outside the mask)
     assert len(dumps({"x": masked})) < 0.1 * 4 * n + n // 8 + 0.9 * n // 8 + 20_000
     assert len(dumps({"x": masked.abs()})) < 0.1 * 4 * n + n // 8 + 20_000  # no negative zeros: no second bitmap
     # the same tensor, or an equal one, is stored once
     assert len(dumps({"a": weights, "b": weights, "c": weights.clone(), "d": [weights]})) < alone + 4096
-    back = loads(dumps({"r": ranking, "x": masked}))
-    assert _same(back["r"], ranking) and _same(back["x"], masked)
+    more = {"r": ranking, "r32": ranking.to(torch.int32), "wide": ranking + 2**30, "x": masked, "w": weights,
+            "bf16": weights.to(torch.bfloat16), "f16": weights.to(torch.float16), "f64": weights.to(torch.float64),
+            "nan": torch.where(mask, torch.nan, weights)}
+    back = loads(dumps(more))
+    assert all(_same(back[k], v) for k, v in more.items())
     assert int(torch.signbit(back["x"][~mask]).sum()) == int(torch.signbit(masked[~mask]).sum()) > 0
+    table = json.loads(_state_array(dumps(more)))["tensors"]
+    assert {r["enc"] for r in table} == {"u24", "narrow", "sparse", "raw"}
+    assert any(r.get("values") == "hi-zlib" for r in table)
+
+
+def _state_array(data: bytes) -> bytes:
+    """The bytes of the ``prfl.state`` array of a checkpoint."""
+    n = int.from_bytes(data[:8], "little")
+    begin, end = json.loads(data[8 : 8 + n])["prfl.state"]["data_offsets"]
+    return data[8 + n + begin : 8 + n + end]
 
 
 def test_the_file_is_safetensors() -> None:

@@ -16,12 +16,19 @@ type tags tuple, set, frozenset, dicts whose keys are not plain strings (``{"$di
 :data:`ALLOWED_TYPES` (``{"$dc": name, "fields": {...}}``, rebuilt through their constructor).
 A tensor in the state is ``{"$t": i}``, an index into a table that says how tensor i is stored:
 
-- ``raw``: its bytes as they are;
+- ``raw``: its elements as they are;
 - ``bits``: a bool tensor as a bitmap (1 bit per element);
+- ``u24``: an integer tensor whose values lie in [0, 2^24) (a ranking of fewer than 16.7 M
+  weights), 3 bytes per element;
 - ``narrow``: an int64 tensor whose values fit in int32, stored as int32;
 - ``sparse``: a floating-point tensor with many zero elements, as a bitmap of the nonzero ones,
   their values and, if some zeros are negative zeros, a bitmap of those among the zeros (so
   the tensor comes back bit for bit).
+
+The floating-point values of ``raw`` and ``sparse`` are stored ``plain``, or ``hi-zlib`` when
+that saves a fifth of their high bytes: the low bytes of every value as they are and the high
+bytes (the sign and most of the exponent, which take few distinct values in a trained model)
+through zlib; it saves about 15% of a model's bytes. Every encoding is lossless.
 
 The same tensor object (or the same memory viewed the same way) referenced twice is stored once
 and comes back as one object; tensors of equal dtype, shape and content are stored once (their
@@ -50,7 +57,9 @@ import json
 import logging
 import math
 import os
+import sys
 import weakref
+import zlib
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +81,8 @@ _STATE, _TRAILER = "prfl.state", "prfl.trailer"
 _CHUNK = 1 << 22  # bytes hashed or copied at a time
 _ALIGN = 8  # every array starts at a multiple of this many bytes of the data section
 _HEADER_LIMIT = 100_000_000  # safetensors refuses longer headers
+_PLANE_MIN = 4096  # floating-point arrays at least this long have their high bytes compressed
+_LITTLE_ENDIAN = sys.byteorder == "little"  # safetensors is little-endian, and so are the byte planes
 _HEADER_START = b'{"__metadata__":{"format":"prfl-checkpoint"'  # how the header of every checkpoint begins
 
 #: Classes a checkpoint may rebuild (dataclasses, through their constructor), as
@@ -238,30 +249,49 @@ class _Encoder:
         )
 
 
-def _encode_tensor(t: torch.Tensor) -> tuple[str, list[tuple[str, torch.Tensor]]]:
-    """How to store ``t`` (contiguous) and the arrays that store it: (encoding, [(dtype, array)])."""
+def _float_arrays(v: torch.Tensor) -> tuple[str, list[tuple[str, torch.Tensor]]]:
+    """How to store the floating-point values ``v`` (1-D, contiguous): ``plain``, or ``hi-zlib``:
+    the low bytes of every value as they are, and the high bytes (sign and most of the exponent,
+    a few distinct values in a trained model) through zlib, when that saves a fifth of them."""
+    n, size = v.numel(), v.element_size()
+    if n >= _PLANE_MIN and _LITTLE_ENDIAN:
+        planes = v.view(torch.uint8).reshape(n, size)
+        packed = zlib.compress(planes[:, size - 1].contiguous().numpy(), 1)
+        if len(packed) <= 0.8 * n:
+            low = planes[:, : size - 1].contiguous().reshape(-1)
+            return "hi-zlib", [("U8", low), ("U8", torch.frombuffer(bytearray(packed), dtype=torch.uint8))]
+    return "plain", [(_ST_DTYPES[v.dtype], v)]
+
+
+def _encode_tensor(t: torch.Tensor) -> tuple[dict[str, str], list[tuple[str, torch.Tensor]]]:
+    """How to store ``t`` (contiguous) and the arrays that store it: ({"enc": ..., "values": ...},
+    [(safetensors dtype, array)])."""
     n = t.numel()
-    st = _ST_DTYPES[t.dtype]
     flat = t.reshape(-1)
     if t.dtype == torch.bool and n >= 64:
-        bits = np.packbits(flat.numpy(), bitorder="little")
-        return "bits", [("U8", torch.from_numpy(bits))]
-    if t.dtype == torch.int64 and n >= 64:
-        lo, hi = torch.aminmax(flat)
-        if torch.iinfo(torch.int32).min <= int(lo) and int(hi) <= torch.iinfo(torch.int32).max:
-            return "narrow", [("I32", flat.to(torch.int32))]
+        return {"enc": "bits"}, [("U8", torch.from_numpy(np.packbits(flat.numpy(), bitorder="little")))]
+    if t.dtype in (torch.int64, torch.int32) and n >= 64 and _LITTLE_ENDIAN:
+        lo, hi = (int(x) for x in torch.aminmax(flat))
+        if 0 <= lo and hi < 2**24:  # e.g. a ranking of fewer than 16.7 M weights: 3 bytes a position
+            low3 = flat.to(torch.int32).view(torch.uint8).reshape(n, 4)[:, :3].contiguous().reshape(-1)
+            return {"enc": "u24"}, [("U8", low3)]
+        if t.dtype == torch.int64 and torch.iinfo(torch.int32).min <= lo and hi <= torch.iinfo(torch.int32).max:
+            return {"enc": "narrow"}, [("I32", flat.to(torch.int32))]
     if t.is_floating_point() and n >= 64:
         size = t.element_size()
         nonzero = flat != 0
         count = int(nonzero.sum())
         if size * count + (n - count + 7) // 8 + (n + 7) // 8 < 0.75 * size * n:
-            arrays = [("U8", torch.from_numpy(np.packbits(nonzero.numpy(), bitorder="little"))), (st, flat[nonzero])]
-            zeros = flat[~nonzero]
-            negative = torch.signbit(zeros)  # W ⊙ m holds -0.0 where W < 0: kept, bit for bit
+            how, values = _float_arrays(flat[nonzero])
+            arrays = [("U8", torch.from_numpy(np.packbits(nonzero.numpy(), bitorder="little"))), *values]
+            negative = torch.signbit(flat[~nonzero])  # W ⊙ m holds -0.0 where W < 0: kept, bit for bit
             if bool(negative.any()):
                 arrays.append(("U8", torch.from_numpy(np.packbits(negative.numpy(), bitorder="little"))))
-            return "sparse", arrays
-    return "raw", [(st, flat)]
+            return {"enc": "sparse", "values": how}, arrays
+    if t.is_floating_point():
+        how, values = _float_arrays(flat)
+        return {"enc": "raw", "values": how}, values
+    return {"enc": "raw"}, [(_ST_DTYPES[t.dtype], flat)]
 
 
 class _BlobWriter:
@@ -303,8 +333,8 @@ def save(state: Any, fh: BinaryIO) -> int:
     enc = _Encoder()
     plain = enc.encode(state)
     entries = enc.entries
-    # Header space: a tensor makes at most six arrays (two bitmaps, values and their padding).
-    bound = 1024 + sum(6 * (120 + 22 * max(1, e.ndim_bound)) for e in entries)
+    # Header space: a tensor makes at most eight arrays (two bitmaps, two of values, their padding).
+    bound = 1024 + sum(8 * (120 + 22 * max(1, e.ndim_bound)) for e in entries)
     data_start = 8 + bound + (-(8 + bound) % _ALIGN)
     blobs = _BlobWriter(fh, data_start)
     # Tensors that may share content with another one are hashed; others are written as they come.
@@ -330,13 +360,13 @@ def save(state: Any, fh: BinaryIO) -> int:
             row = stored.get(key) if key is not None else None
             if row is None:
                 encoding, arrays = _encode_tensor(t)
-                names = []
+                names: list[str] = []
                 for j, (st, arr) in enumerate(arrays):
                     name = f"t{i}" if len(arrays) == 1 else f"t{i}.{j}"
                     blobs.add(name, st, list(arr.shape), _bytes_of(arr) if arr.numel() else b"")
                     names.append(name)
                 del arrays
-                row = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "enc": encoding,
+                row = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), **encoding,
                        "arrays": names}
                 if key is not None:
                     stored[key] = row
@@ -435,37 +465,72 @@ class _Decoder:
             raise CheckpointError(f"{self.where}: reference to tensor {i!r}, which the table does not have")
         return i
 
+    def _bits(self, name: Any, n: int) -> torch.Tensor:
+        """A bitmap array of ``n`` bits as a bool tensor."""
+        packed = self._array(name, "U8", (n + 7) // 8)
+        return torch.from_numpy(np.unpackbits(packed.numpy(), count=n, bitorder="little").view(np.bool_))
+
+    def _values(self, how: Any, names: list[Any], dtype: torch.dtype, n: int, i: int) -> torch.Tensor:
+        """``n`` floating-point values stored as :func:`_float_arrays` says (``names``: its arrays)."""
+        if how in (None, "plain") and len(names) == 1:
+            return self._array(names[0], _ST_DTYPES[dtype], n)
+        if how == "hi-zlib" and len(names) == 2 and _LITTLE_ENDIAN:
+            size = dtype.itemsize
+            low = self._array(names[0], "U8", (size - 1) * n)
+            packed = self._header_size(names[1])
+            z = zlib.decompressobj()
+            hi = z.decompress(self._array(names[1], "U8", packed).numpy().tobytes(), n)
+            if len(hi) != n or not z.eof or z.unconsumed_tail:
+                raise CheckpointError(f"{self.where}: tensor {i}: its compressed bytes do not give {n} values")
+            out = torch.empty(n, dtype=dtype)
+            planes = out.view(torch.uint8).reshape(n, size)
+            planes[:, : size - 1] = low.reshape(n, size - 1)
+            planes[:, size - 1] = torch.frombuffer(bytearray(hi), dtype=torch.uint8)
+            return out
+        raise CheckpointError(f"{self.where}: unknown storage {how!r} of the values of tensor {i}")
+
+    def _header_size(self, name: Any) -> int:
+        meta = self.header.get(name) if isinstance(name, str) else None
+        if meta is None:
+            raise CheckpointError(f"{self.where}: array {name!r} is missing")
+        return int(meta["data_offsets"][1] - meta["data_offsets"][0])
+
     def _load(self, i: int) -> torch.Tensor:
         row = self.table[i]
         try:
             dtype = _DTYPE_NAMES[row["dtype"]]
             shape = [int(d) for d in row["shape"]]
-            encoding, names = row["enc"], row["arrays"]
-        except (KeyError, TypeError, ValueError):
+            encoding, names, how = row["enc"], row["arrays"], row.get("values")
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise CheckpointError(f"{self.where}: malformed entry {i} of the tensor table") from None
-        if any(d < 0 for d in shape) or not isinstance(names, list):
+        if any(d < 0 for d in shape) or not isinstance(names, list) or not names:
             raise CheckpointError(f"{self.where}: malformed entry {i} of the tensor table")
         n = math.prod(shape)
-        st = _ST_DTYPES[dtype]
-        if encoding == "raw" and len(names) == 1:
-            flat = self._array(names[0], st, n)
+        if encoding == "raw" and dtype.is_floating_point:
+            flat = self._values(how, names, dtype, n, i)
+        elif encoding == "raw" and len(names) == 1:
+            flat = self._array(names[0], _ST_DTYPES[dtype], n)
         elif encoding == "bits" and dtype == torch.bool and len(names) == 1:
-            bits = self._array(names[0], "U8", (n + 7) // 8)
-            flat = torch.from_numpy(np.unpackbits(bits.numpy(), count=n, bitorder="little").view(np.bool_))
+            flat = self._bits(names[0], n)
         elif encoding == "narrow" and dtype == torch.int64 and len(names) == 1:
             flat = self._array(names[0], "I32", n).to(torch.int64)
-        elif encoding == "sparse" and dtype.is_floating_point and len(names) in (2, 3):
-            bits = self._array(names[0], "U8", (n + 7) // 8)
-            nonzero = torch.from_numpy(np.unpackbits(bits.numpy(), count=n, bitorder="little").view(np.bool_))
+        elif encoding == "u24" and dtype in (torch.int64, torch.int32) and len(names) == 1 and _LITTLE_ENDIAN:
+            words = torch.zeros(n, 4, dtype=torch.uint8)
+            words[:, :3] = self._array(names[0], "U8", 3 * n).reshape(n, 3)
+            flat = words.view(torch.int32).reshape(n).to(dtype)
+        elif encoding == "sparse" and dtype.is_floating_point:
+            k = 2 if how == "hi-zlib" else 1  # arrays of the values
+            if len(names) not in (1 + k, 2 + k):
+                raise CheckpointError(f"{self.where}: malformed entry {i} of the tensor table")
+            nonzero = self._bits(names[0], n)
             count = int(nonzero.sum())
-            values = self._array(names[1], st, count)
+            values = self._values(how, names[1 : 1 + k], dtype, count, i)
             if bool((values == 0).any()):
                 raise CheckpointError(f"{self.where}: tensor {i} marks zeros as nonzero")
             flat = torch.zeros(n, dtype=dtype)
             flat[nonzero] = values
-            if len(names) == 3:  # negative zeros, among the zeros
-                signs = self._array(names[2], "U8", (n - count + 7) // 8)
-                negative = torch.from_numpy(np.unpackbits(signs.numpy(), count=n - count, bitorder="little").view(np.bool_))
+            if len(names) == 2 + k:  # negative zeros, among the zeros
+                negative = self._bits(names[1 + k], n - count)
                 flat[~nonzero] = torch.where(negative, -0.0, 0.0).to(dtype)
         else:
             raise CheckpointError(f"{self.where}: unknown storage {encoding!r} for tensor {i}")
