@@ -9,7 +9,7 @@ Sources (under ``--results``, default ``benchmarks/results``):
   with these columns is rendered the same way.
 * ``masked_training.json`` (``benchmarks/bench_masked_training.py``), ``simulator.json``
   (``benchmarks/bench_simulator.py``), ``flower_sim.json`` (``benchmarks/bench_flower_sim.py``),
-  ``scale.json`` (``benchmarks/bench_scale.py``), ``vmap.json`` (``benchmarks/bench_vmap.py``) and
+  ``scale-<clients>.json`` and ``scale-kill-<clients>.json`` (``benchmarks/bench_scale.py``), ``vmap.json`` (``benchmarks/bench_vmap.py``) and
   ``buffer.json`` (``benchmarks/bench_buffer.py``);
   any other ``*.json`` at the top level is listed by its scalar fields.
 
@@ -238,7 +238,8 @@ def flower_section(d: dict[str, Any], name: str) -> list[str]:
 
 
 def scale_section(d: dict[str, Any], name: str) -> list[str]:
-    lines = _section_head("A large fleet: server memory", d, name)
+    clients = _get(d, "workload", "clients")
+    lines = _section_head(f"A large fleet ({clients} clients): server memory, checkpoints, time", d, name)
     gib = 2**30
 
     def _gib(key: str) -> str:
@@ -246,6 +247,8 @@ def scale_section(d: dict[str, Any], name: str) -> list[str]:
         return f"{v / gib:.2f}" if isinstance(v, (int, float)) else "-"
 
     target = d.get("target_peak_rss_bytes")
+    ratio_goal = d.get("target_wall_over_train")
+    cks = d.get("checkpoints") or []
     rows = [
         ["server updates", str(d.get("server_rounds", "-")), "-"],
         ["peak RSS of the server process (GiB)", _gib("peak_rss_bytes"),
@@ -253,11 +256,37 @@ def scale_section(d: dict[str, Any], name: str) -> list[str]:
         ["RSS after loading the scenario (GiB)", _gib("rss_after_scenario_bytes"), "-"],
         ["a dense buffer alone would hold (GiB)", _gib("dense_buffer_would_need_bytes"), "-"],
         ["wall time (s)", _num(d.get("wall_seconds"), ".0f"), "-"],
+        ["local training time (s)", _num(d.get("train_seconds"), ".0f"), "-"],
+        ["wall / training time", _num(d.get("wall_over_train"), ".2f"),
+         f"<= {ratio_goal:g}" if isinstance(ratio_goal, (int, float)) else "-"],
         ["virtual time (s)", _num(d.get("virtual_seconds"), ".0f"), "-"],
         ["clients that arrived", str(d.get("clients_that_arrived", "-")), "-"],
         ["final accuracy", _num(d.get("final_accuracy")), "-"],
+        ["pieces the run went in (resumed from checkpoints)", str(d.get("pieces", 1)), "-"],
     ]
     lines.append(markdown((["measure", "value", "goal"], rows)))
+    if cks:
+        ck_rows = [[str(c.get("round")), _num((c.get("bytes") or 0) / 1e9, ".2f"), _num(c.get("seconds"), ".0f"),
+                    _num((c.get("rss_before_bytes") or 0) / gib, ".2f"),
+                    _num((c.get("peak_rss_while_writing_bytes") or 0) / gib, ".2f")] for c in cks]
+        lines.append(markdown((["checkpoint at update", "size (GB)", "written in (s)", "RSS before (GiB)",
+                                "peak RSS while writing (GiB)"], ck_rows)))
+    return lines
+
+
+def scale_kill_section(d: dict[str, Any], name: str) -> list[str]:
+    clients = _get(d, "workload", "clients")
+    lines = _section_head(f"A large fleet ({clients} clients): SIGKILL, then resume", d, name)
+    rows = [
+        ["server updates (the kill check's run length)", str(d.get("server_rounds", "-"))],
+        ["last checkpoint before the kill (update)", str(d.get("last_checkpoint_round_before_kill", "-"))],
+        ["killed after the first checkpoint (s)", _num(d.get("kill_after_first_checkpoint_seconds"), ".0f")],
+        ["history lines: uninterrupted / killed and resumed", f"{d.get('history_lines', '-')} / "
+                                                               f"{d.get('resumed_history_lines', '-')}"],
+        ["first differing line", str(d.get("first_differing_line"))],
+        ["history and summary identical", "**yes**" if d.get("identical") else "**no**"],
+    ]
+    lines.append(markdown((["measure", "value"], rows)))
     return lines
 
 
@@ -351,7 +380,9 @@ def render(results: Path, baseline: str = "fedasync") -> str:
             lines += simulator_section(d, name)
         elif p.name == "flower_sim.json":
             lines += flower_section(d, name)
-        elif p.name == "scale.json":
+        elif p.name.startswith("scale-kill"):  # scale-kill-<clients>.json
+            lines += scale_kill_section(d, name)
+        elif p.name.startswith("scale"):  # scale-<clients>.json
             lines += scale_section(d, name)
         elif p.name == "vmap.json":
             lines += vmap_section(d, name)
