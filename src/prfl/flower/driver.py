@@ -253,7 +253,7 @@ class FlowerDriver:
         self.next_eval_time = state["next_eval_time"]
         self.last_eval_version = state["last_eval_version"]
         self._last_ckpt_version = self.policy.version
-        self._resume = state
+        self._resume = {"now": float(state["now"])}  # not the state: the policy holds what it needs of it
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint.pt`` in the checkpoint directory atomically (previous one kept)."""
