@@ -525,8 +525,6 @@ class _Decoder:
             nonzero = self._bits(names[0], n)
             count = int(nonzero.sum())
             values = self._values(how, names[1 : 1 + k], dtype, count, i)
-            if bool((values == 0).any()):
-                raise CheckpointError(f"{self.where}: tensor {i} marks zeros as nonzero")
             flat = torch.zeros(n, dtype=dtype)
             flat[nonzero] = values
             if len(names) == 2 + k:  # negative zeros, among the zeros
