@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -540,3 +542,52 @@ def test_file_backed_prefix_values_are_not_resident(tmp_path):
     out = subprocess.run([sys.executable, "-c", FILE_RSS.format(path=str(tmp_path))], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+# --------------------------------------------------------------------------- streamed checkpoints
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_prefix_buffer_checkpoint_reads_one_slot_at_a_time(tmp_path, on_disk):
+    """A prefix buffer's state goes through a checkpoint file and back slot by slot, as stored
+    (no densifying), and aggregates bit for bit as before; restoring a buffer from its own state
+    works too (its file regions are not reused before they are read)."""
+    total, npr = 1100, 1000
+    fleet = prefix_fleet(total, npr)
+    src = prefix_buffer(fleet, total, npr, path=tmp_path / "src" if on_disk else None)
+    state = loads(dumps({"buffer": src.state_dict()}))["buffer"]
+    slots = [k for k in state if k.endswith(".values")]
+    assert slots and all(isinstance(state[k], Streamed) for k in slots)
+    live, peak = [0], [0]
+    for k in slots:  # count how many slot values are read and not yet dropped at once
+        inner = state[k]
+
+        def read(inner=inner):
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+            t = inner.read()
+            weakref.finalize(t, lambda: live.__setitem__(0, live[0] - 1))
+            return t
+
+        state[k] = Streamed(read=read, shape=inner.shape, dtype=inner.dtype)
+    dst = ClientBuffer(len(fleet), total, npr, storage="prefix", path=tmp_path / "dst" if on_disk else None)
+    dst.load_state_dict(state)
+    assert peak[0] == 1 and live[0] == 0
+    prev = torch.randn(total, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(dst.aggregate(prev, 12), src.aggregate(prev, 12))
+    assert torch.equal(dst.plain_average(), src.plain_average())
+    src.load_state_dict(src.state_dict())  # its own state, straight from its own file
+    assert torch.equal(src.aggregate(prev, 12), dst.aggregate(prev, 12))
+
+
+def test_a_bad_slot_in_a_stored_state_leaves_the_buffer_unchanged(tmp_path):
+    total, npr = 1100, 1000
+    fleet = prefix_fleet(total, npr)
+    buf = prefix_buffer(fleet, total, npr, path=tmp_path)
+    prev = torch.randn(total)
+    before = buf.aggregate(prev, 12)
+    state = prefix_buffer(fleet, total, npr).state_dict()
+    key = next(k for k in state if k.endswith(".prefix"))
+    c = key.split(".")[1]
+    state[f"slot.{c}.values"] = torch.zeros(3)  # not count + suffix values
+    with pytest.raises(ValueError, match=f"slot.{c}.values holds 3 values"):
+        buf.load_state_dict(state)
+    assert torch.equal(buf.aggregate(prev, 12), before)
