@@ -588,11 +588,12 @@ class ClientBuffer:
     def state_dict(self) -> dict[str, torch.Tensor | Streamed]:
         """The contents in their stored form (a sparse or prefix buffer stays small), without a copy.
 
-        Small entries (configuration, ids, masks, indices, rankings) are tensors; do not modify
-        them. A slot's values are a :class:`~prfl.checkpoint.Streamed` that reads them when the
-        checkpoint writer gets to them (valid until the buffer changes) and, for a file-backed
-        buffer, hands their pages back to the kernel right after: writing a checkpoint holds one
-        slot at a time, whatever the fleet."""
+        Entries are the buffer's own tensors: do not modify them, and use the state before the
+        buffer changes. In a file-backed buffer a slot's values are a
+        :class:`~prfl.checkpoint.Streamed` instead, which reads them from the file when the
+        checkpoint writer gets to them and hands their pages back to the kernel right after, so
+        writing a checkpoint maps one slot at a time, whatever the fleet (and a checkpoint's
+        reader gives them back one at a time too)."""
         ids = self.clients()
         state: dict[str, torch.Tensor | Streamed] = {
             "config": torch.tensor(
@@ -603,10 +604,11 @@ class ClientBuffer:
             "sent_round": torch.tensor([self._slots[c].sent_round for c in ids], dtype=torch.int64),
             "next_order_key": torch.tensor([self._next_key], dtype=torch.int64),
         }
+        on_disk = self._arena is not None or self._rows is not None
         release = self._arena.release if self._arena is not None else None
         for c in ids:
             s = self._slots[c]
-            state[f"slot.{c}.values"] = Streamed(read=lambda v=s.values: v, release=release)
+            state[f"slot.{c}.values"] = Streamed(read=lambda v=s.values: v, release=release) if on_disk else s.values
             if s.mask is not None:
                 state[f"slot.{c}.mask"] = s.mask
             if s.index is not None:
