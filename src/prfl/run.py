@@ -137,7 +137,45 @@ class Scenario:
             ),
             num_classes=self.dataset.num_classes,
             model_builder=self.build_at_width,
+            nominal_round_times=self.nominal_round_times(),
+            layer_cost=self.layer_cost(),
         )
+
+    def _task_steps(self, client: int) -> int:
+        return self.train_cfg.num_steps(int(self.partition.sizes()[client]))
+
+    def nominal_round_times(self) -> tuple[float, ...]:
+        """Seconds of a dense task at each client's mean speeds: download + compute + upload of
+        the whole model, with the server link not in the way."""
+        nbytes = 4 * self.layout.total
+        step = self.cost.train_step_flops(self.train_cfg.batch_size)
+        return tuple(
+            nbytes / d.down_bps + step * self._task_steps(c) / d.compute_flops + nbytes / d.up_bps
+            for c, d in enumerate(self.fleet.clients)
+        )
+
+    def layer_cost(self) -> tuple[float, ...]:
+        """Per prunable layer, the seconds one kept weight costs the fleet's median client per task.
+
+        ``4 B * (1/down + 1/up)`` to move its value both ways plus ``3 * batch * steps * f_l / C``
+        of compute, with ``f_l`` the layer's forward FLOPs per sample per weight and ``C`` the
+        device's FLOP/s (the PR-FL reference's per-layer communication + computation coefficient,
+        from this scenario's model and fleet instead of measurements).
+        """
+        times = self.nominal_round_times()
+        median = sorted(range(len(times)), key=lambda c: (times[c], c))[len(times) // 2]
+        dev = self.fleet.clients[median]
+        steps = self._task_steps(median)
+        per_weight = {}
+        for layer in self.cost.layers:
+            if layer.prunable and layer.param_name is not None:
+                per_weight[layer.param_name] = layer.prunable_flops / layer.prunable
+        comm = 4.0 * (1.0 / dev.down_bps + 1.0 / dev.up_bps)
+        out = []
+        for e in self.layout.prunable_entries:
+            f = per_weight.get(e.name, 0.0)
+            out.append(comm + 3.0 * self.train_cfg.batch_size * steps * f / dev.compute_flops)
+        return tuple(out)
 
     def build_at_width(self, width: float = 1.0) -> torch.nn.Module:
         """A fresh model of this scenario at ``width`` times every hidden width."""

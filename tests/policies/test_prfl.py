@@ -30,7 +30,8 @@ def result(task, weights, n):
 
 
 def test_buffer_aggregation_with_poly_staleness_by_hand():
-    pol = build_policy("prfl", ctx(), window=0.0, interval=1000, recovery=False, importance=False)
+    pol = build_policy("prfl", ctx(), window=0.0, interval=1000, recovery=False, importance=False,
+                       initial_densities=1.0)
     tasks = dispatches(pol.on_event(Start(0.0)))
     assert set(tasks) == {0, 1} and all(t.mask is None and t.density == 1.0 for t in tasks.values())
     # client 0 alone: one holder, staleness 0 -> its model
@@ -76,7 +77,8 @@ def test_safeguard_keeps_weights_nobody_trained():
 
 
 def test_window_collects_arrivals_until_its_timer():
-    pol = build_policy("prfl", ctx(), window=0.5, interval=1000, recovery=False, importance=False)
+    pol = build_policy("prfl", ctx(), window=0.5, interval=1000, recovery=False, importance=False,
+                       initial_densities=1.0)
     tasks = dispatches(pol.on_event(Start(0.0)))
     acts = pol.on_event(ResultArrived(1.0, result(tasks[0], [2, 2, 2, 2, 1, 1], 1)))
     assert acts == [SetTimer(1.5, WINDOW_TIMER)] and pol.version == 0
@@ -88,7 +90,9 @@ def test_window_collects_arrivals_until_its_timer():
 
 
 def test_density_rule_a_applied_every_interval():
-    pol = build_policy("prfl", ctx(), window=0.0, interval=2, recovery=False, importance=False)
+    # the earlier rules: rule A from a dense start, the interval in server steps, round time = task time
+    pol = build_policy("prfl", ctx(), window=0.0, interval=2, recovery=False, importance=False, density_rule="A",
+                       initial_densities=1.0, counting="server_steps", round_time="task")
     tasks = dispatches(pol.on_event(Start(0.0)))
     acts = pol.on_event(ResultArrived(2.0, result(tasks[0], [1, 2, 3, 4, 1, 1], 1)))  # round time 2
     t0 = dispatches(acts)[0]
@@ -101,7 +105,8 @@ def test_density_rule_a_applied_every_interval():
 
 
 def test_recovery_fires_on_scripted_accuracy_and_ends_training():
-    pol = build_policy("prfl", ctx(), window=0.0, interval=1000, importance=False, patience=2, delta_rho=0.2)
+    pol = build_policy("prfl", ctx(), window=0.0, interval=1000, importance=False, patience=2, delta_rho=0.2,
+                       initial_densities=1.0, recovery_arming=False, client_scores=False)
     tasks = dispatches(pol.on_event(Start(0.0)))
     best = pol.weights
     assert pol.on_event(EvaluationDone(0.0, SERVER_SCORE, 0.5, 1.0)) == []  # improvement: best checkpoint
@@ -126,7 +131,8 @@ def test_recovery_fires_on_scripted_accuracy_and_ends_training():
 
 
 def test_control_step_requests_the_server_score_of_the_buffer_average():
-    pol = build_policy("prfl", ctx(), window=0.0, interval=1, importance=False)
+    pol = build_policy("prfl", ctx(), window=0.0, interval=1, importance=False, initial_densities=1.0,
+                       client_scores=False)
     tasks = dispatches(pol.on_event(Start(0.0)))
     acts = pol.on_event(ResultArrived(1.0, result(tasks[0], [2, 2, 2, 2, 1, 1], 1)))
     evals = [a for a in acts if isinstance(a, RequestEvaluation)]
@@ -151,16 +157,19 @@ def test_uploads_carry_the_squared_gradients_of_every_prunable_weight(dtype, per
     # client 1 trains 2 of the 4 prunable weights and 2 biases: 4 * 4 B of values, plus the
     # importance of all 4 prunable weights (pruned ones included), at the chosen precision
     pol = build_policy("prfl", ctx(), window=0.0, interval=1000, recovery=False, importance_dtype=dtype,
-                       density_rule="B", initial_densities=(1.0, 0.5))
+                       density_rule="B", initial_densities=(1.0, 0.5), importance_scope="all",
+                       importance_requests="every")
     tasks = dispatches(pol.on_event(Start(0.0)))
     assert tasks[1].upload_bytes == 4 * (2 + 2) + per_value * 4
     assert tasks[0].upload_bytes == 4 * 6 + per_value * 4
     assert tasks[1].want_importance and tasks[1].importance_dtype == dtype
+    assert tasks[1].upload_importance_bytes == per_value * 4
 
 
 def test_importance_once_per_interval_asks_each_client_once_between_rebuilds():
-    pol = build_policy("prfl", ctx(), window=0.0, interval=3, recovery=False, importance_requests="interval",
-                       density_rule="B", initial_densities=(1.0, 0.5))
+    kw = dict(window=0.0, interval=3, recovery=False, importance_requests="interval", density_rule="B",
+              initial_densities=(1.0, 0.5), counting="server_steps", importance_scope="all")
+    pol = build_policy("prfl", ctx(), **kw)
     tasks = dispatches(pol.on_event(Start(0.0)))
     assert tasks[0].want_importance and tasks[1].want_importance
     assert tasks[1].upload_bytes == 4 * (2 + 2) + 4 * 4
@@ -174,8 +183,7 @@ def test_importance_once_per_interval_asks_each_client_once_between_rebuilds():
     assert any(isinstance(a, Record) and a.kind == "ranking" for a in acts)
     assert dispatches(acts)[0].want_importance  # a new interval: asked again
     # the round trip through a checkpoint keeps who was asked
-    clone = build_policy("prfl", ctx(), window=0.0, interval=3, recovery=False, importance_requests="interval",
-                         density_rule="B", initial_densities=(1.0, 0.5))
+    clone = build_policy("prfl", ctx(), **kw)
     clone.load_state_dict(pol.state_dict())
     assert clone._imp_asked == pol._imp_asked == {0}
 
@@ -247,7 +255,7 @@ def test_old_rankings_are_cut_to_the_prefixes_in_use(tmp_path):
     # only as far as its mask reaches, and the buffer's rankings only as far as its slots reach.
     # The same events on a buffer kept in a file give the same weights.
     kw = dict(window=0.0, interval=2, recovery=False, density_rule="B", initial_densities=(1.0, 0.5, 0.25),
-              buffer_storage="prefix")
+              buffer_storage="prefix", counting="server_steps", importance_scope="all", importance_average="all")
     pols = [build_policy("prfl", ctx((1, 2, 3)), **kw), build_policy("prfl", ctx((1, 2, 3)), buffer_dir=str(tmp_path), **kw)]
     for pol in pols:
         tasks = dispatches(pol.on_event(Start(0.0)))

@@ -159,7 +159,7 @@ def test_fedavg_with_one_client_is_plain_sgd() -> None:
 
 def test_ray_executor_agrees_with_inline_bit_for_bit() -> None:
     pytest.importorskip("ray", reason="Ray is installed with the flower extra (pip install 'prfl[flower]')")
-    sc = build_scenario(config("policy.name=prfl", "policy.options={interval: 5}"))
+    sc = build_scenario(config("policy.name=prfl", "policy.options={interval: 5, window: 0.0}"))
     inline = make_executor("inline", sc.worker_spec, dataset=sc.dataset)
     rec_a, w_a, _ = run_with(sc, inline)
     ray_ex = make_executor("ray", sc.worker_spec, workers=2)

@@ -34,6 +34,12 @@ class PolicyContext:
     client_labels: tuple[tuple[int, ...], ...] | None = None  # labels present in each client's data
     num_classes: int | None = None
     model_builder: Callable[[float], Any] | None = None  # width -> a fresh nn.Module (HeteroFL slicing)
+    # seconds a dense task takes each client at its mean speeds (download, compute, upload); orders
+    # the fleet for preset initial densities and picks a reference client (None: client order)
+    nominal_round_times: tuple[float, ...] | None = None
+    # per prunable layer, the seconds one kept weight costs a typical client per task (its transfer
+    # plus its share of the compute); PR-FL's ranking divides scores by it (None: no cost weighting)
+    layer_cost: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.num_clients < 1:
@@ -46,6 +52,20 @@ class PolicyContext:
             raise ValueError("initial_weights must be a flat 1-D tensor")
         if not 0 <= self.num_prunable <= self.initial_weights.numel():
             raise ValueError("num_prunable must lie between 0 and the number of weights")
+        if self.nominal_round_times is not None and len(self.nominal_round_times) != self.num_clients:
+            raise ValueError(f"nominal_round_times has {len(self.nominal_round_times)} entries for {self.num_clients} clients")
+        if self.layer_cost is not None:
+            if self.layer_bounds and len(self.layer_cost) != len(self.layer_bounds):
+                raise ValueError(f"layer_cost has {len(self.layer_cost)} entries for {len(self.layer_bounds)} prunable layers")
+            if any(not c > 0 for c in self.layer_cost):
+                raise ValueError(f"layer_cost coefficients must be positive, got {list(self.layer_cost)}")
+
+    def speed_order(self) -> list[int]:
+        """Clients from fastest to slowest by nominal round time (ties and no times: by id)."""
+        times = self.nominal_round_times
+        if times is None:
+            return list(range(self.num_clients))
+        return sorted(range(self.num_clients), key=lambda c: (times[c], c))
 
 
 # --------------------------------------------------------------------------- events
@@ -129,6 +149,9 @@ class TaskSpec:
     width: float = 1.0
     want_importance: bool = False
     importance_dtype: str = "float32"  # precision the importance scores are uploaded in
+    # "kept": the squared gradients of the kept weights only (pruned weights get none, as when the
+    # forward pass multiplies by the mask); "all": of every prunable weight
+    importance_scope: str = "all"
     upload_index_bytes: int = 0  # part of upload_bytes that is positions
     upload_importance_bytes: int = 0  # part of upload_bytes that is importance scores
 

@@ -22,6 +22,7 @@ the last ``norm_window`` accepted update norms (:mod:`prfl.validation`).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -46,12 +47,28 @@ from prfl.policies.base import (
 )
 from prfl.policies.fleet import FleetPolicy, InFlight
 from prfl.pruning.density import DensityController
+from prfl.pruning.importance import AVERAGES, ImportanceScores
 from prfl.pruning.ranking import IMPORTANCE_BYTES, Ranking, build_ranking, importance_for_upload, magnitude_ranking
 from prfl.pruning.recovery import EarlyStopping
 from prfl.robust import ROBUST_METHODS, check_method, clip_update, robust_aggregate
 from prfl.validation import UpdateChecks
 
 PAPER_PRESET_DENSITIES = (1.0, 1.0, 0.6, 0.6, 0.3, 0.3, 0.1, 0.1, 0.1, 0.1)
+
+
+def preset_densities(times: list[float], preset: tuple[float, ...] = PAPER_PRESET_DENSITIES) -> tuple[float, ...]:
+    """The preset (the paper's, for 10 clients fastest first) mapped onto any fleet by nominal
+    round time: a client with r clients strictly faster than it, of n, gets
+    ``preset[floor(len(preset) * r / n)]`` (equally fast clients start equally dense)."""
+    n = len(times)
+    ordered = sorted(times)
+    out = []
+    for t in times:
+        r = bisect.bisect_left(ordered, t)  # clients strictly faster
+        out.append(preset[len(preset) * r // n])
+    return tuple(out)
+
+
 WINDOW_TIMER = "prfl:window"
 SERVER_SCORE = "prfl:server-score"
 CLIENT_SCORE = "prfl:client-score:"
@@ -59,14 +76,30 @@ CLIENT_SCORE = "prfl:client-score:"
 
 @dataclass(frozen=True)
 class PRFLConfig:
-    """PR-FL options; defaults are the paper's (see ALGORITHMS.md)."""
+    """PR-FL options. Defaults follow the PR-FL reference code (docs/ALGORITHMS.md lists each
+    rule, the reference's choice and the option that changes it)."""
 
-    interval: int = 50  # I: rounds between ranking rebuilds, density steps and monitor checks
-    density_rule: Literal["A", "B"] = "A"
-    time_basis: Literal["dense", "observed"] = "dense"  # see prfl.pruning.density
-    # densities before the first control step: one per client, or one number for every client
-    # (rule B's preset; default: the paper's for 10 clients under rule B, all dense under rule A)
+    # I: fastest-client rounds (or server steps, see `counting`) between ranking rebuilds,
+    # density steps and monitor checks
+    interval: int = 50
+    # what I, the patience and the round-time FIFOs count: "fastest_client" = local rounds of the
+    # client that has done the most (the reference counts its fastest client's rounds);
+    # "server_steps" = server aggregation steps
+    counting: Literal["fastest_client", "server_steps"] = "fastest_client"
+    density_rule: Literal["A", "B"] = "B"
+    # round times before the density rule: "observed" as measured (rule B's default), or "dense"
+    # (scaled to the dense model, rule A's default); see prfl.pruning.density
+    time_basis: Literal["dense", "observed"] | None = None
+    # what a round time is: "inter_arrival" = time between a client's consecutive arrivals at the
+    # server (the reference), "task" = dispatch to arrival of one task
+    round_time: Literal["inter_arrival", "task"] = "inter_arrival"
+    # densities before the first control step: one per client, or one number for every client;
+    # None: the paper's preset (1, 1, .6, .6, .3, .3, .1, .1, .1, .1) mapped onto the fleet by
+    # nominal speed (the client at speed rank r of n gets entry floor(10 r / n))
     initial_densities: tuple[float, ...] | float | None = None
+    # rule B adapts densities only until the server first changes one itself (a recovery), as
+    # the reference does; True keeps adapting afterwards
+    adapt_after_recovery: bool = False
     min_density: float = 0.1  # global minimum density
     density_step: float | None = None  # round densities down to multiples of this (large fleets)
     # how the buffer stores sparse models: "dense" vectors, "sparse" (values + index) or
@@ -76,11 +109,20 @@ class PRFLConfig:
     buffer_dir: str | None = None
     floor: float = 0.05  # per-layer magnitude floor of the ranking
     importance: bool = True  # rank by squared gradients (False: by magnitude)
-    # precision of the squared gradients every upload carries (N values; bfloat16 halves the bytes)
+    # which weights a client reports squared gradients for: "kept" (its sub-model's, values only:
+    # the server knows the mask) or "all" prunable weights
+    importance_scope: Literal["kept", "all"] = "kept"
+    # precision of the squared gradients on the wire (bfloat16 halves the bytes)
     importance_dtype: Literal["float32", "bfloat16"] = "float32"
-    # which tasks carry them: "every" task (the paper), or one task per client per ranking
-    # interval ("interval": the first dispatch to a client after a rebuild asks for them)
-    importance_requests: Literal["every", "interval"] = "every"
+    # which tasks carry them: one task per client per ranking interval ("interval": the first
+    # dispatch to a client after a rebuild asks for them), or "every" task
+    importance_requests: Literal["every", "interval"] = "interval"
+    # how reports become scores: "holders" = per weight over the clients that reported it, scores
+    # kept across intervals, unscored weights filled with g_min * |w|; "all" = plain mean of the
+    # interval's reports (see prfl.pruning.importance)
+    importance_average: Literal["holders", "all"] = "holders"
+    # divide scores by each layer's per-weight cost (transfer + compute) when ranking
+    layer_cost: bool = True
     staleness: Literal["const", "poly", "hinge"] = "poly"
     a: float = 0.6
     b: float = 2.0
@@ -93,7 +135,10 @@ class PRFLConfig:
     patience: int = 10
     delta_rho: float = 0.2
     final_patience_factor: int = 5
-    client_scores: bool = False
+    # the first time the server monitor runs out of patience it only arms the roll-back (the
+    # reference starts checkpointing then); later run-outs roll back and raise densities
+    recovery_arming: bool = True
+    client_scores: bool = True  # per-client monitors: a stalled client's minimum density rises
     buffer: bool = True
     mask_fedavg: bool = True
     residual_split: bool = True
@@ -110,6 +155,16 @@ class PRFLConfig:
             raise ValueError(f"interval must be at least 1, got {self.interval}")
         if self.density_rule not in ("A", "B"):
             raise ValueError(f"density_rule must be 'A' or 'B', got {self.density_rule!r}")
+        if self.counting not in ("fastest_client", "server_steps"):
+            raise ValueError(f"counting must be 'fastest_client' or 'server_steps', got {self.counting!r}")
+        if self.time_basis is not None and self.time_basis not in ("dense", "observed"):
+            raise ValueError(f"time_basis must be 'dense' or 'observed', got {self.time_basis!r}")
+        if self.round_time not in ("inter_arrival", "task"):
+            raise ValueError(f"round_time must be 'inter_arrival' or 'task', got {self.round_time!r}")
+        if self.importance_scope not in ("kept", "all"):
+            raise ValueError(f"importance_scope must be 'kept' or 'all', got {self.importance_scope!r}")
+        if self.importance_average not in AVERAGES:
+            raise ValueError(f"importance_average must be one of {', '.join(AVERAGES)}, got {self.importance_average!r}")
         if self.importance_requests not in ("every", "interval"):
             raise ValueError(f"importance_requests must be 'every' or 'interval', got {self.importance_requests!r}")
         if self.importance_dtype not in IMPORTANCE_BYTES:
@@ -157,22 +212,15 @@ class PRFL(FleetPolicy):
         n = ctx.num_clients
         if not ctx.layer_bounds:
             raise ValueError("PR-FL needs ctx.layer_bounds (the prunable layers of the model)")
-        initial = cfg.initial_densities
-        if isinstance(initial, float):  # one density for every client (large fleets start sparse)
-            initial = (initial,) * n
-        if cfg.density_rule == "B" and initial is None:
-            if n % len(PAPER_PRESET_DENSITIES):
-                raise ValueError("density rule B needs initial_densities unless the fleet has a multiple of 10 clients")
-            initial = tuple(PAPER_PRESET_DENSITIES[i % 10] for i in range(n))
-        self.control = DensityController(n, cfg.interval, cfg.density_rule, cfg.min_density, initial, cfg.time_basis,
-                                         step=cfg.density_step)
+        self.control = DensityController(n, cfg.interval, cfg.density_rule, cfg.min_density, self._initial_densities(),
+                                         self._time_basis(), step=cfg.density_step,
+                                         anchor=ctx.speed_order()[0] if cfg.density_rule == "B" else None)
         self.num_prunable = ctx.num_prunable
         self.total = ctx.initial_weights.numel()
         self.ranking: Ranking = magnitude_ranking(self.weights[: self.num_prunable], ctx.layer_bounds, cfg.floor)
         self.ranking_id = 0
         self.model_id = 0  # bumps whenever the global weights change (aggregation or roll-back)
-        self._imp_sum: torch.Tensor | None = None
-        self._imp_count = 0
+        self.scores = ImportanceScores(self.num_prunable, ctx.layer_bounds, cfg.importance_average)
         self._imp_asked: set[int] = set()  # clients asked for importance since the last rebuild
         self._masks: dict[float, torch.Tensor] = {}
         self.buffer = ClientBuffer(n, self.total, self.num_prunable, storage=cfg.buffer_storage, path=cfg.buffer_dir)
@@ -195,6 +243,34 @@ class PRFL(FleetPolicy):
         self.client_monitors = [EarlyStopping(cfg.patience) for _ in range(n)]
         self.best_weights: torch.Tensor = self.weights
         self.final_phase = False
+        self.armed = not cfg.recovery_arming  # a roll-back needs the monitor to have run out once before
+        self.first_stage = True  # the density rule runs until the server changes a density itself
+        self.local_rounds = [0] * n  # accepted results per client
+        self.control_steps = 0  # control steps taken
+        self.last_arrival = [0.0] * n  # when each client's last result arrived (inter-arrival times)
+
+    def _time_basis(self) -> str:
+        cfg: PRFLConfig = self.config
+        if cfg.time_basis is not None:
+            return cfg.time_basis
+        return "dense" if cfg.density_rule == "A" else "observed"
+
+    def _initial_densities(self) -> tuple[float, ...]:
+        """The configured densities, or the paper's preset mapped onto the fleet by nominal speed."""
+        cfg: PRFLConfig = self.config
+        n = self.ctx.num_clients
+        if isinstance(cfg.initial_densities, float):  # one density for every client
+            return (cfg.initial_densities,) * n
+        if cfg.initial_densities is not None:
+            return tuple(cfg.initial_densities)
+        times = self.ctx.nominal_round_times
+        return preset_densities(list(times) if times is not None else [float(c) for c in range(n)])
+
+    def _counter(self) -> int:
+        """The count the interval is measured in: the fastest client's local rounds or server steps."""
+        if self.config.counting == "server_steps":
+            return self.version
+        return max(self.local_rounds)
 
     # ------------------------------------------------------------------ views
     @property
@@ -267,11 +343,14 @@ class PRFL(FleetPolicy):
         up = 4 * (count + suffix)  # values only: the server knows the mask it sent
         want_importance = self.config.importance and (
             self.config.importance_requests == "every" or client not in self._imp_asked)
+        importance_bytes = 0
         if want_importance:
             self._imp_asked.add(client)
-            # the squared gradients of every prunable weight ride along (pruned ones included:
-            # they are what lets a later ranking bring a weight back)
-            up += IMPORTANCE_BYTES[self.config.importance_dtype] * self.num_prunable
+            # "kept": the squared gradients of the kept weights, values only (the server knows the
+            # mask); "all": of every prunable weight, pruned ones included
+            reported = count if self.config.importance_scope == "kept" else self.num_prunable
+            importance_bytes = IMPORTANCE_BYTES[self.config.importance_dtype] * reported
+            up += importance_bytes
         task = TaskSpec(
             task_id=self.new_task_id(),
             client=client,
@@ -285,6 +364,8 @@ class PRFL(FleetPolicy):
             pieces=pieces,
             want_importance=want_importance,
             importance_dtype=self.config.importance_dtype,
+            importance_scope=self.config.importance_scope,
+            upload_importance_bytes=importance_bytes,
         )
         self.track_task(task, now)
         self.task_masks[task.task_id] = mask
@@ -314,9 +395,17 @@ class PRFL(FleetPolicy):
     def _on_result(self, now: float, result: TaskResult) -> list[Action]:
         arrival = self.take_result(result)
         task = arrival.task
-        self.control.observe(task.client, now - task.dispatched_at, result.density)
+        c = task.client
+        start = self.last_arrival[c] if self.config.round_time == "inter_arrival" else task.dispatched_at
+        self.control.observe(c, max(0.0, now - start), result.density)
+        self.last_arrival[c] = now
+        self.local_rounds[c] += 1
         if result.grad_sq is not None:
-            self._add_importance(importance_for_upload(result.grad_sq, self.config.importance_dtype))
+            g = importance_for_upload(result.grad_sq, self.config.importance_dtype)
+            mask = self.task_masks.get(task.task_id)
+            if self.config.importance_scope == "kept" and mask is not None:
+                g = g * mask  # a pruned weight gets no gradient when the forward pass is W * m
+            self.scores.add(g)
         weights = arrival.weights
         if self.config.robust == "clip":
             assert arrival.start is not None and self.config.clip_norm is not None  # measures_norms keeps start weights
@@ -354,16 +443,6 @@ class PRFL(FleetPolicy):
         return [self.dispatch(client, now)] if self.is_free(client) else []
 
     # ------------------------------------------------------------------ aggregation
-    def _add_importance(self, grad_sq: torch.Tensor) -> None:
-        g = grad_sq.to(torch.float32)
-        lo, hi = g.min(), g.max()
-        norm = (g - lo) / (hi - lo) if hi > lo else torch.zeros_like(g)
-        if self._imp_sum is None:
-            self._imp_sum = norm.clone()
-        else:
-            self._imp_sum += norm
-        self._imp_count += 1
-
     def _aggregate(self, now: float) -> list[Action]:
         cfg = self.config
         arrived = self.window
@@ -397,7 +476,8 @@ class PRFL(FleetPolicy):
         clients = [t.client for t, _, _ in arrived]
         self.model_id += 1
         actions = self.commit(new, now, clients, [st for _, _, st in arrived], densities=[r.density for _, r, _ in arrived])
-        if self.version % cfg.interval == 0:
+        if self._counter() // cfg.interval > self.control_steps:
+            self.control_steps = self._counter() // cfg.interval
             actions += self._control_step()
         if not self.stopped:
             targets = self.free_clients() if cfg.synchronous else [c for c in clients if self.is_free(c)]
@@ -432,13 +512,15 @@ class PRFL(FleetPolicy):
         cfg = self.config
         actions: list[Action] = []
         before = self.densities
-        after = self.control.update()
-        if after != before:
-            actions.append(Record("densities", {"density": after, "mean_round_time": self.control.mean_times()}))
-        if cfg.importance and self._imp_sum is not None and self._imp_count:
-            scores = self._imp_sum / self._imp_count
-            self.ranking = build_ranking(scores, self.weights[: self.num_prunable], self.ctx.layer_bounds, cfg.floor)
-            self._imp_sum, self._imp_count = None, 0
+        if self.first_stage or cfg.adapt_after_recovery:
+            after = self.control.update()
+            if after != before:
+                actions.append(Record("densities", {"density": after, "mean_round_time": self.control.mean_times()}))
+        scores = self.scores.take(self.weights[: self.num_prunable]) if cfg.importance else None
+        if scores is not None:
+            cost = self.ctx.layer_cost if cfg.layer_cost else None
+            self.ranking = build_ranking(scores, self.weights[: self.num_prunable], self.ctx.layer_bounds, cfg.floor,
+                                         layer_cost=cost)
             self._imp_asked = set()
             self.ranking_id += 1
             self._masks = {}
@@ -462,6 +544,7 @@ class PRFL(FleetPolicy):
             _, fired = self.client_monitors[c].check(ev.accuracy, self.version)
             if fired and self.control.minimums[c] < 1.0:
                 self.control.raise_minimum(c, cfg.delta_rho)
+                self.first_stage = False
                 return [Record("recovery", {"scope": "client", "client": c, "min_density": self.control.minimums[c],
                                             "density": self.densities, "score": ev.accuracy})]
             return []
@@ -473,6 +556,10 @@ class PRFL(FleetPolicy):
             return []
         if not fired:
             return []
+        if not self.armed:  # the first run-out only arms the roll-back
+            self.armed = True
+            return [Record("recovery", {"scope": "armed", "best_score": self.monitor.best,
+                                        "best_round": self.monitor.best_round, "score": ev.accuracy})]
         if self.final_phase:
             self.stopped = True
             return [Record("recovery", {"scope": "stop", "best_score": self.monitor.best, "best_round": self.monitor.best_round}),
@@ -480,6 +567,7 @@ class PRFL(FleetPolicy):
         self.weights = self.best_weights  # roll back to the best checkpoint
         self.model_id += 1
         self.control.raise_minimum(None, cfg.delta_rho)
+        self.first_stage = False
         rec: dict[str, Any] = {"scope": "server", "min_density": list(self.control.minimums), "density": self.densities,
                                "best_score": self.monitor.best, "best_round": self.monitor.best_round, "score": ev.accuracy}
         if self.control.all_dense:
@@ -497,8 +585,12 @@ class PRFL(FleetPolicy):
             ranking_floor=self.ranking.floor_count,
             ranking_id=self.ranking_id,
             model_id=self.model_id,
-            imp_sum=None if self._imp_sum is None else self._imp_sum.clone(),
-            imp_count=self._imp_count,
+            scores=self.scores.state_dict(),
+            armed=self.armed,
+            first_stage=self.first_stage,
+            local_rounds=list(self.local_rounds),
+            control_steps=self.control_steps,
+            last_arrival=list(self.last_arrival),
             imp_asked=sorted(self._imp_asked),
             buffer=self.buffer.state_dict(),
             window=[(dataclasses.asdict(t), r, st) for t, r, st in self.window],
@@ -526,8 +618,12 @@ class PRFL(FleetPolicy):
         self.ranking = Ranking(state["ranking_order"].clone(), state["ranking_floor"])
         self.ranking_id = state["ranking_id"]
         self.model_id = state["model_id"]
-        self._imp_sum = None if state["imp_sum"] is None else state["imp_sum"].clone()
-        self._imp_count = state["imp_count"]
+        self.scores.load_state_dict(state["scores"])
+        self.armed = bool(state["armed"])
+        self.first_stage = bool(state["first_stage"])
+        self.local_rounds = [int(x) for x in state["local_rounds"]]
+        self.control_steps = int(state["control_steps"])
+        self.last_arrival = [float(x) for x in state["last_arrival"]]
         self._imp_asked = set(state.get("imp_asked", ()))
         self._masks = {}
         self.buffer.load_state_dict(state["buffer"])
