@@ -459,7 +459,7 @@ class FlowerDriver:
         common = {
             "task_id": spec.task_id, "client": spec.client, "num_clients": self.num_clients, "version": spec.version,
             "density": spec.density, "width": spec.width, "want_importance": spec.want_importance,
-            "importance_dtype": spec.importance_dtype,
+            "importance_dtype": spec.importance_dtype, "importance_scope": spec.importance_scope,
             "seed": int_seed(self.seed, "train", spec.client, spec.task_id),
         }
         plan = residual_plan(self.policy, spec) if spec.width == 1.0 else None
@@ -555,7 +555,8 @@ class FlowerDriver:
             if res.task_id != spec.task_id or res.client != c:
                 raise codec.MalformedResult(
                     f"reply to task {spec.task_id} (client {c}) names task {res.task_id} (client {res.client})")
-            weights, grad_sq = codec.result_weights(res, entry.mask, spec.weights.numel(), self.num_prunable)
+            weights, grad_sq = codec.result_weights(res, entry.mask, spec.weights.numel(), self.num_prunable,
+                                                    spec.importance_scope)
         except ValueError as exc:  # MalformedResult, or arrays of the wrong size or type
             self._malformed(entry, node, str(exc))
             return
