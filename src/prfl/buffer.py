@@ -663,8 +663,8 @@ class ClientBuffer:
 
         O(N) and independent of the number of buffered clients: after masked arrivals only the
         positions they touched are recomputed (the rest is ``prev``, which must then be the tensor
-        this method returned last; otherwise, and after a dense arrival, a recomputation of the
-        sums, eta_g != 1 or masked=False, every position is)."""
+        this method returned last, computed with eta_g = 1; otherwise, and after a dense arrival,
+        a recomputation of the sums, eta_g != 1 or masked=False, every position is)."""
         if self._running is None:
             raise ValueError("aggregate_running needs running sums: build the buffer with frozen=Staleness(...)")
         if not self._slots:
@@ -697,7 +697,8 @@ class ClientBuffer:
             new[:npr] = head if eta_g == 1.0 else torch.lerp(prev[:npr].to(torch.float64), head, eta_g)
         tail = run.s / total_c
         new[npr:] = tail if eta_g == 1.0 else torch.lerp(prev[npr:].to(torch.float64), tail, eta_g)
-        self._last_output = weakref.ref(new)
+        # the positions a later masked arrival leaves alone keep this output: valid only if it is W_new itself
+        self._last_output = weakref.ref(new) if masked and eta_g == 1.0 else None
         return new
 
     def _recompute(self) -> None:
