@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import torch
 
-from prfl.aggregation import mask_fedavg, staleness_weight, weighted_average
+from prfl.aggregation import Staleness, mask_fedavg, staleness_weight, weighted_average
 from prfl.buffer import ClientBuffer, order_dtype
 from prfl.client.result import TaskResult
 from prfl.distribution import PieceId, Publisher, ResidualSplit, dense_model_bytes, sparse_model_bytes
@@ -126,6 +126,10 @@ class PRFLConfig:
     staleness: Literal["const", "poly", "hinge"] = "poly"
     a: float = 0.6
     b: float = 2.0
+    # "frozen": s_i fixed when client i's update arrives, from its staleness then (the reference's
+    # rule; the buffer keeps MaskFedAvg's running sums); "reaged": every buffered update re-aged at
+    # every server step (the full sum over the buffer at each step)
+    staleness_mode: Literal["frozen", "reaged"] = "frozen"
     eta_g: float = 1.0
     # Aggregation window (the paper's simulator closes a server step at
     # max(t + window, t + upload_time + 0.1 s)). Here a window opens when its first upload has
@@ -182,6 +186,8 @@ class PRFLConfig:
             raise ValueError(f"floor must lie in [0, 1], got {self.floor}")
         if self.staleness not in ("const", "poly", "hinge"):
             raise ValueError(f"staleness must be const, poly or hinge, got {self.staleness!r}")
+        if self.staleness_mode not in ("frozen", "reaged"):
+            raise ValueError(f"staleness_mode must be 'frozen' or 'reaged', got {self.staleness_mode!r}")
         if not 0 < self.eta_g <= 1:
             raise ValueError(f"eta_g must lie in (0, 1], got {self.eta_g}")
         if self.window < 0:
@@ -223,7 +229,10 @@ class PRFL(FleetPolicy):
         self.scores = ImportanceScores(self.num_prunable, ctx.layer_bounds, cfg.importance_average)
         self._imp_asked: set[int] = set()  # clients asked for importance since the last rebuild
         self._masks: dict[float, torch.Tensor] = {}
-        self.buffer = ClientBuffer(n, self.total, self.num_prunable, storage=cfg.buffer_storage, path=cfg.buffer_dir)
+        # frozen staleness: running sums, unless a coordinate-wise robust rule needs the whole buffer
+        running = cfg.staleness_mode == "frozen" and cfg.buffer and cfg.robust not in ("trimmed_mean", "median")
+        self.buffer = ClientBuffer(n, self.total, self.num_prunable, storage=cfg.buffer_storage, path=cfg.buffer_dir,
+                                   frozen=Staleness(cfg.staleness, cfg.a, cfg.b) if running else None)
         self.task_orders: dict[int, torch.Tensor] = {}  # prefix storage: the ranking each task's mask is a prefix of
         self.window: list[tuple[InFlight, TaskResult, int]] = []  # (task, result, staleness)
         self.task_masks: dict[int, torch.Tensor | None] = {}  # the mask each task was sent with
@@ -448,16 +457,19 @@ class PRFL(FleetPolicy):
         arrived = self.window
         self.window = []
         masks = {t.task_id: self.task_masks.pop(t.task_id) for t, _, _ in arrived}
-        for task, result, _ in arrived:
+        for task, result, st in arrived:  # st: staleness at arrival, frozen into the slot
             self.buffer.put(task.client, result.weights, masks[task.task_id], result.num_samples, task.version,
-                            order=self.task_orders.pop(task.task_id, None))
+                            order=self.task_orders.pop(task.task_id, None), arrival_round=task.version + st)
         # clipping happened on arrival (against W_sent); the coordinate-wise rules run here
         rule = cfg.robust if cfg.robust in ("trimmed_mean", "median") else "none"
-        if cfg.buffer:
+        if cfg.buffer and rule == "none" and cfg.staleness_mode == "frozen":
+            new = self.buffer.aggregate_running(self.weights, eta_g=cfg.eta_g, masked=cfg.mask_fedavg)
+        elif cfg.buffer:
             # fp32 accumulation: the models are fp32 and this halves the cost of the step
             new = self.buffer.aggregate(
                 self.weights, self.version, kind=cfg.staleness, a=cfg.a, b=cfg.b, eta_g=cfg.eta_g,
                 masked=cfg.mask_fedavg, accumulate_dtype=torch.float32, robust=rule, trim=cfg.trim,
+                staleness_mode=cfg.staleness_mode,
             )
         else:
             s = [staleness_weight(cfg.staleness, st, cfg.a, cfg.b) for _, _, st in arrived]
