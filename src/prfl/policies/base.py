@@ -99,9 +99,10 @@ class StepTiming:
         empty = max(window, self.margin)
         if empty <= 0:
             return now  # zero-length empty steps: the step closes as the result arrives
-        k = math.ceil((now - first) / empty)
-        close = first + k * empty
-        return close if close >= now else first + (k + 1) * empty  # rounding: never before now
+        # a result at a boundary belongs to the step that closes there; 1e-9 absorbs the rounding
+        # of (now - first) / empty (e.g. (1.0 - 0.6) / 0.1 = 4.000000000000001)
+        k = math.ceil((now - first) / empty - 1e-9)
+        return max(first + k * empty, now)  # never before now (a boundary a rounding error ago is now)
 
 
 # --------------------------------------------------------------------------- events
