@@ -339,4 +339,4 @@ def _finish_run_dir(out: Path, summary: dict[str, Any], records: list[dict[str, 
     plot_accuracy({summary["policy"]: records}, out / "accuracy.png", title=summary.get("name", ""))
     clients = len(summary.get("local_rounds", ())) or None
     plot_round_time({summary["policy"]: time_breakdown(records, clients)}, out / "round_time.png",
-                    title=f"{summary.get('name', '')}: where a local round's time goes")
+                    title=summary.get("name", ""))
