@@ -202,10 +202,12 @@ def _privacy(cfg: ExperimentConfig) -> Any:
     return ClientDP(**cfg.privacy.model_dump())
 
 
-def make_policy(sc: Scenario, pcfg: PolicyConfig, accounting: str = "honest") -> Policy:
-    """Build ``pcfg``'s policy on the scenario. Under the simulator's ``reference`` accounting the
-    policy closes server steps by the reference's rule and FedAsync takes one arrival per step
-    with the reference's mixing weight (``steps: reference``) unless its options say otherwise."""
+def make_policy(sc: Scenario, pcfg: PolicyConfig, accounting: str | None = None) -> Policy:
+    """Build ``pcfg``'s policy on the scenario. Under the simulator's ``reference`` accounting
+    (``accounting``, default the scenario's ``sim.accounting``) the policy closes server steps by
+    the reference's rule and FedAsync takes one arrival per step with the reference's mixing
+    weight (``steps: reference``) unless its options say otherwise."""
+    accounting = sc.cfg.sim.accounting if accounting is None else accounting
     options = dict(pcfg.options)
     if accounting == "reference" and pcfg.name == "fedasync":
         options.setdefault("steps", "reference")
@@ -280,7 +282,7 @@ def run_policy(
     history = HistoryWriter(out / "history.jsonl" if out is not None else None)
     executor = _executor(sc)
     try:
-        sim = make_simulation(sc, make_policy(sc, pcfg, sc.cfg.sim.accounting), out, history, executor, on_progress)
+        sim = make_simulation(sc, make_policy(sc, pcfg), out, history, executor, on_progress)
         summary = sim.run()
     finally:
         executor.close()
@@ -318,7 +320,7 @@ def resume_run(run_dir: str | Path, on_progress: Callable[[dict[str, Any]], None
     history = HistoryWriter(hist, truncate_at=state["history_offset"])
     executor = _executor(sc)
     try:
-        sim = make_simulation(sc, make_policy(sc, cfg.policy, cfg.sim.accounting), out, history, executor, on_progress)
+        sim = make_simulation(sc, make_policy(sc, cfg.policy), out, history, executor, on_progress)
         summary = sim.run(resume_state=state)
     finally:
         executor.close()
