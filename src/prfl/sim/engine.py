@@ -65,8 +65,8 @@ from prfl.policies.base import (
     TimerFired,
 )
 from prfl.seeding import int_seed
-from prfl.sim.devices import Fleet, TaskSpeeds, draw_server_speeds, draw_task_speeds
 from prfl.sim.accounting import Accounting, ReferenceBroadcast, ReferenceSizes, check_accounting, values_only_bytes
+from prfl.sim.devices import Fleet, TaskSpeeds, draw_server_speeds, draw_task_speeds
 from prfl.sim.executors import Executor, TrainJob
 from prfl.sim.history import TIME_PARTS, UPLOAD_PARTS, HistoryWriter
 from prfl.sim.links import SharedLink
