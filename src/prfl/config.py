@@ -120,6 +120,11 @@ class SimConfig(_Strict):
     compute_time: Literal["flops", "measured"] = "flops"
     sparse_efficiency: float = Field(1.0, ge=0, le=1)
     shared_server_link: bool = True
+    accounting: Literal["honest", "reference"] = Field(
+        "honest",
+        description="what tasks cost: honest (every byte, fully asynchronous FedAsync) or reference "
+                    "(the PR-FL reference code's cost model; see README)",
+    )
     checkpoint_every_rounds: int | None = Field(50, ge=1)
     targets: list[float] = Field(default_factory=list, description="accuracies for time-to-accuracy")
 

@@ -62,10 +62,11 @@ def process_executor():
     ex.close()
 
 
-@pytest.mark.parametrize("policy", ["fedasync", "fedavg"])
-def test_inline_and_process_executors_agree_bit_for_bit(policy: str, process_executor) -> None:
-    sc_inline = build_scenario(config(f"policy.name={policy}", "sim.executor=inline"))
-    sc_proc = build_scenario(config(f"policy.name={policy}", "sim.executor=process", "sim.workers=2"))
+@pytest.mark.parametrize("policy, accounting", [("fedasync", "honest"), ("fedavg", "honest"), ("fedasync", "reference")])
+def test_inline_and_process_executors_agree_bit_for_bit(policy: str, accounting: str, process_executor) -> None:
+    acc = f"sim.accounting={accounting}"
+    sc_inline = build_scenario(config(f"policy.name={policy}", "sim.executor=inline", acc))
+    sc_proc = build_scenario(config(f"policy.name={policy}", "sim.executor=process", "sim.workers=2", acc))
     pool, pool_spec = process_executor
     # neither the executor choice nor the policy enters what the workers build
     assert sc_proc.worker_spec == sc_inline.worker_spec == pool_spec
@@ -77,7 +78,11 @@ def test_inline_and_process_executors_agree_bit_for_bit(policy: str, process_exe
     assert sum_a["server_rounds"] == 30 and sum_a["stopped"] == "reached max_rounds=30"
     arrivals = [r for r in rec_a if r["event"] == "arrival"]
     assert len(arrivals) >= 30
-    if policy == "fedasync":  # the scenario really is asynchronous: some results are stale
+    if accounting == "reference":  # one arrival per server step; results wait for theirs, so go stale
+        updates = [r for r in rec_a if r["event"] == "server_update"]
+        assert all(len(r["clients"]) == 1 for r in updates) and any(r["staleness"][0] > 0 for r in updates)
+        assert {r["bytes_down"] for r in arrivals} == {20 * 2368 + 4 * 42}  # hidden 32: N = 2,368, M = 42
+    elif policy == "fedasync":  # the scenario really is asynchronous: some results are stale
         assert any(r["staleness"] > 0 for r in arrivals)
 
     # Every history record is equal, floats included (times, train_loss, FLOP-based compute,

@@ -237,6 +237,8 @@ class PRFL(FleetPolicy):
         self.window: list[tuple[InFlight, TaskResult, int]] = []  # (task, result, staleness)
         self.task_masks: dict[int, torch.Tensor | None] = {}  # the mask each task was sent with
         self.window_open = False
+        self.step_start = 0.0  # reference step timing: when the current server step started
+        self.step_length = 0.0  # ...and its length, from the downloads handed out at its start
         self.publisher = Publisher()
         self._split: ResidualSplit | None = None
         self._split_key: tuple[int, int, tuple[float, ...]] | None = None
@@ -399,7 +401,9 @@ class PRFL(FleetPolicy):
         return super().on_event(event)
 
     def _on_start(self, now: float) -> list[Action]:
-        return [self.dispatch(c, now) for c in self.free_clients()]
+        actions: list[Action] = [self.dispatch(c, now) for c in self.free_clients()]
+        self._begin_step(now, actions)
+        return actions
 
     def _on_result(self, now: float, result: TaskResult) -> list[Action]:
         arrival = self.take_result(result)
@@ -423,18 +427,36 @@ class PRFL(FleetPolicy):
         self.window.append((task, dataclasses.replace(result, weights=weights), arrival.staleness))
         if self.config.synchronous:
             return self._aggregate(now) if not self.in_flight else []
-        if self.config.window == 0:
+        timing = self.ctx.step_timing
+        if self.config.window == 0 and timing is None:
             return self._aggregate(now)
         if not self.window_open:
             self.window_open = True
-            return [SetTimer(now + self.config.window, WINDOW_TIMER)]
+            if timing is None:  # the window opens with its first arrival
+                return [SetTimer(now + self.config.window, WINDOW_TIMER)]
+            close = timing.next_close(self.step_start, self.step_length, self.config.window, now)
+            return [SetTimer(close, WINDOW_TIMER)]
         return []
 
     def _on_timer(self, now: float, key: str) -> list[Action]:
         if key != WINDOW_TIMER:
             raise ValueError(f"PR-FL set no timer {key!r}")
         self.window_open = False
-        return self._aggregate(now) if self.window else []
+        actions = self._aggregate(now) if self.window else []
+        self._begin_step(now, actions)
+        return actions
+
+    def _begin_step(self, now: float, actions: list[Action]) -> None:
+        """Reference step timing (``ctx.step_timing``): a server step starts at ``now`` with the
+        tasks dispatched in ``actions``; it closes at now + max(window, D / server_up + 0.1 s),
+        D the largest of their downloads, or at a later boundary if nothing arrives by then
+        (:meth:`prfl.policies.base.StepTiming.next_close`). Without step timing a window opens
+        at its first arrival and closes ``window`` seconds later."""
+        timing = self.ctx.step_timing
+        if timing is None or self.config.synchronous:
+            return
+        self.step_start = now
+        self.step_length = timing.step_length(self.config.window, [a.task for a in actions if isinstance(a, Dispatch)])
 
     def _on_task_failed(self, now: float, task: InFlight) -> list[Action]:
         self.task_masks.pop(task.task_id, None)
@@ -609,6 +631,8 @@ class PRFL(FleetPolicy):
             task_masks=dict(self.task_masks),
             task_orders=dict(self.task_orders),
             window_open=self.window_open,
+            step_start=self.step_start,
+            step_length=self.step_length,
             publisher=self.publisher.state_dict(),
             split_id=self._split_id,
             split_key=self._split_key,
@@ -643,6 +667,8 @@ class PRFL(FleetPolicy):
         self.task_masks = dict(state["task_masks"])
         self.task_orders = dict(state.get("task_orders", {}))
         self.window_open = state["window_open"]
+        self.step_start = float(state.get("step_start", 0.0))
+        self.step_length = float(state.get("step_length", 0.0))
         self.publisher.load_state_dict(state["publisher"])
         self._split, self._split_key, self._split_id = None, None, state["split_id"]
         key = state.get("split_key")

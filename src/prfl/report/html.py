@@ -15,10 +15,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from prfl import __version__
-from prfl.report import tables
+from prfl.report import plots, tables
 from prfl.report.analysis import MethodSummary
 from prfl.report.outputs import PLOT_TITLES, write_plots
 from prfl.report.runset import RunSet, load_runset
+from prfl.sim.history import TIME_PARTS, UPLOAD_PARTS, time_breakdown, upload_split
 
 REPORT_NAME = "report.html"
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -93,7 +94,8 @@ def render(rs: RunSet, plot_paths: dict[str, Path], summaries: Sequence[MethodSu
         parts.append(f'<p class="meta">Made by <code>{_esc(rs.command)}</code>; rebuild this page with '
                      f"<code>prfl report {_esc(rs.root)}</code>.</p>")
     sections = [("tta", "Time to accuracy"), ("accuracy", "Final accuracy"), ("participation", "Participation"),
-                ("bytes", "Bytes"), ("plots", "Plots"), ("clients", "Per client"), ("config", "Configuration")]
+                ("bytes", "Bytes"), ("plots", "Plots"), ("clients", "Per client"), ("round-time", "Round time"),
+                ("config", "Configuration")]
     parts.append("<nav>" + "".join(f'<a href="#{k}">{_esc(v)}</a>' for k, v in sections) + "</nav>")
     if rs.missing:
         parts.append(f'<p class="warn">Missing or unfinished runs, left out of every table and plot: '
@@ -120,10 +122,74 @@ def render(rs: RunSet, plot_paths: dict[str, Path], summaries: Sequence[MethodSu
         parts.append(f'<figure id="fig-{_esc(name)}"><img src="{data_uri(path)}" alt="{_esc(title)}">'
                      f"<figcaption>{_esc(CAPTIONS.get(name, title))}</figcaption></figure>")
     parts.append('<h2 id="clients">Per client</h2>' + html_table(tables.clients_table(summ)))
+    parts.append(round_time_section(rs))
     parts.append('<h2 id="config">Configuration</h2>')
     parts.append(f"<pre>{_esc(rs.config_text)}</pre>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def method_round_time(rs: RunSet) -> dict[str, dict[str, list[float | None]]]:
+    """Per method, per client: the mean seconds per task of each part of :data:`TIME_PARTS`,
+    averaged over the method's complete seeds (a seed in which a client finished nothing is left
+    out of that client's mean). Methods whose histories carry no timings are left out."""
+    out: dict[str, dict[str, list[float | None]]] = {}
+    for method, runs in rs.complete_runs().items():
+        per_seed = [time_breakdown(r.records) for r in runs]
+        n = max((len(b[TIME_PARTS[0]]) for b in per_seed), default=0)
+        if n == 0:
+            continue
+        merged: dict[str, list[float | None]] = {}
+        for part in TIME_PARTS:
+            col: list[float | None] = []
+            for c in range(n):
+                vals = [b[part][c] for b in per_seed if c < len(b[part]) and b[part][c] is not None]
+                col.append(sum(vals) / len(vals) if vals else None)
+            merged[part] = col
+        out[method] = merged
+    return out
+
+
+def round_time_table(rs: RunSet, breakdowns: dict[str, dict[str, list[float | None]]]) -> tables.Table:
+    """Per method: the share of the clients' task time in each part (mean over clients of the
+    per-client seconds, as a share of their sum) and the share of upload bytes by kind."""
+    headers = ["method", *(f"{p.replace('_', ' ')} %" for p in TIME_PARTS), "mean task s",
+               *(f"upload {p} %" for p in UPLOAD_PARTS)]
+    rows = []
+    runs = rs.complete_runs()
+    for method, b in breakdowns.items():
+        means = []
+        for part in TIME_PARTS:
+            vals = [v for v in b[part] if v is not None]
+            means.append(sum(vals) / len(vals) if vals else 0.0)
+        total = sum(means)
+        split = dict.fromkeys(UPLOAD_PARTS, 0)
+        for r in runs.get(method, []):
+            for k, v in upload_split(r.records).items():
+                split[k] += v
+        up = sum(split.values())
+        rows.append([method, *(f"{100 * m / total:.1f}" if total else "-" for m in means), f"{total:.3g}",
+                     *(f"{100 * split[p] / up:.1f}" if up else "-" for p in UPLOAD_PARTS)])
+    return headers, rows
+
+
+def round_time_section(rs: RunSet) -> str:
+    """The report's "Round time" section: where each client's task time goes (stacked bars) and
+    the shares per method; histories without per-arrival timings get a note instead."""
+    head = '<h2 id="round-time">Round time</h2>'
+    breakdowns = method_round_time(rs)
+    if not breakdowns:
+        return head + "<p>These runs' histories carry no per-arrival timings (written by an older prfl).</p>"
+    with tempfile.TemporaryDirectory(prefix="prfl-report-") as tmp:
+        png = plots.plot_round_time(breakdowns, Path(tmp) / "round_time.png", title=f"{rs.title}: round time")
+        uri = data_uri(png)
+    caption = ("Where a task's time goes, per client: mean seconds per task (mean over seeds) of the download "
+               "and the upload at the client's own link speeds, compute, and link wait, the time the transfers "
+               "were queued or slowed by the server's shared link beyond that.")
+    return (head + f'<figure id="fig-round_time"><img src="{uri}" alt="Round time per client">'
+            f"<figcaption>{_esc(caption)}</figcaption></figure>" + html_table(round_time_table(rs, breakdowns))
+            + '<p class="meta">Shares of the clients\' mean task time, and of all bytes their uploads held '
+            "(under the reference accounting only the values are charged).</p>")
 
 
 def write_report(

@@ -219,3 +219,47 @@ def plot_density(runs: Mapping[str, Records], path: str | Path, title: str = "")
     if title and len(panels) > 1:
         fig.suptitle(title)
     return save_figure(fig, path)
+
+
+ROUND_TIME_PARTS = ("download", "link_wait", "compute", "upload")
+ROUND_TIME_LABELS = {"download": "download (own link)", "link_wait": "link wait (server link)",
+                     "compute": "compute", "upload": "upload (own link)"}
+ROUND_TIME_COLORS = {"download": "tab:blue", "link_wait": "tab:gray", "compute": "tab:green", "upload": "tab:orange"}
+
+
+def plot_round_time(breakdowns: Mapping[str, Mapping[str, Sequence[float | None]]], path: str | Path,
+                    title: str = "") -> Path:
+    """Where a local round's time goes: per client, a stacked bar of the mean seconds per task of
+    download, link wait, compute and upload (see :mod:`prfl.sim.history`); one panel per method.
+
+    ``breakdowns`` maps a method to ``{part: [seconds per client]}`` as returned by
+    :func:`prfl.sim.history.time_breakdown` (None: the client finished no task; drawn as 0).
+    """
+    panels = [(m, b) for m, b in breakdowns.items()
+              if any(v is not None for p in ROUND_TIME_PARTS for v in b.get(p, ()))]
+    n = max((len(b.get(p, ())) for _, b in panels for p in ROUND_TIME_PARTS), default=0)
+    rows = max(1, len(panels))
+    fig, axes = plt.subplots(rows, 1, figsize=(max(6.0, min(16.0, 2.0 + 0.35 * n)), 2.6 * rows + 0.8), dpi=110,
+                             sharex=True, squeeze=False, layout="constrained")
+    if not panels:
+        _empty(axes[0][0], "no arrival timings in the history")
+        axes[0][0].set_title(title or "where the round time goes")
+        return save_figure(fig, path)
+    x = np.arange(n)
+    for (method, b), row in zip(panels, axes):
+        ax = row[0]
+        bottom = np.zeros(n)
+        for part in ROUND_TIME_PARTS:
+            vals = np.array([float(v) if v is not None else 0.0 for v in b.get(part, [])] + [0.0] * n)[:n]
+            ax.bar(x, vals, 0.7, bottom=bottom, color=ROUND_TIME_COLORS[part], label=ROUND_TIME_LABELS[part])
+            bottom += vals
+        ax.set_ylabel("seconds per task")
+        ax.set_title(method if len(panels) > 1 or not title else f"{title}: {method}", fontsize="medium")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    last = axes[-1][0]
+    last.set_xticks(x if n <= 40 else x[:: max(1, n // 20)])
+    last.set_xlabel("client")
+    if title and len(panels) > 1:
+        fig.suptitle(title)
+    return save_figure(fig, path)
