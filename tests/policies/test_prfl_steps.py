@@ -34,7 +34,8 @@ def test_reference_steps_close_at_max_window_or_largest_download_over_uplink_by_
     # t + max(window, D_max / server_up + 0.1). Here client c's download counts 1,000 (c + 1) B
     # and the server's uplink 1,000 B/s; window 0.5.
     timing = StepTiming(server_up_bps=1_000.0, download_bytes=lambda task: 1_000 * (task.client + 1))
-    pol = build_policy("prfl", ctx(step_timing=timing), window=0.5, interval=1000, recovery=False, importance=False)
+    pol = build_policy("prfl", ctx(step_timing=timing), window=0.5, interval=1000, recovery=False, importance=False,
+                       initial_densities=1.0)
     tasks = dispatches(pol.on_event(Start(0.0)))
     # Step 1 sends both clients a model: D_max = 2,000 B -> max(0.5, 2 + 0.1) = 2.1 s, so the
     # window of a result arriving at 1.0 closes at 2.1 (not 1.0 + 0.5)
