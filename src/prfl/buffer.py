@@ -64,7 +64,7 @@ from prfl.aggregation import (
     weighted_average,
 )
 from prfl.distribution import PackedIndex
-from prfl.incremental import DEFAULT_RECOMPUTE_EVERY, RunningMaskFedAvg
+from prfl.incremental import DEFAULT_RECOMPUTE_EVERY, Contribution, RunningMaskFedAvg
 from prfl.robust import check_method, clip_updates, coordinate_median, holders, trimmed_mean
 
 STORAGE_KINDS: tuple[str, ...] = ("dense", "sparse", "prefix")
@@ -227,10 +227,10 @@ class ClientBuffer:
         slot = self._make_slot(client, weights, mask, num_samples, sent_round, order, arrival_round)
         old = self._slots.get(client)
         if self._running is not None:
-            if old is not None:
-                self._apply(old, -1)
-            self._apply(slot, 1)
+            items = [] if old is None else [(self._contribution(old), -1)]
+            self._running.apply([*items, (self._contribution(slot), 1)])
             self._since_recompute += 1
+            self._release(old)
         self._commit(client, slot)
 
     def _make_slot(
@@ -648,7 +648,8 @@ class ClientBuffer:
         live = [c for c, v in coeffs.items() if v != 0.0]
         new = torch.empty_like(prev)
         finish_masked(new[:npr], prev[:npr], w_acc, m_acc, lambda pos: self._exact_at(pos, coeffs),
-                      wmax=max((self._slots[c].amax for c in live), default=0.0), n_terms=len(live), eta_g=eta_g)
+                      wmax=max((self._slots[c].amax for c in live), default=0.0), n_terms=len(live),
+                      min_coef=min(coeffs[c] for c in live), eta_g=eta_g)
         tail = s_acc.div_(total_c)
         if eta_g != 1.0:
             tail = torch.lerp(prev[npr:].to(dtype), tail, eta_g)
@@ -688,9 +689,10 @@ class ClientBuffer:
         new = prev.clone() if partial else torch.empty_like(prev)
         if masked:
             finish_masked(
-                new[:npr], prev[:npr], run.w, run.m, self._exact_running, wmax=max(s.amax for s in live),
-                n_terms=len(live), dense_c=math.fsum(dense), holders=run.h, dense_h=len(dense),
-                drift=run.drift_bound(), eta_g=eta_g, positions=touched if partial else None,
+                new[:npr], prev[:npr], run.w, run.m if len(dense) < len(live) else None, self._exact_running,
+                wmax=max(s.amax for s in live), n_terms=len(live), min_coef=min(s.coef for s in live),
+                dense_c=math.fsum(dense), holders=run.h, dense_h=len(dense), drift=run.drift_bound(), eta_g=eta_g,
+                positions=touched if partial else None,
             )
         else:
             head = run.w / total_c
@@ -705,15 +707,14 @@ class ClientBuffer:
         """The running sums afresh from the slots, in ascending client order (no drift)."""
         assert self._running is not None
         self._running.reset()
-        for c in self.clients():
-            self._apply(self._slots[c], 1)
+        slots = [self._slots[c] for c in self.clients()]
+        self._running.apply([(self._contribution(slot), 1) for slot in slots])
+        for slot in slots:
+            self._release(slot)
         self._since_recompute = 0
 
-    def _apply(self, slot: _Slot, sign: int) -> None:
-        """Add (1) or remove (-1) a slot's contribution to the running sums."""
-        assert self._running is not None
-        if slot.coef == 0.0:
-            return
+    def _contribution(self, slot: _Slot) -> Contribution:
+        """A slot's share of the running sums (prfl.incremental.Contribution)."""
         npr = self.num_prunable
         positions: torch.Tensor | None
         if slot.order_key is not None:  # prefix storage: kept values in ranking order
@@ -727,8 +728,11 @@ class ClientBuffer:
             values, suffix = slot.values[:npr].index_select(0, positions), slot.values[npr:]
         else:  # a dense client
             positions, values, suffix = None, slot.values[:npr], slot.values[npr:]
-        self._running.apply(slot.coef, values, positions, suffix, slot.amax, sign)
-        if self._arena is not None:
+        return slot.coef, values, positions, suffix, slot.amax
+
+    def _release(self, slot: _Slot | None) -> None:
+        """File-backed prefix storage: hand a slot's pages back to the kernel."""
+        if self._arena is not None and slot is not None:
             self._arena.release(slot.values)
 
     def _exact_running(self, positions: torch.Tensor) -> ExactTerms:
