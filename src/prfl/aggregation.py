@@ -253,9 +253,12 @@ def finish_masked(
         else:
             out.index_copy_(0, positions, res.to(out.dtype))
         # rounding is monotone, so |val| <= tau implies |val rounded to out's dtype| <= tau (1 + 2^-22):
-        # where res is val (eta_g = 1) the check reads the narrower rounded values
-        probe = out[a:b] if positions is None and eta_g == 1.0 else val
-        small = probe.abs() <= tau * (1 + 2.0**-22)  # NaN and inf (unheld) compare False
+        # where out holds val itself (everyone holds every weight, eta_g = 1) the check reads the
+        # narrower rounded values; elsewhere val, which is NaN or inf where nobody holds the weight
+        probe = out[a:b] if everyone and positions is None and eta_g == 1.0 else val
+        small = probe.abs() <= tau * (1 + 2.0**-22)
+        if not everyone:
+            small &= held
         if bool(small.any()):
             idx = small.nonzero().view(-1)
             found.append(idx + a if positions is None else positions[idx])
