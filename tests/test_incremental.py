@@ -83,25 +83,30 @@ def test_running_sums_against_mask_fedavg_with_hand_coefficients():
     assert relative_error(buf.aggregate_running(prev), want) <= 1e-6
 
 
-def test_checkpoint_resumes_the_running_sums_bit_for_bit():
+@pytest.mark.parametrize("storage, other", [("dense", "sparse"), ("prefix", "prefix")])
+def test_checkpoint_resumes_the_running_sums_bit_for_bit(storage, other):
     """state_dict recomputes the sums exactly, and so does load_state_dict: both buffers then
     continue with the same aggregates, bit for bit (not merely close)."""
     frozen = Staleness()
-    live = ClientBuffer(CLIENTS, TOTAL, NPR, frozen=frozen)
+    live = ClientBuffer(CLIENTS, TOTAL, NPR, storage=storage, frozen=frozen)
     arrivals = list(scripted_arrivals(300, seed=11))
     prev = torch.zeros(TOTAL)
-    for c, w, mask, _, n, sent, arrived in arrivals[:200]:
-        live.put(c, w, mask, n, sent, arrival_round=arrived)
+
+    def order_for(buf, order, mask):
+        return order if buf.storage == "prefix" and mask is not None else None
+
+    for c, w, mask, order, n, sent, arrived in arrivals[:200]:
+        live.put(c, w, mask, n, sent, order=order_for(live, order, mask), arrival_round=arrived)
         prev = live.aggregate_running(prev)
     blob = io.BytesIO()
     torch.save(live.state_dict(), blob)
     blob.seek(0)
-    resumed = ClientBuffer(CLIENTS, TOTAL, NPR, storage="sparse", frozen=frozen)
+    resumed = ClientBuffer(CLIENTS, TOTAL, NPR, storage=other, frozen=frozen)
     resumed.load_state_dict(torch.load(blob, weights_only=True))
     prev_live, prev_resumed = prev, prev.clone()
-    for c, w, mask, _, n, sent, arrived in arrivals[200:]:
-        live.put(c, w, mask, n, sent, arrival_round=arrived)
-        resumed.put(c, w, mask, n, sent, arrival_round=arrived)
+    for c, w, mask, order, n, sent, arrived in arrivals[200:]:
+        live.put(c, w, mask, n, sent, order=order_for(live, order, mask), arrival_round=arrived)
+        resumed.put(c, w, mask, n, sent, order=order_for(resumed, order, mask), arrival_round=arrived)
         prev_live = live.aggregate_running(prev_live)
         prev_resumed = resumed.aggregate_running(prev_resumed)
         assert torch.equal(prev_live, prev_resumed)

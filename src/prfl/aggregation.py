@@ -123,7 +123,7 @@ def fedbuff_staleness(tau: float) -> float:
 
 # --------------------------------------------------------------------------- the zero rule
 UNIT_ROUNDOFF = 2.0**-53  # u of float64: |fl(x) - x| <= u |x|
-SUBBLOCK = 1 << 16  # weights per block of the finishing pass (its temporaries stay in cache)
+SUBBLOCK = 1 << 17  # weights per block of the finishing pass (its temporaries stay in cache)
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:

@@ -108,6 +108,22 @@ class RunningMaskFedAvg:
                 for c, values in dense:
                     part.add_(values[a : a + BLOCK], alpha=c)
 
+    def add_ranked(
+        self, positions: torch.Tensor, w_rank: torch.Tensor, m_rank: torch.Tensor, h_rank: torch.Tensor,
+        suffix: torch.Tensor, terms: int, magnitude: float,
+    ) -> None:
+        """Add ``terms`` contributions already summed in rank space (the slots of one ranking):
+        W_acc[positions] += w_rank, M_acc[positions] += m_rank, h[positions] += h_rank, and the
+        suffix sum; ``magnitude`` = their sum of c_j max|W_j|."""
+        self.w.index_add_(0, positions, w_rank)
+        self.m.index_add_(0, positions, m_rank)
+        self.h.index_add_(0, positions, h_rank.to(self.h.dtype))
+        if self.s.numel():
+            self.s.add_(suffix)
+        self.ops += terms
+        self.magnitude += magnitude
+        self._touched = None
+
     def drift_bound(self) -> float:
         """2 ops u B: a bound on |W_acc[k] - its current terms' sum| for every k (module docstring)."""
         return 2.0 * self.ops * UNIT_ROUNDOFF * self.magnitude
