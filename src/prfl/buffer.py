@@ -668,8 +668,8 @@ class ClientBuffer:
         on arrival, the rule of :meth:`aggregate` with ``staleness_mode="frozen"`` (equal up to
         rounding and the sums' drift, see :mod:`prfl.incremental`); a new tensor of ``prev``'s dtype.
 
-        O(N) and independent of the number of buffered clients: after masked arrivals only the
-        positions they touched are recomputed (the rest is ``prev``, which must then be the tensor
+        One pass over the N weights, independent of the number of buffered clients; after masked
+        arrivals that touched at most PARTIAL_FRACTION of them, only those positions are recomputed (the rest is ``prev``, which must then be the tensor
         this method returned last, computed with eta_g = 1; otherwise, and after a dense arrival,
         a recomputation of the sums, eta_g != 1 or masked=False, every position is)."""
         if self._running is None:

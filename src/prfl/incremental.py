@@ -10,7 +10,10 @@ can be kept up to date: an arrival subtracts its client's old contribution and a
 O(|m_old| + |m_new|) index operations for a masked client and O(N) for a dense one, whatever the
 number of buffered clients. The normalisation p_i = s_i / sum_j s_j of the full rule cancels in
 W_acc / M_acc and S_acc / C, so c_i stays unnormalised. Dense clients (no mask) enter M_acc and h
-as one scalar each (their coefficient total and count), summed afresh from the slots.
+as one scalar each (their coefficient total and count), summed afresh from the slots. The server
+model W_acc / M_acc is then one streaming pass over the N weights (or, after masked arrivals that
+touched few of them, a pass over those alone: see prfl.buffer.PARTIAL_FRACTION); the full rule
+would instead add up every buffered model at every step.
 
 Drift. Float64 sums that are added to and subtracted from drift away from the sum of their
 current terms: every operation rounds, and the rounding of a term that was added and later
