@@ -315,7 +315,7 @@ class ClientBuffer:
         return slot
 
     def _mask_positions(self, mask: torch.Tensor) -> torch.Tensor:
-        """The positions of ``mask``, ascending (int64). A policy hands the same mask object to
+        """The positions of ``mask``, ascending (int32 where they fit). A policy hands the same mask object to
         every client of one density, so they are found once per mask object and checked on reuse
         (same count, every position set: O(count) instead of a scan)."""
         count = int(mask.sum())
@@ -326,7 +326,7 @@ class ClientBuffer:
             self._positions_cache = {k: v for k, v in self._positions_cache.items() if v[0]() is not None}
             if len(self._positions_cache) >= 64:
                 self._positions_cache.clear()
-        pos = torch.from_numpy(np.flatnonzero(mask.numpy()))
+        pos = torch.from_numpy(np.flatnonzero(mask.numpy())).to(order_dtype(self.num_prunable))
         self._positions_cache[id(mask)] = (weakref.ref(mask), pos)
         return pos
 
@@ -765,18 +765,20 @@ class ClientBuffer:
 
     def _ascending(self, key: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(perm, positions): the first ``count`` ranks of ranking ``key`` in ascending position
-        order (positions = order[:count][perm]), shared by the slots of one ranking and density.
+        order (positions = order[:count][perm]; int32 where they fit), shared by the slots of one
+        ranking and density (at most 8 such pairs are kept).
         Index operations on the model-sized sums run several times faster in ascending order."""
         order = self._orders[key]
         hit = self._ascending_cache.get((key, count))
         if hit is not None and hit[0] is order:
             return hit[1], hit[2]
-        if len(self._ascending_cache) >= 32:  # old rankings and densities: keep the cache small
+        if len(self._ascending_cache) >= 8:  # old rankings and densities: keep the cache small
             self._ascending_cache = {k: v for k, v in self._ascending_cache.items() if k[0] in self._orders}
-            while len(self._ascending_cache) >= 32:
+            while len(self._ascending_cache) >= 8:
                 del self._ascending_cache[next(iter(self._ascending_cache))]
-        perm = torch.from_numpy(np.argsort(order[:count].numpy(), kind="stable"))
-        positions = order[:count][perm].to(torch.int64)
+        small = order_dtype(self.num_prunable)
+        perm = torch.from_numpy(np.argsort(order[:count].numpy(), kind="stable")).to(small)
+        positions = order[:count][perm].to(small)
         self._ascending_cache[(key, count)] = (order, perm, positions)
         return perm, positions
 
