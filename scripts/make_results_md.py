@@ -215,6 +215,11 @@ def simulator_section(d: dict[str, Any], name: str) -> list[str]:
         speedups = {"process": d.get("process_speedup_median")}
     for kind, value in speedups.items():
         rows.append([f"{kind} speed-up vs inline (median)", _num(value, ".2f"), "-"])
+    per_worker = d.get("per_worker_overhead_median")
+    if isinstance(per_worker, dict):
+        workers = _get(d, "workload", "workers")
+        for kind, value in per_worker.items():
+            rows.append([f"{kind}: wall / (training / {workers} workers), median", _num(value), "-"])
     same = d.get("histories_identical", "-")
     if isinstance(same, dict):
         for kind, value in same.items():
@@ -222,6 +227,14 @@ def simulator_section(d: dict[str, Any], name: str) -> list[str]:
     else:
         rows.append(["histories identical across executors", str(same), "True"])
     lines.append(markdown((["measure", "value", "goal"], rows)))
+    prof = d.get("profile")
+    if isinstance(prof, dict) and isinstance(prof.get("seconds"), dict):
+        lines.append(f"Where the time of one inline run goes (cProfile; wall {_num(prof.get('wall'), '.1f')} s, "
+                     f"training {_num(prof.get('train'), '.1f')} s):\n")
+        share = prof.get("share") or {}
+        lines.append(markdown((["part", "seconds", "share of wall"],
+                               [[k, _num(v, ".2f"), _num(100 * share.get(k, 0.0), ".1f") + " %"]
+                                for k, v in prof["seconds"].items()])))
     m = d.get("machine") or {}
     if m:
         lines.append("Machine: " + ", ".join(f"{k} {v}" for k, v in m.items()) + ".\n")

@@ -316,7 +316,8 @@ def test_a_fused_accumulator_residue_is_still_zero():
     models = [T([X, 1.0]), T([-X, 1.0])]
     out = torch.empty(1)
     finish_masked(out, T([9.0]), torch.tensor([residue], dtype=torch.float64), torch.tensor([2 * c], dtype=torch.float64),
-                  lambda pos: exact_terms(((c, w[pos], None) for w in models), int(pos.numel())), wmax=x, n_terms=2)
+                  lambda pos: exact_terms(((c, w[pos], None) for w in models), int(pos.numel())), wmax=x, n_terms=2,
+                  min_coef=c)
     assert out.tolist() == [9.0]
 
 

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import prfl.buffer as buffer_module
 from prfl.aggregation import Staleness, mask_fedavg
 from prfl.buffer import ClientBuffer
 
@@ -42,9 +43,13 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float(((got.double() - want.double()).abs() / want.double().abs().clamp(min=1e-3)).max())
 
 
-@pytest.mark.parametrize("storage, recompute_every", [("dense", 1000), ("dense", 37), ("sparse", 1000),
-                                                       ("prefix", 1000), ("prefix-file", 250)])
-def test_incremental_equals_full_recomputation_over_1000_arrivals(storage, recompute_every, tmp_path):
+@pytest.mark.parametrize("storage, recompute_every, partial", [
+    ("dense", 1000, True), ("dense", 37, False), ("sparse", 1000, True), ("prefix", 1000, True),
+    ("prefix", 1000, False), ("prefix-file", 250, True)])
+def test_incremental_equals_full_recomputation_over_1000_arrivals(storage, recompute_every, partial, tmp_path,
+                                                                   monkeypatch):
+    """partial: masked arrivals recompute only the positions they touched (whatever their share)."""
+    monkeypatch.setattr(buffer_module, "PARTIAL_FRACTION", 1.0 if partial else 0.0)
     kind = "prefix" if storage == "prefix-file" else storage
     path = tmp_path if storage == "prefix-file" else None
     frozen = Staleness("poly", 0.6)
@@ -78,25 +83,30 @@ def test_running_sums_against_mask_fedavg_with_hand_coefficients():
     assert relative_error(buf.aggregate_running(prev), want) <= 1e-6
 
 
-def test_checkpoint_resumes_the_running_sums_bit_for_bit():
+@pytest.mark.parametrize("storage, other", [("dense", "sparse"), ("prefix", "prefix")])
+def test_checkpoint_resumes_the_running_sums_bit_for_bit(storage, other):
     """state_dict recomputes the sums exactly, and so does load_state_dict: both buffers then
     continue with the same aggregates, bit for bit (not merely close)."""
     frozen = Staleness()
-    live = ClientBuffer(CLIENTS, TOTAL, NPR, frozen=frozen)
+    live = ClientBuffer(CLIENTS, TOTAL, NPR, storage=storage, frozen=frozen)
     arrivals = list(scripted_arrivals(300, seed=11))
     prev = torch.zeros(TOTAL)
-    for c, w, mask, _, n, sent, arrived in arrivals[:200]:
-        live.put(c, w, mask, n, sent, arrival_round=arrived)
+
+    def order_for(buf, order, mask):
+        return order if buf.storage == "prefix" and mask is not None else None
+
+    for c, w, mask, order, n, sent, arrived in arrivals[:200]:
+        live.put(c, w, mask, n, sent, order=order_for(live, order, mask), arrival_round=arrived)
         prev = live.aggregate_running(prev)
     blob = io.BytesIO()
     torch.save(live.state_dict(), blob)
     blob.seek(0)
-    resumed = ClientBuffer(CLIENTS, TOTAL, NPR, storage="sparse", frozen=frozen)
+    resumed = ClientBuffer(CLIENTS, TOTAL, NPR, storage=other, frozen=frozen)
     resumed.load_state_dict(torch.load(blob, weights_only=True))
     prev_live, prev_resumed = prev, prev.clone()
-    for c, w, mask, _, n, sent, arrived in arrivals[200:]:
-        live.put(c, w, mask, n, sent, arrival_round=arrived)
-        resumed.put(c, w, mask, n, sent, arrival_round=arrived)
+    for c, w, mask, order, n, sent, arrived in arrivals[200:]:
+        live.put(c, w, mask, n, sent, order=order_for(live, order, mask), arrival_round=arrived)
+        resumed.put(c, w, mask, n, sent, order=order_for(resumed, order, mask), arrival_round=arrived)
         prev_live = live.aggregate_running(prev_live)
         prev_resumed = resumed.aggregate_running(prev_resumed)
         assert torch.equal(prev_live, prev_resumed)
@@ -114,11 +124,13 @@ def test_arrival_round_checks_and_running_needs_frozen():
 
 
 @pytest.mark.parametrize("storage", ["dense", "sparse", "prefix"])
-def test_exact_zero_survives_the_drift_of_running_sums(storage):
+@pytest.mark.parametrize("partial", [True, False])
+def test_exact_zero_survives_the_drift_of_running_sums(storage, partial, monkeypatch):
     """Clients A and B hold +0.7 and -0.7 at weight 0 with equal coefficients, so its average is
     exactly 0 and prev is kept; client C's 0.3 there came and went, which leaves the running sum a
     rounding residue, not 0. The decision is taken on the terms: prev is kept on both paths. With
     unequal coefficients the same weights average to a value that is not zero."""
+    monkeypatch.setattr(buffer_module, "PARTIAL_FRACTION", 1.0 if partial else 0.0)
     order_a = torch.tensor([0, 1, 2, 3])
     order_b = torch.tensor([3, 2, 1, 0])
     prev = torch.tensor([9.0, 9.0, 9.0, 9.0, 9.0])

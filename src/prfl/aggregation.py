@@ -23,8 +23,8 @@ over its h holders, each product formed in float64 and rounded once, then added 
 (:func:`exact_terms`, :func:`sum_is_zero`): zero to within the rounding error of computing it.
 Every sum that is exactly zero passes, whatever the order, blocking or fusing of the arithmetic
 that produced the accumulator, and no sum whose value stands above float64 rounding noise does.
-The terms are formed only where an accumulator lies within its own error bound of zero
-(:func:`zero_candidates`), a handful of weights if any.
+The terms are formed only where an average lies within its accumulator's error bound of zero
+(:func:`candidate_bound`), a handful of weights if any.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def fedbuff_staleness(tau: float) -> float:
 
 # --------------------------------------------------------------------------- the zero rule
 UNIT_ROUNDOFF = 2.0**-53  # u of float64: |fl(x) - x| <= u |x|
-SUBBLOCK = 1 << 16  # weights per block of the finishing pass (its temporaries stay in cache)
+SUBBLOCK = 1 << 17  # weights per block of the finishing pass (its temporaries stay in cache)
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -174,28 +174,31 @@ def sum_is_zero(s: torch.Tensor, a: torch.Tensor, h: torch.Tensor) -> torch.Tens
     return s.abs() <= rounding_bound(h.to(torch.float64) + 1) * a
 
 
-def zero_candidates(w: torch.Tensor, m: torch.Tensor, wmax: float, n_terms: int, drift: float = 0.0) -> torch.Tensor:
-    """Where an accumulator W_acc may hold a zero sum: |W_acc| <= 4 (n + 1) u M_acc wmax + drift.
+def candidate_bound(wmax: float, n_terms: int, min_coef: float, drift: float = 0.0, u: float = UNIT_ROUNDOFF) -> float:
+    """tau such that every weight whose holders' terms may sum to zero has |W_acc / M_acc| <= tau:
 
-    If the holders' terms satisfy :func:`sum_is_zero`, their exact sum is within
-    2 gamma_(h+1) A <= 2 gamma_(n+1) M wmax of zero (A <= M wmax, wmax = the largest |W_i|), and
-    an accumulator summed from those terms in any order and dtype of roundoff u lies within
-    gamma_n A of the exact sum, so a factor 4 covers both with room to spare; ``drift`` bounds the
-    error of a running sum (:mod:`prfl.incremental`). The candidates are a superset of the zero
-    sums; the rule is then decided on their terms."""
-    u = max(unit_roundoff(w.dtype), UNIT_ROUNDOFF)
-    return w.abs() <= m * (4 * (n_terms + 1) * u * wmax) + drift
+        tau = 4 (n + 1) max(u, 2^-53) wmax + 2 drift / min_coef.
+
+    If the terms satisfy :func:`sum_is_zero`, their exact sum lies within 2 gamma_(h+1) A of zero,
+    A <= M wmax (wmax = the largest |W_i|), and an accumulator summed from them in any order with
+    unit roundoff u is within gamma_n A of it (n >= h terms): 3.1 (n + 1) u M wmax in all, for
+    n u < 0.01; a running sum adds its ``drift`` bound (:mod:`prfl.incremental`), and M_acc >=
+    ``min_coef``, the smallest positive coefficient, wherever someone holds the weight. Factors 4
+    and 2 leave room for the rounding of M_acc and of the quotient. The weights below tau (a
+    handful, if any) are then decided on their terms."""
+    return 4 * (n_terms + 1) * max(u, UNIT_ROUNDOFF) * wmax + (2 * drift / min_coef if drift else 0.0)
 
 
 def finish_masked(
     out: torch.Tensor,
     prev: torch.Tensor,
     w: torch.Tensor,
-    m: torch.Tensor,
+    m: torch.Tensor | None,
     exact: Callable[[torch.Tensor], ExactTerms],
     *,
     wmax: float,
     n_terms: int,
+    min_coef: float,
     dense_c: float = 0.0,
     holders: torch.Tensor | None = None,
     dense_h: int = 0,
@@ -209,46 +212,62 @@ def finish_masked(
 
     keeping ``prev`` where nobody holds the weight (``holders`` + dense_h == 0 when holder counts
     are given, else M == 0), where the holders' sum is zero (:func:`sum_is_zero`, decided on the
-    terms ``exact`` returns for the :func:`zero_candidates`; their W_new is then S / M from those
-    terms) or where W_new underflows to 0. Arithmetic in ``w``'s dtype, rounded once to ``out``'s.
-    All positions block by block, or only ``positions`` (the rest of ``out`` is left alone)."""
+    terms ``exact`` returns for the weights under :func:`candidate_bound`; W_new is then S / M
+    from those terms) or where W_new underflows to 0. ``m`` None: no masked holder (M = dense_c).
+    Arithmetic in ``w``'s dtype, rounded once to ``out``'s; every position block by block, or only
+    ``positions`` (the rest of ``out`` is left alone)."""
     dt = w.dtype
+    if m is None and not dense_c > 0:
+        raise ValueError("finish_masked needs the holders' coefficient sums m, or dense_c > 0")
+    tau = candidate_bound(wmax, n_terms, min_coef, drift, unit_roundoff(dt))
     if positions is not None:
         spans = [(0, int(positions.numel()))]
     else:
         spans = [(a, min(a + SUBBLOCK, w.numel())) for a in range(0, w.numel(), SUBBLOCK)]
+    everyone = dense_h > 0 or (holders is None and dense_c > 0)  # a dense client holds every weight
+    inverse = 1.0 / dense_c if m is None and dense_c > 0 else None
     found: list[torch.Tensor] = []
-    scale = 4 * (n_terms + 1) * max(unit_roundoff(dt), UNIT_ROUNDOFF) * wmax
+    def take(t: torch.Tensor, a: int, b: int) -> torch.Tensor:  # index_select: far cheaper than t[positions]
+        return t[a:b] if positions is None else t.index_select(0, positions)
+
     for a, b in spans:
-        if positions is None:
-            wb, mb, pb = w[a:b], m[a:b], prev[a:b].to(dt)
-            hb = None if holders is None else holders[a:b]
+        wb = take(w, a, b)
+        if inverse is not None:
+            val = wb / dense_c
         else:
-            wb, mb, pb = w[positions], m[positions], prev[positions].to(dt)
-            hb = None if holders is None else holders[positions]
-        big_m = mb + dense_c if dense_c else mb
-        held = big_m > 0 if hb is None else (hb > -dense_h if dense_h else hb > 0)
-        val = wb / big_m
-        cand = wb.abs() <= big_m * scale + drift
-        cand &= held
-        keep = held.logical_not_().logical_or_(val == 0)
-        res = torch.where(keep, pb, val)
-        if eta_g != 1.0:
-            res = torch.lerp(pb, res, eta_g)
+            assert m is not None
+            big_m = take(m, a, b)
+            if dense_c:
+                big_m = big_m + dense_c
+            val = wb / big_m
+        if everyone:
+            res = val if eta_g == 1.0 else torch.lerp(take(prev, a, b).to(dt), val, eta_g)
+        else:
+            held = take(holders, a, b) > 0 if holders is not None else big_m > 0
+            pb = take(prev, a, b).to(dt)
+            res = torch.where(held, val, pb)
+            if eta_g != 1.0:
+                res = torch.lerp(pb, res, eta_g)
         if positions is None:
             out[a:b] = res
         else:
-            out[positions] = res.to(out.dtype)
-        if bool(cand.any()):
-            idx = cand.nonzero().view(-1)
+            out.index_copy_(0, positions, res.to(out.dtype))
+        # rounding is monotone, so |val| <= tau implies |val rounded to out's dtype| <= tau (1 + 2^-22):
+        # where out holds val itself (everyone holds every weight, eta_g = 1) the check reads the
+        # narrower rounded values; elsewhere val, which is NaN or inf where nobody holds the weight
+        probe = out[a:b] if everyone and positions is None and eta_g == 1.0 else val
+        small = probe.abs() <= tau * (1 + 2.0**-22)
+        if not everyone:
+            small &= held
+        if bool(small.any()):
+            idx = small.nonzero().view(-1)
             found.append(idx + a if positions is None else positions[idx])
     if not found:
         return
     pos = torch.cat(found)
     s, abs_sum, msum, h = exact(pos)
-    zero = sum_is_zero(s, abs_sum, h)
     val = s / msum
-    keep = zero.logical_or_(val == 0).logical_or_(h == 0)
+    keep = sum_is_zero(s, abs_sum, h).logical_or_(val == 0).logical_or_(h == 0)
     p64 = prev[pos].to(torch.float64)
     res = torch.where(keep, p64, val)
     if eta_g != 1.0:
@@ -371,7 +390,8 @@ def mask_fedavg(
     def exact(pos: torch.Tensor) -> ExactTerms:
         return exact_terms(((c, w[pos], None if m is None else m[pos]) for w, m, c in live), int(pos.numel()))
 
-    finish_masked(new[:npr], prev[:npr], w_acc, m_acc, exact, wmax=wmax, n_terms=len(live), eta_g=eta_g)
+    finish_masked(new[:npr], prev[:npr], w_acc, m_acc, exact, wmax=wmax, n_terms=len(live),
+                  min_coef=min(c for _, _, c in live), eta_g=eta_g)
     tail = s_acc.div_(sum(cs))
     if eta_g != 1.0:
         tail = torch.lerp(prev[npr:].to(accumulate_dtype), tail, eta_g)

@@ -64,11 +64,15 @@ from prfl.aggregation import (
     weighted_average,
 )
 from prfl.distribution import PackedIndex
-from prfl.incremental import DEFAULT_RECOMPUTE_EVERY, RunningMaskFedAvg
+from prfl.incremental import DEFAULT_RECOMPUTE_EVERY, Contribution, RunningMaskFedAvg
 from prfl.robust import check_method, clip_updates, coordinate_median, holders, trimmed_mean
 
 STORAGE_KINDS: tuple[str, ...] = ("dense", "sparse", "prefix")
 STALENESS_MODES: tuple[str, ...] = ("frozen", "reaged")
+# aggregate_running recomputes only the positions masked arrivals touched while they are at most
+# this share of the prunable weights: a mask spread over the model touches most cache lines of the
+# model-sized sums already at ~10 % density, so beyond that one streaming pass costs no more
+PARTIAL_FRACTION = 1 / 16
 _DTYPE = torch.float32
 
 
@@ -190,6 +194,7 @@ class ClientBuffer:
         self._orders: dict[int, torch.Tensor] = {}  # prefix storage: ranking key -> order (int64 or int32, <= N)
         self._order_refs: dict[int, int] = {}  # prefix storage: ranking key -> slots using it
         self._inverse_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (order, inverse permutation)
+        self._ascending_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._positions_cache: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}  # id(mask) -> positions
         self._rows: torch.Tensor | None = None
         self._arena: SlotArena | None = None
@@ -227,10 +232,10 @@ class ClientBuffer:
         slot = self._make_slot(client, weights, mask, num_samples, sent_round, order, arrival_round)
         old = self._slots.get(client)
         if self._running is not None:
-            if old is not None:
-                self._apply(old, -1)
-            self._apply(slot, 1)
+            items = [] if old is None else [(self._contribution(old), -1)]
+            self._running.apply([*items, (self._contribution(slot), 1)])
             self._since_recompute += 1
+            self._release(old)
         self._commit(client, slot)
 
     def _make_slot(
@@ -262,7 +267,7 @@ class ClientBuffer:
         n, r = int(num_samples), int(sent_round)
         head: torch.Tensor | None = None
         if mask is not None and order is not None:
-            count = int(mask.sum())
+            count = int(torch.count_nonzero(mask))
             if order.dtype not in (torch.int64, torch.int32) or order.dim() != 1 or not count <= order.numel() <= self.num_prunable:
                 raise ValueError(f"client {client}: order must be an int64 or int32 ranking (or a prefix of one at least "
                                  f"{count} long) of the {self.num_prunable} prunable weights, got {order.dtype} {tuple(order.shape)}")
@@ -282,8 +287,8 @@ class ClientBuffer:
                 slot.positions = self._mask_positions(mask)
             return self._finish_slot(slot, int(arrival_round), values)
         npr = self.num_prunable
-        outside = int(torch.count_nonzero(w[:npr])) - (int(torch.count_nonzero(w[:npr][head])) if head is not None
-                                                      else int(torch.count_nonzero(w[:npr].masked_select(mask))))
+        kept = w[:npr][head] if head is not None else w[:npr].masked_select(mask)
+        outside = int(torch.count_nonzero(w[:npr])) - int(torch.count_nonzero(kept))
         if outside:
             raise ValueError(
                 f"client {client}: {outside} weights outside the mask are nonzero, so {self.storage} storage would "
@@ -293,10 +298,10 @@ class ClientBuffer:
             if head is None:
                 raise ValueError(f"client {client}: prefix storage needs the ranking order the mask is a prefix of")
             key = self._order_key(order)
-            values = torch.cat([w[:npr][head], w[npr:]]).to(_DTYPE)
+            values = torch.cat([kept, w[npr:]])
             return self._finish_slot(_Slot(values, None, None, n, r, order_key=key, count=int(head.numel())),
                                      int(arrival_round), values)
-        values = torch.cat([w[:npr].masked_select(mask), w[npr:]]).to(_DTYPE)
+        values = torch.cat([kept, w[npr:]])
         return self._finish_slot(_Slot(values, None, PackedIndex.from_mask(mask), n, r), int(arrival_round), values)
 
     def _finish_slot(self, slot: _Slot, arrival_round: int, values: torch.Tensor) -> _Slot:
@@ -310,7 +315,7 @@ class ClientBuffer:
         return slot
 
     def _mask_positions(self, mask: torch.Tensor) -> torch.Tensor:
-        """The positions of ``mask``, ascending (int64). A policy hands the same mask object to
+        """The positions of ``mask``, ascending (int32 where they fit). A policy hands the same mask object to
         every client of one density, so they are found once per mask object and checked on reuse
         (same count, every position set: O(count) instead of a scan)."""
         count = int(mask.sum())
@@ -321,7 +326,7 @@ class ClientBuffer:
             self._positions_cache = {k: v for k, v in self._positions_cache.items() if v[0]() is not None}
             if len(self._positions_cache) >= 64:
                 self._positions_cache.clear()
-        pos = torch.from_numpy(np.flatnonzero(mask.numpy()))
+        pos = torch.from_numpy(np.flatnonzero(mask.numpy())).to(order_dtype(self.num_prunable))
         self._positions_cache[id(mask)] = (weakref.ref(mask), pos)
         return pos
 
@@ -390,6 +395,7 @@ class ClientBuffer:
         self._order_refs.pop(key, None)
         self._orders.pop(key, None)
         self._inverse_cache.pop(key, None)
+        self._ascending_cache = {k: v for k, v in self._ascending_cache.items() if k[0] != key}
         if len(self._order_alias) > 4 * len(self._orders) + 16:
             self._order_alias = {i: a for i, a in self._order_alias.items() if a[0]() is not None and a[1] in self._orders}
 
@@ -648,7 +654,8 @@ class ClientBuffer:
         live = [c for c, v in coeffs.items() if v != 0.0]
         new = torch.empty_like(prev)
         finish_masked(new[:npr], prev[:npr], w_acc, m_acc, lambda pos: self._exact_at(pos, coeffs),
-                      wmax=max((self._slots[c].amax for c in live), default=0.0), n_terms=len(live), eta_g=eta_g)
+                      wmax=max((self._slots[c].amax for c in live), default=0.0), n_terms=len(live),
+                      min_coef=min(coeffs[c] for c in live), eta_g=eta_g)
         tail = s_acc.div_(total_c)
         if eta_g != 1.0:
             tail = torch.lerp(prev[npr:].to(dtype), tail, eta_g)
@@ -661,8 +668,8 @@ class ClientBuffer:
         on arrival, the rule of :meth:`aggregate` with ``staleness_mode="frozen"`` (equal up to
         rounding and the sums' drift, see :mod:`prfl.incremental`); a new tensor of ``prev``'s dtype.
 
-        O(N) and independent of the number of buffered clients: after masked arrivals only the
-        positions they touched are recomputed (the rest is ``prev``, which must then be the tensor
+        One pass over the N weights, independent of the number of buffered clients; after masked
+        arrivals that touched at most PARTIAL_FRACTION of them, only those positions are recomputed (the rest is ``prev``, which must then be the tensor
         this method returned last, computed with eta_g = 1; otherwise, and after a dense arrival,
         a recomputation of the sums, eta_g != 1 or masked=False, every position is)."""
         if self._running is None:
@@ -682,15 +689,16 @@ class ClientBuffer:
         if not total_c > 0:
             raise ValueError("every buffered client has num_samples == 0; nothing to average")
         dense = [s.coef for s in live if s.mask is None and s.index is None and s.order_key is None]
-        touched = run.take_touched(npr // 2)
+        touched = run.take_touched(int(npr * PARTIAL_FRACTION))
         last = None if self._last_output is None else self._last_output()
         partial = touched is not None and masked and eta_g == 1.0 and last is prev
         new = prev.clone() if partial else torch.empty_like(prev)
         if masked:
             finish_masked(
-                new[:npr], prev[:npr], run.w, run.m, self._exact_running, wmax=max(s.amax for s in live),
-                n_terms=len(live), dense_c=math.fsum(dense), holders=run.h, dense_h=len(dense),
-                drift=run.drift_bound(), eta_g=eta_g, positions=touched if partial else None,
+                new[:npr], prev[:npr], run.w, run.m if len(dense) < len(live) else None, self._exact_running,
+                wmax=max(s.amax for s in live), n_terms=len(live), min_coef=min(s.coef for s in live),
+                dense_c=math.fsum(dense), holders=run.h, dense_h=len(dense), drift=run.drift_bound(), eta_g=eta_g,
+                positions=touched if partial else None,
             )
         else:
             head = run.w / total_c
@@ -702,23 +710,49 @@ class ClientBuffer:
         return new
 
     def _recompute(self) -> None:
-        """The running sums afresh from the slots, in ascending client order (no drift)."""
-        assert self._running is not None
-        self._running.reset()
+        """The running sums afresh from the slots, in ascending client order (no drift). Prefix
+        slots are summed per ranking in rank space, as the full aggregation sums them: O(sum of
+        their counts + rankings x N) rather than an index operation per slot."""
+        run = self._running
+        assert run is not None
+        run.reset()
+        groups: dict[int, list[_Slot]] = {}
+        items: list[tuple[Contribution, int]] = []
         for c in self.clients():
-            self._apply(self._slots[c], 1)
+            slot = self._slots[c]
+            if slot.order_key is not None and slot.coef != 0.0:
+                groups.setdefault(slot.order_key, []).append(slot)
+            else:
+                items.append((self._contribution(slot), 1))
+                self._release(slot)
+        run.apply(items)
+        for key, members in groups.items():
+            top = max(slot.count for slot in members)
+            w_rank = torch.zeros(top, dtype=torch.float64)
+            m_steps = torch.zeros(top + 1, dtype=torch.float64)  # + c_i at rank 0, - c_i at rank count_i
+            h_steps = torch.zeros(top + 1, dtype=torch.int64)
+            suffix = torch.zeros(self.total - self.num_prunable, dtype=torch.float64)
+            for slot in members:
+                m_steps[0] += slot.coef
+                m_steps[slot.count] -= slot.coef
+                h_steps[0] += 1
+                h_steps[slot.count] -= 1
+                suffix.add_(slot.values[slot.count :], alpha=slot.coef)
+            _blocked_add(w_rank, [(slot.coef, slot.values[: slot.count]) for slot in members], self._arena)
+            for slot in members:
+                self._release(slot)
+            run.add_ranked(self._orders[key][:top], w_rank, torch.cumsum(m_steps[:top], 0),
+                           torch.cumsum(h_steps[:top], 0), suffix, len(members),
+                           math.fsum(slot.coef * slot.amax for slot in members))
         self._since_recompute = 0
 
-    def _apply(self, slot: _Slot, sign: int) -> None:
-        """Add (1) or remove (-1) a slot's contribution to the running sums."""
-        assert self._running is not None
-        if slot.coef == 0.0:
-            return
+    def _contribution(self, slot: _Slot) -> Contribution:
+        """A slot's share of the running sums (prfl.incremental.Contribution)."""
         npr = self.num_prunable
         positions: torch.Tensor | None
-        if slot.order_key is not None:  # prefix storage: kept values in ranking order
-            positions = self._orders[slot.order_key][: slot.count]
-            values, suffix = slot.values[: slot.count], slot.values[slot.count :]
+        if slot.order_key is not None:  # prefix storage: kept values in ranking order, applied in position order
+            perm, positions = self._ascending(slot.order_key, slot.count)
+            values, suffix = slot.values[: slot.count][perm], slot.values[slot.count :]
         elif slot.index is not None:  # sparse storage: kept values in ascending position order
             positions = slot.index.positions()
             values, suffix = slot.values[: slot.index.count], slot.values[slot.index.count :]
@@ -727,8 +761,30 @@ class ClientBuffer:
             values, suffix = slot.values[:npr].index_select(0, positions), slot.values[npr:]
         else:  # a dense client
             positions, values, suffix = None, slot.values[:npr], slot.values[npr:]
-        self._running.apply(slot.coef, values, positions, suffix, slot.amax, sign)
-        if self._arena is not None:
+        return slot.coef, values, positions, suffix, slot.amax
+
+    def _ascending(self, key: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(perm, positions): the first ``count`` ranks of ranking ``key`` in ascending position
+        order (positions = order[:count][perm]; int32 where they fit), shared by the slots of one
+        ranking and density (at most 8 such pairs are kept).
+        Index operations on the model-sized sums run several times faster in ascending order."""
+        order = self._orders[key]
+        hit = self._ascending_cache.get((key, count))
+        if hit is not None and hit[0] is order:
+            return hit[1], hit[2]
+        if len(self._ascending_cache) >= 8:  # old rankings and densities: keep the cache small
+            self._ascending_cache = {k: v for k, v in self._ascending_cache.items() if k[0] in self._orders}
+            while len(self._ascending_cache) >= 8:
+                del self._ascending_cache[next(iter(self._ascending_cache))]
+        small = order_dtype(self.num_prunable)
+        perm = torch.from_numpy(np.argsort(order[:count].numpy(), kind="stable")).to(small)
+        positions = order[:count][perm].to(small)
+        self._ascending_cache[(key, count)] = (order, perm, positions)
+        return perm, positions
+
+    def _release(self, slot: _Slot | None) -> None:
+        """File-backed prefix storage: hand a slot's pages back to the kernel."""
+        if self._arena is not None and slot is not None:
             self._arena.release(slot.values)
 
     def _exact_running(self, positions: torch.Tensor) -> ExactTerms:

@@ -10,7 +10,10 @@ can be kept up to date: an arrival subtracts its client's old contribution and a
 O(|m_old| + |m_new|) index operations for a masked client and O(N) for a dense one, whatever the
 number of buffered clients. The normalisation p_i = s_i / sum_j s_j of the full rule cancels in
 W_acc / M_acc and S_acc / C, so c_i stays unnormalised. Dense clients (no mask) enter M_acc and h
-as one scalar each (their coefficient total and count), summed afresh from the slots.
+as one scalar each (their coefficient total and count), summed afresh from the slots. The server
+model W_acc / M_acc is then one streaming pass over the N weights (or, after masked arrivals that
+touched few of them, a pass over those alone: see prfl.buffer.PARTIAL_FRACTION); the full rule
+would instead add up every buffered model at every step.
 
 Drift. Float64 sums that are added to and subtracted from drift away from the sum of their
 current terms: every operation rounds, and the rounding of a term that was added and later
@@ -42,6 +45,12 @@ import torch
 from prfl.aggregation import UNIT_ROUNDOFF
 
 DEFAULT_RECOMPUTE_EVERY = 1000
+BLOCK = 1 << 16  # weights of W_acc per block of the dense sums
+
+Contribution = tuple[float, torch.Tensor, "torch.Tensor | None", torch.Tensor, float]
+"""(c_i, prefix values, their positions or None for all N, suffix values, max |W_i|): a client's
+share of the sums: W_i ⊙ m_i (all N values for a dense client, else the kept values at the
+given distinct positions) and its suffix."""
 
 
 def holder_dtype(max_holders: int) -> torch.dtype:
@@ -74,31 +83,49 @@ class RunningMaskFedAvg:
         self.magnitude = 0.0
         self._touched = None
 
-    def apply(
-        self, coef: float, values: torch.Tensor, positions: torch.Tensor | None, suffix: torch.Tensor,
-        amax: float, sign: int,
+    def apply(self, items: list[tuple[Contribution, int]]) -> None:
+        """Add (sign 1) or remove (-1) client contributions. The dense ones are summed block by
+        block (each block of W_acc stays in cache while every dense term is added to it)."""
+        dense: list[tuple[float, torch.Tensor]] = []
+        for (coef, values, positions, suffix, amax), sign in items:
+            if coef == 0.0:
+                continue
+            c = sign * coef
+            if positions is None:
+                dense.append((c, values))
+                self._touched = None
+            elif positions.numel():
+                self.w.index_add_(0, positions, values.to(torch.float64), alpha=c)
+                n = int(positions.numel())
+                self.m.index_add_(0, positions, torch.ones(1, dtype=torch.float64).expand(n), alpha=c)
+                self.h.index_add_(0, positions, torch.ones(1, dtype=self.h.dtype).expand(n), alpha=sign)
+                if self._touched is not None:
+                    self._touched.append(positions)
+            if self.s.numel():
+                self.s.add_(suffix, alpha=c)
+            self.ops += 1
+            self.magnitude += coef * amax
+        if dense:
+            for a in range(0, self.num_prunable, BLOCK):
+                part = self.w[a : a + BLOCK]
+                for c, values in dense:
+                    part.add_(values[a : a + BLOCK], alpha=c)
+
+    def add_ranked(
+        self, positions: torch.Tensor, w_rank: torch.Tensor, m_rank: torch.Tensor, h_rank: torch.Tensor,
+        suffix: torch.Tensor, terms: int, magnitude: float,
     ) -> None:
-        """Add (``sign`` = 1) or remove (-1) one client's contribution with coefficient c = ``coef``:
-        ``values`` are its prefix values W_i ⊙ m_i (all N of them when ``positions`` is None, a
-        dense client) or its kept values at ``positions`` (distinct prefix indices); ``suffix``
-        its suffix values; ``amax`` = max |W_i|."""
-        if coef == 0.0:
-            return
-        c = sign * coef
-        if positions is None:
-            self.w.add_(values, alpha=c)
-            self._touched = None
-        elif positions.numel():
-            self.w.index_add_(0, positions, values.to(torch.float64), alpha=c)
-            n = int(positions.numel())
-            self.m.index_add_(0, positions, torch.ones(1, dtype=torch.float64).expand(n), alpha=c)
-            self.h.index_add_(0, positions, torch.ones(1, dtype=self.h.dtype).expand(n), alpha=sign)
-            if self._touched is not None:
-                self._touched.append(positions)
+        """Add ``terms`` contributions already summed in rank space (the slots of one ranking):
+        W_acc[positions] += w_rank, M_acc[positions] += m_rank, h[positions] += h_rank, and the
+        suffix sum; ``magnitude`` = their sum of c_j max|W_j|."""
+        self.w.index_add_(0, positions, w_rank)
+        self.m.index_add_(0, positions, m_rank)
+        self.h.index_add_(0, positions, h_rank.to(self.h.dtype))
         if self.s.numel():
-            self.s.add_(suffix, alpha=c)
-        self.ops += 1
-        self.magnitude += coef * amax
+            self.s.add_(suffix)
+        self.ops += terms
+        self.magnitude += magnitude
+        self._touched = None
 
     def drift_bound(self) -> float:
         """2 ops u B: a bound on |W_acc[k] - its current terms' sum| for every k (module docstring)."""
