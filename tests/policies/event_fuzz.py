@@ -228,6 +228,7 @@ class PolicyFuzz:
         self.bytes_down = [0] * NUM_CLIENTS
         self.bytes_up = [0] * NUM_CLIENTS
         self.server_egress = 0
+        self.told_gone = [False] * NUM_CLIENTS  # the policy was told the client is gone (failure, quarantine)
         self.shadow: Policy | None = None  # restored from a checkpoint, fed the same events
         self.log: list[str] = []
         self.counts: dict[str, int] = {}
@@ -260,6 +261,10 @@ class PolicyFuzz:
     def deliver(self, event: Event) -> list[Action]:
         """Hand ``event`` to the policy (and the restored copy), then carry out the actions."""
         self.log.append(describe(event))
+        if isinstance(event, TaskFailed):
+            self.told_gone[event.client] = True
+        elif isinstance(event, ClientIdle):
+            self.told_gone[event.client] = False
         try:
             actions = self.policy.on_event(event)
         except Exception as exc:  # noqa: BLE001 - any exception on a deliverable event is a finding
@@ -299,6 +304,8 @@ class PolicyFuzz:
                     self.fail(f"evaluation {a.tag!r} of non-finite weights")
                 answers.append(a)
             elif isinstance(a, Record):
+                if a.kind == "quarantined":
+                    self.told_gone[int(a.data["client"])] = True
                 if a.kind == "server_update":
                     rnd = int(a.data["round"])
                     if rnd != self.last_round + 1:
@@ -326,6 +333,11 @@ class PolicyFuzz:
             if t.task_id in self.outstanding:
                 self._end(t.task_id)
                 self.deliver(TaskFailed(self.now, t.client, t.task_id, "offline"))
+        if not self.stopped and not pol.in_flight and not self.timers and not self.evals:
+            free = [c for c in range(NUM_CLIENTS) if pol.is_free(c)]
+            if free:  # nothing will ever happen unless a driver repeats ClientIdle, which drivers do not
+                self.fail(f"stall: clients {free} are online and free for the policy, yet it has nothing in "
+                          f"flight and no timer (after {describe(event)})")
 
     def _check_dispatch(self, t: TaskSpec) -> None:
         pol = self.policy
@@ -516,30 +528,30 @@ class PolicyFuzz:
 
     # ------------------------------------------------------------------ the end
     def finish(self) -> None:
-        """Liveness at the end: with every client online and idle, the run must not be stuck
-        (the policy stopped, or something in flight, or a timer or evaluation pending)."""
+        """Liveness at the end. The dispatches to offline clients fail, every client comes back
+        online (ClientIdle), and every client the policy was told is gone (a failed task, a
+        quarantine) is announced again, as a driver does once it hears from the client. No other
+        ClientIdle is sent: drivers do not repeat it for clients the policy believes online. Then
+        the run must not be stuck: the policy stopped, or a task in flight, or a timer or an
+        evaluation pending."""
         if self.stopped:
             if self.policy.on_event(ClientIdle(self.now, 0)):
                 self.fail("a stopped policy answered an event")
             return
         if not self.started:
             return
-        for c in range(NUM_CLIENTS):
-            if not self.stopped and not self.online[c]:
-                self.online_(c)
         while not self.stopped and any(o.doomed for o in self.outstanding.values()):
             tid = min(t for t, o in self.outstanding.items() if o.doomed)  # sent while offline: fails
             spec = self._end(tid)
             self.deliver(TaskFailed(self.now, spec.client, tid, "offline"))
-        if self.stopped:
-            return
-        if not self.live_tasks() and not self.timers and not self.evals:
-            for c in range(NUM_CLIENTS):
-                if self.stopped:
-                    return
+        for c in range(NUM_CLIENTS):
+            if not self.stopped and not self.online[c]:
+                self.online_(c)
+        for c in range(NUM_CLIENTS):
+            if not self.stopped and self.told_gone[c]:
                 self.idle(c)
-            if not self.stopped and not self.live_tasks() and not self.timers and not self.evals:
-                self.fail("stuck: every client is online and idle, yet nothing is in flight or scheduled")
+        if not self.stopped and not self.live_tasks() and not self.timers and not self.evals:
+            self.fail("stuck: every client is online and known to the policy, yet nothing is in flight or scheduled")
 
 
 def _score(weights: torch.Tensor) -> float:

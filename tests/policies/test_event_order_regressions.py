@@ -140,3 +140,32 @@ def test_prfl_score_model_of_an_overflowing_buffer_is_the_global_model():
     acts = pol.on_event(ResultArrived(2.0, huge(tasks[1])))  # version 2: a control step (interval 2)
     (req,) = [a for a in acts if isinstance(a, RequestEvaluation)]
     assert bool(torch.isfinite(req.weights).all()) and torch.equal(req.weights, pol.weights)
+
+
+# --------------------------------------------------------------------------- PR-FL synchronous: a round that all failed
+def test_prfl_sync_round_whose_tasks_all_fail_starts_the_next_round():
+    """Shrunk from the stateful test: Start (4 tasks); client 1 goes offline (task 1 fails);
+    tasks 2 and 3 fail; client 1 comes back (ClientIdle: it waits for the next round, task 0
+    being in flight); task 0 fails. Before: nothing was dispatched, and client 1, online and free,
+    waited for ever (the Flower driver does not repeat ClientIdle)."""
+    from prfl.policies.base import TaskFailed
+
+    pol = CASES["prfl-sync"].build()
+    tasks = tasks_by_client(pol.on_event(Start(0.0)))
+    for c in (1, 2, 3):
+        assert pol.on_event(TaskFailed(0.0, c, tasks[c].task_id, "offline")) == []
+    assert pol.on_event(ClientIdle(0.0, 1)) == []  # joins at the next round
+    acts = pol.on_event(TaskFailed(0.0, 0, tasks[0].task_id, "timeout"))
+    assert dispatched(acts) == [1] and pol.version == 0
+
+
+def test_prfl_sync_stall_through_the_driver_model():
+    fz = PolicyFuzz(CASES["prfl-sync"])
+    fz.start()
+    fz.offline(1)
+    fz.fail_task(2)
+    fz.fail_task(3)
+    fz.online_(1)
+    fz.fail_task(0)  # before: FuzzFailure "stall: clients [1] are online and free ..."
+    fz.finish()
+    assert fz.holder(1) is not None

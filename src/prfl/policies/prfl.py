@@ -345,8 +345,12 @@ class PRFL(FleetPolicy):
         self._imp_asked.discard(task.client)  # ask again: that task's importance never came
         self.held[task.client] = set()  # a failed device may have lost its piece cache
         self.held_index[task.client] = set()
-        if self.config.synchronous and not self.in_flight and self.window:
-            return self._aggregate(now)
+        if self.config.synchronous and not self.in_flight:
+            if self.window:
+                return self._aggregate(now)
+            # every task of the round failed: the next round starts with the clients free now
+            # (those that came back during the round were told to wait for it)
+            return [self.dispatch(c, now) for c in self.free_clients()]
         return []
 
     def _on_client_idle(self, now: float, client: int) -> list[Action]:
