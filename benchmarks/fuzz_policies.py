@@ -94,6 +94,18 @@ def fuzz_flower(first: int, count: int, show: bool) -> dict:
             "grid_events": dict(sorted(grid.items()))}
 
 
+def git_commit() -> str | None:
+    """The checked-out commit, with ``+changes`` when the working tree differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return f"{head}+changes" if dirty else head
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sequences", type=int, default=10_000, help="sequences per policy case")
@@ -109,6 +121,7 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown case {unknown[0]!r}; valid cases: {', '.join(CASES)}")
     flower = args.sequences if args.flower is None else args.flower
+    commit = git_commit()  # the code under test, read before the run (it may take hours)
     t0 = time.perf_counter()
     policies = {name: fuzz_case(name, args.first, args.sequences, args.steps, args.show) for name in names}
     driver = fuzz_flower(args.first, flower, args.show) if flower else None
@@ -116,11 +129,6 @@ def main() -> int:
     total = sum(p["sequences"] for p in policies.values()) + (driver["sequences"] if driver else 0)
     print(f"{total} sequences, {failed} failed, {time.perf_counter() - t0:.0f} s")
     if not args.no_write:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                    text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = None
         cmd = " ".join(["benchmarks/fuzz_policies.py", *sys.argv[1:]])
         result = {
             "benchmark": "fuzz_policies",

@@ -232,6 +232,7 @@ class PolicyFuzz:
         self.bytes_down = [0] * NUM_CLIENTS
         self.bytes_up = [0] * NUM_CLIENTS
         self.server_egress = 0
+        self.broken = False
         self.told_gone = [False] * NUM_CLIENTS  # the policy was told the client is gone (failure, quarantine)
         self.shadow: Policy | None = None  # restored from a checkpoint, fed the same events
         self.log: list[str] = []
@@ -239,6 +240,7 @@ class PolicyFuzz:
 
     # ------------------------------------------------------------------ helpers
     def fail(self, message: str) -> None:
+        self.broken = True  # finish() must not run on (and report) the state a failure left behind
         tail = "\n  ".join(self.log[-60:])
         raise FuzzFailure(f"[{self.case.name}] {message}\nevents (last {min(60, len(self.log))}):\n  {tail}")
 
@@ -432,10 +434,18 @@ class PolicyFuzz:
         self._count("idle")
         self.deliver(ClientIdle(self.now, client))
 
+    def next_holder(self, client: int, live: bool) -> Outstanding | None:
+        """The task of ``client``, or else of the next client (cyclically) holding one."""
+        for k in range(NUM_CLIENTS):
+            held = self.holder((client + k) % NUM_CLIENTS)
+            if held is not None and not (live and held.doomed):
+                return held
+        return None
+
     def arrive(self, client: int, variant: str = "ok", dt: float = 0.0, noise: int = 0) -> None:
-        """The result of ``client``'s task (whichever task it holds; nothing if none)."""
-        held = self.holder(client)
-        if not self.active or held is None or held.doomed:
+        """The result of ``client``'s task (if it holds none: of the next client holding one)."""
+        held = self.next_holder(client, live=True)
+        if not self.active or held is None:
             return
         self._tick(dt)
         spec = self._end(held.spec.task_id)
@@ -443,8 +453,9 @@ class PolicyFuzz:
         self.deliver(ResultArrived(self.now, make_result(spec, variant, noise)))
 
     def fail_task(self, client: int, dt: float = 0.0) -> None:
-        """TaskFailed for ``client``'s task (a timeout, a crash; nothing if it holds none)."""
-        held = self.holder(client)
+        """TaskFailed for ``client``'s task (a timeout, a crash; if it holds none: the next
+        client's holding one)."""
+        held = self.next_holder(client, live=False)
         if not self.active or held is None:
             return
         self._tick(dt)
@@ -538,6 +549,8 @@ class PolicyFuzz:
         ClientIdle is sent: drivers do not repeat it for clients the policy believes online. Then
         the run must not be stuck: the policy stopped, or a task in flight, or a timer or an
         evaluation pending."""
+        if self.broken:
+            return
         if self.stopped:
             if self.policy.on_event(ClientIdle(self.now, 0)):
                 self.fail("a stopped policy answered an event")

@@ -27,6 +27,13 @@ clients = st.integers(0, NUM_CLIENTS - 1)
 dts = st.sampled_from(DTS)
 
 
+# One rule whose ``move`` is drawn with the weights of ``event_fuzz.run_random`` (hypothesis picks
+# rules uniformly; most of a real run is results arriving). Shrinking goes towards the first
+# move, a well-formed result.
+MOVES = ("arrive",) * 6 + ("fire",) * 3 + ("fail", "fail", "offline", "offline", "online", "online", "idle",
+                                          "evaluate", "checkpoint", "hostile")
+
+
 def machine_for(case: Case) -> type[RuleBasedStateMachine]:
     class PolicyMachine(RuleBasedStateMachine):
         def __init__(self) -> None:
@@ -39,41 +46,28 @@ def machine_for(case: Case) -> type[RuleBasedStateMachine]:
             self.fz = PolicyFuzz(case, seed=seed, eval_at_once=eval_at_once, eager_fail=eager_fail, online=online)
             self.fz.start()
 
-        @rule(client=clients, variant=st.sampled_from(RESULT_VARIANTS), dt=dts, noise=st.integers(0, 99))
-        def arrive(self, client: int, variant: str, dt: float, noise: int) -> None:
-            self.fz.arrive(client, variant, dt, noise)
-
-        @rule(client=clients, dt=dts)
-        def fail(self, client: int, dt: float) -> None:
-            self.fz.fail_task(client, dt)
-
-        @rule(pick=picks, dt=dts)
-        def fire(self, pick: int, dt: float) -> None:
-            self.fz.fire(pick, dt)
-
-        @rule(pick=picks, accuracy=st.floats(0.0, 1.0), dt=dts)
-        def evaluate(self, pick: int, accuracy: float, dt: float) -> None:
-            self.fz.evaluate(pick, accuracy, dt)
-
-        @rule(client=clients, dt=dts)
-        def offline(self, client: int, dt: float) -> None:
-            self.fz.offline(client, dt)
-
-        @rule(client=clients, dt=dts)
-        def online(self, client: int, dt: float) -> None:
-            self.fz.online_(client, dt)
-
-        @rule(client=clients, dt=dts)
-        def idle(self, client: int, dt: float) -> None:
-            self.fz.idle(client, dt)
-
-        @rule()
-        def checkpoint(self) -> None:
-            self.fz.checkpoint()
-
-        @rule(kind=st.sampled_from(HOSTILE_KINDS), pick=picks, dt=dts)
-        def hostile(self, kind: str, pick: int, dt: float) -> None:
-            self.fz.hostile(kind, pick, dt)
+        @rule(move=st.sampled_from(MOVES), client=clients, variant=st.sampled_from(RESULT_VARIANTS), dt=dts,
+              pick=picks, accuracy=st.floats(0.0, 1.0), kind=st.sampled_from(HOSTILE_KINDS))
+        def step(self, move: str, client: int, variant: str, dt: float, pick: int, accuracy: float, kind: str) -> None:
+            fz = self.fz
+            if move == "arrive":
+                fz.arrive(client, variant, dt, pick)
+            elif move == "fire":
+                fz.fire(pick, dt)
+            elif move == "fail":
+                fz.fail_task(client, dt)
+            elif move == "offline":
+                fz.offline(client, dt)
+            elif move == "online":
+                fz.online_(client, dt)
+            elif move == "idle":
+                fz.idle(client, dt)
+            elif move == "evaluate":
+                fz.evaluate(pick, accuracy, dt)
+            elif move == "checkpoint":
+                fz.checkpoint()
+            else:
+                fz.hostile(kind, pick, dt)
 
         def teardown(self) -> None:
             if self.fz is not None:
