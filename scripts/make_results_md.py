@@ -9,8 +9,8 @@ Sources (under ``--results``, default ``benchmarks/results``):
   with these columns is rendered the same way.
 * ``masked_training.json`` (``benchmarks/bench_masked_training.py``), ``simulator.json``
   (``benchmarks/bench_simulator.py``), ``flower_sim.json`` (``benchmarks/bench_flower_sim.py``),
-  ``scale.json`` (``benchmarks/bench_scale.py``), ``vmap.json`` (``benchmarks/bench_vmap.py``) and
-  ``buffer.json`` (``benchmarks/bench_buffer.py``);
+  ``scale.json`` (``benchmarks/bench_scale.py``), ``vmap.json`` (``benchmarks/bench_vmap.py``),
+  ``buffer.json`` (``benchmarks/bench_buffer.py``) and ``fuzz.json`` (``benchmarks/fuzz_policies.py``);
   any other ``*.json`` at the top level is listed by its scalar fields.
 
 Statistics follow ``prfl.report``: mean ± sample sd over seeds; a time to accuracy is the first
@@ -296,6 +296,21 @@ def buffer_section(d: dict[str, Any], name: str) -> list[str]:
     return lines
 
 
+def fuzz_section(d: dict[str, Any], name: str) -> list[str]:
+    lines = _section_head("Event-order fuzzing of the policies and the Flower driver", d, name, workload=False)
+    rows = [[case, str(r.get("sequences")), str(r.get("steps", "-")), str(r.get("failed")),
+             ", ".join(str(f.get("seed")) for f in (r.get("failures") or [])[:5]) or "-", _num(r.get("seconds"), ".0f")]
+            for case, r in (d.get("policies") or {}).items()]
+    fl = d.get("flower_driver")
+    if isinstance(fl, dict):
+        rows.append(["Flower driver", str(fl.get("sequences")), "-", str(fl.get("failed")),
+                     ", ".join(str(f.get("seed")) for f in (fl.get("failures") or [])[:5]) or "-",
+                     _num(fl.get("seconds"), ".0f")])
+    lines.append(markdown((["policy case", "sequences", "moves each", "failed", "failing seeds", "seconds"], rows)))
+    lines.append(f"{d.get('sequences')} sequences in all, {d.get('failed')} failed (commit {d.get('commit')}).\n")
+    return lines
+
+
 def vmap_section(d: dict[str, Any], name: str) -> list[str]:
     lines = _section_head("Several clients at once with torch.func.vmap", d, name, workload=False)
     rows = [[str(r.get("model")), str(r.get("k")), _num(r.get("sequential_median_s")), _num(r.get("vmap_median_s")),
@@ -370,6 +385,8 @@ def render(results: Path, baseline: str = "fedasync") -> str:
             lines += vmap_section(d, name)
         elif p.name == "buffer.json":
             lines += buffer_section(d, name)
+        elif p.name == "fuzz.json":
+            lines += fuzz_section(d, name)
         else:
             lines += generic_section(d, name)
     return "\n".join(lines).rstrip() + "\n"

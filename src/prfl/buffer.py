@@ -888,8 +888,15 @@ class ClientBuffer:
         """Replace the contents with a :meth:`state_dict` (from a buffer of either storage kind).
 
         Every slot is validated before any is installed: on error the buffer is unchanged."""
-        orders_before = dict(self._orders)
+        orders_before, alias_before = dict(self._orders), dict(self._order_alias)
         try:
+            # the saved rankings keep their keys: two whose held prefixes have come to agree (after
+            # compact_orders) stay two groups, so aggregation sums in the same order as before saving
+            saved = {int(k[len("order."):]): v for k, v in state.items() if k.startswith("order.")}
+            if saved:
+                self._orders = dict(saved)
+                self._order_alias = {id(o): (weakref.ref(o), k) for k, o in saved.items()}
+                self._next_key = max(self._next_key, max(saved) + 1)
             n_clients, total, npr, kind = (int(x) for x in state["config"].tolist())
             ids = [int(x) for x in state["clients"].tolist()]
             samples = [int(x) for x in state["num_samples"].tolist()]
@@ -924,10 +931,10 @@ class ClientBuffer:
                     weights = values
                 slots[c] = self._make_slot(c, weights, mask, n, r, order, arrived)
         except KeyError as e:
-            self._orders = orders_before
+            self._orders, self._order_alias = orders_before, alias_before
             raise ValueError(f"not a ClientBuffer state dict: missing {e}") from None
         except BaseException:
-            self._orders = orders_before
+            self._orders, self._order_alias = orders_before, alias_before
             raise
         if self._arena is not None:
             for old in self._slots.values():

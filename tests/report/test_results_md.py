@@ -150,3 +150,15 @@ def test_ablation_tables_borrow_the_baseline_runs_of_the_same_seeds(script, resu
     assert table_row(section, "fedasync", "### iid")[2] == "320 ± 28"
     # a method with fewer seeds is compared with the baseline's runs of its own seeds: 300 / 100
     assert table_row(section, "prfl-magnitude", "### iid")[3] == "3.00x"
+
+
+def test_fuzz_section(script) -> None:
+    text = "\n".join(script.fuzz_section({
+        "sequences": 30, "failed": 1, "commit": "abc1234",
+        "policies": {"prfl": {"sequences": 10, "steps": 60, "failed": 1, "failures": [{"seed": 7, "error": "x"}],
+                              "seconds": 12.4},
+                     "fedavg": {"sequences": 10, "steps": 60, "failed": 0, "failures": [], "seconds": 3.0}},
+        "flower_driver": {"sequences": 10, "failed": 0, "failures": [], "seconds": 40.2},
+    }, "fuzz.json"))
+    assert "| prfl | 10 | 60 | 1 | 7 | 12 |" in text and "| fedavg | 10 | 60 | 0 | - | 3 |" in text
+    assert "| Flower driver | 10 | - | 0 | - | 40 |" in text and "30 sequences in all, 1 failed" in text

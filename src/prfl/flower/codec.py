@@ -449,16 +449,21 @@ def encode_node(partition_id: int, num_partitions: int, delay_seconds: float, ca
 
 
 def decode_node(content: RecordDict) -> dict[str, Any]:
-    """Inverse of :func:`encode_node`."""
+    """Inverse of :func:`encode_node`; anything else raises ValueError saying what is wrong."""
     if NODE not in content:
         raise ValueError(f"a describe reply needs record {NODE!r}, got {sorted(content)}")
     c = content[NODE]
-    return {
-        "partition_id": int(c["partition-id"]),
-        "num_partitions": int(c["num-partitions"]),
-        "delay_seconds": float(c["delay-seconds"]),
-        "cached_pieces": int(c["cached-pieces"]),
-    }
+    try:
+        return {
+            "partition_id": int(c["partition-id"]),
+            "num_partitions": int(c["num-partitions"]),
+            "delay_seconds": float(c["delay-seconds"]),
+            "cached_pieces": int(c["cached-pieces"]),
+        }
+    except KeyError as exc:
+        raise ValueError(f"a describe reply lacks the field {exc.args[0]!r}") from None
+    except (TypeError, ValueError, OverflowError, AttributeError) as exc:
+        raise ValueError(f"a describe reply has a field of the wrong type ({exc})") from None
 
 
 # --------------------------------------------------------------------------- notices

@@ -496,7 +496,10 @@ class FlowerDriver:
         return ids[0]
 
     def _fail_now(self, client: int, task_id: int, reason: str) -> None:
-        """A dispatch that cannot leave: it fails at the next tick (as the simulator does)."""
+        """A dispatch that cannot leave: it fails at the next tick (as the simulator does). The
+        client counts as offline for the policy from now on, so that a node joining for it before
+        the failure is delivered announces it back (ClientIdle after the TaskFailed)."""
+        self.policy_online[client] = False
         self.failures[client] += 1
         self.history.write("task_failed", time=self.now(), round=self.policy.version, client=client, task=task_id,
                            reason=reason)
@@ -703,8 +706,13 @@ class FlowerDriver:
             log.info("node %d answered the describe query with an error: %s", node.node_id, reply.error.reason)
             node.next_probe = self._clock() + self.settings.probe_interval
             return
-        info = codec.decode_node(reply.content)
         self.record_up += codec.record_bytes(reply.content)
+        try:
+            info = codec.decode_node(reply.content)
+        except ValueError as exc:  # not a prfl ClientApp, or a broken one: ask again later
+            log.warning("node %d sent an unreadable describe reply: %s", node.node_id, exc)
+            node.next_probe = self._clock() + self.settings.probe_interval
+            return
         if info["num_partitions"] not in (-1, self.num_clients):
             raise RuntimeError(
                 f"node {node.node_id} has num-partitions={info['num_partitions']} but the run has "

@@ -278,6 +278,7 @@ class HeteroFL(FleetPolicy):
 
     name = "heterofl"
     config_cls = HeteroFLConfig
+    weights_by_samples = True
 
     def __init__(self, ctx: PolicyContext, config: HeteroFLConfig | None = None) -> None:
         super().__init__(ctx, config)

@@ -211,6 +211,7 @@ class PRFL(FleetPolicy):
 
     name = "prfl"
     config_cls = PRFLConfig
+    weights_by_samples = True
 
     def __init__(self, ctx: PolicyContext, config: PRFLConfig | None = None) -> None:
         super().__init__(ctx, config)
@@ -464,13 +465,19 @@ class PRFL(FleetPolicy):
         self._imp_asked.discard(task.client)  # ask again: that task's importance never came
         self.held[task.client] = set()  # a failed device may have lost its piece cache
         self.held_index[task.client] = set()
-        if self.config.synchronous and not self.in_flight and self.window:
-            return self._aggregate(now)
+        if self.config.synchronous and not self.in_flight:
+            if self.window:
+                return self._aggregate(now)
+            # every task of the round failed: the next round starts with the clients free now
+            # (those that came back during the round were told to wait for it)
+            return [self.dispatch(c, now) for c in self.free_clients()]
         return []
 
     def _on_client_idle(self, now: float, client: int) -> list[Action]:
         if self.config.synchronous and self.in_flight:
             return []  # joins at the next round
+        if any(t.client == client for t, _, _ in self.window):
+            return []  # its result waits in the open window: it is sent the aggregate when the window closes
         return [self.dispatch(client, now)] if self.is_free(client) else []
 
     # ------------------------------------------------------------------ aggregation
@@ -562,6 +569,8 @@ class PRFL(FleetPolicy):
             actions.append(Record("ranking", {"ranking_id": self.ranking_id}))
         if cfg.recovery:
             score_model = self.buffer.plain_average(torch.float32) if len(self.buffer) else self.weights
+            if not bool(torch.isfinite(score_model.sum())):
+                score_model = self.weights  # the fp32 sum overflowed (huge but finite slots): score the model
             actions.append(RequestEvaluation(score_model, SERVER_SCORE))
             if cfg.client_scores:
                 for c in self.buffer.clients():
