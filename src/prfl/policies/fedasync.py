@@ -18,10 +18,10 @@ class FedAsyncConfig:
     ``staleness`` (const | poly | hinge) with its parameters ``a`` (poly exponent / hinge slope)
     and ``b`` (hinge point), as in :func:`prfl.aggregation.staleness_weight`."""
 
-    alpha: float = 0.6
-    staleness: str = "poly"
-    a: float = 0.6
-    b: float = 2.0
+    alpha: float = 0.6  # mixing weight of an arriving model, in (0, 1]
+    staleness: str = "poly"  # staleness function s(tau): const, poly or hinge
+    a: float = 0.6  # poly: s = (1 + tau)^-a; hinge: slope of 1 / (a (tau - b) + 1) after b
+    b: float = 2.0  # hinge: the staleness up to which s = 1
 
     def __post_init__(self) -> None:
         check_number("alpha", self.alpha, low=0.0, low_open=True, high=1.0)
