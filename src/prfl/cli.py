@@ -278,6 +278,9 @@ def run(
 
     logging.basicConfig(level=logging.WARNING)
     if resume is not None:
+        if not (resume / "config.yaml").is_file():
+            raise UserError(f"{resume} is not a run directory (no config.yaml)",
+                            "give one policy's run directory, e.g. runs/demo-<time>/prfl")
         with _progress(quiet) as progress:
             cfg = load_config(resume / "config.yaml")
             bar = RunProgress(progress, cfg.policy.name, cfg)
@@ -304,6 +307,10 @@ def run(
     root = out or Path("runs") / f"{cfg.name}-{stamp}"
     policies = [cfg.policy] + (list(cfg.baselines) if baselines else [])
     names = [p.name if [q.name for q in policies].count(p.name) == 1 else f"{p.name}-{i}" for i, p in enumerate(policies)]
+    from prfl.explain import check_policy
+
+    for i, pcfg in enumerate(policies):
+        check_policy(pcfg, "policy" if i == 0 else f"baselines[{i - 1}]")
     sc = build_scenario(cfg)  # data, split, model and fleet: bad input fails here, before any output
     _say(f"[bold]{escape(cfg.name)}[/]: {cfg.data.dataset} / {cfg.model.name} / {cfg.data.num_clients} clients "
          f"({cfg.data.partition}) / fleet {escape(cfg.fleet.file or cfg.fleet.preset)} / seed {cfg.seed}")

@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from prfl.config import ExperimentConfig, PolicyConfig
+from prfl.config import ConfigError, ExperimentConfig, PolicyConfig
 
 NO_HELP = "(no description)"
 REQUIRED = "<required>"
@@ -105,6 +105,25 @@ def missing_options(cfg: ExperimentConfig) -> list[str]:
             if v == REQUIRED:
                 out.append(f"policy {p.name}: option {k}")
     return out
+
+
+def check_policy(pcfg: PolicyConfig, where: str = "policy") -> None:
+    """Raise :class:`ConfigError` naming ``where`` (``policy``, ``baselines[0]``) when the policy's
+    options are unknown, missing or invalid; the run would fail on them later."""
+    cls = policy_config_class(pcfg.name)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(pcfg.options) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}.options: unknown option {unknown[0]!r} for policy {pcfg.name!r}\n"
+                          f"valid options: {', '.join(fields)} (`prfl config --explain` says what each does)")
+    missing = [n for n, v in option_defaults(pcfg.name).items() if v == REQUIRED and n not in pcfg.options]
+    if missing:
+        raise ConfigError(f"{where}.options: policy {pcfg.name!r} needs option {missing[0]!r}\n"
+                          f"set it, e.g. --set {where}.options.{missing[0]}=...")
+    try:
+        cls(**pcfg.options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}.options: policy {pcfg.name!r}: {exc}") from None
 
 
 _ENTRY = re.compile(r"((?:``\w+``(?:,\s*|\s+and\s+|,\s+and\s+)?)+)(?:\s*\(([^)]*)\))?:\s")
