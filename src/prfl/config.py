@@ -154,13 +154,13 @@ class SimConfig(_Strict):
             data = {**data, "max_rounds": None}
         return data
 
-    def budget(self) -> str:
+    def budget(self, unit: str = "virtual s") -> str:
         """The limits that stop the run, in words (``300 server updates or 1200 virtual s``)."""
         parts = []
         if self.max_rounds is not None:
             parts.append(f"{self.max_rounds} server updates")
         if self.max_time is not None:
-            parts.append(f"{self.max_time:g} virtual s")
+            parts.append(f"{self.max_time:g} {unit}")
         return " or ".join(parts) + (", whichever comes first" if len(parts) > 1 else "")
 
     @model_validator(mode="after")
