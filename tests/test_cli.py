@@ -235,8 +235,7 @@ def test_run_says_which_limit_stops_it_and_where_everything_is(tmp_path: Path) -
     summary = yaml.safe_load((out / "fedasync" / "summary.json").read_text())
     assert summary["stopped"] == "time budget spent" and summary["server_rounds"] < 300
     for row in text.splitlines():
-        if not row.startswith(("results:", "next:", "  ")):
-            assert len(row.rstrip()) <= 80, row
+        assert len(row.rstrip().replace(str(out), "<out>")) <= 80, row  # only a long path may run past 80
     assert "final\n" not in text and "acc" in text and "time to" in text and "…" not in text
     assert "accuracy.png" in text and "results.json" in text and f"prfl report {out}" in text
     assert (out / "accuracy.png").is_file() and (out / "results.json").is_file()

@@ -296,7 +296,7 @@ def run(
             bar.finish()
         res.pop("history", None)
         console.print(_summary_table([res], cfg.sim.targets))
-        _say(f"results: [bold]{escape(str(resume))}[/] (config.yaml, history.jsonl, summary.json, accuracy.png)")
+        _say(f"results: [bold]{escape(str(resume))}[/] (config, history, summary, accuracy.png)")
         _say(f"next: [bold]prfl report {escape(str(resume))}[/]  (one HTML page: tables, plots, configuration)")
         _exit_if_aborted([res])
         return
@@ -324,9 +324,10 @@ def run(
             res.pop("history", None)
             results.append(res)
     console.print(_summary_table(results, cfg.sim.targets))
-    files = "config.yaml, history.jsonl, summary.json, accuracy.png"
     _say(f"results: [bold]{escape(str(root))}[/]")
-    _say(f"  {escape(', '.join(n + '/' for n in names))}  one run directory each ({files})")
+    dirs = " ".join(n + "/" for n in names)
+    width = max(len(dirs), len("accuracy.png"))
+    _say(f"  {escape(dirs):<{width}}  run directories (config, history, summary, accuracy.png)")
     if len(results) > 1:
         from prfl.report.plots import plot_accuracy
         from prfl.sim.history import read_history
@@ -334,8 +335,8 @@ def run(
         curves = {n: list(read_history(root / n / "history.jsonl")) for n in names if (root / n).exists()}
         plot_accuracy(curves, root / "accuracy.png", title=cfg.name)
         (root / "results.json").write_text(json.dumps(results, indent=2, default=float), encoding="utf-8")
-        _say("  accuracy.png  every policy's accuracy against virtual time (and .svg)")
-        _say("  results.json  the table above, as numbers")
+        _say(f"  {'accuracy.png':<{width}}  every policy's accuracy against virtual time (and .svg)")
+        _say(f"  {'results.json':<{width}}  the table above, as numbers")
     _say(f"next: [bold]prfl report {escape(str(root))}[/]  (one HTML page: tables, plots, configuration)")
     _exit_if_aborted(results)
 
@@ -409,14 +410,12 @@ def config(
 @app.command()
 def presets() -> None:
     """List the preset scenarios shipped with prfl (run one with `prfl run --preset NAME`)."""
-    table = _table()
-    for col in ("preset", "data set", "model", "policies", "budget"):
-        table.add_column(col, no_wrap=col != "budget")
     for name in preset_names():
         cfg = load_config(preset=name)
-        table.add_row(name, cfg.data.dataset, cfg.model.name, ", ".join(p.name for p in [cfg.policy, *cfg.baselines]),
-                      cfg.sim.budget())
-    console.print(table)
+        policies = ", ".join(p.name for p in [cfg.policy, *cfg.baselines])
+        _say(f"[bold]{name:<20}[/] {cfg.data.dataset} / {cfg.model.name} / {cfg.data.num_clients} clients / "
+             f"{cfg.sim.budget()}")
+        _say(f"{'':<20} {policies}")
 
 
 @app.command()
@@ -542,7 +541,7 @@ def _rich_table(title: str, table: tuple[list[str], list[list[str]]]) -> Table:
     out = _table(title)
     for i, h in enumerate(headers):
         longest = max((len(w) for w in h.split()), default=1)
-        label = "\n".join(textwrap.wrap(h, width=max(10, longest))) or h
+        label = "\n".join(textwrap.wrap(h, width=max(12, longest))) or h
         out.add_column(label, justify="left" if i == 0 else "right", overflow="fold")
     for r in rows:
         out.add_row(*r)
@@ -608,10 +607,10 @@ def compare(
         console.print(f"[bold red]failed:[/] {method} seed {seed}: {escape(err)}", highlight=False, soft_wrap=True)
     root = escape(str(plan.out))
     _say(f"results: [bold]{root}[/]")
-    _say("  report.html               one page: every table, the plots, each method's configuration")
-    _say("  results.md, summary.json  every table as Markdown and as numbers; tables/ holds CSVs")
-    _say("  plots/                    accuracy, server egress, local rounds, densities (PNG and SVG)")
-    _say("  runs/<method>/seed<k>/    each run's directory (history.jsonl, summary.json, ...)")
+    _say("  report.html               every table, the plots, each method's configuration")
+    _say("  results.md, summary.json  the tables as Markdown and as numbers (CSV: tables/)")
+    _say("  plots/                    accuracy, egress, local rounds, densities (PNG, SVG)")
+    _say("  runs/<method>/seed<k>/    one run directory per method and seed")
     _say(f"next: open [bold]{root}/report.html[/], or rebuild it with [bold]prfl report {root}[/]")
     if result.failed:
         raise typer.Exit(code=1)

@@ -271,7 +271,8 @@ def run_command(fed: LocalFederation, num_clients: int, out_dir: Path, max_time:
     """The ``flwr run`` line for ``fed``: its connection, an output folder and a time budget."""
     cfg = run_config_arg({"prfl.data.num_clients": num_clients, "out-dir": str(out_dir),
                           "prfl.sim.max_time": float(max_time), "prfl.sim.max_rounds": "none"})
-    return (f"FLWR_HOME={shlex.quote(str(fed.cli_home()))} flwr run {shlex.quote(example_app())} local-deployment "
+    flwr = shlex.quote(str(fed.bin_dir / "flwr"))
+    return (f"FLWR_HOME={shlex.quote(str(fed.cli_home()))} {flwr} run {shlex.quote(example_app())} local-deployment "
             f"--stream --run-config {shlex.quote(cfg)}")
 
 
