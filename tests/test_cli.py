@@ -239,3 +239,36 @@ def test_run_says_which_limit_stops_it_and_where_everything_is(tmp_path: Path) -
     assert "final\n" not in text and "acc" in text and "time to" in text and "…" not in text
     assert "accuracy.png" in text and "results.json" in text and f"prfl report {out}" in text
     assert (out / "accuracy.png").is_file() and (out / "results.json").is_file()
+
+
+def test_every_prfl_command_in_the_readme_parses() -> None:
+    """Each `prfl ...` line of the README's code blocks names a real command with real options."""
+    import re
+    import shlex
+
+    import typer.main
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    group = typer.main.get_command(app)
+    seen = 0
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if not line.startswith(".venv/bin/prfl "):
+                continue
+            args = shlex.split(line)[1:]
+            command = group.commands[args[0]]  # type: ignore[attr-defined]
+            with command.make_context(args[0], args[1:]) as ctx:  # parses, does not run
+                assert ctx.params is not None
+            seen += 1
+    assert seen >= 10
+
+
+def test_config_of_every_preset_resolves() -> None:
+    from prfl.config import preset_names
+
+    for name in preset_names():
+        result = invoke("config", "--preset", name, "--explain")
+        assert result.exit_code == 0, (name, result.output)
+        assert yaml.safe_load(result.output)["name"] == name

@@ -117,3 +117,20 @@ def test_method_colours_depend_on_names_only_and_stay_apart() -> None:
     for c, d in itertools.permutations(palette, 2):
         for bg in ([255] * 3, [0] * 3, [176] * 3):
             assert blend_distance(c, d, bg) > 15, (c, d, bg)  # an edge of d never passes for c
+
+
+def test_the_density_caption_names_only_the_marks_drawn(tmp_path) -> None:
+    from prfl.report.html import caption
+    from prfl.report.runset import load_runset
+
+    root = tmp_path / "root"
+    recs = make_history(EVALS["fast", 0], LOCAL_ROUNDS["fast", 0], 1e6, densities=True)
+    plain = [r for r in recs if r["event"] != "recovery"]
+    cfg = {"name": "d", "seed": 0, "policy": {"name": "prfl"}}
+    write_run(root / "with", recs, make_summary(recs, LOCAL_ROUNDS["fast", 0], 1e6, 0, "prfl"), cfg)
+    write_run(root / "without", plain, make_summary(plain, LOCAL_ROUNDS["fast", 0], 1e6, 0, "prfl"), cfg)
+    with_marks = caption("density", load_runset(root / "with"))
+    assert "red dashed lines: recovery" in with_marks and "red triangles" in with_marks
+    assert "black line" not in with_marks  # no early stop in this history
+    without = caption("density", load_runset(root / "without"))
+    assert "red" not in without and "black" not in without
