@@ -28,11 +28,11 @@ class FedAsyncConfig:
     reference accounting, and needs its step timing (see :class:`FedAsync`).
     """
 
-    alpha: float = 0.6
-    staleness: str = "poly"
-    a: float = 0.6
-    b: float = 2.0
-    steps: Literal["arrival", "reference"] = "arrival"
+    alpha: float = 0.6  # mixing weight of an arriving model, in (0, 1]
+    staleness: str = "poly"  # staleness function s(tau): const, poly or hinge
+    a: float = 0.6  # poly: s = (1 + tau)^-a; hinge: slope of 1 / (a (tau - b) + 1) after b
+    b: float = 2.0  # hinge: the staleness up to which s = 1
+    steps: Literal["arrival", "reference"] = "arrival"  # reference: one arrival per step, weight s_i / sum s_j
 
     def __post_init__(self) -> None:
         check_number("alpha", self.alpha, low=0.0, low_open=True, high=1.0)

@@ -14,10 +14,13 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import yaml
+
 from prfl import __version__
 from prfl.report import plots, tables
 from prfl.report.analysis import MethodSummary
 from prfl.report.outputs import PLOT_TITLES, write_plots
+from prfl.report.plots import density_marks, method_colors
 from prfl.report.runset import RunSet, load_runset
 from prfl.sim.history import TIME_PARTS, UPLOAD_PARTS, time_breakdown, upload_split
 
@@ -38,18 +41,73 @@ td.num { text-align: right; }
 figure { margin: 1rem 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9rem; }
+h3 { font-size: 1.0rem; margin: 1.2rem 0 0.3rem; }
+.swatch { display: inline-block; width: 0.9em; height: 0.9em; margin: 0 0.35em 0 0; vertical-align: -0.1em;
+          border-radius: 2px; }
+p.key .method { margin-right: 1.1rem; white-space: nowrap; }
 pre { background: #f7f7f7; padding: 0.8rem; overflow-x: auto; font-size: 0.85rem; }
 .warn { background: #fff4e5; border-left: 4px solid #f0a020; padding: 0.5rem 0.8rem; }
 """
 
 CAPTIONS = {
-    "accuracy": "Test accuracy against virtual time; line: mean over seeds, band: ±1 sample sd "
+    "accuracy": "Test accuracy against {time}; line: mean over seeds, band: ±1 sample sd "
                 "(each seed interpolated linearly on a common time grid).",
-    "egress": "Cumulative bytes sent by the server against virtual time (mean ± sd over seeds).",
+    "egress": "Cumulative bytes sent by the server against {time} (mean ± sd over seeds).",
     "local_rounds": "Local rounds finished by each client; bars: mean over seeds, whiskers: sd.",
-    "density": "Density of each client's sub-model over virtual time; red dashed lines: recovery "
-               "(every minimum density raised), triangles: a client's minimum raised, black: early stop.",
+    "density": "Density of each client's sub-model over {time}, one line per client{marks}.",
 }
+DENSITY_MARKS = {
+    "recovery": "red dashed lines: recovery (every minimum density raised)",
+    "client": "red triangles: one client's minimum density raised",
+    "stop": "black line: early stop",
+}
+
+
+def caption(name: str, rs: RunSet) -> str:
+    """The caption of plot ``name``: what is drawn, in the run set's time (virtual or wall)."""
+    time = "wall-clock time" if rs.clock == "wall" else "virtual time"
+    text = CAPTIONS.get(name, PLOT_TITLES.get(name, name))
+    marks = ""
+    if name == "density":
+        first = {m: rr[0].records for m, rr in rs.complete_runs().items()}
+        drawn = [DENSITY_MARKS[k] for k in density_marks(first)]
+        marks = "; " + ", ".join(drawn) if drawn else ""
+    return text.replace("{time}", time).replace("{marks}", marks)
+
+
+def method_key(rs: RunSet) -> str:
+    """Each method's colour (the one every plot uses) and policy, as a line of swatches."""
+    colors = method_colors(rs.methods)
+    items = []
+    for method, color in colors.items():
+        policy = rs.policies.get(method, method)
+        extra = f" ({_esc(policy)})" if policy != method else ""
+        items.append(f'<span class="method" data-method="{_esc(method)}"><span class="swatch" '
+                     f'style="background:{color}"></span>{_esc(method)}{extra}</span>')
+    return '<p class="key">Methods: ' + " ".join(items) + "</p>"
+
+
+def config_section(rs: RunSet) -> list[str]:
+    """Every method's policy with all its options (defaults filled in), then the shared scenario."""
+    parts = ['<h2 id="config">Configuration</h2>',
+             "<p>Each method's policy, every option shown (the defaults where the run did not set one):</p>"]
+    colors = method_colors(rs.methods)
+    for method, pcfg in rs.policy_configs().items():
+        text = yaml.safe_dump(pcfg["options"], sort_keys=False, width=10**6) if pcfg["options"] else "{}\n"
+        parts.append(f'<h3 id="config-{_esc(method)}"><span class="swatch" style="background:{colors[method]}"></span>'
+                     f"{_esc(method)}: policy {_esc(pcfg['name'])}</h3><pre>{_esc(text)}</pre>")
+    plan = {}
+    if rs.kind == "comparison":
+        manifest = yaml.safe_load(rs.config_text) or {}
+        plan = {k: v for k, v in manifest.items() if k not in ("methods", "scenario")}
+    if plan:
+        parts.append("<h3>Comparison</h3><pre>" + _esc(yaml.safe_dump(plan, sort_keys=False, width=10**6)) + "</pre>")
+    if rs.scenario:
+        parts.append("<h3>Scenario (shared by every run)</h3><pre>"
+                     + _esc(yaml.safe_dump(rs.scenario, sort_keys=False, width=10**6)) + "</pre>")
+    else:
+        parts.append(f"<pre>{_esc(rs.config_text)}</pre>")
+    return parts
 
 
 def _esc(text: object) -> str:
@@ -76,6 +134,7 @@ def render(rs: RunSet, plot_paths: dict[str, Path], summaries: Sequence[MethodSu
     """The HTML text of the report of ``rs`` with the PNGs in ``plot_paths`` embedded."""
     summ = list(summaries) if summaries is not None else rs.summaries()
     kind = {"comparison": "comparison", "run": "run", "runs": "runs"}.get(rs.kind, rs.kind)
+    unit = "wall-clock seconds (real time, measured on Flower)" if rs.clock == "wall" else "virtual seconds"
     seeds = sorted({s for m in summ for s in m.seeds})
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
@@ -88,7 +147,8 @@ def render(rs: RunSet, plot_paths: dict[str, Path], summaries: Sequence[MethodSu
         f"<h1>{_esc(rs.title)}</h1>",
         (f'<p class="meta">{_esc(kind)} report of <code>{_esc(rs.root)}</code>: {len(summ)} method(s), '
          f"seeds {_esc(', '.join(str(s) for s in seeds) or '-')}; generated {stamp} by prfl {__version__}. "
-         "Times are virtual seconds; ± is the sample standard deviation over seeds.</p>"),
+         f"Times are {unit}; ± is the sample standard deviation over seeds.</p>"),
+        method_key(rs),
     ]
     if rs.command:
         parts.append(f'<p class="meta">Made by <code>{_esc(rs.command)}</code>; rebuild this page with '
@@ -111,7 +171,7 @@ def render(rs: RunSet, plot_paths: dict[str, Path], summaries: Sequence[MethodSu
                      "every seed of both methods reached the target.</p>")
     else:
         parts.append("<p>No target accuracies were set (<code>sim.targets</code> or <code>--targets</code>).</p>")
-    parts.append('<h2 id="accuracy">Final accuracy</h2>' + html_table(tables.accuracy_table(summ)))
+    parts.append('<h2 id="accuracy">Final accuracy</h2>' + html_table(tables.accuracy_table(summ, rs.clock)))
     parts.append('<h2 id="participation">Participation</h2>' + html_table(tables.participation_table(summ)))
     parts.append('<p class="meta">Local rounds: tasks each client finished. max/min and the coefficient of '
                  "variation (CV) of the local rounds per client measure the imbalance; mean ± sd over seeds.</p>")
@@ -120,11 +180,10 @@ def render(rs: RunSet, plot_paths: dict[str, Path], summaries: Sequence[MethodSu
     for name, path in plot_paths.items():
         title = PLOT_TITLES.get(name, name)
         parts.append(f'<figure id="fig-{_esc(name)}"><img src="{data_uri(path)}" alt="{_esc(title)}">'
-                     f"<figcaption>{_esc(CAPTIONS.get(name, title))}</figcaption></figure>")
+                     f"<figcaption>{_esc(caption(name, rs))}</figcaption></figure>")
     parts.append('<h2 id="clients">Per client</h2>' + html_table(tables.clients_table(summ)))
     parts.append(round_time_section(rs))
-    parts.append('<h2 id="config">Configuration</h2>')
-    parts.append(f"<pre>{_esc(rs.config_text)}</pre>")
+    parts += config_section(rs)
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
