@@ -8,9 +8,13 @@ zero and stay exactly zero: their gradient, momentum and weight decay are all ze
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import shutil
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from prfl.params import ParamLayout
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,50 @@ def loss_fn(kind: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, onehot)
 
 
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend would call ($CXX, else g++, c++ or clang++
+    on the PATH), or None."""
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+class CompiledForward:
+    """``torch.compile(model)``'s forward pass, falling back to the eager model.
+
+    The fallback is taken when the platform has no C++ compiler (checked up front) or when
+    compiling fails (then from that call on); either is logged once. The compiled graph calls
+    the same GEMM and convolution kernels, but fuses the element-wise operations around them,
+    so its floats may differ from eager execution in the last bits: eager is the reference,
+    and every process of a run must take the same path for the run to be reproducible.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
+        compiler = cxx_compiler()
+        if compiler is None:
+            log.warning("torch.compile needs a C++ compiler and none was found (set CXX or install g++): "
+                        "training runs eagerly")
+        else:
+            self.compiled = torch.compile(model)
+            log.info("training step compiled with torch.compile (C++ compiler %s)", compiler)
+
+    @property
+    def is_compiled(self) -> bool:
+        return self.compiled is not None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(x)
+            except Exception as exc:  # a backend failure: the eager model computes the same function
+                log.warning("torch.compile failed (%s: %s): training runs eagerly", type(exc).__name__, exc)
+                self.compiled = None
+        return self.model(x)
+
+
 class LocalTrainer:
     """Trains one model architecture for many tasks, reusing its buffers between tasks.
 
@@ -135,10 +185,14 @@ class LocalTrainer:
         x_train: torch.Tensor | np.ndarray,
         y_train: torch.Tensor | np.ndarray,
         cfg: TrainConfig,
+        compile: bool = False,
     ) -> None:
+        """``compile``: run the forward pass (and so its backward) through ``torch.compile``
+        where the platform can (:class:`CompiledForward`); off by default, eager is the reference."""
         self.model = model
         self.layout = layout
         self.cfg = cfg
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = CompiledForward(model) if compile else model
         self.x = torch.as_tensor(x_train)
         self.y = torch.as_tensor(y_train, dtype=torch.int64)
         if len(self.x) != len(self.y):
@@ -215,7 +269,7 @@ class LocalTrainer:
             xb, yb = self.x[sel], self.y[sel]
             flat_grad = want_importance and step == len(batches) - 1
             self._reset_grads(flat_grad)
-            loss = loss_fn(cfg.loss, self.model(xb), yb)
+            loss = loss_fn(cfg.loss, self.forward(xb), yb)
             loss.backward()
             total_loss += float(loss.detach())
             if want_importance and step == len(batches) - 1:
