@@ -281,6 +281,9 @@ class _OutputSlots:
         except queue.Empty:
             if self._created >= self.per_worker or numel > self.capacity:
                 return None
+            room = os.statvfs(self.directory)
+            if room.f_bavail * room.f_frsize < 2 * 4 * self.capacity:  # a small /dev/shm (containers)
+                return None
             self._created += 1
             name = f"{os.getpid()}-{self._created}.slot"
             return name, self._map(name, create=True)[:numel]
@@ -315,6 +318,18 @@ class _OutputSlots:
 def _shared_memory_dir() -> str | None:
     """A directory on a memory file system when the platform has one (Linux: /dev/shm)."""
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def shared_memory_room() -> int | None:
+    """Bytes free on /dev/shm, where torch's shared tensors live (None: no such file system).
+
+    Containers often mount a small /dev/shm (64 MiB by default under Docker); a shared tensor
+    larger than the room left fails on first write, so large copies check first."""
+    d = _shared_memory_dir()
+    if d is None:
+        return None
+    st = os.statvfs(d)
+    return st.f_bavail * st.f_frsize
 
 
 @dataclass
@@ -422,7 +437,12 @@ class ProcessPoolExecutorAdapter:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         ctx = mp.get_context("spawn")
-        data = TrainData.shared_from(dataset) if dataset is not None else None
+        data = None
+        if dataset is not None:
+            need = np.asarray(dataset.x_train).nbytes + np.asarray(dataset.y_train).nbytes
+            room = shared_memory_room()
+            if room is None or room > 2 * need:  # else the workers load the data set themselves
+                data = TrainData.shared_from(dataset)
         self._slots: _OutputSlots | None = None
         self._slot_dir: str | None = None
         if slots:
