@@ -24,6 +24,14 @@ per-round paired ratios against ``per-parameter``, and whether its weights equal
 under ``torch.no_grad`` (the simulator's evaluator) and under ``torch.inference_mode``, at
 several batch sizes.
 
+The process pool's cost per task (``--pool-rounds`` > 0): two pools of ``--workers`` workers,
+one with shared output slots and the caller's data set mapped, one without either (results as
+pickled tensors, each worker loading the data set). Their tasks train one step of batch 1, so
+what is left is the pool's own work: moving the start weights in and the result out. Each round
+submits 10 tasks of a new model version to each pool in shuffled order; reported are the
+medians per task of wall time, of CPU seconds in the workers and the caller together, and the
+time from creating a pool to its workers being ready.
+
 Usage (from the repository root):
   .venv/bin/python benchmarks/bench_train_step.py [--repeats 21] [--no-compile]
 Writes benchmarks/results/train_step.json.
@@ -49,9 +57,12 @@ from torch import nn
 
 from prfl.allocator import tune_allocator
 from prfl.client.trainer import LocalTrainer, TrainConfig, cxx_compiler, evaluate
+from prfl.config import load_config
 from prfl.data import load_dataset
 from prfl.models import build_model
 from prfl.params import ParamLayout
+from prfl.run import build_scenario
+from prfl.sim.executors import ProcessPoolExecutorAdapter, TrainJob
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -172,12 +183,61 @@ def time_evaluation(ds: Any, w0: torch.Tensor, repeats: int, n: int = 2000) -> l
             for m, bs in cases]
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def time_pool(workers: int, rounds: int) -> dict[str, Any]:
+    """Per-task cost of the process pool with and without output slots and shared data."""
+    sc = build_scenario(load_config(overrides=[
+        "data.dataset=fashion-mnist", "data.num_clients=10", "model.name=conv2", "train.lr=0.1",
+        "train.local_steps=1", "train.batch_size=1"]))
+    kinds = {"slots + shared data": {"dataset": sc.dataset, "slots": True},
+             "pickled results, own data": {"dataset": None, "slots": False}}
+    pools: dict[str, ProcessPoolExecutorAdapter] = {}
+    startup: dict[str, float] = {}
+    for name, kw in kinds.items():
+        t0 = time.perf_counter()
+        pools[name] = ProcessPoolExecutorAdapter(sc.worker_spec, workers, **kw)
+        for f in pools[name]._started:
+            f.result()
+        startup[name] = time.perf_counter() - t0
+    pids = {name: [p.pid for p in pool.pool._processes.values()] for name, pool in pools.items()}
+    wall: dict[str, list[float]] = {name: [] for name in pools}
+    cpu: dict[str, list[float]] = {name: [] for name in pools}
+    w = sc.initial_weights.clone()
+    try:
+        for r in range(rounds + 1):  # the first round warms up
+            w = w.clone()  # a new model version: jobs map a new shared copy
+            order = list(pools)
+            random.shuffle(order)
+            for name in order:
+                jobs = [TrainJob(task_id=i, client=i, weights=w, indices=sc.partition.client_indices[i], seed=r * 10 + i)
+                        for i in range(10)]
+                c0 = sum(_cpu_seconds(q) for q in pids[name]) + time.process_time()
+                t0 = time.perf_counter()
+                outs = [f.result() for f in [pools[name].submit(j) for j in jobs]]
+                if r > 0:
+                    wall[name].append((time.perf_counter() - t0) / len(jobs))
+                    cpu[name].append((sum(_cpu_seconds(q) for q in pids[name]) + time.process_time() - c0) / len(jobs))
+                assert all(o.weights.numel() == w.numel() for o in outs)
+    finally:
+        for pool in pools.values():
+            pool.close()
+    return {name: {"median_wall_per_task_s": float(np.median(wall[name])), "median_cpu_per_task_s": float(np.median(cpu[name])),
+                   "startup_s": startup[name]} for name in pools} | {"workers": workers, "rounds": rounds, "tasks_per_round": 10}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=21)
     ap.add_argument("--eval-repeats", type=int, default=7)
     ap.add_argument("--client-samples", type=int, default=6000)
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variant")
+    ap.add_argument("--pool-rounds", type=int, default=8, help="rounds of the process-pool part (0: skip it)")
+    ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS / "train_step.json")
     args = ap.parse_args()
     tune_allocator()  # as in every worker
@@ -194,6 +254,12 @@ def main() -> int:
     evals = time_evaluation(ds, w0, args.eval_repeats)
     for e in evals:
         print(f"evaluate {e['mode']:<15} batch {e['batch_size']:>5}: cpu {e['median_cpu_s']:.3f} s", flush=True)
+    pool = time_pool(args.workers, args.pool_rounds) if args.pool_rounds > 0 else None
+    if pool is not None:
+        for name, r in pool.items():
+            if isinstance(r, dict):
+                print(f"process pool, {name:<26}: per task wall {r['median_wall_per_task_s'] * 1e3:6.1f} ms, "
+                      f"cpu {r['median_cpu_per_task_s'] * 1e3:6.1f} ms; workers ready after {r['startup_s']:.1f} s", flush=True)
     script = Path(__file__).resolve()
     rel = script.relative_to(ROOT) if script.is_relative_to(ROOT) else Path(script.name)
     result = {
@@ -208,11 +274,12 @@ def main() -> int:
         "tasks": tasks,
         "notes": notes,
         "evaluation": evals,
+        "process_pool": pool,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the process pool's spawned workers import this module
     raise SystemExit(main())

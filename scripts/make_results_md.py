@@ -273,6 +273,14 @@ def train_step_section(d: dict[str, Any], name: str) -> list[str]:
         lines.append(markdown((["evaluation mode", "batch size", "CPU (s)", "accuracy"],
                                [[str(e.get("mode")), str(e.get("batch_size")), _num(e.get("median_cpu_s")),
                                  _num(e.get("accuracy"), ".4f")] for e in evals])))
+    pool = d.get("process_pool")
+    if isinstance(pool, dict):
+        lines.append(f"The process pool's own cost per task ({pool.get('workers', '?')} workers, one-step tasks, "
+                     f"{pool.get('rounds', '?')} rounds of {pool.get('tasks_per_round', '?')} tasks, medians):\n")
+        lines.append(markdown((["pool", "wall per task (ms)", "CPU per task, workers + caller (ms)", "workers ready after (s)"],
+                               [[name, _num(_mul(r.get("median_wall_per_task_s"), 1e3), ".1f"),
+                                 _num(_mul(r.get("median_cpu_per_task_s"), 1e3), ".1f"), _num(r.get("startup_s"), ".1f")]
+                                for name, r in pool.items() if isinstance(r, dict)])))
     m = d.get("machine") or {}
     if m:
         lines.append("Machine: " + ", ".join(f"{k} {v}" for k, v in m.items()) + ".\n")

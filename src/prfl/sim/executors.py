@@ -70,8 +70,9 @@ class TrainJob:
         values = torch.cat([self.weights[:npr][self.mask], self.weights[npr:]])
         return dataclasses.replace(self, weights=values, packed=True)
 
-    def unpacked_weights(self, total: int) -> torch.Tensor:
-        """The start weights as a full vector (zeros outside the mask for a packed job)."""
+    def unpacked_weights(self, total: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The start weights as a full vector (zeros outside the mask for a packed job), written
+        into ``out`` when given and the job is packed."""
         if not self.packed:
             return self.weights
         assert self.mask is not None
@@ -79,7 +80,10 @@ class TrainJob:
         count = self.weights.numel() - (total - npr)
         if count < 0 or count != int(self.mask.sum()):
             raise ValueError(f"packed job {self.task_id}: {self.weights.numel()} values do not fit its mask and suffix")
-        out = torch.zeros(total, dtype=self.weights.dtype)
+        if out is None:
+            out = torch.zeros(total, dtype=self.weights.dtype)
+        else:
+            out[:npr].zero_()
         out[:npr].masked_scatter_(self.mask, self.weights[:count])
         out[npr:] = self.weights[count:]
         return out
@@ -122,7 +126,9 @@ class Workspace:
     def run(self, job: TrainJob, out: torch.Tensor | None = None) -> TrainOutput:
         """Train ``job``; the new weights go into ``out`` when given (see :meth:`LocalTrainer.train`)."""
         trainer = self.trainer_for(job.width)
-        weights = job.unpacked_weights(trainer.layout.total)
+        if job.packed and out is None:  # unpack straight into the vector the task trains in
+            out = torch.empty(trainer.layout.total, dtype=torch.float32)
+        weights = job.unpacked_weights(trainer.layout.total, out=out)
         self._recent = (job.weights, job.mask)
         return trainer.train(weights, job.indices, job.seed, mask=job.mask, want_importance=job.want_importance, out=out)
 
@@ -237,8 +243,8 @@ class _OutputSlots:
 
     A slot is a file of ``capacity`` float32 values (the worker's full-width model) in a
     directory on a memory file system, mapped once by each process that uses it and reused for
-    the life of the pool, so a result costs one copy in the caller (into its own memory) and neither side
-    maps fresh pages or sends the values through a pipe. Free slots are named in a queue that
+    the life of the pool, so a result costs one copy in the caller (into its own memory) and
+    neither side maps fresh pages or sends the values through a pipe. Free slots are named in a queue that
     the caller and every worker share: a worker takes one for a task's weights (and one for its
     importance scores), trains into it and returns only the slot's name; the caller copies the
     values out as soon as the result arrives and puts the name back. A worker creates a slot
