@@ -11,6 +11,8 @@ Sources (under ``--results``, default ``benchmarks/results``):
   (``benchmarks/bench_simulator.py``), ``flower_sim.json`` (``benchmarks/bench_flower_sim.py``),
   ``scale.json`` (``benchmarks/bench_scale.py``), ``vmap.json`` (``benchmarks/bench_vmap.py``),
   ``buffer.json`` (``benchmarks/bench_buffer.py``) and ``fuzz.json`` (``benchmarks/fuzz_policies.py``);
+  ``train_step.json`` (``benchmarks/bench_train_step.py``) and ``buffer.json``
+  (``benchmarks/bench_buffer.py``);
   any other ``*.json`` at the top level is listed by its scalar fields.
 
 Statistics follow ``prfl.report``: mean ± sample sd over seeds; a time to accuracy is the first
@@ -243,11 +245,64 @@ def simulator_section(d: dict[str, Any], name: str) -> list[str]:
 
 def flower_section(d: dict[str, Any], name: str) -> list[str]:
     lines = _section_head("FedAvg: prfl's simulator against Flower's Simulation Engine", d, name)
-    rows = [[run, _num(r.get("wall"), ".1f"), _num(r.get("final_accuracy"))] for run, r in (d.get("runs") or {}).items()]
-    lines.append(markdown((["run", "wall (s)", "final accuracy"], rows)))
-    lines.append(f"Flower / prfl wall time: {_num(d.get('wall_ratio_flower_over_prfl_process'), '.2f')} against prfl's "
-                 f"process pool, {_num(d.get('wall_ratio_flower_over_prfl_inline'), '.2f')} against prfl inline.\n")
+    runs = d.get("runs") or {}
+    rows = []
+    for run, r in runs.items():
+        walls = r.get("walls")
+        rows.append([run, _num(r.get("wall"), ".1f"), _num(r.get("final_accuracy")),
+                     ", ".join(_num(w, ".1f") for w in walls) if isinstance(walls, list) else "-"])
+    lines.append(markdown((["run", "wall (s, median)", "final accuracy", "every run (s)"], rows)))
+    goal = d.get("goal_flower_over_prfl")
+    text = (f"Flower / prfl wall time: {_num(d.get('wall_ratio_flower_over_prfl_process'), '.2f')} against prfl's "
+            f"process pool, {_num(d.get('wall_ratio_flower_over_prfl_inline'), '.2f')} against prfl inline")
+    if d.get("wall_ratio_flower_over_plain_loop") is not None:
+        text += f"; {_num(d.get('wall_ratio_flower_over_plain_loop'), '.2f')} against the plain PyTorch loop (the floor)"
+    if d.get("wall_ratio_plain_loop_over_prfl_process") is not None:
+        text += (f". Plain loop / prfl process pool: {_num(d.get('wall_ratio_plain_loop_over_prfl_process'), '.2f')} "
+                 "(above 1: prfl is faster than the bare loop)")
+    if goal is not None:
+        text += f". Goal: Flower / prfl >= {_num(goal, '.0f')}"
+    lines.append(text + ".\n")
     return lines
+
+
+def train_step_section(d: dict[str, Any], name: str) -> list[str]:
+    lines = _section_head("One local training task: step variants", d, name)
+    ref = d.get("reference", "per-parameter")
+    rows = []
+    for variant, r in (d.get("tasks") or {}).items():
+        same = next((v for k, v in r.items() if k.startswith("bit_identical_to_")), None)
+        rows.append([variant, _num(_mul(r.get("median_wall_s"), 1e3), ".1f"), _num(_mul(r.get("median_cpu_s"), 1e3), ".1f"),
+                     _num(r.get("paired_cpu_ratio")), _num(r.get("paired_wall_ratio")),
+                     "yes" if same else _num(r.get("max_abs_diff"), ".1e")])
+    lines.append(markdown((["variant", "wall (ms)", "CPU (ms)", f"CPU / {ref} (paired)", f"wall / {ref} (paired)",
+                            f"floats equal to {ref} (else max abs diff)"], rows)))
+    notes = d.get("notes") or {}
+    for key, note in notes.items():
+        if isinstance(note, dict):
+            note = ", ".join(f"{k} {_num(v, '.1f') if isinstance(v, float) else v}" for k, v in note.items())
+        lines.append(f"{key}: {note}.\n")
+    evals = d.get("evaluation") or []
+    if evals:
+        lines.append(markdown((["evaluation mode", "batch size", "CPU (s)", "accuracy"],
+                               [[str(e.get("mode")), str(e.get("batch_size")), _num(e.get("median_cpu_s")),
+                                 _num(e.get("accuracy"), ".4f")] for e in evals])))
+    pool = d.get("process_pool")
+    if isinstance(pool, dict):
+        lines.append(f"The process pool's own cost per task ({pool.get('workers', '?')} workers, one-step tasks, "
+                     f"{pool.get('rounds', '?')} rounds of {pool.get('tasks_per_round', '?')} tasks, medians):\n")
+        lines.append(markdown((["pool", "wall per task (ms)", "CPU per task, workers + caller (ms)", "workers ready after (s)"],
+                               [[name, _num(_mul(r.get("median_wall_per_task_s"), 1e3), ".1f"),
+                                 _num(_mul(r.get("median_cpu_per_task_s"), 1e3), ".1f"), _num(r.get("startup_s"), ".1f")]
+                                for name, r in pool.items() if isinstance(r, dict)])))
+    m = d.get("machine") or {}
+    if m:
+        lines.append("Machine: " + ", ".join(f"{k} {v}" for k, v in m.items()) + ".\n")
+    return lines
+
+
+def _mul(x: Any, k: float) -> Any:
+    return x * k if isinstance(x, (int, float)) and not isinstance(x, bool) else x
 
 
 def scale_section(d: dict[str, Any], name: str) -> list[str]:
@@ -383,6 +438,8 @@ def render(results: Path, baseline: str = "fedasync") -> str:
             lines += scale_section(d, name)
         elif p.name == "vmap.json":
             lines += vmap_section(d, name)
+        elif p.name == "train_step.json":
+            lines += train_step_section(d, name)
         elif p.name == "buffer.json":
             lines += buffer_section(d, name)
         elif p.name == "fuzz.json":

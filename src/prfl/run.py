@@ -296,7 +296,7 @@ def make_simulation(
 def _executor(sc: Scenario) -> Any:
     s = sc.cfg.sim
     return make_executor(
-        s.executor, sc.worker_spec, workers=s.workers, dataset=sc.dataset if s.executor == "inline" else None,
+        s.executor, sc.worker_spec, workers=s.workers, dataset=sc.dataset if s.executor in ("inline", "process") else None,
         address=s.ray_address, spill_dir=s.spill_dir,
     )
 
