@@ -39,6 +39,7 @@ import fnmatch
 import json
 import logging
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -405,7 +406,9 @@ class Sweep:
         }
         self.out.mkdir(parents=True, exist_ok=True)
         tmp = self.out / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        head = json.dumps({k: v for k, v in manifest.items() if k != "cells"}, indent=1)
+        body = ",\n".join("  " + json.dumps(c) for c in states)  # one line per cell: readable diffs
+        tmp.write_text(f'{head[:-2]},\n "cells": [\n{body}\n ]\n}}\n', encoding="utf-8")
         os.replace(tmp, self.out / "manifest.json")
         return manifest
 
@@ -535,85 +538,99 @@ def run_sweep(sweep: Sweep, cells: Sequence[Cell], budget: WallBudget, all_cells
 
 
 # ---------------------------------------------------------------------------- estimate
-def estimate(sweep: Sweep, cells: Sequence[Cell], max_time: float, scratch: Path) -> dict[str, Any]:
-    """Run each distinct (accounting, policy configuration) of ``cells`` for ``max_time`` virtual s
-    on seed 0 of its group's Dirichlet split and project the wall time of every cell.
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of its children that have ended."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
-    Per measured run: ``train_rate = (wall - evaluations * eval_cost) / max_time`` (wall seconds
-    per virtual second spent outside evaluation) with ``eval_cost`` the median of three
-    evaluations of the initial weights on the test set. A cell is projected at
-    ``train_rate * T + (T / eval_every + 2) * eval_cost`` with ``T`` the sweep's horizon. The
-    FedAsync grid shares one measurement (alpha and the staleness function do not change what an
-    update costs), as do all-fast and paper10 fleets of one method where only one was measured.
+
+def estimate(sweep: Sweep, cells: Sequence[Cell], probe_time: float, scratch: Path) -> dict[str, Any]:
+    """Run each distinct (accounting, fleet, policy configuration) of ``cells`` for ``probe_time``
+    virtual s on seed 0 of the Dirichlet split and project the cost of every cell.
+
+    Measured per probe: wall seconds and CPU seconds (this process and its worker processes,
+    which the process executor joins at the end of a run). An evaluation's cost ``e`` (wall and
+    CPU) is the median of three evaluations of the initial weights on the test set. Per probe,
+    ``rate = (measured - evaluations * e) / probe_time`` per virtual second outside evaluation; a
+    cell of horizon ``T`` is projected at ``rate * T + (T / eval_every + 2) * e``. CPU seconds do
+    not grow with the machine's load as wall seconds do: on a machine whose two cores are free
+    the sweep's wall time lies between CPU / 2 (perfect overlap) and CPU (none). The FedAsync grid
+    shares one probe (alpha and the staleness function do not change what an update costs).
     """
     s = sweep.settings
-    short = dataclasses.replace(s, max_time=max_time)
-    probe_of: dict[tuple[str, str, str], Cell] = {}
+    short = dataclasses.replace(s, max_time=probe_time)
+
+    def probe_key(c: Cell) -> tuple[str, str, str]:
+        return c.group.accounting, c.group.fleet, "fedasync-a0.6-poly" if c.method in FEDASYNC_GRID else c.method
+
+    probes: dict[tuple[str, str, str], Cell] = {}
     for c in cells:
-        if unavailable(c):
-            continue
-        m = "fedasync-a0.6-poly" if c.method in FEDASYNC_GRID else c.method
-        key = (c.group.accounting, c.group.fleet, m)
-        probe_of.setdefault(key, Cell(0, Group(c.group.accounting, c.group.fleet, "dirichlet"), m, 0))
+        if not unavailable(c):
+            k = probe_key(c)
+            probes.setdefault(k, Cell(0, Group(k[0], k[1], "dirichlet"), k[2], 0))
     measured: dict[tuple[str, str, str], dict[str, Any]] = {}
-    eval_cost = None
-    for key, probe in probe_of.items():
+    cost: dict[str, float] = {}
+    for key, probe in probes.items():
         cfg = short.config(probe)
         sc = sweep._scenario_for(cfg, probe)
-        if eval_cost is None:
+        if not cost:
             ev = sc.evaluator()
             ev(sc.initial_weights)
-            times = []
+            walls, cpus = [], []
             for _ in range(3):
-                t = time.perf_counter()
+                w, c0 = time.perf_counter(), _cpu_seconds()
                 ev(sc.initial_weights)
-                times.append(time.perf_counter() - t)
-            eval_cost = statistics.median(times)
-            log.info("evaluation of the test set (%s samples): %.2f s", cfg.data.eval_samples or "all", eval_cost)
-        rd = scratch / probe.key
-        t0 = time.perf_counter()
-        summary = run_policy(sc, cfg.policy, rd)
-        wall = time.perf_counter() - t0
+                walls.append(time.perf_counter() - w)
+                cpus.append(_cpu_seconds() - c0)
+            cost = {"wall": statistics.median(walls), "cpu": statistics.median(cpus)}
+            log.info("one evaluation (%s test samples): %.2f s wall, %.2f s CPU", cfg.data.eval_samples or "all",
+                     cost["wall"], cost["cpu"])
+        w, c0 = time.perf_counter(), _cpu_seconds()
+        summary = run_policy(sc, cfg.policy, scratch / probe.key)
+        wall, cpu = time.perf_counter() - w, _cpu_seconds() - c0
         n_evals = sum(1 for r in summary["history"] if r.get("event") == "eval")
-        rate = max(0.0, wall - n_evals * eval_cost) / max_time
-        measured[key] = {"method": probe.method, "group": probe.group.name, "wall_seconds": round(wall, 2),
-                         "virtual_seconds": summary["virtual_seconds"], "server_rounds": summary["server_rounds"],
-                         "evaluations": n_evals, "train_wall_per_virtual_second": round(rate, 5),
-                         "final_accuracy": summary["final_accuracy"]}
-        log.info("%s %s: %.0f s wall for %.0f virtual s, %d updates, %.4f wall s per virtual s outside evaluation",
-                 probe.group.name, probe.method, wall, max_time, summary["server_rounds"], rate)
-    assert eval_cost is not None
+        measured[key] = {
+            "group": probe.group.name, "method": probe.method, "virtual_seconds": summary["virtual_seconds"],
+            "server_rounds": summary["server_rounds"], "evaluations": n_evals, "final_accuracy": summary["final_accuracy"],
+            "wall_seconds": round(wall, 2), "cpu_seconds": round(cpu, 2),
+            "wall_per_virtual_second": round(max(0.0, wall - n_evals * cost["wall"]) / probe_time, 5),
+            "cpu_per_virtual_second": round(max(0.0, cpu - n_evals * cost["cpu"]) / probe_time, 5),
+            "load_average": round(os.getloadavg()[0], 2),
+        }
+        log.info("%s %s: %.0f s wall, %.0f s CPU for %.0f virtual s (%d updates)", probe.group.name, probe.method,
+                 wall, cpu, probe_time, summary["server_rounds"])
     evals_per_run = s.max_time / s.eval_every + 2
     per_cell = []
     for c in cells:
-        if unavailable(c):
+        m = measured.get(probe_key(c))
+        if m is None:
             continue
-        m = "fedasync-a0.6-poly" if c.method in FEDASYNC_GRID else c.method
-        mm = measured.get((c.group.accounting, c.group.fleet, m)) or measured.get((c.group.accounting, "paper10", m))
-        if mm is None:
-            continue
-        per_cell.append({**c.as_dict(), "projected_wall_seconds":
-                         round(mm["train_wall_per_virtual_second"] * s.max_time + evals_per_run * eval_cost, 1)})
-    by_tier: dict[int, float] = {}
-    for p in per_cell:
-        by_tier[p["tier"]] = by_tier.get(p["tier"], 0.0) + p["projected_wall_seconds"]
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+        per_cell.append({**c.as_dict(), **{
+            f"projected_{kind}_seconds": round(m[f"{kind}_per_virtual_second"] * s.max_time + evals_per_run * cost[kind], 1)
+            for kind in ("wall", "cpu")}})
+
+    def hours(kind: str, tier: int | None = None) -> float:
+        return round(sum(p[f"projected_{kind}_seconds"] for p in per_cell if tier in (None, p["tier"])) / 3600, 2)
+
+    tiers = sorted({p["tier"] for p in per_cell})
     return {
         "benchmark": "headline-estimate",
         "date": _now(),
         "command": sweep.command,
         "commit": _git_commit(),
-        "machine": {"cpu_count": os.cpu_count(), "load_average_at_end": [round(x, 2) for x in load] if load else None},
-        "probe_virtual_seconds": max_time,
+        "machine": {"cpu_count": os.cpu_count(), "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "probe_virtual_seconds": probe_time,
         "horizon_virtual_seconds": s.max_time,
-        "eval_seconds_full_test_set": round(eval_cost, 3),
-        "evaluations_per_run": evals_per_run,
-        "eval_hours_per_run": round(evals_per_run * eval_cost / 3600, 3),
+        "evaluation": {"test_samples": "all" if "data.eval_samples=null" in BASES[s.base] + list(s.extra) else "see overrides",
+                       "wall_seconds": round(cost.get("wall", 0.0), 3), "cpu_seconds": round(cost.get("cpu", 0.0), 3),
+                       "per_run": evals_per_run},
         "measured": list(measured.values()),
         "cells_projected": len(per_cell),
-        "cells_unavailable": sum(1 for c in cells if unavailable(c)),
-        "hours_by_tier": {str(k): round(v / 3600, 2) for k, v in sorted(by_tier.items())},
-        "hours_total": round(sum(by_tier.values()) / 3600, 2),
+        "cells_unavailable": [c.key for c in cells if unavailable(c)],
+        "cpu_hours_by_tier": {str(t): hours("cpu", t) for t in tiers},
+        "cpu_hours_total": hours("cpu"),
+        "wall_hours_at_measured_load_total": hours("wall"),
+        "wall_hours_two_free_cores": [round(hours("cpu") / 2, 2), hours("cpu")],
         "per_cell": per_cell,
     }
 

@@ -340,7 +340,9 @@ def _headline_plot_job(path: Path, methods: dict[str, list[sweep.Run]], title: s
     curves = {(f"{m} (best {baseline})" if m == stand_in else m): [(r.times, r.accs) for r in methods[m]] for m in listed}
     if not curves:
         return None
-    return path, lambda: plot_bands(curves, path, title=title, targets=targets)
+    top = max((a for rs in methods.values() for r in rs for a in r.accs), default=1.0)
+    zoom = (round(min(targets) - 0.05, 2), round(min(1.0, top + 0.01), 2)) if targets and top > min(targets) - 0.05 else None
+    return path, lambda: plot_bands(curves, path, title=f"{title} (mean ± sd over seeds)", targets=targets, zoom=zoom)
 
 
 def _scenario_words(settings: dict[str, Any]) -> str:
@@ -349,6 +351,36 @@ def _scenario_words(settings: dict[str, Any]) -> str:
     names = {"fashion-mnist": "Fashion-MNIST", "digits": "scikit-learn digits"}
     return (f"{names.get(base.get('data.dataset', ''), base.get('data.dataset', '?'))}, {base.get('model.name', '?')}, "
             f"{base.get('data.num_clients', '?')} clients")
+
+
+def _estimate_lines(path: Path, rel_root: str) -> list[str]:
+    """The projected cost of the sweep from ``headline/estimate.json`` (``headline.py estimate``)."""
+    if not path.is_file():
+        return []
+    e = json.loads(path.read_text(encoding="utf-8"))
+    ev = e.get("evaluation") or {}
+    two = e.get("wall_hours_two_free_cores") or ["?", "?"]
+    lines = [
+        "### What the sweep costs\n",
+        (f"From `{rel_root}/headline/estimate.json`; {_provenance(e)}"
+         f"Each probe ran {_g(e.get('probe_virtual_seconds'))} virtual s (seed 0, Dirichlet); one evaluation of "
+         f"the test set took {_num(ev.get('wall_seconds'), '.2f')} s wall, {_num(ev.get('cpu_seconds'), '.2f')} s "
+         f"CPU, {_g(ev.get('per_run'))} per run. Projected for the {e.get('cells_projected', '?')} cells this build "
+         f"can run at {_g(e.get('horizon_virtual_seconds'))} virtual s: {_num(e.get('cpu_hours_total'), '.1f')} CPU "
+         f"hours, i.e. {_num(two[0], '.1f')}-{_num(two[1], '.1f')} wall hours on two free cores "
+         f"({_num(e.get('wall_hours_at_measured_load_total'), '.1f')} at the load the probes saw); "
+         f"{len(e.get('cells_unavailable') or [])} cells were unavailable to it.\n"),
+    ]
+    rows = [[str(m.get("group")), str(m.get("method")), str(m.get("server_rounds")), _num(m.get("wall_seconds"), ".0f"),
+             _num(m.get("cpu_seconds"), ".0f"), _num(m.get("cpu_per_virtual_second"), ".3f"), _num(m.get("load_average"), ".1f")]
+            for m in e.get("measured") or []]
+    lines.append(markdown((["group", "method", "server updates", "wall (s)", "CPU (s)",
+                            "CPU s per virtual s (outside evaluation)", "load average"], rows)))
+    by_tier = e.get("cpu_hours_by_tier") or {}
+    if by_tier:
+        lines.append("CPU hours by tier of the plan: " + ", ".join(f"{k}: {_num(v, '.1f')}" for k, v in by_tier.items())
+                     + ".\n")
+    return lines
 
 
 def _g(x: Any) -> str:
@@ -412,6 +444,15 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
             lines.append(markdown(sweep.grid_table(methods, "fedasync", targets, seeds)))
         lines.append("Costs and where the slow clients' round time goes:\n")
         lines.append(markdown(sweep.cost_table(methods, HEADLINE_ORDER, seeds)))
+    for g in order:  # each group with an all-fast twin: how far the fleet is from its all-fast limit
+        acc, fleet, part = (g.split("/") + ["", "", ""])[:3]
+        twin = f"{acc}/allfast/{part}"
+        if fleet != "allfast" and twin in groups and g in groups:
+            lines.append(f"### {g} against its all-fast limit ({twin})\n")
+            lines.append("Time to each target on the real fleet, with every client on the fastest client's links, "
+                         "and their ratio (real / all-fast; given when every seed of both reached the target).\n")
+            lines.append(markdown(sweep.limit_table(groups[g], groups[twin], targets, seeds)))
+    lines += _estimate_lines(root / "estimate.json", rel_root)
     if missing:
         states = {(str(c["group"]), str(c["method"]), int(c["seed"])): c for c in planned}
         lines.append("### Cells still missing\n")

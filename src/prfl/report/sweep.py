@@ -469,3 +469,28 @@ def missing_table(cells: Sequence[Mapping[str, Any]]) -> Table:
     return ["group", "method", "seeds", "state"], [
         [g, m, ", ".join(seeds), "; ".join(sorted(notes[(g, m)]))] for (g, m), seeds in rows.items()
     ]
+
+
+def limit_table(slow: Mapping[str, Sequence[Run]], fast: Mapping[str, Sequence[Run]], targets: Sequence[float],
+                seeds: Sequence[int], methods: Sequence[str] = ("prfl",), baseline: str = "fedasync",
+                consecutive: int = 1) -> Table:
+    """Per method, time to each target on the real fleet (``slow``), with every client on the
+    fastest links (``fast``), and their ratio (real / all-fast; 1.0 = the fleet costs nothing).
+    The family ``baseline`` is compared through its best-tuned member in each group."""
+    headers = ["method"]
+    for t in targets:
+        headers += [f"time to {t:g} (s)", "all-fast (s)", "ratio"]
+    rows = []
+    for m in [*methods, baseline]:
+        row = [m if m != baseline else f"{baseline} (best per target)"]
+        for t in targets:
+            if m == baseline:
+                a, b = best_tuned(slow, baseline, t, seeds, consecutive).time, best_tuned(fast, baseline, t, seeds, consecutive).time
+            else:
+                a = seed_times(slow[m], t, seeds, consecutive) if m in slow else None
+                b = seed_times(fast[m], t, seeds, consecutive) if m in fast else None
+            inv = speedup(a, b) if a is not None and b is not None else None  # a.mean / b.mean
+            row += [_time_cell(a) if a is not None else "-", _time_cell(b) if b is not None else "-",
+                    "-" if inv is None else f"{inv:.2f}"]
+        rows.append(row)
+    return headers, rows
