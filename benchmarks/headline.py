@@ -24,8 +24,8 @@ most 0.5 points (see prfl.report.sweep).
 
 Usage (from the repository root):
   .venv/bin/python benchmarks/headline.py plan
-  nice .venv/bin/python benchmarks/headline.py run --budget-minutes 110
-  .venv/bin/python benchmarks/headline.py run --tiers 1 --seeds 0 --budget-minutes 110
+  nice .venv/bin/python benchmarks/headline.py run --budget-minutes 100
+  .venv/bin/python benchmarks/headline.py run --tiers 1 --seeds 0
   .venv/bin/python benchmarks/headline.py collect
   nice .venv/bin/python benchmarks/headline.py estimate --probe-time 300
 """
@@ -239,6 +239,11 @@ class Settings:
         ]
         return out + list(self.extra)
 
+    def whole_test_set(self) -> bool:
+        """Do the runs evaluate on the whole test set (no ``data.eval_samples`` limit)?"""
+        last = [o for o in (*BASES[self.base], *self.extra) if o.startswith("data.eval_samples=")]
+        return bool(last) and last[-1] == "data.eval_samples=null"
+
     def config(self, cell: Cell) -> ExperimentConfig:
         spec = METHODS[cell.method]
         cfg = load_config(overrides=self.overrides(cell.group, cell.seed, spec["name"]))
@@ -396,7 +401,8 @@ class Sweep:
             "settings": {
                 "base": s.base, "base_overrides": BASES[s.base], "max_time": s.max_time, "eval_every_seconds": s.eval_every,
                 "targets": list(s.targets), "seeds": list(self.seeds), "extra_overrides": list(s.extra),
-                "time_to_target": "first evaluation at or above the target (full test set)",
+                "time_to_target": "first evaluation at or above the target",
+                "evaluated_on": "the whole test set" if self.settings.whole_test_set() else "see the overrides",
                 "levelled_off": "the last 20% of the run raised the best accuracy by at most 0.005",
                 "accounting_in_this_build": accounting_known(),
                 "methods": METHODS, "fleets": FLEETS, "partitions": PARTITIONS,
@@ -621,7 +627,7 @@ def estimate(sweep: Sweep, cells: Sequence[Cell], probe_time: float, scratch: Pa
         "machine": {"cpu_count": os.cpu_count(), "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "probe_virtual_seconds": probe_time,
         "horizon_virtual_seconds": s.max_time,
-        "evaluation": {"test_samples": "all" if "data.eval_samples=null" in BASES[s.base] + list(s.extra) else "see overrides",
+        "evaluation": {"test_samples": "all" if s.whole_test_set() else "see the overrides",
                        "wall_seconds": round(cost.get("wall", 0.0), 3), "cpu_seconds": round(cost.get("cpu", 0.0), 3),
                        "per_run": evals_per_run},
         "measured": list(measured.values()),
@@ -651,7 +657,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-every", type=float, default=EVAL_EVERY, help="virtual seconds between evaluations")
     ap.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
     ap.add_argument("--checkpoint-every", type=int, help="server updates between checkpoints (default: by policy)")
-    ap.add_argument("--budget-minutes", type=float, default=110.0, help="wall minutes before the sweep pauses")
+    ap.add_argument("--budget-minutes", type=float, default=100.0, help="wall minutes before the sweep pauses")
     ap.add_argument("--grace-minutes", type=float, default=15.0, help="longest wait for a checkpoint past the budget")
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoints of finished runs")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra config override for every run")

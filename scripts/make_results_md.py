@@ -411,7 +411,7 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
         f"command `{manifest.get('command', '?')}`). {len(planned) - len(missing)} of {len(planned)} planned "
         f"cells are done.\n",
         (f"{_scenario_words(settings)}; {_g(settings.get('max_time'))} virtual s per run; accuracy on "
-         f"the whole test set every {_g(settings.get('eval_every_seconds'))} virtual s; seeds "
+         f"{settings.get('evaluated_on', 'the test set')} every {_g(settings.get('eval_every_seconds'))} virtual s; seeds "
          f"{', '.join(map(str, seeds))}. Groups are accounting/fleet/split (`allfast`: every client on the "
          "fastest client's links). Time to a target: the first evaluation at or above it (mean ± sd over "
          "seeds). FedAsync is run over a grid (alpha 0.1, 0.3, 0.6 x staleness poly, hinge); at each target "

@@ -62,6 +62,7 @@ SUMMARY_KEYS = (
     "policy", "stopped", "virtual_seconds", "server_rounds", "final_accuracy", "best_accuracy",
     "local_rounds", "aggregated_rounds", "server_egress_bytes", "server_ingress_bytes",
     "client_download_bytes", "client_upload_bytes", "wall_seconds", "train_seconds", "accounting",
+    "round_time_breakdown", "upload_bytes_split", "rejected_updates",
 )
 EVAL_KEYS = ("time", "round", "accuracy", "loss", "server_egress", "server_ingress")
 LEVEL_TAIL = 0.2
@@ -174,7 +175,7 @@ def compact_run(run_dir: str | Path, cell: Mapping[str, Any] | None = None, slow
     }
     try:
         slow = slow_clients(_fleet_of(config).clients, slow_fraction)
-    except Exception as exc:  # a fleet file that moved: the record says so instead of failing
+    except (ValueError, OSError, KeyError, TypeError) as exc:  # e.g. a fleet file that moved: say so, do not fail
         slow, slow_error = [], f"{type(exc).__name__}: {exc}"
     else:
         slow_error = None
