@@ -314,12 +314,13 @@ HEADLINE_ORDER = ("prfl", "heterofl-mask", "heterofl-width", "fedbuff-k5", "fedb
                   "prfl-oldimportance", "prfl-serversteps", "prfl-norecovery", "prfl-noresidual", "prfl-reaged")
 
 
-def _stand_in(methods: dict[str, list[sweep.Run]], fam: str, targets: Sequence[float], seeds: Sequence[int]) -> str | None:
+def _stand_in(methods: dict[str, list[sweep.Run]], fam: str, targets: Sequence[float], seeds: Sequence[int],
+              consecutive: int = 1) -> str | None:
     """The member of ``fam`` that stands for it in a figure: the best-tuned at the middle target,
     else at the other targets in order, else the one with the highest mean best accuracy."""
     middle = targets[len(targets) // 2] if targets else None
     for t in ([middle] if middle is not None else []) + list(targets):
-        best = sweep.best_tuned(methods, fam, t, seeds).method
+        best = sweep.best_tuned(methods, fam, t, seeds, consecutive).method
         if best is not None:
             return best
     members = [m for m in methods if sweep.family(m) == fam]
@@ -328,11 +329,11 @@ def _stand_in(methods: dict[str, list[sweep.Run]], fam: str, targets: Sequence[f
 
 
 def _headline_plot_job(path: Path, methods: dict[str, list[sweep.Run]], title: str, targets: Sequence[float],
-                       baseline: str, seeds: Sequence[int]) -> FigureJob | None:
+                       baseline: str, seeds: Sequence[int], consecutive: int = 1) -> FigureJob | None:
     """The accuracy-band figure of one group: every method, the baseline's grid stood for by one member."""
     from prfl.report.bands import plot_bands
 
-    stand_in = _stand_in(methods, baseline, targets, seeds)
+    stand_in = _stand_in(methods, baseline, targets, seeds, consecutive)
     listed = [m for m in HEADLINE_ORDER if m in methods] + sorted(
         m for m in methods if m not in HEADLINE_ORDER and sweep.family(m) != baseline)
     if stand_in is not None:
@@ -399,6 +400,7 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
     settings = manifest.get("settings") or {}
     targets = [float(t) for t in settings.get("targets") or []]
     seeds = [int(s) for s in settings.get("seeds") or []]
+    k = int(settings.get("consecutive") or 1)
     runs = [sweep.Run.from_record(json.loads(p.read_text(encoding="utf-8")))
             for p in sorted((root / "records").glob("**/seed*.json"))]
     planned = manifest.get("cells") or []
@@ -413,7 +415,8 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
         (f"{_scenario_words(settings)}; {_g(settings.get('max_time'))} virtual s per run; accuracy on "
          f"{settings.get('evaluated_on', 'the test set')} every {_g(settings.get('eval_every_seconds'))} virtual s; seeds "
          f"{', '.join(map(str, seeds))}. Groups are accounting/fleet/split (`allfast`: every client on the "
-         "fastest client's links). Time to a target: the first evaluation at or above it (mean ± sd over "
+         "fastest client's links). Time to a target: "
+         f"{settings.get('time_to_target', 'the first evaluation at or above it')} (mean ± sd over "
          "seeds). FedAsync is run over a grid (alpha 0.1, 0.3, 0.6 x staleness poly, hinge); at each target "
          "its best configuration on the same seeds is the baseline of the speed-ups (chosen on the seeds it "
          "is compared on, which favours FedAsync), and a speed-up is given only when every seed of both "
@@ -433,15 +436,15 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
         lines.append(f"{n_runs} runs of {n_planned} planned.\n")
         if figure_dir is not None and targets:
             slug = g.replace("/", "-")
-            job = _headline_plot_job(figure_dir / f"headline-{slug}.png", methods, g, targets, "fedasync", seeds)
+            job = _headline_plot_job(figure_dir / f"headline-{slug}.png", methods, g, targets, "fedasync", seeds, k)
             if job is not None:
                 if jobs is not None:
                     jobs.append(job)
                 lines.append(f"![accuracy against virtual time, {g}]({figure_link}/headline-{slug}.png)\n")
-        lines.append(markdown(sweep.time_table(methods, HEADLINE_ORDER, targets, seeds)))
+        lines.append(markdown(sweep.time_table(methods, HEADLINE_ORDER, targets, seeds, consecutive=k)))
         if any(sweep.family(m) == "fedasync" for m in methods):
             lines.append("The FedAsync grid (`*`: best at that target):\n")
-            lines.append(markdown(sweep.grid_table(methods, "fedasync", targets, seeds)))
+            lines.append(markdown(sweep.grid_table(methods, "fedasync", targets, seeds, consecutive=k)))
         lines.append("Costs and where the slow clients' round time goes:\n")
         lines.append(markdown(sweep.cost_table(methods, HEADLINE_ORDER, seeds)))
     for g in order:  # each group with an all-fast twin: how far the fleet is from its all-fast limit
@@ -451,7 +454,7 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
             lines.append(f"### {g} against its all-fast limit ({twin})\n")
             lines.append("Time to each target on the real fleet, with every client on the fastest client's links, "
                          "and their ratio (real / all-fast; given when every seed of both reached the target).\n")
-            lines.append(markdown(sweep.limit_table(groups[g], groups[twin], targets, seeds)))
+            lines.append(markdown(sweep.limit_table(groups[g], groups[twin], targets, seeds, consecutive=k)))
     lines += _estimate_lines(root / "estimate.json", rel_root)
     if missing:
         states = {(str(c["group"]), str(c["method"]), int(c["seed"])): c for c in planned}
