@@ -561,7 +561,8 @@ def _cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def estimate(sweep: Sweep, cells: Sequence[Cell], probe_time: float, scratch: Path) -> dict[str, Any]:
+def estimate(sweep: Sweep, cells: Sequence[Cell], probe_time: float, scratch: Path,
+             on_probe: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run each distinct (accounting, fleet, policy configuration) of ``cells`` for ``probe_time``
     virtual s on seed 0 of the Dirichlet split and project the cost of every cell.
 
@@ -573,6 +574,8 @@ def estimate(sweep: Sweep, cells: Sequence[Cell], probe_time: float, scratch: Pa
     not grow with the machine's load as wall seconds do: on a machine whose two cores are free
     the sweep's wall time lies between CPU / 2 (perfect overlap) and CPU (none). The FedAsync grid
     shares one probe (alpha and the staleness function do not change what an update costs).
+    ``on_probe`` gets the projection so far (``complete`` False) after every probe, so a cut
+    estimate leaves what it measured.
     """
     s = sweep.settings
     short = dataclasses.replace(s, max_time=probe_time)
@@ -616,6 +619,15 @@ def estimate(sweep: Sweep, cells: Sequence[Cell], probe_time: float, scratch: Pa
         }
         log.info("%s %s: %.0f s wall, %.0f s CPU for %.0f virtual s (%d updates)", probe.group.name, probe.method,
                  wall, cpu, probe_time, summary["server_rounds"])
+        if on_probe is not None:
+            on_probe(_projection(sweep, cells, probe_time, measured, cost, probe_key, complete=False))
+    return _projection(sweep, cells, probe_time, measured, cost, probe_key, complete=True)
+
+
+def _projection(sweep: Sweep, cells: Sequence[Cell], probe_time: float, measured: dict[tuple[str, str, str], dict[str, Any]],
+                cost: dict[str, float], probe_key: Callable[[Cell], tuple[str, str, str]], complete: bool) -> dict[str, Any]:
+    """The estimate's file: what the probes measured and every measured cell's projected cost."""
+    s = sweep.settings
     evals_per_run = s.max_time / s.eval_every + 2
     per_cell = []
     for c in cells:
@@ -636,6 +648,7 @@ def estimate(sweep: Sweep, cells: Sequence[Cell], probe_time: float, scratch: Pa
         "command": sweep.command,
         "commit": _git_commit(),
         "machine": {"cpu_count": os.cpu_count(), "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "complete": complete,
         "probe_virtual_seconds": probe_time,
         "horizon_virtual_seconds": s.max_time,
         "evaluation": {"test_samples": "all" if s.whole_test_set() else s.eval_samples,
@@ -643,6 +656,7 @@ def estimate(sweep: Sweep, cells: Sequence[Cell], probe_time: float, scratch: Pa
                        "per_run": evals_per_run},
         "measured": list(measured.values()),
         "cells_projected": len(per_cell),
+        "cells_not_measured": sum(1 for c in cells if not unavailable(c) and probe_key(c) not in measured),
         "cells_unavailable": [c.key for c in cells if unavailable(c)],
         "cpu_hours_by_tier": {str(t): hours("cpu", t) for t in tiers},
         "cpu_hours_total": hours("cpu"),
@@ -709,10 +723,14 @@ def main(argv: Sequence[str] | None = None, clock: Callable[[], float] = time.mo
         print(json.dumps(manifest["counts"]))
         return 0
     if args.command == "estimate":
-        with tempfile.TemporaryDirectory(prefix="headline-estimate-") as scratch:
-            est = estimate(sweep, cells, args.probe_time, Path(scratch))
         out.mkdir(parents=True, exist_ok=True)
-        (out / "estimate.json").write_text(json.dumps(est, indent=1) + "\n", encoding="utf-8")
+
+        def write(est: dict[str, Any]) -> None:
+            (out / "estimate.json").write_text(json.dumps(est, indent=1) + "\n", encoding="utf-8")
+
+        with tempfile.TemporaryDirectory(prefix="headline-estimate-") as scratch:
+            est = estimate(sweep, cells, args.probe_time, Path(scratch), on_probe=write)
+        write(est)
         print(json.dumps({k: v for k, v in est.items() if k not in ("per_cell", "measured")}, indent=1))
         return 0
     budget = WallBudget(clock() + args.budget_minutes * 60.0, args.grace_minutes * 60.0, clock)

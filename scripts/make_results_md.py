@@ -370,7 +370,10 @@ def _estimate_lines(path: Path, rel_root: str) -> list[str]:
          f"can run at {_g(e.get('horizon_virtual_seconds'))} virtual s: {_num(e.get('cpu_hours_total'), '.1f')} CPU "
          f"hours, i.e. {_num(two[0], '.1f')}-{_num(two[1], '.1f')} wall hours on two free cores "
          f"({_num(e.get('wall_hours_at_measured_load_total'), '.1f')} at the load the probes saw); "
-         f"{len(e.get('cells_unavailable') or [])} cells were unavailable to it.\n"),
+         f"{len(e.get('cells_unavailable') or [])} cells were unavailable to it."
+         + ("" if e.get("complete", True) else
+            f" The estimate was cut short: {e.get('cells_not_measured', '?')} more cells have no probe yet.")
+         + "\n"),
     ]
     rows = [[str(m.get("group")), str(m.get("method")), str(m.get("server_rounds")), _num(m.get("wall_seconds"), ".0f"),
              _num(m.get("cpu_seconds"), ".0f"), _num(m.get("cpu_per_virtual_second"), ".3f"), _num(m.get("load_average"), ".1f")]
