@@ -187,3 +187,52 @@ def test_flower_and_training_step_sections(script) -> None:
     assert "| compiled | 250.0 | 190.0 | 1.250 | 1.300 | 1.5e-08 |" in step
     assert "compiled: compiler /usr/bin/g++, first_task_seconds 40.0." in step
     assert "| no_grad | 1000 | 0.900 | 0.1000 |" in step and "| slots | 20.0 | 30.0 | 4.0 |" in step
+def _record(group: str, method: str, seed: int, cross: float, end: float = 600.0) -> dict:
+    """A compact record whose accuracy jumps from 0.5 to 0.9 at the first 60 s step >= ``cross``."""
+    times = [float(t) for t in range(0, int(end) + 1, 60)]
+    accs = [0.9 if t >= cross else 0.5 for t in times]
+    return {"cell": {"group": group, "method": method, "seed": seed}, "evals": {"time": times, "accuracy": accs},
+            "summary": {"virtual_seconds": end, "final_accuracy": accs[-1], "best_accuracy": max(accs),
+                        "server_rounds": 100, "local_rounds": [10, 5], "server_egress_bytes": 2e9,
+                        "server_ingress_bytes": 1e9},
+            "arrivals": {"count": [10, 5], "mean_seconds": {p: [1.0, 2.0] for p in
+                                                            ("download", "link_wait", "compute", "upload", "duration")}},
+            "slow_clients": [1], "timing_missing": []}
+
+
+def test_headline_section(script, results, tmp_path) -> None:
+    head = results / "headline"
+    planned = []
+    for group, crosses in (("honest/paper10/dirichlet", {"prfl": 120, "fedasync-a0.3-poly": 480, "fedasync-a0.6-poly": 360}),
+                           ("honest/allfast/dirichlet", {"prfl": 60, "fedasync-a0.6-poly": 180})):
+        for method, cross in crosses.items():
+            for seed in (0, 1):
+                p = head / "records" / group / method / f"seed{seed}.json"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_text(json.dumps(_record(group, method, seed, cross)), encoding="utf-8")
+                planned.append({"group": group, "method": method, "seed": seed, "status": "done"})
+    planned.append({"group": "reference/paper10/dirichlet", "method": "prfl", "seed": 0, "status": "unavailable",
+                    "reason": "sim.accounting is not in this build"})
+    (head / "manifest.json").write_text(json.dumps({
+        "updated": "2026-01-01T00:00:00+00:00", "command": "python benchmarks/headline.py run",
+        "settings": {"targets": [0.8], "seeds": [0, 1], "max_time": 600, "eval_every_seconds": 60,
+                     "base_overrides": ["data.dataset=fashion-mnist", "model.name=conv2", "data.num_clients=10"]},
+        "cells": planned}), encoding="utf-8")
+    out = tmp_path / "docs" / "RESULTS.md"
+    assert script.main(["--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "10 of 11 planned cells are done" in text and "Fashion-MNIST, conv2, 10 clients; 600 virtual s" in text
+    # the headline comes before the 3,000 s tables
+    assert text.index("## Headline") < text.index("## Time to accuracy")
+    best = table_row(text, "fedasync (best per target)", "### honest/paper10/dirichlet")
+    assert best[2] == "360 ± 0 [a0.6-poly; 2/2 configs]"
+    prfl = table_row(text, "prfl", "### honest/paper10/dirichlet")
+    assert prfl[2:4] == ["120 ± 0", "3.00x"]
+    cost = table_row(text, "prfl", "Costs and where")
+    assert cost[2:] == ["100 ± 0", "2.00 ± 0.00", "2.00 ± 0.00", "1.00 ± 0.00", "20.0 ± 0.0",
+                        "2.0 + 2.0 + 2.0 + 2.0 + 118.0 = 120.0"]
+    limit = table_row(text, "prfl", "against its all-fast limit")
+    assert limit[1:] == ["120 ± 0", "60 ± 0", "2.00"]
+    assert "| reference/paper10/dirichlet | prfl | 0 | unavailable: sim.accounting is not in this build |" in text
+    assert (out.parent / "figures" / "headline-honest-paper10-dirichlet.png").is_file()
+    assert script.main(["--results", str(results), "--out", str(out), "--check"]) == 0
