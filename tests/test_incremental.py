@@ -154,3 +154,21 @@ def test_exact_zero_survives_the_drift_of_running_sums(storage, partial, monkeyp
         else:
             want = 0.7 * (5 - n_b) / (5 + n_b)
             assert out[0] != 9.0 and torch.isclose(out[0], torch.tensor(want)) and torch.isclose(full[0], torch.tensor(want))
+
+
+@pytest.mark.parametrize("storage", ["dense", "sparse", "prefix"])
+def test_removed_slot_leaves_the_running_sums(storage):
+    """A removed client (PR-FL evicts a quarantined one: under frozen staleness its weight would
+    never decay) no longer counts, on the running path as on the full one."""
+    buf = ClientBuffer(CLIENTS, TOTAL, NPR, storage=storage, frozen=Staleness())
+    prev = torch.zeros(TOTAL)
+    for c, w, mask, order, n, sent, arrived in scripted_arrivals(60, seed=5):
+        buf.put(c, w, mask, n, sent, order=order if storage == "prefix" and mask is not None else None,
+                arrival_round=arrived)
+        prev = buf.aggregate_running(prev)
+    gone = buf.clients()[:3]
+    for c in gone:
+        assert buf.remove(c)
+    assert not buf.remove(gone[0]) and all(c not in buf for c in gone)
+    full = buf.aggregate(prev, 60, staleness_mode="frozen")
+    assert relative_error(buf.aggregate_running(prev), full) <= 1e-6

@@ -399,6 +399,26 @@ class ClientBuffer:
         if len(self._order_alias) > 4 * len(self._orders) + 16:
             self._order_alias = {i: a for i, a in self._order_alias.items() if a[0]() is not None and a[1] in self._orders}
 
+    def remove(self, client: int) -> bool:
+        """Empty ``client``'s slot (its contribution leaves the running sums); False if it was empty."""
+        self._check_client(client)
+        slot = self._slots.get(client)
+        if slot is None:
+            return False
+        if self._running is not None:
+            self._running.apply([(self._contribution(slot), -1)])
+            self._since_recompute += 1
+        del self._slots[client]
+        if self._arena is not None:
+            self._arena.free(slot.values)
+        if slot.order_key is not None:
+            left = self._order_refs[slot.order_key] - 1
+            if left:
+                self._order_refs[slot.order_key] = left
+            else:
+                self._drop_order(slot.order_key)
+        return True
+
     def get(self, client: int) -> BufferEntry | None:
         """Client's entry, or None if its slot is empty. Dense storage returns the stored tensors
         (treat as read-only); sparse storage returns freshly rebuilt ones."""

@@ -51,7 +51,7 @@ from prfl.pruning.importance import AVERAGES, ImportanceScores
 from prfl.pruning.ranking import IMPORTANCE_BYTES, Ranking, build_ranking, importance_for_upload, magnitude_ranking
 from prfl.pruning.recovery import EarlyStopping
 from prfl.robust import ROBUST_METHODS, check_method, clip_update, robust_aggregate
-from prfl.validation import UpdateChecks
+from prfl.validation import Rejection, UpdateChecks
 
 PAPER_PRESET_DENSITIES = (1.0, 1.0, 0.6, 0.6, 0.3, 0.3, 0.1, 0.1, 0.1, 0.1)
 
@@ -458,6 +458,13 @@ class PRFL(FleetPolicy):
             return
         self.step_start = now
         self.step_length = timing.step_length(self.config.window, [a.task for a in actions if isinstance(a, Dispatch)])
+
+    def _reject(self, now: float, result: TaskResult, rejection: Rejection) -> list[Action]:
+        actions = super()._reject(now, result, rejection)
+        if (self.config.staleness_mode == "frozen" and result.client in self.buffer
+                and any(isinstance(a, Record) and a.kind == "quarantined" for a in actions)):
+            self.buffer.remove(result.client)  # its frozen weight would count for ever, never decaying
+        return actions
 
     def _on_task_failed(self, now: float, task: InFlight) -> list[Action]:
         self.task_masks.pop(task.task_id, None)
