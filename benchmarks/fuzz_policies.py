@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import platform
 import subprocess
 import sys
@@ -38,60 +39,84 @@ sys.path[:0] = [str(ROOT / "tests" / "policies"), str(ROOT / "tests" / "flower")
 from event_fuzz import CASES, FuzzFailure, run_random  # noqa: E402
 
 
-def fuzz_case(name: str, first: int, count: int, steps: int, show: bool) -> dict:
+CHUNK = 250  # sequences per unit of work (a worker's share with --jobs)
+
+
+def policy_chunk(name: str, first: int, count: int, steps: int, show: bool) -> dict:
+    """Sequences ``first .. first + count - 1`` of one policy case."""
     case = CASES[name]
-    failures: list[dict] = []
-    events: Counter[str] = Counter()
-    stopped = 0
-    t0 = time.perf_counter()
+    out: dict = {"sequences": count, "failures": [], "events": Counter(), "stopped_by_policy": 0}
+    t0 = time.process_time()
     for seed in range(first, first + count):
         try:
             fz = run_random(case, seed, steps=steps)
         except FuzzFailure as exc:
             text = str(exc)
-            failures.append({"seed": seed, "error": text.splitlines()[0]})
+            out["failures"].append({"seed": seed, "error": text.splitlines()[0]})
             print(f"FAIL {name} seed {seed}: {text.splitlines()[0]}", flush=True)
             if show:
                 print(text, flush=True)
             continue
-        events.update(fz.counts)
-        stopped += fz.stopped
+        out["events"].update(fz.counts)
+        out["stopped_by_policy"] += fz.stopped
         if show:
             print("\n".join(fz.log), flush=True)
-    seconds = time.perf_counter() - t0
-    print(f"{name:16s} {count:6d} sequences  {len(failures)} failed  {seconds:7.1f} s", flush=True)
-    return {"sequences": count, "first_seed": first, "steps": steps, "failed": len(failures),
-            "failures": failures[:50], "stopped_by_policy": stopped, "seconds": round(seconds, 1),
-            "events": dict(sorted(events.items()))}
+    out["cpu_seconds"] = time.process_time() - t0
+    return out
 
 
-def fuzz_flower(first: int, count: int, show: bool) -> dict:
+def flower_chunk(first: int, count: int, show: bool) -> dict:
+    """Flower driver sequences ``first .. first + count - 1``."""
     from driver_fuzz import DriverFuzzFailure, run_driver
 
     logging.disable(logging.CRITICAL)  # the driver logs every failure it handles
-    failures: list[dict] = []
-    grid: Counter[str] = Counter()
-    stops: Counter[str] = Counter()
-    cases: Counter[str] = Counter()
-    t0 = time.perf_counter()
+    out: dict = {"sequences": count, "failures": [], "grid_events": Counter(), "stop_reasons": Counter(),
+                 "policies": Counter()}
+    t0 = time.process_time()
     for seed in range(first, first + count):
         try:
-            out = run_driver(seed)
+            run = run_driver(seed)
         except DriverFuzzFailure as exc:
             text = str(exc)
-            failures.append({"seed": seed, "error": text.splitlines()[0]})
+            out["failures"].append({"seed": seed, "error": text.splitlines()[0]})
             print(f"FAIL flower seed {seed}: {text.splitlines()[0]}", flush=True)
             if show:
                 print(text, flush=True)
             continue
-        grid.update(out["grid"])
-        stops[out["stopped"].split(":")[0].split("=")[0]] += 1
-        cases[out["case"]] += 1
-    seconds = time.perf_counter() - t0
-    print(f"{'flower driver':16s} {count:6d} sequences  {len(failures)} failed  {seconds:7.1f} s", flush=True)
-    return {"sequences": count, "first_seed": first, "failed": len(failures), "failures": failures[:50],
-            "seconds": round(seconds, 1), "policies": dict(sorted(cases.items())), "stop_reasons": dict(stops),
-            "grid_events": dict(sorted(grid.items()))}
+        out["grid_events"].update(run["grid"])
+        out["stop_reasons"][run["stopped"].split(":")[0].split("=")[0]] += 1
+        out["policies"][run["case"]] += 1
+    out["cpu_seconds"] = time.process_time() - t0
+    return out
+
+
+def run_job(job: tuple) -> tuple[str, dict]:
+    name, first, count, steps, show = job
+    if name == FLOWER:
+        return name, flower_chunk(first, count, show)
+    return name, policy_chunk(name, first, count, steps, show)
+
+
+def merge(parts: list[dict]) -> dict:
+    """Sum the chunks of one case (counters added, failures in seed order, at most 50 kept)."""
+    total: dict = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, Counter):
+                total.setdefault(key, Counter()).update(value)
+            elif isinstance(value, list):
+                total.setdefault(key, []).extend(value)
+            else:
+                total[key] = total.get(key, 0) + value
+    failures = sorted(total.pop("failures", []), key=lambda f: f["seed"])
+    out = {"sequences": total.pop("sequences"), "failed": len(failures), "failures": failures[:50],
+           "cpu_seconds": round(total.pop("cpu_seconds"), 1)}
+    for key, value in total.items():
+        out[key] = dict(sorted(value.items())) if isinstance(value, Counter) else value
+    return out
+
+
+FLOWER = "flower driver"
 
 
 def git_commit() -> str | None:
@@ -113,6 +138,7 @@ def main() -> int:
     ap.add_argument("--first", type=int, default=0, help="seed of the first sequence")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated policy cases ({', '.join(CASES)}); '' for none")
     ap.add_argument("--flower", type=int, default=None, help="Flower driver sequences (default: --sequences)")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes (chunks of 250 sequences each)")
     ap.add_argument("--show", action="store_true", help="print every sequence's event log (for replaying one seed)")
     ap.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/fuzz.json")
     args = ap.parse_args()
@@ -122,12 +148,28 @@ def main() -> int:
         ap.error(f"unknown case {unknown[0]!r}; valid cases: {', '.join(CASES)}")
     flower = args.sequences if args.flower is None else args.flower
     commit = git_commit()  # the code under test, read before the run (it may take hours)
+    jobs = [(name, first, min(CHUNK, args.first + args.sequences - first), args.steps, args.show)
+            for name in names for first in range(args.first, args.first + args.sequences, CHUNK)]
+    jobs += [(FLOWER, first, min(CHUNK, args.first + flower - first), 0, args.show)
+             for first in range(args.first, args.first + flower, CHUNK)]
     t0 = time.perf_counter()
-    policies = {name: fuzz_case(name, args.first, args.sequences, args.steps, args.show) for name in names}
-    driver = fuzz_flower(args.first, flower, args.show) if flower else None
+    parts: dict[str, list[dict]] = {}
+    if args.jobs > 1:
+        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+            for name, part in pool.imap_unordered(run_job, jobs):
+                parts.setdefault(name, []).append(part)
+    else:
+        for job in jobs:
+            name, part = run_job(job)
+            parts.setdefault(name, []).append(part)
+    wall = time.perf_counter() - t0
+    policies = {name: {**merge(parts[name]), "steps": args.steps} for name in names}
+    driver = merge(parts[FLOWER]) if flower else None
+    for name, r in [*policies.items(), *([(FLOWER, driver)] if driver else [])]:
+        print(f"{name:16s} {r['sequences']:6d} sequences  {r['failed']} failed  {r['cpu_seconds']:7.1f} cpu s")
     failed = sum(p["failed"] for p in policies.values()) + (driver["failed"] if driver else 0)
     total = sum(p["sequences"] for p in policies.values()) + (driver["sequences"] if driver else 0)
-    print(f"{total} sequences, {failed} failed, {time.perf_counter() - t0:.0f} s")
+    print(f"{total} sequences, {failed} failed, {wall:.0f} s wall with {args.jobs} job(s)")
     if not args.no_write:
         cmd = " ".join(["benchmarks/fuzz_policies.py", *sys.argv[1:]])
         result = {
@@ -136,6 +178,8 @@ def main() -> int:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "commit": commit,
             "python": platform.python_version(),
+            "jobs": args.jobs,
+            "wall_seconds": round(wall, 1),
             "sequences": total,
             "failed": failed,
             "policies": policies,

@@ -21,9 +21,11 @@ every event the driver delivers is one the policy may receive (a result or a fai
 task in flight, from its client; a timer the policy set); every dispatched task ends at most
 once, and those that never end are exactly the policy's tasks in flight at the stop; the policy's
 version never goes back and its weights stay finite; the driver's byte counters are never
-negative; and a run that stops as "idle" has no client with a usable node that the policy either
-believes offline (the driver never told it the client is back) or holds free without a task. A broken check raises :class:`DriverFuzzFailure` with the seed and the run's
-history tail.
+negative; no client with a usable node is believed offline by the policy without a ClientIdle on
+its way (unless quarantined); a client whose only node has been listed and answering for
+``SETTLE`` seconds is bound to that node; and a run that stops as "idle" has no client with a
+usable node that the policy holds free without a task. A broken check raises
+:class:`DriverFuzzFailure` with the seed and the run's history tail.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ SETTINGS = DriverSettings(
     probe_interval=0.6, idle_timeout=4.0, max_client_errors=10**6, checkpoint_every_rounds=0,
 )
 MAX_TIME = 25.0
+SETTLE = 10.0  # a node listed and answering this long must be the one its client is bound to
 
 
 class DriverFuzzFailure(AssertionError):
@@ -130,6 +133,8 @@ class ChaosGrid(FakeGrid):
         self.strays: list[Message] = []  # replies kept to be sent again with an id the server never used
         self.next_node_id = 5000
         self.counts: Counter[str] = Counter()
+        self.started = clock()
+        self.changed: dict[int, float] = {}  # partition -> time of the last event of one of its nodes
 
     # -- messages
     def push_messages(self, messages: Any) -> list[str]:
@@ -229,23 +234,38 @@ class ChaosGrid(FakeGrid):
                 self.next_node_id += 17
             self._add(nid, cfg)
         elif what == "die" and live:
-            self.dead.add(self.rng.choice(live))
+            nid = self.rng.choice(live)
+            self.dead.add(nid)
         elif what == "revive" and self.dead:
-            self.dead.discard(self.rng.choice(sorted(self.dead)))
+            nid = self.rng.choice(sorted(self.dead))
+            self.dead.discard(nid)
         elif what == "restart" and live:
             nid = self.rng.choice(live)
             self._add(nid, self.configs[nid])  # same id, empty state: its piece cache is gone
         elif what == "twin" and live:
-            cfg = self.configs[self.rng.choice(live)]
-            self._add(self.next_node_id, cfg)
+            nid = self.next_node_id
+            self._add(nid, self.configs[self.rng.choice(live)])
             self.next_node_id += 17
         else:
             return
         self.counts[f"node {what}"] += 1
+        self.changed[int(self.configs[nid].get("partition-id", -1))] = self.clock()
 
     def _add(self, nid: int, cfg: dict[str, Any]) -> None:
         self.add_node(nid, cfg)
         self.configs[nid] = dict(cfg)
+
+    def settled_nodes(self, seconds: float) -> dict[int, int]:
+        """client -> its node, for clients with exactly one listed node, alive (not dead), and no
+        event of any of the client's nodes for ``seconds``."""
+        by_client: dict[int, list[int]] = {}
+        for nid, ctx in self.contexts.items():
+            pid = int(ctx.node_config.get("partition-id", -1))
+            if pid >= 0:
+                by_client.setdefault(pid, []).append(nid)
+        now = self.clock()
+        return {c: nids[0] for c, nids in by_client.items()
+                if len(nids) == 1 and nids[0] not in self.dead and now - self.changed.get(c, self.started) >= seconds}
 
 
 class Watch:
@@ -342,6 +362,10 @@ def run_driver(seed: int, case: Case | None = None, rng: random.Random | None = 
         if driver._usable_node(c) is not None and c not in policy.online and not announced and not quarantined:
             fail(f"client {c} has a usable node, but the policy believes it offline and the driver will not say "
                  "otherwise (a ClientIdle was lost)")
+    for c, nid in grid.settled_nodes(SETTLE).items():
+        if driver.client_node.get(c) != nid:
+            fail(f"client {c}'s only node {nid} has answered for {SETTLE:g} s, yet the driver has "
+                 f"{'no node' if c not in driver.client_node else 'node ' + str(driver.client_node[c])} for it")
     if reason.startswith("idle") and not policy.stopped:
         for c in range(NUM_CLIENTS):
             if driver._usable_node(c) is None:

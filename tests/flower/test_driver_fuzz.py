@@ -95,3 +95,51 @@ def test_node_joining_while_a_failed_dispatch_is_queued_announces_the_client():
     assert [type(e) for e in driver.queue] == [TaskFailed, ClientIdle]
     driver._tick()
     assert 3 in driver.policy.online and 3 in driver.busy  # client 3 got a new task on its new node
+
+
+def started_driver(case: str = "fedasync") -> tuple[FakeGrid, FlowerDriver]:
+    clock = VirtualClock()
+    configs = [{"partition-id": c, "num-partitions": NUM_CLIENTS} for c in range(NUM_CLIENTS)]
+    grid = FakeGrid(fast_client_app, {}, configs, clock=clock)  # nodes 1000, 1017, 1034, 1051
+    driver = driver_on(grid, clock, case)
+    driver._wait_for_nodes()
+    driver.started = True
+    driver._deliver(Start(0.0))
+    return grid, driver
+
+
+def test_node_leaving_and_returning_with_its_id_is_used_again():
+    """Client 1's node 1017 drops out of the listing mid-task (its task fails) and is listed again
+    under the same id (a SuperNode that missed heartbeats). Before: the driver kept it as gone
+    for ever, so client 1 never trained again although its node was back."""
+    grid, driver = started_driver()
+    grid.remove_node(1017)
+    driver._discover(force=True)
+    assert 1 not in driver.policy.online and 1 not in driver.client_node
+    grid.add_node(1017, {"partition-id": 1, "num-partitions": NUM_CLIENTS})
+    driver._discover(force=True)  # described as a new node...
+    driver._pull()  # ...bound to client 1 again, which is announced back
+    assert driver.client_node.get(1) == 1017 and [type(e) for e in driver.queue] == [ClientIdle]
+    sent = driver.bytes_down[1]
+    driver._tick()
+    assert 1 in driver.policy.online and driver.bytes_down[1] > sent  # a new task went to node 1017
+
+
+def test_node_replaced_by_a_twin_is_asked_again_when_the_twin_leaves():
+    """A second node (7777) claims the partition of a client without a task and replaces its node,
+    which stays listed; then 7777 leaves. Before: the replaced node, healthy, was never asked
+    again, and the client stayed without a node for the rest of the run."""
+    grid, driver = started_driver("fedavg")  # a cohort of 3 of the 4 clients
+    (c,) = [c for c in range(NUM_CLIENTS) if c not in driver.busy]
+    grid.replies.clear()  # the cohort's replies are slow: the round stays open, client c idle
+    old = driver.client_node[c]
+    grid.add_node(7777, {"partition-id": c, "num-partitions": NUM_CLIENTS})
+    driver._discover(force=True)
+    driver._pull()
+    assert driver.client_node[c] == 7777
+    grid.remove_node(7777)
+    driver._discover(force=True)
+    assert c not in driver.client_node
+    driver._probe()  # the replaced node is asked again at once...
+    driver._pull()
+    assert driver.client_node.get(c) == old and driver._usable_node(c) is not None  # ...and takes the client back

@@ -666,8 +666,9 @@ class FlowerDriver:
         for nid in sorted(listed - set(self.nodes)):
             self.nodes[nid] = Node(nid)
             self._describe(self.nodes[nid])
-        for nid, node in self.nodes.items():
-            if nid not in listed and not node.gone:
+        for nid, node in [(n, x) for n, x in self.nodes.items() if n not in listed]:
+            del self.nodes[nid]  # forgotten: if its id is listed again, it is described as a new node
+            if not node.gone:
                 node.gone = True
                 log.info("node %d left the federation", nid)
                 for mid, entry in list(self.pending.items()):
@@ -675,6 +676,9 @@ class FlowerDriver:
                         self._task_failed(entry, "node left the federation")
                 if node.client is not None and self.client_node.get(node.client) == nid:
                     del self.client_node[node.client]
+                    for old in self.nodes.values():  # a node it replaced may still be listed: ask it again
+                        if old.client is None and old.partition_id == node.client:
+                            old.gone, old.suspect, old.next_probe = False, True, t
                     if self.started:
                         self.history.write("node", time=self.now(), round=self.policy.version, client=node.client,
                                            node=nid, status="left")
