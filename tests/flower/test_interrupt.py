@@ -65,7 +65,7 @@ def test_killing_the_test_runner_mid_deployment_leaves_no_process(sig: signal.Si
         assert "flwr-serverapp" in names, running  # Flower's detached app process too
 
         os.kill(runner.pid, sig)
-        runner.wait(120)
+        runner.wait(300)  # an orderly stop on a loaded machine: SIGTERM, a grace period, SIGKILL
         deadline = time.monotonic() + 60
         while (left := processes_mentioning(str(base))) and time.monotonic() < deadline:
             time.sleep(0.5)

@@ -166,12 +166,13 @@ class LocalFederation:
     def _stop(self, proc: _Proc, timeout: float = 10.0) -> None:
         if proc.popen is None:
             return
-        self._signal(proc, signal.SIGTERM)
-        try:
-            proc.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        self._signal(proc, signal.SIGKILL)  # also the SuperExec and app processes it started
+        if timeout > 0:
+            self._signal(proc, signal.SIGTERM)
+            try:
+                proc.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self._signal(proc, signal.SIGKILL)  # also the SuperExec and app processes in its group
         try:
             proc.popen.wait(5)
         except subprocess.TimeoutExpired:
@@ -211,12 +212,26 @@ class LocalFederation:
             proc.log_file = None
         log.info("killed supernode %d", i)
 
-    def stop(self) -> None:
-        """Stop every process (SuperNodes first), then any process they started."""
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop every process, then any process they started.
+
+        SIGTERM goes to every process group at once (SuperNodes first, then the SuperLink); the
+        groups still there after ``timeout`` seconds get SIGKILL. A SuperNode's graceful shutdown
+        can take seconds, so the processes are not stopped one after another.
+        """
         try:
-            for proc in self.nodes:
-                self._stop(proc)
-            self._stop(self.superlink)
+            procs = [p for p in [*self.nodes, self.superlink] if p.popen is not None]
+            for proc in procs:
+                self._signal(proc, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for proc in procs:
+                assert proc.popen is not None
+                try:
+                    proc.popen.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            for proc in procs:
+                self._stop(proc, timeout=0.0)  # SIGKILL for what is left (the apps they started too)
         finally:
             self.procs.stop()
 
