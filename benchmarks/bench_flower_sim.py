@@ -20,7 +20,9 @@ Each run is a fresh Python process, timed from the configuration to the final ev
 data set is loaded, the workers (processes or Ray actors) are started and the model is
 evaluated inside the measured time on every side. ``--repeats`` runs every side that many times
 in a freshly shuffled order per repeat (the machine may be shared); reported are the medians and
-the ratios of medians. Usage:
+the ratios of medians. On a loaded machine a wall time says how much of the CPU a side got as
+much as what it needs, so every run also reports the CPU seconds of its process and all the
+processes it waited for (workers, Ray's daemons and ClientApps), from ``getrusage``. Usage:
   .venv/bin/python benchmarks/bench_flower_sim.py [--rounds 20] [--clients 10] [--workers 2] [--repeats 1]
 Writes benchmarks/results/flower_sim.json.
 """
@@ -32,6 +34,7 @@ import json
 import os
 import platform
 import random
+import resource
 import subprocess
 import sys
 import time
@@ -143,7 +146,7 @@ def make_flower_apps(args: argparse.Namespace, out: dict[str, Any]):
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         pid = int(context.node_config["partition-id"])
         idx = torch.from_numpy(st["parts"][pid])
-        seed = int(msg.content["config"]["seed"]) * 1000 + pid
+        seed = (int(msg.content["config"]["server-round"]) - 1) * 1000 + pid  # a new batch order every round, as prfl's tasks
         opt = torch.optim.SGD(model.parameters(), lr=st["train_cfg"].lr)
         model.train()
         for pos in batch_schedule(len(idx), st["train_cfg"], seed):
@@ -219,6 +222,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one run, in this process
+    ap.add_argument("--out", type=Path, default=RESULTS / "flower_sim.json")
     args = ap.parse_args()
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     torch.set_num_threads(1)
@@ -233,14 +237,20 @@ def main() -> int:
         order = list(args.sides)
         random.shuffle(order)
         for side in order:
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *forwarded, f"--side={side}"],
                                   capture_output=True, text=True, cwd=ROOT)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
             if proc.returncode != 0:
                 raise SystemExit(f"{side} failed:\n{proc.stderr[-4000:]}")
             row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row["cpu_seconds"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            row["load_average_1min_at_end"] = os.getloadavg()[0]
             runs[side].append(row)
-            print(f"{side:<13} wall {row['wall']:7.1f}s  final accuracy {row['final_accuracy']}", flush=True)
+            print(f"{side:<13} wall {row['wall']:7.1f}s  cpu {row['cpu_seconds']:7.1f}s  final accuracy {row['final_accuracy']}",
+                  flush=True)
     walls = {side: median([r["wall"] for r in rows]) for side, rows in runs.items()}
+    cpus = {side: median([r["cpu_seconds"] for r in rows]) for side, rows in runs.items()}
     script = Path(__file__).resolve().relative_to(ROOT) if Path(__file__).resolve().is_relative_to(ROOT) else Path(__file__).name
     result: dict[str, Any] = {
         "benchmark": "FedAvg in prfl's simulator vs Flower's Simulation Engine and a plain PyTorch loop",
@@ -252,20 +262,24 @@ def main() -> int:
                      "plain_loop_threads": args.plain_threads},
         "repeats": args.repeats,
         "median_wall": walls,
+        "median_cpu_seconds": cpus,
         "runs": {side: rows[-1] | {"walls": [r["wall"] for r in rows], "wall": walls[side]} for side, rows in runs.items()},
         "goal_flower_over_prfl": 5.0,
     }
     for side in ("prfl-process", "prfl-inline", "plain-loop"):
         if "flower" in walls and side in walls:
             result[f"wall_ratio_flower_over_{side.replace('-', '_')}"] = walls["flower"] / walls[side]
+    for side in ("prfl-process", "prfl-inline", "plain-loop"):
+        if "flower" in cpus and side in cpus:
+            result[f"cpu_ratio_flower_over_{side.replace('-', '_')}"] = cpus["flower"] / cpus[side]
     if "plain-loop" in walls:
         for side in ("prfl-process", "prfl-inline"):
             if side in walls:
                 result[f"wall_ratio_plain_loop_over_{side.replace('-', '_')}"] = walls["plain-loop"] / walls[side]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "flower_sim.json").write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     for key, value in result.items():
-        if key.startswith("wall_ratio_"):
+        if key.startswith(("wall_ratio_", "cpu_ratio_")):
             print(f"{key}: {value:.2f}")
     return 0
 

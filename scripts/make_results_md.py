@@ -254,9 +254,10 @@ def flower_section(d: dict[str, Any], name: str) -> list[str]:
     rows = []
     for run, r in runs.items():
         walls = r.get("walls")
-        rows.append([run, _num(r.get("wall"), ".1f"), _num(r.get("final_accuracy")),
+        rows.append([run, _num(r.get("wall"), ".1f"), _num(_get(d, "median_cpu_seconds", run), ".1f"),
+                     _num(r.get("final_accuracy")),
                      ", ".join(_num(w, ".1f") for w in walls) if isinstance(walls, list) else "-"])
-    lines.append(markdown((["run", "wall (s, median)", "final accuracy", "every run (s)"], rows)))
+    lines.append(markdown((["run", "wall (s, median)", "CPU (s, median)", "final accuracy", "every run's wall (s)"], rows)))
     goal = d.get("goal_flower_over_prfl")
     text = (f"Flower / prfl wall time: {_num(d.get('wall_ratio_flower_over_prfl_process'), '.2f')} against prfl's "
             f"process pool, {_num(d.get('wall_ratio_flower_over_prfl_inline'), '.2f')} against prfl inline")
@@ -265,6 +266,9 @@ def flower_section(d: dict[str, Any], name: str) -> list[str]:
     if d.get("wall_ratio_plain_loop_over_prfl_process") is not None:
         text += (f". Plain loop / prfl process pool: {_num(d.get('wall_ratio_plain_loop_over_prfl_process'), '.2f')} "
                  "(above 1: prfl is faster than the bare loop)")
+    if d.get("cpu_ratio_flower_over_prfl_process") is not None:
+        text += (f". In CPU seconds, Flower / prfl: {_num(d.get('cpu_ratio_flower_over_prfl_process'), '.2f')} (process pool), "
+                 f"{_num(d.get('cpu_ratio_flower_over_prfl_inline'), '.2f')} (inline)")
     if goal is not None:
         text += f". Goal: Flower / prfl >= {_num(goal, '.0f')}"
     lines.append(text + ".\n")
@@ -601,7 +605,7 @@ def render(results: Path, baseline: str = "fedasync", figure_dir: Path | None = 
             lines += masked_training_section(d, name)
         elif p.name.startswith("simulator"):  # simulator.json (FedAsync), simulator_<policy>.json
             lines += simulator_section(d, name)
-        elif p.name == "flower_sim.json":
+        elif p.name.startswith("flower_sim"):  # flower_sim.json, flower_sim_<variant>.json
             lines += flower_section(d, name)
         elif p.name == "scale.json":
             lines += scale_section(d, name)

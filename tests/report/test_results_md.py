@@ -85,7 +85,7 @@ def test_results_md_from_a_fixture(script, results, tmp_path) -> None:
     assert "Verdict: **PASS**" in text and "| 0.5 | 1.080 | 0.900 | 1.300 | 1.070 | yes |" in text
     assert "| inline overhead (wall / training, median) | 1.042 | <= 1.10 |" in text
     assert "| process speed-up vs inline (median) | 1.71 | - |" in text  # an older file's keys
-    assert "| flower | 90.0 | 0.690 |" in text and "Flower / prfl wall time: 3.00" in text
+    assert "| flower | 90.0 | - | 0.690 |" in text and "Flower / prfl wall time: 3.00" in text
     assert "## something else" in text and "| score | 3 |" in text
     # --check passes on the file just written and fails once a source changes
     assert script.main(["--results", str(results), "--out", str(out), "--check"]) == 0
@@ -168,8 +168,11 @@ def test_flower_and_training_step_sections(script) -> None:
                  "plain-loop": {"wall": 30.0, "final_accuracy": 0.7}, "flower": {"wall": 90.0, "final_accuracy": 0.69}},
         "wall_ratio_flower_over_prfl_process": 4.5, "wall_ratio_flower_over_plain_loop": 3.0,
         "wall_ratio_plain_loop_over_prfl_process": 1.5, "goal_flower_over_prfl": 5.0,
+        "median_cpu_seconds": {"prfl-process": 30.0}, "cpu_ratio_flower_over_prfl_process": 3.5,
+        "cpu_ratio_flower_over_prfl_inline": 4.0,
     }, "flower_sim.json"))
-    assert "| prfl-process | 20.0 | 0.700 | 19.0, 20.0, 25.0 |" in flower
+    assert "| prfl-process | 20.0 | 30.0 | 0.700 | 19.0, 20.0, 25.0 |" in flower
+    assert "In CPU seconds, Flower / prfl: 3.50 (process pool), 4.00 (inline)" in flower
     assert "4.50 against prfl's process pool" in flower and "3.00 against the plain PyTorch loop" in flower
     assert "Plain loop / prfl process pool: 1.50" in flower and "Goal: Flower / prfl >= 5" in flower
     step = "\n".join(script.train_step_section({
