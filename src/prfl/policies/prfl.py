@@ -86,7 +86,7 @@ class PRFLConfig:
     # client that has done the most (the reference counts its fastest client's rounds);
     # "server_steps" = server aggregation steps
     counting: Literal["fastest_client", "server_steps"] = "fastest_client"
-    density_rule: Literal["A", "B"] = "B"
+    density_rule: Literal["A", "B"] = "B"  # B: step towards the fastest client's round time (reference); A: t_min / t_i
     # round times before the density rule: "observed" as measured (rule B's default), or "dense"
     # (scaled to the dense model, rule A's default); see prfl.pruning.density
     time_basis: Literal["dense", "observed"] | None = None
@@ -123,31 +123,31 @@ class PRFLConfig:
     importance_average: Literal["holders", "all"] = "holders"
     # divide scores by each layer's per-weight cost (transfer + compute) when ranking
     layer_cost: bool = True
-    staleness: Literal["const", "poly", "hinge"] = "poly"
-    a: float = 0.6
-    b: float = 2.0
+    staleness: Literal["const", "poly", "hinge"] = "poly"  # staleness weight s(tau): poly (tau + 1)^-a, hinge, const
+    a: float = 0.6  # poly exponent (hinge: slope after b)
+    b: float = 2.0  # hinge: the staleness up to which s = 1
     # "frozen": s_i fixed when client i's update arrives, from its staleness then (the reference's
     # rule; the buffer keeps MaskFedAvg's running sums); "reaged": every buffered update re-aged at
     # every server step (the full sum over the buffer at each step)
     staleness_mode: Literal["frozen", "reaged"] = "frozen"
-    eta_g: float = 1.0
+    eta_g: float = 1.0  # server step: W <- (1 - eta_g) W_prev + eta_g W_new
     # Aggregation window (the paper's simulator closes a server step at
     # max(t + window, t + upload_time + 0.1 s)). Here a window opens when its first upload has
     # completed, so it closes `window` seconds after that arrival; 0 aggregates every arrival.
     window: float = 0.5
-    recovery: bool = True
-    patience: int = 10
-    delta_rho: float = 0.2
-    final_patience_factor: int = 5
+    recovery: bool = True  # early-stopping monitor that rolls back and raises minimum densities
+    patience: int = 10  # monitor checks (one per interval) without improvement before it fires
+    delta_rho: float = 0.2  # how much a recovery raises the minimum densities
+    final_patience_factor: int = 5  # patience multiplier once every density is 1 (then the next firing stops)
     # the first time the server monitor runs out of patience it only arms the roll-back (the
     # reference starts checkpointing then); later run-outs roll back and raise densities
     recovery_arming: bool = True
     client_scores: bool = True  # per-client monitors: a stalled client's minimum density rises
-    buffer: bool = True
-    mask_fedavg: bool = True
-    residual_split: bool = True
-    synchronous: bool = False
-    robust: Literal["none", "clip", "trimmed_mean", "median"] = "none"
+    buffer: bool = True  # aggregate the per-client buffer of latest models (false: the window's arrivals only)
+    mask_fedavg: bool = True  # mask-aware average (false: plain weighted average)
+    residual_split: bool = True  # distribute nested residual pieces (false: each client its sparse sub-model)
+    synchronous: bool = False  # wait for every online client before aggregating
+    robust: Literal["none", "clip", "trimmed_mean", "median"] = "none"  # robust aggregation over the holders
     clip_norm: float | None = None  # c of robust: clip (required then)
     trim: float = 0.1  # beta of robust: trimmed_mean, in [0, 0.5)
     norm_factor: float | None = None  # k of the update-norm check (None: off)
