@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from event_fuzz import CASES, NUM_PRUNABLE, PolicyFuzz, make_ctx, make_result
 
-from event_fuzz import CASES, NUM_PRUNABLE, PolicyFuzz, make_result
+from prfl.policies import build_policy
 from prfl.policies.base import (
     ClientIdle, Dispatch, Record, ResultArrived, SetTimer, Start, TimerFired,
 )
-from prfl.policies.prfl import WINDOW_TIMER
+from prfl.policies.prfl import SERVER_SCORE, WINDOW_TIMER
 
 
 def dispatched(actions) -> list[int]:
@@ -103,15 +105,22 @@ def huge(task, sign: float = 1.0):
     return res
 
 
-def test_prfl_window0_overflowing_sum_keeps_the_weights_finite():
+@pytest.mark.parametrize("mode", ["reaged", "frozen"])
+def test_prfl_window0_overflowing_sum_keeps_the_weights_finite(mode):
     """Start; client 0 sends 3e38 everywhere (finite in fp32). Before: the buffer's fp32 sum
-    c_0 W_0 (c_0 = n_0 = 5) overflowed and the global weights became inf, and so did every task."""
-    pol = CASES["prfl-window0"].build()
+    c_0 W_0 (c_0 = n_0 = 5) overflowed and the global weights became inf, and so did every task.
+    Re-aged staleness sums in fp32: the overflow is caught and the weights stay. Frozen staleness
+    keeps float64 running sums, which do not overflow: the weights become the finite 3e38."""
+    pol = build_policy("prfl", make_ctx(0), **{**CASES["prfl-window0"].options, "staleness_mode": mode})
     before = pol.weights.clone()
     tasks = tasks_by_client(pol.on_event(Start(0.0)))
     acts = pol.on_event(ResultArrived(1.0, huge(tasks[0])))
-    assert records(acts, "server_update")[0]["non_finite"] > 0 and pol.version == 1
-    assert torch.equal(pol.weights, before)
+    assert pol.version == 1 and bool(torch.isfinite(pol.weights).all())
+    if mode == "reaged":
+        assert records(acts, "server_update")[0]["non_finite"] > 0
+        assert torch.equal(pol.weights, before)
+    else:
+        assert torch.equal(pol.weights[:NUM_PRUNABLE], torch.full((NUM_PRUNABLE,), 3e38))
     assert dispatched(acts) == [0] and all(bool(torch.isfinite(a.task.weights).all()) for a in acts
                                            if isinstance(a, Dispatch))
 
@@ -133,11 +142,11 @@ def test_prfl_score_model_of_an_overflowing_buffer_is_the_global_model():
     slots; the server then scores its own (finite) weights."""
     from prfl.policies.base import RequestEvaluation
 
-    pol = CASES["prfl-window0"].build()
+    pol = build_policy("prfl", make_ctx(0), **{**CASES["prfl-window0"].options, "counting": "server_steps"})
     tasks = tasks_by_client(pol.on_event(Start(0.0)))
     pol.on_event(ResultArrived(1.0, huge(tasks[0])))
     acts = pol.on_event(ResultArrived(2.0, huge(tasks[1])))  # version 2: a control step (interval 2)
-    (req,) = [a for a in acts if isinstance(a, RequestEvaluation)]
+    (req,) = [a for a in acts if isinstance(a, RequestEvaluation) and a.tag == SERVER_SCORE]
     assert bool(torch.isfinite(req.weights).all()) and torch.equal(req.weights, pol.weights)
 
 
