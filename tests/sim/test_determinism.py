@@ -246,7 +246,9 @@ def test_process_pool_output_slots_change_no_bit(tmp_path) -> None:
     load their own. All three give the inline history, and closing the pool removes the slots."""
     from prfl.sim.executors import ProcessPoolExecutorAdapter
 
-    extra = ("policy.name=prfl", "policy.options={interval: 4, density_rule: B, initial_densities: [1.0, 0.5, 0.3, 0.1]}",
+    extra = ("policy.name=prfl",
+             "policy.options={interval: 4, counting: server_steps, round_time: task, time_basis: dense, density_rule: B, "
+             "initial_densities: [1.0, 0.5, 0.3, 0.1]}",
              "sim.max_rounds=12")
     sc = build_scenario(config(*extra))
     rec_a, w_a, _ = run_with(sc, make_executor("inline", sc.worker_spec, dataset=sc.dataset))
