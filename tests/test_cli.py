@@ -183,7 +183,7 @@ def test_every_baseline_option_has_a_meaning() -> None:
         fields = {f.name for f in dataclasses.fields(POLICIES[name].config_cls)}
         assert set(option_help(name)) == fields, (name, fields - set(option_help(name)))
     helps = option_help("prfl")
-    assert helps["interval"].startswith("I: rounds between ranking rebuilds")
+    assert helps["interval"].startswith("I: fastest-client rounds (or server steps, see `counting`) between ranking rebuilds")
     assert helps["buffer_storage"].startswith("how the buffer stores sparse models")  # comment block above
 
 
