@@ -590,3 +590,26 @@ def test_a_bad_slot_in_a_stored_state_leaves_the_buffer_unchanged(tmp_path):
     with pytest.raises(ValueError, match=f"slot.{c}.values holds 3 values"):
         buf.load_state_dict(state)
     assert torch.equal(buf.aggregate(prev, 12), before)
+
+
+def test_restored_rankings_keep_their_keys_after_compaction():
+    """Two rankings held under two keys stay two after a checkpoint, even once compaction has cut
+    one to a prefix of the other: the restored buffer sums in the same groups, bit for bit."""
+    total, npr = 30, 24
+    a = torch.randperm(npr, generator=torch.Generator().manual_seed(3))
+    b = torch.cat([a[:2], a[2:].flip(0)])  # agrees with a on its first 2 ranks only
+    g = torch.Generator().manual_seed(0)  # values whose fp32 sums differ when the two groups are merged
+    buf = ClientBuffer(2, total, npr, storage="prefix")
+    for client, order, count in ((0, a, 12), (1, b, 2)):
+        mask = torch.zeros(npr, dtype=torch.bool)
+        mask[order[:count]] = True
+        w = torch.randn(total, generator=g)
+        w[:npr] *= mask
+        buf.put(client, w, mask, 3 + 4 * client, 0, order=order)
+    buf.compact_orders()  # b is now held as a[:2]
+    copy = ClientBuffer(2, total, npr, storage="prefix")
+    copy.load_state_dict(buf.state_dict())
+    assert len(copy._orders) == len(buf._orders) == 2
+    prev = torch.randn(total, generator=g)
+    for dtype in (torch.float32, torch.float64):
+        assert torch.equal(copy.aggregate(prev, 1, accumulate_dtype=dtype), buf.aggregate(prev, 1, accumulate_dtype=dtype))
