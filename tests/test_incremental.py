@@ -172,3 +172,14 @@ def test_removed_slot_leaves_the_running_sums(storage):
     assert not buf.remove(gone[0]) and all(c not in buf for c in gone)
     full = buf.aggregate(prev, 60, staleness_mode="frozen")
     assert relative_error(buf.aggregate_running(prev), full) <= 1e-6
+
+
+def test_a_mask_edited_in_place_is_read_again():
+    """Positions are cached per mask object; an in-place edit (a new version of the tensor) is seen."""
+    buf = ClientBuffer(2, 6, 4, frozen=Staleness("const"))
+    mask = torch.tensor([True, False, False, False])
+    buf.put(0, torch.tensor([2.0, 0, 0, 0, 1, 1]), mask, 1, 0)
+    mask[1] = True
+    buf.put(1, torch.tensor([4.0, 6.0, 0, 0, 1, 1]), mask, 1, 0)
+    out = buf.aggregate_running(torch.full((6,), 9.0))
+    assert out.tolist() == [3.0, 6.0, 9.0, 9.0, 1.0, 1.0]

@@ -195,7 +195,7 @@ class ClientBuffer:
         self._order_refs: dict[int, int] = {}  # prefix storage: ranking key -> slots using it
         self._inverse_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (order, inverse permutation)
         self._ascending_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._positions_cache: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}  # id(mask) -> positions
+        self._positions_cache: dict[int, tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = {}  # id(mask) -> positions
         self._rows: torch.Tensor | None = None
         self._arena: SlotArena | None = None
         self._order_alias: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}  # id(order) -> key
@@ -315,19 +315,18 @@ class ClientBuffer:
         return slot
 
     def _mask_positions(self, mask: torch.Tensor) -> torch.Tensor:
-        """The positions of ``mask``, ascending (int32 where they fit). A policy hands the same mask object to
-        every client of one density, so they are found once per mask object and checked on reuse
-        (same count, every position set: O(count) instead of a scan)."""
-        count = int(mask.sum())
+        """The positions of ``mask``, ascending (int32 where they fit). A policy hands the same mask
+        object to every client of one density, so they are found once per mask object and version
+        (torch counts in-place edits of a tensor: an edited mask is scanned again)."""
         hit = self._positions_cache.get(id(mask))
-        if hit is not None and hit[0]() is mask and hit[1].numel() == count and (count == 0 or bool(mask[hit[1]].all())):
-            return hit[1]
+        if hit is not None and hit[0]() is mask and hit[1] == mask._version:
+            return hit[2]
         if len(self._positions_cache) >= 64:
             self._positions_cache = {k: v for k, v in self._positions_cache.items() if v[0]() is not None}
             if len(self._positions_cache) >= 64:
                 self._positions_cache.clear()
         pos = torch.from_numpy(np.flatnonzero(mask.numpy())).to(order_dtype(self.num_prunable))
-        self._positions_cache[id(mask)] = (weakref.ref(mask), pos)
+        self._positions_cache[id(mask)] = (weakref.ref(mask), mask._version, pos)
         return pos
 
     def _order_key(self, order: torch.Tensor) -> int:
@@ -776,12 +775,14 @@ class ClientBuffer:
         elif slot.index is not None:  # sparse storage: kept values in ascending position order
             positions = slot.index.positions()
             values, suffix = slot.values[: slot.index.count], slot.values[slot.index.count :]
-        elif slot.mask is not None:  # dense storage, masked: W ⊙ m
+        elif slot.mask is not None:  # dense storage, masked: W ⊙ m, by positions if they are few
             positions = slot.positions if slot.positions is not None else slot.mask.nonzero().view(-1)
+            if positions.numel() > npr * PARTIAL_FRACTION:  # streaming the whole vector is cheaper
+                return Contribution(slot.coef, slot.values[:npr], None, slot.values[npr:], slot.amax, slot.mask)
             values, suffix = slot.values[:npr].index_select(0, positions), slot.values[npr:]
         else:  # a dense client
             positions, values, suffix = None, slot.values[:npr], slot.values[npr:]
-        return slot.coef, values, positions, suffix, slot.amax
+        return Contribution(slot.coef, values, positions, suffix, slot.amax)
 
     def _ascending(self, key: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(perm, positions): the first ``count`` ranks of ranking ``key`` in ascending position

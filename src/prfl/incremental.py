@@ -40,6 +40,8 @@ tiny weight or the reverse.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from prfl.aggregation import UNIT_ROUNDOFF
@@ -47,10 +49,21 @@ from prfl.aggregation import UNIT_ROUNDOFF
 DEFAULT_RECOMPUTE_EVERY = 1000
 BLOCK = 1 << 16  # weights of W_acc per block of the dense sums
 
-Contribution = tuple[float, torch.Tensor, "torch.Tensor | None", torch.Tensor, float]
-"""(c_i, prefix values, their positions or None for all N, suffix values, max |W_i|): a client's
-share of the sums: W_i ⊙ m_i (all N values for a dense client, else the kept values at the
-given distinct positions) and its suffix."""
+class Contribution(NamedTuple):
+    """A client's share of the sums, c_i times:
+
+    - ``positions`` given: its kept values W_i at those distinct prefix positions (``values``);
+    - ``positions`` None: all N prefix values W_i ⊙ m_i (``values``), with ``mask`` its bool mask
+      m_i, or None for a dense client (which enters M_acc and h as a scalar, see the buffer);
+
+    and its suffix values. ``amax`` = max |W_i|."""
+
+    coef: float
+    values: torch.Tensor
+    positions: torch.Tensor | None
+    suffix: torch.Tensor
+    amax: float
+    mask: torch.Tensor | None = None
 
 
 def holder_dtype(max_holders: int) -> torch.dtype:
@@ -84,15 +97,16 @@ class RunningMaskFedAvg:
         self._touched = None
 
     def apply(self, items: list[tuple[Contribution, int]]) -> None:
-        """Add (sign 1) or remove (-1) client contributions. The dense ones are summed block by
-        block (each block of W_acc stays in cache while every dense term is added to it)."""
-        dense: list[tuple[float, torch.Tensor]] = []
-        for (coef, values, positions, suffix, amax), sign in items:
+        """Add (sign 1) or remove (-1) client contributions. Those given as whole prefix vectors
+        are summed block by block (each block of the sums stays in cache while every such term
+        is added to it); those given by positions with index operations."""
+        streamed: list[tuple[float, int, torch.Tensor, torch.Tensor | None]] = []
+        for (coef, values, positions, suffix, amax, mask), sign in items:
             if coef == 0.0:
                 continue
             c = sign * coef
             if positions is None:
-                dense.append((c, values))
+                streamed.append((c, sign, values, mask))
                 self._touched = None
             elif positions.numel():
                 self.w.index_add_(0, positions, values.to(torch.float64), alpha=c)
@@ -105,11 +119,14 @@ class RunningMaskFedAvg:
                 self.s.add_(suffix, alpha=c)
             self.ops += 1
             self.magnitude += coef * amax
-        if dense:
-            for a in range(0, self.num_prunable, BLOCK):
-                part = self.w[a : a + BLOCK]
-                for c, values in dense:
-                    part.add_(values[a : a + BLOCK], alpha=c)
+        for a in range(0, self.num_prunable, BLOCK) if streamed else ():
+            b = a + BLOCK
+            w, m, h = self.w[a:b], self.m[a:b], self.h[a:b]
+            for c, sign, values, mask in streamed:
+                w.add_(values[a:b], alpha=c)
+                if mask is not None:
+                    m.add_(mask[a:b], alpha=c)
+                    h.add_(mask[a:b], alpha=sign)
 
     def add_ranked(
         self, positions: torch.Tensor, w_rank: torch.Tensor, m_rank: torch.Tensor, h_rank: torch.Tensor,
