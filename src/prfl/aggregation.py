@@ -205,6 +205,7 @@ def finish_masked(
     drift: float = 0.0,
     eta_g: float = 1.0,
     positions: torch.Tensor | None = None,
+    before_block: Callable[[int, int], None] | None = None,
 ) -> None:
     """The prunable part of MaskFedAvg from its accumulators, written into ``out``:
 
@@ -215,7 +216,8 @@ def finish_masked(
     terms ``exact`` returns for the weights under :func:`candidate_bound`; W_new is then S / M
     from those terms) or where W_new underflows to 0. ``m`` None: no masked holder (M = dense_c).
     Arithmetic in ``w``'s dtype, rounded once to ``out``'s; every position block by block, or only
-    ``positions`` (the rest of ``out`` is left alone)."""
+    ``positions`` (the rest of ``out`` is left alone). ``before_block(a, b)``, when given, brings
+    the accumulators' positions [a, b) up to date just before they are read (every position only)."""
     dt = w.dtype
     if m is None and not dense_c > 0:
         raise ValueError("finish_masked needs the holders' coefficient sums m, or dense_c > 0")
@@ -231,6 +233,8 @@ def finish_masked(
         return t[a:b] if positions is None else t.index_select(0, positions)
 
     for a, b in spans:
+        if before_block is not None:
+            before_block(a, b)
         wb = take(w, a, b)
         if inverse is not None:
             val = wb / dense_c

@@ -233,7 +233,9 @@ class ClientBuffer:
         old = self._slots.get(client)
         if self._running is not None:
             items = [] if old is None else [(self._contribution(old), -1)]
-            self._running.apply([*items, (self._contribution(slot), 1)])
+            # whole-vector terms wait for the next aggregation, which adds them in its own pass over
+            # the sums; not when the old values live in a file region the new ones may reuse
+            self._running.apply([*items, (self._contribution(slot), 1)], defer=self._rows is None and self._arena is None)
             self._since_recompute += 1
             self._release(old)
         self._commit(client, slot)
@@ -713,13 +715,18 @@ class ClientBuffer:
         partial = touched is not None and masked and eta_g == 1.0 and last is prev
         new = prev.clone() if partial else torch.empty_like(prev)
         if masked:
+            fused = run.pending and not partial
+            if not fused:
+                run.flush()
             finish_masked(
                 new[:npr], prev[:npr], run.w, run.m if len(dense) < len(live) else None, self._exact_running,
                 wmax=max(s.amax for s in live), n_terms=len(live), min_coef=min(s.coef for s in live),
                 dense_c=math.fsum(dense), holders=run.h, dense_h=len(dense), drift=run.drift_bound(), eta_g=eta_g,
-                positions=touched if partial else None,
+                positions=touched if partial else None, before_block=run.flush_block if fused else None,
             )
+            run.clear_pending()
         else:
+            run.flush()
             head = run.w / total_c
             new[:npr] = head if eta_g == 1.0 else torch.lerp(prev[:npr].to(torch.float64), head, eta_g)
         tail = run.s / total_c

@@ -85,6 +85,9 @@ class RunningMaskFedAvg:
         self.ops = 0  # contributions applied since the last reset
         self.magnitude = 0.0  # B: sum of c_j max|W_j| over them
         self._touched: list[torch.Tensor] | None = []  # None: every position (a dense contribution)
+        # whole-vector terms (c, sign, values, mask) not yet added to the prefix sums: the next
+        # read adds them block by block, in the same pass as it reads the sums (flush_block)
+        self._pending: list[tuple[float, int, torch.Tensor, torch.Tensor | None]] = []
 
     def reset(self) -> None:
         """Zero the sums (before an exact recomputation); every position counts as touched."""
@@ -95,11 +98,14 @@ class RunningMaskFedAvg:
         self.ops = 0
         self.magnitude = 0.0
         self._touched = None
+        self._pending = []
 
-    def apply(self, items: list[tuple[Contribution, int]]) -> None:
-        """Add (sign 1) or remove (-1) client contributions. Those given as whole prefix vectors
-        are summed block by block (each block of the sums stays in cache while every such term
-        is added to it); those given by positions with index operations."""
+    def apply(self, items: list[tuple[Contribution, int]], defer: bool = False) -> None:
+        """Add (sign 1) or remove (-1) client contributions. Those given by positions are applied
+        with index operations; those given as whole prefix vectors are summed block by block
+        (each block of the sums stays in cache while every such term is added to it), now, or with
+        ``defer`` at the next read of the sums (:meth:`flush_block`, :meth:`flush`), which then
+        reads and writes the model-sized sums once; deferred values must stay unchanged until then."""
         streamed: list[tuple[float, int, torch.Tensor, torch.Tensor | None]] = []
         for (coef, values, positions, suffix, amax, mask), sign in items:
             if coef == 0.0:
@@ -119,14 +125,34 @@ class RunningMaskFedAvg:
                 self.s.add_(suffix, alpha=c)
             self.ops += 1
             self.magnitude += coef * amax
-        for a in range(0, self.num_prunable, BLOCK) if streamed else ():
-            b = a + BLOCK
-            w, m, h = self.w[a:b], self.m[a:b], self.h[a:b]
-            for c, sign, values, mask in streamed:
-                w.add_(values[a:b], alpha=c)
-                if mask is not None:
-                    m.add_(mask[a:b], alpha=c)
-                    h.add_(mask[a:b], alpha=sign)
+        self._pending += streamed
+        if not defer:
+            self.flush()
+
+    @property
+    def pending(self) -> bool:
+        """True while deferred terms wait to be added."""
+        return bool(self._pending)
+
+    def flush_block(self, a: int, b: int) -> None:
+        """Add the deferred terms to positions [a, b) of the prefix sums (a caller reading every
+        position block by block calls this for each block, then :meth:`clear_pending`)."""
+        w, m, h = self.w[a:b], self.m[a:b], self.h[a:b]
+        for c, sign, values, mask in self._pending:
+            w.add_(values[a:b], alpha=c)
+            if mask is not None:
+                m.add_(mask[a:b], alpha=c)
+                h.add_(mask[a:b], alpha=sign)
+
+    def clear_pending(self) -> None:
+        self._pending = []
+
+    def flush(self) -> None:
+        """Add every deferred term now."""
+        if self._pending:
+            for a in range(0, self.num_prunable, BLOCK):
+                self.flush_block(a, a + BLOCK)
+            self._pending = []
 
     def add_ranked(
         self, positions: torch.Tensor, w_rank: torch.Tensor, m_rank: torch.Tensor, h_rank: torch.Tensor,
@@ -135,6 +161,7 @@ class RunningMaskFedAvg:
         """Add ``terms`` contributions already summed in rank space (the slots of one ranking):
         W_acc[positions] += w_rank, M_acc[positions] += m_rank, h[positions] += h_rank, and the
         suffix sum; ``magnitude`` = their sum of c_j max|W_j|."""
+        self.flush()
         self.w.index_add_(0, positions, w_rank)
         self.m.index_add_(0, positions, m_rank)
         self.h.index_add_(0, positions, h_rank.to(self.h.dtype))
