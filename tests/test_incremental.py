@@ -21,16 +21,20 @@ def scripted_arrivals(count: int, seed: int):
     A new ranking every 100 arrivals; densities mixed; staleness 0..9 rounds."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(NPR, generator=g)
+    masks: dict[float, torch.Tensor] = {}  # one mask object per density and ranking, as a policy hands out
     for step in range(count):
         if step % 100 == 99:
             order = torch.randperm(NPR, generator=g)
+            masks = {}
         c = int(torch.randint(CLIENTS, (1,), generator=g))
         rho = DENSITIES[int(torch.randint(len(DENSITIES), (1,), generator=g))]
         w = torch.randn(TOTAL, generator=g) * float(torch.rand(1, generator=g) * 3 + 0.01)
         mask = None
         if rho < 1.0:
-            mask = torch.zeros(NPR, dtype=torch.bool)
-            mask[order[: math.ceil(rho * NPR)]] = True
+            if rho not in masks:
+                masks[rho] = torch.zeros(NPR, dtype=torch.bool)
+                masks[rho][order[: math.ceil(rho * NPR)]] = True
+            mask = masks[rho]
             w[:NPR] *= mask
         n = int(torch.randint(1, 60, (1,), generator=g))
         tau = int(torch.randint(10, (1,), generator=g))

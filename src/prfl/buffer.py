@@ -54,10 +54,10 @@ import os
 import tempfile
 import weakref
 from dataclasses import dataclass
-
-import torch
+from typing import Any
 
 import numpy as np
+import torch
 
 from prfl.aggregation import (
     ACCUMULATE_DTYPE, ExactTerms, Staleness, blocks, exact_terms, finish_masked, mask_fedavg, staleness_weight,
@@ -73,6 +73,9 @@ STALENESS_MODES: tuple[str, ...] = ("frozen", "reaged")
 # this share of the prunable weights: a mask spread over the model touches most cache lines of the
 # model-sized sums already at ~10 % density, so beyond that one streaming pass costs no more
 PARTIAL_FRACTION = 1 / 16
+# a dense-storage slot whose mask keeps more than this share of the prunable weights enters the
+# running sums as a whole vector (streamed block by block) rather than by index operations
+STREAM_FRACTION = 1 / 4
 _DTYPE = torch.float32
 
 
@@ -195,7 +198,7 @@ class ClientBuffer:
         self._order_refs: dict[int, int] = {}  # prefix storage: ranking key -> slots using it
         self._inverse_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (order, inverse permutation)
         self._ascending_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._positions_cache: dict[int, tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = {}  # id(mask) -> positions
+        self._mask_cache: dict[int, list[Any]] = {}  # id(mask) -> [ref, version, held copy, positions]
         self._rows: torch.Tensor | None = None
         self._arena: SlotArena | None = None
         self._order_alias: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}  # id(order) -> key
@@ -284,9 +287,10 @@ class ClientBuffer:
                 values[npr:] = w[npr:]
             else:
                 values.copy_(w)
-            slot = _Slot(values, None if mask is None else mask.clone(), None, n, r)
-            if mask is not None and self._running is not None:
-                slot.positions = self._mask_positions(mask)
+            slot = _Slot(values, None, None, n, r)
+            if mask is not None:
+                slot.mask, positions = self._held_mask(mask, self._running is not None)
+                slot.positions = positions
             return self._finish_slot(slot, int(arrival_round), values)
         npr = self.num_prunable
         kept = w[:npr][head] if head is not None else w[:npr].masked_select(mask)
@@ -316,20 +320,22 @@ class ClientBuffer:
             slot.coef = self.frozen(arrival_round - slot.sent_round) * slot.num_samples
         return slot
 
-    def _mask_positions(self, mask: torch.Tensor) -> torch.Tensor:
-        """The positions of ``mask``, ascending (int32 where they fit). A policy hands the same mask
-        object to every client of one density, so they are found once per mask object and version
-        (torch counts in-place edits of a tensor: an edited mask is scanned again)."""
-        hit = self._positions_cache.get(id(mask))
-        if hit is not None and hit[0]() is mask and hit[1] == mask._version:
-            return hit[2]
-        if len(self._positions_cache) >= 64:
-            self._positions_cache = {k: v for k, v in self._positions_cache.items() if v[0]() is not None}
-            if len(self._positions_cache) >= 64:
-                self._positions_cache.clear()
-        pos = torch.from_numpy(np.flatnonzero(mask.numpy())).to(order_dtype(self.num_prunable))
-        self._positions_cache[id(mask)] = (weakref.ref(mask), mask._version, pos)
-        return pos
+    def _held_mask(self, mask: torch.Tensor, positions: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The buffer's copy of ``mask`` and (with ``positions``) its positions, ascending (int32
+        where they fit). A policy hands one mask object to every client of a density, so the copy
+        and the positions are made once per mask object and version (torch counts the in-place
+        edits of a tensor: an edited mask is copied again) and shared by those clients' slots."""
+        hit = self._mask_cache.get(id(mask))
+        if hit is None or hit[0]() is not mask or hit[1] != mask._version:
+            if len(self._mask_cache) >= 64:
+                self._mask_cache = {k: v for k, v in self._mask_cache.items() if v[0]() is not None}
+                if len(self._mask_cache) >= 64:
+                    self._mask_cache.clear()
+            hit = [weakref.ref(mask), mask._version, mask.clone(), None]
+            self._mask_cache[id(mask)] = hit
+        if positions and hit[3] is None:
+            hit[3] = torch.from_numpy(np.flatnonzero(hit[2].numpy())).to(order_dtype(self.num_prunable))
+        return hit[2], hit[3]
 
     def _order_key(self, order: torch.Tensor) -> int:
         """The key of the held ranking ``order`` belongs to. Two rankings are one where their held
@@ -784,7 +790,7 @@ class ClientBuffer:
             values, suffix = slot.values[: slot.index.count], slot.values[slot.index.count :]
         elif slot.mask is not None:  # dense storage, masked: W ⊙ m, by positions if they are few
             positions = slot.positions if slot.positions is not None else slot.mask.nonzero().view(-1)
-            if positions.numel() > npr * PARTIAL_FRACTION:  # streaming the whole vector is cheaper
+            if positions.numel() > npr * STREAM_FRACTION:  # streaming the whole vector is cheaper
                 return Contribution(slot.coef, slot.values[:npr], None, slot.values[npr:], slot.amax, slot.mask)
             values, suffix = slot.values[:npr].index_select(0, positions), slot.values[npr:]
         else:  # a dense client

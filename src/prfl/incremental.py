@@ -87,7 +87,7 @@ class RunningMaskFedAvg:
         self._touched: list[torch.Tensor] | None = []  # None: every position (a dense contribution)
         # whole-vector terms (c, sign, values, mask) not yet added to the prefix sums: the next
         # read adds them block by block, in the same pass as it reads the sums (flush_block)
-        self._pending: list[tuple[float, int, torch.Tensor, torch.Tensor | None]] = []
+        self._pending: list[tuple[float, torch.Tensor, float, int, torch.Tensor | None]] = []  # (c, W, c_M, h, mask)
 
     def reset(self) -> None:
         """Zero the sums (before an exact recomputation); every position counts as touched."""
@@ -105,14 +105,24 @@ class RunningMaskFedAvg:
         with index operations; those given as whole prefix vectors are summed block by block
         (each block of the sums stays in cache while every such term is added to it), now, or with
         ``defer`` at the next read of the sums (:meth:`flush_block`, :meth:`flush`), which then
-        reads and writes the model-sized sums once; deferred values must stay unchanged until then."""
-        streamed: list[tuple[float, int, torch.Tensor, torch.Tensor | None]] = []
+        reads and writes the model-sized sums once; deferred values must stay unchanged until then.
+
+        A whole-vector term removed and one added with the same mask object (a client whose
+        density and ranking did not change) share their mask's work: M_acc += (c_new - c_old) m,
+        h unchanged."""
+        streamed: list[tuple[float, torch.Tensor, float, int, torch.Tensor | None]] = []
         for (coef, values, positions, suffix, amax, mask), sign in items:
             if coef == 0.0:
                 continue
             c = sign * coef
             if positions is None:
-                streamed.append((c, sign, values, mask))
+                prior = streamed[-1] if streamed else None
+                if (prior is not None and mask is not None and prior[4] is mask and prior[3] == -1 and sign == 1
+                        and prior[2] == prior[0]):  # the same mask leaves and comes back
+                    streamed[-1] = (prior[0], prior[1], 0.0, 0, None)
+                    streamed.append((c, values, c + prior[0], 0, mask))
+                else:
+                    streamed.append((c, values, c, sign, mask))
                 self._touched = None
             elif positions.numel():
                 self.w.index_add_(0, positions, values.to(torch.float64), alpha=c)
@@ -138,11 +148,13 @@ class RunningMaskFedAvg:
         """Add the deferred terms to positions [a, b) of the prefix sums (a caller reading every
         position block by block calls this for each block, then :meth:`clear_pending`)."""
         w, m, h = self.w[a:b], self.m[a:b], self.h[a:b]
-        for c, sign, values, mask in self._pending:
+        for c, values, c_m, sign, mask in self._pending:
             w.add_(values[a:b], alpha=c)
             if mask is not None:
-                m.add_(mask[a:b], alpha=c)
-                h.add_(mask[a:b], alpha=sign)
+                if c_m != 0.0:
+                    m.add_(mask[a:b], alpha=c_m)
+                if sign:
+                    h.add_(mask[a:b], alpha=sign)
 
     def clear_pending(self) -> None:
         self._pending = []
