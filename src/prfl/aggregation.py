@@ -120,7 +120,6 @@ def fedbuff_staleness(tau: float) -> float:
     return 1.0 / math.sqrt(1.0 + tau_f)
 
 
-
 # --------------------------------------------------------------------------- the zero rule
 UNIT_ROUNDOFF = 2.0**-53  # u of float64: |fl(x) - x| <= u |x|
 SUBBLOCK = 1 << 17  # weights per block of the finishing pass (its temporaries stay in cache)
@@ -229,6 +228,7 @@ def finish_masked(
     everyone = dense_h > 0 or (holders is None and dense_c > 0)  # a dense client holds every weight
     inverse = 1.0 / dense_c if m is None and dense_c > 0 else None
     found: list[torch.Tensor] = []
+
     def take(t: torch.Tensor, a: int, b: int) -> torch.Tensor:  # index_select: far cheaper than t[positions]
         return t[a:b] if positions is None else t.index_select(0, positions)
 
@@ -277,6 +277,7 @@ def finish_masked(
     if eta_g != 1.0:
         res = torch.lerp(p64, res, eta_g)
     out[pos] = res.to(out.dtype)
+
 
 # --------------------------------------------------------------------------- averaging
 def _check_coeffs(weights: Sequence[float], name: str) -> list[float]:
@@ -339,7 +340,8 @@ def mask_fedavg(
     With c_i = p_i n_i, on the prunable prefix (first ``num_prunable`` entries):
         W_acc = sum_i c_i (W_i ⊙ m_i),  M_acc = sum_i c_i m_i,  W_new = W_acc / M_acc,
     keeping ``prev`` wherever M_acc == 0 (nobody holds the weight) or the holders' sum is zero
-    (decided on the terms, see the module docstring), so a weight is never pruned for ever. On the suffix (biases etc., held by every client):
+    (decided on the terms, see the module docstring), so a weight is never pruned for ever. On
+    the suffix (biases etc., held by every client):
         W_new = sum_i c_i W_i / sum_i c_i.
     Then the server step  W = (1 - eta_g) prev + eta_g W_new  (eta_g = 1: W = W_new).
     A mask of None means dense (all ones). Returns a new tensor of ``prev``'s dtype.

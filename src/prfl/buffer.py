@@ -273,9 +273,11 @@ class ClientBuffer:
         head: torch.Tensor | None = None
         if mask is not None and order is not None:
             count = int(torch.count_nonzero(mask))
-            if order.dtype not in (torch.int64, torch.int32) or order.dim() != 1 or not count <= order.numel() <= self.num_prunable:
-                raise ValueError(f"client {client}: order must be an int64 or int32 ranking (or a prefix of one at least "
-                                 f"{count} long) of the {self.num_prunable} prunable weights, got {order.dtype} {tuple(order.shape)}")
+            npr = self.num_prunable
+            if order.dtype not in (torch.int64, torch.int32) or order.dim() != 1 or not count <= order.numel() <= npr:
+                raise ValueError(f"client {client}: order must be an int64 or int32 ranking (or a prefix of one at "
+                                 f"least {count} long) of the {npr} prunable weights, got {order.dtype} "
+                                 f"{tuple(order.shape)}")
             head = order[:count]
             if count and not bool(mask[head].all()):
                 raise ValueError(f"client {client}: the mask is not the first {count} entries of the given order")
@@ -696,9 +698,10 @@ class ClientBuffer:
         rounding and the sums' drift, see :mod:`prfl.incremental`); a new tensor of ``prev``'s dtype.
 
         One pass over the N weights, independent of the number of buffered clients; after masked
-        arrivals that touched at most PARTIAL_FRACTION of them, only those positions are recomputed (the rest is ``prev``, which must then be the tensor
-        this method returned last, computed with eta_g = 1; otherwise, and after a dense arrival,
-        a recomputation of the sums, eta_g != 1 or masked=False, every position is)."""
+        arrivals that touched at most PARTIAL_FRACTION of them, only those positions are
+        recomputed (the rest is ``prev``, which must then be the tensor this method returned last,
+        computed with eta_g = 1; otherwise, and after a dense arrival, a recomputation of the
+        sums, eta_g != 1 or masked=False, every position is)."""
         if self._running is None:
             raise ValueError("aggregate_running needs running sums: build the buffer with frozen=Staleness(...)")
         if not self._slots:
