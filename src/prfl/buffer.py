@@ -228,17 +228,18 @@ class ClientBuffer:
         """Store ``client``'s latest model (copied, as fp32), replacing its previous slot.
 
         ``order`` (prefix storage): a ranking whose first ``mask.sum()`` entries are exactly the
-        mask's positions (the buffer keeps a reference to it: do not modify it in place). ``arrival_round``: the
-        server round at which the update arrived (default ``sent_round``): frozen staleness is
-        s(arrival_round - sent_round). With running sums, the old contribution leaves them and
-        the new one enters."""
+        mask's positions (the buffer keeps a reference to it: do not modify it in place).
+        ``arrival_round``: the server round at which the update arrived (default ``sent_round``);
+        frozen staleness is s(arrival_round - sent_round). With running sums, the old
+        contribution leaves them and the new one enters."""
         slot = self._make_slot(client, weights, mask, num_samples, sent_round, order, arrival_round)
         old = self._slots.get(client)
         if self._running is not None:
             items = [] if old is None else [(self._contribution(old), -1)]
             # whole-vector terms wait for the next aggregation, which adds them in its own pass over
             # the sums; not when the old values live in a file region the new ones may reuse
-            self._running.apply([*items, (self._contribution(slot), 1)], defer=self._rows is None and self._arena is None)
+            in_ram = self._rows is None and self._arena is None
+            self._running.apply([*items, (self._contribution(slot), 1)], defer=in_ram)
             self._since_recompute += 1
             self._release(old)
         self._commit(client, slot)
