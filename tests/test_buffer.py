@@ -531,3 +531,15 @@ def test_file_backed_prefix_values_are_not_resident(tmp_path):
     out = subprocess.run([sys.executable, "-c", FILE_RSS.format(path=str(tmp_path))], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("storage", ["dense", "sparse"])
+def test_put_of_a_checked_update_stores_it_as_it_is(storage):
+    """zero_outside_mask: the caller vouches for W ⊙ m (a validated update); the same slot results."""
+    mask = torch.tensor([True, False, True, False])
+    w = torch.tensor([1.0, 0.0, 3.0, 0.0, 5.0, 6.0])
+    a, b = ClientBuffer(1, 6, 4, storage=storage), ClientBuffer(1, 6, 4, storage=storage)
+    a.put(0, w, mask, 2, 0)
+    b.put(0, w, mask, 2, 0, zero_outside_mask=True)
+    assert torch.equal(a.get(0).weights, b.get(0).weights) and torch.equal(a.get(0).mask, b.get(0).mask)
+    assert torch.equal(a.aggregate(torch.zeros(6), 0), b.aggregate(torch.zeros(6), 0))

@@ -223,7 +223,7 @@ class ClientBuffer:
     # ------------------------------------------------------------------ slots
     def put(
         self, client: int, weights: torch.Tensor, mask: torch.Tensor | None, num_samples: int, sent_round: int,
-        order: torch.Tensor | None = None, arrival_round: int | None = None,
+        order: torch.Tensor | None = None, arrival_round: int | None = None, zero_outside_mask: bool = False,
     ) -> None:
         """Store ``client``'s latest model (copied, as fp32), replacing its previous slot.
 
@@ -231,8 +231,12 @@ class ClientBuffer:
         mask's positions (the buffer keeps a reference to it: do not modify it in place).
         ``arrival_round``: the server round at which the update arrived (default ``sent_round``);
         frozen staleness is s(arrival_round - sent_round). With running sums, the old
-        contribution leaves them and the new one enters."""
-        slot = self._make_slot(client, weights, mask, num_samples, sent_round, order, arrival_round)
+        contribution leaves them and the new one enters. ``zero_outside_mask``: the caller vouches
+        that ``weights`` are 0 outside ``mask`` (an update that passed
+        :func:`prfl.validation.check_mask`), so they are stored as they are, neither multiplied by
+        the mask nor checked."""
+        slot = self._make_slot(client, weights, mask, num_samples, sent_round, order, arrival_round,
+                               zero_outside_mask)
         old = self._slots.get(client)
         if self._running is not None:
             items = [] if old is None else [(self._contribution(old), -1)]
@@ -246,7 +250,7 @@ class ClientBuffer:
 
     def _make_slot(
         self, client: int, weights: torch.Tensor, mask: torch.Tensor | None, num_samples: int, sent_round: int,
-        order: torch.Tensor | None = None, arrival_round: int | None = None,
+        order: torch.Tensor | None = None, arrival_round: int | None = None, zero_outside_mask: bool = False,
     ) -> _Slot:
         """Validate an entry and build its stored form (no side effects but a new ranking key)."""
         self._check_client(client)
@@ -285,7 +289,7 @@ class ClientBuffer:
         if self.storage == "dense" or mask is None:
             npr = self.num_prunable
             values = torch.empty(self.total, dtype=_DTYPE)
-            if mask is not None:  # store W ⊙ m once, not at every aggregation
+            if mask is not None and not zero_outside_mask:  # store W ⊙ m once, not at every aggregation
                 torch.mul(w[:npr], mask, out=values[:npr])
                 values[npr:] = w[npr:]
             else:
@@ -297,7 +301,7 @@ class ClientBuffer:
             return self._finish_slot(slot, int(arrival_round), values)
         npr = self.num_prunable
         kept = w[:npr][head] if head is not None else w[:npr].masked_select(mask)
-        outside = int(torch.count_nonzero(w[:npr])) - int(torch.count_nonzero(kept))
+        outside = 0 if zero_outside_mask else int(torch.count_nonzero(w[:npr])) - int(torch.count_nonzero(kept))
         if outside:
             raise ValueError(
                 f"client {client}: {outside} weights outside the mask are nonzero, so {self.storage} storage would "
