@@ -21,16 +21,20 @@ def scripted_arrivals(count: int, seed: int):
     A new ranking every 100 arrivals; densities mixed; staleness 0..9 rounds."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(NPR, generator=g)
+    masks: dict[float, torch.Tensor] = {}  # one mask object per density and ranking, as a policy hands out
     for step in range(count):
         if step % 100 == 99:
             order = torch.randperm(NPR, generator=g)
+            masks = {}
         c = int(torch.randint(CLIENTS, (1,), generator=g))
         rho = DENSITIES[int(torch.randint(len(DENSITIES), (1,), generator=g))]
         w = torch.randn(TOTAL, generator=g) * float(torch.rand(1, generator=g) * 3 + 0.01)
         mask = None
         if rho < 1.0:
-            mask = torch.zeros(NPR, dtype=torch.bool)
-            mask[order[: math.ceil(rho * NPR)]] = True
+            if rho not in masks:
+                masks[rho] = torch.zeros(NPR, dtype=torch.bool)
+                masks[rho][order[: math.ceil(rho * NPR)]] = True
+            mask = masks[rho]
             w[:NPR] *= mask
         n = int(torch.randint(1, 60, (1,), generator=g))
         tau = int(torch.randint(10, (1,), generator=g))
@@ -145,6 +149,7 @@ def test_exact_zero_survives_the_drift_of_running_sums(storage, partial, monkeyp
         buf.put(2, torch.tensor([0.0, 0.0, 0.0, 4.0, 1.0]), torch.tensor([False, False, False, True]), 7, 3,
                 order=order_b, arrival_round=4)
         if zero:
+            buf._running.flush()
             assert buf._running.w[0] != 0.0  # the residue the rule must see through
         before = out
         out = buf.aggregate_running(before)
@@ -172,3 +177,14 @@ def test_removed_slot_leaves_the_running_sums(storage):
     assert not buf.remove(gone[0]) and all(c not in buf for c in gone)
     full = buf.aggregate(prev, 60, staleness_mode="frozen")
     assert relative_error(buf.aggregate_running(prev), full) <= 1e-6
+
+
+def test_a_mask_edited_in_place_is_read_again():
+    """Positions are cached per mask object; an in-place edit (a new version of the tensor) is seen."""
+    buf = ClientBuffer(2, 6, 4, frozen=Staleness("const"))
+    mask = torch.tensor([True, False, False, False])
+    buf.put(0, torch.tensor([2.0, 0, 0, 0, 1, 1]), mask, 1, 0)
+    mask[1] = True
+    buf.put(1, torch.tensor([4.0, 6.0, 0, 0, 1, 1]), mask, 1, 0)
+    out = buf.aggregate_running(torch.full((6,), 9.0))
+    assert out.tolist() == [3.0, 6.0, 9.0, 9.0, 1.0, 1.0]
