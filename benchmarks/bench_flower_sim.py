@@ -136,7 +136,7 @@ def make_flower_apps(args: argparse.Namespace, out: dict[str, Any]):
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
 
-    args_json = json.dumps(vars(args))
+    args_json = json.dumps(vars(args), default=str)  # --out is a Path
     client_app = ClientApp()
 
     @client_app.train()
