@@ -266,9 +266,8 @@ def flower_section(d: dict[str, Any], name: str) -> list[str]:
     if d.get("wall_ratio_plain_loop_over_prfl_process") is not None:
         text += (f". Plain loop / prfl process pool: {_num(d.get('wall_ratio_plain_loop_over_prfl_process'), '.2f')} "
                  "(above 1: prfl is faster than the bare loop)")
-    if d.get("cpu_ratio_flower_over_prfl_process") is not None:
-        text += (f". In CPU seconds, Flower / prfl: {_num(d.get('cpu_ratio_flower_over_prfl_process'), '.2f')} (process pool), "
-                 f"{_num(d.get('cpu_ratio_flower_over_prfl_inline'), '.2f')} (inline)")
+    if d.get("flower_cpu_seconds_undercounted"):
+        text += ". Flower's CPU seconds miss Ray's daemonised processes: a lower bound"
     if goal is not None:
         text += f". Goal: Flower / prfl >= {_num(goal, '.0f')}"
     lines.append(text + ".\n")
