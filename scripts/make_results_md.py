@@ -370,8 +370,8 @@ def _estimate_lines(path: Path, rel_root: str) -> list[str]:
          f"the test set took {_num(ev.get('wall_seconds'), '.2f')} s wall, {_num(ev.get('cpu_seconds'), '.2f')} s "
          f"CPU, {_g(ev.get('per_run'))} per run. Projected for the {e.get('cells_projected', '?')} cells this build "
          f"can run at {_g(e.get('horizon_virtual_seconds'))} virtual s: {_num(e.get('cpu_hours_total'), '.1f')} CPU "
-         f"hours, i.e. {_num(two[0], '.1f')}-{_num(two[1], '.1f')} wall hours on two free cores "
-         f"({_num(e.get('wall_hours_at_measured_load_total'), '.1f')} at the load the probes saw); "
+         f"hours, i.e. {_num(two[0], '.1f')}-{_num(two[1], '.1f')} wall hours on two free cores (wall times "
+         "measured on a loaded machine say little; CPU seconds do not grow with the load); "
          f"{len(e.get('cells_unavailable') or [])} cells were unavailable to it."
          + ("" if e.get("complete", True) else
             f" The estimate was cut short: {e.get('cells_not_measured', '?')} more cells have no probe yet.")
