@@ -13,8 +13,10 @@ Sources (under ``--results``, default ``benchmarks/results``):
   ``figures/`` beside the output, the cells still missing). Definitions: ``prfl.report.sweep``.
 * ``masked_training.json`` (``benchmarks/bench_masked_training.py``), ``simulator.json``
   (``benchmarks/bench_simulator.py``), ``flower_sim.json`` (``benchmarks/bench_flower_sim.py``),
-  ``scale.json`` (``benchmarks/bench_scale.py``), ``vmap.json`` (``benchmarks/bench_vmap.py``) and
-  ``buffer.json`` (``benchmarks/bench_buffer.py``);
+  ``scale.json`` (``benchmarks/bench_scale.py``), ``vmap.json`` (``benchmarks/bench_vmap.py``),
+  ``buffer.json`` (``benchmarks/bench_buffer.py``) and ``fuzz.json`` (``benchmarks/fuzz_policies.py``);
+  ``train_step.json`` (``benchmarks/bench_train_step.py``) and ``buffer.json``
+  (``benchmarks/bench_buffer.py``);
   any other ``*.json`` at the top level is listed by its scalar fields.
 
 Statistics follow ``prfl.report``: mean ± sample sd over seeds; a time to accuracy is the first
@@ -220,6 +222,11 @@ def simulator_section(d: dict[str, Any], name: str) -> list[str]:
         speedups = {"process": d.get("process_speedup_median")}
     for kind, value in speedups.items():
         rows.append([f"{kind} speed-up vs inline (median)", _num(value, ".2f"), "-"])
+    per_worker = d.get("per_worker_overhead_median")
+    if isinstance(per_worker, dict):
+        workers = _get(d, "workload", "workers")
+        for kind, value in per_worker.items():
+            rows.append([f"{kind}: wall / (training / {workers} workers), median", _num(value), "-"])
     same = d.get("histories_identical", "-")
     if isinstance(same, dict):
         for kind, value in same.items():
@@ -227,6 +234,14 @@ def simulator_section(d: dict[str, Any], name: str) -> list[str]:
     else:
         rows.append(["histories identical across executors", str(same), "True"])
     lines.append(markdown((["measure", "value", "goal"], rows)))
+    prof = d.get("profile")
+    if isinstance(prof, dict) and isinstance(prof.get("seconds"), dict):
+        lines.append(f"Where the time of one inline run goes (cProfile; wall {_num(prof.get('wall'), '.1f')} s, "
+                     f"training {_num(prof.get('train'), '.1f')} s):\n")
+        share = prof.get("share") or {}
+        lines.append(markdown((["part", "seconds", "share of wall"],
+                               [[k, _num(v, ".2f"), _num(100 * share.get(k, 0.0), ".1f") + " %"]
+                                for k, v in prof["seconds"].items()])))
     m = d.get("machine") or {}
     if m:
         lines.append("Machine: " + ", ".join(f"{k} {v}" for k, v in m.items()) + ".\n")
@@ -235,11 +250,68 @@ def simulator_section(d: dict[str, Any], name: str) -> list[str]:
 
 def flower_section(d: dict[str, Any], name: str) -> list[str]:
     lines = _section_head("FedAvg: prfl's simulator against Flower's Simulation Engine", d, name)
-    rows = [[run, _num(r.get("wall"), ".1f"), _num(r.get("final_accuracy"))] for run, r in (d.get("runs") or {}).items()]
-    lines.append(markdown((["run", "wall (s)", "final accuracy"], rows)))
-    lines.append(f"Flower / prfl wall time: {_num(d.get('wall_ratio_flower_over_prfl_process'), '.2f')} against prfl's "
-                 f"process pool, {_num(d.get('wall_ratio_flower_over_prfl_inline'), '.2f')} against prfl inline.\n")
+    runs = d.get("runs") or {}
+    rows = []
+    for run, r in runs.items():
+        walls = r.get("walls")
+        rows.append([run, _num(r.get("wall"), ".1f"), _num(_get(d, "median_cpu_seconds", run), ".1f"),
+                     _num(r.get("final_accuracy")),
+                     ", ".join(_num(w, ".1f") for w in walls) if isinstance(walls, list) else "-"])
+    lines.append(markdown((["run", "wall (s, median)", "CPU (s, median)", "final accuracy", "every run's wall (s)"], rows)))
+    goal = d.get("goal_flower_over_prfl")
+    text = (f"Flower / prfl wall time: {_num(d.get('wall_ratio_flower_over_prfl_process'), '.2f')} against prfl's "
+            f"process pool, {_num(d.get('wall_ratio_flower_over_prfl_inline'), '.2f')} against prfl inline")
+    if d.get("wall_ratio_flower_over_plain_loop") is not None:
+        text += f"; {_num(d.get('wall_ratio_flower_over_plain_loop'), '.2f')} against the plain PyTorch loop (the floor)"
+    if d.get("wall_ratio_plain_loop_over_prfl_process") is not None:
+        text += (f". Plain loop / prfl process pool: {_num(d.get('wall_ratio_plain_loop_over_prfl_process'), '.2f')} "
+                 "(above 1: prfl is faster than the bare loop)")
+    if d.get("cpu_ratio_flower_over_prfl_process") is not None:
+        text += (f". In CPU seconds, Flower / prfl: {_num(d.get('cpu_ratio_flower_over_prfl_process'), '.2f')} (process pool), "
+                 f"{_num(d.get('cpu_ratio_flower_over_prfl_inline'), '.2f')} (inline)")
+    if goal is not None:
+        text += f". Goal: Flower / prfl >= {_num(goal, '.0f')}"
+    lines.append(text + ".\n")
     return lines
+
+
+def train_step_section(d: dict[str, Any], name: str) -> list[str]:
+    lines = _section_head("One local training task: step variants", d, name)
+    ref = d.get("reference", "per-parameter")
+    rows = []
+    for variant, r in (d.get("tasks") or {}).items():
+        same = next((v for k, v in r.items() if k.startswith("bit_identical_to_")), None)
+        rows.append([variant, _num(_mul(r.get("median_wall_s"), 1e3), ".1f"), _num(_mul(r.get("median_cpu_s"), 1e3), ".1f"),
+                     _num(r.get("paired_cpu_ratio")), _num(r.get("paired_wall_ratio")),
+                     "yes" if same else _num(r.get("max_abs_diff"), ".1e")])
+    lines.append(markdown((["variant", "wall (ms)", "CPU (ms)", f"CPU / {ref} (paired)", f"wall / {ref} (paired)",
+                            f"floats equal to {ref} (else max abs diff)"], rows)))
+    notes = d.get("notes") or {}
+    for key, note in notes.items():
+        if isinstance(note, dict):
+            note = ", ".join(f"{k} {_num(v, '.1f') if isinstance(v, float) else v}" for k, v in note.items())
+        lines.append(f"{key}: {note}.\n")
+    evals = d.get("evaluation") or []
+    if evals:
+        lines.append(markdown((["evaluation mode", "batch size", "CPU (s)", "accuracy"],
+                               [[str(e.get("mode")), str(e.get("batch_size")), _num(e.get("median_cpu_s")),
+                                 _num(e.get("accuracy"), ".4f")] for e in evals])))
+    pool = d.get("process_pool")
+    if isinstance(pool, dict):
+        lines.append(f"The process pool's own cost per task ({pool.get('workers', '?')} workers, one-step tasks, "
+                     f"{pool.get('rounds', '?')} rounds of {pool.get('tasks_per_round', '?')} tasks, medians):\n")
+        lines.append(markdown((["pool", "wall per task (ms)", "CPU per task, workers + caller (ms)", "workers ready after (s)"],
+                               [[name, _num(_mul(r.get("median_wall_per_task_s"), 1e3), ".1f"),
+                                 _num(_mul(r.get("median_cpu_per_task_s"), 1e3), ".1f"), _num(r.get("startup_s"), ".1f")]
+                                for name, r in pool.items() if isinstance(r, dict)])))
+    m = d.get("machine") or {}
+    if m:
+        lines.append("Machine: " + ", ".join(f"{k} {v}" for k, v in m.items()) + ".\n")
+    return lines
+
+
+def _mul(x: Any, k: float) -> Any:
+    return x * k if isinstance(x, (int, float)) and not isinstance(x, bool) else x
 
 
 def scale_section(d: dict[str, Any], name: str) -> list[str]:
@@ -285,6 +357,21 @@ def buffer_section(d: dict[str, Any], name: str) -> list[str]:
     dense = d.get("dense_storage_would_need_bytes")
     if isinstance(dense, (int, float)):
         lines.append(f"Dense storage would hold {dense / 2**30:.1f} GiB.\n")
+    return lines
+
+
+def fuzz_section(d: dict[str, Any], name: str) -> list[str]:
+    lines = _section_head("Event-order fuzzing of the policies and the Flower driver", d, name, workload=False)
+    rows = [[case, str(r.get("sequences")), str(r.get("steps", "-")), str(r.get("failed")),
+             ", ".join(str(f.get("seed")) for f in (r.get("failures") or [])[:5]) or "-", _num(r.get("seconds"), ".0f")]
+            for case, r in (d.get("policies") or {}).items()]
+    fl = d.get("flower_driver")
+    if isinstance(fl, dict):
+        rows.append(["Flower driver", str(fl.get("sequences")), "-", str(fl.get("failed")),
+                     ", ".join(str(f.get("seed")) for f in (fl.get("failures") or [])[:5]) or "-",
+                     _num(fl.get("seconds"), ".0f")])
+    lines.append(markdown((["policy case", "sequences", "moves each", "failed", "failing seeds", "seconds"], rows)))
+    lines.append(f"{d.get('sequences')} sequences in all, {d.get('failed')} failed (commit {d.get('commit')}).\n")
     return lines
 
 
@@ -521,14 +608,18 @@ def render(results: Path, baseline: str = "fedasync", figure_dir: Path | None = 
             lines += masked_training_section(d, name)
         elif p.name.startswith("simulator"):  # simulator.json (FedAsync), simulator_<policy>.json
             lines += simulator_section(d, name)
-        elif p.name == "flower_sim.json":
+        elif p.name.startswith("flower_sim"):  # flower_sim.json, flower_sim_<variant>.json
             lines += flower_section(d, name)
         elif p.name == "scale.json":
             lines += scale_section(d, name)
         elif p.name == "vmap.json":
             lines += vmap_section(d, name)
+        elif p.name == "train_step.json":
+            lines += train_step_section(d, name)
         elif p.name == "buffer.json":
             lines += buffer_section(d, name)
+        elif p.name == "fuzz.json":
+            lines += fuzz_section(d, name)
         else:
             lines += generic_section(d, name)
     return "\n".join(lines).rstrip() + "\n"

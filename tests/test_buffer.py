@@ -531,3 +531,26 @@ def test_file_backed_prefix_values_are_not_resident(tmp_path):
     out = subprocess.run([sys.executable, "-c", FILE_RSS.format(path=str(tmp_path))], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_restored_rankings_keep_their_keys_after_compaction():
+    """Two rankings held under two keys stay two after a checkpoint, even once compaction has cut
+    one to a prefix of the other: the restored buffer sums in the same groups, bit for bit."""
+    total, npr = 30, 24
+    a = torch.randperm(npr, generator=torch.Generator().manual_seed(3))
+    b = torch.cat([a[:2], a[2:].flip(0)])  # agrees with a on its first 2 ranks only
+    g = torch.Generator().manual_seed(0)  # values whose fp32 sums differ when the two groups are merged
+    buf = ClientBuffer(2, total, npr, storage="prefix")
+    for client, order, count in ((0, a, 12), (1, b, 2)):
+        mask = torch.zeros(npr, dtype=torch.bool)
+        mask[order[:count]] = True
+        w = torch.randn(total, generator=g)
+        w[:npr] *= mask
+        buf.put(client, w, mask, 3 + 4 * client, 0, order=order)
+    buf.compact_orders()  # b is now held as a[:2]
+    copy = ClientBuffer(2, total, npr, storage="prefix")
+    copy.load_state_dict(buf.state_dict())
+    assert len(copy._orders) == len(buf._orders) == 2
+    prev = torch.randn(total, generator=g)
+    for dtype in (torch.float32, torch.float64):
+        assert torch.equal(copy.aggregate(prev, 1, accumulate_dtype=dtype), buf.aggregate(prev, 1, accumulate_dtype=dtype))

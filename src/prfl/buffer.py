@@ -1,10 +1,18 @@
 """Per-client latest-model buffer: the server's store for PR-FL's asynchronous aggregation.
 
 Slot i holds client i's latest flat model W_i, its mask m_i over the prunable prefix (None =
-dense), its sample count n_i and the server round n'_i at which it was sent. At round n:
+dense), its sample count n_i, the server round n'_i at which it was sent and the round a_i at
+which it arrived. Staleness is either re-aged at every aggregation or frozen on arrival:
 
-    s_i = staleness_weight(kind, n - n'_i)        p_i = s_i / sum_j s_j
-    MaskFedAvg with coefficients c_i = p_i n_i    (prfl.aggregation.mask_fedavg)
+    reaged: s_i = staleness_weight(kind, n - n'_i) at round n      frozen: s_i = staleness_weight(kind, a_i - n'_i)
+    p_i = s_i / sum_j s_j,   MaskFedAvg with coefficients c_i = p_i n_i   (prfl.aggregation.mask_fedavg)
+
+With ``frozen=`` a :class:`~prfl.aggregation.Staleness`, the buffer also keeps MaskFedAvg's
+running sums (:mod:`prfl.incremental`): :meth:`ClientBuffer.put` subtracts the client's old
+contribution c_i = s_i n_i and adds the new one, and :meth:`ClientBuffer.aggregate_running`
+returns the aggregate in O(N) whatever the number of buffered clients. The sums are recomputed
+exactly from the slots every K arrivals and at every :meth:`ClientBuffer.state_dict` (a checkpoint);
+a loaded buffer recomputes them, so a resumed run continues from the same sums bit for bit.
 
 or, with ``robust=``, a robust rule over the buffer that respects the masks (prfl.robust):
 norm clipping of W_i - W_prev, coordinate-wise trimmed mean (weighted by c_i) or median.
@@ -49,11 +57,22 @@ from dataclasses import dataclass
 
 import torch
 
-from prfl.aggregation import ACCUMULATE_DTYPE, blocks, mask_fedavg, staleness_weight, weighted_average
+import numpy as np
+
+from prfl.aggregation import (
+    ACCUMULATE_DTYPE, ExactTerms, Staleness, blocks, exact_terms, finish_masked, mask_fedavg, staleness_weight,
+    weighted_average,
+)
 from prfl.distribution import PackedIndex
+from prfl.incremental import DEFAULT_RECOMPUTE_EVERY, Contribution, RunningMaskFedAvg
 from prfl.robust import check_method, clip_updates, coordinate_median, holders, trimmed_mean
 
 STORAGE_KINDS: tuple[str, ...] = ("dense", "sparse", "prefix")
+STALENESS_MODES: tuple[str, ...] = ("frozen", "reaged")
+# aggregate_running recomputes only the positions masked arrivals touched while they are at most
+# this share of the prunable weights: a mask spread over the model touches most cache lines of the
+# model-sized sums already at ~10 % density, so beyond that one streaming pass costs no more
+PARTIAL_FRACTION = 1 / 16
 _DTYPE = torch.float32
 
 
@@ -137,6 +156,10 @@ class _Slot:
     sent_round: int
     order_key: int | None = None  # prefix storage: the ranking (key into ClientBuffer._orders)
     count: int = 0  # prefix storage: how many leading ranks the mask keeps
+    arrival_round: int = 0  # the server round at which the update arrived (>= sent_round)
+    amax: float = 0.0  # max |W_i ⊙ m_i|: scales the zero rule's candidates
+    coef: float = 0.0  # running sums only: c_i = s(arrival_round - sent_round) n_i, fixed on entry
+    positions: torch.Tensor | None = None  # running sums, dense storage, masked: the mask's positions, ascending
 
 
 class ClientBuffer:
@@ -149,6 +172,8 @@ class ClientBuffer:
         num_prunable: int,
         storage: str = "dense",
         path: str | os.PathLike[str] | None = None,
+        frozen: Staleness | None = None,
+        recompute_every: int = DEFAULT_RECOMPUTE_EVERY,
     ) -> None:
         if num_clients < 1:
             raise ValueError(f"num_clients must be >= 1, got {num_clients}")
@@ -158,6 +183,8 @@ class ClientBuffer:
             raise ValueError(f"unknown storage {storage!r}; valid: {', '.join(STORAGE_KINDS)}")
         if path is not None and storage == "sparse":
             raise ValueError("a file-backed buffer (path=...) needs storage='dense' (one file) or 'prefix' (a directory)")
+        if isinstance(recompute_every, bool) or int(recompute_every) != recompute_every or recompute_every < 1:
+            raise ValueError(f"recompute_every must be an integer >= 1, got {recompute_every!r}")
         self.num_clients = int(num_clients)
         self.total = int(total)
         self.num_prunable = int(num_prunable)
@@ -165,10 +192,21 @@ class ClientBuffer:
         self.path = None if path is None else os.fspath(path)
         self._slots: dict[int, _Slot] = {}
         self._orders: dict[int, torch.Tensor] = {}  # prefix storage: ranking key -> order (int64 or int32, <= N)
+        self._order_refs: dict[int, int] = {}  # prefix storage: ranking key -> slots using it
+        self._inverse_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (order, inverse permutation)
+        self._ascending_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._positions_cache: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}  # id(mask) -> positions
         self._rows: torch.Tensor | None = None
         self._arena: SlotArena | None = None
         self._order_alias: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}  # id(order) -> key
         self._next_key = 0
+        self.frozen = frozen
+        self.recompute_every = int(recompute_every)
+        self._running: RunningMaskFedAvg | None = None
+        self._since_recompute = 0  # arrivals since the running sums were last recomputed
+        self._last_output: weakref.ref[torch.Tensor] | None = None
+        if frozen is not None:
+            self._running = RunningMaskFedAvg(self.num_prunable, self.total, self.num_clients)
         if self.path is not None and storage == "prefix":
             self._arena = SlotArena(self.path)
         elif self.path is not None:
@@ -182,22 +220,29 @@ class ClientBuffer:
     # ------------------------------------------------------------------ slots
     def put(
         self, client: int, weights: torch.Tensor, mask: torch.Tensor | None, num_samples: int, sent_round: int,
-        order: torch.Tensor | None = None,
+        order: torch.Tensor | None = None, arrival_round: int | None = None,
     ) -> None:
         """Store ``client``'s latest model (copied, as fp32), replacing its previous slot.
 
-        With prefix storage a masked entry needs ``order``, a ranking whose first ``mask.sum()``
-        entries are exactly the mask's positions (the buffer keeps a reference to it: do not
-        modify it in place)."""
-        self._commit(client, self._make_slot(client, weights, mask, num_samples, sent_round, order))
-        if self._orders:
-            self._drop_unused_orders()  # a ranking no slot uses any more
+        ``order`` (prefix storage): a ranking whose first ``mask.sum()`` entries are exactly the
+        mask's positions (the buffer keeps a reference to it: do not modify it in place). ``arrival_round``: the
+        server round at which the update arrived (default ``sent_round``): frozen staleness is
+        s(arrival_round - sent_round). With running sums, the old contribution leaves them and
+        the new one enters."""
+        slot = self._make_slot(client, weights, mask, num_samples, sent_round, order, arrival_round)
+        old = self._slots.get(client)
+        if self._running is not None:
+            items = [] if old is None else [(self._contribution(old), -1)]
+            self._running.apply([*items, (self._contribution(slot), 1)])
+            self._since_recompute += 1
+            self._release(old)
+        self._commit(client, slot)
 
     def _make_slot(
         self, client: int, weights: torch.Tensor, mask: torch.Tensor | None, num_samples: int, sent_round: int,
-        order: torch.Tensor | None = None,
+        order: torch.Tensor | None = None, arrival_round: int | None = None,
     ) -> _Slot:
-        """Validate an entry and build its stored form (no side effects)."""
+        """Validate an entry and build its stored form (no side effects but a new ranking key)."""
         self._check_client(client)
         if weights.dim() != 1 or weights.numel() != self.total or not weights.is_floating_point():
             raise ValueError(
@@ -213,35 +258,77 @@ class ClientBuffer:
             raise ValueError(f"client {client}: num_samples must be an integer >= 0, got {num_samples!r}")
         if isinstance(sent_round, bool) or int(sent_round) != sent_round or sent_round < 0:
             raise ValueError(f"client {client}: sent_round must be an integer >= 0, got {sent_round!r}")
-        w = weights.detach()
+        if arrival_round is None:
+            arrival_round = sent_round
+        if isinstance(arrival_round, bool) or int(arrival_round) != arrival_round or arrival_round < sent_round:
+            raise ValueError(f"client {client}: arrival_round must be an integer >= sent_round={sent_round}, "
+                             f"got {arrival_round!r}")
+        w = weights.detach() if weights.dtype == _DTYPE else weights.detach().to(_DTYPE)
         n, r = int(num_samples), int(sent_round)
+        head: torch.Tensor | None = None
+        if mask is not None and order is not None:
+            count = int(torch.count_nonzero(mask))
+            if order.dtype not in (torch.int64, torch.int32) or order.dim() != 1 or not count <= order.numel() <= self.num_prunable:
+                raise ValueError(f"client {client}: order must be an int64 or int32 ranking (or a prefix of one at least "
+                                 f"{count} long) of the {self.num_prunable} prunable weights, got {order.dtype} {tuple(order.shape)}")
+            head = order[:count]
+            if count and not bool(mask[head].all()):
+                raise ValueError(f"client {client}: the mask is not the first {count} entries of the given order")
         if self.storage == "dense" or mask is None:
-            values = w.to(_DTYPE, copy=True)
-            if mask is not None:
-                values[: self.num_prunable].mul_(mask)  # store W ⊙ m once, not at every aggregation
-            return _Slot(values, None if mask is None else mask.clone(), None, n, r)
+            npr = self.num_prunable
+            values = torch.empty(self.total, dtype=_DTYPE)
+            if mask is not None:  # store W ⊙ m once, not at every aggregation
+                torch.mul(w[:npr], mask, out=values[:npr])
+                values[npr:] = w[npr:]
+            else:
+                values.copy_(w)
+            slot = _Slot(values, None if mask is None else mask.clone(), None, n, r)
+            if mask is not None and self._running is not None:
+                slot.positions = self._mask_positions(mask)
+            return self._finish_slot(slot, int(arrival_round), values)
         npr = self.num_prunable
-        outside = int(torch.count_nonzero(w[:npr] * ~mask))
+        kept = w[:npr][head] if head is not None else w[:npr].masked_select(mask)
+        outside = int(torch.count_nonzero(w[:npr])) - int(torch.count_nonzero(kept))
         if outside:
             raise ValueError(
                 f"client {client}: {outside} weights outside the mask are nonzero, so {self.storage} storage would "
                 "lose them; send W ⊙ m or use storage='dense'"
             )
         if self.storage == "prefix":
-            if order is None:
+            if head is None:
                 raise ValueError(f"client {client}: prefix storage needs the ranking order the mask is a prefix of")
-            count = int(mask.sum())
-            if order.dtype not in (torch.int64, torch.int32) or order.dim() != 1 or not count <= order.numel() <= npr:
-                raise ValueError(f"client {client}: order must be an int64 or int32 ranking (or a prefix of one at least "
-                                 f"{count} long) of the {npr} prunable weights, got {order.dtype} {tuple(order.shape)}")
-            head = order[:count]
-            if count and not bool(mask[head].all()):
-                raise ValueError(f"client {client}: the mask is not the first {count} entries of the given order")
             key = self._order_key(order)
-            values = torch.cat([w[:npr][head], w[npr:]]).to(_DTYPE)
-            return _Slot(values, None, None, n, r, order_key=key, count=count)
-        values = torch.cat([w[:npr].masked_select(mask), w[npr:]]).to(_DTYPE)
-        return _Slot(values, None, PackedIndex.from_mask(mask), n, r)
+            values = torch.cat([kept, w[npr:]])
+            return self._finish_slot(_Slot(values, None, None, n, r, order_key=key, count=int(head.numel())),
+                                     int(arrival_round), values)
+        values = torch.cat([kept, w[npr:]])
+        return self._finish_slot(_Slot(values, None, PackedIndex.from_mask(mask), n, r), int(arrival_round), values)
+
+    def _finish_slot(self, slot: _Slot, arrival_round: int, values: torch.Tensor) -> _Slot:
+        """Set the arrival round, max |value| and (running sums) the frozen coefficient."""
+        slot.arrival_round = arrival_round
+        if values.numel():
+            lo, hi = torch.aminmax(values)
+            slot.amax = max(-float(lo), float(hi))
+        if self.frozen is not None:
+            slot.coef = self.frozen(arrival_round - slot.sent_round) * slot.num_samples
+        return slot
+
+    def _mask_positions(self, mask: torch.Tensor) -> torch.Tensor:
+        """The positions of ``mask``, ascending (int32 where they fit). A policy hands the same mask object to
+        every client of one density, so they are found once per mask object and checked on reuse
+        (same count, every position set: O(count) instead of a scan)."""
+        count = int(mask.sum())
+        hit = self._positions_cache.get(id(mask))
+        if hit is not None and hit[0]() is mask and hit[1].numel() == count and (count == 0 or bool(mask[hit[1]].all())):
+            return hit[1]
+        if len(self._positions_cache) >= 64:
+            self._positions_cache = {k: v for k, v in self._positions_cache.items() if v[0]() is not None}
+            if len(self._positions_cache) >= 64:
+                self._positions_cache.clear()
+        pos = torch.from_numpy(np.flatnonzero(mask.numpy())).to(order_dtype(self.num_prunable))
+        self._positions_cache[id(mask)] = (weakref.ref(mask), pos)
+        return pos
 
     def _order_key(self, order: torch.Tensor) -> int:
         """The key of the held ranking ``order`` belongs to. Two rankings are one where their held
@@ -283,25 +370,54 @@ class ClientBuffer:
         self._order_alias = {}
         return sum(o.numel() * o.element_size() for o in self._orders.values())
 
-    def _drop_unused_orders(self) -> None:
-        used = {s.order_key for s in self._slots.values() if s.order_key is not None}
-        dropped = [k for k in self._orders if k not in used]
-        for key in dropped:
-            del self._orders[key]
-        if dropped or len(self._order_alias) > 4 * len(self._orders) + 16:
-            self._order_alias = {i: a for i, a in self._order_alias.items() if a[0]() is not None and a[1] in self._orders}
-
     def _commit(self, client: int, slot: _Slot) -> None:
-        """Install a built slot (into the mapped file for a file-backed buffer)."""
+        """Install a built slot (into the mapped file for a file-backed buffer); count the
+        rankings' users and forget a ranking no slot uses any more."""
+        old = self._slots.get(client)
         if self._rows is not None:
             self._rows[client].copy_(slot.values)
             slot.values = self._rows[client]
         elif self._arena is not None:
-            old = self._slots.get(client)
             if old is not None:  # its region takes the new values when the sizes match
                 self._arena.free(old.values)
             slot.values = self._arena.store(slot.values)
         self._slots[client] = slot
+        if slot.order_key is not None:
+            self._order_refs[slot.order_key] = self._order_refs.get(slot.order_key, 0) + 1
+        if old is not None and old.order_key is not None:
+            left = self._order_refs[old.order_key] - 1
+            if left:
+                self._order_refs[old.order_key] = left
+            else:
+                self._drop_order(old.order_key)
+
+    def _drop_order(self, key: int) -> None:
+        self._order_refs.pop(key, None)
+        self._orders.pop(key, None)
+        self._inverse_cache.pop(key, None)
+        self._ascending_cache = {k: v for k, v in self._ascending_cache.items() if k[0] != key}
+        if len(self._order_alias) > 4 * len(self._orders) + 16:
+            self._order_alias = {i: a for i, a in self._order_alias.items() if a[0]() is not None and a[1] in self._orders}
+
+    def remove(self, client: int) -> bool:
+        """Empty ``client``'s slot (its contribution leaves the running sums); False if it was empty."""
+        self._check_client(client)
+        slot = self._slots.get(client)
+        if slot is None:
+            return False
+        if self._running is not None:
+            self._running.apply([(self._contribution(slot), -1)])
+            self._since_recompute += 1
+        del self._slots[client]
+        if self._arena is not None:
+            self._arena.free(slot.values)
+        if slot.order_key is not None:
+            left = self._order_refs[slot.order_key] - 1
+            if left:
+                self._order_refs[slot.order_key] = left
+            else:
+                self._drop_order(slot.order_key)
+        return True
 
     def get(self, client: int) -> BufferEntry | None:
         """Client's entry, or None if its slot is empty. Dense storage returns the stored tensors
@@ -341,24 +457,30 @@ class ClientBuffer:
         return out
 
     # ------------------------------------------------------------------ aggregation
-    def staleness_weights(self, now_round: int, kind: str = "poly", a: float = 0.6, b: float = 2.0) -> dict[int, float]:
-        """p_i = s_i / sum_j s_j over occupied slots, s_i = staleness_weight(kind, now_round - n'_i)."""
+    def staleness_weights(
+        self, now_round: int, kind: str = "poly", a: float = 0.6, b: float = 2.0, mode: str = "reaged"
+    ) -> dict[int, float]:
+        """p_i = s_i / sum_j s_j over occupied slots: s_i = staleness_weight(kind, now_round - n'_i)
+        (``mode`` = "reaged") or staleness_weight(kind, a_i - n'_i), a_i the arrival round ("frozen")."""
         if not self._slots:
             raise ValueError("the buffer is empty; put at least one client model first")
+        if mode not in STALENESS_MODES:
+            raise ValueError(f"staleness mode must be one of {', '.join(STALENESS_MODES)}, got {mode!r}")
         s: dict[int, float] = {}
         for c in self.clients():
-            tau = now_round - self._slots[c].sent_round
+            slot = self._slots[c]
+            tau = (now_round if mode == "reaged" else slot.arrival_round) - slot.sent_round
             if tau < 0:
-                raise ValueError(
-                    f"client {c} was sent at round {self._slots[c].sent_round}, after now_round={now_round}"
-                )
+                raise ValueError(f"client {c} was sent at round {slot.sent_round}, after now_round={now_round}")
             s[c] = staleness_weight(kind, tau, a, b)
         total = math.fsum(s.values())
         return {c: v / total for c, v in s.items()}
 
-    def coefficients(self, now_round: int, kind: str = "poly", a: float = 0.6, b: float = 2.0) -> dict[int, float]:
+    def coefficients(
+        self, now_round: int, kind: str = "poly", a: float = 0.6, b: float = 2.0, mode: str = "reaged"
+    ) -> dict[int, float]:
         """Aggregation coefficients c_i = p_i n_i."""
-        p = self.staleness_weights(now_round, kind, a, b)
+        p = self.staleness_weights(now_round, kind, a, b, mode)
         return {c: p[c] * self._slots[c].num_samples for c in p}
 
     def aggregate(
@@ -374,12 +496,15 @@ class ClientBuffer:
         robust: str = "none",
         trim: float = 0.1,
         clip_norm: float | None = None,
+        staleness_mode: str = "reaged",
     ) -> torch.Tensor:
         """MaskFedAvg over the whole buffer with c_i = p_i n_i; a new tensor of ``prev``'s dtype.
+        The staleness s_i in p_i is re-aged to ``now_round`` or frozen on arrival (``staleness_mode``).
 
         masked (the PR-FL rule; equals :func:`prfl.aggregation.mask_fedavg` on the same inputs):
             W_acc = sum_i c_i (W_i ⊙ m_i),  M_acc = sum_i c_i m_i,  W_new = W_acc / M_acc on the prefix,
-            keeping ``prev`` where M_acc == 0 or W_new == 0; suffix: sum_i c_i W_i / sum_i c_i;
+            keeping ``prev`` where M_acc == 0 or the holders' sum is zero (decided on the terms:
+            prfl.aggregation); suffix: sum_i c_i W_i / sum_i c_i;
             then W = (1 - eta_g) prev + eta_g W_new.
         masked=False (ablation; equals :func:`prfl.aggregation.weighted_average`):
             W_new = sum_i c_i W_i / sum_i c_i on the whole vector, then the same server step.
@@ -400,7 +525,7 @@ class ClientBuffer:
             )
         if not (math.isfinite(eta_g) and eta_g > 0):
             raise ValueError(f"eta_g must be a finite number > 0, got {eta_g!r}")
-        coeffs = self.coefficients(now_round, kind, a, b)
+        coeffs = self.coefficients(now_round, kind, a, b, staleness_mode)
         total_c = sum(coeffs.values())
         if not total_c > 0:
             raise ValueError("every buffered client has num_samples == 0; nothing to average")
@@ -546,15 +671,179 @@ class ClientBuffer:
             self._add_prefix_group(self._orders[key], members, w_acc, m_acc, dtype, self._arena)
         if dense_total:
             m_acc.add_(dense_total)
-        prev_acc = prev.to(dtype)
-        head = w_acc.div_(m_acc)  # NaN where m_acc == 0, replaced below
-        keep = (m_acc == 0).logical_or_(head == 0)
-        new = torch.empty_like(prev_acc)
-        torch.where(keep, prev_acc[:npr], head, out=new[:npr])
-        torch.div(s_acc, total_c, out=new[npr:])
+        live = [c for c, v in coeffs.items() if v != 0.0]
+        new = torch.empty_like(prev)
+        finish_masked(new[:npr], prev[:npr], w_acc, m_acc, lambda pos: self._exact_at(pos, coeffs),
+                      wmax=max((self._slots[c].amax for c in live), default=0.0), n_terms=len(live),
+                      min_coef=min(coeffs[c] for c in live), eta_g=eta_g)
+        tail = s_acc.div_(total_c)
         if eta_g != 1.0:
-            new = torch.lerp(prev_acc, new, eta_g)
-        return new.to(prev.dtype)
+            tail = torch.lerp(prev[npr:].to(dtype), tail, eta_g)
+        new[npr:] = tail
+        return new
+
+    # ------------------------------------------------------------------ running sums (frozen staleness)
+    def aggregate_running(self, prev: torch.Tensor, eta_g: float = 1.0, masked: bool = True) -> torch.Tensor:
+        """MaskFedAvg from the running sums (needs ``frozen=``): with c_i = s(a_i - n'_i) n_i fixed
+        on arrival, the rule of :meth:`aggregate` with ``staleness_mode="frozen"`` (equal up to
+        rounding and the sums' drift, see :mod:`prfl.incremental`); a new tensor of ``prev``'s dtype.
+
+        One pass over the N weights, independent of the number of buffered clients; after masked
+        arrivals that touched at most PARTIAL_FRACTION of them, only those positions are recomputed (the rest is ``prev``, which must then be the tensor
+        this method returned last, computed with eta_g = 1; otherwise, and after a dense arrival,
+        a recomputation of the sums, eta_g != 1 or masked=False, every position is)."""
+        if self._running is None:
+            raise ValueError("aggregate_running needs running sums: build the buffer with frozen=Staleness(...)")
+        if not self._slots:
+            raise ValueError("the buffer is empty; put at least one client model first")
+        if prev.dim() != 1 or prev.numel() != self.total or not prev.is_floating_point():
+            raise ValueError(f"prev must be flat floating-point weights of length {self.total}, "
+                             f"got {prev.dtype} {tuple(prev.shape)}")
+        if not (math.isfinite(eta_g) and eta_g > 0):
+            raise ValueError(f"eta_g must be a finite number > 0, got {eta_g!r}")
+        if self._since_recompute >= max(self.recompute_every, 2 * len(self._slots)):
+            self._recompute()
+        run, npr = self._running, self.num_prunable
+        live = [s for _, s in sorted(self._slots.items()) if s.coef != 0.0]
+        total_c = math.fsum(s.coef for s in live)
+        if not total_c > 0:
+            raise ValueError("every buffered client has num_samples == 0; nothing to average")
+        dense = [s.coef for s in live if s.mask is None and s.index is None and s.order_key is None]
+        touched = run.take_touched(int(npr * PARTIAL_FRACTION))
+        last = None if self._last_output is None else self._last_output()
+        partial = touched is not None and masked and eta_g == 1.0 and last is prev
+        new = prev.clone() if partial else torch.empty_like(prev)
+        if masked:
+            finish_masked(
+                new[:npr], prev[:npr], run.w, run.m if len(dense) < len(live) else None, self._exact_running,
+                wmax=max(s.amax for s in live), n_terms=len(live), min_coef=min(s.coef for s in live),
+                dense_c=math.fsum(dense), holders=run.h, dense_h=len(dense), drift=run.drift_bound(), eta_g=eta_g,
+                positions=touched if partial else None,
+            )
+        else:
+            head = run.w / total_c
+            new[:npr] = head if eta_g == 1.0 else torch.lerp(prev[:npr].to(torch.float64), head, eta_g)
+        tail = run.s / total_c
+        new[npr:] = tail if eta_g == 1.0 else torch.lerp(prev[npr:].to(torch.float64), tail, eta_g)
+        # the positions a later masked arrival leaves alone keep this output: valid only if it is W_new itself
+        self._last_output = weakref.ref(new) if masked and eta_g == 1.0 else None
+        return new
+
+    def _recompute(self) -> None:
+        """The running sums afresh from the slots, in ascending client order (no drift). Prefix
+        slots are summed per ranking in rank space, as the full aggregation sums them: O(sum of
+        their counts + rankings x N) rather than an index operation per slot."""
+        run = self._running
+        assert run is not None
+        run.reset()
+        groups: dict[int, list[_Slot]] = {}
+        items: list[tuple[Contribution, int]] = []
+        for c in self.clients():
+            slot = self._slots[c]
+            if slot.order_key is not None and slot.coef != 0.0:
+                groups.setdefault(slot.order_key, []).append(slot)
+            else:
+                items.append((self._contribution(slot), 1))
+                self._release(slot)
+        run.apply(items)
+        for key, members in groups.items():
+            top = max(slot.count for slot in members)
+            w_rank = torch.zeros(top, dtype=torch.float64)
+            m_steps = torch.zeros(top + 1, dtype=torch.float64)  # + c_i at rank 0, - c_i at rank count_i
+            h_steps = torch.zeros(top + 1, dtype=torch.int64)
+            suffix = torch.zeros(self.total - self.num_prunable, dtype=torch.float64)
+            for slot in members:
+                m_steps[0] += slot.coef
+                m_steps[slot.count] -= slot.coef
+                h_steps[0] += 1
+                h_steps[slot.count] -= 1
+                suffix.add_(slot.values[slot.count :], alpha=slot.coef)
+            _blocked_add(w_rank, [(slot.coef, slot.values[: slot.count]) for slot in members], self._arena)
+            for slot in members:
+                self._release(slot)
+            run.add_ranked(self._orders[key][:top], w_rank, torch.cumsum(m_steps[:top], 0),
+                           torch.cumsum(h_steps[:top], 0), suffix, len(members),
+                           math.fsum(slot.coef * slot.amax for slot in members))
+        self._since_recompute = 0
+
+    def _contribution(self, slot: _Slot) -> Contribution:
+        """A slot's share of the running sums (prfl.incremental.Contribution)."""
+        npr = self.num_prunable
+        positions: torch.Tensor | None
+        if slot.order_key is not None:  # prefix storage: kept values in ranking order, applied in position order
+            perm, positions = self._ascending(slot.order_key, slot.count)
+            values, suffix = slot.values[: slot.count][perm], slot.values[slot.count :]
+        elif slot.index is not None:  # sparse storage: kept values in ascending position order
+            positions = slot.index.positions()
+            values, suffix = slot.values[: slot.index.count], slot.values[slot.index.count :]
+        elif slot.mask is not None:  # dense storage, masked: W ⊙ m
+            positions = slot.positions if slot.positions is not None else slot.mask.nonzero().view(-1)
+            values, suffix = slot.values[:npr].index_select(0, positions), slot.values[npr:]
+        else:  # a dense client
+            positions, values, suffix = None, slot.values[:npr], slot.values[npr:]
+        return slot.coef, values, positions, suffix, slot.amax
+
+    def _ascending(self, key: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(perm, positions): the first ``count`` ranks of ranking ``key`` in ascending position
+        order (positions = order[:count][perm]; int32 where they fit), shared by the slots of one
+        ranking and density (at most 8 such pairs are kept).
+        Index operations on the model-sized sums run several times faster in ascending order."""
+        order = self._orders[key]
+        hit = self._ascending_cache.get((key, count))
+        if hit is not None and hit[0] is order:
+            return hit[1], hit[2]
+        if len(self._ascending_cache) >= 8:  # old rankings and densities: keep the cache small
+            self._ascending_cache = {k: v for k, v in self._ascending_cache.items() if k[0] in self._orders}
+            while len(self._ascending_cache) >= 8:
+                del self._ascending_cache[next(iter(self._ascending_cache))]
+        small = order_dtype(self.num_prunable)
+        perm = torch.from_numpy(np.argsort(order[:count].numpy(), kind="stable")).to(small)
+        positions = order[:count][perm].to(small)
+        self._ascending_cache[(key, count)] = (order, perm, positions)
+        return perm, positions
+
+    def _release(self, slot: _Slot | None) -> None:
+        """File-backed prefix storage: hand a slot's pages back to the kernel."""
+        if self._arena is not None and slot is not None:
+            self._arena.release(slot.values)
+
+    def _exact_running(self, positions: torch.Tensor) -> ExactTerms:
+        return self._exact_at(positions, {c: s.coef for c, s in sorted(self._slots.items())})
+
+    def _exact_at(self, positions: torch.Tensor, coeffs: dict[int, float]) -> ExactTerms:
+        """The zero rule's terms at ``positions`` (prfl.aggregation.exact_terms), clients in ``coeffs`` order."""
+        out = exact_terms(((coef, *self._values_at(self._slots[c], positions)) for c, coef in coeffs.items()),
+                          int(positions.numel()))
+        if self._arena is not None:
+            for c in coeffs:
+                self._arena.release(self._slots[c].values)
+        return out
+
+    def _values_at(self, slot: _Slot, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W_i ⊙ m_i at ``positions`` of the prefix, whether the slot holds them; None: all)."""
+        if slot.order_key is not None:
+            rank = self._inverse(slot.order_key)[positions]
+            held = (rank >= 0) & (rank < slot.count)
+            values = slot.values[rank.clamp(0, max(slot.count - 1, 0))] if slot.count else torch.zeros(rank.shape)
+        elif slot.index is not None:
+            kept = slot.index.positions()
+            rank = torch.searchsorted(kept, positions).clamp(max=max(kept.numel() - 1, 0))
+            held = kept[rank] == positions if kept.numel() else torch.zeros(positions.shape, dtype=torch.bool)
+            values = slot.values[rank] if kept.numel() else torch.zeros(positions.shape)
+        else:
+            return slot.values[positions], None if slot.mask is None else slot.mask[positions]
+        return torch.where(held, values, 0.0), held
+
+    def _inverse(self, key: int) -> torch.Tensor:
+        """Rank of every prunable weight in the held ranking ``key`` (-1 beyond its held prefix)."""
+        order = self._orders[key]
+        hit = self._inverse_cache.get(key)
+        if hit is not None and hit[0] is order:
+            return hit[1]
+        inv = torch.full((self.num_prunable,), -1, dtype=torch.int64)
+        inv[order.to(torch.int64)] = torch.arange(order.numel(), dtype=torch.int64)
+        self._inverse_cache[key] = (order, inv)
+        return inv
 
     @staticmethod
     def _add_prefix_group(
@@ -582,7 +871,13 @@ class ClientBuffer:
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors only (safetensors-friendly), in the stored form (a sparse buffer stays small)."""
+        """Tensors only (safetensors-friendly), in the stored form (a sparse buffer stays small).
+
+        With running sums this is a checkpoint, so they are first recomputed exactly from the
+        slots, as :meth:`load_state_dict` recomputes them: the saved buffer and this one continue
+        with the same sums, bit for bit (the sums themselves are not saved)."""
+        if self._running is not None:
+            self._recompute()
         ids = self.clients()
         state: dict[str, torch.Tensor] = {
             "config": torch.tensor(
@@ -591,6 +886,7 @@ class ClientBuffer:
             "clients": torch.tensor(ids, dtype=torch.int64),
             "num_samples": torch.tensor([self._slots[c].num_samples for c in ids], dtype=torch.int64),
             "sent_round": torch.tensor([self._slots[c].sent_round for c in ids], dtype=torch.int64),
+            "arrival_round": torch.tensor([self._slots[c].arrival_round for c in ids], dtype=torch.int64),
         }
         for c in ids:
             s = self._slots[c]
@@ -612,12 +908,20 @@ class ClientBuffer:
         """Replace the contents with a :meth:`state_dict` (from a buffer of either storage kind).
 
         Every slot is validated before any is installed: on error the buffer is unchanged."""
-        orders_before = dict(self._orders)
+        orders_before, alias_before = dict(self._orders), dict(self._order_alias)
         try:
+            # the saved rankings keep their keys: two whose held prefixes have come to agree (after
+            # compact_orders) stay two groups, so aggregation sums in the same order as before saving
+            saved = {int(k[len("order."):]): v for k, v in state.items() if k.startswith("order.")}
+            if saved:
+                self._orders = dict(saved)
+                self._order_alias = {id(o): (weakref.ref(o), k) for k, o in saved.items()}
+                self._next_key = max(self._next_key, max(saved) + 1)
             n_clients, total, npr, kind = (int(x) for x in state["config"].tolist())
             ids = [int(x) for x in state["clients"].tolist()]
             samples = [int(x) for x in state["num_samples"].tolist()]
             rounds = [int(x) for x in state["sent_round"].tolist()]
+            arrivals = [int(x) for x in state["arrival_round"].tolist()] if "arrival_round" in state else rounds
             if (n_clients, total, npr) != (self.num_clients, self.total, self.num_prunable):
                 raise ValueError(
                     f"state is for (num_clients, total, num_prunable) = {(n_clients, total, npr)}, "
@@ -626,7 +930,7 @@ class ClientBuffer:
             if not 0 <= kind < len(STORAGE_KINDS):
                 raise ValueError(f"unknown storage code {kind} in state")
             slots: dict[int, _Slot] = {}
-            for c, n, r in zip(ids, samples, rounds, strict=True):
+            for c, n, r, arrived in zip(ids, samples, rounds, arrivals, strict=True):
                 values = state[f"slot.{c}.values"]
                 mask: torch.Tensor | None = None
                 order: torch.Tensor | None = None
@@ -645,21 +949,24 @@ class ClientBuffer:
                     weights, mask = self._prefix_dense(values, order, count), _prefix_mask(order, count, npr)
                 else:
                     weights = values
-                slots[c] = self._make_slot(c, weights, mask, n, r, order)
+                slots[c] = self._make_slot(c, weights, mask, n, r, order, arrived)
         except KeyError as e:
-            self._orders = orders_before
+            self._orders, self._order_alias = orders_before, alias_before
             raise ValueError(f"not a ClientBuffer state dict: missing {e}") from None
         except BaseException:
-            self._orders = orders_before
+            self._orders, self._order_alias = orders_before, alias_before
             raise
         if self._arena is not None:
             for old in self._slots.values():
                 self._arena.free(old.values)
         self._slots.clear()
+        self._order_refs = {}
         for c, slot in slots.items():
             self._commit(c, slot)
-        if self._orders:
-            self._drop_unused_orders()
+        for key in [k for k in self._orders if k not in self._order_refs]:
+            self._drop_order(key)
+        if self._running is not None:
+            self._recompute()
 
     # ------------------------------------------------------------------ helpers
     def _check_client(self, client: int) -> None:

@@ -185,7 +185,7 @@ def test_update_norms_are_taken_against_the_weights_each_task_started_from() -> 
     from prfl.policies.base import EvaluationDone, RequestEvaluation
 
     pol = prfl(initial_densities=(1.0, 1.0), recovery=True, interval=1, patience=1, norm_factor=100.0,
-               norm_window=50)
+               norm_window=50, recovery_arming=False, client_scores=False, counting="server_steps")
     tasks = dispatches(pol.on_event(Start(0.0)))
     acts = pol.on_event(ResultArrived(1.0, result(tasks[0], W0 + 1)))
     t2 = dispatches(acts)[0]

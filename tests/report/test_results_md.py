@@ -85,7 +85,7 @@ def test_results_md_from_a_fixture(script, results, tmp_path) -> None:
     assert "Verdict: **PASS**" in text and "| 0.5 | 1.080 | 0.900 | 1.300 | 1.070 | yes |" in text
     assert "| inline overhead (wall / training, median) | 1.042 | <= 1.10 |" in text
     assert "| process speed-up vs inline (median) | 1.71 | - |" in text  # an older file's keys
-    assert "| flower | 90.0 | 0.690 |" in text and "Flower / prfl wall time: 3.00" in text
+    assert "| flower | 90.0 | - | 0.690 |" in text and "Flower / prfl wall time: 3.00" in text
     assert "## something else" in text and "| score | 3 |" in text
     # --check passes on the file just written and fails once a source changes
     assert script.main(["--results", str(results), "--out", str(out), "--check"]) == 0
@@ -152,6 +152,44 @@ def test_ablation_tables_borrow_the_baseline_runs_of_the_same_seeds(script, resu
     assert table_row(section, "prfl-magnitude", "### iid")[3] == "3.00x"
 
 
+def test_fuzz_section(script) -> None:
+    text = "\n".join(script.fuzz_section({
+        "sequences": 30, "failed": 1, "commit": "abc1234",
+        "policies": {"prfl": {"sequences": 10, "steps": 60, "failed": 1, "failures": [{"seed": 7, "error": "x"}],
+                              "seconds": 12.4},
+                     "fedavg": {"sequences": 10, "steps": 60, "failed": 0, "failures": [], "seconds": 3.0}},
+        "flower_driver": {"sequences": 10, "failed": 0, "failures": [], "seconds": 40.2},
+    }, "fuzz.json"))
+    assert "| prfl | 10 | 60 | 1 | 7 | 12 |" in text and "| fedavg | 10 | 60 | 0 | - | 3 |" in text
+    assert "| Flower driver | 10 | - | 0 | - | 40 |" in text and "30 sequences in all, 1 failed" in text
+def test_flower_and_training_step_sections(script) -> None:
+    flower = "\n".join(script.flower_section({
+        "runs": {"prfl-process": {"wall": 20.0, "final_accuracy": 0.7, "walls": [19.0, 20.0, 25.0]},
+                 "plain-loop": {"wall": 30.0, "final_accuracy": 0.7}, "flower": {"wall": 90.0, "final_accuracy": 0.69}},
+        "wall_ratio_flower_over_prfl_process": 4.5, "wall_ratio_flower_over_plain_loop": 3.0,
+        "wall_ratio_plain_loop_over_prfl_process": 1.5, "goal_flower_over_prfl": 5.0,
+        "median_cpu_seconds": {"prfl-process": 30.0}, "cpu_ratio_flower_over_prfl_process": 3.5,
+        "cpu_ratio_flower_over_prfl_inline": 4.0,
+    }, "flower_sim.json"))
+    assert "| prfl-process | 20.0 | 30.0 | 0.700 | 19.0, 20.0, 25.0 |" in flower
+    assert "In CPU seconds, Flower / prfl: 3.50 (process pool), 4.00 (inline)" in flower
+    assert "4.50 against prfl's process pool" in flower and "3.00 against the plain PyTorch loop" in flower
+    assert "Plain loop / prfl process pool: 1.50" in flower and "Goal: Flower / prfl >= 5" in flower
+    step = "\n".join(script.train_step_section({
+        "reference": "per-parameter",
+        "tasks": {"per-parameter": {"median_wall_s": 0.2, "median_cpu_s": 0.15, "paired_cpu_ratio": 1.0,
+                                    "paired_wall_ratio": 1.0, "bit_identical_to_per_parameter": True, "max_abs_diff": 0.0},
+                  "compiled": {"median_wall_s": 0.25, "median_cpu_s": 0.19, "paired_cpu_ratio": 1.25,
+                               "paired_wall_ratio": 1.3, "bit_identical_to_per_parameter": False, "max_abs_diff": 1.5e-8}},
+        "notes": {"compiled": {"compiler": "/usr/bin/g++", "first_task_seconds": 40.0}},
+        "evaluation": [{"mode": "no_grad", "batch_size": 1000, "median_cpu_s": 0.9, "accuracy": 0.1}],
+        "process_pool": {"slots": {"median_wall_per_task_s": 0.02, "median_cpu_per_task_s": 0.03, "startup_s": 4.0},
+                         "workers": 2, "rounds": 8, "tasks_per_round": 10},
+    }, "train_step.json"))
+    assert "| per-parameter | 200.0 | 150.0 | 1.000 | 1.000 | yes |" in step
+    assert "| compiled | 250.0 | 190.0 | 1.250 | 1.300 | 1.5e-08 |" in step
+    assert "compiled: compiler /usr/bin/g++, first_task_seconds 40.0." in step
+    assert "| no_grad | 1000 | 0.900 | 0.1000 |" in step and "| slots | 20.0 | 30.0 | 4.0 |" in step
 def _record(group: str, method: str, seed: int, cross: float, end: float = 600.0) -> dict:
     """A compact record whose accuracy jumps from 0.5 to 0.9 at the first 60 s step >= ``cross``."""
     times = [float(t) for t in range(0, int(end) + 1, 60)]

@@ -6,6 +6,16 @@ density, divided by the device's drawn speed) and its upload over the server's s
 All draws are seeded by address, so a run's history is fixed by its seed, whatever executor
 trains and however loaded the host is (unless compute time is taken from measurements).
 
+Accounting. ``SimSettings.accounting`` says what a task costs: ``honest`` (the default) charges
+every byte the policy's task moves and FLOP-based compute at the device's speed; ``reference``
+charges the PR-FL reference code's cost model (reference-sized downloads pushed once per server
+step, values-only uploads, the same compute seconds for every client); see
+:mod:`prfl.sim.accounting`.
+
+Where a task's time goes. Every ``arrival`` record splits the task's duration (dispatch to the
+end of its upload) into ``download + link_wait + compute + upload`` seconds; see
+:meth:`Simulation._timing` for the definitions.
+
 Checkpoints and exact resume. With a checkpoint directory the driver saves its whole state
 (event queue, links, in-flight tasks with their trained outputs, the policy, counters and the
 byte offset of the history file) every ``checkpoint_every_rounds`` server rounds, once the
@@ -55,9 +65,10 @@ from prfl.policies.base import (
     TimerFired,
 )
 from prfl.seeding import int_seed
+from prfl.sim.accounting import Accounting, ReferenceBroadcast, ReferenceSizes, check_accounting, values_only_bytes
 from prfl.sim.devices import Fleet, TaskSpeeds, draw_server_speeds, draw_task_speeds
 from prfl.sim.executors import Executor, TrainJob
-from prfl.sim.history import HistoryWriter
+from prfl.sim.history import TIME_PARTS, UPLOAD_PARTS, HistoryWriter
 from prfl.sim.links import SharedLink
 
 log = logging.getLogger(__name__)
@@ -88,8 +99,10 @@ class SimSettings:
     shared_server_link: bool = True
     checkpoint_every_rounds: int | None = None
     target_accuracies: tuple[float, ...] = ()
+    accounting: Accounting = "honest"  # what tasks cost: every byte, or the reference's model
 
     def __post_init__(self) -> None:
+        check_accounting(self.accounting)
         if self.eval_every_rounds is not None and self.eval_every_rounds < 1:
             raise ValueError("eval_every_rounds must be at least 1 (or None)")
         if self.eval_every_seconds is not None and self.eval_every_seconds <= 0:
@@ -112,6 +125,9 @@ class InFlight:
     output: TrainOutput | None = None
     compute_seconds: float = 0.0
     future: Any = field(default=None, repr=False)
+    down_bytes: int = 0  # bytes the download is charged (the accounting's size)
+    download_done_at: float = math.nan  # when the last byte of the download arrived
+    upload_started_at: float = math.nan  # when compute ended and the upload began
 
 
 class Simulation:
@@ -183,6 +199,14 @@ class Simulation:
         self.server_ingress = 0
         self.arrivals = [0] * n
         self.compute_total = 0.0  # measured seconds of local training, for overhead figures
+        # per client: seconds of download, link wait, compute, upload summed over its arrivals
+        self.time_parts = [[0.0] * len(TIME_PARTS) for _ in range(n)]
+        self.upload_parts = [0] * len(UPLOAD_PARTS)  # bytes of values, index, importance uploaded
+        self.reference = settings.accounting == "reference"
+        self._ref_sizes = ReferenceSizes(policy.ctx.num_prunable, policy.ctx.initial_weights.numel())
+        self._broadcast = ReferenceBroadcast(self._ref_sizes)
+        # reference accounting, compute_time "flops": every client computes at the fastest device's speed
+        self._equal_flops = max(p.compute_flops for p in fleet.clients)
         self.evals: list[dict[str, Any]] = []
         self.reached: dict[float, float] = {}
         self._last_ckpt_version = 0
@@ -307,21 +331,26 @@ class Simulation:
             want_importance=spec.want_importance,
             width=spec.width,
         )
-        egress = spec.download_bytes
-        if spec.server_egress_bytes is not None:
-            egress = min(spec.server_egress_bytes, spec.download_bytes)
+        if self.reference:
+            down = self._ref_sizes.download_bytes(spec)
+            egress = self._broadcast.egress(spec)
+        else:
+            down = spec.download_bytes
+            egress = down
+            if spec.server_egress_bytes is not None:
+                egress = min(spec.server_egress_bytes, down)
         future = self.executor.submit(job)
         del job
         # The job carries what training needs; the record of the task does not need the start
         # weights, and keeping them would keep one model version alive per task in flight.
         fl = InFlight(
             spec=dataclasses.replace(spec, weights=_NO_WEIGHTS), speeds=speeds, dispatched_at=self.now,
-            relay_bytes=spec.download_bytes - egress, future=future,
+            relay_bytes=down - egress, future=future, down_bytes=down,
         )
         self.inflight[spec.task_id] = fl
         self.busy[c] = spec.task_id
         self.server_egress += egress
-        self.bytes_down[c] += spec.download_bytes
+        self.bytes_down[c] += down
         self._set_server_capacity()
         cap = speeds.down_bps
         if not self.settings.shared_server_link:  # every transfer sees the whole server link
@@ -347,13 +376,17 @@ class Simulation:
             self._push(self.now + fl.relay_bytes / fl.speeds.down_bps, "relay_done", tid)
             return
         fl.stage = "compute"
+        fl.download_done_at = self.now
         if self.settings.compute_time == "measured":
             seconds = self._output(fl).compute_seconds
         else:
             n = len(self.client_indices[fl.spec.client])
             steps = self.train_cfg.num_steps(n)
-            flops = steps * self.step_flops(fl.spec.mask, min(self.train_cfg.batch_size, n), fl.spec.width)
-            seconds = flops / fl.speeds.compute_flops
+            batch = min(self.train_cfg.batch_size, n)
+            if self.reference:  # the dense model's FLOPs at the fastest device's nominal speed
+                seconds = steps * self.step_flops(None, batch, 1.0) / self._equal_flops
+            else:
+                seconds = steps * self.step_flops(fl.spec.mask, batch, fl.spec.width) / fl.speeds.compute_flops
         fl.compute_seconds = seconds
         self._push(self.now + seconds, "compute_done", tid)
 
@@ -362,12 +395,37 @@ class Simulation:
         if fl is None:
             return
         fl.stage = "upload"
+        fl.upload_started_at = self.now
         # The result is fetched when the upload completes: a deferred (inline) job then trains
         # just before the server needs it, and nothing waits in memory during the upload.
         cap = fl.speeds.up_bps
         if not self.settings.shared_server_link:
             cap = min(cap, self.fleet.server.down_bps)
-        self.downlink.start(tid, fl.spec.upload_bytes, cap, self.now)
+        self.downlink.start(tid, self._upload_bytes(fl.spec), cap, self.now)
+
+    def _upload_bytes(self, spec: TaskSpec) -> int:
+        """Bytes a task's upload is charged: all of it (honest), its values only (reference)."""
+        return values_only_bytes(spec) if self.reference else spec.upload_bytes
+
+    def _timing(self, fl: InFlight) -> dict[str, float]:
+        """Where a finished task's time went, in seconds: ``download + link_wait + compute +
+        upload = duration`` (up to rounding), ``duration`` = arrival time - dispatch time.
+
+        - ``download`` = D / v_down: the task's charged download bytes D at the client's own
+          download speed v_down drawn for this task (relayed pieces included);
+        - ``upload`` = U / v_up likewise for its charged upload bytes U;
+        - ``compute`` = the modelled (or measured) local training seconds;
+        - ``link_wait`` = the rest: (observed download seconds - D / v_down) + (observed upload
+          seconds - U / v_up), each clamped at 0. It is the time the transfers were queued or
+          slowed by the server's link beyond the client's own link: a max-min fair share of
+          the shared server link below the client's speed, or (``shared_server_link`` off) a
+          server link slower than the client's. A client alone on a fast server waits 0.
+        """
+        own_down = fl.down_bytes / fl.speeds.down_bps
+        own_up = self._upload_bytes(fl.spec) / fl.speeds.up_bps
+        wait_down = max(0.0, (fl.download_done_at - fl.dispatched_at) - own_down)
+        wait_up = max(0.0, (self.now - fl.upload_started_at) - own_up)
+        return {"download": own_down, "link_wait": wait_down + wait_up, "compute": fl.compute_seconds, "upload": own_up}
 
     def _upload_done(self, tid: int) -> None:
         fl = self.inflight.pop(tid, None)
@@ -377,9 +435,17 @@ class Simulation:
         c = spec.client
         self.busy.pop(c, None)
         out = self._output(fl)
-        self.bytes_up[c] += spec.upload_bytes
-        self.server_ingress += spec.upload_bytes
+        up = self._upload_bytes(spec)
+        self.bytes_up[c] += up
+        self.server_ingress += up
         self.arrivals[c] += 1
+        timing = self._timing(fl)
+        for k, part in enumerate(TIME_PARTS):
+            self.time_parts[c][k] += timing[part]
+        parts = {"values": values_only_bytes(spec), "index": spec.upload_index_bytes,
+                 "importance": spec.upload_importance_bytes}
+        for k, part in enumerate(UPLOAD_PARTS):
+            self.upload_parts[k] += parts[part]
         result = TaskResult(
             task_id=tid,
             client=c,
@@ -405,8 +471,14 @@ class Simulation:
             train_loss=out.mean_loss,
             duration=self.now - fl.dispatched_at,
             compute=fl.compute_seconds,
-            bytes_down=spec.download_bytes,
-            bytes_up=spec.upload_bytes,
+            download=timing["download"],
+            link_wait=timing["link_wait"],
+            upload=timing["upload"],
+            bytes_down=fl.down_bytes,
+            bytes_up=up,
+            bytes_up_values=parts["values"],
+            bytes_up_index=parts["index"],
+            bytes_up_importance=parts["importance"],
         )
         self._deliver(ResultArrived(now=self.now, result=result))
 
@@ -531,6 +603,14 @@ class Simulation:
             "client_upload_bytes": list(self.bytes_up),
             "wall_seconds": wall_seconds,
             "train_seconds": self.compute_total,
+            "accounting": self.settings.accounting,
+            # mean seconds per local round of each client (None: no arrival)
+            "round_time_breakdown": {
+                part: [row[k] / a if a else None for row, a in zip(self.time_parts, self.arrivals)]
+                for k, part in enumerate(TIME_PARTS)
+            },
+            # bytes the clients' uploads held, by kind (the reference accounting charges values only)
+            "upload_bytes_split": dict(zip(UPLOAD_PARTS, self.upload_parts)),
         }
         rejected = getattr(self.policy, "rejected", None)
         if rejected is not None and any(rejected):
@@ -561,6 +641,9 @@ class Simulation:
                 "relay_bytes": fl.relay_bytes,
                 "output": out,
                 "compute_seconds": fl.compute_seconds,
+                "down_bytes": fl.down_bytes,
+                "download_done_at": fl.download_done_at,
+                "upload_started_at": fl.upload_started_at,
             }
         return {
             "format": 1,
@@ -582,7 +665,10 @@ class Simulation:
                 "server_ingress": self.server_ingress,
                 "arrivals": list(self.arrivals),
                 "compute_total": self.compute_total,
+                "time_parts": [list(r) for r in self.time_parts],
+                "upload_parts": list(self.upload_parts),
             },
+            "broadcast": self._broadcast.state_dict(),
             "evals": list(self.evals),
             "reached": dict(self.reached),
             "last_eval_version": self.last_eval_version,
@@ -621,6 +707,10 @@ class Simulation:
         self.bytes_down, self.bytes_up = list(c["bytes_down"]), list(c["bytes_up"])
         self.server_egress, self.server_ingress = c["server_egress"], c["server_ingress"]
         self.arrivals, self.compute_total = list(c["arrivals"]), c["compute_total"]
+        if "time_parts" in c:
+            self.time_parts = [list(r) for r in c["time_parts"]]
+            self.upload_parts = list(c["upload_parts"])
+        self._broadcast.load_state_dict(state.get("broadcast", {"step": None}))
         self.evals = list(state["evals"])
         self.reached = dict(state["reached"])
         self.last_eval_version = state["last_eval_version"]
@@ -633,6 +723,9 @@ class Simulation:
                 spec=d["spec"], speeds=d["speeds"], dispatched_at=d["dispatched_at"], stage=d["stage"],
                 relay_bytes=d["relay_bytes"],
                 output=d["output"], compute_seconds=d["compute_seconds"],
+                down_bytes=d.get("down_bytes", d["spec"].download_bytes),
+                download_done_at=d.get("download_done_at", math.nan),
+                upload_started_at=d.get("upload_started_at", math.nan),
             )
 
 

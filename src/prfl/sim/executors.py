@@ -3,6 +3,11 @@
 Every job carries everything that decides its outcome (start weights, mask, sample indices, a
 seed derived from the job's address), so any executor returns the same weights bit for bit.
 Workers build their own model and data once, from a picklable :class:`WorkerSpec`.
+
+The process pool moves no model-sized data through pipes and maps no fresh shared memory per
+task: workers start while the caller is still setting up, map the caller's training data
+instead of loading their own copy, and train straight into shared-memory output slots that
+stay mapped on both sides (see :class:`_OutputSlots`).
 """
 
 from __future__ import annotations
@@ -10,6 +15,9 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import os
+import queue
+import shutil
+import tempfile
 import weakref
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -33,7 +41,8 @@ class WorkerSpec:
     dataset_options: dict[str, Any] = field(default_factory=dict)
     model_options: dict[str, Any] = field(default_factory=dict)
     data_dir: str | None = None
-    threads: int = 1
+    threads: int = 1  # torch threads per task: the float results depend on it, keep it equal across executors
+    compile: bool = False  # torch.compile the training step where possible (see prfl.client.trainer.CompiledForward)
 
 
 @dataclass(frozen=True)
@@ -61,8 +70,9 @@ class TrainJob:
         values = torch.cat([self.weights[:npr][self.mask], self.weights[npr:]])
         return dataclasses.replace(self, weights=values, packed=True)
 
-    def unpacked_weights(self, total: int) -> torch.Tensor:
-        """The start weights as a full vector (zeros outside the mask for a packed job)."""
+    def unpacked_weights(self, total: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The start weights as a full vector (zeros outside the mask for a packed job), written
+        into ``out`` when given and the job is packed."""
         if not self.packed:
             return self.weights
         assert self.mask is not None
@@ -70,7 +80,10 @@ class TrainJob:
         count = self.weights.numel() - (total - npr)
         if count < 0 or count != int(self.mask.sum()):
             raise ValueError(f"packed job {self.task_id}: {self.weights.numel()} values do not fit its mask and suffix")
-        out = torch.zeros(total, dtype=self.weights.dtype)
+        if out is None:
+            out = torch.zeros(total, dtype=self.weights.dtype)
+        else:
+            out[:npr].zero_()
         out[:npr].masked_scatter_(self.mask, self.weights[:count])
         out[npr:] = self.weights[count:]
         return out
@@ -90,6 +103,9 @@ class Workspace:
         self._trainers: dict[float, LocalTrainer] = {}
         self.trainer = self.trainer_for(1.0)
         self.layout = self.trainer.layout
+        # The last job's tensors stay referenced until the next job: jobs of one model version
+        # share one shared-memory copy, which the next job then finds mapped already.
+        self._recent: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def trainer_for(self, width: float) -> LocalTrainer:
         """The trainer of the model at ``width`` (1: the full model), built on first use."""
@@ -103,14 +119,42 @@ class Workspace:
                 options["width_mult"] = width * options.get("width_mult", 1.0)
             ds = self.dataset
             model = build_model(self.spec.model, ds.input_shape, ds.num_classes, **options)
-            trainer = LocalTrainer(model, ParamLayout(model), ds.x_train, ds.y_train, self.spec.train)
+            trainer = LocalTrainer(model, ParamLayout(model), ds.x_train, ds.y_train, self.spec.train, compile=self.spec.compile)
             self._trainers[width] = trainer
         return trainer
 
-    def run(self, job: TrainJob) -> TrainOutput:
+    def run(self, job: TrainJob, out: torch.Tensor | None = None) -> TrainOutput:
+        """Train ``job``; the new weights go into ``out`` when given (see :meth:`LocalTrainer.train`)."""
         trainer = self.trainer_for(job.width)
-        weights = job.unpacked_weights(trainer.layout.total)
-        return trainer.train(weights, job.indices, job.seed, mask=job.mask, want_importance=job.want_importance)
+        if job.packed and out is None:  # unpack straight into the vector the task trains in
+            out = torch.empty(trainer.layout.total, dtype=torch.float32)
+        weights = job.unpacked_weights(trainer.layout.total, out=out)
+        self._recent = (job.weights, job.mask)
+        return trainer.train(weights, job.indices, job.seed, mask=job.mask, want_importance=job.want_importance, out=out)
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """What a worker needs of a data set to train: the training split and the model's shapes.
+
+    The process pool hands its workers the caller's training data as shared-memory tensors in
+    this form, so no worker loads (or holds a private copy of) the data set."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    @classmethod
+    def shared_from(cls, dataset: Any) -> TrainData:
+        """Copy a data set's training split into shared memory (once, in the caller)."""
+        x = torch.as_tensor(dataset.x_train)
+        y = torch.as_tensor(dataset.y_train, dtype=torch.int64)
+        xs = torch.empty(x.shape, dtype=x.dtype).share_memory_()
+        ys = torch.empty(y.shape, dtype=y.dtype).share_memory_()
+        xs.copy_(x)
+        ys.copy_(y)
+        return cls(xs, ys, tuple(int(d) for d in dataset.input_shape), int(dataset.num_classes))
 
 
 class Executor(Protocol):
@@ -186,17 +230,177 @@ class InlineExecutor:
         pass
 
 
-_WORKSPACE: Workspace | None = None
+@dataclass(frozen=True)
+class _SlotRef:
+    """Where a worker left a result tensor: the first ``numel`` floats of slot file ``name``."""
+
+    name: str
+    numel: int
 
 
-def _init_worker(spec: WorkerSpec) -> None:
-    global _WORKSPACE
-    _WORKSPACE = Workspace(spec)
+class _OutputSlots:
+    """Shared-memory vectors that workers train into and the caller copies results out of.
+
+    A slot is a file of ``capacity`` float32 values (the worker's full-width model) in a
+    directory on a memory file system, mapped once by each process that uses it and reused for
+    the life of the pool, so a result costs one copy in the caller (into its own memory) and
+    neither side maps fresh pages or sends the values through a pipe. Free slots are named in a queue that
+    the caller and every worker share: a worker takes one for a task's weights (and one for its
+    importance scores), trains into it and returns only the slot's name; the caller copies the
+    values out as soon as the result arrives and puts the name back. A worker creates a slot
+    when none is free, up to ``per_worker`` of its own; past that (the caller is slow to take
+    results) it returns the tensor the ordinary way. Results are the same either way.
+    """
+
+    def __init__(self, directory: str, free: Any, per_worker: int) -> None:
+        self.directory = directory
+        self.free = free
+        self.per_worker = per_worker
+        self.capacity = 0  # set by each worker: its full-width model's size
+        self._maps: dict[str, torch.Tensor] = {}
+        self._created = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a process maps the slots itself; what it has mapped and made is its own
+        return {"directory": self.directory, "free": self.free, "per_worker": self.per_worker}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["directory"], state["free"], state["per_worker"])  # type: ignore[misc]
+
+    def _map(self, name: str, create: bool = False) -> torch.Tensor:
+        t = self._maps.get(name)
+        if t is None:
+            path = os.path.join(self.directory, name)
+            if create:
+                with open(path, "wb") as fh:
+                    fh.truncate(self.capacity * 4)
+            size = os.path.getsize(path) // 4
+            t = torch.from_file(path, shared=True, size=size, dtype=torch.float32)
+            self._maps[name] = t
+        return t
+
+    # worker side
+    def take(self, numel: int) -> tuple[str, torch.Tensor] | None:
+        """A free slot's name and its first ``numel`` values, or None when none can be had."""
+        try:
+            name = self.free.get_nowait()
+        except queue.Empty:
+            if self._created >= self.per_worker or numel > self.capacity:
+                return None
+            room = os.statvfs(self.directory)
+            if room.f_bavail * room.f_frsize < 2 * 4 * self.capacity:  # a small /dev/shm (containers)
+                return None
+            self._created += 1
+            name = f"{os.getpid()}-{self._created}.slot"
+            return name, self._map(name, create=True)[:numel]
+        slot = self._map(name)
+        if numel > slot.numel():  # a slot of a smaller model (workers of other specs)
+            self.free.put(name)
+            return None
+        return name, slot[:numel]
+
+    def give(self, t: torch.Tensor | None, numel: int | None = None) -> torch.Tensor | _SlotRef | None:
+        """Put ``t`` in a free slot (a copy) and return the slot's reference; ``t`` itself when
+        no slot is free."""
+        if t is None:
+            return None
+        slot = self.take(t.numel())
+        if slot is None:
+            return t
+        slot[1].copy_(t.reshape(-1))
+        return _SlotRef(slot[0], t.numel())
+
+    # caller side
+    def receive(self, ref: torch.Tensor | _SlotRef | None) -> torch.Tensor | None:
+        """The values a worker left in a slot, copied into a new tensor; the slot is free again."""
+        if not isinstance(ref, _SlotRef):
+            return ref
+        out = torch.empty(ref.numel, dtype=torch.float32)
+        out.copy_(self._map(ref.name)[: ref.numel])
+        self.free.put(ref.name)
+        return out
+
+
+def _shared_memory_dir() -> str | None:
+    """A directory on a memory file system when the platform has one (Linux: /dev/shm)."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def shared_memory_room() -> int | None:
+    """Bytes free on /dev/shm, where torch's shared tensors live (None: no such file system).
+
+    Containers often mount a small /dev/shm (64 MiB by default under Docker); a shared tensor
+    larger than the room left fails on first write, so large copies check first."""
+    d = _shared_memory_dir()
+    if d is None:
+        return None
+    st = os.statvfs(d)
+    return st.f_bavail * st.f_frsize
+
+
+@dataclass
+class _WorkerState:
+    workspace: Workspace
+    slots: _OutputSlots | None
+
+
+_WORKER: _WorkerState | None = None
+
+
+def _init_worker(spec: WorkerSpec, data: TrainData | None = None, slots: _OutputSlots | None = None) -> None:
+    global _WORKER
+    ws = Workspace(spec, data)
+    if slots is not None:
+        slots.capacity = ws.layout.total
+    _WORKER = _WorkerState(ws, slots)
+
+
+def _ready() -> int:
+    """A no-op job: submitted once per worker when the pool starts, so the workers start at once."""
+    return os.getpid()
 
 
 def _run_job(job: TrainJob) -> TrainOutput:
-    assert _WORKSPACE is not None, "worker not initialised"
-    return _WORKSPACE.run(job)
+    assert _WORKER is not None, "worker not initialised"
+    ws, slots = _WORKER.workspace, _WORKER.slots
+    if slots is None:
+        return ws.run(job)
+    numel = ws.trainer_for(job.width).layout.total
+    slot = slots.take(numel)
+    if slot is None:
+        return ws.run(job)
+    out = ws.run(job, out=slot[1])
+    return dataclasses.replace(out, weights=_SlotRef(slot[0], numel), grad_sq=slots.give(out.grad_sq))  # type: ignore[arg-type]
+
+
+class _SlotFuture(Future):  # type: ignore[type-arg]
+    """The caller's future of a pool job whose result tensors wait in output slots: the values
+    are copied out (and the slots freed) as soon as the job's result arrives."""
+
+    def __init__(self, inner: Future, slots: _OutputSlots) -> None:  # type: ignore[type-arg]
+        super().__init__()
+        self._inner = inner
+        inner.add_done_callback(lambda f: self._collect(f, slots))
+
+    def _collect(self, inner: Future, slots: _OutputSlots) -> None:  # type: ignore[type-arg]
+        if inner.cancelled():
+            super().cancel()
+            self.set_running_or_notify_cancel()
+            return
+        exc = inner.exception()
+        if exc is not None:
+            self.set_exception(exc)
+            return
+        try:
+            out: TrainOutput = inner.result()
+            out = dataclasses.replace(out, weights=slots.receive(out.weights), grad_sq=slots.receive(out.grad_sq))  # type: ignore[arg-type]
+        except BaseException as err:  # surfaced when the caller asks for the result
+            self.set_exception(err)
+            return
+        self.set_result(out)
+
+    def cancel(self) -> bool:
+        return self._inner.cancel() and super().cancel()
 
 
 class _SharedCopies:
@@ -225,16 +429,36 @@ class _SharedCopies:
 
 
 class ProcessPoolExecutorAdapter:
-    """Runs jobs on ``workers`` processes (spawned, so no state leaks from the parent)."""
+    """Runs jobs on ``workers`` processes (spawned, so no state leaks from the parent).
+
+    With ``dataset`` (the caller's loaded data set) the workers map its training split from
+    shared memory instead of loading the data set themselves. ``slots``: train into shared
+    output slots (:class:`_OutputSlots`; off: results travel as ordinary pickled tensors).
+    The workers are started at once and build their workspaces while the caller goes on.
+    """
 
     name = "process"
 
-    def __init__(self, spec: WorkerSpec, workers: int = 2) -> None:
+    def __init__(self, spec: WorkerSpec, workers: int = 2, dataset: Any | None = None, slots: bool = True) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
+        ctx = mp.get_context("spawn")
+        data = None
+        if dataset is not None:
+            need = np.asarray(dataset.x_train).nbytes + np.asarray(dataset.y_train).nbytes
+            room = shared_memory_room()
+            if room is None or room > 2 * need:  # else the workers load the data set themselves
+                data = TrainData.shared_from(dataset)
+        self._slots: _OutputSlots | None = None
+        self._slot_dir: str | None = None
+        if slots:
+            self._slot_dir = tempfile.mkdtemp(prefix="prfl-slots-", dir=_shared_memory_dir())
+            self._slots = _OutputSlots(self._slot_dir, ctx.Queue(), per_worker=3)
+            weakref.finalize(self, shutil.rmtree, self._slot_dir, ignore_errors=True)
         self.pool = ProcessPoolExecutor(
-            max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(spec,)
+            max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(spec, data, self._slots)
         )
+        self._started = [self.pool.submit(_ready) for _ in range(workers)]  # each submit starts a worker
         self._copies = _SharedCopies()
 
     def submit(self, job: TrainJob) -> Future[TrainOutput]:
@@ -244,10 +468,13 @@ class ProcessPoolExecutorAdapter:
         # to the next. So the job travels with private shared-memory copies made here, now: the
         # worker maps them (no bytes through the pipe) and the caller's tensors are left alone.
         job = dataclasses.replace(job, weights=self._copies.get(job.weights), mask=self._copies.get(job.mask))
-        return self.pool.submit(_run_job, job)
+        fut = self.pool.submit(_run_job, job)
+        return fut if self._slots is None else _SlotFuture(fut, self._slots)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self._slot_dir is not None:
+            shutil.rmtree(self._slot_dir, ignore_errors=True)
 
 
 class RayExecutor:
@@ -312,11 +539,12 @@ def make_executor(
     spill_dir: str | os.PathLike[str] | None = None,
 ) -> Executor:
     """Build an executor by name: ``inline``, ``process`` or ``ray`` (``address``: a Ray cluster;
-    ``spill_dir``: where the inline executor keeps waiting jobs)."""
+    ``spill_dir``: where the inline executor keeps waiting jobs; ``dataset``: the caller's loaded
+    data set, which the inline executor trains on and the process pool shares with its workers)."""
     if kind == "inline":
         return InlineExecutor(spec, dataset, spill_dir)
     if kind == "process":
-        return ProcessPoolExecutorAdapter(spec, workers)
+        return ProcessPoolExecutorAdapter(spec, workers, dataset)
     if kind == "ray":
         return RayExecutor(spec, workers, address)
     raise ValueError(f"unknown executor {kind!r}; choose one of: inline, process, ray")
