@@ -8,7 +8,7 @@ The sweep is a plan of cells (group x method x seed, see ``plan_cells``) run in 
 3. reference/paper10/dirichlet: PR-FL and the FedAsync grid;
 4. honest/allfast/dirichlet: PR-FL and the FedAsync grid, every client on the fastest client's links;
 5. honest/paper10/dirichlet: the PR-FL ablations;
-6.-9. the same for the IID split.
+6.-10. the same five for the IID split.
 
 Each run has its own directory under ``--runs`` (git-ignored; full history and checkpoints) and,
 once finished, a compact record under ``--out/records`` (committed; :mod:`prfl.report.sweep`).
@@ -579,6 +579,7 @@ def estimate(sweep: Sweep, cells: Sequence[Cell], probe_time: float, scratch: Pa
     """
     s = sweep.settings
     short = dataclasses.replace(s, max_time=probe_time)
+    commit = _git_commit()  # the code the probes run
 
     def probe_key(c: Cell) -> tuple[str, str, str]:
         return c.group.accounting, c.group.fleet, "fedasync-a0.6-poly" if c.method in FEDASYNC_GRID else c.method
@@ -620,12 +621,13 @@ def estimate(sweep: Sweep, cells: Sequence[Cell], probe_time: float, scratch: Pa
         log.info("%s %s: %.0f s wall, %.0f s CPU for %.0f virtual s (%d updates)", probe.group.name, probe.method,
                  wall, cpu, probe_time, summary["server_rounds"])
         if on_probe is not None:
-            on_probe(_projection(sweep, cells, probe_time, measured, cost, probe_key, complete=False))
-    return _projection(sweep, cells, probe_time, measured, cost, probe_key, complete=True)
+            on_probe(_projection(sweep, cells, probe_time, measured, cost, probe_key, commit, complete=False))
+    return _projection(sweep, cells, probe_time, measured, cost, probe_key, commit, complete=True)
 
 
 def _projection(sweep: Sweep, cells: Sequence[Cell], probe_time: float, measured: dict[tuple[str, str, str], dict[str, Any]],
-                cost: dict[str, float], probe_key: Callable[[Cell], tuple[str, str, str]], complete: bool) -> dict[str, Any]:
+                cost: dict[str, float], probe_key: Callable[[Cell], tuple[str, str, str]], commit: str | None,
+                complete: bool) -> dict[str, Any]:
     """The estimate's file: what the probes measured and every measured cell's projected cost."""
     s = sweep.settings
     evals_per_run = s.max_time / s.eval_every + 2
@@ -646,7 +648,7 @@ def _projection(sweep: Sweep, cells: Sequence[Cell], probe_time: float, measured
         "benchmark": "headline-estimate",
         "date": _now(),
         "command": sweep.command,
-        "commit": _git_commit(),
+        "commit": commit,
         "machine": {"cpu_count": os.cpu_count(), "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "complete": complete,
         "probe_virtual_seconds": probe_time,

@@ -266,9 +266,8 @@ def flower_section(d: dict[str, Any], name: str) -> list[str]:
     if d.get("wall_ratio_plain_loop_over_prfl_process") is not None:
         text += (f". Plain loop / prfl process pool: {_num(d.get('wall_ratio_plain_loop_over_prfl_process'), '.2f')} "
                  "(above 1: prfl is faster than the bare loop)")
-    if d.get("cpu_ratio_flower_over_prfl_process") is not None:
-        text += (f". In CPU seconds, Flower / prfl: {_num(d.get('cpu_ratio_flower_over_prfl_process'), '.2f')} (process pool), "
-                 f"{_num(d.get('cpu_ratio_flower_over_prfl_inline'), '.2f')} (inline)")
+    if d.get("flower_cpu_seconds_undercounted"):
+        text += ". Flower's CPU seconds miss Ray's daemonised processes: a lower bound"
     if goal is not None:
         text += f". Goal: Flower / prfl >= {_num(goal, '.0f')}"
     lines.append(text + ".\n")
@@ -426,6 +425,7 @@ def generic_section(d: Any, name: str) -> list[str]:
 
 # ---------------------------------------------------------------------------- headline
 FigureJob = tuple[Path, Any]  # (path of a figure, a callable that writes it there)
+# the row order when the plan does not give its methods
 HEADLINE_ORDER = ("prfl", "heterofl-mask", "heterofl-width", "fedbuff-k5", "fedbuff-k10", "fedfix", "fedavg",
                   "prfl-oldimportance", "prfl-serversteps", "prfl-norecovery", "prfl-noresidual", "prfl-reaged")
 
@@ -445,13 +445,14 @@ def _stand_in(methods: dict[str, list[sweep.Run]], fam: str, targets: Sequence[f
 
 
 def _headline_plot_job(path: Path, methods: dict[str, list[sweep.Run]], title: str, targets: Sequence[float],
-                       baseline: str, seeds: Sequence[int], consecutive: int = 1) -> FigureJob | None:
+                       baseline: str, seeds: Sequence[int], consecutive: int = 1,
+                       order: Sequence[str] = HEADLINE_ORDER) -> FigureJob | None:
     """The accuracy-band figure of one group: every method, the baseline's grid stood for by one member."""
     from prfl.report.bands import plot_bands
 
     stand_in = _stand_in(methods, baseline, targets, seeds, consecutive)
-    listed = [m for m in HEADLINE_ORDER if m in methods] + sorted(
-        m for m in methods if m not in HEADLINE_ORDER and sweep.family(m) != baseline)
+    listed = [m for m in order if m in methods and sweep.family(m) != baseline] + sorted(
+        m for m in methods if m not in order and sweep.family(m) != baseline)
     if stand_in is not None:
         listed.insert(1 if listed[:1] == ["prfl"] else 0, stand_in)
     curves = {(f"{m} (best {baseline})" if m == stand_in else m): [(r.times, r.accs) for r in methods[m]] for m in listed}
@@ -484,8 +485,8 @@ def _estimate_lines(path: Path, rel_root: str) -> list[str]:
          f"the test set took {_num(ev.get('wall_seconds'), '.2f')} s wall, {_num(ev.get('cpu_seconds'), '.2f')} s "
          f"CPU, {_g(ev.get('per_run'))} per run. Projected for the {e.get('cells_projected', '?')} cells this build "
          f"can run at {_g(e.get('horizon_virtual_seconds'))} virtual s: {_num(e.get('cpu_hours_total'), '.1f')} CPU "
-         f"hours, i.e. {_num(two[0], '.1f')}-{_num(two[1], '.1f')} wall hours on two free cores "
-         f"({_num(e.get('wall_hours_at_measured_load_total'), '.1f')} at the load the probes saw); "
+         f"hours, i.e. {_num(two[0], '.1f')}-{_num(two[1], '.1f')} wall hours on two free cores (wall times "
+         "measured on a loaded machine say little; CPU seconds do not grow with the load); "
          f"{len(e.get('cells_unavailable') or [])} cells were unavailable to it."
          + ("" if e.get("complete", True) else
             f" The estimate was cut short: {e.get('cells_not_measured', '?')} more cells have no probe yet.")
@@ -520,6 +521,7 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
     targets = [float(t) for t in settings.get("targets") or []]
     seeds = [int(s) for s in settings.get("seeds") or []]
     k = int(settings.get("consecutive") or 1)
+    row_order = list(settings.get("methods") or HEADLINE_ORDER)  # the plan's order of methods
     runs = [sweep.Run.from_record(json.loads(p.read_text(encoding="utf-8")))
             for p in sorted((root / "records").glob("**/seed*.json"))]
     planned = manifest.get("cells") or []
@@ -540,8 +542,8 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
          "its best configuration on the same seeds is the baseline of the speed-ups (chosen on the seeds it "
          "is compared on, which favours FedAsync), and a speed-up is given only when every seed of both "
          "reached the target. Levelled off: the last 20% of a run raised its best accuracy by at most 0.005 "
-         "(seeds that held it / seeds). Slow clients: the 40% with the slowest links (clients 6-9 of "
-         "paper10); their local round in seconds is download + link wait + compute + upload (the task) + "
+         "(seeds that held it / seeds). Slow clients: the 40% with the slowest links, compute breaking ties "
+         "(clients 6-9 of both fleets); their local round in seconds is download + link wait + compute + upload (the task) + "
          "idle (waiting for the next dispatch). Definitions: `prfl.report.sweep`.\n"),
     ]
     for g in order:
@@ -555,17 +557,17 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
         lines.append(f"{n_runs} runs of {n_planned} planned.\n")
         if figure_dir is not None and targets:
             slug = g.replace("/", "-")
-            job = _headline_plot_job(figure_dir / f"headline-{slug}.png", methods, g, targets, "fedasync", seeds, k)
+            job = _headline_plot_job(figure_dir / f"headline-{slug}.png", methods, g, targets, "fedasync", seeds, k, row_order)
             if job is not None:
                 if jobs is not None:
                     jobs.append(job)
                 lines.append(f"![accuracy against virtual time, {g}]({figure_link}/headline-{slug}.png)\n")
-        lines.append(markdown(sweep.time_table(methods, HEADLINE_ORDER, targets, seeds, consecutive=k)))
+        lines.append(markdown(sweep.time_table(methods, row_order, targets, seeds, consecutive=k)))
         if any(sweep.family(m) == "fedasync" for m in methods):
             lines.append("The FedAsync grid (`*`: best at that target):\n")
             lines.append(markdown(sweep.grid_table(methods, "fedasync", targets, seeds, consecutive=k)))
         lines.append("Costs and where the slow clients' round time goes:\n")
-        lines.append(markdown(sweep.cost_table(methods, HEADLINE_ORDER, seeds)))
+        lines.append(markdown(sweep.cost_table(methods, row_order, seeds)))
     for g in order:  # each group with an all-fast twin: how far the fleet is from its all-fast limit
         acc, fleet, part = (g.split("/") + ["", "", ""])[:3]
         twin = f"{acc}/allfast/{part}"

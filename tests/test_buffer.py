@@ -613,3 +613,15 @@ def test_restored_rankings_keep_their_keys_after_compaction():
     prev = torch.randn(total, generator=g)
     for dtype in (torch.float32, torch.float64):
         assert torch.equal(copy.aggregate(prev, 1, accumulate_dtype=dtype), buf.aggregate(prev, 1, accumulate_dtype=dtype))
+
+
+@pytest.mark.parametrize("storage", ["dense", "sparse"])
+def test_put_of_a_checked_update_stores_it_as_it_is(storage):
+    """zero_outside_mask: the caller vouches for W ⊙ m (a validated update); the same slot results."""
+    mask = torch.tensor([True, False, True, False])
+    w = torch.tensor([1.0, 0.0, 3.0, 0.0, 5.0, 6.0])
+    a, b = ClientBuffer(1, 6, 4, storage=storage), ClientBuffer(1, 6, 4, storage=storage)
+    a.put(0, w, mask, 2, 0)
+    b.put(0, w, mask, 2, 0, zero_outside_mask=True)
+    assert torch.equal(a.get(0).weights, b.get(0).weights) and torch.equal(a.get(0).mask, b.get(0).mask)
+    assert torch.equal(a.aggregate(torch.zeros(6), 0), b.aggregate(torch.zeros(6), 0))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 import prfl.buffer as buffer_module
 from prfl.aggregation import Staleness, mask_fedavg
 from prfl.buffer import ClientBuffer
+from prfl.checkpoint import dumps, loads
 
 NPR, TOTAL, CLIENTS = 3000, 3020, 12
 DENSITIES = (0.1, 0.3, 0.6, 1.0)
@@ -21,16 +21,20 @@ def scripted_arrivals(count: int, seed: int):
     A new ranking every 100 arrivals; densities mixed; staleness 0..9 rounds."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(NPR, generator=g)
+    masks: dict[float, torch.Tensor] = {}  # one mask object per density and ranking, as a policy hands out
     for step in range(count):
         if step % 100 == 99:
             order = torch.randperm(NPR, generator=g)
+            masks = {}
         c = int(torch.randint(CLIENTS, (1,), generator=g))
         rho = DENSITIES[int(torch.randint(len(DENSITIES), (1,), generator=g))]
         w = torch.randn(TOTAL, generator=g) * float(torch.rand(1, generator=g) * 3 + 0.01)
         mask = None
         if rho < 1.0:
-            mask = torch.zeros(NPR, dtype=torch.bool)
-            mask[order[: math.ceil(rho * NPR)]] = True
+            if rho not in masks:
+                masks[rho] = torch.zeros(NPR, dtype=torch.bool)
+                masks[rho][order[: math.ceil(rho * NPR)]] = True
+            mask = masks[rho]
             w[:NPR] *= mask
         n = int(torch.randint(1, 60, (1,), generator=g))
         tau = int(torch.randint(10, (1,), generator=g))
@@ -83,10 +87,13 @@ def test_running_sums_against_mask_fedavg_with_hand_coefficients():
     assert relative_error(buf.aggregate_running(prev), want) <= 1e-6
 
 
-@pytest.mark.parametrize("storage, other", [("dense", "sparse"), ("prefix", "prefix")])
+@pytest.mark.parametrize("storage, other", [("dense", "sparse"), ("dense", "dense"), ("prefix", "prefix")])
 def test_checkpoint_resumes_the_running_sums_bit_for_bit(storage, other):
     """state_dict recomputes the sums exactly, and so does load_state_dict: both buffers then
-    continue with the same aggregates, bit for bit (not merely close)."""
+    continue with the same aggregates, bit for bit (not merely close). The resumed buffer is
+    handed new mask objects of the same values, as a resumed policy hands out: whether a
+    client's old and new slot share their mask (the running sums' shared-mask path, with its
+    own rounding) must not change."""
     frozen = Staleness()
     live = ClientBuffer(CLIENTS, TOTAL, NPR, storage=storage, frozen=frozen)
     arrivals = list(scripted_arrivals(300, seed=11))
@@ -95,21 +102,24 @@ def test_checkpoint_resumes_the_running_sums_bit_for_bit(storage, other):
     def order_for(buf, order, mask):
         return order if buf.storage == "prefix" and mask is not None else None
 
-    for c, w, mask, order, n, sent, arrived in arrivals[:200]:
+    split = 150  # mid-way between two rankings: mask objects of before the checkpoint are used after it
+    for c, w, mask, order, n, sent, arrived in arrivals[:split]:
         live.put(c, w, mask, n, sent, order=order_for(live, order, mask), arrival_round=arrived)
         prev = live.aggregate_running(prev)
-    blob = io.BytesIO()
-    torch.save(live.state_dict(), blob)
-    blob.seek(0)
+    state = loads(dumps({"buffer": live.state_dict()}))["buffer"]
     resumed = ClientBuffer(CLIENTS, TOTAL, NPR, storage=other, frozen=frozen)
-    resumed.load_state_dict(torch.load(blob, weights_only=True))
+    resumed.load_state_dict(state)
+    fresh: dict[int, torch.Tensor] = {}  # the resumed side's mask objects: same values, new tensors
     prev_live, prev_resumed = prev, prev.clone()
-    for c, w, mask, order, n, sent, arrived in arrivals[200:]:
+    for c, w, mask, order, n, sent, arrived in arrivals[split:]:
+        mask2 = None if mask is None else fresh.setdefault(id(mask), mask.clone())
         live.put(c, w, mask, n, sent, order=order_for(live, order, mask), arrival_round=arrived)
-        resumed.put(c, w, mask, n, sent, order=order_for(resumed, order, mask), arrival_round=arrived)
+        resumed.put(c, w, mask2, n, sent, order=order_for(resumed, order, mask), arrival_round=arrived)
         prev_live = live.aggregate_running(prev_live)
         prev_resumed = resumed.aggregate_running(prev_resumed)
         assert torch.equal(prev_live, prev_resumed)
+        if other == storage:  # the float64 sums themselves, not only their float32 quotient
+            assert torch.equal(live._running.m, resumed._running.m) and torch.equal(live._running.w, resumed._running.w)
 
 
 def test_arrival_round_checks_and_running_needs_frozen():
@@ -145,6 +155,7 @@ def test_exact_zero_survives_the_drift_of_running_sums(storage, partial, monkeyp
         buf.put(2, torch.tensor([0.0, 0.0, 0.0, 4.0, 1.0]), torch.tensor([False, False, False, True]), 7, 3,
                 order=order_b, arrival_round=4)
         if zero:
+            buf._running.flush()
             assert buf._running.w[0] != 0.0  # the residue the rule must see through
         before = out
         out = buf.aggregate_running(before)
@@ -172,3 +183,14 @@ def test_removed_slot_leaves_the_running_sums(storage):
     assert not buf.remove(gone[0]) and all(c not in buf for c in gone)
     full = buf.aggregate(prev, 60, staleness_mode="frozen")
     assert relative_error(buf.aggregate_running(prev), full) <= 1e-6
+
+
+def test_a_mask_edited_in_place_is_read_again():
+    """Positions are cached per mask object; an in-place edit (a new version of the tensor) is seen."""
+    buf = ClientBuffer(2, 6, 4, frozen=Staleness("const"))
+    mask = torch.tensor([True, False, False, False])
+    buf.put(0, torch.tensor([2.0, 0, 0, 0, 1, 1]), mask, 1, 0)
+    mask[1] = True
+    buf.put(1, torch.tensor([4.0, 6.0, 0, 0, 1, 1]), mask, 1, 0)
+    out = buf.aggregate_running(torch.full((6,), 9.0))
+    assert out.tolist() == [3.0, 6.0, 9.0, 9.0, 1.0, 1.0]

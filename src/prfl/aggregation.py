@@ -120,7 +120,6 @@ def fedbuff_staleness(tau: float) -> float:
     return 1.0 / math.sqrt(1.0 + tau_f)
 
 
-
 # --------------------------------------------------------------------------- the zero rule
 UNIT_ROUNDOFF = 2.0**-53  # u of float64: |fl(x) - x| <= u |x|
 SUBBLOCK = 1 << 17  # weights per block of the finishing pass (its temporaries stay in cache)
@@ -205,6 +204,7 @@ def finish_masked(
     drift: float = 0.0,
     eta_g: float = 1.0,
     positions: torch.Tensor | None = None,
+    before_block: Callable[[int, int], None] | None = None,
 ) -> None:
     """The prunable part of MaskFedAvg from its accumulators, written into ``out``:
 
@@ -215,7 +215,8 @@ def finish_masked(
     terms ``exact`` returns for the weights under :func:`candidate_bound`; W_new is then S / M
     from those terms) or where W_new underflows to 0. ``m`` None: no masked holder (M = dense_c).
     Arithmetic in ``w``'s dtype, rounded once to ``out``'s; every position block by block, or only
-    ``positions`` (the rest of ``out`` is left alone)."""
+    ``positions`` (the rest of ``out`` is left alone). ``before_block(a, b)``, when given, brings
+    the accumulators' positions [a, b) up to date just before they are read (every position only)."""
     dt = w.dtype
     if m is None and not dense_c > 0:
         raise ValueError("finish_masked needs the holders' coefficient sums m, or dense_c > 0")
@@ -227,10 +228,13 @@ def finish_masked(
     everyone = dense_h > 0 or (holders is None and dense_c > 0)  # a dense client holds every weight
     inverse = 1.0 / dense_c if m is None and dense_c > 0 else None
     found: list[torch.Tensor] = []
+
     def take(t: torch.Tensor, a: int, b: int) -> torch.Tensor:  # index_select: far cheaper than t[positions]
         return t[a:b] if positions is None else t.index_select(0, positions)
 
     for a, b in spans:
+        if before_block is not None:
+            before_block(a, b)
         wb = take(w, a, b)
         if inverse is not None:
             val = wb / dense_c
@@ -273,6 +277,7 @@ def finish_masked(
     if eta_g != 1.0:
         res = torch.lerp(p64, res, eta_g)
     out[pos] = res.to(out.dtype)
+
 
 # --------------------------------------------------------------------------- averaging
 def _check_coeffs(weights: Sequence[float], name: str) -> list[float]:
@@ -335,7 +340,8 @@ def mask_fedavg(
     With c_i = p_i n_i, on the prunable prefix (first ``num_prunable`` entries):
         W_acc = sum_i c_i (W_i ⊙ m_i),  M_acc = sum_i c_i m_i,  W_new = W_acc / M_acc,
     keeping ``prev`` wherever M_acc == 0 (nobody holds the weight) or the holders' sum is zero
-    (decided on the terms, see the module docstring), so a weight is never pruned for ever. On the suffix (biases etc., held by every client):
+    (decided on the terms, see the module docstring), so a weight is never pruned for ever. On
+    the suffix (biases etc., held by every client):
         W_new = sum_i c_i W_i / sum_i c_i.
     Then the server step  W = (1 - eta_g) prev + eta_g W_new  (eta_g = 1: W = W_new).
     A mask of None means dense (all ones). Returns a new tensor of ``prev``'s dtype.

@@ -49,6 +49,7 @@ Storage:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import mmap
 import os
@@ -58,9 +59,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 import numpy as np
+import torch
 
 from prfl.aggregation import (
     ACCUMULATE_DTYPE, ExactTerms, Staleness, blocks, exact_terms, finish_masked, mask_fedavg, staleness_weight,
@@ -77,6 +77,9 @@ STALENESS_MODES: tuple[str, ...] = ("frozen", "reaged")
 # this share of the prunable weights: a mask spread over the model touches most cache lines of the
 # model-sized sums already at ~10 % density, so beyond that one streaming pass costs no more
 PARTIAL_FRACTION = 1 / 16
+# a dense-storage slot whose mask keeps more than this share of the prunable weights enters the
+# running sums as a whole vector (streamed block by block) rather than by index operations
+STREAM_FRACTION = 1 / 4
 _DTYPE = torch.float32
 _EMPTY = torch.empty(0, dtype=_DTYPE)
 
@@ -200,7 +203,8 @@ class ClientBuffer:
         self._order_refs: dict[int, int] = {}  # prefix storage: ranking key -> slots using it
         self._inverse_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (order, inverse permutation)
         self._ascending_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._positions_cache: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}  # id(mask) -> positions
+        self._mask_cache: dict[int, list[Any]] = {}  # id(mask) -> [ref, version, held copy, content entry]
+        self._held_masks: dict[tuple[int, bytes], list[Any]] = {}  # (size, digest) -> [ref to held copy, positions]
         self._rows: torch.Tensor | None = None
         self._arena: SlotArena | None = None
         self._order_alias: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}  # id(order) -> key
@@ -225,27 +229,34 @@ class ClientBuffer:
     # ------------------------------------------------------------------ slots
     def put(
         self, client: int, weights: torch.Tensor, mask: torch.Tensor | None, num_samples: int, sent_round: int,
-        order: torch.Tensor | None = None, arrival_round: int | None = None,
+        order: torch.Tensor | None = None, arrival_round: int | None = None, zero_outside_mask: bool = False,
     ) -> None:
         """Store ``client``'s latest model (copied, as fp32), replacing its previous slot.
 
         ``order`` (prefix storage): a ranking whose first ``mask.sum()`` entries are exactly the
-        mask's positions (the buffer keeps a reference to it: do not modify it in place). ``arrival_round``: the
-        server round at which the update arrived (default ``sent_round``): frozen staleness is
-        s(arrival_round - sent_round). With running sums, the old contribution leaves them and
-        the new one enters."""
-        slot = self._make_slot(client, weights, mask, num_samples, sent_round, order, arrival_round)
+        mask's positions (the buffer keeps a reference to it: do not modify it in place).
+        ``arrival_round``: the server round at which the update arrived (default ``sent_round``);
+        frozen staleness is s(arrival_round - sent_round). With running sums, the old
+        contribution leaves them and the new one enters. ``zero_outside_mask``: the caller vouches
+        that ``weights`` are 0 outside ``mask`` (an update that passed
+        :func:`prfl.validation.check_mask`), so they are stored as they are, neither multiplied by
+        the mask nor checked."""
+        slot = self._make_slot(client, weights, mask, num_samples, sent_round, order, arrival_round,
+                               zero_outside_mask)
         old = self._slots.get(client)
         if self._running is not None:
             items = [] if old is None else [(self._contribution(old), -1)]
-            self._running.apply([*items, (self._contribution(slot), 1)])
+            # whole-vector terms wait for the next aggregation, which adds them in its own pass over
+            # the sums; not when the old values live in a file region the new ones may reuse
+            in_ram = self._rows is None and self._arena is None
+            self._running.apply([*items, (self._contribution(slot), 1)], defer=in_ram)
             self._since_recompute += 1
             self._release(old)
         self._commit(client, slot)
 
     def _make_slot(
         self, client: int, weights: torch.Tensor, mask: torch.Tensor | None, num_samples: int, sent_round: int,
-        order: torch.Tensor | None = None, arrival_round: int | None = None,
+        order: torch.Tensor | None = None, arrival_round: int | None = None, zero_outside_mask: bool = False,
     ) -> _Slot:
         """Validate an entry and build its stored form (no side effects but a new ranking key)."""
         self._check_client(client)
@@ -273,27 +284,30 @@ class ClientBuffer:
         head: torch.Tensor | None = None
         if mask is not None and order is not None:
             count = int(torch.count_nonzero(mask))
-            if order.dtype not in (torch.int64, torch.int32) or order.dim() != 1 or not count <= order.numel() <= self.num_prunable:
-                raise ValueError(f"client {client}: order must be an int64 or int32 ranking (or a prefix of one at least "
-                                 f"{count} long) of the {self.num_prunable} prunable weights, got {order.dtype} {tuple(order.shape)}")
+            npr = self.num_prunable
+            if order.dtype not in (torch.int64, torch.int32) or order.dim() != 1 or not count <= order.numel() <= npr:
+                raise ValueError(f"client {client}: order must be an int64 or int32 ranking (or a prefix of one at "
+                                 f"least {count} long) of the {npr} prunable weights, got {order.dtype} "
+                                 f"{tuple(order.shape)}")
             head = order[:count]
             if count and not bool(mask[head].all()):
                 raise ValueError(f"client {client}: the mask is not the first {count} entries of the given order")
         if self.storage == "dense" or mask is None:
             npr = self.num_prunable
             values = torch.empty(self.total, dtype=_DTYPE)
-            if mask is not None:  # store W ⊙ m once, not at every aggregation
+            if mask is not None and not zero_outside_mask:  # store W ⊙ m once, not at every aggregation
                 torch.mul(w[:npr], mask, out=values[:npr])
                 values[npr:] = w[npr:]
             else:
                 values.copy_(w)
-            slot = _Slot(values, None if mask is None else mask.clone(), None, n, r)
-            if mask is not None and self._running is not None:
-                slot.positions = self._mask_positions(mask)
+            slot = _Slot(values, None, None, n, r)
+            if mask is not None:
+                slot.mask, positions = self._held_mask(mask, self._running is not None)
+                slot.positions = positions
             return self._finish_slot(slot, int(arrival_round), values)
         npr = self.num_prunable
         kept = w[:npr][head] if head is not None else w[:npr].masked_select(mask)
-        outside = int(torch.count_nonzero(w[:npr])) - int(torch.count_nonzero(kept))
+        outside = 0 if zero_outside_mask else int(torch.count_nonzero(w[:npr])) - int(torch.count_nonzero(kept))
         if outside:
             raise ValueError(
                 f"client {client}: {outside} weights outside the mask are nonzero, so {self.storage} storage would "
@@ -319,21 +333,45 @@ class ClientBuffer:
             slot.coef = self.frozen(arrival_round - slot.sent_round) * slot.num_samples
         return slot
 
-    def _mask_positions(self, mask: torch.Tensor) -> torch.Tensor:
-        """The positions of ``mask``, ascending (int32 where they fit). A policy hands the same mask object to
-        every client of one density, so they are found once per mask object and checked on reuse
-        (same count, every position set: O(count) instead of a scan)."""
-        count = int(mask.sum())
-        hit = self._positions_cache.get(id(mask))
-        if hit is not None and hit[0]() is mask and hit[1].numel() == count and (count == 0 or bool(mask[hit[1]].all())):
-            return hit[1]
-        if len(self._positions_cache) >= 64:
-            self._positions_cache = {k: v for k, v in self._positions_cache.items() if v[0]() is not None}
-            if len(self._positions_cache) >= 64:
-                self._positions_cache.clear()
-        pos = torch.from_numpy(np.flatnonzero(mask.numpy())).to(order_dtype(self.num_prunable))
-        self._positions_cache[id(mask)] = (weakref.ref(mask), pos)
-        return pos
+    def _held_mask(self, mask: torch.Tensor, positions: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The buffer's copy of ``mask`` and (with ``positions``) its positions, ascending (int32
+        where they fit). A policy hands one mask object to every client of a density, so the copy
+        and the positions are found once per mask object and version (torch counts the in-place
+        edits of a tensor: an edited mask is looked up again) and shared by those clients' slots.
+
+        Held copies are shared by content: a mask equal to one the buffer holds gets that copy,
+        whichever object it came in. So whether a client's old and new slot share a mask (the
+        running sums' cheaper path, with its own rounding) depends on the masks' values only, and
+        a buffer restored from a checkpoint, whose masks are new objects, continues exactly as
+        the saved one would have."""
+        hit = self._mask_cache.get(id(mask))
+        if hit is None or hit[0]() is not mask or hit[1] != mask._version:
+            if len(self._mask_cache) >= 64:
+                self._mask_cache = {k: v for k, v in self._mask_cache.items() if v[0]() is not None}
+                if len(self._mask_cache) >= 64:
+                    self._mask_cache.clear()
+            hit = [weakref.ref(mask), mask._version, *self._held_copy(mask)]
+            self._mask_cache[id(mask)] = hit
+        held, entry = hit[2], hit[3]
+        if positions and entry[1] is None:
+            entry[1] = torch.from_numpy(np.flatnonzero(held.numpy())).to(order_dtype(self.num_prunable))
+        return held, entry[1] if positions else None
+
+    def _held_copy(self, mask: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
+        """(held copy, [weak reference to it, its positions or None]) for a mask of these values:
+        the copy already held if there is one, else a new one."""
+        bits = np.packbits(mask.numpy())
+        key = (int(mask.numel()), hashlib.blake2b(bits.tobytes(), digest_size=16).digest())
+        entry = self._held_masks.get(key)
+        held = entry[0]() if entry is not None else None
+        if held is not None and torch.equal(held, mask):
+            return held, entry  # type: ignore[return-value]
+        if len(self._held_masks) >= 256:
+            self._held_masks = {k: v for k, v in self._held_masks.items() if v[0]() is not None}
+        held = mask.clone()
+        entry = [weakref.ref(held), None]
+        self._held_masks[key] = entry
+        return held, entry
 
     def _order_key(self, order: torch.Tensor) -> int:
         """The key of the held ranking ``order`` belongs to. Two rankings are one where their held
@@ -694,9 +732,10 @@ class ClientBuffer:
         rounding and the sums' drift, see :mod:`prfl.incremental`); a new tensor of ``prev``'s dtype.
 
         One pass over the N weights, independent of the number of buffered clients; after masked
-        arrivals that touched at most PARTIAL_FRACTION of them, only those positions are recomputed (the rest is ``prev``, which must then be the tensor
-        this method returned last, computed with eta_g = 1; otherwise, and after a dense arrival,
-        a recomputation of the sums, eta_g != 1 or masked=False, every position is)."""
+        arrivals that touched at most PARTIAL_FRACTION of them, only those positions are
+        recomputed (the rest is ``prev``, which must then be the tensor this method returned last,
+        computed with eta_g = 1; otherwise, and after a dense arrival, a recomputation of the
+        sums, eta_g != 1 or masked=False, every position is)."""
         if self._running is None:
             raise ValueError("aggregate_running needs running sums: build the buffer with frozen=Staleness(...)")
         if not self._slots:
@@ -719,13 +758,18 @@ class ClientBuffer:
         partial = touched is not None and masked and eta_g == 1.0 and last is prev
         new = prev.clone() if partial else torch.empty_like(prev)
         if masked:
+            fused = run.pending and not partial
+            if not fused:
+                run.flush()
             finish_masked(
                 new[:npr], prev[:npr], run.w, run.m if len(dense) < len(live) else None, self._exact_running,
                 wmax=max(s.amax for s in live), n_terms=len(live), min_coef=min(s.coef for s in live),
                 dense_c=math.fsum(dense), holders=run.h, dense_h=len(dense), drift=run.drift_bound(), eta_g=eta_g,
-                positions=touched if partial else None,
+                positions=touched if partial else None, before_block=run.flush_block if fused else None,
             )
+            run.clear_pending()
         else:
+            run.flush()
             head = run.w / total_c
             new[:npr] = head if eta_g == 1.0 else torch.lerp(prev[:npr].to(torch.float64), head, eta_g)
         tail = run.s / total_c
@@ -781,12 +825,14 @@ class ClientBuffer:
         elif slot.index is not None:  # sparse storage: kept values in ascending position order
             positions = slot.index.positions()
             values, suffix = slot.values[: slot.index.count], slot.values[slot.index.count :]
-        elif slot.mask is not None:  # dense storage, masked: W ⊙ m
+        elif slot.mask is not None:  # dense storage, masked: W ⊙ m, by positions if they are few
             positions = slot.positions if slot.positions is not None else slot.mask.nonzero().view(-1)
+            if positions.numel() > npr * STREAM_FRACTION:  # streaming the whole vector is cheaper
+                return Contribution(slot.coef, slot.values[:npr], None, slot.values[npr:], slot.amax, slot.mask)
             values, suffix = slot.values[:npr].index_select(0, positions), slot.values[npr:]
         else:  # a dense client
             positions, values, suffix = None, slot.values[:npr], slot.values[npr:]
-        return slot.coef, values, positions, suffix, slot.amax
+        return Contribution(slot.coef, values, positions, suffix, slot.amax)
 
     def _ascending(self, key: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(perm, positions): the first ``count`` ranks of ranking ``key`` in ascending position
@@ -1056,9 +1102,7 @@ class ClientBuffer:
         slot = dataclasses.replace(slot, values=values)
         if self.storage == "dense" and slot.mask is not None:
             values[: self.num_prunable].mul_(slot.mask)  # W ⊙ m, as put stores it
-            slot.mask = slot.mask.clone()
-            if self._running is not None:
-                slot.positions = self._mask_positions(slot.mask)
+            slot.mask, slot.positions = self._held_mask(slot.mask, self._running is not None)
         self._finish_slot(slot, arrived, values)
         if self._arena is not None:
             slot.values = self._arena.store(values)

@@ -40,6 +40,8 @@ tiny weight or the reverse.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from prfl.aggregation import UNIT_ROUNDOFF
@@ -47,10 +49,21 @@ from prfl.aggregation import UNIT_ROUNDOFF
 DEFAULT_RECOMPUTE_EVERY = 1000
 BLOCK = 1 << 16  # weights of W_acc per block of the dense sums
 
-Contribution = tuple[float, torch.Tensor, "torch.Tensor | None", torch.Tensor, float]
-"""(c_i, prefix values, their positions or None for all N, suffix values, max |W_i|): a client's
-share of the sums: W_i ⊙ m_i (all N values for a dense client, else the kept values at the
-given distinct positions) and its suffix."""
+class Contribution(NamedTuple):
+    """A client's share of the sums, c_i times:
+
+    - ``positions`` given: its kept values W_i at those distinct prefix positions (``values``);
+    - ``positions`` None: all N prefix values W_i ⊙ m_i (``values``), with ``mask`` its bool mask
+      m_i, or None for a dense client (which enters M_acc and h as a scalar, see the buffer);
+
+    and its suffix values. ``amax`` = max |W_i|."""
+
+    coef: float
+    values: torch.Tensor
+    positions: torch.Tensor | None
+    suffix: torch.Tensor
+    amax: float
+    mask: torch.Tensor | None = None
 
 
 def holder_dtype(max_holders: int) -> torch.dtype:
@@ -72,6 +85,9 @@ class RunningMaskFedAvg:
         self.ops = 0  # contributions applied since the last reset
         self.magnitude = 0.0  # B: sum of c_j max|W_j| over them
         self._touched: list[torch.Tensor] | None = []  # None: every position (a dense contribution)
+        # whole-vector terms (c, sign, values, mask) not yet added to the prefix sums: the next
+        # read adds them block by block, in the same pass as it reads the sums (flush_block)
+        self._pending: list[tuple[float, torch.Tensor, float, int, torch.Tensor | None]] = []  # (c, W, c_M, h, mask)
 
     def reset(self) -> None:
         """Zero the sums (before an exact recomputation); every position counts as touched."""
@@ -82,17 +98,31 @@ class RunningMaskFedAvg:
         self.ops = 0
         self.magnitude = 0.0
         self._touched = None
+        self._pending = []
 
-    def apply(self, items: list[tuple[Contribution, int]]) -> None:
-        """Add (sign 1) or remove (-1) client contributions. The dense ones are summed block by
-        block (each block of W_acc stays in cache while every dense term is added to it)."""
-        dense: list[tuple[float, torch.Tensor]] = []
-        for (coef, values, positions, suffix, amax), sign in items:
+    def apply(self, items: list[tuple[Contribution, int]], defer: bool = False) -> None:
+        """Add (sign 1) or remove (-1) client contributions. Those given by positions are applied
+        with index operations; those given as whole prefix vectors are summed block by block
+        (each block of the sums stays in cache while every such term is added to it), now, or with
+        ``defer`` at the next read of the sums (:meth:`flush_block`, :meth:`flush`), which then
+        reads and writes the model-sized sums once; deferred values must stay unchanged until then.
+
+        A whole-vector term removed and one added with the same mask object (a client whose
+        density and ranking did not change) share their mask's work: M_acc += (c_new - c_old) m,
+        h unchanged."""
+        streamed: list[tuple[float, torch.Tensor, float, int, torch.Tensor | None]] = []
+        for (coef, values, positions, suffix, amax, mask), sign in items:
             if coef == 0.0:
                 continue
             c = sign * coef
             if positions is None:
-                dense.append((c, values))
+                prior = streamed[-1] if streamed else None
+                if (prior is not None and mask is not None and prior[4] is mask and prior[3] == -1 and sign == 1
+                        and prior[2] == prior[0]):  # the same mask leaves and comes back
+                    streamed[-1] = (prior[0], prior[1], 0.0, 0, None)
+                    streamed.append((c, values, c + prior[0], 0, mask))
+                else:
+                    streamed.append((c, values, c, sign, mask))
                 self._touched = None
             elif positions.numel():
                 self.w.index_add_(0, positions, values.to(torch.float64), alpha=c)
@@ -105,11 +135,36 @@ class RunningMaskFedAvg:
                 self.s.add_(suffix, alpha=c)
             self.ops += 1
             self.magnitude += coef * amax
-        if dense:
+        self._pending += streamed
+        if not defer:
+            self.flush()
+
+    @property
+    def pending(self) -> bool:
+        """True while deferred terms wait to be added."""
+        return bool(self._pending)
+
+    def flush_block(self, a: int, b: int) -> None:
+        """Add the deferred terms to positions [a, b) of the prefix sums (a caller reading every
+        position block by block calls this for each block, then :meth:`clear_pending`)."""
+        w, m, h = self.w[a:b], self.m[a:b], self.h[a:b]
+        for c, values, c_m, sign, mask in self._pending:
+            w.add_(values[a:b], alpha=c)
+            if mask is not None:
+                if c_m != 0.0:
+                    m.add_(mask[a:b], alpha=c_m)
+                if sign:
+                    h.add_(mask[a:b], alpha=sign)
+
+    def clear_pending(self) -> None:
+        self._pending = []
+
+    def flush(self) -> None:
+        """Add every deferred term now."""
+        if self._pending:
             for a in range(0, self.num_prunable, BLOCK):
-                part = self.w[a : a + BLOCK]
-                for c, values in dense:
-                    part.add_(values[a : a + BLOCK], alpha=c)
+                self.flush_block(a, a + BLOCK)
+            self._pending = []
 
     def add_ranked(
         self, positions: torch.Tensor, w_rank: torch.Tensor, m_rank: torch.Tensor, h_rank: torch.Tensor,
@@ -118,6 +173,7 @@ class RunningMaskFedAvg:
         """Add ``terms`` contributions already summed in rank space (the slots of one ranking):
         W_acc[positions] += w_rank, M_acc[positions] += m_rank, h[positions] += h_rank, and the
         suffix sum; ``magnitude`` = their sum of c_j max|W_j|."""
+        self.flush()
         self.w.index_add_(0, positions, w_rank)
         self.m.index_add_(0, positions, m_rank)
         self.h.index_add_(0, positions, h_rank.to(self.h.dtype))

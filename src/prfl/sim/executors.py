@@ -544,6 +544,9 @@ class ProcessPoolExecutorAdapter:
     def __init__(self, spec: WorkerSpec, workers: int = 2, dataset: Any | None = None, slots: bool = True) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
+        # The caller evaluates models: with the workers' thread count, as under the inline
+        # executor, so evaluation floats do not depend on the executor either.
+        torch.set_num_threads(max(1, spec.threads))
         ctx = mp.get_context("spawn")
         data = None
         if dataset is not None:
@@ -603,6 +606,7 @@ class RayExecutor:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         self._ray = ray
+        torch.set_num_threads(max(1, spec.threads))  # the caller evaluates as under the inline executor
         self._owns_ray = not ray.is_initialized()
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU only: leave device vars alone
         if self._owns_ray:
