@@ -56,7 +56,7 @@ from prfl.config import ConfigError, ExperimentConfig, PolicyConfig, SimConfig, 
 from prfl.policies import POLICIES
 from prfl.report.sweep import Run, compact_run
 from prfl.run import build_scenario, resume_run, run_policy
-from prfl.sim.engine import CHECKPOINT, PREVIOUS_CHECKPOINT
+from prfl.runtime.checkpoint import CHECKPOINT, PREVIOUS_CHECKPOINT
 
 log = logging.getLogger("headline")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prfl.aggregation import mask_fedavg, weighted_average
-from prfl.checkpoint import Streamed, dumps, loads
+from prfl.runtime.checkpoint import Streamed, dumps, loads
 from prfl.buffer import BufferEntry, ClientBuffer
 
 T = torch.tensor

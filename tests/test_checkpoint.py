@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-import prfl.checkpoint as ck
-from prfl.checkpoint import CheckpointError, Streamed, dumps, loads, read_checkpoint, write_checkpoint
+import prfl.runtime.checkpoint as ck
+from prfl.runtime.checkpoint import CheckpointError, Streamed, dumps, loads, read_checkpoint, write_checkpoint
 from prfl.client.result import TaskResult
 from prfl.distribution import PieceId
 from prfl.policies.base import TaskSpec

@@ -15,7 +15,7 @@ from prfl.cli import app
 from prfl.compare import ABLATIONS, RunEvent, plan_comparison, run_comparison, run_state
 from prfl.config import ConfigError, load_config
 from prfl.report.analysis import time_to_accuracy
-from prfl.sim.history import read_history
+from prfl.runtime.history import read_history
 
 SCENARIO = {
     "name": "tiny",

@@ -10,7 +10,7 @@ import torch
 import prfl.buffer as buffer_module
 from prfl.aggregation import Staleness, mask_fedavg
 from prfl.buffer import ClientBuffer
-from prfl.checkpoint import dumps, loads
+from prfl.runtime.checkpoint import dumps, loads
 
 NPR, TOTAL, CLIENTS = 3000, 3020, 12
 DENSITIES = (0.1, 0.3, 0.6, 1.0)

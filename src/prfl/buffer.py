@@ -66,7 +66,7 @@ from prfl.aggregation import (
     ACCUMULATE_DTYPE, ExactTerms, Staleness, blocks, exact_terms, finish_masked, mask_fedavg, staleness_weight,
     weighted_average,
 )
-from prfl.checkpoint import Streamed, materialize
+from prfl.runtime.checkpoint import Streamed, materialize
 from prfl.distribution import PackedIndex, unpack_bits
 from prfl.incremental import DEFAULT_RECOMPUTE_EVERY, Contribution, RunningMaskFedAvg
 from prfl.robust import check_method, clip_updates, coordinate_median, holders, trimmed_mean
@@ -926,7 +926,7 @@ class ClientBuffer:
 
         Entries are the buffer's own tensors: do not modify them, and use the state before the
         buffer changes. In a file-backed buffer a slot's values are a
-        :class:`~prfl.checkpoint.Streamed` instead, which reads them from the file when the
+        :class:`~prfl.runtime.checkpoint.Streamed` instead, which reads them from the file when the
         checkpoint writer gets to them and hands their pages back to the kernel right after, so
         writing a checkpoint maps one slot at a time, whatever the fleet (and a checkpoint's
         reader gives them back one at a time too).

@@ -49,7 +49,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     import yaml
 
     from prfl.data import DataError
-    from prfl.checkpoint import CheckpointError
+    from prfl.runtime.checkpoint import CheckpointError
 
     # ConfigError, FleetError, PartitionError, CheckpointError and pydantic's ValidationError are
     # ValueErrors; OSError covers unreadable files and directories
@@ -330,7 +330,7 @@ def run(
     _say(f"  {escape(dirs):<{width}}  run directories (config, history, summary, accuracy.png)")
     if len(results) > 1:
         from prfl.report.plots import plot_accuracy
-        from prfl.sim.history import read_history
+        from prfl.runtime.history import read_history
 
         curves = {n: list(read_history(root / n / "history.jsonl")) for n in names if (root / n).exists()}
         plot_accuracy(curves, root / "accuracy.png", title=cfg.name)

@@ -48,6 +48,7 @@ from prfl.config import (
     preset_data,
 )
 from prfl.report.runset import MANIFEST, RunSet, load_comparison, run_dir_of
+from prfl.runtime.rundir import RunDirectory
 
 #: Built-in PR-FL ablations: ``prfl-<key>`` is PR-FL with these options changed.
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -315,10 +316,11 @@ def run_state(plan: ComparisonPlan, method: str, seed: int, restart: bool = Fals
     ``restart`` (then it is run again from scratch).
     """
     d = plan.run_dir(method, seed)
-    if restart or not (d / "config.yaml").is_file():
+    rd = RunDirectory(d)
+    if restart or not rd.config.is_file():
         return "new"
     try:
-        there = load_config(d / "config.yaml").model_dump(mode="json")
+        there = load_config(rd.config).model_dump(mode="json")
     except ConfigError as exc:
         raise ConfigError(f"{d}/config.yaml cannot be read ({exc}); remove the directory or pass --restart") from None
     now = plan.run_config(method, seed).model_dump(mode="json")
@@ -326,9 +328,9 @@ def run_state(plan: ComparisonPlan, method: str, seed: int, restart: bool = Fals
     if diffs:
         raise ConfigError(f"{d} holds a run of another configuration ({'; '.join(diffs[:3])}"
                           f"{'; ...' if len(diffs) > 3 else ''}); use another --out, or --restart to run it again")
-    if (d / "summary.json").is_file():
+    if rd.is_finished():
         return "done"
-    if (d / "checkpoint.pt").is_file():
+    if rd.checkpoint.is_file():
         return "resume"
     return "new"
 

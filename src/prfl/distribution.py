@@ -361,6 +361,20 @@ class ResidualSplit:
         )
 
 
+@dataclass(frozen=True)
+class ResidualPlan:
+    """How one task's sub-model is distributed: the residual split of the task's model version
+    and the pieces 0..j it needs (ascending), j the level of the task's density."""
+
+    split: ResidualSplit
+    needed: tuple[PieceId, ...]
+
+    @property
+    def kept(self) -> int:
+        """Prunable weights the needed pieces hold: ``bounds[j]``."""
+        return self.split.bounds[self.needed[-1].index]
+
+
 def plan_download(split: ResidualSplit, density: float, cache_has: set[PieceId]) -> tuple[list[PieceId], int]:
     """What a client of ``density`` must fetch given the pieces it holds: (missing pieces ascending, bytes)."""
     missing = [p for p in split.needed(density) if p not in cache_has]

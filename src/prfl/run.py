@@ -8,9 +8,7 @@ previous one and the history is cut back to that checkpoint).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +27,12 @@ from prfl.policies import build_policy
 from prfl.policies.base import Policy, PolicyContext
 from prfl.report.plots import plot_accuracy, plot_round_time
 from prfl.sim.devices import Fleet, load_fleet, make_fleet
-from prfl.checkpoint import CHECKPOINT, PREVIOUS_CHECKPOINT, CheckpointError, load_checkpoint
+from prfl.runtime.checkpoint import CHECKPOINT, CheckpointError
 from prfl.sim.accounting import ReferenceSizes
 from prfl.sim.engine import SimSettings, Simulation
 from prfl.sim.executors import WorkerSpec, make_executor
-from prfl.sim.history import HistoryWriter, read_history, time_breakdown
+from prfl.runtime.history import HistoryWriter, time_breakdown
+from prfl.runtime.rundir import ResumeError, RunDirectory
 
 log = logging.getLogger(__name__)
 
@@ -311,25 +310,24 @@ def run_policy(
     """Run one policy on the scenario; write the run directory when ``out_dir`` is given."""
     pcfg = pcfg or sc.cfg.policy
     cfg = sc.cfg.with_policy(pcfg)
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        sc.partition.save(out / "partition.json")
-        for stale in ("history.jsonl", CHECKPOINT, PREVIOUS_CHECKPOINT, CHECKPOINT + ".tmp", "summary.json"):
-            (out / stale).unlink(missing_ok=True)
-    history = HistoryWriter(out / "history.jsonl" if out is not None else None)
+    rd = RunDirectory(out_dir).create() if out_dir is not None else None
+    if rd is not None:
+        save_config(cfg, rd.config)
+        sc.partition.save(rd.partition)
+        rd.clear_run()
+    history = rd.open_history() if rd is not None else HistoryWriter(None)
     executor = _executor(sc)
     try:
-        sim = make_simulation(sc, make_policy(sc, pcfg), out, history, executor, on_progress)
+        sim = make_simulation(sc, make_policy(sc, pcfg), rd.path if rd is not None else None, history, executor,
+                              on_progress)
         summary = sim.run()
     finally:
         executor.close()
         history.close()
     summary["name"] = cfg.name
     summary["seed"] = cfg.seed
-    if out is not None:
-        _finish_run_dir(out, summary, history.records)
+    if rd is not None:
+        _finish_run_dir(rd, summary, history.records)
     summary["history"] = history.records
     return summary
 
@@ -340,26 +338,23 @@ def resume_run(run_dir: str | Path, on_progress: Callable[[dict[str, Any]], None
     ``checkpoint.pt`` is used unless it is torn or corrupted (its checksum fails) or ahead of the
     history file; then ``checkpoint.prev.pt`` is.
     """
-    out = Path(run_dir)
-    if not (out / "config.yaml").is_file():
-        raise ConfigError(f"{out} is not a run directory (no config.yaml)")
-    if not (out / CHECKPOINT).is_file() and not (out / PREVIOUS_CHECKPOINT).is_file():
-        raise ConfigError(f"{out} has no {CHECKPOINT} to resume from; start the run again with `prfl run`")
-    hist = out / "history.jsonl"
-    if not hist.is_file():
-        raise ConfigError(f"{out} has a checkpoint but no history.jsonl to continue; start the run again with `prfl run`")
-    cfg = load_config(out / "config.yaml")
+    rd = RunDirectory(run_dir)
     try:
-        state, used = load_checkpoint(out, history_size=hist.stat().st_size)
+        rd.check_resumable()
+    except ResumeError as exc:
+        raise ConfigError(str(exc)) from None
+    cfg = load_config(rd.config)
+    try:
+        state, used = rd.load_checkpoint()
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
     if used.name != CHECKPOINT:
-        log.warning("%s: resuming from %s", out, used.name)
+        log.warning("%s: resuming from %s", rd.path, used.name)
     sc = build_scenario(cfg)
-    history = HistoryWriter(hist, truncate_at=state["history_offset"])
+    history = rd.open_history(truncate_at=state["history_offset"])
     executor = _executor(sc)
     try:
-        sim = make_simulation(sc, make_policy(sc, cfg.policy), out, history, executor, on_progress)
+        sim = make_simulation(sc, make_policy(sc, cfg.policy), rd.path, history, executor, on_progress)
         sim.resume(state)
         del state  # what the run needs now lives in the simulation
         summary = sim.run()
@@ -368,18 +363,15 @@ def resume_run(run_dir: str | Path, on_progress: Callable[[dict[str, Any]], None
         history.close()
     summary["name"] = cfg.name
     summary["seed"] = cfg.seed
-    records = list(read_history(out / "history.jsonl"))
-    _finish_run_dir(out, summary, records)
+    records = list(rd.records())
+    _finish_run_dir(rd, summary, records)
     summary["history"] = records
     return summary
 
 
-def _finish_run_dir(out: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> None:
-    # atomically: a run killed while finishing leaves the old summary or none, never half of one
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
-    os.replace(tmp, out / "summary.json")
-    plot_accuracy({summary["policy"]: records}, out / "accuracy.png", title=summary.get("name", ""))
+def _finish_run_dir(rd: RunDirectory, summary: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    rd.write_summary(summary)  # atomically: a run killed here leaves the old summary or none
+    plot_accuracy({summary["policy"]: records}, rd.accuracy_plot, title=summary.get("name", ""))
     clients = len(summary.get("local_rounds", ())) or None
-    plot_round_time({summary["policy"]: time_breakdown(records, clients)}, out / "round_time.png",
+    plot_round_time({summary["policy"]: time_breakdown(records, clients)}, rd.round_time_plot,
                     title=summary.get("name", ""))

@@ -50,7 +50,7 @@ from prfl.flower.driver import NODE_UNAVAILABLE, FlowerDriver  # noqa: E402
 from prfl.flower.pieces import NodeCache  # noqa: E402
 from prfl.flower.settings import DriverSettings  # noqa: E402
 from prfl.policies.base import Dispatch, ResultArrived, TaskFailed, TimerFired  # noqa: E402
-from prfl.sim.history import HistoryWriter  # noqa: E402
+from prfl.runtime.history import HistoryWriter  # noqa: E402
 
 TRAIN_FATES = ("ok",) * 14 + ("lost", "late", "error", "unavailable", "garbage", "wrong_task", "short", "nan",
                              "zero_samples", "duplicate", "duplicate", "describe_content")

@@ -26,7 +26,7 @@ from flwr.app import Message, RecordDict, ConfigRecord  # noqa: E402
 from prfl.flower import codec  # noqa: E402
 from prfl.flower.driver import FlowerDriver  # noqa: E402
 from prfl.policies.base import ClientIdle, Start, TaskFailed  # noqa: E402
-from prfl.sim.history import HistoryWriter  # noqa: E402
+from prfl.runtime.history import HistoryWriter  # noqa: E402
 
 SEEDS = int(os.environ.get("PRFL_FUZZ_FLOWER", "8"))
 

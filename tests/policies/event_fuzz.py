@@ -55,6 +55,7 @@ from prfl.policies.base import (
     Event,
     Policy,
     PolicyContext,
+    NotifyClient,
     Record,
     RequestEvaluation,
     ResultArrived,
@@ -309,6 +310,12 @@ class PolicyFuzz:
                 if not bool(torch.isfinite(a.weights).all()):
                     self.fail(f"evaluation {a.tag!r} of non-finite weights")
                 answers.append(a)
+            elif isinstance(a, NotifyClient):
+                # a notice goes with the rejection of the same task, recorded in the same answer
+                told = [(int(r.data["client"]), int(r.data["task"])) for r in actions
+                        if isinstance(r, Record) and r.kind == "rejected"]
+                if (a.client, a.task_id) not in told:
+                    self.fail(f"NotifyClient for client {a.client}, task {a.task_id} without its rejection record")
             elif isinstance(a, Record):
                 if a.kind == "quarantined":
                     self.told_gone[int(a.data["client"])] = True

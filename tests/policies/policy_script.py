@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from prfl.checkpoint import dumps, loads
+from prfl.runtime.checkpoint import dumps, loads
 from prfl.client.result import TaskResult
 from prfl.policies.base import (
     Action,
@@ -77,7 +77,7 @@ def arrive(policy: Policy, task: TaskSpec, weights: Any, now: float = 0.0, num_s
 
 
 def checkpoint(policy: Policy) -> dict[str, Any]:
-    """state_dict through the checkpoint file format (prfl.checkpoint), as a real checkpoint."""
+    """state_dict through the checkpoint file format (prfl.runtime.checkpoint), as a real checkpoint."""
     return loads(dumps(policy.state_dict()))
 
 

@@ -319,7 +319,7 @@ def sim_run(mode: str, scaler: bool = False):
     from prfl.config import load_config
     from prfl.run import build_scenario, make_simulation
     from prfl.sim.executors import make_executor
-    from prfl.sim.history import HistoryWriter
+    from prfl.runtime.history import HistoryWriter
 
     hidden = "{hidden: [32], scaler: true}" if scaler else "{hidden: [32]}"
     cfg = load_config(overrides=[

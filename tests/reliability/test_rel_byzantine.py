@@ -24,7 +24,7 @@ import pytest
 from prfl.config import load_config
 from prfl.policies import build_policy
 from prfl.run import Scenario, _executor, build_scenario, make_simulation
-from prfl.sim.history import HistoryWriter
+from prfl.runtime.history import HistoryWriter
 
 pytestmark = pytest.mark.slow
 

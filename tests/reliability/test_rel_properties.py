@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from prfl.aggregation import mask_fedavg, weighted_average
 from prfl.buffer import ClientBuffer
-from prfl.checkpoint import dumps, loads
+from prfl.runtime.checkpoint import dumps, loads
 from prfl.config import ConfigError, ExperimentConfig, load_config
 from prfl.data import DATASETS
 from prfl.distribution import PackedIndex, ResidualSplit

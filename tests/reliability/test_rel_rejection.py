@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from prfl.checkpoint import dumps, loads
+from prfl.runtime.checkpoint import dumps, loads
 from prfl.client.result import TaskResult
 from prfl.policies import build_policy
 from prfl.policies.base import ClientIdle, Dispatch, PolicyContext, Record, ResultArrived, Start, TaskFailed
@@ -139,7 +139,7 @@ def test_repeat_offenders_are_quarantined_and_an_all_bad_fleet_stops() -> None:
         tasks.update(dispatches(acts))
         now += 1.0
     kinds = [a.kind if isinstance(a, Record) else type(a).__name__ for a in acts]
-    assert kinds == ["rejected", "quarantined", "Stop"]
+    assert kinds == ["rejected", "NotifyClient", "quarantined", "Stop"]
     assert "every client is quarantined after 5 rejected updates in a row (last: finite:" in acts[-1].reason
     assert pol.reject_streak == [5, 5, 5] and pol.rejected == [9, 5, 5] and pol.online == set()
     # a quarantined client that the driver reports idle gets another chance
@@ -241,7 +241,7 @@ class NaNClient:
 def test_simulator_records_rejections_and_keeps_training() -> None:
     from prfl.config import load_config
     from prfl.run import _executor, build_scenario, make_policy, make_simulation
-    from prfl.sim.history import HistoryWriter
+    from prfl.runtime.history import HistoryWriter
 
     cfg = load_config(None, [
         "seed=2", "data.dataset=digits", "data.num_clients=4", "model.name=mlp", "model.options={hidden: [16]}",

@@ -32,7 +32,7 @@ from typer.testing import CliRunner
 from prfl.cli import app
 from prfl.config import ConfigError
 from prfl.run import resume_run
-from prfl.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, write_checkpoint
+from prfl.runtime.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, write_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import pytest
 
 from prfl.config import ConfigError, load_config
 from prfl.run import build_scenario, resume_run, run_policy
-from prfl.sim.history import TIME_PARTS, read_history
+from prfl.runtime.history import TIME_PARTS, read_history
 
 DENSE_REFERENCE = 592 * 20 + 18 * 4
 SERVER_UP = 10e6

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from prfl.checkpoint import Streamed, read_checkpoint
+from prfl.runtime.checkpoint import Streamed, read_checkpoint
 from prfl.config import load_config
 from prfl.run import build_scenario, resume_run, run_policy
 from prfl.sim.executors import InlineExecutor, TrainJob, make_executor

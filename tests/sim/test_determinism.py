@@ -23,7 +23,7 @@ from prfl.params import ParamLayout
 from prfl.run import Scenario, build_scenario, make_policy, make_simulation
 from prfl.seeding import int_seed
 from prfl.sim.executors import make_executor
-from prfl.sim.history import HistoryWriter
+from prfl.runtime.history import HistoryWriter
 
 # Measured wall-clock quantities: the only fields of a summary allowed to differ between runs.
 WALL_FIELDS = ("wall_seconds", "train_seconds")

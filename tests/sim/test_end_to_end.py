@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from prfl.checkpoint import read_checkpoint
+from prfl.runtime.checkpoint import read_checkpoint
 from prfl.cli import app
 from prfl.config import load_config
 from prfl.run import build_scenario, resume_run, run_policy
-from prfl.sim.history import read_history
+from prfl.runtime.history import read_history
 
 CONFIG = """\
 name: e2e

@@ -45,7 +45,7 @@ from prfl.policies.base import (
 from prfl.sim.devices import DeviceProfile, Fleet, ServerProfile
 from prfl.sim.engine import SimSettings, Simulation
 from prfl.sim.executors import InlineExecutor, WorkerSpec
-from prfl.sim.history import HistoryWriter
+from prfl.runtime.history import HistoryWriter
 
 REL = 1e-9
 STEP_FLOPS = 50.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from prfl.sim.history import time_breakdown, upload_split
+from prfl.runtime.history import time_breakdown, upload_split
 
 
 def arrival(client: int, d: float, w: float, c: float, u: float, **extra: int) -> dict:

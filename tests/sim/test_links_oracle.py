@@ -95,7 +95,7 @@ def test_a_simulation_history_is_the_same_with_either_link(monkeypatch) -> None:
     from prfl.run import build_scenario, make_policy, make_simulation
     from prfl.sim import engine
     from prfl.sim.executors import make_executor
-    from prfl.sim.history import HistoryWriter
+    from prfl.runtime.history import HistoryWriter
 
     overrides = ["data.dataset=digits", "data.num_clients=12", "model.name=mlp", "model.options={hidden: [16]}",
                  "train.local_steps=2", "fleet.preset=lognormal", "policy.name=prfl",

@@ -34,7 +34,7 @@ from prfl.data import Partition, partition_dataset
 from prfl.flower import codec
 from prfl.flower.pieces import NodeCache
 from prfl.flower.settings import AppSettings, app_settings
-from prfl.sim.executors import WorkerSpec, Workspace
+from prfl.client.workspace import WorkerSpec, Workspace
 
 log = logging.getLogger(__name__)
 

@@ -40,23 +40,19 @@ from prfl.flower.pieces import PieceServer, residual_plan
 from prfl.flower.settings import DriverSettings
 from prfl.policies.base import (
     ClientIdle,
-    Dispatch,
-    EvaluationDone,
     Event,
+    NotifyClient,
     Policy,
-    Record,
-    RequestEvaluation,
     ResultArrived,
-    SetTimer,
     Start,
-    Stop,
     TaskFailed,
     TaskSpec,
     TimerFired,
 )
+from prfl.runtime.history import HistoryWriter
+from prfl.runtime.rundir import RunDirectory
+from prfl.runtime.runner import Cadence, PolicyRunner, Traffic
 from prfl.seeding import int_seed
-from prfl.checkpoint import write_checkpoint
-from prfl.sim.history import HistoryWriter
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +146,9 @@ class FlowerDriver:
 
         self.t0 = clock()
         self.started = False
-        self.stopped: str | None = None
         self.last_discover = -1e18
         self.idle_since: float | None = None
-        self.next_eval_round = eval_every_rounds or 0
         self.next_eval_time = eval_every_seconds
-        self.last_eval_version = -1
         # measured and accounted traffic
         self.bytes_down = [0] * k  # payload bytes sent to each client (array buffers)
         self.bytes_up = [0] * k  # payload bytes received: the model updates and the importance scores
@@ -171,13 +164,34 @@ class FlowerDriver:
         self.tasks_sent = 0
         self.arrivals = [0] * k
         self.failures = [0] * k
-        self.evals: list[dict[str, Any]] = []
-        self.reached: dict[float, float] = {}
         self.round_times: list[list[float]] = [[] for _ in range(k)]
-        self.checkpoint_dir: Path | None = None  # set by the caller to enable checkpoints
-        self._last_ckpt_version = 0
-        self._checkpoint_due = False
         self._resume: dict[str, Any] | None = None
+        cadence = Cadence(eval_every_rounds, settings.checkpoint_every_rounds, self.targets)
+        self.runner = PolicyRunner(policy, evaluator, self, self.history, cadence, None, buffer_staleness=True,
+                                   on_eval=self._log_eval)
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        """Where checkpoints go (set by the caller to enable them; None: no checkpoints)."""
+        return self.runner.run_dir.path if self.runner.run_dir is not None else None
+
+    @checkpoint_dir.setter
+    def checkpoint_dir(self, path: Path | None) -> None:
+        self.runner.run_dir = RunDirectory(path) if path is not None else None
+
+    @property
+    def stopped(self) -> str | None:
+        """Why the run stopped (None while it runs)."""
+        return self.runner.stopped
+
+    @stopped.setter
+    def stopped(self, reason: str | None) -> None:
+        self.runner.stopped = reason
+
+    @property
+    def evals(self) -> list[dict[str, Any]]:
+        """The evaluation records so far."""
+        return self.runner.evals
 
     # ------------------------------------------------------------------ clock
     def now(self) -> float:
@@ -199,7 +213,7 @@ class FlowerDriver:
                                driver="flower", nodes=nodes)
         try:
             if resumed is None:
-                self._evaluate()
+                self.runner.evaluate(self.now())
                 self._deliver(Start(now=0.0))
             else:
                 self._restart_tasks(nodes)
@@ -211,8 +225,7 @@ class FlowerDriver:
             raise
         if self.busy:
             log.info("run ended with %d task(s) still out; their replies are ignored", len(self.busy))
-        if self.last_eval_version != self.policy.version or not self.evals:
-            self._evaluate()
+        self.runner.evaluate_if_stale(self.now())
         self.history.write("end", time=self.now(), round=self.policy.version, reason=self.stopped)
         self.history.offset()
         return self.summary(self._clock() - wall0)
@@ -228,12 +241,9 @@ class FlowerDriver:
             "policy_online": list(self.policy_online),
             "timers": dict(self.timers),
             "counters": {name: getattr(self, name) for name in _COUNTERS},
-            "evals": list(self.evals),
-            "reached": dict(self.reached),
+            **self.runner.state_dict(),
             "round_times": [list(r) for r in self.round_times],
-            "next_eval_round": self.next_eval_round,
             "next_eval_time": self.next_eval_time,
-            "last_eval_version": self.last_eval_version,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -246,30 +256,22 @@ class FlowerDriver:
         for name in _COUNTERS:
             value = state["counters"][name]
             setattr(self, name, list(value) if isinstance(value, list) else value)
-        self.evals = list(state["evals"])
-        self.reached = dict(state["reached"])
+        self.runner.load_state_dict(state)
         self.round_times = [list(r) for r in state["round_times"]]
-        self.next_eval_round = state["next_eval_round"]
         self.next_eval_time = state["next_eval_time"]
-        self.last_eval_version = state["last_eval_version"]
-        self._last_ckpt_version = self.policy.version
         self._resume = {"now": float(state["now"])}  # not the state: the policy holds what it needs of it
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint.pt`` in the checkpoint directory atomically (previous one kept)."""
         assert self.checkpoint_dir is not None
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        self.history.write("checkpoint", time=self.now(), round=self.policy.version)
-        path = write_checkpoint(self.state_dict(), self.checkpoint_dir)
-        self._last_ckpt_version = self.policy.version
-        return path
+        return self.runner.write_checkpoint(self.state_dict)
 
     def _restart_tasks(self, nodes: dict[str, int]) -> None:
         """After a resume: tasks in flight at the checkpoint will never be answered (their messages
         belong to the old server), so the policy is told they failed; clients with a node are then
         idle again and get new tasks."""
         now = self.now()
-        lost = sorted(getattr(self.policy, "in_flight", {}).values(), key=lambda t: t.task_id)
+        lost = self.policy.tasks_in_flight()
         self.history.write("resume", time=now, round=self.policy.version, lost_tasks=[t.task_id for t in lost],
                            nodes=nodes)
         log.info("resumed at round %d (t=%.1f s); %d task(s) in flight at the checkpoint are failed",
@@ -332,7 +334,7 @@ class FlowerDriver:
         if self.stopped is None and self._stop_file is not None and self._stop_file.exists():
             self.stopped = f"stop requested ({self._stop_file} exists)"
         if self.stopped is None and self.next_eval_time is not None and now >= self.next_eval_time:
-            self._evaluate()
+            self.runner.evaluate(self.now())
             assert self.eval_every_seconds is not None
             while self.next_eval_time <= now:
                 self.next_eval_time += self.eval_every_seconds
@@ -358,52 +360,36 @@ class FlowerDriver:
 
     # ------------------------------------------------------------------ policy I/O
     def _deliver(self, event: Event) -> None:
-        """Hand ``event`` to the policy and carry out its actions (like the simulator)."""
-        pending: list[Event] = [event]
-        while pending and self.stopped is None:
-            ev = pending.pop(0)
-            if isinstance(ev, TaskFailed):
-                self.policy_online[ev.client] = False
-            elif isinstance(ev, ClientIdle):
-                self.policy_online[ev.client] = True
-            before = self.policy.version
-            actions = self.policy.on_event(ev)
-            for action in actions:
-                if isinstance(action, Dispatch):
-                    self._dispatch(action.task)
-                elif isinstance(action, SetTimer):
-                    if action.at < ev.now - 1e-9:
-                        raise RuntimeError(f"policy set timer {action.key!r} in the past ({action.at} < {ev.now})")
-                    self.timers[action.key] = action.at
-                elif isinstance(action, RequestEvaluation):
-                    loss, acc = self.evaluator(action.weights)
-                    pending.append(EvaluationDone(now=self.now(), tag=action.tag, accuracy=acc, loss=loss))
-                elif isinstance(action, Record):
-                    self.history.write(action.kind, **{"time": self.now(), "round": self.policy.version, **action.data})
-                    if action.kind == "rejected":
-                        d = action.data
-                        self._notify(int(d["client"]), int(d["task"]), str(d["check"]), str(d["reason"]))
-                elif isinstance(action, Stop):
-                    self.stopped = action.reason
-                else:
-                    raise TypeError(f"unknown action {action!r}")
-            if self.policy.version != before:
-                self._after_update()
-        # saved once the event is fully handled (the evaluations it asked for included)
-        if self._checkpoint_due and not pending and self.stopped is None:
-            self._checkpoint_due = False
-            self.save_checkpoint()
+        """Hand ``event`` to the policy through the shared runner (see :mod:`prfl.runtime.runner`)."""
+        self.runner.deliver(event)
         self.history.offset()  # flushed: the history can be followed while the run goes on
 
-    def _after_update(self) -> None:
-        ck = self.settings.checkpoint_every_rounds
-        if ck and self.checkpoint_dir is not None and self.policy.version - self._last_ckpt_version >= ck:
-            self._checkpoint_due = True
-        every = self.eval_every_rounds
-        if every and self.policy.version >= self.next_eval_round:
-            self._evaluate()
-            while self.next_eval_round <= self.policy.version:
-                self.next_eval_round += every
+    # -- transport (for the runner)
+    def clock(self) -> float:
+        return self.now()
+
+    def dispatch(self, spec: TaskSpec) -> None:
+        self._dispatch(spec)
+
+    def set_timer(self, key: str, at: float, event: Event) -> None:
+        if at < event.now - 1e-9:
+            raise RuntimeError(f"policy set timer {key!r} in the past ({at} < {event.now})")
+        self.timers[key] = at
+
+    def notify_client(self, notice: NotifyClient) -> None:
+        self._notify(notice.client, notice.task_id, notice.check, notice.reason)
+
+    def before_event(self, event: Event) -> None:
+        if isinstance(event, TaskFailed):
+            self.policy_online[event.client] = False
+        elif isinstance(event, ClientIdle):
+            self.policy_online[event.client] = True
+
+    def after_update(self) -> None:
+        pass
+
+    def traffic(self) -> Traffic:
+        return Traffic(self.server_egress, self.server_ingress, self.arrivals)
 
     def _fire_timers(self) -> None:
         while self.timers and self.stopped is None:
@@ -778,36 +764,11 @@ class FlowerDriver:
         self.queue.append(ClientIdle(now=self.now(), client=client))
 
     # ------------------------------------------------------------------ evaluation and results
-    def _evaluate(self) -> None:
-        loss, acc = self.evaluator(self.policy.weights)
-        now = self.now() if self.started else 0.0
-        self.last_eval_version = self.policy.version
-        rec: dict[str, Any] = {
-            "time": now,
-            "round": self.policy.version,
-            "accuracy": acc,
-            "loss": loss,
-            "server_egress": self.server_egress,
-            "server_ingress": self.server_ingress,
-            "participation": list(self.arrivals),
-        }
-        densities = getattr(self.policy, "densities", None)
-        if densities is not None:
-            rec["density"] = [float(d) for d in densities]
-        buffer = getattr(self.policy, "buffer", None)
-        if buffer is not None and hasattr(buffer, "get"):
-            entries = [buffer.get(c) for c in range(self.num_clients)]
-            rec["buffer_staleness"] = [None if e is None else self.policy.version - e.sent_round for e in entries]
-        self.evals.append(rec)
-        for target in self.targets:
-            if acc >= target and target not in self.reached:
-                self.reached[target] = now
-        self.history.write("eval", **rec)
-        log.info("round %d  t=%.1fs  accuracy %.4f  loss %.4f", self.policy.version, now, acc, loss)
+    def _log_eval(self, rec: dict[str, Any]) -> None:
+        log.info("round %d  t=%.1fs  accuracy %.4f  loss %.4f", rec["round"], rec["time"], rec["accuracy"], rec["loss"])
 
     def summary(self, wall_seconds: float) -> dict[str, Any]:
         """The run's summary (the simulator's keys, plus the measured traffic)."""
-        accs = [e["accuracy"] for e in self.evals]
         return {
             "policy": self.policy.name,
             "driver": "flower",
@@ -815,9 +776,7 @@ class FlowerDriver:
             "seconds": self.now(),
             "wall_seconds": wall_seconds,
             "server_rounds": self.policy.version,
-            "final_accuracy": accs[-1] if accs else None,
-            "best_accuracy": max(accs) if accs else None,
-            "time_to_accuracy": {f"{t:g}": self.reached.get(t) for t in self.targets},
+            **self.runner.accuracy_summary(),
             "local_rounds": list(self.arrivals),
             "aggregated_rounds": list(self.policy.participation),
             "failed_tasks": list(self.failures),
@@ -835,4 +794,5 @@ class FlowerDriver:
             "accounted_upload_bytes": list(self.accounted_up),
             "record_bytes_sent": self.record_down,
             "record_bytes_received": self.record_up,
+            **self.runner.rejected_summary(),
         }

@@ -11,13 +11,12 @@ the messages of a run, and rebuilds the sub-model from them.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from prfl.distribution import PackedIndex, Piece, PieceId, ResidualSplit, assemble
+from prfl.distribution import PackedIndex, Piece, PieceId, ResidualPlan, ResidualSplit, assemble
 from prfl.flower.codec import TaskMessage, decode_index, encode_index, from_raw, raw_array
 from prfl.policies.base import Policy, TaskSpec
 
@@ -28,35 +27,17 @@ class MissingPieces(RuntimeError):
     """A node was asked to rebuild a sub-model from pieces it does not hold."""
 
 
-@dataclass(frozen=True)
-class PiecePlan:
-    """The residual split a task is distributed with and the pieces 0..j it needs."""
-
-    split: ResidualSplit
-    needed: tuple[PieceId, ...]
+PiecePlan = ResidualPlan  # the name this module used before the plan moved to prfl.distribution
 
 
-def residual_plan(policy: Policy, spec: TaskSpec) -> PiecePlan | None:
-    """The residual pieces ``spec`` needs, or None when its policy sends whole (sub-)models.
-
-    A policy opts in with a method ``residual_split_for(spec) -> (split, needed) | None``.
-    PR-FL with ``residual_split`` on is read from the split its last dispatches used (every
-    dispatch of one event shares it). The split's mask at the task's level must be the task's
-    mask, which is checked here.
-    """
-    hook = getattr(policy, "residual_split_for", None)
-    if callable(hook):
-        got = hook(spec)
-        if got is None:
-            return None
-        split, needed = got
-        plan = PiecePlan(split, tuple(needed))
-    else:
-        split = getattr(policy, "_split", None)
-        if not isinstance(split, ResidualSplit) or not getattr(getattr(policy, "config", None), "residual_split", False):
-            return None
-        plan = PiecePlan(split, split.needed(spec.density))
-    kept = plan.split.bounds[plan.needed[-1].index]
+def residual_plan(policy: Policy, spec: TaskSpec) -> ResidualPlan | None:
+    """The residual pieces ``spec`` needs (:meth:`Policy.residual_plan`), or None when its
+    policy sends whole (sub-)models. The split's mask at the task's level must be the task's
+    mask, which is checked here."""
+    plan = policy.residual_plan(spec)
+    if plan is None:
+        return None
+    kept = plan.kept
     expected = plan.split.num_prunable if spec.mask is None else int(spec.mask.sum())
     if kept != expected:
         raise RuntimeError(
@@ -105,7 +86,7 @@ class PieceServer:
             self._values = {}
             self._published_values = {p for p in self._published_values if p.version >= split.version}
 
-    def arrays_for(self, plan: PiecePlan, weights: torch.Tensor, client: int) -> tuple[dict[str, Array], list[str], int]:
+    def arrays_for(self, plan: ResidualPlan, weights: torch.Tensor, client: int) -> tuple[dict[str, Array], list[str], int]:
         """Arrays ``client`` still needs for ``plan``, their labels, and the bytes newly published."""
         split = plan.split
         self._sync(split)

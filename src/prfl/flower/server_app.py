@@ -13,10 +13,7 @@ checkpoint and goes on, and the tasks that were in flight are failed and sent ag
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
-import os
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -32,8 +29,8 @@ from prfl.flower.driver import FlowerDriver
 from prfl.flower.settings import DEFAULT_RUNS_ROOT, AppSettings, app_settings
 from prfl.report.plots import plot_accuracy
 from prfl.run import build_scenario, make_policy
-from prfl.checkpoint import CHECKPOINT, PREVIOUS_CHECKPOINT, CheckpointError, load_checkpoint
-from prfl.sim.history import HistoryWriter, read_history
+from prfl.runtime.checkpoint import CheckpointError
+from prfl.runtime.rundir import RUN_FILES, RunDirectory
 
 log = logging.getLogger(__name__)
 
@@ -48,26 +45,17 @@ def _ensure_log_handler() -> None:
         logger.setLevel(logging.INFO)
 
 
-RUN_FILES = ("history.jsonl", "summary.json", CHECKPOINT, PREVIOUS_CHECKPOINT)
+__all__ = ["RUN_FILES", "holds_run", "new_run_folder", "run_folder", "run_server", "make_server_app", "app"]
 
 
 def holds_run(folder: Path) -> bool:
     """Does ``folder`` hold (part of) an earlier run?"""
-    return any((folder / name).exists() for name in RUN_FILES)
+    return RunDirectory(folder).holds_run()
 
 
 def new_run_folder(root: Path, name: str, now: datetime | None = None) -> Path:
     """Create and return ``root/<name>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``... when taken)."""
-    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    root.mkdir(parents=True, exist_ok=True)
-    for k in itertools.count(1):
-        folder = root / (f"{name}-{stamp}" if k == 1 else f"{name}-{stamp}-{k}")
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            continue
-        return folder
-    raise AssertionError("unreachable")
+    return RunDirectory.new_timestamped(root, name, now).path
 
 
 def run_folder(settings: AppSettings) -> Path:
@@ -96,20 +84,20 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], defaults: Mapping[str,
     sc = build_scenario(cfg)
     policy = make_policy(sc, cfg.policy)
     out = run_folder(settings)
-    state = _checkpoint_to_resume(out, cfg) if settings.driver.resume else None
-    if state is None and holds_run(out):
+    rd = RunDirectory(out)
+    state = _checkpoint_to_resume(rd, cfg) if settings.driver.resume else None
+    if state is None and rd.holds_run():
         if not settings.driver.overwrite:
             raise ConfigError(
                 f"{out} already holds a run (kept as it is); leave out-dir empty for a new timestamped folder or "
                 "name another one, set resume = true to continue this run, or overwrite = true to replace it")
-        for stale in RUN_FILES:
-            (out / stale).unlink(missing_ok=True)
-    (out / "summary.json").unlink(missing_ok=True)
-    save_config(cfg, out / "config.yaml")
-    sc.partition.save(out / "partition.json")
+        rd.clear_run()
+    rd.summary.unlink(missing_ok=True)
+    save_config(cfg, rd.config)
+    sc.partition.save(rd.partition)
     log.info("prfl on Flower: policy %s, %d clients, %s/%s; stops at %s; run folder %s", policy.name,
              cfg.data.num_clients, cfg.data.dataset, cfg.model.name, cfg.sim.budget("s (wall clock)"), out.resolve())
-    history = HistoryWriter(out / "history.jsonl", truncate_at=None if state is None else int(state["history_offset"]))
+    history = rd.open_history(truncate_at=None if state is None else int(state["history_offset"]))
     s = cfg.sim
     driver = FlowerDriver(
         grid, policy, sc.evaluator(), settings.driver, seed=cfg.seed, history=history,
@@ -127,11 +115,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], defaults: Mapping[str,
     summary["name"] = cfg.name
     summary["seed"] = cfg.seed
     summary["clock"] = "wall"  # times are real seconds since Start (the simulator's are virtual)
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
-    os.replace(tmp, out / "summary.json")
-    plot_accuracy({summary["policy"]: read_history(out / "history.jsonl")}, out / "accuracy.png", title=cfg.name,
-                  clock="wall")
+    rd.write_summary(summary)
+    plot_accuracy({summary["policy"]: rd.records()}, rd.accuracy_plot, title=cfg.name, clock="wall")
     log.info("run folder %s: config.yaml, history.jsonl, summary.json, accuracy.png; "
              "`prfl report %s` builds its HTML page", out.resolve(), out.resolve())
     log.info("done: %s after %d server updates, %.1f s; final accuracy %s; %d messages sent",
@@ -140,12 +125,13 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], defaults: Mapping[str,
     return summary
 
 
-def _checkpoint_to_resume(out: Any, cfg: Any) -> dict[str, Any] | None:
+def _checkpoint_to_resume(rd: RunDirectory, cfg: Any) -> dict[str, Any] | None:
     """The checkpoint a resumed run continues from; None (start afresh) when out-dir has none."""
-    if not (out / CHECKPOINT).exists() and not (out / PREVIOUS_CHECKPOINT).exists():
+    out = rd.path
+    if not rd.has_checkpoint():
         log.warning("resume requested but %s holds no checkpoint: starting a new run", out)
         return None
-    saved = out / "config.yaml"
+    saved = rd.config
     if saved.exists():
         old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
         new = cfg.model_dump(mode="json")
@@ -156,9 +142,8 @@ def _checkpoint_to_resume(out: Any, cfg: Any) -> dict[str, Any] | None:
                 f"cannot resume the run in {out}: the run config changes {', '.join(changed)} "
                 f"(compare with {saved}); use the same config, or another out-dir to start afresh"
             )
-    history = out / "history.jsonl"
     try:
-        state, path = load_checkpoint(out, history.stat().st_size if history.exists() else 0)
+        state, path = rd.load_checkpoint()
     except CheckpointError as exc:
         raise ConfigError(f"{exc}; or set resume = false to start afresh") from None
     log.info("resuming from %s", path)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Union
 import torch
 
 from prfl.client.result import TaskResult
+from prfl.distribution import ResidualPlan
 
 
 # --------------------------------------------------------------------------- context
@@ -251,7 +252,45 @@ class Stop:
     reason: str
 
 
-Action = Union[Dispatch, SetTimer, RequestEvaluation, Record, Stop]
+@dataclass(frozen=True)
+class NotifyClient:
+    """Tell ``client`` that the result of its task ``task_id`` was rejected by ``check`` (with
+    ``reason``). A driver with a transport sends the client's node a notice (fire and forget);
+    the simulator, whose clients are modelled, has no one to tell."""
+
+    client: int
+    task_id: int
+    check: str
+    reason: str
+
+
+Action = Union[Dispatch, SetTimer, RequestEvaluation, Record, Stop, NotifyClient]
+
+
+# --------------------------------------------------------------------------- what drivers read
+@dataclass(frozen=True)
+class PolicyMetrics:
+    """What a policy reports to its driver for evaluation records and the summary.
+
+    ``densities``: each client's current density rho_i in (0, 1] (None: the policy does not
+    assign densities). ``buffer_staleness``: per client, ``version - v_i`` for the update of
+    client i waiting in the server's buffer, sent from model version v_i (None for a client with
+    nothing buffered; None as a whole: the policy keeps no per-client buffer). ``rejected``:
+    results rejected by validation, per client (empty: the policy validates nothing).
+    """
+
+    densities: tuple[float, ...] | None = None
+    buffer_staleness: tuple[int | None, ...] | None = None
+    rejected: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class TaskInFlight:
+    """A task the policy dispatched and still waits for (as drivers see it)."""
+
+    task_id: int
+    client: int
+    version: int  # model version it started from
 
 
 # --------------------------------------------------------------------------- policy
@@ -274,6 +313,20 @@ class Policy:
     # -- to implement
     def on_event(self, event: Event) -> list[Action]:
         raise NotImplementedError
+
+    # -- what drivers may read (public and typed: no driver reads a policy's attributes)
+    def metrics(self) -> PolicyMetrics:
+        """Per-client figures for evaluation records and the summary (none by default)."""
+        return PolicyMetrics()
+
+    def tasks_in_flight(self) -> tuple[TaskInFlight, ...]:
+        """The tasks dispatched and not yet ended (arrived, failed or rejected), by task id."""
+        return ()
+
+    def residual_plan(self, spec: TaskSpec) -> ResidualPlan | None:
+        """How ``spec``'s sub-model is distributed as nested residual pieces (the split and the
+        pieces 0..j it needs), or None when the policy sends whole (sub-)models."""
+        return None
 
     # -- helpers for subclasses
     def new_task_id(self) -> int:

@@ -6,10 +6,10 @@ Rejected updates. :meth:`FleetPolicy.take_result` screens every result with
 finiteness, mask, importance statistic and, when configured, the update norm) before anything
 changes. A failing result raises :class:`~prfl.validation.RejectedUpdate`, which
 :meth:`FleetPolicy.on_event` turns into ``Record("rejected", {client, task, version, check,
-reason})``: the update is never aggregated and its task is treated as failed
+reason})`` and a :class:`~prfl.policies.base.NotifyClient` action: the update is never aggregated and its task is treated as failed
 (``_on_task_failed``), but the client stays online and is offered work again at once through
-``_on_client_idle``, as if it had just become idle. Drivers need nothing new: a rejection is a
-record plus, usually, a dispatch. A client whose last ``max_rejections`` results in a row were
+``_on_client_idle``, as if it had just become idle. For a driver a rejection is a record, a
+notice to the client (``NotifyClient``) and, usually, a dispatch. A client whose last ``max_rejections`` results in a row were
 rejected is quarantined (``Record("quarantined")``, offline for the policy until the driver
 reports it idle again), and once every client is quarantined the policy stops the run with the
 last reason. Policies that weight results by their sample count (``weights_by_samples``)
@@ -40,13 +40,16 @@ from prfl.policies.base import (
     Dispatch,
     EvaluationDone,
     Event,
+    NotifyClient,
     Policy,
     PolicyContext,
+    PolicyMetrics,
     Record,
     ResultArrived,
     Start,
     Stop,
     TaskFailed,
+    TaskInFlight,
     TimerFired,
 )
 from prfl.validation import RejectedUpdate, Rejection, UpdateChecks, check_norm, update_norm, validate_update
@@ -201,6 +204,14 @@ class FleetPolicy(Policy):
         """True if the policy needs every accepted update's norm (e.g. to clip it)."""
         return False
 
+    def metrics(self) -> PolicyMetrics:
+        """The rejected results per client (subclasses add what they track)."""
+        return PolicyMetrics(rejected=tuple(self.rejected))
+
+    def tasks_in_flight(self) -> tuple[TaskInFlight, ...]:
+        return tuple(TaskInFlight(t.task_id, t.client, t.version)
+                     for t in sorted(self.in_flight.values(), key=lambda t: t.task_id))
+
     def task_mask(self, task: InFlight) -> torch.Tensor | None:
         """The mask ``task`` was dispatched with (None: dense)."""
         return None
@@ -219,7 +230,7 @@ class FleetPolicy(Policy):
         actions: list[Action] = [Record("rejected", {
             "client": c, "task": task.task_id, "version": task.version,
             "check": rejection.check, "reason": rejection.reason,
-        })]
+        }), NotifyClient(c, task.task_id, rejection.check, rejection.reason)]
         limit = self.checks.max_rejections
         if limit is not None and self.reject_streak[c] >= limit:
             self.online.discard(c)

@@ -57,7 +57,7 @@ from prfl.aggregation import ACCUMULATE_DTYPE, mask_fedavg
 from prfl.client.result import TaskResult
 from prfl.models.slicing import SliceMap, output_classes
 from prfl.params import ParamLayout
-from prfl.policies.base import Action, Dispatch, PolicyContext, Record, TaskSpec
+from prfl.policies.base import Action, Dispatch, PolicyContext, PolicyMetrics, Record, TaskSpec
 from prfl.policies.fleet import FleetPolicy, InFlight, check_number
 from prfl.pruning.ranking import Ranking, magnitude_ranking
 
@@ -405,6 +405,10 @@ class HeteroFL(FleetPolicy):
     def _on_task_failed(self, now: float, task: InFlight) -> list[Action]:
         self.failed.append(task.client)
         return self._maybe_close(now)
+
+    def metrics(self) -> PolicyMetrics:
+        """The clients' fixed densities (mask mode; None in width mode) and rejected results."""
+        return PolicyMetrics(densities=self.densities, rejected=tuple(self.rejected))
 
     def task_mask(self, task: InFlight) -> torch.Tensor | None:
         """Mask form: the mask the task trained under. Rounds are synchronous, so a task in flight

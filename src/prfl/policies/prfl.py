@@ -32,13 +32,14 @@ import torch
 from prfl.aggregation import Staleness, mask_fedavg, staleness_weight, weighted_average
 from prfl.buffer import ClientBuffer, order_dtype
 from prfl.client.result import TaskResult
-from prfl.distribution import PieceId, Publisher, ResidualSplit, dense_model_bytes, sparse_model_bytes
+from prfl.distribution import Publisher, ResidualPlan, ResidualSplit, dense_model_bytes, sparse_model_bytes
 from prfl.policies.base import (
     Action,
     Dispatch,
     EvaluationDone,
     Event,
     PolicyContext,
+    PolicyMetrics,
     Record,
     RequestEvaluation,
     SetTimer,
@@ -312,11 +313,21 @@ class PRFL(FleetPolicy):
             self.publisher.forget_versions_before(self._split_id)
         return self._split
 
-    def residual_split_for(self, spec: TaskSpec) -> tuple[ResidualSplit, tuple[PieceId, ...]] | None:
-        """The split the current dispatches use and the pieces ``spec`` needs (None: whole models)."""
+    def residual_plan(self, spec: TaskSpec) -> ResidualPlan | None:
+        """The split the current dispatches use (every dispatch of one event shares it) and the
+        pieces ``spec`` needs; None with ``residual_split`` off (whole sub-models)."""
         if not self.config.residual_split or self._split is None:
             return None
-        return self._split, self._split.needed(spec.density)
+        return ResidualPlan(self._split, self._split.needed(spec.density))
+
+    def metrics(self) -> PolicyMetrics:
+        """Densities, the buffered updates' staleness and the rejected results per client."""
+        entries = [self.buffer.get(c) for c in range(self.ctx.num_clients)]
+        return PolicyMetrics(
+            densities=tuple(float(d) for d in self.control.densities),
+            buffer_staleness=tuple(None if e is None else self.version - e.sent_round for e in entries),
+            rejected=tuple(self.rejected),
+        )
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, client: int, now: float) -> Dispatch:

@@ -20,7 +20,6 @@ Conventions:
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from prfl.sim.history import read_history
+from prfl.runtime.rundir import RunDirectory
 
 MB = 1e6
 
@@ -62,22 +61,18 @@ class RunData:
 
 def is_run_dir(path: str | Path) -> bool:
     """Does ``path`` look like a run directory (``config.yaml`` and ``history.jsonl``)?"""
-    p = Path(path)
-    return (p / "config.yaml").is_file() and (p / "history.jsonl").is_file()
+    return RunDirectory(path).is_run()
 
 
 def load_run(path: str | Path) -> RunData:
     """Read a run directory; ``summary`` is ``None`` when the run did not finish."""
-    p = Path(path)
-    hist = p / "history.jsonl"
-    records = list(read_history(hist)) if hist.is_file() else []
-    summary = None
-    if (p / "summary.json").is_file():
-        summary = json.loads((p / "summary.json").read_text(encoding="utf-8"))
+    rd = RunDirectory(path)
+    records = list(rd.records()) if rd.history.is_file() else []
+    summary = rd.read_summary() if rd.is_finished() else None
     config = None
-    if (p / "config.yaml").is_file():
-        config = yaml.safe_load((p / "config.yaml").read_text(encoding="utf-8")) or {}
-    return RunData(p, records, summary, config)
+    if rd.config.is_file():
+        config = yaml.safe_load(rd.config.read_text(encoding="utf-8")) or {}
+    return RunData(rd.path, records, summary, config)
 
 
 def evals(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

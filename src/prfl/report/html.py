@@ -22,7 +22,7 @@ from prfl.report.analysis import MethodSummary
 from prfl.report.outputs import PLOT_TITLES, write_plots
 from prfl.report.plots import density_marks, method_colors
 from prfl.report.runset import RunSet, load_runset
-from prfl.sim.history import TIME_PARTS, UPLOAD_PARTS, time_breakdown, upload_split
+from prfl.runtime.history import TIME_PARTS, UPLOAD_PARTS, time_breakdown, upload_split
 
 REPORT_NAME = "report.html"
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"

@@ -295,10 +295,10 @@ ROUND_TIME_COLORS = {"download": "tab:blue", "link_wait": "tab:gray", "compute":
 def plot_round_time(breakdowns: Mapping[str, Mapping[str, Sequence[float | None]]], path: str | Path,
                     title: str = "") -> Path:
     """Where a local round's time goes: per client, a stacked bar of the mean seconds per task of
-    download, link wait, compute and upload (see :mod:`prfl.sim.history`); one panel per method.
+    download, link wait, compute and upload (see :mod:`prfl.runtime.history`); one panel per method.
 
     ``breakdowns`` maps a method to ``{part: [seconds per client]}`` as returned by
-    :func:`prfl.sim.history.time_breakdown` (None: the client finished no task; drawn as 0).
+    :func:`prfl.runtime.history.time_breakdown` (None: the client finished no task; drawn as 0).
     """
     panels = [(m, b) for m, b in breakdowns.items()
               if any(v is not None for p in ROUND_TIME_PARTS for v in b.get(p, ()))]

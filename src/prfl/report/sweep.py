@@ -40,7 +40,6 @@ Definitions (times are virtual seconds):
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -51,7 +50,7 @@ from typing import Any
 import yaml
 
 from prfl.report.analysis import Stat, describe, imbalance
-from prfl.sim.history import read_history
+from prfl.runtime.rundir import RunDirectory
 
 Table = tuple[list[str], list[list[str]]]
 
@@ -138,12 +137,12 @@ def compact_run(run_dir: str | Path, cell: Mapping[str, Any] | None = None, slow
     the whole task (``duration``); a part the history does not record is ``None`` and listed in
     ``timing_missing``. ``cell`` (group, method, seed, ...) is stored as given.
     """
-    d = Path(run_dir)
-    summary_path = d / "summary.json"
-    if not summary_path.is_file():
+    rd = RunDirectory(run_dir)
+    d = rd.path
+    if not rd.is_finished():
         raise FileNotFoundError(f"{d} has no summary.json: the run has not finished (resume it first)")
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    config = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8")) or {}
+    summary = rd.read_summary()
+    config = yaml.safe_load(rd.config.read_text(encoding="utf-8")) or {}
     n = int(config["data"]["num_clients"])
     series: dict[str, list[Any]] = {k: [] for k in EVAL_KEYS}
     sums = {p: [0.0] * n for p in (*TIME_PARTS, "duration")}
@@ -151,8 +150,7 @@ def compact_run(run_dir: str | Path, cell: Mapping[str, Any] | None = None, slow
     count = [0] * n
     staleness = [0.0] * n
     records = 0
-    hist = d / "history.jsonl"
-    for r in read_history(hist):
+    for r in rd.records():
         records += 1
         ev = r.get("event")
         if ev == "eval" and r.get("accuracy") is not None:
@@ -194,7 +192,7 @@ def compact_run(run_dir: str | Path, cell: Mapping[str, Any] | None = None, slow
         "timing_missing": missing,
         "slow_clients": slow,
         "slow_fraction": slow_fraction,
-        "history": {"records": records, "sha256": _file_sha256(hist)},
+        "history": {"records": records, "sha256": _file_sha256(rd.history)},
     }
     if slow_error:
         out["slow_clients_error"] = slow_error

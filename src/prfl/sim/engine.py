@@ -24,7 +24,7 @@ checkpoint replays exactly what the uninterrupted run did. An in-flight task is 
 job it is (its start values, one copy per model version and mask, fetched from wherever the
 executor keeps them: memory or its spill files) and trained again after a resume, which gives
 the same output since a job carries everything that decides it; a task whose job is no longer
-at hand (already trained) is saved with its output. The file format is :mod:`prfl.checkpoint`
+at hand (already trained) is saved with its output. The file format is :mod:`prfl.runtime.checkpoint`
 (safetensors and JSON, written atomically with a checksum trailer, ``checkpoint.prev.pt`` kept);
 :func:`load_checkpoint` falls back to the previous checkpoint, and the caller cuts the history
 back to the offset of the checkpoint it got.
@@ -46,30 +46,16 @@ import numpy as np
 import torch
 
 from prfl.allocator import release_free_heap, tune_allocator
-from prfl.checkpoint import (  # noqa: F401  (the checkpoint names, as this module has always exported them)
-    CHECKPOINT,
-    PREVIOUS_CHECKPOINT,
-    CheckpointError,
-    Streamed,
-    load_checkpoint,
-    materialize,
-    read_checkpoint,
-    write_checkpoint,
-)
+from prfl.runtime.checkpoint import CheckpointError, Streamed, materialize
 from prfl.client.result import TaskResult
 from prfl.client.trainer import TrainConfig, TrainOutput
 from prfl.policies.base import (
     ClientIdle,
-    Dispatch,
-    EvaluationDone,
     Event,
+    NotifyClient,
     Policy,
-    Record,
-    RequestEvaluation,
     ResultArrived,
-    SetTimer,
     Start,
-    Stop,
     TaskFailed,
     TaskSpec,
     TimerFired,
@@ -78,7 +64,9 @@ from prfl.seeding import int_seed
 from prfl.sim.accounting import Accounting, ReferenceBroadcast, ReferenceSizes, check_accounting, values_only_bytes
 from prfl.sim.devices import Fleet, TaskSpeeds, draw_server_speeds, draw_task_speeds
 from prfl.sim.executors import Executor, TrainJob, job_source
-from prfl.sim.history import TIME_PARTS, UPLOAD_PARTS, HistoryWriter
+from prfl.runtime.history import TIME_PARTS, UPLOAD_PARTS, HistoryWriter
+from prfl.runtime.rundir import RunDirectory
+from prfl.runtime.runner import Cadence, PolicyRunner, Traffic
 from prfl.sim.links import SharedLink
 
 log = logging.getLogger(__name__)
@@ -193,9 +181,6 @@ class Simulation:
         self.uplink = SharedLink(None)  # server -> clients (downloads)
         self.downlink = SharedLink(None)  # clients -> server (uploads)
         self._server_key = -1
-        self.stopped: str | None = None
-        self.last_eval_version = -1
-        self.next_eval_round = settings.eval_every_rounds or 0
         self.bytes_down = [0] * n
         self.bytes_up = [0] * n
         self.server_egress = 0
@@ -210,12 +195,50 @@ class Simulation:
         self._broadcast = ReferenceBroadcast(self._ref_sizes)
         # reference accounting, compute_time "flops": every client computes at the fastest device's speed
         self._equal_flops = max(p.compute_flops for p in fleet.clients)
-        self.evals: list[dict[str, Any]] = []
-        self.reached: dict[float, float] = {}
-        self._last_ckpt_version = 0
-        self._checkpoint_due = False
-        self._events_handled = 0
         self._resumed = False
+        cadence = Cadence(settings.eval_every_rounds, settings.checkpoint_every_rounds, settings.target_accuracies)
+        run_dir = RunDirectory(self.checkpoint_dir) if self.checkpoint_dir is not None else None
+        self.runner = PolicyRunner(policy, evaluator, self, self.history, cadence, run_dir, on_eval=on_progress)
+
+    @property
+    def stopped(self) -> str | None:
+        """Why the run stopped (None while it runs)."""
+        return self.runner.stopped
+
+    @stopped.setter
+    def stopped(self, reason: str | None) -> None:
+        self.runner.stopped = reason
+
+    @property
+    def evals(self) -> list[dict[str, Any]]:
+        """The evaluation records so far."""
+        return self.runner.evals
+
+    # ------------------------------------------------------------------ transport (for the runner)
+    def clock(self) -> float:
+        return self.now
+
+    def dispatch(self, spec: TaskSpec) -> None:
+        self._dispatch(spec)
+
+    def set_timer(self, key: str, at: float, event: Event) -> None:
+        if at < self.now:
+            raise RuntimeError(f"policy set timer {key!r} in the past ({at} < {self.now})")
+        self._seq += 1
+        self._timers[key] = self._seq
+        heapq.heappush(self._heap, (at, self._seq, "timer", (key, self._seq)))
+
+    def notify_client(self, notice: NotifyClient) -> None:
+        """Modelled clients: no one to tell (the rejection is in the history)."""
+
+    def before_event(self, event: Event) -> None:
+        pass
+
+    def after_update(self) -> None:
+        self._set_server_capacity()
+
+    def traffic(self) -> Traffic:
+        return Traffic(self.server_egress, self.server_ingress, self.arrivals)
 
     # ------------------------------------------------------------------ scheduling
     def _push(self, t: float, kind: str, payload: Any = None) -> int:
@@ -237,7 +260,7 @@ class Simulation:
 
     # ------------------------------------------------------------------ running
     def resume(self, state: dict[str, Any]) -> None:
-        """Restore a checkpoint's state (from :func:`~prfl.checkpoint.load_checkpoint`); the next
+        """Restore a checkpoint's state (from :func:`~prfl.runtime.checkpoint.load_checkpoint`); the next
         :meth:`run` continues from it. The state is not kept: dropping it afterwards frees it."""
         self._restore(state)
         self._resumed = True
@@ -258,7 +281,7 @@ class Simulation:
             if self.settings.eval_every_seconds:
                 self._push(self.settings.eval_every_seconds, "eval_time")
             self._set_server_capacity()
-            self._evaluate(force=True)
+            self.runner.evaluate(self.now)
             self._deliver(Start(now=0.0))  # dispatches to offline clients fail at once
         try:
             while self.stopped is None:
@@ -268,8 +291,7 @@ class Simulation:
                 release_free_heap()  # freed blocks between live ones are not trimmed by glibc
         finally:
             self._drain_futures()
-        if self.last_eval_version != self.policy.version or not self.evals:
-            self._evaluate(force=True)
+        self.runner.evaluate_if_stale(self.now)
         wall = time.perf_counter() - wall0
         self.history.write("end", time=self.now, round=self.policy.version, reason=self.stopped)
         return self.summary(wall)
@@ -313,7 +335,7 @@ class Simulation:
         elif kind == "availability":
             self._availability_change(payload)
         elif kind == "eval_time":
-            self._evaluate(force=True)
+            self.runner.evaluate(self.now)
             if self.settings.eval_every_seconds:
                 self._push(self.now + self.settings.eval_every_seconds, "eval_time")
         elif kind == "failed":
@@ -535,83 +557,17 @@ class Simulation:
 
     # ------------------------------------------------------------------ policy I/O
     def _deliver(self, event: Event) -> None:
-        pending: list[Event] = [event]
-        while pending and self.stopped is None:
-            ev = pending.pop(0)
-            before = self.policy.version
-            actions = self.policy.on_event(ev)
-            self._events_handled += 1
-            for action in actions:
-                if isinstance(action, Dispatch):
-                    self._dispatch(action.task)
-                elif isinstance(action, SetTimer):
-                    if action.at < self.now:
-                        raise RuntimeError(f"policy set timer {action.key!r} in the past ({action.at} < {self.now})")
-                    self._seq += 1
-                    self._timers[action.key] = self._seq
-                    heapq.heappush(self._heap, (action.at, self._seq, "timer", (action.key, self._seq)))
-                elif isinstance(action, RequestEvaluation):
-                    loss, acc = self.evaluator(action.weights)
-                    pending.append(EvaluationDone(now=self.now, tag=action.tag, accuracy=acc, loss=loss))
-                elif isinstance(action, Record):
-                    self.history.write(action.kind, **{"time": self.now, "round": self.policy.version, **action.data})
-                elif isinstance(action, Stop):
-                    self.stopped = action.reason
-                else:
-                    raise TypeError(f"unknown action {action!r}")
-            if self.policy.version != before:
-                self._after_update()
-        # A checkpoint waits until the event is handled completely (the evaluations it asked
-        # for answered), so that nothing pending is left out of the saved state.
-        if self._checkpoint_due and not pending and self.stopped is None:
-            self._checkpoint_due = False
-            self.save_checkpoint()
-
-    def _after_update(self) -> None:
-        self._set_server_capacity()
-        every = self.settings.eval_every_rounds
-        if every and self.policy.version >= self.next_eval_round:
-            self._evaluate(force=True)
-            while self.next_eval_round <= self.policy.version:
-                self.next_eval_round += every
-        ck = self.settings.checkpoint_every_rounds
-        if ck and self.checkpoint_dir is not None and self.policy.version - self._last_ckpt_version >= ck:
-            self._checkpoint_due = True  # saved by _deliver once the event is fully handled
-
-    def _evaluate(self, force: bool = False) -> None:
-        loss, acc = self.evaluator(self.policy.weights)
-        self.last_eval_version = self.policy.version
-        rec = {
-            "time": self.now,
-            "round": self.policy.version,
-            "accuracy": acc,
-            "loss": loss,
-            "server_egress": self.server_egress,
-            "server_ingress": self.server_ingress,
-            "participation": list(self.arrivals),
-        }
-        densities = getattr(self.policy, "densities", None)
-        if densities is not None:
-            rec["density"] = [float(d) for d in densities]
-        self.evals.append(rec)
-        for target in self.settings.target_accuracies:
-            if acc >= target and target not in self.reached:
-                self.reached[target] = self.now
-        self.history.write("eval", **rec)
-        if self.on_progress is not None:
-            self.on_progress(rec)
+        """Hand ``event`` to the policy through the shared runner (see :mod:`prfl.runtime.runner`)."""
+        self.runner.deliver(event)
 
     # ------------------------------------------------------------------ results
     def summary(self, wall_seconds: float) -> dict[str, Any]:
-        accs = [e["accuracy"] for e in self.evals]
         out = {
             "policy": self.policy.name,
             "stopped": self.stopped,
             "virtual_seconds": self.now,
             "server_rounds": self.policy.version,
-            "final_accuracy": accs[-1] if accs else None,
-            "best_accuracy": max(accs) if accs else None,
-            "time_to_accuracy": {f"{t:g}": self.reached.get(t) for t in self.settings.target_accuracies},
+            **self.runner.accuracy_summary(),
             "local_rounds": list(self.arrivals),
             "aggregated_rounds": list(self.policy.participation),
             "server_egress_bytes": self.server_egress,
@@ -629,9 +585,7 @@ class Simulation:
             # bytes the clients' uploads held, by kind (the reference accounting charges values only)
             "upload_bytes_split": dict(zip(UPLOAD_PARTS, self.upload_parts)),
         }
-        rejected = getattr(self.policy, "rejected", None)
-        if rejected is not None and any(rejected):
-            out["rejected_updates"] = list(rejected)
+        out.update(self.runner.rejected_summary())
         if self.privacy is not None:
             from prfl.privacy import privacy_report
 
@@ -649,7 +603,7 @@ class Simulation:
         """Everything needed to continue this run exactly.
 
         An in-flight task whose job the executor still holds is saved as that job: its start
-        values are a :class:`~prfl.checkpoint.Streamed` read from where the executor keeps them
+        values are a :class:`~prfl.runtime.checkpoint.Streamed` read from where the executor keeps them
         (one per model version and mask), and it is trained again after a resume. Otherwise
         (an executor without job sources, or a task already trained) its output is saved,
         trained first if need be."""
@@ -702,27 +656,20 @@ class Simulation:
                 "upload_parts": list(self.upload_parts),
             },
             "broadcast": self._broadcast.state_dict(),
-            "evals": list(self.evals),
-            "reached": dict(self.reached),
-            "last_eval_version": self.last_eval_version,
-            "next_eval_round": self.next_eval_round,
+            **self.runner.state_dict(),
             "history_offset": self.history.offset(),
         }
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint.pt`` atomically, keeping the previous one as ``checkpoint.prev.pt``.
 
-        The file is a :mod:`prfl.checkpoint` file (safetensors arrays, the state as JSON, a
+        The file is a :mod:`prfl.runtime.checkpoint` file (safetensors arrays, the state as JSON, a
         checksum trailer), written to a temporary file, fsynced, renamed; then the directory is
         fsynced. In-flight tasks' start values and a file-backed buffer's values are streamed to
         it one at a time (see :meth:`state_dict`).
         """
         assert self.checkpoint_dir is not None
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        # Written before the state (and its history offset) is taken, so a resumed history keeps it.
-        self.history.write("checkpoint", time=self.now, round=self.policy.version)
-        final = write_checkpoint(self.state_dict(), self.checkpoint_dir)
-        self._last_ckpt_version = self.policy.version
+        final = self.runner.write_checkpoint(self.state_dict)
         release_free_heap()
         return final
 
@@ -749,12 +696,7 @@ class Simulation:
             self.time_parts = [list(r) for r in c["time_parts"]]
             self.upload_parts = list(c["upload_parts"])
         self._broadcast.load_state_dict(state.get("broadcast", {"step": None}))
-        self.evals = list(state["evals"])
-        self.reached = dict(state["reached"])
-        self.last_eval_version = state["last_eval_version"]
-        self.next_eval_round = state["next_eval_round"]
-        self._last_ckpt_version = self.policy.version
-        self._checkpoint_due = False
+        self.runner.load_state_dict(state)
         self.inflight = {}
         # Saved jobs go back to the executor, grouped by their start values: each is read from
         # the checkpoint once, and the executor keeps one copy for the jobs that share it.

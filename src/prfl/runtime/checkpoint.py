@@ -240,12 +240,12 @@ class _Encoder:
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             name = _qualname(type(obj))
             if name not in ALLOWED_TYPES:
-                raise TypeError(f"cannot checkpoint a {name}: not in prfl.checkpoint.ALLOWED_TYPES")
+                raise TypeError(f"cannot checkpoint a {name}: not in prfl.runtime.checkpoint.ALLOWED_TYPES")
             fields = {f.name: self.encode(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
             return {"$dc": name, "fields": fields}
         raise TypeError(
             f"cannot checkpoint a {type(obj).__module__}.{type(obj).__qualname__}: checkpoints hold plain data, "
-            "tensors, numpy arrays and the dataclasses of prfl.checkpoint.ALLOWED_TYPES"
+            "tensors, numpy arrays and the dataclasses of prfl.runtime.checkpoint.ALLOWED_TYPES"
         )
 
 
