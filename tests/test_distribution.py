@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prfl.distribution import (
+    PieceLedger,
     PackedIndex,
     Piece,
     PieceCache,
@@ -316,3 +317,48 @@ def test_publisher_state_dict_round_trip(hand_split):
     other.load_state_dict(pub.state_dict())
     assert other.egress_total == 268
     assert other.publish(s, s.needed(1.0)) == 214  # p0..p2 known to be out already
+
+
+# ---------------------------------------------------------------------------- the piece ledger
+def _ledger_split(version: int, levels: tuple[float, ...] = (0.25, 0.5, 1.0)) -> ResidualSplit:
+    return ResidualSplit(Ranking(torch.randperm(40, generator=torch.Generator().manual_seed(3))), levels, version, 48)
+
+
+def test_ledger_sends_each_client_what_it_lacks_and_publishes_each_piece_once() -> None:
+    ledger = PieceLedger(2)
+    split = _ledger_split(1)
+    assert ledger.use_structure(("r1", split.levels)) and ledger.structure == 1
+    low, high = split.needed(0.25), split.needed(1.0)
+    assert ledger.missing(0, low) == (list(low), list(low)) and ledger.unpublished(low) == (list(low), list(low))
+    ledger.deliver(0, split, low)
+    # client 1 needs everything; only the pieces beyond client 0's are new to the server
+    assert ledger.missing(1, high) == (list(high), list(high))
+    assert ledger.unpublished(high) == (list(high[2:]), list(high[2:]))
+    ledger.deliver(1, split, high)
+    # next model version, same structure: the values are new, the positions are held
+    ledger.use_version(2)
+    nxt = split.for_version(2)
+    assert not ledger.use_structure(("r1", split.levels))
+    assert ledger.missing(1, nxt.needed(1.0)) == (list(nxt.needed(1.0)), [])
+    assert ledger.unpublished(nxt.needed(0.5)) == (list(nxt.needed(0.5)), [])
+    # a new ranking: positions are stale everywhere; a forgotten client holds nothing
+    assert ledger.use_structure(("r2", split.levels)) and ledger.structure == 2
+    assert ledger.missing(1, nxt.needed(0.5))[1] == list(nxt.needed(0.5))
+    ledger.forget(0)
+    assert ledger.missing(0, nxt.needed(0.25)) == (list(nxt.needed(0.25)), list(nxt.needed(0.25)))
+
+
+def test_ledger_state_round_trips_through_a_checkpoint() -> None:
+    from prfl.runtime.checkpoint import dumps, loads
+
+    ledger = PieceLedger(3)
+    split = _ledger_split(4)
+    ledger.use_structure((7, split.levels))
+    ledger.deliver(2, split, split.needed(0.5))
+    copy = PieceLedger(3)
+    copy.load_state_dict(loads(dumps(ledger.state_dict())))
+    for c in range(3):
+        assert copy.missing(c, split.needed(1.0)) == ledger.missing(c, split.needed(1.0))
+    assert copy.unpublished(split.needed(1.0)) == ledger.unpublished(split.needed(1.0))
+    assert (copy.structure, copy.structure_key) == (ledger.structure, ledger.structure_key)
+    assert not copy.use_structure((7, split.levels))

@@ -428,6 +428,95 @@ class Publisher:
         self._egress = int(state["egress_total"])
 
 
+class PieceLedger:
+    """Which residual pieces every client holds and which the server has published.
+
+    The one record of piece holdings: PR-FL's byte accounting and the Flower piece server both
+    keep one, and both answer a dispatch the same way. A piece's *values* belong to one model
+    version (:class:`PieceId`); its *positions* depend only on the split's structure (the
+    ranking and the density levels) and are tracked by piece index until the structure changes
+    (:meth:`use_structure`). For a client that needs pieces ``0..j``:
+
+    - :meth:`missing` lists the values it lacks for this version and the positions it lacks for
+      this structure (piece 0, the dense suffix, has no positions: it costs 0 bytes of them);
+    - :meth:`unpublished` lists the values and positions nobody has been sent yet (the server's
+      egress, see :class:`Publisher`);
+    - :meth:`deliver` records the delivery: the client now holds exactly this version's pieces
+      ``0..j`` (older versions' values are dropped) and the positions of ``0..j``.
+
+    A client whose device may have lost its cache (a failed task, a new node) is :meth:`forget`-ed.
+    """
+
+    def __init__(self, num_clients: int) -> None:
+        self.values: list[set[PieceId]] = [set() for _ in range(num_clients)]
+        self.index: list[set[int]] = [set() for _ in range(num_clients)]
+        self.publisher = Publisher()
+        self.published_index: set[int] = set()
+        self.structure = 0  # counts structures: a client's positions are valid for one
+        self.structure_key: Any = None
+
+    def use_structure(self, key: Any) -> bool:
+        """Dispatches from now on use the split structure ``key`` (e.g. (ranking id, levels));
+        a new structure invalidates every client's positions. True when it changed."""
+        if key == self.structure_key:
+            return False
+        self.structure_key = key
+        self.structure += 1
+        self.index = [set() for _ in self.index]
+        self.published_index = set()
+        return True
+
+    def use_version(self, version: int) -> None:
+        """Pieces of versions before ``version`` will not be published again: forget them."""
+        self.publisher.forget_versions_before(version)
+
+    def missing(self, client: int, needed: Iterable[PieceId]) -> tuple[list[PieceId], list[PieceId]]:
+        """``(values, positions)``: the pieces of ``needed`` whose values, and whose positions,
+        ``client`` lacks, ascending."""
+        needed = sorted(set(needed))
+        return ([p for p in needed if p not in self.values[client]],
+                [p for p in needed if p.index not in self.index[client]])
+
+    def unpublished(self, needed: Iterable[PieceId]) -> tuple[list[PieceId], list[PieceId]]:
+        """``(values, positions)``: the pieces of ``needed`` whose values, and whose positions,
+        have not been published yet, ascending."""
+        needed = sorted(set(needed))
+        return self.publisher.pending(needed), [p for p in needed if p.index not in self.published_index]
+
+    def deliver(self, client: int, split: ResidualSplit, needed: Iterable[PieceId]) -> None:
+        """``client`` was sent what it lacked of ``needed``: it now holds exactly these pieces."""
+        needed = tuple(needed)
+        self.publisher.publish(split, needed)
+        self.values[client] = set(needed)
+        self.index[client].update(p.index for p in needed)
+        self.published_index.update(p.index for p in needed)
+
+    def forget(self, client: int) -> None:
+        """``client``'s device may have lost its cache: it holds nothing."""
+        self.values[client] = set()
+        self.index[client] = set()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data for a checkpoint."""
+        return {
+            "values": [sorted(h) for h in self.values],
+            "index": [sorted(h) for h in self.index],
+            "publisher": self.publisher.state_dict(),
+            "published_index": sorted(self.published_index),
+            "structure": self.structure,
+            "structure_key": self.structure_key,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
+        self.values = [set(h) for h in state["values"]]
+        self.index = [set(h) for h in state["index"]]
+        self.publisher.load_state_dict(state["publisher"])
+        self.published_index = set(state["published_index"])
+        self.structure = int(state["structure"])
+        self.structure_key = state["structure_key"]
+
+
 class PieceCache:
     """Client side: the pieces a client holds, keyed by :class:`PieceId`."""
 

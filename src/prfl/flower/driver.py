@@ -436,9 +436,6 @@ class FlowerDriver:
         self.bytes_down[c] += payload
         self.accounted_down[c] += spec.download_bytes
         self.server_egress += egress
-        if payload != spec.download_bytes:
-            log.info("task %d to client %d: %d payload bytes on the wire, the policy accounted %d",
-                     spec.task_id, c, payload, spec.download_bytes)
 
     def _encode_task(self, spec: TaskSpec) -> tuple[RecordDict, torch.Tensor | None, int, list[str]]:
         """Train-message content, the mask trained under, server egress bytes and pieces sent."""

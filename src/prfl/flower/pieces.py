@@ -1,8 +1,8 @@
 """Residual pieces over Flower: what the server sends each node, and the node's piece cache.
 
-The server side (:class:`PieceServer`) encodes each piece of a model version once, remembers
-what every client holds (like PR-FL's ``held`` and ``held_index``) and sends a node only what
-it lacks. The node side (:class:`NodeCache`) keeps piece values keyed by :class:`PieceId`
+The server side (:class:`PieceServer`) encodes each piece of a model version once, records
+what every client holds in a :class:`~prfl.distribution.PieceLedger` (the record PR-FL's byte
+accounting keeps) and sends a node only what it lacks. The node side (:class:`NodeCache`) keeps piece values keyed by :class:`PieceId`
 (model version of the split, piece index) and piece positions keyed by (split structure,
 piece index) in the ClientApp's ``Context.state``, which Flower keeps on the SuperNode between
 the messages of a run, and rebuilds the sub-model from them.
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from prfl.distribution import PackedIndex, Piece, PieceId, ResidualPlan, ResidualSplit, assemble
+from prfl.distribution import PackedIndex, Piece, PieceId, PieceLedger, ResidualPlan, ResidualSplit, assemble
 from prfl.flower.codec import TaskMessage, decode_index, encode_index, from_raw, raw_array
 from prfl.policies.base import Policy, TaskSpec
 
@@ -48,75 +48,70 @@ def residual_plan(policy: Policy, spec: TaskSpec) -> ResidualPlan | None:
 
 
 class PieceServer:
-    """Server side of the residual split: what each client holds, and the arrays it still needs.
+    """Server side of the residual split: the arrays each client still needs, encoded once.
 
-    A piece's *values* belong to one model version (the split's ``version``); its *positions*
-    depend only on the split's structure (the ranking and the density levels), so a node keeps
-    them across model versions until the structure changes. A client is sent the values of the
-    pieces it lacks for this version and the positions it lacks for this structure, matching
-    PR-FL's accounting (piece 0, the dense suffix, has no positions to send).
+    Which pieces a client holds is a :class:`~prfl.distribution.PieceLedger`, the record PR-FL's
+    byte accounting keeps too, so the server sends what the accounting charges: the values of
+    the pieces a client lacks for this model version and the positions it lacks for this split
+    structure (piece 0, the dense suffix, has no positions to send). A piece's values are
+    encoded once per version, its positions once per structure.
     """
 
     def __init__(self, num_clients: int) -> None:
-        self.held_values: list[set[PieceId]] = [set() for _ in range(num_clients)]
-        self.held_index: list[set[int]] = [set() for _ in range(num_clients)]
-        self.structure = 0
-        self._ranking: object | None = None
-        self._levels: tuple[float, ...] | None = None
+        self.ledger = PieceLedger(num_clients)
+        self._ranking: object | None = None  # the ranking of the structure in use (kept alive: its id is in the key)
         self._version: int | None = None
         self._values: dict[PieceId, bytes] = {}  # encoded values of the current version
         self._index: dict[int, bytes] = {}  # encoded positions of the current structure
-        self._published_values: set[PieceId] = set()
-        self._published_index: set[int] = set()
+
+    @property
+    def structure(self) -> int:
+        """The split structure the positions sent belong to (a node keys its cached positions by it)."""
+        return self.ledger.structure
 
     def forget(self, client: int) -> None:
         """The node of ``client`` may have lost its cache (restart, failure): send everything next time."""
-        self.held_values[client] = set()
-        self.held_index[client] = set()
+        self.ledger.forget(client)
 
     def _sync(self, split: ResidualSplit) -> None:
-        if split.ranking is not self._ranking or split.levels != self._levels:
-            self.structure += 1
-            self._ranking, self._levels = split.ranking, split.levels
+        if self.ledger.use_structure((id(split.ranking), split.levels)):
+            self._ranking = split.ranking
             self._index = {}
-            self._published_index = set()
-            self.held_index = [set() for _ in self.held_index]
         if split.version != self._version:
             self._version = split.version
             self._values = {}
-            self._published_values = {p for p in self._published_values if p.version >= split.version}
+            self.ledger.use_version(split.version)
 
     def arrays_for(self, plan: ResidualPlan, weights: torch.Tensor, client: int) -> tuple[dict[str, Array], list[str], int]:
         """Arrays ``client`` still needs for ``plan``, their labels, and the bytes newly published."""
         split = plan.split
         self._sync(split)
+        lack_values, lack_index = self.ledger.missing(client, plan.needed)
+        new_values, new_index = self.ledger.unpublished(plan.needed)
         arrays: dict[str, Array] = {}
         sent: list[str] = []
         egress = 0
         for p in plan.needed:
             j = p.index
-            if p not in self.held_values[client]:
+            if p in lack_values:
                 data = self._values.get(p)
                 if data is None:
                     vals = split.extract(weights.to(torch.float32), p).values
                     data = self._values[p] = raw_array(vals, "float32").data
                 arrays[f"p{j}.values"] = Array(dtype="float32", shape=(len(data) // 4,), stype="raw", data=data)
                 sent.append(str(p))
-                if p not in self._published_values:
-                    self._published_values.add(p)
+                if p in new_values:
                     egress += len(data)
-            if j > 0 and j not in self.held_index[client]:
+            if j > 0 and p in lack_index:
                 data = self._index.get(j)
                 if data is None:
                     pos = split.indices(p)
                     data = self._index[j] = encode_index(PackedIndex.from_positions(pos, split.num_prunable)).data
                 arrays[f"p{j}.index"] = Array(dtype="uint8", shape=(len(data),), stype="raw", data=data)
                 sent.append(f"s{self.structure}/p{j}.index")
-                if j not in self._published_index:
-                    self._published_index.add(j)
+                if p in new_index:
                     egress += len(data)
-        self.held_values[client] = set(plan.needed)
-        self.held_index[client].update(p.index for p in plan.needed)
+        self.ledger.deliver(client, split, plan.needed)
         return arrays, sent, egress
 
 

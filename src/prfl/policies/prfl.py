@@ -32,7 +32,7 @@ import torch
 from prfl.aggregation import Staleness, mask_fedavg, staleness_weight, weighted_average
 from prfl.buffer import ClientBuffer, order_dtype
 from prfl.client.result import TaskResult
-from prfl.distribution import Publisher, ResidualPlan, ResidualSplit, dense_model_bytes, sparse_model_bytes
+from prfl.distribution import PieceLedger, ResidualPlan, ResidualSplit, dense_model_bytes, sparse_model_bytes
 from prfl.policies.base import (
     Action,
     Dispatch,
@@ -241,17 +241,12 @@ class PRFL(FleetPolicy):
         self.window_open = False
         self.step_start = 0.0  # reference step timing: when the current server step started
         self.step_length = 0.0  # ...and its length, from the downloads handed out at its start
-        self.publisher = Publisher()
         self._split: ResidualSplit | None = None
         self._split_key: tuple[int, int, tuple[float, ...]] | None = None
         self._split_id = 0
-        self.held: list[set[Any]] = [set() for _ in range(n)]  # piece values each client holds
-        # Piece positions depend only on the ranking and the density levels (the split's
-        # structure), not on the model version: a client keeps them until the structure changes.
-        self._structure_key: tuple[int, tuple[float, ...]] | None = None
-        self._structure_id = 0
-        self.held_index: list[set[int]] = [set() for _ in range(n)]  # piece indexes, current structure
-        self.published_index: set[int] = set()
+        # which pieces each client holds and which were published; piece positions depend only on
+        # the ranking and the density levels (the split's structure), not on the model version
+        self.ledger = PieceLedger(n)
         self.monitor = EarlyStopping(cfg.patience)
         self.client_monitors = [EarlyStopping(cfg.patience) for _ in range(n)]
         self.best_weights: torch.Tensor = self.weights
@@ -300,17 +295,13 @@ class PRFL(FleetPolicy):
 
     def _current_split(self) -> ResidualSplit:
         levels = tuple(sorted(set(self.control.densities)))
-        if (self.ranking_id, levels) != self._structure_key:
-            self._structure_key = (self.ranking_id, levels)
-            self._structure_id += 1
-            self.held_index = [set() for _ in self.held_index]
-            self.published_index = set()
+        self.ledger.use_structure((self.ranking_id, levels))
         key = (self.model_id, self.ranking_id, levels)
         if self._split is None or key != self._split_key:
             self._split_id += 1
             self._split = ResidualSplit(self.ranking, levels, self._split_id, self.total)
             self._split_key = key
-            self.publisher.forget_versions_before(self._split_id)
+            self.ledger.use_version(self._split_id)
         return self._split
 
     def residual_plan(self, spec: TaskSpec) -> ResidualPlan | None:
@@ -341,8 +332,8 @@ class PRFL(FleetPolicy):
         if self.config.residual_split:
             split = self._current_split()
             needed = split.needed(rho)
-            new = self.publisher.pending(needed)
-            self.publisher.publish(split, needed)
+            new_values, new_index = self.ledger.unpublished(needed)
+            lack_values, lack_index = self.ledger.missing(client, needed)
 
             def values(p: Any) -> int:
                 return 4 * split.count(p)
@@ -351,13 +342,9 @@ class PRFL(FleetPolicy):
                 return split.piece_bytes(p) - values(p)
 
             # values: each piece of this model version once; positions: once per structure
-            down = sum(values(p) for p in needed if p not in self.held[client])
-            down += sum(index(p) for p in needed if p.index not in self.held_index[client])
-            egress = sum(values(p) for p in new)
-            egress += sum(index(p) for p in needed if p.index not in self.published_index)
-            self.held[client] = set(needed)  # the client's cache now holds this version's pieces
-            self.held_index[client].update(p.index for p in needed)
-            self.published_index.update(p.index for p in needed)
+            down = sum(values(p) for p in lack_values) + sum(index(p) for p in lack_index)
+            egress = sum(values(p) for p in new_values) + sum(index(p) for p in new_index)
+            self.ledger.deliver(client, split, needed)  # the client's cache now holds this version's pieces
             pieces = tuple(str(p) for p in needed)
         elif rho >= 1.0:
             down = egress = dense_model_bytes(self.total)
@@ -481,8 +468,7 @@ class PRFL(FleetPolicy):
         self.task_masks.pop(task.task_id, None)
         self.task_orders.pop(task.task_id, None)
         self._imp_asked.discard(task.client)  # ask again: that task's importance never came
-        self.held[task.client] = set()  # a failed device may have lost its piece cache
-        self.held_index[task.client] = set()
+        self.ledger.forget(task.client)  # a failed device may have lost its piece cache
         if self.config.synchronous and not self.in_flight:
             if self.window:
                 return self._aggregate(now)
@@ -661,14 +647,9 @@ class PRFL(FleetPolicy):
             window_open=self.window_open,
             step_start=self.step_start,
             step_length=self.step_length,
-            publisher=self.publisher.state_dict(),
             split_id=self._split_id,
             split_key=self._split_key,
-            held=[sorted(h, key=repr) for h in self.held],
-            structure_key=self._structure_key,
-            structure_id=self._structure_id,
-            held_index=[sorted(h) for h in self.held_index],
-            published_index=sorted(self.published_index),
+            ledger=self.ledger.state_dict(),
             monitor=self.monitor.state_dict(),
             client_monitors=[m.state_dict() for m in self.client_monitors],
             best_weights=self.best_weights.clone(),
@@ -697,18 +678,13 @@ class PRFL(FleetPolicy):
         self.window_open = state["window_open"]
         self.step_start = float(state.get("step_start", 0.0))
         self.step_length = float(state.get("step_length", 0.0))
-        self.publisher.load_state_dict(state["publisher"])
         self._split, self._split_key, self._split_id = None, None, state["split_id"]
         key = state.get("split_key")
         if key is not None:  # rebuild the split in force, so a resumed run publishes exactly the same pieces
             model_id, ranking_id, levels = key
             self._split_key = (int(model_id), int(ranking_id), tuple(float(d) for d in levels))
             self._split = ResidualSplit(self.ranking, self._split_key[2], self._split_id, self.total)
-        self.held = [set(h) for h in state["held"]]
-        self._structure_key = state["structure_key"]
-        self._structure_id = state["structure_id"]
-        self.held_index = [set(h) for h in state["held_index"]]
-        self.published_index = set(state["published_index"])
+        self.ledger.load_state_dict(state["ledger"])
         self.monitor.load_state_dict(state["monitor"])
         for m, s in zip(self.client_monitors, state["client_monitors"]):
             m.load_state_dict(s)
