@@ -10,6 +10,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from prfl.settings import Accounting, SimSettings, TrainConfig, check_accounting
+
 
 class ConfigError(ValueError):
     """A configuration problem a user can fix; the message names the field and the fix."""
@@ -60,27 +62,14 @@ class ModelConfig(_Strict):
         return v
 
 
-class TrainSection(_Strict):
-    """Local training (the PR-FL paper: SGD lr 0.25, batch 20, 5 local steps)."""
+TrainSection = TrainConfig
+"""The ``train`` section is the trainer's own settings (:class:`prfl.settings.TrainConfig`)."""
 
-    lr: float = Field(0.05, gt=0, description="learning rate of local SGD")
-    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (0: plain SGD)")
-    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay of local SGD")
-    batch_size: int = Field(20, ge=1, description="samples per local step")
-    local_steps: int | None = Field(5, ge=1, description="local SGD steps per task (null: use local_epochs)")
-    local_epochs: float | None = Field(None, gt=0, description="local epochs per task, used when local_steps is null")
-    loss: Literal["ce", "bce"] = Field("ce", description="training loss: ce (cross-entropy) or bce (binary, multi-label)")
 
-    @model_validator(mode="after")
-    def _steps_or_epochs(self) -> "TrainSection":
-        if self.local_steps is None and self.local_epochs is None:
-            raise ValueError("set train.local_steps or train.local_epochs")
-        return self
-
-    def to_train_config(self):
-        from prfl.client.trainer import TrainConfig
-
-        return TrainConfig(**self.model_dump())
+def _shared(name: str) -> Any:
+    """The field ``name`` of :class:`~prfl.settings.SimSettings` (default, bounds, meaning), for
+    the ``sim`` section to declare it exactly as the simulator does."""
+    return copy.copy(SimSettings.model_fields[name])
 
 
 class AvailabilityConfig(_Strict):
@@ -134,19 +123,13 @@ class SimConfig(_Strict):
     )
     max_rounds: int | None = Field(
         300, ge=1, description="stop after this many server updates (null: no round limit; unset with max_time: null)")
-    max_time: float | None = Field(None, gt=0, description="stop at this virtual time, in seconds (null: no time limit)")
-    eval_every_rounds: int | None = Field(10, ge=1, description="evaluate every N server updates (null: not by rounds)")
-    eval_every_seconds: float | None = Field(None, gt=0, description="evaluate every N virtual seconds (null: not by time)")
-    compute_time: Literal["flops", "measured"] = Field(
-        "flops", description="task compute time: flops (model FLOPs / device speed) or measured (wall time here)")
-    sparse_efficiency: float = Field(
-        1.0, ge=0, le=1, description="how much of a sub-model's sparsity turns into saved compute (1: all, 0: none)")
-    shared_server_link: bool = Field(True, description="the server's links are shared by concurrent transfers (max-min fair)")
-    accounting: Literal["honest", "reference"] = Field(
-        "honest",
-        description="what tasks cost: honest (every byte, fully asynchronous FedAsync) or reference "
-                    "(the PR-FL reference code's cost model; see README)",
-    )
+    max_time: float | None = _shared("max_time")
+    eval_every_rounds: int | None = _shared("eval_every_rounds")
+    eval_every_seconds: float | None = _shared("eval_every_seconds")
+    compute_time: Literal["flops", "measured"] = _shared("compute_time")
+    sparse_efficiency: float = _shared("sparse_efficiency")
+    shared_server_link: bool = _shared("shared_server_link")
+    accounting: Accounting = _shared("accounting")
     checkpoint_every_rounds: int | None = Field(
         50, ge=1, description="server updates between checkpoints of the run (null: no checkpoints)")
     targets: list[float] = Field(default_factory=list, description="accuracies for time-to-accuracy")
@@ -158,6 +141,20 @@ class SimConfig(_Strict):
         if isinstance(data, dict) and data.get("max_time") is not None and "max_rounds" not in data:
             data = {**data, "max_rounds": None}
         return data
+
+    @field_validator("accounting", mode="before")
+    @classmethod
+    def _known_accounting(cls, v: Any) -> Any:
+        return check_accounting(v) if isinstance(v, str) else v
+
+    def settings(self, checkpoints: bool = True) -> SimSettings:
+        """The simulator's settings from this (validated) section, without validating again;
+        ``checkpoints`` False: none (a run without a directory to write them to)."""
+        shared = {name: getattr(self, name) for name in _SIM_SHARED}
+        return SimSettings.model_construct(
+            **shared, checkpoint_every_rounds=self.checkpoint_every_rounds if checkpoints else None,
+            target_accuracies=tuple(self.targets),
+        )
 
     def budget(self, unit: str = "virtual s") -> str:
         """The limits that stop the run, in words (``300 server updates or 1200 virtual s``)."""
@@ -173,6 +170,10 @@ class SimConfig(_Strict):
         if self.max_rounds is None and self.max_time is None:
             raise ValueError("set sim.max_rounds or sim.max_time, or the run never ends")
         return self
+
+
+_SIM_SHARED = ("max_time", "eval_every_rounds", "eval_every_seconds", "compute_time", "sparse_efficiency",
+               "shared_server_link", "accounting")
 
 
 class PrivacyConfig(_Strict):

@@ -29,7 +29,7 @@ from prfl.report.plots import plot_accuracy, plot_round_time
 from prfl.sim.devices import Fleet, load_fleet, make_fleet
 from prfl.runtime.checkpoint import CHECKPOINT, CheckpointError
 from prfl.sim.accounting import ReferenceSizes
-from prfl.sim.engine import SimSettings, Simulation
+from prfl.sim.engine import Simulation
 from prfl.sim.executors import WorkerSpec, make_executor
 from prfl.runtime.history import HistoryWriter, time_breakdown
 from prfl.runtime.rundir import ResumeError, RunDirectory
@@ -211,7 +211,7 @@ def build_scenario(cfg: ExperimentConfig, dataset: Dataset | None = None) -> Sce
             raise ConfigError(f"fleet file {cfg.fleet.file} has {len(fleet)} clients but data.num_clients is {d.num_clients}")
     else:
         fleet = make_fleet(cfg.fleet.preset, d.num_clients, seed=cfg.seed, **cfg.fleet.options)
-    train_cfg = cfg.train.to_train_config()
+    train_cfg = cfg.train
     spec = WorkerSpec(
         dataset=d.dataset,
         model=cfg.model.name,
@@ -264,17 +264,7 @@ def make_simulation(
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> Simulation:
     s = sc.cfg.sim
-    settings = SimSettings(
-        eval_every_rounds=s.eval_every_rounds,
-        eval_every_seconds=s.eval_every_seconds,
-        max_time=s.max_time,
-        compute_time=s.compute_time,
-        sparse_efficiency=s.sparse_efficiency,
-        shared_server_link=s.shared_server_link,
-        checkpoint_every_rounds=s.checkpoint_every_rounds if out_dir is not None else None,
-        target_accuracies=tuple(s.targets),
-        accounting=s.accounting,
-    )
+    settings = s.settings(checkpoints=out_dir is not None)
     return Simulation(
         policy=policy,
         fleet=sc.fleet,

@@ -257,6 +257,22 @@ def test_bad_run_config_names_the_key() -> None:
     assert np.isclose(app_settings({}).driver.reply_timeout, 120.0)
 
 
+@pytest.mark.parametrize("keys, field", [
+    ({"prfl.privacy.clip_norm": 1.0, "prfl.privacy.noise_multiplier": 0.5}, "prfl.privacy"),
+    ({"prfl.fleet.availability.mean_on": 10.0, "prfl.fleet.availability.mean_off": 5.0}, "prfl.fleet.availability"),
+])
+def test_settings_only_the_simulator_honours_are_refused(tmp_path: Path, keys: dict[str, Any], field: str) -> None:
+    """Flower would run without them, silently: the config is refused, naming the field."""
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.") + " is set"):
+        app_settings({**SMALL_RUN, **keys})
+    section = field.split(".")[1]
+    body = ("privacy: {clip_norm: 1.0, noise_multiplier: 0.5}\n" if section == "privacy"
+            else "fleet: {availability: {mean_on: 10.0, mean_off: 5.0}}\n")
+    (tmp_path / "exp.yaml").write_text(body)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.") + r" is set \(in config-file"):
+        app_settings({**SMALL_RUN, "config-file": str(tmp_path / "exp.yaml")})
+
+
 # --------------------------------------------------------------------------- checkpoint and resume
 def test_server_resumes_from_its_checkpoint_after_a_crash(tmp_path: Path) -> None:
     extra = {"prfl.sim.max_rounds": 12, "prfl.sim.eval_every_rounds": 2, "checkpoint-every-rounds": 3}

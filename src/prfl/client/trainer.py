@@ -9,14 +9,12 @@ zero and stay exactly zero: their gradient, momentum and weight decay are all ze
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -24,50 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from prfl.params import ParamLayout
+from prfl.settings import TrainConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Local optimiser settings. Defaults are the PR-FL paper's: SGD lr 0.25, batch 20, 5 steps.
-
-    Give either ``local_steps`` (mini-batch steps per task) or ``local_epochs`` (passes over the
-    client's samples); steps take precedence when both are set.
-    """
-
-    lr: float = 0.25
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    batch_size: int = 20
-    local_steps: int | None = 5
-    local_epochs: float | None = None
-    loss: Literal["ce", "bce"] = "ce"
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be non-negative, got {self.weight_decay}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.local_steps is None and self.local_epochs is None:
-            raise ValueError("set local_steps or local_epochs")
-        if self.local_steps is not None and self.local_steps < 1:
-            raise ValueError(f"local_steps must be at least 1, got {self.local_steps}")
-        if self.local_epochs is not None and self.local_epochs <= 0:
-            raise ValueError(f"local_epochs must be positive, got {self.local_epochs}")
-        if self.loss not in ("ce", "bce"):
-            raise ValueError(f"loss must be 'ce' or 'bce', got {self.loss!r}")
-
-    def num_steps(self, num_samples: int) -> int:
-        """Mini-batch steps one task takes on ``num_samples`` samples."""
-        if self.local_steps is not None:
-            return self.local_steps
-        assert self.local_epochs is not None
-        return max(1, math.ceil(self.local_epochs * math.ceil(num_samples / self.batch_size)))
 
 
 def batch_schedule(num_samples: int, cfg: TrainConfig, seed: int) -> list[np.ndarray]:

@@ -51,7 +51,7 @@ def _workspace(cfg: ExperimentConfig) -> tuple[Workspace, Partition]:
     if hit is None:
         d = cfg.data
         spec = WorkerSpec(
-            dataset=d.dataset, model=cfg.model.name, train=cfg.train.to_train_config(),
+            dataset=d.dataset, model=cfg.model.name, train=cfg.train,
             dataset_options=dict(d.options), model_options=dict(cfg.model.options), data_dir=d.data_dir, threads=1,
         )
         ws = Workspace(spec)

@@ -167,6 +167,25 @@ def parse_delays(text: str) -> tuple[float, ...]:
         raise ConfigError(f"client-delays must be comma-separated seconds like '0,0,2.5', got {text!r}") from None
 
 
+_SIMULATOR_ONLY: dict[str, str] = {
+    "privacy": "client-level differential privacy is applied by the simulator's executors; the Flower "
+               "ClientApp trains without it, so the run would not be private",
+    "fleet.availability": "on/off periods model simulated devices; on Flower, nodes come and go for real",
+}
+
+
+def refuse_simulator_only(data: Mapping[str, Any], where: str) -> None:
+    """Raise a :class:`ConfigError` naming the field if ``data`` (an experiment config as a dict)
+    sets something only the simulator honours (:data:`_SIMULATOR_ONLY`)."""
+    for key, why in _SIMULATOR_ONLY.items():
+        node: Any = data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None:
+            raise ConfigError(f"prfl.{key} is set ({where}), but {why}; remove it to run on Flower, "
+                              f"or run the experiment in the simulator (prfl run)")
+
+
 def app_settings(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> AppSettings:
     """Build the experiment config and driver settings from a Flower run config.
 
@@ -188,6 +207,7 @@ def app_settings(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | No
     config_file = str(drv["config-file"]).strip()
     if config_file:
         base = load_config(config_file).model_dump()
+        refuse_simulator_only(base, f"in config-file {config_file}")
         data = {**data, **base}
     data["fleet"] = copy.deepcopy(PRFL_DEFAULTS["fleet"])  # devices are real on Flower: the modelled fleet is unused
     overrides = [(k[len(PRFL_PREFIX):], _value(v)) for k, v in sorted(flat.items()) if k.startswith(PRFL_PREFIX)]
@@ -224,6 +244,7 @@ def app_settings(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | No
     except ValidationError as err:  # name the fields in the run-config spelling
         parts = [f"prfl.{'.'.join(str(p) for p in e['loc'])}: {error_text(e)}" for e in err.errors()]
         raise ConfigError("invalid prfl.* run config: " + "; ".join(parts)) from None
+    refuse_simulator_only(experiment.model_dump(), "in the run config")
 
     try:
         driver = DriverSettings(

@@ -43,14 +43,13 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from prfl.policies.base import StepTiming, TaskSpec
 
-Accounting = Literal["honest", "reference"]
-ACCOUNTING_MODES: tuple[str, ...] = ("honest", "reference")
+from prfl.settings import ACCOUNTING_MODES, Accounting, check_accounting  # noqa: F401  (defined once, there)
 
 COO_VALUE_BYTES = 4
 """Bytes of a kept weight's fp32 value in the reference's sparse tensors."""
@@ -60,13 +59,6 @@ DENSE_VALUE_BYTES = 4
 """Bytes of a dense fp32 value."""
 REFERENCE_MARGIN = 0.1
 """Seconds the reference adds to a step's download time when it closes the step (R:2483)."""
-
-
-def check_accounting(mode: str) -> str:
-    """``mode`` if it is an accounting mode, else a ValueError naming the valid ones."""
-    if mode not in ACCOUNTING_MODES:
-        raise ValueError(f"accounting must be one of {', '.join(ACCOUNTING_MODES)}, got {mode!r}")
-    return mode
 
 
 def reference_model_bytes(kept: int, dense_values: int) -> int:

@@ -40,7 +40,7 @@ import time
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -61,7 +61,8 @@ from prfl.policies.base import (
     TimerFired,
 )
 from prfl.seeding import int_seed
-from prfl.sim.accounting import Accounting, ReferenceBroadcast, ReferenceSizes, check_accounting, values_only_bytes
+from prfl.settings import SimSettings
+from prfl.sim.accounting import ReferenceBroadcast, ReferenceSizes, values_only_bytes
 from prfl.sim.devices import Fleet, TaskSpeeds, draw_server_speeds, draw_task_speeds
 from prfl.sim.executors import Executor, TrainJob, job_source
 from prfl.runtime.history import TIME_PARTS, UPLOAD_PARTS, HistoryWriter
@@ -76,32 +77,6 @@ STATE_FORMAT = 2  # the layout of Simulation.state_dict
 
 
 Evaluator = Callable[[torch.Tensor], tuple[float, float]]  # weights -> (loss, accuracy)
-
-
-@dataclass(frozen=True)
-class SimSettings:
-    """How the simulator models time and when it evaluates and checkpoints."""
-
-    eval_every_rounds: int | None = 10
-    eval_every_seconds: float | None = None
-    max_time: float | None = None
-    compute_time: Literal["flops", "measured"] = "flops"
-    sparse_efficiency: float = 1.0  # 1: compute scales with density; 0: masks save no compute
-    shared_server_link: bool = True
-    checkpoint_every_rounds: int | None = None
-    target_accuracies: tuple[float, ...] = ()
-    accounting: Accounting = "honest"  # what tasks cost: every byte, or the reference's model
-
-    def __post_init__(self) -> None:
-        check_accounting(self.accounting)
-        if self.eval_every_rounds is not None and self.eval_every_rounds < 1:
-            raise ValueError("eval_every_rounds must be at least 1 (or None)")
-        if self.eval_every_seconds is not None and self.eval_every_seconds <= 0:
-            raise ValueError("eval_every_seconds must be positive (or None)")
-        if not 0.0 <= self.sparse_efficiency <= 1.0:
-            raise ValueError("sparse_efficiency must lie in [0, 1]")
-        if self.compute_time not in ("flops", "measured"):
-            raise ValueError("compute_time must be 'flops' or 'measured'")
 
 
 @dataclass
