@@ -279,11 +279,11 @@ def test_checkpoint_mid_round_resumes_identically(mode: str):
     a = HeteroFL(ctx, cfg)
     loop_a = MiniLoop(a, [1.0, 1.7, 2.9, 4.3], frozenset({5, 11}))
     loop_a.feed(Start(0.0))
-    while not (a.version >= 2 and a.held):  # stop with results of an open round held
+    while not (a.version >= 2 and a.arrived):  # stop with results of an open round held
         loop_a.run(1)
     b = HeteroFL(ctx, cfg)
     b.load_state_dict(checkpoint(a))
-    assert len(b.held) == len(a.held) and b.cohort == a.cohort
+    assert len(b.arrived) == len(a.arrived) and b.cohort == a.cohort
     loop_b = loop_a.clone_for(b)
     loop_a.log.clear()
     loop_a.run(40)

@@ -25,25 +25,24 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from prfl.client.result import TaskResult
 from prfl.distribution import dense_model_bytes
 from prfl.flower import codec
+from prfl.flower.nodes import Node, NodeDirectory
 from prfl.flower.pieces import PieceServer, residual_plan
+from prfl.flower.replies import NODE_UNAVAILABLE, Pending, ReplyHandling  # noqa: F401  (NODE_UNAVAILABLE: as before)
 from prfl.flower.settings import DriverSettings
 from prfl.policies.base import (
     ClientIdle,
     Event,
     NotifyClient,
     Policy,
-    ResultArrived,
     Start,
     TaskFailed,
     TaskSpec,
@@ -58,8 +57,6 @@ log = logging.getLogger(__name__)
 
 Evaluator = Callable[[torch.Tensor], tuple[float, float]]  # weights -> (loss, accuracy)
 
-NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE
-
 # driver attributes a checkpoint carries as they are
 _COUNTERS = (
     "bytes_down", "bytes_up", "importance_up", "accounted_down", "accounted_up", "record_down", "record_up",
@@ -67,38 +64,7 @@ _COUNTERS = (
 )
 
 
-@dataclass
-class Node:
-    """A Flower node as the driver sees it."""
-
-    node_id: int
-    client: int | None = None
-    partition_id: int = -1  # from its node config, -1 when unset
-    delay_seconds: float = 0.0
-    described: bool = False
-    suspect: bool = False  # its last task failed: probe before using it again
-    gone: bool = False
-    next_probe: float = 0.0  # monotonic time of the next describe query
-    errors: int = 0  # consecutive ClientApp errors
-
-
-@dataclass
-class Pending:
-    """A pushed message waiting for its reply."""
-
-    kind: str  # "task", "describe" or "notice"
-    node_id: int
-    deadline: float  # monotonic
-    mid: str = ""  # message id
-    sent_at: float = 0.0  # driver clock (now)
-    spec: TaskSpec | None = None
-    mask: torch.Tensor | None = None  # the mask the node trains under (None: dense)
-    payload_bytes: int = 0
-    record_bytes: int = 0
-    pieces: list[str] = field(default_factory=list)
-
-
-class FlowerDriver:
+class FlowerDriver(NodeDirectory, ReplyHandling):
     """Drives one policy on a Flower Grid in real time (see the module docstring)."""
 
     def __init__(
@@ -287,37 +253,6 @@ class FlowerDriver:
                 self.policy_online[c] = False  # so that _client_back announces it
                 self._client_back(c, self.client_node[c], "server resumed")
 
-    def _wait_for_nodes(self) -> None:
-        """Describe the federation's nodes until every client has one (or the wait runs out)."""
-        deadline = self._clock() + self.settings.wait_for_nodes
-        while True:
-            self._discover(force=False)
-            self._pull()
-            self._expire()
-            self._probe()
-            waiting = [n for n in self.nodes.values() if n.described and n.client is None and not n.gone]
-            if len(self.client_node) + len(waiting) >= self.num_clients or self._clock() >= deadline:
-                self._bind_unassigned()
-                bound = len(self.client_node)
-                if bound >= self.num_clients:
-                    log.info("all %d clients have a node", self.num_clients)
-                else:
-                    log.warning("starting with %d of %d clients bound to a node after %.0f s; the others fail as "
-                                "offline until their node appears", bound, self.num_clients,
-                                self.settings.wait_for_nodes)
-                return
-            self._sleep(self.settings.poll_interval)
-
-    def _bind_unassigned(self) -> None:
-        """Give nodes without a partition id the free clients, in the order of their node ids."""
-        for node in sorted(self.nodes.values(), key=lambda n: n.node_id):
-            if node.described and node.client is None and not node.gone and node.partition_id < 0:
-                client = self._free_client()
-                if client is None:
-                    log.warning("node %d has no partition-id and every client has a node; it stays unused",
-                                node.node_id)
-                    continue
-                self._bind(node, client)
 
     def _tick(self) -> None:
         """One pass of the loop: queued events, timers, replies, timeouts, nodes, budget, sleep."""
@@ -401,12 +336,6 @@ class FlowerDriver:
             self._deliver(TimerFired(now=now, key=key))
 
     # ------------------------------------------------------------------ dispatch
-    def _usable_node(self, client: int) -> Node | None:
-        nid = self.client_node.get(client)
-        node = self.nodes.get(nid) if nid is not None else None
-        if node is None or node.gone or node.suspect or not node.described:
-            return None
-        return node
 
     def _dispatch(self, spec: TaskSpec) -> None:
         c = spec.client
@@ -488,277 +417,12 @@ class FlowerDriver:
                            reason=reason)
         self.queue.append(TaskFailed(now=self.now(), client=client, task_id=task_id, reason=reason))
 
-    # ------------------------------------------------------------------ replies
-    def _pull(self) -> None:
-        if not self.pending:
-            return
-        try:
-            replies = list(self.grid.pull_messages(list(self.pending)))
-        except Exception:
-            log.exception("pull_messages failed; retrying at the next tick")
-            return
-        for reply in replies:
-            mid = reply.metadata.reply_to_message_id
-            entry = self.pending.pop(mid, None)
-            if entry is None:
-                continue
-            self.messages_received += 1
-            if entry.kind == "task":
-                self._on_task_reply(mid, entry, reply)
-            elif entry.kind == "describe":
-                self._on_describe_reply(entry, reply)
+    # ------------------------------------------------------------------ replies: see ReplyHandling
             # notices: the acknowledgement carries nothing the server needs
 
-    def _release(self, entry: Pending) -> None:
-        """The client of ``entry`` no longer holds its task."""
-        assert entry.spec is not None
-        if self.busy.get(entry.spec.client) == entry.mid:
-            del self.busy[entry.spec.client]
 
-    def _on_task_reply(self, mid: str, entry: Pending, reply: Message) -> None:
-        spec = entry.spec
-        assert spec is not None
-        c = spec.client
-        self._release(entry)
-        node = self.nodes.get(entry.node_id)
-        if reply.has_error():
-            err = reply.error
-            reason = f"client error {err.code}: {err.reason}"
-            if err.code == NODE_UNAVAILABLE:
-                reason = "node unavailable"
-            elif node is not None:
-                node.errors += 1
-                if node.errors >= self.settings.max_client_errors:
-                    raise RuntimeError(
-                        f"node {node.node_id} (client {c}) failed {node.errors} tasks in a row; last error: {err.reason}"
-                    )
-            self._task_failed(entry, reason)
-            return
-        now = self.now()
-        self.record_up += codec.record_bytes(reply.content)
-        try:
-            res = codec.decode_result(reply.content)
-            if res.task_id != spec.task_id or res.client != c:
-                raise codec.MalformedResult(
-                    f"reply to task {spec.task_id} (client {c}) names task {res.task_id} (client {res.client})")
-            weights, grad_sq = codec.result_weights(res, entry.mask, spec.weights.numel(), self.num_prunable,
-                                                    spec.importance_scope)
-        except ValueError as exc:  # MalformedResult, or arrays of the wrong size or type
-            self._malformed(entry, node, str(exc))
-            return
-        if node is not None:
-            node.errors = 0
-        if res.received_payload_bytes != entry.payload_bytes:
-            log.warning("task %d: node counted %d payload bytes, server sent %d", spec.task_id,
-                        res.received_payload_bytes, entry.payload_bytes)
-        self.bytes_up[c] += res.update_payload_bytes + res.importance_bytes
-        self.importance_up[c] += res.importance_bytes
-        self.accounted_up[c] += spec.upload_bytes
-        self.server_ingress += res.update_payload_bytes + res.importance_bytes
-        self.arrivals[c] += 1
-        duration = now - entry.sent_at
-        self.round_times[c].append(duration)
-        result = TaskResult(
-            task_id=spec.task_id, client=c, version=spec.version, weights=weights.to(spec.weights.dtype),
-            num_samples=res.num_samples, mean_loss=res.mean_loss, steps=res.steps,
-            compute_seconds=res.compute_seconds, grad_sq=grad_sq, density=spec.density, width=spec.width,
-        )
-        self.history.write(
-            "arrival", time=now, round=self.policy.version, client=c, task=spec.task_id, version=spec.version,
-            staleness=self.policy.version - spec.version, density=spec.density, train_loss=res.mean_loss,
-            duration=duration, compute=res.compute_seconds, bytes_down=entry.payload_bytes,
-            bytes_up=res.update_payload_bytes + res.importance_bytes, accounted_down=spec.download_bytes, accounted_up=spec.upload_bytes,
-            importance_bytes=res.importance_bytes, received_bytes=res.received_payload_bytes,
-            record_bytes_down=entry.record_bytes,
-            record_bytes_up=codec.record_bytes(reply.content), delay=res.delay_seconds, node=entry.node_id,
-            pieces=entry.pieces,
-        )
-        self._deliver(ResultArrived(now=now, result=result))
+    # ------------------------------------------------------------------ nodes: see NodeDirectory
 
-    def _notify(self, client: int, task_id: int, check: str, reason: str, node_id: int | None = None) -> None:
-        """Tell the client's node that the result of ``task_id`` was rejected (fire and forget:
-        the acknowledgement is pulled and dropped)."""
-        nid = node_id if node_id is not None else self.client_node.get(client)
-        if nid is None:
-            return
-        content = codec.encode_notice(task_id, client, check, reason)
-        msg = Message(content, nid, codec.NOTICE_TYPE, ttl=self.settings.hello_timeout + 5.0)
-        mid = self._push(msg)
-        if mid is None:
-            return
-        self.record_down += codec.record_bytes(content)
-        self.pending[mid] = Pending("notice", nid, self._clock() + self.settings.hello_timeout, mid)
-
-    def _malformed(self, entry: Pending, node: Node | None, reason: str) -> None:
-        """A reply that is not a usable result: recorded as rejected, its task failed; a node that
-        sends nothing else ``max-client-errors`` times in a row ends the run."""
-        assert entry.spec is not None
-        c = entry.spec.client
-        self.history.write("rejected", time=self.now(), round=self.policy.version, client=c,
-                           task=entry.spec.task_id, check="decode", reason=reason, node=entry.node_id)
-        self._notify(c, entry.spec.task_id, "decode", reason, entry.node_id)
-        if node is not None:
-            node.errors += 1
-            if node.errors >= self.settings.max_client_errors:
-                raise RuntimeError(f"node {node.node_id} (client {c}) sent {node.errors} unusable results in a row; "
-                                   f"last: {reason}")
-        self._task_failed(entry, f"malformed result: {reason}")
-
-    def _task_failed(self, entry: Pending, reason: str) -> None:
-        spec = entry.spec
-        assert spec is not None
-        c = spec.client
-        self._release(entry)
-        self.failures[c] += 1
-        self.pieces.forget(c)  # the node may have lost its cache
-        node = self.nodes.get(entry.node_id)
-        if node is not None:
-            node.suspect = True
-            node.next_probe = self._clock()
-        log.warning("task %d of client %d failed: %s", spec.task_id, c, reason)
-        self.history.write("task_failed", time=self.now(), round=self.policy.version, client=c, task=spec.task_id,
-                           reason=reason, node=entry.node_id)
-        self._deliver(TaskFailed(now=self.now(), client=c, task_id=spec.task_id, reason=reason))
-
-    def _expire(self) -> None:
-        t = self._clock()
-        for mid, entry in list(self.pending.items()):
-            if entry.deadline > t or self.pending.pop(mid, None) is None:
-                continue
-            if entry.kind == "task":
-                self._task_failed(entry, f"timeout: no reply within {self.settings.reply_timeout:g} s")
-            elif entry.kind == "notice":
-                log.info("node %d did not acknowledge a rejection notice", entry.node_id)
-            else:
-                node = self.nodes.get(entry.node_id)
-                if node is not None:
-                    node.next_probe = t + self.settings.probe_interval
-                    log.info("node %d did not answer the describe query", entry.node_id)
-
-    # ------------------------------------------------------------------ nodes
-    def _discover(self, force: bool) -> None:
-        t = self._clock()
-        if not force and t - self.last_discover < self.settings.discover_interval:
-            return
-        self.last_discover = t
-        try:
-            listed = {int(n) for n in self.grid.get_node_ids()}
-        except Exception:
-            log.exception("get_node_ids failed; retrying later")
-            return
-        for nid in sorted(listed - set(self.nodes)):
-            self.nodes[nid] = Node(nid)
-            self._describe(self.nodes[nid])
-        for nid, node in [(n, x) for n, x in self.nodes.items() if n not in listed]:
-            del self.nodes[nid]  # forgotten: if its id is listed again, it is described as a new node
-            if not node.gone:
-                node.gone = True
-                log.info("node %d left the federation", nid)
-                for mid, entry in list(self.pending.items()):
-                    if entry.node_id == nid and self.pending.pop(mid, None) is not None and entry.kind == "task":
-                        self._task_failed(entry, "node left the federation")
-                if node.client is not None and self.client_node.get(node.client) == nid:
-                    del self.client_node[node.client]
-                    for old in self.nodes.values():  # a node it replaced may still be listed: ask it again
-                        if old.client is None and old.partition_id == node.client:
-                            old.gone, old.suspect, old.next_probe = False, True, t
-                    if self.started:
-                        self.history.write("node", time=self.now(), round=self.policy.version, client=node.client,
-                                           node=nid, status="left")
-
-    def _probe(self) -> None:
-        t = self._clock()
-        asked = {p.node_id for p in self.pending.values() if p.kind == "describe"}
-        for node in self.nodes.values():
-            if node.gone or node.node_id in asked or t < node.next_probe:
-                continue
-            if node.suspect or not node.described:
-                self._describe(node)
-
-    def _describe(self, node: Node) -> None:
-        content = RecordDict({"prfl.query": ConfigRecord({"num-clients": self.num_clients})})
-        msg = Message(content, node.node_id, codec.DESCRIBE_TYPE, ttl=self.settings.hello_timeout + 5.0)
-        node.next_probe = self._clock() + self.settings.probe_interval
-        mid = self._push(msg)
-        if mid is None:
-            return
-        self.record_down += codec.record_bytes(content)
-        self.pending[mid] = Pending("describe", node.node_id, self._clock() + self.settings.hello_timeout, mid)
-
-    def _on_describe_reply(self, entry: Pending, reply: Message) -> None:
-        node = self.nodes.get(entry.node_id)
-        if node is None or node.gone:
-            return
-        if reply.has_error():
-            log.info("node %d answered the describe query with an error: %s", node.node_id, reply.error.reason)
-            node.next_probe = self._clock() + self.settings.probe_interval
-            return
-        self.record_up += codec.record_bytes(reply.content)
-        try:
-            info = codec.decode_node(reply.content)
-        except ValueError as exc:  # not a prfl ClientApp, or a broken one: ask again later
-            log.warning("node %d sent an unreadable describe reply: %s", node.node_id, exc)
-            node.next_probe = self._clock() + self.settings.probe_interval
-            return
-        if info["num_partitions"] not in (-1, self.num_clients):
-            raise RuntimeError(
-                f"node {node.node_id} has num-partitions={info['num_partitions']} but the run has "
-                f"{self.num_clients} clients (prfl.data.num_clients); start the SuperNodes with "
-                f"--node-config 'num-partitions={self.num_clients} ...'"
-            )
-        pid = info["partition_id"]
-        if pid >= self.num_clients:
-            raise RuntimeError(f"node {node.node_id} has partition-id={pid}, outside 0..{self.num_clients - 1}")
-        node.partition_id = pid
-        node.delay_seconds = info["delay_seconds"]
-        node.described = True
-        recovered = node.suspect
-        node.suspect = False
-        if node.client is None:
-            if pid >= 0:
-                self._bind(node, pid)
-            elif self.started:  # before Start, nodes without a partition id are bound in node-id order
-                self._bind_unassigned()
-        elif recovered and self.client_node.get(node.client) == node.node_id:
-            self._client_back(node.client, node.node_id, "node answered again")
-
-    def _free_client(self) -> int | None:
-        taken = set(self.client_node) | {n.partition_id for n in self.nodes.values() if n.partition_id >= 0 and not n.gone}
-        for c in range(self.num_clients):
-            if c not in taken:
-                return c
-        return None
-
-    def _bind(self, node: Node, client: int) -> None:
-        old = self.client_node.get(client)
-        if old is not None and old != node.node_id:
-            prev = self.nodes[old]
-            if not prev.suspect and not prev.gone:
-                log.warning("client %d: node %d replaces node %d (two live nodes with one partition id?)",
-                            client, node.node_id, old)
-            prev.client = None
-            prev.gone = prev.gone or prev.suspect  # a failed node replaced by a new one is not probed again
-            mid = self.busy.get(client)
-            if mid is not None and self.pending.get(mid) is not None and self.pending[mid].node_id == old:
-                entry = self.pending.pop(mid)
-                self._task_failed(entry, "node replaced")
-        node.client = client
-        self.client_node[client] = node.node_id
-        self.pieces.forget(client)  # a new node starts with an empty cache
-        log.info("client %d -> node %d (partition-id %d, delay %.3g s)", client, node.node_id, node.partition_id,
-                 node.delay_seconds)
-        if self.started:
-            self.history.write("node", time=self.now(), round=self.policy.version, client=client, node=node.node_id,
-                               status="joined", delay=node.delay_seconds)
-            self._client_back(client, node.node_id, "node joined")
-
-    def _client_back(self, client: int, node_id: int, why: str) -> None:
-        """Tell the policy a client is idle again, when it believes the client offline."""
-        if not self.started or self.policy_online[client] or client in self.busy:
-            return
-        self.history.write("availability", time=self.now(), round=self.policy.version, client=client, online=True,
-                           node=node_id, reason=why)
-        self.queue.append(ClientIdle(now=self.now(), client=client))
 
     # ------------------------------------------------------------------ evaluation and results
     def _log_eval(self, rec: dict[str, Any]) -> None:

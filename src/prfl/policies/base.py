@@ -286,11 +286,12 @@ class PolicyMetrics:
 
 @dataclass(frozen=True)
 class TaskInFlight:
-    """A task the policy dispatched and still waits for (as drivers see it)."""
+    """A task the policy dispatched and still waits for."""
 
     task_id: int
     client: int
     version: int  # model version it started from
+    dispatched_at: float
 
 
 # --------------------------------------------------------------------------- policy

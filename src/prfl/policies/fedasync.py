@@ -10,7 +10,7 @@ import torch
 from prfl.aggregation import STALENESS_KINDS, staleness_weight
 from prfl.client.result import TaskResult
 from prfl.policies.base import Action, Dispatch, PolicyContext, SetTimer
-from prfl.policies.fleet import Arrival, FleetPolicy, InFlight, check_number
+from prfl.policies.fleet import Arrival, FleetPolicy, TaskInFlight, check_number
 
 STEP_TIMER = "fedasync:step"
 STEPS = ("arrival", "reference")
@@ -174,7 +174,7 @@ class FedAsync(FleetPolicy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.waiting = [Arrival(InFlight(**w["task"]), w["weights"].clone(), None, int(w["staleness"]))
+        self.waiting = [Arrival(TaskInFlight(**w["task"]), w["weights"].clone(), None, int(w["staleness"]))
                         for w in state.get("waiting", [])]
         self.last_weight = [float(x) for x in state.get("last_weight", [0.0] * self.ctx.num_clients)]
         self.next_client = int(state.get("next_client", 0))

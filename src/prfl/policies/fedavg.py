@@ -15,7 +15,7 @@ from prfl.policies.base import (
     PolicyContext,
     Record,
 )
-from prfl.policies.fleet import FleetPolicy, InFlight, check_number
+from prfl.policies.fleet import FleetPolicy, TaskInFlight, check_number
 
 
 # --------------------------------------------------------------------------- FedAvg
@@ -80,7 +80,7 @@ class FedAvg(FleetPolicy):
         self.arrived.append(arrival.task.client)
         return self._maybe_close(now)
 
-    def _on_task_failed(self, now: float, task: InFlight) -> list[Action]:
+    def _on_task_failed(self, now: float, task: TaskInFlight) -> list[Action]:
         self.failed.append(task.client)
         return self._maybe_close(now)
 

@@ -81,14 +81,7 @@ QUARANTINED_STOP = "every client is quarantined"
 
 
 # --------------------------------------------------------------------------- fleet bookkeeping
-@dataclass(frozen=True)
-class InFlight:
-    """A dispatched task the server is waiting for."""
-
-    task_id: int
-    client: int
-    version: int  # model version the task started from
-    dispatched_at: float
+InFlight = TaskInFlight  # the name checkpoints of earlier versions give it (prfl.runtime.checkpoint.ALLOWED_TYPES)
 
 
 @dataclass(frozen=True)
@@ -97,7 +90,7 @@ class Arrival:
     from (None unless the policy keeps start weights), its staleness version - task.version and
     its update norm ||W_i - W_sent|| on the held weights (None unless the policy measures it)."""
 
-    task: InFlight
+    task: TaskInFlight
     weights: torch.Tensor
     start: torch.Tensor | None
     staleness: int
@@ -133,7 +126,7 @@ class FleetPolicy(Policy):
         self.started = False
         self.stopped = False
         self.online: set[int] = set(range(ctx.num_clients))
-        self.in_flight: dict[int, InFlight] = {}
+        self.in_flight: dict[int, TaskInFlight] = {}
         self.start_weights: dict[int, torch.Tensor] = {}  # version -> weights handed out
         self._busy: dict[int, int] = {}  # client -> task_id (derived from in_flight)
         self._refs: dict[int, int] = {}  # version -> in-flight tasks started from it (derived)
@@ -190,7 +183,7 @@ class FleetPolicy(Policy):
     def _on_result(self, now: float, result: TaskResult) -> list[Action]:
         raise NotImplementedError
 
-    def _on_task_failed(self, now: float, task: InFlight) -> list[Action]:
+    def _on_task_failed(self, now: float, task: TaskInFlight) -> list[Action]:
         return []
 
     def _on_timer(self, now: float, key: str) -> list[Action]:
@@ -209,14 +202,13 @@ class FleetPolicy(Policy):
         return PolicyMetrics(rejected=tuple(self.rejected))
 
     def tasks_in_flight(self) -> tuple[TaskInFlight, ...]:
-        return tuple(TaskInFlight(t.task_id, t.client, t.version)
-                     for t in sorted(self.in_flight.values(), key=lambda t: t.task_id))
+        return tuple(sorted(self.in_flight.values(), key=lambda t: t.task_id))
 
-    def task_mask(self, task: InFlight) -> torch.Tensor | None:
+    def task_mask(self, task: TaskInFlight) -> torch.Tensor | None:
         """The mask ``task`` was dispatched with (None: dense)."""
         return None
 
-    def result_like(self, task: InFlight) -> torch.Tensor:
+    def result_like(self, task: TaskInFlight) -> torch.Tensor:
         """A tensor with the shape and dtype ``task``'s result must have (the global model's)."""
         return self.weights
 
@@ -274,10 +266,10 @@ class FleetPolicy(Policy):
         self.track_task(task, now)
         return Dispatch(task)
 
-    def track_task(self, task: Any, now: float) -> InFlight:
+    def track_task(self, task: Any, now: float) -> TaskInFlight:
         """Record a dispatched :class:`~prfl.policies.base.TaskSpec` as in flight (and keep the
         weights it starts from when the policy or its checks need them)."""
-        inflight = InFlight(task.task_id, task.client, task.version, float(now))
+        inflight = TaskInFlight(task.task_id, task.client, task.version, float(now))
         self._track(inflight)
         if self.keeps_start_weights:
             self.start_weights.setdefault(task.version, task.weights)
@@ -348,12 +340,12 @@ class FleetPolicy(Policy):
         if not 0 <= client < self.ctx.num_clients:
             raise ValueError(f"client {client} out of range [0, {self.ctx.num_clients})")
 
-    def _track(self, task: InFlight) -> None:
+    def _track(self, task: TaskInFlight) -> None:
         self.in_flight[task.task_id] = task
         self._busy[task.client] = task.task_id
         self._refs[task.version] = self._refs.get(task.version, 0) + 1
 
-    def _find_task(self, task_id: int, client: int, what: str) -> InFlight:
+    def _find_task(self, task_id: int, client: int, what: str) -> TaskInFlight:
         task = self.in_flight.get(task_id)
         if task is None:
             raise ValueError(
@@ -364,7 +356,7 @@ class FleetPolicy(Policy):
             raise ValueError(f"{what} for task {task_id} names client {client}, but it was sent to {task.client}")
         return task
 
-    def _retire(self, task: InFlight) -> torch.Tensor | None:
+    def _retire(self, task: TaskInFlight) -> torch.Tensor | None:
         """Forget an in-flight task; return the weights it started from (None unless kept)."""
         del self.in_flight[task.task_id]
         del self._busy[task.client]
@@ -401,7 +393,7 @@ class FleetPolicy(Policy):
         self.online = set(state["online"])
         self.in_flight, self._busy, self._refs = {}, {}, {}
         for t in state["in_flight"]:
-            self._track(InFlight(**t))
+            self._track(TaskInFlight(**t))
         self.start_weights = {int(v): w.clone() for v, w in state["start_weights"].items()}
         copies: dict[int, torch.Tensor] = {}  # one copy per distinct tensor, as at save time
         self.task_starts = {}

@@ -58,7 +58,7 @@ from prfl.client.result import TaskResult
 from prfl.models.slicing import SliceMap, output_classes
 from prfl.params import ParamLayout
 from prfl.policies.base import Action, Dispatch, PolicyContext, PolicyMetrics, Record, TaskSpec
-from prfl.policies.fleet import FleetPolicy, InFlight, check_number
+from prfl.policies.fleet import FleetPolicy, TaskInFlight, check_number
 from prfl.pruning.ranking import Ranking, magnitude_ranking
 
 __all__ = [
@@ -265,7 +265,7 @@ class HeteroFLConfig:
 
 # --------------------------------------------------------------------------- policy
 @dataclass(frozen=True)
-class _Held:
+class _Arrived:
     """A result of the round in progress, waiting for the round to close."""
 
     client: int
@@ -308,7 +308,7 @@ class HeteroFL(FleetPolicy):
                               else by_speed(default_densities(k), ctx.speed_order()))
             self._check_per_client("densities", self.densities)
         self.cohort: list[int] = []  # clients of the round in progress ([] between rounds)
-        self.held: list[_Held] = []
+        self.arrived: list[_Arrived] = []
         self.failed: list[int] = []
         self.attempt = 0  # rounds at this version whose whole cohort failed
         # derived caches, rebuilt on demand (not checkpointed)
@@ -395,14 +395,14 @@ class HeteroFL(FleetPolicy):
 
     def _on_result(self, now: float, result: TaskResult) -> list[Action]:
         arrival = self.take_result(result)  # a bad update is rejected there (recorded, client told)
-        self.held.append(_Held(arrival.task.client, float(result.num_samples), arrival.weights))
+        self.arrived.append(_Arrived(arrival.task.client, float(result.num_samples), arrival.weights))
         return self._maybe_close(now)
 
-    def result_like(self, task: InFlight) -> torch.Tensor:
+    def result_like(self, task: TaskInFlight) -> torch.Tensor:
         """The width form returns the sub-network's vector: its length is the one expected."""
         return torch.empty((self._task_length(task.client),), dtype=self.weights.dtype, device="meta")
 
-    def _on_task_failed(self, now: float, task: InFlight) -> list[Action]:
+    def _on_task_failed(self, now: float, task: TaskInFlight) -> list[Action]:
         self.failed.append(task.client)
         return self._maybe_close(now)
 
@@ -410,7 +410,7 @@ class HeteroFL(FleetPolicy):
         """The clients' fixed densities (mask mode; None in width mode) and rejected results."""
         return PolicyMetrics(densities=self.densities, rejected=tuple(self.rejected))
 
-    def task_mask(self, task: InFlight) -> torch.Tensor | None:
+    def task_mask(self, task: TaskInFlight) -> torch.Tensor | None:
         """Mask form: the mask the task trained under. Rounds are synchronous, so a task in flight
         started from the current weights and its mask is the current one at its density."""
         if self.config.mode != "mask" or task.version != self.version:
@@ -428,7 +428,7 @@ class HeteroFL(FleetPolicy):
 
     def _dispatch(self, client: int, now: float) -> Dispatch:
         task = self._width_task(client) if self.config.mode == "width" else self._mask_task(client)
-        self._track(InFlight(task.task_id, client, task.version, float(now)))
+        self._track(TaskInFlight(task.task_id, client, task.version, float(now)))
         return Dispatch(task)
 
     def _width_task(self, client: int) -> TaskSpec:
@@ -486,14 +486,14 @@ class HeteroFL(FleetPolicy):
     def _maybe_close(self, now: float) -> list[Action]:
         if self.in_flight:
             return []
-        if self.held and not sum(h.num_samples for h in self.held) > 0:
+        if self.arrived and not sum(h.num_samples for h in self.arrived) > 0:
             raise ValueError("every result of the round reports num_samples = 0; cannot weight the average")
-        cohort, held, failed = self.cohort, self.held, self.failed
-        self.cohort, self.held, self.failed = [], [], []
-        if held:
-            new = self.aggregate(held)
+        cohort, arrived, failed = self.cohort, self.arrived, self.failed
+        self.cohort, self.arrived, self.failed = [], [], []
+        if arrived:
+            new = self.aggregate(arrived)
             self.attempt = 0
-            clients = sorted(h.client for h in held)
+            clients = sorted(h.client for h in arrived)
             per_client = self.rates if self.rates is not None else self.densities
             assert per_client is not None
             actions = self.commit(
@@ -508,17 +508,17 @@ class HeteroFL(FleetPolicy):
             actions += self._start_round(now)
         return actions
 
-    def aggregate(self, held: Sequence[_Held]) -> torch.Tensor:
+    def aggregate(self, arrived: Sequence[_Arrived]) -> torch.Tensor:
         """The new global weights from the round's results (holder average or MaskFedAvg)."""
-        coeffs = [h.num_samples for h in held]
+        coeffs = [h.num_samples for h in arrived]
         if self.config.mode == "mask":
             assert self.densities is not None
-            masks = [self.mask_for(self.densities[h.client]) for h in held]
-            return mask_fedavg(self.weights, [h.weights for h in held], masks, coeffs, self.ctx.num_prunable)
+            masks = [self.mask_for(self.densities[h.client]) for h in arrived]
+            return mask_fedavg(self.weights, [h.weights for h in arrived], masks, coeffs, self.ctx.num_prunable)
         assert self.rates is not None
         idxs: list[torch.Tensor | None] = []
         include: list[torch.Tensor | None] = []
-        for h in held:
+        for h in arrived:
             smap = self.slice_map(self.rates[h.client])
             idx = None if smap is None else smap.idx
             idxs.append(idx)
@@ -527,14 +527,14 @@ class HeteroFL(FleetPolicy):
                 include.append(label_include(self._classes, idx, self.ctx.client_labels[h.client]))
             else:
                 include.append(None)
-        return holder_average(self.weights, [h.weights for h in held], idxs, coeffs, include)
+        return holder_average(self.weights, [h.weights for h in arrived], idxs, coeffs, include)
 
     # -- checkpointing
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.update(
             cohort=list(self.cohort),
-            held=[{"client": h.client, "num_samples": h.num_samples, "weights": h.weights.clone()} for h in self.held],
+            arrived=[{"client": h.client, "num_samples": h.num_samples, "weights": h.weights.clone()} for h in self.arrived],
             failed=list(self.failed),
             attempt=self.attempt,
         )
@@ -543,7 +543,8 @@ class HeteroFL(FleetPolicy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.cohort = list(state["cohort"])
-        self.held = [_Held(int(h["client"]), float(h["num_samples"]), h["weights"].clone()) for h in state["held"]]
+        saved = state["arrived"] if "arrived" in state else state["held"]  # "held" in earlier checkpoints
+        self.arrived = [_Arrived(int(h["client"]), float(h["num_samples"]), h["weights"].clone()) for h in saved]
         self.failed = list(state["failed"])
         self.attempt = int(state["attempt"])
         self._ranking, self._masks = None, {}  # rebuilt from the restored weights on demand

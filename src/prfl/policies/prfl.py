@@ -46,7 +46,7 @@ from prfl.policies.base import (
     Stop,
     TaskSpec,
 )
-from prfl.policies.fleet import FleetPolicy, InFlight
+from prfl.policies.fleet import FleetPolicy, TaskInFlight
 from prfl.pruning.density import DensityController
 from prfl.pruning.importance import AVERAGES, ImportanceScores
 from prfl.pruning.ranking import IMPORTANCE_BYTES, Ranking, build_ranking, importance_for_upload, magnitude_ranking
@@ -236,7 +236,7 @@ class PRFL(FleetPolicy):
         self.buffer = ClientBuffer(n, self.total, self.num_prunable, storage=cfg.buffer_storage, path=cfg.buffer_dir,
                                    frozen=Staleness(cfg.staleness, cfg.a, cfg.b) if running else None)
         self.task_orders: dict[int, torch.Tensor] = {}  # prefix storage: the ranking each task's mask is a prefix of
-        self.window: list[tuple[InFlight, TaskResult, int]] = []  # (task, result, staleness)
+        self.window: list[tuple[TaskInFlight, TaskResult, int]] = []  # (task, result, staleness)
         self.task_masks: dict[int, torch.Tensor | None] = {}  # the mask each task was sent with
         self.window_open = False
         self.step_start = 0.0  # reference step timing: when the current server step started
@@ -390,7 +390,7 @@ class PRFL(FleetPolicy):
     def measures_norms(self) -> bool:
         return self.config.robust == "clip"
 
-    def task_mask(self, task: InFlight) -> torch.Tensor | None:
+    def task_mask(self, task: TaskInFlight) -> torch.Tensor | None:
         return self.task_masks.get(task.task_id)
 
     # ------------------------------------------------------------------ events
@@ -464,7 +464,7 @@ class PRFL(FleetPolicy):
             self.buffer.remove(result.client)  # its frozen weight would count for ever, never decaying
         return actions
 
-    def _on_task_failed(self, now: float, task: InFlight) -> list[Action]:
+    def _on_task_failed(self, now: float, task: TaskInFlight) -> list[Action]:
         self.task_masks.pop(task.task_id, None)
         self.task_orders.pop(task.task_id, None)
         self._imp_asked.discard(task.client)  # ask again: that task's importance never came
@@ -672,7 +672,7 @@ class PRFL(FleetPolicy):
         self._imp_asked = set(state.get("imp_asked", ()))
         self._masks = {}
         self.buffer.load_state_dict(state["buffer"])
-        self.window = [(InFlight(**t), r, st) for t, r, st in state["window"]]
+        self.window = [(TaskInFlight(**t), r, st) for t, r, st in state["window"]]
         self.task_masks = dict(state["task_masks"])
         self.task_orders = dict(state.get("task_orders", {}))
         self.window_open = state["window_open"]

@@ -89,7 +89,8 @@ _HEADER_START = b'{"__metadata__":{"format":"prfl-checkpoint"'  # how the header
 #: ``module:qualified name``. Nothing else is ever constructed from a checkpoint.
 ALLOWED_TYPES: tuple[str, ...] = (
     "prfl.policies.base:TaskSpec",
-    "prfl.policies.fleet:InFlight",
+    "prfl.policies.base:TaskInFlight",
+    "prfl.policies.fleet:InFlight",  # TaskInFlight, as checkpoints of earlier versions name it
     "prfl.client.result:TaskResult",
     "prfl.client.trainer:TrainOutput",
     "prfl.sim.devices:TaskSpeeds",

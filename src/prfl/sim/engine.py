@@ -1,8 +1,9 @@
 """The virtual-clock simulation driver: runs a server policy against a modelled fleet.
 
 Local training really runs (on an executor), but time is modelled: a task takes its download
-over the server's shared uplink, its local compute (FLOPs of the steps at the sub-model's
-density, divided by the device's drawn speed) and its upload over the server's shared downlink.
+over the server's upload link (shared by every download), its local compute (FLOPs of the steps
+at the sub-model's density, divided by the device's drawn speed) and its upload over the
+server's download link (shared by every upload).
 All draws are seeded by address, so a run's history is fixed by its seed, whatever executor
 trains and however loaded the host is (unless compute time is taken from measurements).
 
@@ -37,8 +38,6 @@ import logging
 import math
 import os
 import time
-import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,57 +45,36 @@ import numpy as np
 import torch
 
 from prfl.allocator import release_free_heap, tune_allocator
-from prfl.runtime.checkpoint import CheckpointError, Streamed, materialize
-from prfl.client.result import TaskResult
-from prfl.client.trainer import TrainConfig, TrainOutput
+from prfl.client.trainer import TrainConfig
 from prfl.policies.base import (
     ClientIdle,
     Event,
     NotifyClient,
     Policy,
-    ResultArrived,
     Start,
     TaskFailed,
     TaskSpec,
     TimerFired,
 )
-from prfl.seeding import int_seed
 from prfl.settings import SimSettings
-from prfl.sim.accounting import ReferenceBroadcast, ReferenceSizes, values_only_bytes
-from prfl.sim.devices import Fleet, TaskSpeeds, draw_server_speeds, draw_task_speeds
-from prfl.sim.executors import Executor, TrainJob, job_source
+from prfl.sim.accounting import ReferenceBroadcast, ReferenceSizes
+from prfl.sim.devices import Fleet, draw_server_speeds
+from prfl.sim.executors import Executor
 from prfl.runtime.history import TIME_PARTS, UPLOAD_PARTS, HistoryWriter
 from prfl.runtime.rundir import RunDirectory
 from prfl.runtime.runner import Cadence, PolicyRunner, Traffic
 from prfl.sim.links import SharedLink
+from prfl.sim.snapshot import STATE_FORMAT, SimulationCheckpoints  # noqa: F401  (STATE_FORMAT: as before)
+from prfl.sim.tasks import TaskProgress, TaskStages
 
 log = logging.getLogger(__name__)
 
-_NO_WEIGHTS = torch.empty(0)  # what an in-flight task record holds in place of its start weights
-STATE_FORMAT = 2  # the layout of Simulation.state_dict
 
 
 Evaluator = Callable[[torch.Tensor], tuple[float, float]]  # weights -> (loss, accuracy)
 
 
-@dataclass
-class InFlight:
-    """A dispatched task on its way: download, compute, upload."""
-
-    spec: TaskSpec
-    speeds: TaskSpeeds
-    dispatched_at: float
-    stage: str = "download"
-    relay_bytes: int = 0  # part of the download served from already-published pieces
-    output: TrainOutput | None = None
-    compute_seconds: float = 0.0
-    future: Any = field(default=None, repr=False)
-    down_bytes: int = 0  # bytes the download is charged (the accounting's size)
-    download_done_at: float = math.nan  # when the last byte of the download arrived
-    upload_started_at: float = math.nan  # when compute ended and the upload began
-
-
-class Simulation:
+class Simulation(TaskStages, SimulationCheckpoints):
     """Drives one policy on a fleet in virtual time."""
 
     def __init__(
@@ -150,11 +128,11 @@ class Simulation:
         self._seq = 0
         self._heap: list[tuple[float, int, str, Any]] = []
         self._timers: dict[str, int] = {}
-        self.inflight: dict[int, InFlight] = {}
+        self.inflight: dict[int, TaskProgress] = {}
         self.busy: dict[int, int] = {}  # client -> task id
         self.online = [True] * n
-        self.uplink = SharedLink(None)  # server -> clients (downloads)
-        self.downlink = SharedLink(None)  # clients -> server (uploads)
+        self.download_link = SharedLink(None)  # the server's upload capacity, shared by the clients' downloads
+        self.upload_link = SharedLink(None)  # the server's download capacity, shared by the clients' uploads
         self._server_key = -1
         self.bytes_down = [0] * n
         self.bytes_up = [0] * n
@@ -230,8 +208,8 @@ class Simulation:
             return
         self._server_key = key
         down, up = draw_server_speeds(self.fleet, key, self.seed)
-        self.uplink.set_capacity(up, self.now)  # the server's upload carries client downloads
-        self.downlink.set_capacity(down, self.now)
+        self.download_link.set_capacity(up, self.now)  # the server's upload carries client downloads
+        self.upload_link.set_capacity(down, self.now)
 
     # ------------------------------------------------------------------ running
     def resume(self, state: dict[str, Any]) -> None:
@@ -276,7 +254,7 @@ class Simulation:
         while self._heap and self._heap[0][2] == "timer" and self._timers.get(self._heap[0][3][0]) != self._heap[0][3][1]:
             heapq.heappop(self._heap)  # a replaced timer: drop it without moving the clock
         t_heap = self._heap[0][0] if self._heap else math.inf
-        nxt = [(c[0], name) for name, link in (("down", self.uplink), ("up", self.downlink)) if (c := link.next_completion())]
+        nxt = [(c[0], name) for name, link in (("down", self.download_link), ("up", self.upload_link)) if (c := link.next_completion())]
         t_link = min((t for t, _ in nxt), default=math.inf)
         t = min(t_heap, t_link)
         if t == math.inf:
@@ -287,16 +265,16 @@ class Simulation:
             return True
         self.now = max(self.now, t)
         if t_link <= t_heap:
-            for tid in self.uplink.advance(self.now):
+            for tid in self.download_link.advance(self.now):
                 self._download_done(tid)
-            for tid in self.downlink.advance(self.now):
+            for tid in self.upload_link.advance(self.now):
                 self._upload_done(tid)
             return True
         _, _, kind, payload = heapq.heappop(self._heap)
         # keep the links' clocks in step before anything starts a transfer
-        for tid in self.uplink.advance(self.now):
+        for tid in self.download_link.advance(self.now):
             self._download_done(tid)
-        for tid in self.downlink.advance(self.now):
+        for tid in self.upload_link.advance(self.now):
             self._upload_done(tid)
         if kind == "compute_done":
             self._compute_done(payload)
@@ -318,198 +296,8 @@ class Simulation:
             self._deliver(TaskFailed(now=self.now, client=client, task_id=tid, reason=reason))
         return True
 
-    # ------------------------------------------------------------------ task stages
-    def _dispatch(self, spec: TaskSpec) -> None:
-        c = spec.client
-        if not 0 <= c < len(self.online):
-            raise ValueError(f"policy dispatched to unknown client {c}")
-        if c in self.busy:
-            raise RuntimeError(f"policy dispatched task {spec.task_id} to client {c}, which is busy with task {self.busy[c]}")
-        if not self.online[c]:
-            self.history.write("task_failed", time=self.now, round=self.policy.version, client=c, task=spec.task_id, reason="offline")
-            self._push(self.now, "failed", (c, spec.task_id, "offline"))
-            return
-        speeds = draw_task_speeds(self.fleet, c, spec.task_id, self.seed)
-        job = self._job(spec, spec.weights)
-        if self.reference:
-            down = self._ref_sizes.download_bytes(spec)
-            egress = self._broadcast.egress(spec)
-        else:
-            down = spec.download_bytes
-            egress = down
-            if spec.server_egress_bytes is not None:
-                egress = min(spec.server_egress_bytes, down)
-        future = self.executor.submit(job)
-        del job
-        # The job carries what training needs; the record of the task does not need the start
-        # weights, and keeping them would keep one model version alive per task in flight.
-        fl = InFlight(
-            spec=dataclasses.replace(spec, weights=_NO_WEIGHTS), speeds=speeds, dispatched_at=self.now,
-            relay_bytes=down - egress, future=future, down_bytes=down,
-        )
-        self.inflight[spec.task_id] = fl
-        self.busy[c] = spec.task_id
-        self.server_egress += egress
-        self.bytes_down[c] += down
-        self._set_server_capacity()
-        cap = speeds.down_bps
-        if not self.settings.shared_server_link:  # every transfer sees the whole server link
-            cap = min(cap, self.fleet.server.up_bps)
-        # Bytes the server publishes for this dispatch cross its shared uplink; pieces it already
-        # published for this model version are served from the publication point at the
-        # client's own speed (see prfl.distribution).
-        self.uplink.start(spec.task_id, egress, cap, self.now)
+    # ------------------------------------------------------------------ task stages: see TaskStages
 
-    def _job(self, spec: TaskSpec, weights: torch.Tensor, packed: bool = False) -> TrainJob:
-        """The training job of a task: everything that decides its output."""
-        return TrainJob(
-            task_id=spec.task_id,
-            client=spec.client,
-            weights=weights,
-            indices=self.client_indices[spec.client],
-            seed=int_seed(self.seed, "train", spec.client, spec.task_id),
-            mask=spec.mask,
-            want_importance=spec.want_importance,
-            width=spec.width,
-            packed=packed,
-        )
-
-    def _output(self, fl: InFlight) -> TrainOutput:
-        if fl.output is None:
-            fl.output = fl.future.result()
-            fl.future = None
-            self.compute_total += fl.output.compute_seconds
-        return fl.output
-
-    def _download_done(self, tid: int, relayed: bool = False) -> None:
-        fl = self.inflight.get(tid)
-        if fl is None:
-            return
-        if fl.relay_bytes > 0 and not relayed:
-            fl.stage = "relay"
-            self._push(self.now + fl.relay_bytes / fl.speeds.down_bps, "relay_done", tid)
-            return
-        fl.stage = "compute"
-        fl.download_done_at = self.now
-        if self.settings.compute_time == "measured":
-            seconds = self._output(fl).compute_seconds
-        else:
-            n = len(self.client_indices[fl.spec.client])
-            steps = self.train_cfg.num_steps(n)
-            batch = min(self.train_cfg.batch_size, n)
-            if self.reference:  # the dense model's FLOPs at the fastest device's nominal speed
-                seconds = steps * self.step_flops(None, batch, 1.0) / self._equal_flops
-            else:
-                seconds = steps * self.step_flops(fl.spec.mask, batch, fl.spec.width) / fl.speeds.compute_flops
-        fl.compute_seconds = seconds
-        self._push(self.now + seconds, "compute_done", tid)
-
-    def _compute_done(self, tid: int) -> None:
-        fl = self.inflight.get(tid)
-        if fl is None:
-            return
-        fl.stage = "upload"
-        fl.upload_started_at = self.now
-        # The result is fetched when the upload completes: a deferred (inline) job then trains
-        # just before the server needs it, and nothing waits in memory during the upload.
-        cap = fl.speeds.up_bps
-        if not self.settings.shared_server_link:
-            cap = min(cap, self.fleet.server.down_bps)
-        self.downlink.start(tid, self._upload_bytes(fl.spec), cap, self.now)
-
-    def _upload_bytes(self, spec: TaskSpec) -> int:
-        """Bytes a task's upload is charged: all of it (honest), its values only (reference)."""
-        return values_only_bytes(spec) if self.reference else spec.upload_bytes
-
-    def _timing(self, fl: InFlight) -> dict[str, float]:
-        """Where a finished task's time went, in seconds: ``download + link_wait + compute +
-        upload = duration`` (up to rounding), ``duration`` = arrival time - dispatch time.
-
-        - ``download`` = D / v_down: the task's charged download bytes D at the client's own
-          download speed v_down drawn for this task (relayed pieces included);
-        - ``upload`` = U / v_up likewise for its charged upload bytes U;
-        - ``compute`` = the modelled (or measured) local training seconds;
-        - ``link_wait`` = the rest: (observed download seconds - D / v_down) + (observed upload
-          seconds - U / v_up), each clamped at 0. It is the time the transfers were queued or
-          slowed by the server's link beyond the client's own link: a max-min fair share of
-          the shared server link below the client's speed, or (``shared_server_link`` off) a
-          server link slower than the client's. A client alone on a fast server waits 0.
-        """
-        own_down = fl.down_bytes / fl.speeds.down_bps
-        own_up = self._upload_bytes(fl.spec) / fl.speeds.up_bps
-        wait_down = max(0.0, (fl.download_done_at - fl.dispatched_at) - own_down)
-        wait_up = max(0.0, (self.now - fl.upload_started_at) - own_up)
-        return {"download": own_down, "link_wait": wait_down + wait_up, "compute": fl.compute_seconds, "upload": own_up}
-
-    def _upload_done(self, tid: int) -> None:
-        fl = self.inflight.pop(tid, None)
-        if fl is None:
-            return
-        spec = fl.spec
-        c = spec.client
-        self.busy.pop(c, None)
-        out = self._output(fl)
-        up = self._upload_bytes(spec)
-        self.bytes_up[c] += up
-        self.server_ingress += up
-        self.arrivals[c] += 1
-        timing = self._timing(fl)
-        for k, part in enumerate(TIME_PARTS):
-            self.time_parts[c][k] += timing[part]
-        parts = {"values": values_only_bytes(spec), "index": spec.upload_index_bytes,
-                 "importance": spec.upload_importance_bytes}
-        for k, part in enumerate(UPLOAD_PARTS):
-            self.upload_parts[k] += parts[part]
-        result = TaskResult(
-            task_id=tid,
-            client=c,
-            version=spec.version,
-            weights=out.weights,
-            num_samples=out.num_samples,
-            mean_loss=out.mean_loss,
-            steps=out.steps,
-            compute_seconds=out.compute_seconds,
-            grad_sq=out.grad_sq,
-            density=spec.density,
-            width=spec.width,
-        )
-        self.history.write(
-            "arrival",
-            time=self.now,
-            round=self.policy.version,
-            client=c,
-            task=tid,
-            version=spec.version,
-            staleness=self.policy.version - spec.version,
-            density=spec.density,
-            train_loss=out.mean_loss,
-            duration=self.now - fl.dispatched_at,
-            compute=fl.compute_seconds,
-            download=timing["download"],
-            link_wait=timing["link_wait"],
-            upload=timing["upload"],
-            bytes_down=fl.down_bytes,
-            bytes_up=up,
-            bytes_up_values=parts["values"],
-            bytes_up_index=parts["index"],
-            bytes_up_importance=parts["importance"],
-        )
-        self._deliver(ResultArrived(now=self.now, result=result))
-
-    def _fail_inflight(self, client: int, reason: str) -> None:
-        tid = self.busy.pop(client, None)
-        if tid is None:
-            return
-        fl = self.inflight.pop(tid)
-        if fl.stage == "download":
-            self.uplink.cancel(tid, self.now)
-        elif fl.stage == "upload":
-            self.downlink.cancel(tid, self.now)
-        # a compute_done event may still be queued; it finds no task and does nothing
-        if fl.future is not None:
-            fl.future.cancel()
-        self.history.write("task_failed", time=self.now, round=self.policy.version, client=client, task=tid, reason=reason)
-        self._deliver(TaskFailed(now=self.now, client=client, task_id=tid, reason=reason))
 
     # ------------------------------------------------------------------ availability
     def _schedule_availability(self, client: int) -> None:
@@ -573,121 +361,5 @@ class Simulation:
             if fl.future is not None:
                 fl.future.cancel()
 
-    # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue this run exactly.
+    # ------------------------------------------------------------------ checkpoints: see SimulationCheckpoints
 
-        An in-flight task whose job the executor still holds is saved as that job: its start
-        values are a :class:`~prfl.runtime.checkpoint.Streamed` read from where the executor keeps them
-        (one per model version and mask), and it is trained again after a resume. Otherwise
-        (an executor without job sources, or a task already trained) its output is saved,
-        trained first if need be."""
-        inflight = {}
-        for tid, fl in self.inflight.items():
-            entry: dict[str, Any] = {
-                "spec": fl.spec,
-                "speeds": fl.speeds,
-                "dispatched_at": fl.dispatched_at,
-                "stage": fl.stage,
-                "relay_bytes": fl.relay_bytes,
-                "compute_seconds": fl.compute_seconds,
-                "down_bytes": fl.down_bytes,
-                "download_done_at": fl.download_done_at,
-                "upload_started_at": fl.upload_started_at,
-            }
-            src = job_source(fl.future) if fl.output is None and fl.future is not None else None
-            if src is not None:
-                dense = not src.job.packed
-                entry["job"] = {
-                    "packed": src.job.packed,
-                    "start": Streamed(read=src.values, key=("job-start", src.key),
-                                      shape=(self.policy.weights.numel(),) if dense else None,
-                                      dtype=self.policy.weights.dtype if dense else None),
-                }
-            else:
-                entry["output"] = self._output(fl)
-            inflight[tid] = entry
-        return {
-            "format": STATE_FORMAT,
-            "now": self.now,
-            "seq": self._seq,
-            "heap": list(self._heap),
-            "timers": dict(self._timers),
-            "inflight": inflight,
-            "busy": dict(self.busy),
-            "online": list(self.online),
-            "uplink": self.uplink.state_dict(),
-            "downlink": self.downlink.state_dict(),
-            "server_key": self._server_key,
-            "policy": self.policy.state_dict(),
-            "counters": {
-                "bytes_down": list(self.bytes_down),
-                "bytes_up": list(self.bytes_up),
-                "server_egress": self.server_egress,
-                "server_ingress": self.server_ingress,
-                "arrivals": list(self.arrivals),
-                "compute_total": self.compute_total,
-                "time_parts": [list(r) for r in self.time_parts],
-                "upload_parts": list(self.upload_parts),
-            },
-            "broadcast": self._broadcast.state_dict(),
-            **self.runner.state_dict(),
-            "history_offset": self.history.offset(),
-        }
-
-    def save_checkpoint(self) -> Path:
-        """Write ``checkpoint.pt`` atomically, keeping the previous one as ``checkpoint.prev.pt``.
-
-        The file is a :mod:`prfl.runtime.checkpoint` file (safetensors arrays, the state as JSON, a
-        checksum trailer), written to a temporary file, fsynced, renamed; then the directory is
-        fsynced. In-flight tasks' start values and a file-backed buffer's values are streamed to
-        it one at a time (see :meth:`state_dict`).
-        """
-        assert self.checkpoint_dir is not None
-        final = self.runner.write_checkpoint(self.state_dict)
-        release_free_heap()
-        return final
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        if state.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"a simulation checkpoint of layout {state.get('format')!r}, this prfl reads "
-                                  f"layout {STATE_FORMAT}; start the run again with `prfl run`")
-        self.now = state["now"]
-        self._seq = state["seq"]
-        self._heap = [tuple(e) for e in state["heap"]]  # type: ignore[misc]
-        heapq.heapify(self._heap)
-        self._timers = dict(state["timers"])
-        self.busy = {int(k): int(v) for k, v in state["busy"].items()}
-        self.online = list(state["online"])
-        self.uplink.load_state_dict(state["uplink"])
-        self.downlink.load_state_dict(state["downlink"])
-        self._server_key = state["server_key"]
-        self.policy.load_state_dict(state["policy"])
-        c = state["counters"]
-        self.bytes_down, self.bytes_up = list(c["bytes_down"]), list(c["bytes_up"])
-        self.server_egress, self.server_ingress = c["server_egress"], c["server_ingress"]
-        self.arrivals, self.compute_total = list(c["arrivals"]), c["compute_total"]
-        if "time_parts" in c:
-            self.time_parts = [list(r) for r in c["time_parts"]]
-            self.upload_parts = list(c["upload_parts"])
-        self._broadcast.load_state_dict(state.get("broadcast", {"step": None}))
-        self.runner.load_state_dict(state)
-        self.inflight = {}
-        # Saved jobs go back to the executor, grouped by their start values: each is read from
-        # the checkpoint once, and the executor keeps one copy for the jobs that share it.
-        groups: dict[int, list[tuple[int, dict[str, Any]]]] = {}
-        for tid, d in state["inflight"].items():
-            if "job" in d:
-                groups.setdefault(id(d["job"]["start"]), []).append((int(tid), d))
-            self.inflight[int(tid)] = InFlight(
-                spec=d["spec"], speeds=d["speeds"], dispatched_at=d["dispatched_at"], stage=d["stage"],
-                relay_bytes=d["relay_bytes"], output=d.get("output"), compute_seconds=d["compute_seconds"],
-                down_bytes=d.get("down_bytes", d["spec"].download_bytes),
-                download_done_at=d.get("download_done_at", math.nan),
-                upload_started_at=d.get("upload_started_at", math.nan),
-            )
-        for members in groups.values():
-            start = materialize(members[0][1]["job"]["start"])
-            for tid, d in members:
-                self.inflight[tid].future = self.executor.submit(self._job(d["spec"], start, bool(d["job"]["packed"])))
-            del start
