@@ -120,3 +120,29 @@ def test_register_policy_extends_the_registry():
             register_policy("echo-test", Echo)
     finally:
         del POLICIES["echo-test"]
+
+
+def test_prfl_resumes_a_checkpoint_that_kept_its_piece_ledger_apart():
+    """Checkpoints of earlier versions kept PR-FL's piece holdings as separate entries (held,
+    held_index, published_index, publisher, structure_key, structure_id): they still resume
+    into the same run."""
+    from event_fuzz import CASES  # PR-FL on the tiny model (it needs the model's prunable layers)
+
+    case = CASES["prfl"]
+    a = case.build(3)
+    loop_a = MiniLoop(a, DURATIONS, FAIL)
+    loop_a.feed(Start(0.0))
+    loop_a.run(23)
+    state = checkpoint(a)
+    ledger = state.pop("ledger")
+    assert any(ledger["values"]) and ledger["published_index"]  # pieces were handed out
+    state.update(held=ledger["values"], held_index=ledger["index"], publisher=ledger["publisher"],
+                 published_index=ledger["published_index"], structure_id=ledger["structure"],
+                 structure_key=ledger["structure_key"])
+    b = case.build(3)
+    b.load_state_dict(state)
+    loop_b = loop_a.clone_for(b)
+    loop_a.log.clear()
+    loop_a.run(40)
+    loop_b.run(40)
+    assert loop_a.log and loop_a.log == loop_b.log and torch.equal(a.weights, b.weights)

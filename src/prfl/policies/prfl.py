@@ -684,7 +684,14 @@ class PRFL(FleetPolicy):
             model_id, ranking_id, levels = key
             self._split_key = (int(model_id), int(ranking_id), tuple(float(d) for d in levels))
             self._split = ResidualSplit(self.ranking, self._split_key[2], self._split_id, self.total)
-        self.ledger.load_state_dict(state["ledger"])
+        if "ledger" in state:
+            self.ledger.load_state_dict(state["ledger"])
+        else:  # a checkpoint of an earlier version, which kept the ledger's parts apart
+            self.ledger.load_state_dict({
+                "values": state["held"], "index": state["held_index"], "publisher": state["publisher"],
+                "published_index": state["published_index"], "structure": state["structure_id"],
+                "structure_key": state["structure_key"],
+            })
         self.monitor.load_state_dict(state["monitor"])
         for m, s in zip(self.client_monitors, state["client_monitors"]):
             m.load_state_dict(s)
