@@ -120,6 +120,9 @@ class SimConfig(_Strict):
     compute_time: Literal["flops", "measured"] = "flops"
     sparse_efficiency: float = Field(1.0, ge=0, le=1)
     shared_server_link: bool = True
+    piece_relay: bool = Field(
+        True, description="pieces already published for a model version reach later clients from a relay at the "
+        "client's speed; false: every downloaded byte crosses the server's shared link (as on Flower)")
     checkpoint_every_rounds: int | None = Field(50, ge=1)
     targets: list[float] = Field(default_factory=list, description="accuracies for time-to-accuracy")
 

@@ -217,6 +217,7 @@ def make_simulation(
         compute_time=s.compute_time,
         sparse_efficiency=s.sparse_efficiency,
         shared_server_link=s.shared_server_link,
+        piece_relay=s.piece_relay,
         checkpoint_every_rounds=s.checkpoint_every_rounds if out_dir is not None else None,
         target_accuracies=tuple(s.targets),
     )

@@ -22,6 +22,7 @@ or, for nodes without one, the free ids in the order of their node ids.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -100,6 +101,12 @@ class Pending:
     payload_bytes: int = 0
     record_bytes: int = 0
     pieces: list[str] = field(default_factory=list)
+    sent_wall: float = math.nan  # wall clock (time.time()) at dispatch
+    replied_wall: float = math.nan  # wall clock when the reply was pulled
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isnan(x) else x
 
 
 class FlowerDriver:
@@ -438,12 +445,13 @@ class FlowerDriver:
         rec_bytes = codec.record_bytes(content)
         msg = Message(content, node.node_id, codec.TRAIN_TYPE, ttl=self.settings.reply_timeout + 5.0,
                       group_id=str(self.policy.version))
+        wall = time.time()
         mid = self._push(msg)
         if mid is None:
             self._fail_now(c, spec.task_id, "push failed")
             return
         self.pending[mid] = Pending("task", node.node_id, self._clock() + self.settings.reply_timeout, mid, now, spec,
-                                    mask, payload, rec_bytes, pieces)
+                                    mask, payload, rec_bytes, pieces, sent_wall=wall)
         self.busy[c] = mid
         self.tasks_sent += 1
         self.record_down += rec_bytes
@@ -511,11 +519,13 @@ class FlowerDriver:
         except Exception:
             log.exception("pull_messages failed; retrying at the next tick")
             return
+        pulled = time.time()
         for reply in replies:
             mid = reply.metadata.reply_to_message_id
             entry = self.pending.pop(mid, None)
             if entry is None:
                 continue
+            entry.replied_wall = pulled
             self.messages_received += 1
             if entry.kind == "task":
                 self._on_task_reply(mid, entry, reply)
@@ -584,7 +594,10 @@ class FlowerDriver:
             importance_bytes=res.importance_bytes, received_bytes=res.received_payload_bytes,
             record_bytes_down=entry.record_bytes,
             record_bytes_up=codec.record_bytes(reply.content), delay=res.delay_seconds, node=entry.node_id,
-            pieces=entry.pieces,
+            pieces=entry.pieces, message=mid,
+            # wall-clock stamps (time.time()): dispatch, node received / trained, reply pulled
+            stamps=[_finite(entry.sent_wall), _finite(res.arrived_at), _finite(res.trained_at),
+                    _finite(entry.replied_wall)],
         )
         self._deliver(ResultArrived(now=now, result=result))
 

@@ -23,6 +23,7 @@ import yaml
 
 from prfl.config import ConfigError, save_config
 from prfl.flower.driver import FlowerDriver
+from prfl.flower.grid import PromptGrid
 from prfl.flower.settings import app_settings
 from prfl.run import build_scenario, make_policy
 from prfl.sim.engine import CHECKPOINT, PREVIOUS_CHECKPOINT, CheckpointError, load_checkpoint
@@ -61,7 +62,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], defaults: Mapping[str,
     history = HistoryWriter(out / "history.jsonl", truncate_at=None if state is None else int(state["history_offset"]))
     s = cfg.sim
     driver = FlowerDriver(
-        grid, policy, sc.evaluator(), settings.driver, seed=cfg.seed, history=history,
+        PromptGrid(grid), policy, sc.evaluator(), settings.driver, seed=cfg.seed, history=history,
         eval_every_rounds=s.eval_every_rounds, eval_every_seconds=s.eval_every_seconds, max_time=s.max_time,
         target_accuracies=s.targets,
     )

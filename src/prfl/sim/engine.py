@@ -86,6 +86,9 @@ class SimSettings:
     compute_time: Literal["flops", "measured"] = "flops"
     sparse_efficiency: float = 1.0  # 1: compute scales with density; 0: masks save no compute
     shared_server_link: bool = True
+    # pieces already published for the model version reach later clients from a relay at the
+    # client's own speed; False: every downloaded byte crosses the server's shared link (Flower)
+    piece_relay: bool = True
     checkpoint_every_rounds: int | None = None
     target_accuracies: tuple[float, ...] = ()
 
@@ -111,6 +114,8 @@ class InFlight:
     relay_bytes: int = 0  # part of the download served from already-published pieces
     output: TrainOutput | None = None
     compute_seconds: float = 0.0
+    downloaded_at: float = math.nan  # when the download (and any relay) ended
+    uploading_at: float = math.nan  # when the upload started
     future: Any = field(default=None, repr=False)
 
 
@@ -308,7 +313,7 @@ class Simulation:
             width=spec.width,
         )
         egress = spec.download_bytes
-        if spec.server_egress_bytes is not None:
+        if spec.server_egress_bytes is not None and self.settings.piece_relay:
             egress = min(spec.server_egress_bytes, spec.download_bytes)
         future = self.executor.submit(job)
         del job
@@ -347,6 +352,7 @@ class Simulation:
             self._push(self.now + fl.relay_bytes / fl.speeds.down_bps, "relay_done", tid)
             return
         fl.stage = "compute"
+        fl.downloaded_at = self.now
         if self.settings.compute_time == "measured":
             seconds = self._output(fl).compute_seconds
         else:
@@ -362,6 +368,7 @@ class Simulation:
         if fl is None:
             return
         fl.stage = "upload"
+        fl.uploading_at = self.now
         # The result is fetched when the upload completes: a deferred (inline) job then trains
         # just before the server needs it, and nothing waits in memory during the upload.
         cap = fl.speeds.up_bps
@@ -404,7 +411,9 @@ class Simulation:
             density=spec.density,
             train_loss=out.mean_loss,
             duration=self.now - fl.dispatched_at,
+            download=fl.downloaded_at - fl.dispatched_at,
             compute=fl.compute_seconds,
+            upload=self.now - fl.uploading_at,
             bytes_down=spec.download_bytes,
             bytes_up=spec.upload_bytes,
         )
@@ -561,6 +570,8 @@ class Simulation:
                 "relay_bytes": fl.relay_bytes,
                 "output": out,
                 "compute_seconds": fl.compute_seconds,
+                "downloaded_at": fl.downloaded_at,
+                "uploading_at": fl.uploading_at,
             }
         return {
             "format": 1,
@@ -633,6 +644,7 @@ class Simulation:
                 spec=d["spec"], speeds=d["speeds"], dispatched_at=d["dispatched_at"], stage=d["stage"],
                 relay_bytes=d["relay_bytes"],
                 output=d["output"], compute_seconds=d["compute_seconds"],
+                downloaded_at=d.get("downloaded_at", math.nan), uploading_at=d.get("uploading_at", math.nan),
             )
 
 
