@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 # --------------------------------------------------------------------------- tc commands
 def test_tc_commands_give_each_node_a_class_per_direction_under_the_server_classes() -> None:
     speeds = LinkSpeeds(down_bps=(40e3, 10e3), up_bps=(20e3, 5e3), server_up_bps=30e3, server_down_bps=math.inf)
-    cmds = tc_setup_commands(3, speeds, port=4242, link_port=8000)
+    cmds = tc_setup_commands(3, speeds, port=4242)
     m = class_minors(3, 2)
     assert m["send"] == 0x3001 and m["down"] == [0x3100, 0x3101] and m["up"] == [0x3200, 0x3201]
     classes = {c[c.index("classid") + 1]: c for c in cmds if c[:2] == ["class", "add"]}
@@ -69,7 +69,7 @@ def test_tc_commands_give_each_node_a_class_per_direction_under_the_server_class
     down0 = next(f for f in filters if opt(f, "flowid") == "5f1:3100")
     assert " ".join(down0).count(f"src {node_address(3, 0)}/32") == 1 and "sport 4242 0xffff" in " ".join(down0)
     up1 = next(f for f in filters if opt(f, "flowid") == "5f1:3201")
-    assert f"src {node_address(3, 1)}/32" in " ".join(up1) and "dport 8000 0xffff" in " ".join(up1)
+    assert f"dst {node_address(3, 1)}/32" in " ".join(up1) and "dport 4242 0xffff" in " ".join(up1)
     teardown = tc_teardown_commands(3, 2)
     assert teardown[0][:2] == ["filter", "del"] and opt(teardown[0], "prio") == "103"
     assert {opt(c, "classid") for c in teardown[1:]} == set(classes)
@@ -232,9 +232,9 @@ def test_apply_and_remove_leave_the_loopback_interface_as_it_was() -> None:
     speeds = LinkSpeeds(down_bps=(3e4, 2e4), up_bps=(2e4, 1e4), server_up_bps=4e4, server_down_bps=3e4)
     with LoopbackShaper(speeds) as shaper:
         slot = shaper.reserve()
-        shaper.apply(5555, 8000)
+        shaper.apply(5555)
         assert len(_our_classes(slot)) == 6
-        shaper.apply(5556, 8000)  # again (a new relay port): the same classes, not twice
+        shaper.apply(5556)  # again (a new relay port): the same classes, not twice
         assert len(_our_classes(slot)) == 6
         assert _root()["kind"] == "htb"
     assert _our_classes(slot) == []
@@ -256,7 +256,7 @@ def test_shaped_transfers_take_the_fluid_models_time_and_share_the_server_max_mi
             slot = shaper.reserve()
             addresses = [node_address(slot, i) for i in range(3)]
             with Relay(addresses, ("127.0.0.1", server.port)) as relay:
-                shaper.apply(relay.port, server.port)
+                shaper.apply(relay.port)
                 n = 120_000
                 alone = transfer(addresses[0], relay.port, "GET", n)
                 assert alone == pytest.approx(n / (PAYLOAD_EFFICIENCY * 60 * k), rel=0.1)

@@ -9,13 +9,14 @@ share the server's sending capacity ``server_up_bps`` and all uploads its receiv
 Addressing: a SuperNode dials the SuperLink from an ephemeral port of 127.0.0.1, so the kernel
 cannot tell one node's packets from another's. Node ``i`` therefore dials its own loopback
 address ``127.77.S.(i+1)`` (``S``: the run's slot, see below), where a :class:`Relay` (a TCP
-forwarder in a thread of this process) passes the bytes on to the SuperLink on 127.0.0.1 from a
-socket bound to that same address. ``tc`` classifies by it: packets from ``127.77.S.(i+1)`` and
-the relay's port are node ``i``'s download, packets from ``127.77.S.(i+1)`` to the SuperLink's
-port its upload. Only 127.0.0.0/8 is used.
+forwarder in a thread of this process) passes the bytes on to the SuperLink on 127.0.0.1. ``tc``
+classifies by the relay's end: packets from ``127.77.S.(i+1)`` and
+the relay's port are node ``i``'s download, packets to that address and port its upload; the
+relay's own leg to the SuperLink is not shaped. Only 127.0.0.0/8 is used.
 
-The relay sends every shaped packet itself and keeps them small (see :class:`Relay`):
-Ethernet-size segments (:data:`MSS`) and at most two of them per packet, in both directions. htb lets a
+The relay keeps the packets of the shaped legs small (see :class:`Relay`): Ethernet-size
+segments (:data:`MSS`) and at most two of them per packet, in both directions; and the classes
+have no burst. htb lets a
 packet pass whole once its class has credit and charges it afterwards, and loopback's 64 KiB
 MTU (with segmentation offload sized for a near-zero round-trip time) would otherwise put up
 to 64 KiB in one packet: at 20 kB/s three seconds of link time in one lump, by which a
@@ -104,7 +105,9 @@ PAYLOAD_EFFICIENCY = SEGMENT_PAYLOAD / PACKET_BYTES
 QUANTUM = 8 * PACKET_BYTES
 """Bytes a borrowing class may send per turn (equal for every class: equal shares)."""
 CHUNK_SEGMENTS = 2
-"""Segments the relay hands the kernel at a time on a shaped leg (bounds the size of its packets)."""
+"""Segments the relay hands the kernel at a time towards a node (bounds its download packets)."""
+WINDOW_SEGMENTS = 2
+"""Receive window the relay advertises to a node, in segments (bounds its upload packets)."""
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 DEVICE = "lo"
 
@@ -189,11 +192,16 @@ def class_minors(slot: int, n: int) -> dict[str, Any]:
             "down": [base | (0x100 + i) for i in range(n)], "up": [base | (0x200 + i) for i in range(n)]}
 
 
-def tc_setup_commands(slot: int, speeds: LinkSpeeds, port: int, link_port: int, device: str = DEVICE) -> list[list[str]]:
+_BUCKETS = ("burst", "1", "cburst", "1", "quantum", str(QUANTUM))
+"""No burst: a class idle for a while may send one packet at once, never more (with the default
+burst of about a packet, a sender that idles between small windows gains a packet each time)."""
+
+
+def tc_setup_commands(slot: int, speeds: LinkSpeeds, port: int, device: str = DEVICE) -> list[list[str]]:
     """The ``tc`` argument lists that give slot ``slot`` its classes and filters (not the root).
 
-    Node ``i``'s download is what leaves its address from the relay's ``port``; its upload is
-    what leaves its address for the SuperLink's ``link_port``.
+    Node ``i``'s download is what the relay sends it from ``127.77.S.(i+1):port``; its upload
+    what it sends there.
     """
     n = len(speeds)
     m = class_minors(slot, n)
@@ -207,19 +215,18 @@ def tc_setup_commands(slot: int, speeds: LinkSpeeds, port: int, link_port: int, 
         capacity = min(server, sum(caps))  # an unlimited server: the sum of its nodes' speeds never binds
         parent = m[parent_key]
         cmds.append(["class", "add", "dev", device, "parent", root, "classid", _classid(parent), "htb",
-                     "rate", _rate(capacity), "ceil", _rate(capacity), "quantum", str(QUANTUM)])
+                     "rate", _rate(capacity), "ceil", _rate(capacity), *_BUCKETS])
         for i, cap in enumerate(caps):
             child = m[direction][i]
             cmds.append(["class", "add", "dev", device, "parent", _classid(parent), "classid", _classid(child), "htb",
-                         "rate", _rate(min(cap, capacity / n)), "ceil", _rate(min(cap, capacity)),
-                         "quantum", str(QUANTUM)])
+                         "rate", _rate(min(cap, capacity / n)), "ceil", _rate(min(cap, capacity)), *_BUCKETS])
     for i in range(n):
         addr = node_address(slot, i)
         cmds.append(["filter", "add", "dev", device, "parent", root, "protocol", "ip", "prio", prio, "u32",
                      "match", "ip", "src", f"{addr}/32", "match", "ip", "sport", str(port), "0xffff",
                      "flowid", _classid(m["down"][i])])
         cmds.append(["filter", "add", "dev", device, "parent", root, "protocol", "ip", "prio", prio, "u32",
-                     "match", "ip", "src", f"{addr}/32", "match", "ip", "dport", str(link_port), "0xffff",
+                     "match", "ip", "dst", f"{addr}/32", "match", "ip", "dport", str(port), "0xffff",
                      "flowid", _classid(m["up"][i])])
     return cmds
 
@@ -429,8 +436,8 @@ class LoopbackShaper:
         with _registry_lock(self._dir):
             self._write_slot([(p, process_start_time(p) or 0) for p in pids])
 
-    def apply(self, port: int, link_port: int) -> None:
-        """Install the slot's classes and filters for relay port ``port`` and SuperLink port ``link_port``."""
+    def apply(self, port: int) -> None:
+        """Install the slot's classes and filters for relay port ``port``."""
         slot = self.reserve()
         self.port = port
         with _registry_lock(self._dir):
@@ -438,7 +445,7 @@ class LoopbackShaper:
             for cmd in tc_teardown_commands(slot, len(self.speeds)):
                 _tc(cmd, check=False)  # idempotent: leftovers of this slot go first
             try:
-                for cmd in tc_setup_commands(slot, self.speeds, port, link_port):
+                for cmd in tc_setup_commands(slot, self.speeds, port):
                     _tc(cmd)
             except ShapingError:
                 for cmd in tc_teardown_commands(slot, len(self.speeds)):
@@ -486,35 +493,36 @@ class _Route:
 class Relay:
     """TCP forwarders from ``addresses`` (one port for all) to ``target``, in a background thread.
 
-    The relay itself sends every byte that crosses a shaped leg, in both directions: towards
-    node ``i`` from ``addresses[i]:port``, and towards the target from a socket bound to
-    ``addresses[i]`` (so its packets name the node). The legs where the node sends (to the
-    relay) and the target answers (to the relay) are not shaped. On its shaped legs the relay
-    keeps packets small, so that htb, which lets a packet pass whole once its class has credit
-    and makes the class pay afterwards, never lets a transfer finish a big packet ahead of the
-    link speed:
+    The shaped legs are those between a node and the relay: the relay sends node ``i``'s
+    downloads from ``addresses[i]:port`` and receives its uploads there; its own connections to
+    the target (bound to ``addresses[i]``, so that the SuperLink's logs name the node) are not
+    shaped. On the shaped legs packets stay small, so that htb, which lets a packet pass whole
+    once its class has credit and makes the class pay afterwards, never lets a transfer finish
+    a big packet ahead of the link speed:
 
-    - segments of ``mss`` (``TCP_MAXSEG``: Ethernet's);
-    - it hands the kernel ``chunk_segments`` segments at a time, and only once everything
-      written before has gone to the qdisc (``TCP_NOTSENT_LOWAT`` 1). Left alone, TCP would
-      gather the bytes that wait behind the shaped queue into one packet of up to 64 KiB (on
-      loopback the round-trip time is tiny, and Linux then sizes segmentation-offload packets
-      by the device's maximum), and a transfer would end up to 64 KiB early.
-
-    Shaping what the node itself sends does less well: its TCP stack is not ours to tune, and
-    with a small receive window to bound its packets it idles between windows, which htb
-    credits back as bursts (uploads then ran 5-15 % fast).
+    - segments of ``mss`` (``TCP_MAXSEG`` on the listening sockets: Ethernet's), both ways;
+    - downloads: the relay hands the kernel ``chunk_segments`` segments at a time, and only once
+      everything written before has gone to the qdisc (``TCP_NOTSENT_LOWAT`` 1). Left alone, TCP
+      would gather the bytes that wait behind the shaped queue into one packet of up to 64 KiB
+      (on loopback the round-trip time is tiny, and Linux then sizes segmentation-offload packets
+      by the device's maximum), and a transfer would end up to 64 KiB early;
+    - uploads: the relay advertises a receive window of ``window_segments`` segments
+      (``TCP_WINDOW_CLAMP``), which bounds the node's packets the same way. The node's own
+      sending is what the link paces, as on a real network: its writes block while the link
+      is busy (shaping the relay's onward leg instead would let the node hand its whole upload
+      to the kernel at once and then time out waiting for the reply).
 
     Bytes are counted per address and direction (``down``: from the target).
     """
 
     def __init__(self, addresses: Sequence[str], target: tuple[str, int], *, port: int = 0, mss: int = MSS,
-                 chunk_segments: int = CHUNK_SEGMENTS) -> None:
+                 chunk_segments: int = CHUNK_SEGMENTS, window_segments: int = WINDOW_SEGMENTS) -> None:
         self.addresses = list(addresses)
         self.target = target
         self.port = port
         self.mss = mss
         self.chunk_segments = chunk_segments
+        self.window_segments = window_segments
         self.routes: list[_Route] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -526,6 +534,7 @@ class Relay:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, self.mss)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, self.window_segments * self.mss)
             sock.bind((address, port))
             sock.listen(64)
             sock.setblocking(False)
@@ -594,15 +603,13 @@ class Relay:
         upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         upstream.setblocking(False)
         try:
-            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, self.mss)
-            upstream.bind((route.listen[0], 0))  # the node's address: tc tells its uploads by it
+            upstream.bind((route.listen[0], 0))  # the node's address, for the SuperLink's logs
             for sock in (node, upstream):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, 1)
+            node.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, 1)
             await loop.sock_connect(upstream, self.target)
             down_chunk = self.chunk_segments * node.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
-            up_chunk = self.chunk_segments * upstream.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
-            await asyncio.gather(self._pump(loop, node, upstream, route, "up", up_chunk),
+            await asyncio.gather(self._pump(loop, node, upstream, route, "up", 1 << 16),
                                  self._pump(loop, upstream, node, route, "down", down_chunk))
         except OSError:
             pass
@@ -709,10 +716,10 @@ class ShapedFederation:
             self.shaper = LoopbackShaper(self.speeds)
             slot = self.shaper.reserve()
             addresses = [node_address(slot, i) for i in range(len(self.speeds))]
-            env = {"FLWR_LOG_LEVEL": "DEBUG", **self.extra_env}
+            env = {"FLWR_LOG_LEVEL": "DEBUG", "PYTHONUNBUFFERED": "1", **self.extra_env}  # stamped log lines, unbuffered
             link_port = free_port()
             self.relay = Relay(addresses, ("127.0.0.1", link_port), mss=self.mss).start()
-            self.shaper.apply(self.relay.port, link_port)
+            self.shaper.apply(self.relay.port)
             fed = LocalFederation(self.workdir, len(self.speeds), extra_env=env, port=link_port,
                                   node_superlinks=[f"{a}:{self.relay.port}" for a in addresses])
             self.federation = fed
