@@ -257,6 +257,8 @@ def test_shared_server_link_hand_computed_times(executor, initial_weights) -> No
     assert [r["time"] for r in arrivals] == [approx(11.6), approx(13.6)]
     assert [r["duration"] for r in arrivals] == [approx(11.6), approx(13.6)]  # both dispatched at 0
     assert [r["compute"] for r in arrivals] == [approx(1.0), approx(4.0)]
+    assert [r["download"] for r in arrivals] == [approx(4.0), approx(6.0)]
+    assert [r["upload"] for r in arrivals] == [approx(11.6 - 5.0), approx(13.6 - 10.0)]
     assert [(r["bytes_down"], r["bytes_up"]) for r in arrivals] == [(20, 24), (32, 10)]
     # step_flops is asked for the task's mask, batch size min(batch_size, client samples), width
     assert sim.flops_calls == [(None, 10, 1.0), (None, 10, 1.0)]  # type: ignore[attr-defined]
@@ -485,6 +487,18 @@ def test_mismatched_fleet_is_rejected(executor, initial_weights) -> None:
     with pytest.raises(ValueError, match="must agree"):
         Simulation(Scripted(ctx), two_client_fleet(), executor, [np.arange(1)] * 3,
                    executor.workspace.trainer.cfg, lambda m, b, w=1.0: 1.0, lambda w: (0.0, 0.0))
+
+
+def test_without_piece_relay_every_downloaded_byte_crosses_the_shared_uplink(executor, initial_weights) -> None:
+    # The same pieces as below, on a deployment without a relay (Flower: every node pulls its
+    # message from the SuperLink): client 1's 32 B all cross the shared uplink, as if nothing
+    # had been published, and the times are those of the plain two-client run.
+    sim = make_sim(executor, initial_weights, egress={0: 20, 1: 12},
+                   settings=SimSettings(eval_every_rounds=None, piece_relay=False))
+    summary = sim.run()
+    assert sim.policy.arrivals == [(approx(11.6), 0), (approx(13.6), 1)]
+    assert [r["download"] for r in records(sim, "arrival")] == [approx(4.0), approx(6.0)]
+    assert summary["server_egress_bytes"] == 20 + 32
 
 
 def test_published_pieces_are_relayed_at_the_clients_own_speed(executor, initial_weights) -> None:

@@ -1,0 +1,110 @@
+"""prfl.flower.linkcheck: per-task phases from both sides' stamps, measured compute, pairing."""
+
+from __future__ import annotations
+
+import tomllib
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="Flower is not installed: pip install 'prfl[flower]' to run the Flower tests")
+
+from prfl.client.trainer import TrainOutput
+from prfl.config import ExperimentConfig
+from prfl.flower import linkcheck as lc
+from prfl.flower.shaping import NodeTransfer
+from prfl.sim.executors import TrainJob
+
+
+def _arrival(client: int, task: int, time: float, duration: float, stamps: list[float | None], message: str) -> dict:
+    return {"event": "arrival", "client": client, "task": task, "time": time, "duration": duration,
+            "bytes_down": 100, "bytes_up": 50, "density": 1.0, "stamps": stamps, "message": message}
+
+
+def test_real_tasks_split_each_task_with_the_server_app_and_node_stamps() -> None:
+    t0 = 1000.0  # wall clock of the run's t = 0
+    records = [
+        {"event": "start", "time": 0.0},
+        # dispatched at t = 1 (wall 1001); node pulls at 1003, has it at 1013; app gets it at 1020,
+        # trains till 1021; node sends at 1022, done at 1037; server pulls the reply at 1037.5
+        _arrival(0, 0, 37.6, 36.6, [1001.0, 1020.0, 1021.0, 1037.5], "m0"),
+        _arrival(1, 1, 50.0, 45.0, [1005.0, None, None, 1050.0], "m1"),  # an old node: no stamps
+        _arrival(0, 2, 90.0, 40.0, [1050.0, 1060.0, 1061.0, 1090.0], "m2"),
+    ]
+    transfers = {
+        "m0": NodeTransfer("m0", "train", receiving=1003.0, received=1013.0, sending=1022.0, sent=1037.0),
+        "m1": NodeTransfer("m1", "train", receiving=1007.0, received=1010.0, sending=1030.0, sent=1049.0),
+        "m2": NodeTransfer("m2", "train", receiving=1052.0, received=1058.0, sending=1062.0, sent=1089.0),
+    }
+    tasks = lc.real_tasks(records, transfers)
+    assert [(t.client, t.index, t.task) for t in tasks] == [(0, 0, 0), (0, 1, 2)]
+    first = tasks[0]
+    assert first.dispatched == pytest.approx(1.0) and t0 + first.dispatched == pytest.approx(1001.0)
+    assert (first.poll, first.download, first.compute, first.upload, first.reply) == pytest.approx((2, 10, 9, 15, 0.5))
+    assert (first.spawn, first.train, first.finish) == pytest.approx((7, 1, 1))
+    assert first.duration == pytest.approx(36.5)
+    assert first.poll + first.download + first.compute + first.upload + first.reply == pytest.approx(first.duration)
+    assert tasks[1].dispatched == pytest.approx(50.0)
+    assert lc.device_times(tasks) == {0: [pytest.approx(9.0), pytest.approx(4.0)]}
+
+
+class _Inner:
+    def __init__(self) -> None:
+        self.jobs: list[TrainJob] = []
+
+    def submit(self, job: TrainJob) -> Future[TrainOutput]:
+        self.jobs.append(job)
+        fut: Future[TrainOutput] = Future()
+        fut.set_result(TrainOutput(weights=torch.full((3,), float(job.task_id)), num_samples=5, mean_loss=0.1,
+                                   steps=2, compute_seconds=0.001, grad_sq=None))
+        return fut
+
+    def close(self) -> None:
+        pass
+
+
+def _job(task: int, client: int) -> TrainJob:
+    return TrainJob(task_id=task, client=client, weights=torch.zeros(3), indices=torch.arange(5).numpy(), seed=task)
+
+
+def test_the_kth_job_of_a_client_gets_its_kth_measured_compute_time() -> None:
+    ex = lc.MeasuredComputeExecutor(_Inner(), {0: [10.0, 12.0, 20.0], 1: [5.0]})
+    outs = [ex.submit(_job(t, c)).result() for t, c in [(0, 0), (1, 1), (2, 0), (3, 1), (4, 0), (5, 0)]]
+    assert [o.compute_seconds for o in outs] == [10.0, 5.0, 12.0, 5.0, 20.0, 12.0]  # then each client's median
+    assert ex.fallbacks == 2
+    assert [float(o.weights[0]) for o in outs] == [0, 1, 2, 3, 4, 5]  # what training returned, untouched
+    assert lc.MeasuredComputeExecutor(_Inner(), {0: [2.0, 4.0]}).next_seconds(3) == 3.0  # unmeasured: everyone's
+
+
+def _task(client: int, index: int, download: float, upload: float, duration: float) -> lc.TaskTimes:
+    return lc.TaskTimes(client=client, index=index, task=index * 10 + client, dispatched=0.0, duration=duration,
+                        download=download, compute=duration - download - upload, upload=upload, bytes_down=100,
+                        bytes_up=50, density=1.0, poll=1.0, reply=0.5)
+
+
+def test_compare_pairs_tasks_by_client_and_number_and_reports_relative_errors() -> None:
+    real = [_task(0, 0, 10, 20, 40), _task(0, 1, 10, 20, 40), _task(1, 0, 20, 10, 50), _task(2, 0, 5, 5, 20)]
+    sim = [_task(0, 0, 9, 18, 36), _task(0, 1, 11, 20, 44), _task(1, 0, 20, 12, 50)]  # client 2 never arrived
+    res = lc.compare(real, sim, [10.0, 20.0, 40.0], [9.0, 19.0, 44.0, 50.0], updates=3)
+    assert res["pairs"] == 3 and res["tasks_real"] == 4 and res["tasks_simulated"] == 3
+    assert res["median_abs_rel_error"]["download"] == pytest.approx(0.1)  # |-0.1|, |+0.1|, 0
+    assert res["median_rel_error"]["upload"] == pytest.approx(0.0)  # -0.1, 0, +0.2
+    assert res["max_abs_rel_error"]["upload"] == pytest.approx(0.2)
+    assert res["median_abs_rel_error"]["duration"] == pytest.approx(0.1)
+    assert res["time_to_updates"] == {"updates": 3, "real": 40.0, "simulated": 44.0, "rel_error": pytest.approx(0.1)}
+    assert res["median_gap_seconds"]["poll"] == 1.0
+    assert res["pairs_detail"][0]["download"] == [10, 9]
+
+
+def test_the_simulator_runs_the_experiment_as_the_deployment_did(tmp_path: Path) -> None:
+    exp = ExperimentConfig.model_validate({"sim": {"max_rounds": 5, "compute_time": "flops", "executor": "process"}})
+    cfg = lc.simulation_config(exp)
+    assert cfg.sim.compute_time == "measured" and cfg.sim.piece_relay is False and cfg.sim.executor == "inline"
+    assert cfg.sim.max_rounds == 5 and cfg.policy == exp.policy
+    app = lc.write_app(tmp_path / "app", tmp_path / "exp.yaml", tmp_path / "out", {"reply-timeout": 900.0})
+    doc = tomllib.loads((app / "pyproject.toml").read_text())
+    assert doc["tool"]["flwr"]["app"]["components"]["clientapp"] == "prfl.flower.client_app:app"
+    assert doc["tool"]["flwr"]["app"]["config"] == {"config-file": str(tmp_path / "exp.yaml"),
+                                                    "out-dir": str(tmp_path / "out"), "reply-timeout": 900.0}
