@@ -81,19 +81,33 @@ def experiment(policy: str, nodes: int, updates: int, fleet_file: Path, hidden: 
     })
 
 
-def run_policy(policy: str, args: argparse.Namespace, fleet_file: Path, work: Path) -> dict[str, Any]:
-    exp = experiment(policy, args.nodes, args.updates, fleet_file, args.hidden, args.seed)
-    attempts = []
-    dep = None
+def deploy(policy: str, exp: ExperimentConfig, args: argparse.Namespace, work: Path) -> tuple[lc.Deployment, list[str]]:
+    """Run the shaped deployment, again if the machine lost it (up to ``--attempts`` times)."""
+    attempts: list[str] = []
     for attempt in range(1, args.attempts + 1):
         try:
-            dep = lc.run_deployment(work / f"{policy}-{attempt}", exp, timeout=args.timeout)
-            break
+            return lc.run_deployment(work / f"{policy}-{attempt}", exp, timeout=args.timeout), attempts
         except (RuntimeError, TimeoutError) as exc:  # an overloaded machine can lose a run
             log.warning("%s, attempt %d: %s", policy, attempt, exc)
             attempts.append(str(exc))
-    if dep is None:
-        raise RuntimeError(f"{policy}: every attempt failed: {attempts}")
+    raise RuntimeError(f"{policy}: every attempt failed: {attempts}")
+
+
+def finished_deployment(policy: str, work: Path) -> lc.Deployment:
+    """The last finished deployment of ``policy`` under ``work`` (``--reanalyze``)."""
+    for run in sorted(work.glob(f"{policy}-*"), reverse=True):
+        dep = lc.load_deployment(run)
+        if any(r["event"] == "end" for r in dep.records):
+            return dep
+    raise SystemExit(f"no finished {policy} deployment under {work}")
+
+
+def run_policy(policy: str, args: argparse.Namespace, fleet_file: Path, work: Path) -> dict[str, Any]:
+    exp = experiment(policy, args.nodes, args.updates, fleet_file, args.hidden, args.seed)
+    if args.reanalyze is not None:
+        dep, attempts = finished_deployment(policy, args.reanalyze), []
+    else:
+        dep, attempts = deploy(policy, exp, args, work)
     real = lc.real_tasks(dep.records, dep.transfers)
     log.info("%s: %d tasks measured; simulating", policy, len(real))
     records, summary = lc.simulate(exp, lc.device_times(real))
@@ -124,6 +138,17 @@ def run_policy(policy: str, args: argparse.Namespace, fleet_file: Path, work: Pa
         update_times={"real": lc.update_times(dep.records), "simulated": lc.update_times(records)},
     )
     return result
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as None (JSON has no NaN)."""
+    if isinstance(value, float):
+        return lc.finite(value)
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
@@ -185,9 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attempts", type=int, default=2, help="deployments tried per policy (a loaded machine can lose one)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "real_links.json")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the runs' files here (default: a temporary directory)")
+    ap.add_argument("--reanalyze", type=Path, default=None, metavar="WORKDIR",
+                    help="no new deployments: simulate and compare again those a --workdir run kept")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    reason = shaping_unavailable()
+    reason = shaping_unavailable() if args.reanalyze is None else None
     if reason is not None:
         raise SystemExit(f"cannot shape the loopback interface: {reason}")
     speeds = speeds_for(args.nodes)
@@ -196,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     fleet_file = out.with_name(out.stem + "_fleet.yaml")
     fleet_file.write_text(lc.fleet_yaml(speeds, "real-links"), encoding="utf-8")
     work = args.workdir.resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="prfl-real-links-"))
+    if args.reanalyze is not None:
+        args.reanalyze = args.reanalyze.resolve()
     t0 = time.monotonic()
     results: dict[str, dict[str, Any]] = {}
     try:
@@ -206,8 +235,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     rel = lambda p: p.relative_to(ROOT).as_posix() if p.is_relative_to(ROOT) else p.name  # noqa: E731
-    cmd = ["python", "benchmarks/bench_real_links.py"] + [a for a in (argv if argv is not None else sys.argv[1:])
-                                                          if not a.startswith("/")]
+    cmd = ["python", "benchmarks/bench_real_links.py"]  # the options that change the experiment
+    for name in ("policies", "nodes", "updates", "hidden", "seed"):
+        value = getattr(args, name)
+        if value != ap.get_default(name):
+            cmd += [f"--{name}", *map(str, value if isinstance(value, list) else [value])]
     verdict = {
         p: {"task_duration_mare": r["median_abs_rel_error"]["duration"],
             "time_to_updates_rel_error": r["time_to_updates"]["rel_error"],
@@ -234,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": time.monotonic() - t0,
         "policies": results,
     }
-    out.write_text(json.dumps(doc, indent=1, default=lc.finite) + "\n", encoding="utf-8")
+    out.write_text(json.dumps(json_safe(doc), indent=1) + "\n", encoding="utf-8")
     plot(results, out.with_suffix(".png"))
     for p, v in verdict.items():
         log.info("%s: per-task median |error| %.1f%%, time to %d updates %+.1f%%", p,

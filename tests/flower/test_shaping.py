@@ -57,7 +57,7 @@ def test_tc_commands_give_each_node_a_class_per_direction_under_the_server_class
     assert opt(classes["5f1:3001"], "rate") == opt(classes["5f1:3001"], "ceil") == "240000bit"
     assert opt(classes["5f1:3100"], "parent") == "5f1:3001"
     assert opt(classes["5f1:3100"], "ceil") == "240000bit"  # 40 kB/s capped by the server's 30
-    assert opt(classes["5f1:3100"], "rate") == "120000bit"  # assured C / n
+    assert opt(classes["5f1:3100"], "rate") == "160000bit"  # assured: its max-min share, 30 - 10
     assert opt(classes["5f1:3101"], "rate") == opt(classes["5f1:3101"], "ceil") == "80000bit"
     # an unlimited receiving side gets the sum of the upload speeds, which never binds
     assert opt(classes["5f1:3002"], "rate") == "200000bit"
@@ -164,10 +164,12 @@ class ByteServer:
         self.sock.close()
 
 
-def transfer(address: str, port: int, verb: str, n: int) -> float:
-    """Seconds to GET or PUT ``n`` bytes through a relay address."""
+def transfer(address: str, port: int, verb: str, n: int, started: list[float] | None = None) -> float:
+    """Seconds to GET or PUT ``n`` bytes through a relay address (``started`` gets the start time)."""
     with socket.create_connection((address, port)) as s:
         t0 = time.monotonic()
+        if started is not None:
+            started.append(t0)
         if verb == "GET":
             s.sendall(b"GET %d\n" % n)
             got = 0
@@ -262,21 +264,24 @@ def test_shaped_transfers_take_the_fluid_models_time_and_share_the_server_max_mi
                 assert alone == pytest.approx(n / (PAYLOAD_EFFICIENCY * 60 * k), rel=0.1)
                 up = transfer(addresses[1], relay.port, "PUT", 90_000)
                 assert up == pytest.approx(90_000 / (PAYLOAD_EFFICIENCY * 30 * k), rel=0.1)
-                sizes, starts = (180_000, 120_000, 60_000), (0.0, 0.5, 1.0)
+                sizes, delays = (180_000, 120_000, 60_000), (0.0, 0.5, 1.0)
                 took: dict[int, float] = {}
+                began: dict[int, list[float]] = {i: [] for i in range(3)}
 
                 def get(i: int) -> None:
-                    time.sleep(starts[i])
-                    took[i] = transfer(addresses[i], relay.port, "GET", sizes[i])
+                    time.sleep(delays[i])
+                    took[i] = transfer(addresses[i], relay.port, "GET", sizes[i], began[i])
 
                 threads = [threading.Thread(target=get, args=(i,)) for i in range(3)]
                 for t in threads:
                     t.start()
                 for t in threads:
                     t.join()
+        t0 = began[0][0]
+        starts = tuple(began[i][0] - t0 for i in range(3))  # as they really began (threads start late)
         ends = fluid_finish(speeds.down_bps, 90 * k, [n / PAYLOAD_EFFICIENCY for n in sizes], starts)
         for i in range(3):
-            assert took[i] == pytest.approx(ends[i] - starts[i], rel=0.1), (i, took, ends)
+            assert took[i] == pytest.approx(ends[i] - starts[i], rel=0.1), (i, starts, took, ends)
     finally:
         server.close()
 

@@ -10,7 +10,8 @@ late. The real-time driver wants each reply when it lands, like the simulator.
 
 :class:`PromptGrid` wraps a grid. For an ``HttpGrid`` it keeps the replies whose objects are
 still arriving and tries their missing objects again at most every ``retry_interval`` seconds,
-on the driver's own polling; a call returns the replies that are complete now. Any other grid
+on the driver's own polling (each attempt is one request to the SuperLink per reply still
+uploading); a call returns the replies that are complete now. Any other grid
 (the Simulation Engine's, test doubles) is used as it is.
 """
 
@@ -41,7 +42,7 @@ class _Partial:
 class PromptGrid(Grid):
     """Delegates to ``base``; ``pull_messages`` does not block on uploads in progress (see module)."""
 
-    def __init__(self, base: Grid, retry_interval: float = 0.2, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, base: Grid, retry_interval: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
         self.base = base
         self.retry_interval = retry_interval
         self._clock = clock

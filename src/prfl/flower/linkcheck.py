@@ -156,7 +156,7 @@ def run_deployment(workdir: str | Path, experiment: ExperimentConfig, *, timeout
             grown = history.stat().st_size if history.exists() else 0
             if grown != size:
                 size, changed = grown, now
-            elif now - changed > 60 and now - checked > 60:  # quiet for a minute: is the run still on?
+            elif now - changed > 180 and now - checked > 120:  # quiet for minutes: is the run still on?
                 checked = now
                 status = run_status(fed.federation, run_id)
                 if status is not None and "finished" in status:
@@ -171,13 +171,24 @@ def run_deployment(workdir: str | Path, experiment: ExperimentConfig, *, timeout
         time.sleep(2.0)  # the last reply's "Sent successfully" line reaches the node's log
         relay_bytes = fed.relay.counts()
         link_bytes = fed.shaper.class_bytes()
-        logs = [fed.federation.nodes[i].log_path for i in range(len(speeds))]
-    wall = time.monotonic() - t0
+    counts = {"relay_bytes": relay_bytes, "link_bytes": link_bytes, "wall_seconds": time.monotonic() - t0}
+    (work / "bytes.json").write_text(json.dumps(counts), encoding="utf-8")
+    return load_deployment(work)
+
+
+def load_deployment(workdir: str | Path) -> Deployment:
+    """A finished shaped run read back from its directory (as :func:`run_deployment` left it)."""
+    work = Path(workdir)
+    out = work / "run"
     transfers: dict[str, NodeTransfer] = {}
-    for path in logs:
+    for path in sorted((work / "federation").glob("supernode-*.log")):
         transfers.update(read_node_transfers(path))
+    summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}
-    return Deployment(out, _read_jsonl(history), summary, transfers, relay_bytes, link_bytes, wall)
+    counts_path = work / "bytes.json"
+    counts = json.loads(counts_path.read_text(encoding="utf-8")) if counts_path.exists() else {}
+    return Deployment(out, _read_jsonl(out / "history.jsonl"), summary, transfers, counts.get("relay_bytes", {}),
+                      counts.get("link_bytes", {}), counts.get("wall_seconds", math.nan))
 
 
 def run_status(federation: Any, run_id: str) -> str | None:

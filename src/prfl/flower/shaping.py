@@ -16,29 +16,29 @@ relay's own leg to the SuperLink is not shaped. Only 127.0.0.0/8 is used.
 
 The relay keeps the packets of the shaped legs small (see :class:`Relay`): Ethernet-size
 segments (:data:`MSS`) and at most two of them per packet, in both directions; and the classes
-have no burst. htb lets a
-packet pass whole once its class has credit and charges it afterwards, and loopback's 64 KiB
-MTU (with segmentation offload sized for a near-zero round-trip time) would otherwise put up
-to 64 KiB in one packet: at 20 kB/s three seconds of link time in one lump, by which a
-transfer ends early, and a node's small requests would queue behind it. Measured with plain
-sockets, a transfer then takes its fluid-model time within 1 % at 30-400 kB/s and ends about
-4 kB early at 10 kB/s (the class's burst and last packet), and concurrent transfers match
-:class:`~prfl.sim.links.SharedLink` within 2.5 %.
+have no burst. htb lets a packet pass whole once its class has credit and charges it
+afterwards, and loopback's 64 KiB MTU (with segmentation offload sized for a near-zero
+round-trip time) would otherwise put up to 64 KiB in one packet: at 20 kB/s three seconds of
+link time in one lump, by which a transfer ends early, and a node's small requests would queue
+behind it. Measured with plain sockets at 10-100 kB/s, a transfer then ends within about 5 kB
+of its fluid-model time (its first and last packets: under 1 % of 400 kB), and three
+concurrent transfers end within 3 % of :class:`~prfl.sim.links.SharedLink`'s times.
 
 Classes (one ``htb`` root ``5f1:`` on ``lo``; unclassified packets, i.e. every other program's
 loopback traffic, bypass it through htb's direct queue, unshaped)::
 
     5f1:            htb root
     5f1:S001        server send: rate = ceil = server_up_bps (client downloads share it)
-      5f1:S1ii      node i download: rate min(d_i, C / n), ceil d_i
+      5f1:S1ii      node i download: rate r_i, ceil min(d_i, C)
     5f1:S002        server receive: rate = ceil = server_down_bps (client uploads share it)
-      5f1:S2ii      node i upload: rate min(u_i, C / n), ceil u_i
+      5f1:S2ii      node i upload: rate r_i, ceil min(u_i, C)
 
-htb serves a class up to its own rate and lends its parent's unused rate to the classes that
-want more, in turns of equal quanta, up to each class's ceil: concurrent transfers get the
-max-min fair rates of :func:`prfl.sim.links.water_fill` (equal shares of the server's
-capacity, none above its node's own speed, what a capped node leaves shared again). An
-unlimited server (``inf``) gets the sum of its nodes' speeds, which never binds. Each node
+with ``r = water_fill(speeds, C)`` (:func:`prfl.sim.links.water_fill`): the max-min fair rates
+when every node is busy, which htb assures each class. When some are idle, htb lends what they
+leave to the busy classes that want more, in turns of equal quanta, up to each class's ceil:
+concurrent transfers get the max-min fair rates of the simulator's shared link (equal shares of
+the server's capacity, none above its node's own speed, what a capped node leaves shared
+again). An unlimited server (``inf``) gets the sum of its nodes' speeds, which never binds. Each node
 class keeps htb's default FIFO leaf (kernels without sch_sfq are common in containers); TCP's
 small-queue limit keeps a sender at about two packets in it at these rates, so a node's
 heartbeats and HTTP requests wait a fraction of a second behind its bulk transfer at most.
@@ -83,6 +83,7 @@ from types import FrameType
 from typing import Any, Self
 
 from prfl.flower.local import LocalFederation, free_port
+from prfl.sim.links import water_fill
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +103,12 @@ PACKET_BYTES = SEGMENT_PAYLOAD + 14 + 20 + 32
 """Bytes ``tc`` counts for a full segment on ``lo``: payload, Ethernet, IPv4, TCP with timestamps."""
 PAYLOAD_EFFICIENCY = SEGMENT_PAYLOAD / PACKET_BYTES
 """Share of a shaped link's rate that carries TCP payload (0.956)."""
-QUANTUM = 8 * PACKET_BYTES
+QUANTUM = 2 * PACKET_BYTES
 """Bytes a borrowing class may send per turn (equal for every class: equal shares)."""
-CHUNK_SEGMENTS = 2
+CHUNK_SEGMENTS = 4
 """Segments the relay hands the kernel at a time towards a node (bounds its download packets)."""
-WINDOW_SEGMENTS = 2
-"""Receive window the relay advertises to a node, in segments (bounds its upload packets)."""
+WINDOW_SEGMENTS = 4
+"""Receive buffer of the relay towards a node, in segments (bounds its window and upload packets)."""
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 DEVICE = "lo"
 
@@ -216,10 +217,11 @@ def tc_setup_commands(slot: int, speeds: LinkSpeeds, port: int, device: str = DE
         parent = m[parent_key]
         cmds.append(["class", "add", "dev", device, "parent", root, "classid", _classid(parent), "htb",
                      "rate", _rate(capacity), "ceil", _rate(capacity), *_BUCKETS])
+        assured = water_fill(list(caps), capacity)  # every node busy: its max-min share, nothing to borrow
         for i, cap in enumerate(caps):
             child = m[direction][i]
             cmds.append(["class", "add", "dev", device, "parent", _classid(parent), "classid", _classid(child), "htb",
-                         "rate", _rate(min(cap, capacity / n)), "ceil", _rate(min(cap, capacity)), *_BUCKETS])
+                         "rate", _rate(assured[i]), "ceil", _rate(min(cap, capacity)), *_BUCKETS])
     for i in range(n):
         addr = node_address(slot, i)
         cmds.append(["filter", "add", "dev", device, "parent", root, "protocol", "ip", "prio", prio, "u32",
@@ -506,8 +508,8 @@ class Relay:
       would gather the bytes that wait behind the shaped queue into one packet of up to 64 KiB
       (on loopback the round-trip time is tiny, and Linux then sizes segmentation-offload packets
       by the device's maximum), and a transfer would end up to 64 KiB early;
-    - uploads: the relay advertises a receive window of ``window_segments`` segments
-      (``TCP_WINDOW_CLAMP``), which bounds the node's packets the same way. The node's own
+    - uploads: the relay's receive buffer holds ``window_segments`` segments (``SO_RCVBUF``),
+      which bounds the node's window, and so its packets, the same way. The node's own
       sending is what the link paces, as on a real network: its writes block while the link
       is busy (shaping the relay's onward leg instead would let the node hand its whole upload
       to the kernel at once and then time out waiting for the reply).
@@ -534,7 +536,9 @@ class Relay:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, self.mss)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, self.window_segments * self.mss)
+            # a small receive buffer keeps the window small (TCP_WINDOW_CLAMP is not honoured on
+            # loopback here: a clamped listener still took 110 kB unread)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.window_segments * SEGMENT_PAYLOAD)
             sock.bind((address, port))
             sock.listen(64)
             sock.setblocking(False)
