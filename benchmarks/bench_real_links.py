@@ -48,12 +48,15 @@ from prfl.flower.shaping import PAYLOAD_EFFICIENCY, LinkSpeeds, shaping_unavaila
 log = logging.getLogger("bench_real_links")
 
 KB = 1000.0
-# Five devices, slow to fast, and a server whose links are shared (its capacity is below the
-# sum of the nodes' speeds, so concurrent transfers split it max-min fairly).
+# Five devices, fast to slow, and a server whose links are shared (its capacity is below the
+# sum of the nodes' speeds, so concurrent transfers split it max-min fairly). Uploads are not
+# slower: Flower 1.41's HTTP client gives up on a request 30 s after handing its body to the
+# kernel, whose send buffer holds up to ~200 kB, so every concurrent upload (PR-FL pushes its
+# values and its squared gradients at once) must move at 8 kB/s or more.
 DOWN = (30 * KB, 25 * KB, 20 * KB, 16 * KB, 13 * KB)
-UP = (24 * KB, 20 * KB, 16 * KB, 13 * KB, 10 * KB)
+UP = (40 * KB, 32 * KB, 25 * KB, 22 * KB, 20 * KB)
 SERVER_UP = 60 * KB  # the server's sending side: client downloads share it
-SERVER_DOWN = 40 * KB  # its receiving side: client uploads share it
+SERVER_DOWN = 100 * KB  # its receiving side: client uploads share it
 POLICY_OPTIONS: dict[str, dict[str, Any]] = {
     "fedasync": {"alpha": 0.6, "staleness": "poly"},
     "prfl": {"interval": 3, "window": 0.5, "min_density": 0.2},
@@ -119,9 +122,12 @@ def run_policy(policy: str, args: argparse.Namespace, fleet_file: Path, work: Pa
         if a["event"] == "arrival":
             payload_down[a["client"]] += a["bytes_down"]
             payload_up[a["client"]] += a["bytes_up"]
+    failed = [r for r in dep.records if r["event"] == "task_failed"]
     result.update(
         policy=policy,
         failed_attempts=attempts,
+        real_failed_tasks=[{"client": r["client"], "task": r["task"], "reason": r["reason"]} for r in failed],
+        real_tasks_without_stamps=sum(1 for r in dep.records if r["event"] == "arrival") - len(real),
         deployment_wall_seconds=dep.wall_seconds,
         real_server_updates=len(lc.update_times(dep.records)),
         simulated_server_updates=len(lc.update_times(records)),

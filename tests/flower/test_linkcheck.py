@@ -31,7 +31,8 @@ def test_real_tasks_split_each_task_with_the_server_app_and_node_stamps() -> Non
         # trains till 1021; node sends at 1022, done at 1037; server pulls the reply at 1037.5
         _arrival(0, 0, 37.6, 36.6, [1001.0, 1020.0, 1021.0, 1037.5], "m0"),
         _arrival(1, 1, 50.0, 45.0, [1005.0, None, None, 1050.0], "m1"),  # an old node: no stamps
-        _arrival(0, 2, 90.0, 40.0, [1050.0, 1060.0, 1061.0, 1090.0], "m2"),
+        {"event": "task_failed", "time": 48.0, "client": 0, "task": 2, "reason": "timeout"},
+        _arrival(0, 3, 90.0, 40.0, [1050.0, 1060.0, 1061.0, 1090.0], "m2"),
     ]
     transfers = {
         "m0": NodeTransfer("m0", "train", receiving=1003.0, received=1013.0, sending=1022.0, sent=1037.0),
@@ -39,7 +40,8 @@ def test_real_tasks_split_each_task_with_the_server_app_and_node_stamps() -> Non
         "m2": NodeTransfer("m2", "train", receiving=1052.0, received=1058.0, sending=1062.0, sent=1089.0),
     }
     tasks = lc.real_tasks(records, transfers)
-    assert [(t.client, t.index, t.task) for t in tasks] == [(0, 0, 0), (0, 1, 2)]
+    # numbered by dispatch: client 0's failed task 2 keeps its number, task 3 is its third
+    assert [(t.client, t.index, t.task) for t in tasks] == [(0, 0, 0), (0, 2, 3)]
     first = tasks[0]
     assert first.dispatched == pytest.approx(1.0) and t0 + first.dispatched == pytest.approx(1001.0)
     assert (first.poll, first.download, first.compute, first.upload, first.reply) == pytest.approx((2, 10, 9, 15, 0.5))
@@ -47,7 +49,7 @@ def test_real_tasks_split_each_task_with_the_server_app_and_node_stamps() -> Non
     assert first.duration == pytest.approx(36.5)
     assert first.poll + first.download + first.compute + first.upload + first.reply == pytest.approx(first.duration)
     assert tasks[1].dispatched == pytest.approx(50.0)
-    assert lc.device_times(tasks) == {0: [pytest.approx(9.0), pytest.approx(4.0)]}
+    assert lc.device_times(tasks) == {0: [pytest.approx(9.0), None, pytest.approx(4.0)]}
 
 
 class _Inner:
@@ -70,11 +72,12 @@ def _job(task: int, client: int) -> TrainJob:
 
 
 def test_the_kth_job_of_a_client_gets_its_kth_measured_compute_time() -> None:
-    ex = lc.MeasuredComputeExecutor(_Inner(), {0: [10.0, 12.0, 20.0], 1: [5.0]})
-    outs = [ex.submit(_job(t, c)).result() for t, c in [(0, 0), (1, 1), (2, 0), (3, 1), (4, 0), (5, 0)]]
-    assert [o.compute_seconds for o in outs] == [10.0, 5.0, 12.0, 5.0, 20.0, 12.0]  # then each client's median
-    assert ex.fallbacks == 2
-    assert [float(o.weights[0]) for o in outs] == [0, 1, 2, 3, 4, 5]  # what training returned, untouched
+    ex = lc.MeasuredComputeExecutor(_Inner(), {0: [10.0, None, 12.0, 20.0], 1: [5.0]})
+    outs = [ex.submit(_job(t, c)).result() for t, c in [(0, 0), (1, 1), (2, 0), (3, 1), (4, 0), (5, 0), (6, 0)]]
+    # unmeasured (a failed task, or beyond the deployment): the client's median
+    assert [o.compute_seconds for o in outs] == [10.0, 5.0, 12.0, 5.0, 12.0, 20.0, 12.0]
+    assert ex.fallbacks == 3
+    assert [float(o.weights[0]) for o in outs] == [0, 1, 2, 3, 4, 5, 6]  # what training returned, untouched
     assert lc.MeasuredComputeExecutor(_Inner(), {0: [2.0, 4.0]}).next_seconds(3) == 3.0  # unmeasured: everyone's
 
 

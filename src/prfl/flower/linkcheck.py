@@ -234,25 +234,31 @@ class TaskTimes:
     finish: float | None = None  # real only: trained -> sending (encode, reply to the SuperNode)
 
 
-def _index(tasks: list[dict[str, Any]]) -> list[tuple[dict[str, Any], int]]:
-    """Arrivals with their per-client number, in dispatch order."""
-    count: dict[int, int] = defaultdict(int)
-    out = []
-    for a in sorted(tasks, key=lambda a: (a["time"] - a["duration"], a["task"])):
-        out.append((a, count[a["client"]]))
-        count[a["client"]] += 1
-    return out
+def dispatch_numbers(records: Sequence[Mapping[str, Any]]) -> dict[tuple[int, int], int]:
+    """``(client, task id) -> k``: the task is its client's k-th dispatch (0, 1, ...).
+
+    Tasks that arrived and tasks that failed both count (task ids grow with dispatch order), so a
+    failed task does not shift the numbers of its client's later tasks.
+    """
+    tasks: dict[int, set[int]] = defaultdict(set)
+    for r in records:
+        if r.get("event") in ("arrival", "task_failed") and "task" in r:
+            tasks[int(r["client"])].add(int(r["task"]))
+    return {(c, t): k for c, ids in tasks.items() for k, t in enumerate(sorted(ids))}
 
 
 def real_tasks(records: Sequence[Mapping[str, Any]], transfers: Mapping[str, NodeTransfer]) -> list[TaskTimes]:
     """Every task that arrived, split into phases from the server's, ClientApp's and SuperNode's stamps.
 
-    Arrivals without a node transfer or a stamp (a node log cut short) are left out.
+    ``index`` is the task's number among its client's dispatches (:func:`dispatch_numbers`).
+    Arrivals without a node transfer or a stamp (the node's upload failed and was retried, or its
+    log was cut short) are left out.
     """
-    arrivals = [a for a in records if a["event"] == "arrival"]
+    numbers = dispatch_numbers(records)
     start_wall = None
     out = []
-    for a, k in _index([dict(a) for a in arrivals]):
+    for a in (r for r in records if r["event"] == "arrival"):
+        k = numbers[(a["client"], a["task"])]
         stamps = a.get("stamps") or [None] * 4
         tr = transfers.get(str(a.get("message")))
         if tr is None or None in stamps or None in (tr.received, tr.sending, tr.sent):
@@ -274,8 +280,10 @@ def real_tasks(records: Sequence[Mapping[str, Any]], transfers: Mapping[str, Nod
 
 def sim_tasks(records: Sequence[Mapping[str, Any]]) -> list[TaskTimes]:
     """Every task that arrived in a simulator history (its ``download`` / ``upload`` phases)."""
+    numbers = dispatch_numbers(records)
     out = []
-    for a, k in _index([dict(a) for a in records if a["event"] == "arrival"]):
+    for a in (r for r in records if r["event"] == "arrival"):
+        k = numbers[(a["client"], a["task"])]
         out.append(TaskTimes(
             client=a["client"], index=k, task=a["task"], dispatched=a["time"] - a["duration"], duration=a["duration"],
             download=a["download"], compute=a["compute"], upload=a["upload"], bytes_down=a["bytes_down"],
@@ -315,16 +323,16 @@ class MeasuredComputeExecutor:
     """Trains with ``inner`` and reports each job's compute time from a deployment's measurements.
 
     ``seconds[c][k]`` is the measured device time of client ``c``'s k-th task; the k-th job
-    submitted for client ``c`` gets it. A client asked for more tasks than were measured (the
-    simulated run got further) gets the median of its measurements, or of everyone's.
+    submitted for client ``c`` gets it. A task that was not measured (``None``: it failed, or the
+    simulated run got further) gets the median of its client's measurements, or of everyone's.
     """
 
     name = "measured"
 
-    def __init__(self, inner: Executor, seconds: Mapping[int, Sequence[float]]) -> None:
+    def __init__(self, inner: Executor, seconds: Mapping[int, Sequence[float | None]]) -> None:
         self.inner = inner
         self.seconds = {int(c): list(v) for c, v in seconds.items()}
-        everyone = [s for v in self.seconds.values() for s in v]
+        everyone = [s for v in self.seconds.values() for s in v if s is not None]
         if not everyone:
             raise ValueError("no measured compute times")
         self._overall = statistics.median(everyone)
@@ -335,10 +343,11 @@ class MeasuredComputeExecutor:
         k = self._count[client]
         self._count[client] += 1
         own = self.seconds.get(client, [])
-        if k < len(own):
-            return own[k]
+        if k < len(own) and own[k] is not None:
+            return float(own[k])  # type: ignore[arg-type]
         self.fallbacks += 1
-        return statistics.median(own) if own else self._overall
+        measured = [s for s in own if s is not None]
+        return statistics.median(measured) if measured else self._overall
 
     def submit(self, job: TrainJob) -> Future[TrainOutput]:
         return _Replaced(self.inner.submit(job), self.next_seconds(job.client))
@@ -347,11 +356,13 @@ class MeasuredComputeExecutor:
         self.inner.close()
 
 
-def device_times(tasks: Sequence[TaskTimes]) -> dict[int, list[float]]:
-    """Measured device time per client, in task order."""
-    out: dict[int, list[float]] = defaultdict(list)
+def device_times(tasks: Sequence[TaskTimes]) -> dict[int, list[float | None]]:
+    """Measured device time per client and dispatch number (None: that task was not measured)."""
+    out: dict[int, list[float | None]] = defaultdict(list)
     for t in sorted(tasks, key=lambda t: (t.client, t.index)):
-        out[t.client].append(t.compute)
+        own = out[t.client]
+        own.extend([None] * (t.index - len(own)))
+        own.append(t.compute)
     return dict(out)
 
 
@@ -364,7 +375,8 @@ def simulation_config(experiment: ExperimentConfig) -> ExperimentConfig:
     return ExperimentConfig.model_validate(data)
 
 
-def simulate(experiment: ExperimentConfig, seconds: Mapping[int, Sequence[float]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def simulate(experiment: ExperimentConfig,
+             seconds: Mapping[int, Sequence[float | None]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run the simulator on ``experiment`` with measured compute ``seconds``; (history, summary)."""
     from prfl.run import build_scenario, make_policy, make_simulation
     from prfl.sim.executors import make_executor

@@ -10,19 +10,21 @@ Addressing: a SuperNode dials the SuperLink from an ephemeral port of 127.0.0.1,
 cannot tell one node's packets from another's. Node ``i`` therefore dials its own loopback
 address ``127.77.S.(i+1)`` (``S``: the run's slot, see below), where a :class:`Relay` (a TCP
 forwarder in a thread of this process) passes the bytes on to the SuperLink on 127.0.0.1. ``tc``
-classifies by the relay's end: packets from ``127.77.S.(i+1)`` and
-the relay's port are node ``i``'s download, packets to that address and port its upload; the
-relay's own leg to the SuperLink is not shaped. Only 127.0.0.0/8 is used.
+classifies by the relay's end: packets from ``127.77.S.(i+1)`` and the relay's port are node
+``i``'s download, packets to that address and port its upload; the relay's own leg to the
+SuperLink is not shaped. Only 127.0.0.0/8 is used. A per-node shaping proxy (a userspace token
+bucket) would need no root, but on a loaded machine its timers slip; the kernel's htb keeps the
+rates and shares the server's capacity among the nodes by itself.
 
 The relay keeps the packets of the shaped legs small (see :class:`Relay`): Ethernet-size
-segments (:data:`MSS`) and at most two of them per packet, in both directions; and the classes
+segments (:data:`MSS`) and at most four of them per packet, in both directions; and the classes
 have no burst. htb lets a packet pass whole once its class has credit and charges it
 afterwards, and loopback's 64 KiB MTU (with segmentation offload sized for a near-zero
 round-trip time) would otherwise put up to 64 KiB in one packet: at 20 kB/s three seconds of
 link time in one lump, by which a transfer ends early, and a node's small requests would queue
-behind it. Measured with plain sockets at 10-100 kB/s, a transfer then ends within about 5 kB
-of its fluid-model time (its first and last packets: under 1 % of 400 kB), and three
-concurrent transfers end within 3 % of :class:`~prfl.sim.links.SharedLink`'s times.
+behind it. Measured with plain sockets at 10-100 kB/s, a transfer then ends within about 6 kB
+of its fluid-model time (its first and last packets: about 1 % of 400 kB), and three
+concurrent transfers end within 4 % of :class:`~prfl.sim.links.SharedLink`'s times.
 
 Classes (one ``htb`` root ``5f1:`` on ``lo``; unclassified packets, i.e. every other program's
 loopback traffic, bypass it through htb's direct queue, unshaped)::
@@ -38,10 +40,10 @@ when every node is busy, which htb assures each class. When some are idle, htb l
 leave to the busy classes that want more, in turns of equal quanta, up to each class's ceil:
 concurrent transfers get the max-min fair rates of the simulator's shared link (equal shares of
 the server's capacity, none above its node's own speed, what a capped node leaves shared
-again). An unlimited server (``inf``) gets the sum of its nodes' speeds, which never binds. Each node
-class keeps htb's default FIFO leaf (kernels without sch_sfq are common in containers); TCP's
-small-queue limit keeps a sender at about two packets in it at these rates, so a node's
-heartbeats and HTTP requests wait a fraction of a second behind its bulk transfer at most.
+again). An unlimited server (``inf``) gets the sum of its nodes' speeds, which never binds. Each
+node class keeps htb's default FIFO leaf (kernels without sch_sfq are common in containers);
+the relay's small windows keep each connection at a few packets in it, so a node's heartbeats
+and HTTP requests wait behind its bulk transfer for about a second at 10 kB/s, less when faster.
 
 Rates are those of packets on the link (headers included), as ``tc`` counts them: a
 1448-byte segment travels in a 1514-byte packet (14 bytes of loopback's Ethernet header, 20 of
