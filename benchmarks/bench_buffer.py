@@ -1,4 +1,5 @@
-"""One MaskFedAvg over a buffer of 1,000 sparse conv2 models: time and resident memory per storage.
+"""MaskFedAvg over a buffer of 1,000 sparse conv2 models: time and resident memory per storage,
+and the cost of one update with the full sum against the running sums of frozen staleness.
 
 The buffer holds ``--clients`` slots of ``conv2``'s size (6.5 M weights, 6,495,008 prunable) at
 density ``--density``, their masks prefixes of ``--rankings`` different rankings (a new ranking
@@ -10,8 +11,14 @@ clients x 26 MB and is only reported as that number. Per variant: seconds per ``
 and after aggregating (anonymous and file pages, read from /proc/self/status, after handing free
 heap back), and the buffer's ``nbytes``. Each variant runs in a fresh subprocess.
 
+Per update (``--updates`` of them, median): one client's new model enters the buffer and the
+server model is aggregated, with the full MaskFedAvg over the whole buffer (``memory``, ``file``)
+or from the running sums of frozen staleness (``running``, ``running-file``: put subtracts the old
+contribution and adds the new one, :meth:`ClientBuffer.aggregate_running` recomputes only the
+positions they touched). The running variants keep 18 bytes per prunable weight of sums.
+
 Usage:
-  .venv/bin/python benchmarks/bench_buffer.py [--clients 1000] [--density 0.1] [--repeats 3]
+  .venv/bin/python benchmarks/bench_buffer.py [--clients 1000] [--density 0.1] [--repeats 3] [--updates 20]
 Writes benchmarks/results/buffer.json.
 """
 
@@ -41,6 +48,7 @@ def child(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
+    from prfl.aggregation import Staleness
     from prfl.allocator import release_free_heap, tune_allocator
     from prfl.buffer import ClientBuffer
     from prfl.pruning.ranking import kept_count
@@ -56,8 +64,10 @@ def child(args: argparse.Namespace) -> None:
         m[order[:count]] = True
         masks.append(m)
     w = torch.randn(TOTAL, generator=gen)
-    directory = tempfile.mkdtemp(prefix="prfl-bench-buffer-") if args.variant == "file" else None
-    buf = ClientBuffer(args.clients, TOTAL, PRUNABLE, storage="prefix", path=directory)
+    directory = tempfile.mkdtemp(prefix="prfl-bench-buffer-") if args.variant.endswith("file") else None
+    running = args.variant.startswith("running")
+    buf = ClientBuffer(args.clients, TOTAL, PRUNABLE, storage="prefix", path=directory,
+                       frozen=Staleness() if running else None)
     release_free_heap(keep=0)
     before = rss()
     t0 = time.perf_counter()
@@ -65,25 +75,43 @@ def child(args: argparse.Namespace) -> None:
         k = c % args.rankings
         wc = w.clone()
         wc[:PRUNABLE].mul_(masks[k])
-        buf.put(c, wc, masks[k], 600, c % 50, order=orders[k])
+        buf.put(c, wc, masks[k], 600, c % 50, order=orders[k], arrival_round=50 + c % 10)
         release_free_heap()
     fill_seconds = time.perf_counter() - t0
     release_free_heap(keep=0)
     filled = rss()
     prev = torch.randn(TOTAL, generator=gen)
-    buf.aggregate(prev, 60, accumulate_dtype=torch.float32)
+
+    def aggregate(prev: torch.Tensor, now: int = 60) -> torch.Tensor:
+        if running:
+            return buf.aggregate_running(prev)
+        return buf.aggregate(prev, now, accumulate_dtype=torch.float32)
+
+    prev = aggregate(prev)
     times = []
     peak = rss()
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        buf.aggregate(prev, 60, accumulate_dtype=torch.float32)
+        aggregate(prev if not running else torch.randn(TOTAL, generator=gen))  # a new prev: every weight
         times.append(time.perf_counter() - t0)
         now = rss()
         peak = {k: max(peak[k], now[k]) for k in now}
+    prev = aggregate(prev)
+    updates = []
+    for u in range(args.updates):  # client u's new model (a newer ranking's mask) enters, then the step
+        k = (u + 1) % args.rankings
+        wc = w.clone()
+        wc[:PRUNABLE].mul_(masks[k])
+        t0 = time.perf_counter()
+        buf.put(u, wc, masks[k], 600, 60 + u, order=orders[k], arrival_round=61 + u)
+        prev = aggregate(prev, 61 + u)
+        updates.append(time.perf_counter() - t0)
+        release_free_heap()
     release_free_heap(keep=0)
     after = rss()
     print(json.dumps({
         "variant": args.variant, "aggregate_seconds_median": float(np.median(times)), "aggregate_seconds": times,
+        "update_seconds_median": float(np.median(updates)), "update_seconds": updates,
         "fill_seconds": fill_seconds, "buffer_nbytes": buf.nbytes(),
         "rss_before": before, "rss_filled": filled, "rss_after_aggregations": after,
         "rss_peak_during_aggregations": peak,
@@ -96,7 +124,9 @@ def main() -> int:
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--rankings", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--variants", nargs="+", default=["memory", "file"], choices=["memory", "file"])
+    ap.add_argument("--updates", type=int, default=20)
+    ap.add_argument("--variants", nargs="+", default=["memory", "file", "running", "running-file"],
+                    choices=["memory", "file", "running", "running-file"])
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=RESULTS / "buffer.json")
     args = ap.parse_args()
@@ -106,14 +136,16 @@ def main() -> int:
     runs = []
     for variant in args.variants:
         cmd = [sys.executable, __file__, "--variant", variant, "--clients", str(args.clients), "--density",
-               str(args.density), "--rankings", str(args.rankings), "--repeats", str(args.repeats)]
+               str(args.density), "--rankings", str(args.rankings), "--repeats", str(args.repeats),
+               "--updates", str(args.updates)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         run = json.loads(out.stdout.strip().splitlines()[-1])
         runs.append(run)
         mib = 2**20
         grown = (run["rss_filled"]["RssAnon"] + run["rss_filled"]["RssFile"]
                  - run["rss_before"]["RssAnon"] - run["rss_before"]["RssFile"])
-        print(f"{variant:6s}: aggregate {run['aggregate_seconds_median']:.2f} s, resident growth after filling "
+        print(f"{variant:12s}: aggregate {run['aggregate_seconds_median']:.2f} s, update {run['update_seconds_median']:.3f} s, "
+              f"resident growth after filling "
               f"{grown / mib:.0f} MiB, buffer holds {run['buffer_nbytes'] / mib:.0f} MiB", flush=True)
     report = {
         "benchmark": "MaskFedAvg over a buffer of sparse conv2 models: time and resident memory",
@@ -121,7 +153,7 @@ def main() -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_average": os.getloadavg()},
         "workload": {"clients": args.clients, "total": TOTAL, "prunable": PRUNABLE, "density": args.density,
-                     "rankings": args.rankings, "storage": "prefix"},
+                     "rankings": args.rankings, "storage": "prefix", "updates": args.updates},
         "dense_storage_would_need_bytes": args.clients * TOTAL * 4,
         "runs": runs,
     }

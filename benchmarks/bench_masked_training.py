@@ -196,6 +196,13 @@ def overhead_breakdown(
     return out
 
 
+def _script_path() -> str:
+    """This script's path relative to the repository (result files name no machine paths)."""
+    script = Path(__file__).resolve()
+    root = script.parent.parent
+    return str(script.relative_to(root)) if script.is_relative_to(root) else script.name
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     loadavg_start = list(os.getloadavg())
@@ -304,7 +311,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "masked_training",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "command": shlex.join(["python", _script_path(), *sys.argv[1:]]),
         "machine": info,
         "setup": {
             "model": MODEL,

@@ -82,6 +82,13 @@ class StackedTrainer:
         return w
 
 
+def _script_path() -> str:
+    """This script's path relative to the repository (result files name no machine paths)."""
+    script = Path(__file__).resolve()
+    root = script.parent.parent
+    return str(script.relative_to(root)) if script.is_relative_to(root) else script.name
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8])
@@ -101,7 +108,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     report: dict = {
         "benchmark": "K clients trained together with torch.func.vmap vs one after the other",
-        "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
+        "command": " ".join(["python", _script_path(), *sys.argv[1:]]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
                     "python": platform.python_version()},

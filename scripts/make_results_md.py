@@ -7,11 +7,16 @@ Sources (under ``--results``, default ``benchmarks/results``):
   local_rounds, local_rounds_min, local_rounds_max, server_egress_mb, wall_seconds,
   time_to_<target>...). Any other ``*/results.csv`` or ``*/tables/runs.csv`` (``prfl compare``)
   with these columns is rendered the same way.
+* ``headline/manifest.json`` and ``headline/records/<group>/<method>/seed<k>.json``
+  (``benchmarks/headline.py``): the plan of the headline sweep and one compact record per
+  finished run; rendered as the headline section (tables per group, a plot per group written to
+  ``figures/`` beside the output, the cells still missing). Definitions: ``prfl.report.sweep``.
 * ``masked_training.json`` (``benchmarks/bench_masked_training.py``), ``simulator.json``
   (``benchmarks/bench_simulator.py``), ``flower_sim.json`` (``benchmarks/bench_flower_sim.py``),
-  ``scale.json`` (``benchmarks/bench_scale.py``), ``vmap.json`` (``benchmarks/bench_vmap.py``),
-  ``buffer.json`` (``benchmarks/bench_buffer.py``) and ``real_links.json``
-  (``benchmarks/bench_real_links.py``);
+  ``scale-<clients>.json`` and ``scale-kill-<clients>.json`` (``benchmarks/bench_scale.py``),
+  ``vmap.json`` (``benchmarks/bench_vmap.py``), ``buffer.json`` (``benchmarks/bench_buffer.py``),
+  ``fuzz.json`` (``benchmarks/fuzz_policies.py``), ``train_step.json``
+  (``benchmarks/bench_train_step.py``) and ``real_links.json`` (``benchmarks/bench_real_links.py``);
   any other ``*.json`` at the top level is listed by its scalar fields.
 
 Statistics follow ``prfl.report``: mean ± sample sd over seeds; a time to accuracy is the first
@@ -35,6 +40,7 @@ from typing import Any
 
 from prfl.report.analysis import Stat, describe, imbalance
 from prfl.report.tables import markdown
+from prfl.report import sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND = "python scripts/make_results_md.py"
@@ -216,6 +222,11 @@ def simulator_section(d: dict[str, Any], name: str) -> list[str]:
         speedups = {"process": d.get("process_speedup_median")}
     for kind, value in speedups.items():
         rows.append([f"{kind} speed-up vs inline (median)", _num(value, ".2f"), "-"])
+    per_worker = d.get("per_worker_overhead_median")
+    if isinstance(per_worker, dict):
+        workers = _get(d, "workload", "workers")
+        for kind, value in per_worker.items():
+            rows.append([f"{kind}: wall / (training / {workers} workers), median", _num(value), "-"])
     same = d.get("histories_identical", "-")
     if isinstance(same, dict):
         for kind, value in same.items():
@@ -223,6 +234,14 @@ def simulator_section(d: dict[str, Any], name: str) -> list[str]:
     else:
         rows.append(["histories identical across executors", str(same), "True"])
     lines.append(markdown((["measure", "value", "goal"], rows)))
+    prof = d.get("profile")
+    if isinstance(prof, dict) and isinstance(prof.get("seconds"), dict):
+        lines.append(f"Where the time of one inline run goes (cProfile; wall {_num(prof.get('wall'), '.1f')} s, "
+                     f"training {_num(prof.get('train'), '.1f')} s):\n")
+        share = prof.get("share") or {}
+        lines.append(markdown((["part", "seconds", "share of wall"],
+                               [[k, _num(v, ".2f"), _num(100 * share.get(k, 0.0), ".1f") + " %"]
+                                for k, v in prof["seconds"].items()])))
     m = d.get("machine") or {}
     if m:
         lines.append("Machine: " + ", ".join(f"{k} {v}" for k, v in m.items()) + ".\n")
@@ -231,15 +250,72 @@ def simulator_section(d: dict[str, Any], name: str) -> list[str]:
 
 def flower_section(d: dict[str, Any], name: str) -> list[str]:
     lines = _section_head("FedAvg: prfl's simulator against Flower's Simulation Engine", d, name)
-    rows = [[run, _num(r.get("wall"), ".1f"), _num(r.get("final_accuracy"))] for run, r in (d.get("runs") or {}).items()]
-    lines.append(markdown((["run", "wall (s)", "final accuracy"], rows)))
-    lines.append(f"Flower / prfl wall time: {_num(d.get('wall_ratio_flower_over_prfl_process'), '.2f')} against prfl's "
-                 f"process pool, {_num(d.get('wall_ratio_flower_over_prfl_inline'), '.2f')} against prfl inline.\n")
+    runs = d.get("runs") or {}
+    rows = []
+    for run, r in runs.items():
+        walls = r.get("walls")
+        rows.append([run, _num(r.get("wall"), ".1f"), _num(_get(d, "median_cpu_seconds", run), ".1f"),
+                     _num(r.get("final_accuracy")),
+                     ", ".join(_num(w, ".1f") for w in walls) if isinstance(walls, list) else "-"])
+    lines.append(markdown((["run", "wall (s, median)", "CPU (s, median)", "final accuracy", "every run's wall (s)"], rows)))
+    goal = d.get("goal_flower_over_prfl")
+    text = (f"Flower / prfl wall time: {_num(d.get('wall_ratio_flower_over_prfl_process'), '.2f')} against prfl's "
+            f"process pool, {_num(d.get('wall_ratio_flower_over_prfl_inline'), '.2f')} against prfl inline")
+    if d.get("wall_ratio_flower_over_plain_loop") is not None:
+        text += f"; {_num(d.get('wall_ratio_flower_over_plain_loop'), '.2f')} against the plain PyTorch loop (the floor)"
+    if d.get("wall_ratio_plain_loop_over_prfl_process") is not None:
+        text += (f". Plain loop / prfl process pool: {_num(d.get('wall_ratio_plain_loop_over_prfl_process'), '.2f')} "
+                 "(above 1: prfl is faster than the bare loop)")
+    if d.get("flower_cpu_seconds_undercounted"):
+        text += ". Flower's CPU seconds miss Ray's daemonised processes: a lower bound"
+    if goal is not None:
+        text += f". Goal: Flower / prfl >= {_num(goal, '.0f')}"
+    lines.append(text + ".\n")
     return lines
 
 
+def train_step_section(d: dict[str, Any], name: str) -> list[str]:
+    lines = _section_head("One local training task: step variants", d, name)
+    ref = d.get("reference", "per-parameter")
+    rows = []
+    for variant, r in (d.get("tasks") or {}).items():
+        same = next((v for k, v in r.items() if k.startswith("bit_identical_to_")), None)
+        rows.append([variant, _num(_mul(r.get("median_wall_s"), 1e3), ".1f"), _num(_mul(r.get("median_cpu_s"), 1e3), ".1f"),
+                     _num(r.get("paired_cpu_ratio")), _num(r.get("paired_wall_ratio")),
+                     "yes" if same else _num(r.get("max_abs_diff"), ".1e")])
+    lines.append(markdown((["variant", "wall (ms)", "CPU (ms)", f"CPU / {ref} (paired)", f"wall / {ref} (paired)",
+                            f"floats equal to {ref} (else max abs diff)"], rows)))
+    notes = d.get("notes") or {}
+    for key, note in notes.items():
+        if isinstance(note, dict):
+            note = ", ".join(f"{k} {_num(v, '.1f') if isinstance(v, float) else v}" for k, v in note.items())
+        lines.append(f"{key}: {note}.\n")
+    evals = d.get("evaluation") or []
+    if evals:
+        lines.append(markdown((["evaluation mode", "batch size", "CPU (s)", "accuracy"],
+                               [[str(e.get("mode")), str(e.get("batch_size")), _num(e.get("median_cpu_s")),
+                                 _num(e.get("accuracy"), ".4f")] for e in evals])))
+    pool = d.get("process_pool")
+    if isinstance(pool, dict):
+        lines.append(f"The process pool's own cost per task ({pool.get('workers', '?')} workers, one-step tasks, "
+                     f"{pool.get('rounds', '?')} rounds of {pool.get('tasks_per_round', '?')} tasks, medians):\n")
+        lines.append(markdown((["pool", "wall per task (ms)", "CPU per task, workers + caller (ms)", "workers ready after (s)"],
+                               [[name, _num(_mul(r.get("median_wall_per_task_s"), 1e3), ".1f"),
+                                 _num(_mul(r.get("median_cpu_per_task_s"), 1e3), ".1f"), _num(r.get("startup_s"), ".1f")]
+                                for name, r in pool.items() if isinstance(r, dict)])))
+    m = d.get("machine") or {}
+    if m:
+        lines.append("Machine: " + ", ".join(f"{k} {v}" for k, v in m.items()) + ".\n")
+    return lines
+
+
+def _mul(x: Any, k: float) -> Any:
+    return x * k if isinstance(x, (int, float)) and not isinstance(x, bool) else x
+
+
 def scale_section(d: dict[str, Any], name: str) -> list[str]:
-    lines = _section_head("A large fleet: server memory", d, name)
+    clients = _get(d, "workload", "clients")
+    lines = _section_head(f"A large fleet ({clients} clients): server memory, checkpoints, time", d, name)
     gib = 2**30
 
     def _gib(key: str) -> str:
@@ -247,6 +323,8 @@ def scale_section(d: dict[str, Any], name: str) -> list[str]:
         return f"{v / gib:.2f}" if isinstance(v, (int, float)) else "-"
 
     target = d.get("target_peak_rss_bytes")
+    ratio_goal = d.get("target_wall_over_train")
+    cks = d.get("checkpoints") or []
     rows = [
         ["server updates", str(d.get("server_rounds", "-")), "-"],
         ["peak RSS of the server process (GiB)", _gib("peak_rss_bytes"),
@@ -254,11 +332,37 @@ def scale_section(d: dict[str, Any], name: str) -> list[str]:
         ["RSS after loading the scenario (GiB)", _gib("rss_after_scenario_bytes"), "-"],
         ["a dense buffer alone would hold (GiB)", _gib("dense_buffer_would_need_bytes"), "-"],
         ["wall time (s)", _num(d.get("wall_seconds"), ".0f"), "-"],
+        ["local training time (s)", _num(d.get("train_seconds"), ".0f"), "-"],
+        ["wall / training time", _num(d.get("wall_over_train"), ".2f"),
+         f"<= {ratio_goal:g}" if isinstance(ratio_goal, (int, float)) else "-"],
         ["virtual time (s)", _num(d.get("virtual_seconds"), ".0f"), "-"],
         ["clients that arrived", str(d.get("clients_that_arrived", "-")), "-"],
         ["final accuracy", _num(d.get("final_accuracy")), "-"],
+        ["pieces the run went in (resumed from checkpoints)", str(d.get("pieces", 1)), "-"],
     ]
     lines.append(markdown((["measure", "value", "goal"], rows)))
+    if cks:
+        ck_rows = [[str(c.get("round")), _num((c.get("bytes") or 0) / 1e9, ".2f"), _num(c.get("seconds"), ".0f"),
+                    _num((c.get("rss_before_bytes") or 0) / gib, ".2f"),
+                    _num((c.get("peak_rss_while_writing_bytes") or 0) / gib, ".2f")] for c in cks]
+        lines.append(markdown((["checkpoint at update", "size (GB)", "written in (s)", "RSS before (GiB)",
+                                "peak RSS while writing (GiB)"], ck_rows)))
+    return lines
+
+
+def scale_kill_section(d: dict[str, Any], name: str) -> list[str]:
+    clients = _get(d, "workload", "clients")
+    lines = _section_head(f"A large fleet ({clients} clients): SIGKILL, then resume", d, name)
+    rows = [
+        ["server updates (the kill check's run length)", str(d.get("server_rounds", "-"))],
+        ["last checkpoint before the kill (update)", str(d.get("last_checkpoint_round_before_kill", "-"))],
+        ["killed after the first checkpoint (s)", _num(d.get("kill_after_first_checkpoint_seconds"), ".0f")],
+        ["history lines: uninterrupted / killed and resumed", f"{d.get('history_lines', '-')} / "
+                                                               f"{d.get('resumed_history_lines', '-')}"],
+        ["first differing line", str(d.get("first_differing_line"))],
+        ["history and summary identical", "**yes**" if d.get("identical") else "**no**"],
+    ]
+    lines.append(markdown((["measure", "value"], rows)))
     return lines
 
 
@@ -281,6 +385,21 @@ def buffer_section(d: dict[str, Any], name: str) -> list[str]:
     dense = d.get("dense_storage_would_need_bytes")
     if isinstance(dense, (int, float)):
         lines.append(f"Dense storage would hold {dense / 2**30:.1f} GiB.\n")
+    return lines
+
+
+def fuzz_section(d: dict[str, Any], name: str) -> list[str]:
+    lines = _section_head("Event-order fuzzing of the policies and the Flower driver", d, name, workload=False)
+    rows = [[case, str(r.get("sequences")), str(r.get("steps", "-")), str(r.get("failed")),
+             ", ".join(str(f.get("seed")) for f in (r.get("failures") or [])[:5]) or "-", _num(r.get("seconds"), ".0f")]
+            for case, r in (d.get("policies") or {}).items()]
+    fl = d.get("flower_driver")
+    if isinstance(fl, dict):
+        rows.append(["Flower driver", str(fl.get("sequences")), "-", str(fl.get("failed")),
+                     ", ".join(str(f.get("seed")) for f in (fl.get("failures") or [])[:5]) or "-",
+                     _num(fl.get("seconds"), ".0f")])
+    lines.append(markdown((["policy case", "sequences", "moves each", "failed", "failing seeds", "seconds"], rows)))
+    lines.append(f"{d.get('sequences')} sequences in all, {d.get('failed')} failed (commit {d.get('commit')}).\n")
     return lines
 
 
@@ -350,6 +469,170 @@ def generic_section(d: Any, name: str) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------------------- headline
+FigureJob = tuple[Path, Any]  # (path of a figure, a callable that writes it there)
+# the row order when the plan does not give its methods
+HEADLINE_ORDER = ("prfl", "heterofl-mask", "heterofl-width", "fedbuff-k5", "fedbuff-k10", "fedfix", "fedavg",
+                  "prfl-oldimportance", "prfl-serversteps", "prfl-norecovery", "prfl-noresidual", "prfl-reaged")
+
+
+def _stand_in(methods: dict[str, list[sweep.Run]], fam: str, targets: Sequence[float], seeds: Sequence[int],
+              consecutive: int = 1) -> str | None:
+    """The member of ``fam`` that stands for it in a figure: the best-tuned at the middle target,
+    else at the other targets in order, else the one with the highest mean best accuracy."""
+    middle = targets[len(targets) // 2] if targets else None
+    for t in ([middle] if middle is not None else []) + list(targets):
+        best = sweep.best_tuned(methods, fam, t, seeds, consecutive).method
+        if best is not None:
+            return best
+    members = [m for m in methods if sweep.family(m) == fam]
+    return max(members, key=lambda m: (describe(r.summary.get("best_accuracy") for r in methods[m]).mean or 0.0, m),
+               default=None)
+
+
+def _headline_plot_job(path: Path, methods: dict[str, list[sweep.Run]], title: str, targets: Sequence[float],
+                       baseline: str, seeds: Sequence[int], consecutive: int = 1,
+                       order: Sequence[str] = HEADLINE_ORDER) -> FigureJob | None:
+    """The accuracy-band figure of one group: every method, the baseline's grid stood for by one member."""
+    from prfl.report.bands import plot_bands
+
+    stand_in = _stand_in(methods, baseline, targets, seeds, consecutive)
+    listed = [m for m in order if m in methods and sweep.family(m) != baseline] + sorted(
+        m for m in methods if m not in order and sweep.family(m) != baseline)
+    if stand_in is not None:
+        listed.insert(1 if listed[:1] == ["prfl"] else 0, stand_in)
+    curves = {(f"{m} (best {baseline})" if m == stand_in else m): [(r.times, r.accs) for r in methods[m]] for m in listed}
+    if not curves:
+        return None
+    top = max((a for rs in methods.values() for r in rs for a in r.accs), default=1.0)
+    zoom = (round(min(targets) - 0.05, 2), round(min(1.0, top + 0.01), 2)) if targets and top > min(targets) - 0.05 else None
+    return path, lambda: plot_bands(curves, path, title=f"{title} (mean ± sd over seeds)", targets=targets, zoom=zoom)
+
+
+def _scenario_words(settings: dict[str, Any]) -> str:
+    """``data set, model, N clients`` from the plan's base overrides."""
+    base = dict(str(o).split("=", 1) for o in settings.get("base_overrides") or [] if "=" in str(o))
+    names = {"fashion-mnist": "Fashion-MNIST", "digits": "scikit-learn digits"}
+    return (f"{names.get(base.get('data.dataset', ''), base.get('data.dataset', '?'))}, {base.get('model.name', '?')}, "
+            f"{base.get('data.num_clients', '?')} clients")
+
+
+def _estimate_lines(path: Path, rel_root: str) -> list[str]:
+    """The projected cost of the sweep from ``headline/estimate.json`` (``headline.py estimate``)."""
+    if not path.is_file():
+        return []
+    e = json.loads(path.read_text(encoding="utf-8"))
+    ev = e.get("evaluation") or {}
+    two = e.get("wall_hours_two_free_cores") or ["?", "?"]
+    lines = [
+        "### What the sweep costs\n",
+        (f"From `{rel_root}/headline/estimate.json`; {_provenance(e)}"
+         f"Each probe ran {_g(e.get('probe_virtual_seconds'))} virtual s (seed 0, Dirichlet); one evaluation of "
+         f"the test set took {_num(ev.get('wall_seconds'), '.2f')} s wall, {_num(ev.get('cpu_seconds'), '.2f')} s "
+         f"CPU, {_g(ev.get('per_run'))} per run. Projected for the {e.get('cells_projected', '?')} cells this build "
+         f"can run at {_g(e.get('horizon_virtual_seconds'))} virtual s: {_num(e.get('cpu_hours_total'), '.1f')} CPU "
+         f"hours, i.e. {_num(two[0], '.1f')}-{_num(two[1], '.1f')} wall hours on two free cores (wall times "
+         "measured on a loaded machine say little; CPU seconds do not grow with the load); "
+         f"{len(e.get('cells_unavailable') or [])} cells were unavailable to it."
+         + ("" if e.get("complete", True) else
+            f" The estimate was cut short: {e.get('cells_not_measured', '?')} more cells have no probe yet.")
+         + "\n"),
+    ]
+    rows = [[str(m.get("group")), str(m.get("method")), str(m.get("server_rounds")), _num(m.get("wall_seconds"), ".0f"),
+             _num(m.get("cpu_seconds"), ".0f"), _num(m.get("cpu_per_virtual_second"), ".3f"), _num(m.get("load_average"), ".1f")]
+            for m in e.get("measured") or []]
+    lines.append(markdown((["group", "method", "server updates", "wall (s)", "CPU (s)",
+                            "CPU s per virtual s (outside evaluation)", "load average"], rows)))
+    by_tier = e.get("cpu_hours_by_tier") or {}
+    if by_tier:
+        lines.append("CPU hours by tier of the plan: " + ", ".join(f"{k}: {_num(v, '.1f')}" for k, v in by_tier.items())
+                     + ".\n")
+    return lines
+
+
+def _g(x: Any) -> str:
+    return f"{x:g}" if isinstance(x, (int, float)) else "?"
+
+
+def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figure_link: str,
+                     jobs: list[FigureJob] | None) -> list[str]:
+    """The headline sweep's section: settings, per group its plot and tables, and the cells still
+    missing. Figures are written by the caller (``jobs``), so ``--check`` compares text only."""
+    root = results / "headline"
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        return []
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    settings = manifest.get("settings") or {}
+    targets = [float(t) for t in settings.get("targets") or []]
+    seeds = [int(s) for s in settings.get("seeds") or []]
+    k = int(settings.get("consecutive") or 1)
+    row_order = list(settings.get("methods") or HEADLINE_ORDER)  # the plan's order of methods
+    runs = [sweep.Run.from_record(json.loads(p.read_text(encoding="utf-8")))
+            for p in sorted((root / "records").glob("**/seed*.json"))]
+    planned = manifest.get("cells") or []
+    missing = sweep.missing_cells(planned, runs)
+    groups = sweep.by_group(runs)
+    order = list(dict.fromkeys([str(c["group"]) for c in planned] + sorted(groups)))
+    lines = [
+        "## Headline: PR-FL against tuned baselines over a paper-length horizon\n",
+        f"From `{rel_root}/headline/` (`benchmarks/headline.py`; plan of {manifest.get('updated', '?')}, "
+        f"command `{manifest.get('command', '?')}`). {len(planned) - len(missing)} of {len(planned)} planned "
+        f"cells are done.\n",
+        (f"{_scenario_words(settings)}; {_g(settings.get('max_time'))} virtual s per run; accuracy on "
+         f"{settings.get('evaluated_on', 'the test set')} every {_g(settings.get('eval_every_seconds'))} virtual s; seeds "
+         f"{', '.join(map(str, seeds))}. Groups are accounting/fleet/split (`allfast`: every client on the "
+         "fastest client's links). Time to a target: "
+         f"{settings.get('time_to_target', 'the first evaluation at or above it')} (mean ± sd over "
+         "seeds). FedAsync is run over a grid (alpha 0.1, 0.3, 0.6 x staleness poly, hinge); at each target "
+         "its best configuration on the same seeds is the baseline of the speed-ups (chosen on the seeds it "
+         "is compared on, which favours FedAsync), and a speed-up is given only when every seed of both "
+         "reached the target. Levelled off: the last 20% of a run raised its best accuracy by at most 0.005 "
+         "(seeds that held it / seeds). Slow clients: the 40% with the slowest links, compute breaking ties "
+         "(clients 6-9 of both fleets); their local round in seconds is download + link wait + compute + upload (the task) + "
+         "idle (waiting for the next dispatch). Definitions: `prfl.report.sweep`.\n"),
+    ]
+    for g in order:
+        methods = groups.get(g, {})
+        n_planned = sum(1 for c in planned if c["group"] == g)
+        lines.append(f"### {g}\n")
+        if not methods:
+            lines.append(f"No finished runs yet ({n_planned} cells planned).\n")
+            continue
+        n_runs = sum(len(rs) for rs in methods.values())
+        lines.append(f"{n_runs} runs of {n_planned} planned.\n")
+        if figure_dir is not None and targets:
+            slug = g.replace("/", "-")
+            job = _headline_plot_job(figure_dir / f"headline-{slug}.png", methods, g, targets, "fedasync", seeds, k, row_order)
+            if job is not None:
+                if jobs is not None:
+                    jobs.append(job)
+                lines.append(f"![accuracy against virtual time, {g}]({figure_link}/headline-{slug}.png)\n")
+        lines.append(markdown(sweep.time_table(methods, row_order, targets, seeds, consecutive=k)))
+        if any(sweep.family(m) == "fedasync" for m in methods):
+            lines.append("The FedAsync grid (`*`: best at that target):\n")
+            lines.append(markdown(sweep.grid_table(methods, "fedasync", targets, seeds, consecutive=k)))
+        lines.append("Costs and where the slow clients' round time goes:\n")
+        lines.append(markdown(sweep.cost_table(methods, row_order, seeds)))
+    for g in order:  # each group with an all-fast twin: how far the fleet is from its all-fast limit
+        acc, fleet, part = (g.split("/") + ["", "", ""])[:3]
+        twin = f"{acc}/allfast/{part}"
+        if fleet != "allfast" and twin in groups and g in groups:
+            lines.append(f"### {g} against its all-fast limit ({twin})\n")
+            lines.append("Time to each target on the real fleet, with every client on the fastest client's links, "
+                         "and their ratio (real / all-fast; given when every seed of both reached the target).\n")
+            lines.append(markdown(sweep.limit_table(groups[g], groups[twin], targets, seeds, consecutive=k)))
+    lines += _estimate_lines(root / "estimate.json", rel_root)
+    if missing:
+        states = {(str(c["group"]), str(c["method"]), int(c["seed"])): c for c in planned}
+        lines.append("### Cells still missing\n")
+        lines.append(f"{len(missing)} cells, with their state when the plan was written "
+                     "(`unavailable`: the build that wrote it lacks an option or setting the cell needs).\n")
+        lines.append(markdown(sweep.missing_table(
+            [states[(str(c["group"]), str(c["method"]), int(c["seed"]))] for c in missing])))
+    return lines
+
+
 def run_files(results: Path) -> list[Path]:
     """``paper_fmnist/results.csv`` first, then other run tables, without duplicates."""
     found = [results / "paper_fmnist" / "results.csv"]
@@ -361,16 +644,19 @@ def run_files(results: Path) -> list[Path]:
     return out
 
 
-def render(results: Path, baseline: str = "fedasync") -> str:
-    """The text of RESULTS.md for the result files under ``results``."""
+def render(results: Path, baseline: str = "fedasync", figure_dir: Path | None = None, figure_link: str = "figures",
+           jobs: list[FigureJob] | None = None) -> str:
+    """The text of RESULTS.md for the result files under ``results``. Figures go to ``figure_dir``
+    (linked as ``figure_link/<name>``): the jobs that write them are appended to ``jobs``."""
     rel_root = results.relative_to(ROOT).as_posix() if results.is_relative_to(ROOT) else results.as_posix()
     lines = [
         "# Results\n",
         f"<!-- Generated by `{COMMAND}` from the files in {rel_root}/; do not edit by hand. -->\n",
         (f"Generated from the committed result files in `{rel_root}/`; regenerate with `{COMMAND}` "
          "(`--check` tells whether this file is stale).\n"),
-        "## Time to accuracy\n",
     ]
+    lines += headline_section(results, rel_root, figure_dir, figure_link, jobs)
+    lines.append("## Time to accuracy\n")
     csvs = run_files(results)
     if csvs:
         lines.append(f"Speed-ups are against {baseline}; a speed-up is given when every seed of both methods "
@@ -396,16 +682,22 @@ def render(results: Path, baseline: str = "fedasync") -> str:
             lines += masked_training_section(d, name)
         elif p.name.startswith("simulator"):  # simulator.json (FedAsync), simulator_<policy>.json
             lines += simulator_section(d, name)
-        elif p.name == "flower_sim.json":
+        elif p.name.startswith("flower_sim"):  # flower_sim.json, flower_sim_<variant>.json
             lines += flower_section(d, name)
-        elif p.name == "scale.json":
+        elif p.name.startswith("scale-kill"):  # scale-kill-<clients>.json
+            lines += scale_kill_section(d, name)
+        elif p.name.startswith("scale"):  # scale-<clients>.json
             lines += scale_section(d, name)
         elif p.name == "vmap.json":
             lines += vmap_section(d, name)
+        elif p.name == "train_step.json":
+            lines += train_step_section(d, name)
         elif p.name == "buffer.json":
             lines += buffer_section(d, name)
         elif p.name == "real_links.json":
             lines += real_links_section(d, name)
+        elif p.name == "fuzz.json":
+            lines += fuzz_section(d, name)
         else:
             lines += generic_section(d, name)
     return "\n".join(lines).rstrip() + "\n"
@@ -418,15 +710,20 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap.add_argument("--baseline", default="fedasync", help="method the speed-ups are measured against")
     ap.add_argument("--check", action="store_true", help="only check that --out is up to date (exit 1 if not)")
     args = ap.parse_args(list(argv) if argv is not None else None)
-    text = render(args.results.resolve(), args.baseline)
+    jobs: list[FigureJob] = []
+    text = render(args.results.resolve(), args.baseline, args.out.parent / "figures", "figures", jobs)
     if args.check:
         current = args.out.read_text(encoding="utf-8") if args.out.is_file() else None
-        if current != text:
-            sys.stderr.write(f"{args.out} is stale; run `{COMMAND}`\n")
+        absent = [p for p, _ in jobs if not p.is_file()]
+        if current != text or absent:
+            what = f" (figures missing: {', '.join(p.name for p in absent)})" if absent else ""
+            sys.stderr.write(f"{args.out} is stale{what}; run `{COMMAND}`\n")
             return 1
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
+    for _, write in jobs:
+        write()
     return 0
 
 

@@ -1,10 +1,27 @@
-"""Shared fixtures: small models and data that need no files."""
+"""Shared fixtures: small models and data that need no files; interrupts that clean up.
+
+A test run stopped by SIGTERM (a time limit) or SIGHUP (a closed terminal) is stopped as by
+Ctrl-C: the signal raises KeyboardInterrupt, so pytest tears every fixture down and the processes
+the tests started (federations, simulations) are ended. A run killed outright (SIGKILL) leaves
+that to the reaper of :mod:`prfl.flower.processes`.
+"""
 
 from __future__ import annotations
+
+import signal
 
 import pytest
 import torch
 from torch import nn
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"{signal.Signals(signum).name} received")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
 
 
 class TinyCNN(nn.Module):

@@ -8,10 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prfl.aggregation import (
+    exact_terms,
     fedbuff_staleness,
+    finish_masked,
     mask_fedavg,
     plain_fedavg,
     staleness_weight,
+    sum_is_zero,
     weighted_average,
 )
 
@@ -197,15 +200,14 @@ def test_dense_masks_equal_weighted_average(fleet):
     dense = [torch.ones(npr, dtype=torch.bool)] * len(models)
     out = mask_fedavg(prev, models, dense, coeffs, num_prunable=npr)
     avg = weighted_average(models, coeffs)
-    # equal, except that a prunable average that is exactly zero before rounding to float32 (the
-    # check runs in the float64 accumulator: a subnormal average may still round to 0) keeps prev
-    acc = torch.zeros(avg.shape, dtype=torch.float64)
-    for m, c in zip(models, coeffs):
-        if c:
-            acc += c * m.to(torch.float64)
+    # equal, except where the holders' sum is zero (decided on the terms: |S| <= gamma_(h+1) A) or
+    # the float64 average underflows to 0: there prev is kept. Where the terms are formed, the
+    # average is S / M from them (equal to the blocked sum's up to rounding).
+    s, a, m, h = exact_terms(((c, w[:npr], None) for w, c in zip(models, coeffs)), npr)
+    zero = sum_is_zero(s, a, h) | (s / m == 0)
     expected = avg.clone()
-    expected[:npr] = torch.where(acc[:npr] == 0, prev[:npr], avg[:npr])
-    assert torch.equal(out, expected)
+    expected[:npr] = torch.where(zero, prev[:npr], avg[:npr])
+    assert torch.allclose(out, expected, rtol=1e-6, atol=0) and torch.equal(out[:npr] == prev[:npr], expected[:npr] == prev[:npr])
     dense_none = mask_fedavg(prev, models, [None] * len(models), coeffs, num_prunable=npr)
     assert torch.equal(dense_none, expected)
 
@@ -283,3 +285,55 @@ def test_blocked_sums_equal_the_plain_loop_bit_for_bit(monkeypatch, block):
         buf.put(i, w if m is None else torch.cat([w[:npr] * m, w[npr:]]), m, 1, 0)
     ones = [1.0] * len(models)
     assert torch.equal(buf.aggregate(prev, 0, kind="const"), mask_fedavg(prev, models, masks, ones, npr))
+
+
+# --------------------------------------------------------------------------- the zero rule
+X = 0.7  # not a float32 value times a power of two: c * X is rounded
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("c", [1.0, 1 / 3, 0.1, 12.345])
+def test_plus_x_minus_x_at_equal_weight_keeps_prev(dtype, c):
+    """+x and -x at equal weight average to exactly 0: prev is kept, in either order and dtype."""
+    prev = T([5.0, 6.0, 7.0])
+    a, b = T([X, 1.0, 2.0]), T([-X, 3.0, 4.0])
+    for models in ([a, b], [b, a]):
+        out = mask_fedavg(prev, models, [None, None], [c, c], num_prunable=2, accumulate_dtype=dtype)
+        assert out[0] == 5.0  # kept, not 8.3e-18
+        assert out[1] == 2.0 and torch.isclose(out[2], torch.tensor(3.0))
+
+
+def test_a_fused_accumulator_residue_is_still_zero():
+    """A fused multiply-add leaves fl(c x) - c x, not 0, in the accumulator; the decision is taken
+    on the terms, so the weight keeps prev all the same."""
+    from fractions import Fraction
+
+    c = 1 / 3
+    x = float(torch.tensor(X))  # the float32 value
+    p = c * x  # fl(c x)
+    residue = float(Fraction(p) - Fraction(c) * Fraction(x))  # what fma(c, -x, p) leaves
+    assert residue != 0.0
+    models = [T([X, 1.0]), T([-X, 1.0])]
+    out = torch.empty(1)
+    finish_masked(out, T([9.0]), torch.tensor([residue], dtype=torch.float64), torch.tensor([2 * c], dtype=torch.float64),
+                  lambda pos: exact_terms(((c, w[pos], None) for w in models), int(pos.numel())), wmax=x, n_terms=2,
+                  min_coef=c)
+    assert out.tolist() == [9.0]
+
+
+def test_near_cancellation_is_not_zero():
+    """What must not count as zero: x and the next float32 below -x, or +x and -x at unequal weights."""
+    prev = T([5.0, 6.0])
+    below = torch.nextafter(T([-X]), T([-1.0]))[0]
+    out = mask_fedavg(prev, [T([X, 0.0]), torch.stack([below, T([0.0])[0]])], [None, None], [1.0, 1.0], num_prunable=1)
+    expected = (float(T([X])[0]) + float(below)) / 2  # -2.98e-08
+    assert out[0] != 5.0 and out[0] == torch.tensor(expected, dtype=torch.float32)
+    out = mask_fedavg(prev, [T([X, 0.0]), T([-X, 0.0])], [None, None], [1.0, 3.0], num_prunable=1)
+    assert torch.isclose(out[0], torch.tensor(-X / 2))
+
+
+def test_a_holder_that_reports_exactly_zero_keeps_prev_and_others_average():
+    prev = T([5.0, 6.0, 7.0, 0.0])
+    out = mask_fedavg(prev, [T([0.0, 0.0, 1.0, 2.0]), T([0.0, 2.0, 0.0, 2.0])],
+                      [T([True, True, True]), T([True, True, False])], [1.0, 1.0], num_prunable=3)
+    assert out.tolist() == [5.0, 1.0, 1.0, 2.0]

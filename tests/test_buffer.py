@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
 from prfl.aggregation import mask_fedavg, weighted_average
+from prfl.checkpoint import Streamed, dumps, loads
 from prfl.buffer import BufferEntry, ClientBuffer
 
 T = torch.tensor
@@ -257,13 +260,16 @@ def test_file_backed_buffer_matches_memory(tmp_path):
 
 
 # --------------------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("through_file", [False, True])
 @pytest.mark.parametrize("target", ["dense", "sparse"])
-def test_state_dict_round_trip(storage, target):
+def test_state_dict_round_trip(storage, target, through_file):
     total, npr = 400, 350
     src = ClientBuffer(8, total, npr, storage=storage)
     fill(src, SPECS)
     state = src.state_dict()
-    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert all(isinstance(v, torch.Tensor) for v in state.values())  # the buffer's own tensors, no copies
+    if through_file:
+        state = loads(dumps(state))
     dst = ClientBuffer(8, total, npr, storage=target)
     dst.put(1, torch.ones(total), None, 3, 0)  # replaced by the load
     dst.load_state_dict(state)
@@ -277,14 +283,17 @@ def test_state_dict_round_trip(storage, target):
     assert torch.equal(src.aggregate(prev, 12), dst.aggregate(prev, 12))
 
 
-def test_state_dict_through_safetensors(tmp_path):
-    from safetensors.torch import load_file, save_file
+def test_state_dict_through_a_checkpoint_file_is_safetensors(tmp_path):
+    from safetensors import safe_open
 
     src = ClientBuffer(8, 300, 250, storage="sparse")
     fill(src, SPECS)
-    save_file(src.state_dict(), str(tmp_path / "buf.safetensors"))
+    path = tmp_path / "buf.safetensors"
+    path.write_bytes(dumps({"buffer": src.state_dict()}))
+    with safe_open(str(path), "pt") as f:  # a valid safetensors file, whatever else it holds
+        assert f.metadata()["format"] == "prfl-checkpoint" and len(list(f.keys())) > 8
     dst = ClientBuffer(8, 300, 250, storage="sparse")
-    dst.load_state_dict(load_file(str(tmp_path / "buf.safetensors")))
+    dst.load_state_dict(loads(path.read_bytes())["buffer"])
     assert torch.equal(src.plain_average(), dst.plain_average())
 
 
@@ -531,3 +540,88 @@ def test_file_backed_prefix_values_are_not_resident(tmp_path):
     out = subprocess.run([sys.executable, "-c", FILE_RSS.format(path=str(tmp_path))], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+# --------------------------------------------------------------------------- streamed checkpoints
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_file_backed_prefix_buffer_checkpoint_reads_one_slot_at_a_time(tmp_path, on_disk):
+    """A file-backed prefix buffer's state goes through a checkpoint file and back slot by slot,
+    as stored (no densifying), into a buffer in a file or in RAM, and aggregates bit for bit as
+    before; restoring a buffer from its own state works too (its file regions are not reused
+    before they are read)."""
+    total, npr = 1100, 1000
+    fleet = prefix_fleet(total, npr)
+    src = prefix_buffer(fleet, total, npr, path=tmp_path / "src")
+    state = loads(dumps({"buffer": src.state_dict()}))["buffer"]
+    slots = [k for k in state if k.endswith(".values")]
+    assert slots and all(isinstance(state[k], Streamed) for k in slots)
+    live, peak = [0], [0]
+    for k in slots:  # count how many slot values are read and not yet dropped at once
+        inner = state[k]
+
+        def read(inner=inner):
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+            t = inner.read()
+            weakref.finalize(t, lambda: live.__setitem__(0, live[0] - 1))
+            return t
+
+        state[k] = Streamed(read=read, shape=inner.shape, dtype=inner.dtype)
+    dst = ClientBuffer(len(fleet), total, npr, storage="prefix", path=tmp_path / "dst" if on_disk else None)
+    dst.load_state_dict(state)
+    assert peak[0] == 1 and live[0] == 0
+    prev = torch.randn(total, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(dst.aggregate(prev, 12), src.aggregate(prev, 12))
+    assert torch.equal(dst.plain_average(), src.plain_average())
+    src.load_state_dict(src.state_dict())  # its own state, straight from its own file
+    assert torch.equal(src.aggregate(prev, 12), dst.aggregate(prev, 12))
+
+
+def test_a_bad_slot_in_a_stored_state_leaves_the_buffer_unchanged(tmp_path):
+    total, npr = 1100, 1000
+    fleet = prefix_fleet(total, npr)
+    buf = prefix_buffer(fleet, total, npr, path=tmp_path)
+    prev = torch.randn(total)
+    before = buf.aggregate(prev, 12)
+    state = prefix_buffer(fleet, total, npr).state_dict()
+    key = next(k for k in state if k.endswith(".prefix"))
+    c = key.split(".")[1]
+    state[f"slot.{c}.values"] = torch.zeros(3)  # not count + suffix values
+    with pytest.raises(ValueError, match=f"slot.{c}.values holds 3 values"):
+        buf.load_state_dict(state)
+    assert torch.equal(buf.aggregate(prev, 12), before)
+
+
+def test_restored_rankings_keep_their_keys_after_compaction():
+    """Two rankings held under two keys stay two after a checkpoint, even once compaction has cut
+    one to a prefix of the other: the restored buffer sums in the same groups, bit for bit."""
+    total, npr = 30, 24
+    a = torch.randperm(npr, generator=torch.Generator().manual_seed(3))
+    b = torch.cat([a[:2], a[2:].flip(0)])  # agrees with a on its first 2 ranks only
+    g = torch.Generator().manual_seed(0)  # values whose fp32 sums differ when the two groups are merged
+    buf = ClientBuffer(2, total, npr, storage="prefix")
+    for client, order, count in ((0, a, 12), (1, b, 2)):
+        mask = torch.zeros(npr, dtype=torch.bool)
+        mask[order[:count]] = True
+        w = torch.randn(total, generator=g)
+        w[:npr] *= mask
+        buf.put(client, w, mask, 3 + 4 * client, 0, order=order)
+    buf.compact_orders()  # b is now held as a[:2]
+    copy = ClientBuffer(2, total, npr, storage="prefix")
+    copy.load_state_dict(buf.state_dict())
+    assert len(copy._orders) == len(buf._orders) == 2
+    prev = torch.randn(total, generator=g)
+    for dtype in (torch.float32, torch.float64):
+        assert torch.equal(copy.aggregate(prev, 1, accumulate_dtype=dtype), buf.aggregate(prev, 1, accumulate_dtype=dtype))
+
+
+@pytest.mark.parametrize("storage", ["dense", "sparse"])
+def test_put_of_a_checked_update_stores_it_as_it_is(storage):
+    """zero_outside_mask: the caller vouches for W ⊙ m (a validated update); the same slot results."""
+    mask = torch.tensor([True, False, True, False])
+    w = torch.tensor([1.0, 0.0, 3.0, 0.0, 5.0, 6.0])
+    a, b = ClientBuffer(1, 6, 4, storage=storage), ClientBuffer(1, 6, 4, storage=storage)
+    a.put(0, w, mask, 2, 0)
+    b.put(0, w, mask, 2, 0, zero_outside_mask=True)
+    assert torch.equal(a.get(0).weights, b.get(0).weights) and torch.equal(a.get(0).mask, b.get(0).mask)
+    assert torch.equal(a.aggregate(torch.zeros(6), 0), b.aggregate(torch.zeros(6), 0))

@@ -1,32 +1,189 @@
-"""The ``prfl`` command line: run experiments, resume them, inspect presets and data sets."""
+"""The ``prfl`` command line: run experiments, resume them, compare methods, build reports, and
+inspect presets, data sets and the configuration.
+
+Every error a user can fix (a bad configuration, a missing or corrupt data file, a bad fleet
+file, a bad checkpoint, a bad directory) is printed as one line, ``error: what``, sometimes with a
+second, ``fix: how``, and exits with code 2. ``--debug`` (anywhere on the command line) or
+``PRFL_DEBUG=1`` prints the traceback as well. An unexpected failure exits with code 1.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
+import traceback
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
+import click
 import typer
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
-from prfl.config import ConfigError, ExperimentConfig, load_config, preset_names
+from prfl.config import ConfigError, ExperimentConfig, format_errors, load_config, preset_names
 
-app = typer.Typer(add_completion=False, no_args_is_help=False, help="prfl: federated learning across heterogeneous devices.")
 console = Console(stderr=False)
+err_console = Console(stderr=True)
 DEFAULT_PRESET = "demo"
+DEBUG_ENV = "PRFL_DEBUG"
 
 
-def _fail(msg: str) -> None:
-    from rich.markup import escape
+class UserError(Exception):
+    """A problem the user can fix: ``what`` went wrong and, when known, ``fix``."""
 
+    def __init__(self, what: str, fix: str | None = None) -> None:
+        super().__init__(what if fix is None else f"{what}\n{fix}")
+        self.what, self.fix = what, fix
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that describe bad input (their message names the problem)."""
+    import yaml
+
+    from prfl.data import DataError
+    from prfl.checkpoint import CheckpointError
+
+    # ConfigError, FleetError, PartitionError, CheckpointError and pydantic's ValidationError are
+    # ValueErrors; OSError covers unreadable files and directories
+    return (UserError, ConfigError, DataError, CheckpointError, ValueError, OSError, yaml.YAMLError)
+
+
+def split_message(text: str) -> tuple[str, str | None]:
+    """A possibly multi-line error message as (what, fix).
+
+    Indented list items (``  - a``) are joined onto the line before them (``searched: a, b``); the
+    first line is what went wrong and the remaining lines, joined, are the fix.
+    """
+    merged: list[str] = []
+    for raw in text.strip().splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if merged and (line.startswith(("- ", "* ")) or (raw[:1].isspace() and line.startswith("("))):
+            item = line[2:] if line.startswith(("- ", "* ")) else line[1:].rstrip(")").replace(": ", " (", 1) + (
+                ")" if ": " in line else "")
+            merged[-1] += (" " if merged[-1].endswith(":") else ", ") + item
+        else:
+            merged.append(line)
+    if not merged:
+        return "unknown error", None
+    return merged[0], (" ".join(merged[1:]) or None)
+
+
+def describe_error(exc: BaseException) -> tuple[str, str | None]:
+    """(what, fix) for an exception raised by bad input."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, UserError):
+        return exc.what, exc.fix
+    if isinstance(exc, ValidationError):
+        return split_message(format_errors(exc, exc.title))
+    if isinstance(exc, FileNotFoundError) and exc.filename is not None:
+        return f"{exc.filename}: no such file or directory", None
+    if isinstance(exc, PermissionError) and exc.filename is not None:
+        return f"{exc.filename}: permission denied", "check the file's permissions"
+    if isinstance(exc, IsADirectoryError) and exc.filename is not None:
+        return f"{exc.filename} is a directory, not a file", None
+    text = str(exc) or type(exc).__name__
+    return split_message(text)
+
+
+def _fail(what: str, fix: str | None = None, code: int = 2) -> None:
+    """Print ``error: what`` (and ``fix: ...``) on stderr, one line each, and exit with ``code``."""
     # soft wrap: a long path in the message stays on one line, ready to copy
-    console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True, highlight=False)
-    raise typer.Exit(code=2)
+    err_console.print(f"[bold red]error:[/] {escape(what)}", soft_wrap=True, highlight=False)
+    if fix:
+        err_console.print(f"[bold]fix:[/] {escape(fix)}", soft_wrap=True, highlight=False)
+    raise typer.Exit(code=code)
+
+
+def _debug_requested(args: list[str]) -> tuple[bool, list[str]]:
+    """(--debug given or PRFL_DEBUG set, the arguments without --debug); ``--`` ends options."""
+    stop = args.index("--") if "--" in args else len(args)
+    flag = "--debug" in args[:stop]
+    rest = [a for i, a in enumerate(args) if not (i < stop and a == "--debug")]
+    env = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    return flag or env, rest
+
+
+def _restore_argument_help(command: click.Command) -> None:
+    """Give positional arguments back the help text their declaration carries.
+
+    Typer stores an argument's help on the click parameter before click's own constructor runs,
+    and click 8.2+ then resets it to None, so ``--help`` would list arguments without meaning.
+    """
+    import inspect
+
+    callback = getattr(command, "callback", None)
+    if callback is None:
+        return
+    try:
+        infos = {name: p.default for name, p in inspect.signature(callback).parameters.items()}
+    except (TypeError, ValueError):
+        return
+    for param in command.params:
+        info = infos.get(param.name or "")
+        if isinstance(param, click.Argument) and getattr(param, "help", None) is None:
+            param.help = getattr(info, "help", None)  # type: ignore[attr-defined]
+
+
+class PrflGroup(TyperGroup):
+    """The ``prfl`` command group: ``--debug`` anywhere, one-line errors, exit codes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for command in self.commands.values():
+            _restore_argument_help(command)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        debug, rest = _debug_requested(list(args))
+        ctx.meta["prfl.debug"] = debug
+        return super().parse_args(ctx, rest)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = bool(ctx.meta.get("prfl.debug"))
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            err_console.print("[bold yellow]interrupted[/]", highlight=False)
+            raise typer.Exit(code=130) from None
+        except _user_error_types() as exc:
+            if debug:
+                sys.stderr.write(traceback.format_exc())
+            what, fix = describe_error(exc)
+            _fail(what, fix)
+        except Exception as exc:  # noqa: BLE001 - a bug: say so in two lines, the traceback on request
+            if debug:
+                raise
+            _fail(f"unexpected {type(exc).__name__}: {split_message(str(exc))[0]}",
+                  f"run the command again with --debug for the traceback, and report it", code=1)
+
+
+app = typer.Typer(
+    cls=PrflGroup,
+    add_completion=False,
+    no_args_is_help=False,
+    pretty_exceptions_enable=False,
+    help="prfl: federated learning across heterogeneous devices.",
+)
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help=f"on an error, print the traceback too (or set {DEBUG_ENV}=1)"),
+) -> None:
+    """prfl: federated learning across heterogeneous devices (PR-FL, baselines, a virtual-clock
+    simulator, reports, and a Flower deployment path)."""
 
 
 class RunProgress:
@@ -70,31 +227,46 @@ def _seconds(x: float | None) -> str:
     return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
 
 
+def _table(title: str | None = None) -> Table:
+    """A table that fits 80 columns: no vertical rules, headers may span two lines."""
+    return Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, title_justify="left")
+
+
 def _summary_table(results: list[dict[str, Any]], targets: list[float]) -> Table:
-    table = Table(title="results (virtual time)")
+    """One row per policy: accuracy, time to each target, rounds, time spent."""
+    table = _table("results (test accuracy; times in virtual seconds)")
     table.add_column("policy", no_wrap=True)
-    table.add_column("final", justify="right")
-    table.add_column("best", justify="right")
+    table.add_column("final\nacc", justify="right", no_wrap=True)
+    table.add_column("best\nacc", justify="right", no_wrap=True)
     for t in targets:
-        table.add_column(f"t({t:g}) s", justify="right")
-    table.add_column("rounds", justify="right")
-    table.add_column("virtual s", justify="right")
-    table.add_column("local min/max", justify="right")
-    table.add_column("wall s", justify="right")
+        table.add_column(f"time to\n{t:g}", justify="right", no_wrap=True)
+    table.add_column("server\nrounds", justify="right", no_wrap=True)
+    table.add_column("virtual\ns", justify="right", no_wrap=True)
+    table.add_column("client\nrounds", justify="right", no_wrap=True)
+    table.add_column("wall\ns", justify="right", no_wrap=True)
     for r in results:
         tta = r.get("time_to_accuracy", {})
         lr = r["local_rounds"]
-        row = [r["policy"], f"{r['final_accuracy']:.3f}", f"{r['best_accuracy']:.3f}"]
+        acc = [("-" if r.get(k) is None else f"{r[k]:.3f}") for k in ("final_accuracy", "best_accuracy")]
+        row = [r["policy"], *acc]
         row += [_seconds(tta.get(f"{t:g}")) for t in targets]
-        row += [str(r["server_rounds"]), _seconds(r["virtual_seconds"]), f"{min(lr)}/{max(lr)}", f"{r['wall_seconds']:.1f}"]
+        row += [str(r["server_rounds"]), _seconds(r["virtual_seconds"]), f"{min(lr)}-{max(lr)}" if lr else "-",
+                f"{r['wall_seconds']:.0f}"]
         table.add_row(*row)
+    table.caption = "time to X: first evaluation with accuracy >= X\nclient rounds: fewest-most tasks one client finished"
+    table.caption_justify = "left"
     return table
+
+
+def _say(text: str) -> None:
+    """One line on stdout, never wrapped (paths stay whole); rich markup allowed."""
+    console.print(text, soft_wrap=True, highlight=False)
 
 
 @app.command()
 def run(
-    config: Optional[Path] = typer.Argument(None, help="experiment YAML (default: the 'demo' preset)"),
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="a preset scenario shipped with prfl"),
+    config: Optional[Path] = typer.Argument(None, help="experiment YAML (default: the 'demo' preset)", show_default=False),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="a preset scenario shipped with prfl (`prfl presets`)"),
     set_: list[str] = typer.Option([], "--set", "-s", help="override a field: key.path=value (repeatable)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (default runs/<name>-<time>)"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this directory from its checkpoint"),
@@ -105,57 +277,109 @@ def run(
     from prfl.run import build_scenario, resume_run, run_policy
 
     logging.basicConfig(level=logging.WARNING)
-    try:
-        if resume is not None:
-            with _progress(quiet) as progress:
-                cfg = load_config(resume / "config.yaml")
-                bar = RunProgress(progress, cfg.policy.name, cfg)
-                res = resume_run(resume, on_progress=None if quiet else bar)
-                bar.finish()
-            res.pop("history", None)
-            console.print(_summary_table([res], cfg.sim.targets))
-            console.print(f"results: [bold]{resume}[/]")
-            _exit_if_aborted([res])
-            return
-        if config is None and preset is None:
-            preset = DEFAULT_PRESET
-        cfg = load_config(config, set_, preset=preset)
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        root = out or Path("runs") / f"{cfg.name}-{stamp}"
-        policies = [cfg.policy] + (list(cfg.baselines) if baselines else [])
-        console.print(f"[bold]{cfg.name}[/]: {cfg.data.dataset} / {cfg.model.name} / {cfg.data.num_clients} clients "
-                      f"({cfg.data.partition}) / fleet {cfg.fleet.file or cfg.fleet.preset} / seed {cfg.seed}")
-        sc = build_scenario(cfg)
-        results = []
+    if resume is not None:
+        if not (resume / "config.yaml").is_file():
+            raise UserError(f"{resume} is not a run directory (no config.yaml)",
+                            "give one policy's run directory, e.g. runs/demo-<time>/prfl")
         with _progress(quiet) as progress:
-            for i, pcfg in enumerate(policies):
-                name = pcfg.name if [p.name for p in policies].count(pcfg.name) == 1 else f"{pcfg.name}-{i}"
-                bar = RunProgress(progress, name, cfg)
-                res = run_policy(sc, pcfg, root / name, on_progress=None if quiet else bar)
-                bar.finish()
-                res.pop("history", None)
-                results.append(res)
-        console.print(_summary_table(results, cfg.sim.targets))
-        if len(results) > 1:
-            from prfl.report.plots import plot_accuracy
-            from prfl.sim.history import read_history
+            cfg = load_config(resume / "config.yaml")
+            bar = RunProgress(progress, cfg.policy.name, cfg)
+            # the engine's notes on a torn checkpoint are shown once the run goes on; when no
+            # checkpoint is usable, the one-line error says it all
+            with _HeldLogs("prfl.sim.engine") as held:
+                def on_progress(rec: dict[str, Any]) -> None:
+                    held.release()
+                    if not quiet:
+                        bar(rec)
 
-            curves = {p.name: list(read_history(root / p.name / "history.jsonl")) for p in policies if (root / p.name).exists()}
-            plot_accuracy(curves, root / "accuracy.png", title=cfg.name)
-            (root / "results.json").write_text(json.dumps(results, indent=2, default=float), encoding="utf-8")
-        console.print(f"results: [bold]{root}[/] (config.yaml, history.jsonl, summary.json, accuracy.png per policy)")
-        _exit_if_aborted(results)
-    except ConfigError as exc:
-        _fail(str(exc))
-    except (ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+                res = resume_run(resume, on_progress=on_progress)
+            bar.finish()
+        res.pop("history", None)
+        console.print(_summary_table([res], cfg.sim.targets))
+        _say(f"results: [bold]{escape(str(resume))}[/] (config, history, summary, accuracy.png)")
+        _say(f"next: [bold]prfl report {escape(str(resume))}[/]  (one HTML page: tables, plots, configuration)")
+        _exit_if_aborted([res])
+        return
+    if config is None and preset is None:
+        preset = DEFAULT_PRESET
+    cfg = load_config(config, set_, preset=preset)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    root = out or Path("runs") / f"{cfg.name}-{stamp}"
+    policies = [cfg.policy] + (list(cfg.baselines) if baselines else [])
+    names = [p.name if [q.name for q in policies].count(p.name) == 1 else f"{p.name}-{i}" for i, p in enumerate(policies)]
+    from prfl.explain import check_policy
+
+    for i, pcfg in enumerate(policies):
+        check_policy(pcfg, "policy" if i == 0 else f"baselines[{i - 1}]")
+    sc = build_scenario(cfg)  # data, split, model and fleet: bad input fails here, before any output
+    _say(f"[bold]{escape(cfg.name)}[/]: {cfg.data.dataset} / {cfg.model.name} / {cfg.data.num_clients} clients "
+         f"({cfg.data.partition}) / fleet {escape(cfg.fleet.file or cfg.fleet.preset)} / seed {cfg.seed}")
+    _say(f"policies: {', '.join(names)}; each stops at {cfg.sim.budget()}")
+    results = []
+    with _progress(quiet) as progress:
+        for name, pcfg in zip(names, policies):
+            bar = RunProgress(progress, name, cfg)
+            res = run_policy(sc, pcfg, root / name, on_progress=None if quiet else bar)
+            bar.finish()
+            res.pop("history", None)
+            results.append(res)
+    console.print(_summary_table(results, cfg.sim.targets))
+    _say(f"results: [bold]{escape(str(root))}[/]")
+    dirs = " ".join(n + "/" for n in names)
+    width = max(len(dirs), len("accuracy.png"))
+    _say(f"  {escape(dirs):<{width}}  run directories (config, history, summary, accuracy.png)")
+    if len(results) > 1:
+        from prfl.report.plots import plot_accuracy
+        from prfl.sim.history import read_history
+
+        curves = {n: list(read_history(root / n / "history.jsonl")) for n in names if (root / n).exists()}
+        plot_accuracy(curves, root / "accuracy.png", title=cfg.name)
+        (root / "results.json").write_text(json.dumps(results, indent=2, default=float), encoding="utf-8")
+        _say(f"  {'accuracy.png':<{width}}  every policy's accuracy against virtual time (and .svg)")
+        _say(f"  {'results.json':<{width}}  the table above, as numbers")
+    _say(f"next: [bold]prfl report {escape(str(root))}[/]  (one HTML page: tables, plots, configuration)")
+    _exit_if_aborted(results)
+
+
+class _HeldLogs(logging.Filter):
+    """Holds back a logger's records until :meth:`release` (or a clean exit); drops them when the
+    block raises."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.logger = logging.getLogger(name)
+        self.records: list[logging.LogRecord] = []
+        self.holding = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.holding:
+            self.records.append(record)
+            return False
+        return True
+
+    def __enter__(self) -> "_HeldLogs":
+        self.holding = True
+        self.logger.addFilter(self)
+        return self
+
+    def release(self) -> None:
+        if self.holding:
+            self.holding = False
+            for record in self.records:
+                self.logger.handle(record)
+            self.records.clear()
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        if exc_type is None:
+            self.release()
+        self.holding = False
+        self.records.clear()
+        self.logger.removeFilter(self)
 
 
 def _exit_if_aborted(results: list[dict[str, Any]]) -> None:
     """Exit with code 3 when a run ended because every client was quarantined (its results are
     kept, but they are not an experiment's outcome)."""
-    from rich.markup import escape
-
     from prfl.policies.fleet import QUARANTINED_STOP
 
     aborted = [r for r in results if str(r.get("stopped") or "").startswith(QUARANTINED_STOP)]
@@ -167,51 +391,55 @@ def _exit_if_aborted(results: list[dict[str, Any]]) -> None:
 
 @app.command()
 def config(
-    config: Optional[Path] = typer.Argument(None, help="experiment YAML"),
-    preset: Optional[str] = typer.Option(None, "--preset", "-p"),
-    set_: list[str] = typer.Option([], "--set", "-s", help="override a field: key.path=value"),
+    config: Optional[Path] = typer.Argument(None, help="experiment YAML (default: prfl's defaults)", show_default=False),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="a preset scenario shipped with prfl (`prfl presets`)"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a field: key.path=value (repeatable)"),
+    explain: bool = typer.Option(False, "--explain", "-e", help="put each field's meaning above it, as a comment"),
 ) -> None:
-    """Print the resolved configuration (defaults, file or preset, then overrides)."""
-    import yaml
+    """Print the resolved configuration: defaults, then the file or preset, then the overrides,
+    with every option of the policy and baselines (their defaults where not set)."""
+    from prfl.explain import explained_yaml, missing_options, resolved_yaml
 
-    try:
-        cfg = load_config(config, set_, preset=preset)
-    except ConfigError as exc:
-        _fail(str(exc))
-        return
-    console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="", markup=False, highlight=False)
+    cfg = load_config(config, set_, preset=preset)
+    text = explained_yaml(cfg) if explain else resolved_yaml(cfg)
+    for item in missing_options(cfg):
+        text += f"# {item} has no default: set it, or the run stops with an error\n"
+    console.print(text, end="", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
 def presets() -> None:
-    """List the preset scenarios shipped with prfl."""
+    """List the preset scenarios shipped with prfl (run one with `prfl run --preset NAME`)."""
     for name in preset_names():
         cfg = load_config(preset=name)
-        console.print(f"{name:<22} {cfg.data.dataset:<14} {cfg.model.name:<9} {cfg.policy.name} "
-                      f"+ {', '.join(p.name for p in cfg.baselines) or '-'}")
+        policies = ", ".join(p.name for p in [cfg.policy, *cfg.baselines])
+        _say(f"[bold]{name:<20}[/] {cfg.data.dataset} / {cfg.model.name} / {cfg.data.num_clients} clients / "
+             f"{cfg.sim.budget()}")
+        _say(f"{'':<20} {policies}")
 
 
 @app.command()
 def datasets() -> None:
-    """List the data sets and whether their files are available here."""
+    """List the data sets and whether their files are available here (nothing is downloaded)."""
     from prfl.data import DATASETS, DataError, load_dataset
 
     for name in DATASETS:
         try:
             t0 = time.perf_counter()
             ds = load_dataset(name)
-            status = f"ok: {len(ds.y_train)} train / {len(ds.y_test)} test, {ds.num_classes} classes, shape {ds.input_shape} ({time.perf_counter() - t0:.1f}s)"
-        except DataError as exc:
-            status = "missing: " + str(exc).splitlines()[0]
-        console.print(f"{name:<14} {status}", markup=False, highlight=False)
+            status = (f"ok: {len(ds.y_train)} train / {len(ds.y_test)} test, {ds.num_classes} classes, "
+                      f"shape {ds.input_shape} ({time.perf_counter() - t0:.1f}s)")
+            fix = None
+        except (DataError, OSError, ValueError) as exc:
+            what, fix = describe_error(exc)
+            status = "missing: " + what.removeprefix(f"{name}: ")
+        console.print(f"{name:<13} {status}", markup=False, highlight=False, soft_wrap=True)
+        if fix:
+            console.print(f"{'':<13} fix: {fix}", markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:
     app()
-
-
-if __name__ == "__main__":
-    main()
 
 
 # ---------------------------------------------------------------------------- compare and report
@@ -306,10 +534,15 @@ class CompareProgress:
 
 
 def _rich_table(title: str, table: tuple[list[str], list[list[str]]]) -> Table:
+    """A report table for the terminal: headers broken over lines so that it fits 80 columns."""
+    import textwrap
+
     headers, rows = table
-    out = Table(title=title)
+    out = _table(title)
     for i, h in enumerate(headers):
-        out.add_column(h, justify="left" if i == 0 else "right")
+        longest = max((len(w) for w in h.split()), default=1)
+        label = "\n".join(textwrap.wrap(h, width=max(12, longest))) or h
+        out.add_column(label, justify="left" if i == 0 else "right", overflow="fold")
     for r in rows:
         out.add_row(*r)
     return out
@@ -317,8 +550,9 @@ def _rich_table(title: str, table: tuple[list[str], list[list[str]]]) -> Table:
 
 @app.command(cls=_SpaceSeparatedLists)
 def compare(
-    config: Optional[Path] = typer.Argument(None, help="scenario YAML, may hold a methods: mapping (default: the 'demo' preset)"),
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="a preset scenario shipped with prfl"),
+    config: Optional[Path] = typer.Argument(None, help="scenario YAML, may hold a methods: mapping (default: the 'demo' preset)",
+                                            show_default=False),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="a preset scenario shipped with prfl (`prfl presets`)"),
     set_: list[str] = typer.Option([], "--set", "-s", help="override a scenario field: key.path=value (repeatable)"),
     methods: list[str] = typer.Option([], "--methods", "-m", help="methods: policies, prfl-<ablation> or methods: variants "
                                       "(--methods prfl fedasync; default: policy, baselines and methods: variants)"),
@@ -332,9 +566,6 @@ def compare(
 ) -> None:
     """Compare methods (and ablations) over several seeds on one scenario; resumable."""
     import shlex
-    import sys
-
-    from rich.markup import escape
 
     from prfl.compare import describe_plan, pending_runs, plan_comparison, run_comparison
     from prfl.report import tables
@@ -342,18 +573,15 @@ def compare(
     logging.basicConfig(level=logging.WARNING)
     if config is None and preset is None:
         preset = DEFAULT_PRESET
-    try:
-        plan = plan_comparison(config, preset, set_, _split_words(methods) or None, seeds or None, targets or None,
-                               baseline, out, command=shlex.join(["prfl", *sys.argv[1:]]))
-        _, done = pending_runs(plan, restart)
-    except ConfigError as exc:
-        _fail(str(exc))
-        return
+    plan = plan_comparison(config, preset, set_, _split_words(methods) or None, seeds or None, targets or None,
+                           baseline, out, command=shlex.join(["prfl", *sys.argv[1:]]))
+    _, done = pending_runs(plan, restart)
     n_runs = len(plan.methods) * len(plan.seeds)
-    console.print(f"[bold]{plan.scenario.name}[/] ({plan.source}): {len(plan.methods)} methods x {len(plan.seeds)} seeds "
-                  f"= {n_runs} runs, {len(done)} already complete; output [bold]{plan.out}[/]")
+    _say(f"[bold]{escape(plan.scenario.name)}[/] ({escape(plan.source)}): {len(plan.methods)} methods x "
+         f"{len(plan.seeds)} seeds = {n_runs} runs, {len(done)} already complete")
+    _say(f"each run stops at {plan.scenario.sim.budget()}; output [bold]{escape(str(plan.out))}[/]")
     for line in describe_plan(plan):
-        console.print(f"  {line}", highlight=False, markup=False)
+        console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
     progress = Progress(
         TextColumn("[bold]{task.description:<18}"),
         BarColumn(),
@@ -366,9 +594,6 @@ def compare(
         with progress:
             tracker = CompareProgress(progress, plan, n_runs)
             result = run_comparison(plan, jobs=jobs, restart=restart, on_event=tracker)
-    except ConfigError as exc:
-        _fail(str(exc))
-        return
     except KeyboardInterrupt:
         console.print("[bold yellow]interrupted:[/] finished runs are kept; run the same command again to resume")
         raise typer.Exit(code=130) from None
@@ -376,26 +601,33 @@ def compare(
     if plan.targets:
         console.print(_rich_table(f"time to accuracy (virtual s, mean ± sd over seeds; speed-up vs {plan.baseline})",
                                   tables.time_to_accuracy_table(summ, plan.targets, plan.baseline)))
-    console.print(_rich_table("final accuracy", tables.accuracy_table(summ)))
+    console.print(_rich_table("test accuracy (mean ± sd over seeds)", tables.accuracy_table(summ)))
     console.print(_rich_table("participation (local rounds per client)", tables.participation_table(summ)))
     for (method, seed), err in result.failed.items():
-        console.print(f"[bold red]failed:[/] {method} seed {seed}: {escape(err)}", highlight=False)
-    console.print(f"results: [bold]{plan.out}[/] (results.md, tables/, plots/, report.html)")
+        console.print(f"[bold red]failed:[/] {method} seed {seed}: {escape(err)}", highlight=False, soft_wrap=True)
+    root = escape(str(plan.out))
+    _say(f"results: [bold]{root}[/]")
+    _say("  report.html               every table, the plots, each method's configuration")
+    _say("  results.md, summary.json  the tables as Markdown and as numbers (CSV: tables/)")
+    _say("  plots/                    accuracy, egress, local rounds, densities (PNG, SVG)")
+    _say("  runs/<method>/seed<k>/    one run directory per method and seed")
+    _say(f"next: open [bold]{root}/report.html[/], or rebuild it with [bold]prfl report {root}[/]")
     if result.failed:
         raise typer.Exit(code=1)
 
 
 @app.command()
 def report(
-    directory: Path = typer.Argument(..., help="a run directory, a `prfl run` output root or a `prfl compare` directory"),
+    directory: Path = typer.Argument(..., help="a run directory, a `prfl run` output root or a `prfl compare` directory",
+                                     show_default=False),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default DIR/report.html)"),
 ) -> None:
     """Build one self-contained HTML page (tables, embedded plots, configuration) from results."""
     from prfl.report.html import write_report
 
-    try:
-        path = write_report(directory, out)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-        return
-    console.print(f"report: [bold]{path}[/]")
+    path = write_report(directory, out)
+    _say(f"report: [bold]{escape(str(path))}[/] (self-contained: open it in any browser)")
+
+
+if __name__ == "__main__":
+    main()

@@ -23,13 +23,15 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """Which data set, where it lives, and how it is split across clients."""
 
-    dataset: str = "digits"
-    data_dir: str | None = None
-    options: dict[str, Any] = Field(default_factory=dict)
-    num_clients: int = Field(10, ge=1)
-    partition: Literal["iid", "dirichlet", "shards", "natural"] = "iid"
-    partition_options: dict[str, Any] = Field(default_factory=dict)
-    eval_samples: int | None = Field(None, ge=1, description="evaluate on the first N test samples")
+    dataset: str = Field("digits", description="data set name (`prfl datasets` lists them and whether their files are here)")
+    data_dir: str | None = Field(None, description="directory holding the data set's files (default: $PRFL_DATA, then system dirs)")
+    options: dict[str, Any] = Field(default_factory=dict, description="options of the data set's loader (e.g. normalize: true)")
+    num_clients: int = Field(10, ge=1, description="number of clients the training data is split over")
+    partition: Literal["iid", "dirichlet", "shards", "natural"] = Field(
+        "iid", description="how the data is split: iid, dirichlet (label skew), shards or natural (per writer/role)")
+    partition_options: dict[str, Any] = Field(
+        default_factory=dict, description="options of the split (dirichlet: alpha; shards: classes_per_client)")
+    eval_samples: int | None = Field(None, ge=1, description="evaluate on the first N test samples (null: all)")
 
     @field_validator("dataset")
     @classmethod
@@ -42,8 +44,10 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: str = "conv2"
-    options: dict[str, Any] = Field(default_factory=dict)
+    """The model every client trains (a sub-model of it, for sparse policies)."""
+
+    name: str = Field("conv2", description="model from prfl's zoo (mlp, conv2, ...)")
+    options: dict[str, Any] = Field(default_factory=dict, description="options of the model builder (e.g. hidden: [32])")
     seed: int = Field(0, ge=0, description="seed of the initial weights")
 
     @field_validator("name")
@@ -59,13 +63,13 @@ class ModelConfig(_Strict):
 class TrainSection(_Strict):
     """Local training (the PR-FL paper: SGD lr 0.25, batch 20, 5 local steps)."""
 
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(20, ge=1)
-    local_steps: int | None = Field(5, ge=1)
-    local_epochs: float | None = Field(None, gt=0)
-    loss: Literal["ce", "bce"] = "ce"
+    lr: float = Field(0.05, gt=0, description="learning rate of local SGD")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (0: plain SGD)")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay of local SGD")
+    batch_size: int = Field(20, ge=1, description="samples per local step")
+    local_steps: int | None = Field(5, ge=1, description="local SGD steps per task (null: use local_epochs)")
+    local_epochs: float | None = Field(None, gt=0, description="local epochs per task, used when local_steps is null")
+    loss: Literal["ce", "bce"] = Field("ce", description="training loss: ce (cross-entropy) or bce (binary, multi-label)")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "TrainSection":
@@ -80,21 +84,28 @@ class TrainSection(_Strict):
 
 
 class AvailabilityConfig(_Strict):
+    """Clients go offline and come back (exponential on/off periods, virtual seconds)."""
+
     mean_on: float = Field(..., gt=0, description="mean seconds online")
     mean_off: float = Field(..., gt=0, description="mean seconds offline")
-    start_online_prob: float = Field(1.0, ge=0, le=1)
+    start_online_prob: float = Field(1.0, ge=0, le=1, description="probability a client is online at time 0")
 
 
 class FleetConfig(_Strict):
-    preset: Literal["paper10", "lognormal", "uniform"] = "paper10"
+    """The simulated devices: link speeds and compute of every client and the server."""
+
+    preset: Literal["paper10", "lognormal", "uniform"] = Field(
+        "paper10", description="built-in fleet: paper10 (the PR-FL paper's 10 devices), lognormal or uniform")
     file: str | None = Field(None, description="a fleet CSV or YAML file; overrides preset")
-    options: dict[str, Any] = Field(default_factory=dict)
-    availability: AvailabilityConfig | None = None
+    options: dict[str, Any] = Field(default_factory=dict, description="options of the preset (e.g. sigma, compute_spread)")
+    availability: AvailabilityConfig | None = Field(None, description="on/off periods of clients (null: always online)")
 
 
 class PolicyConfig(_Strict):
-    name: str = "fedasync"
-    options: dict[str, Any] = Field(default_factory=dict)
+    """A server policy and its options (`prfl config --explain` lists every option and default)."""
+
+    name: str = Field("fedasync", description="policy: prfl, fedasync, fedbuff, fedfix, fedavg or heterofl")
+    options: dict[str, Any] = Field(default_factory=dict, description="the policy's options; unset ones take their defaults")
 
     @field_validator("name")
     @classmethod
@@ -107,29 +118,67 @@ class PolicyConfig(_Strict):
 
 
 class SimConfig(_Strict):
-    executor: Literal["inline", "process", "ray"] = "inline"
-    workers: int = Field(2, ge=1)
+    """The virtual-clock simulator: who trains, how time is modelled, and when the run stops.
+
+    Budget: a run stops at ``max_rounds`` server updates or at ``max_time`` virtual seconds,
+    whichever comes first. A configuration that sets only ``max_time`` runs on time alone (the
+    default ``max_rounds`` does not apply); one that sets neither runs ``max_rounds`` = 300.
+    """
+
+    executor: Literal["inline", "process", "ray"] = Field(
+        "inline", description="where tasks train: inline (this process), process (a pool) or ray")
+    workers: int = Field(2, ge=1, description="processes of the process/ray executor")
     ray_address: str | None = Field(None, description="an existing Ray cluster (ray executor); None starts one")
     spill_dir: str | None = Field(
         None, description="inline executor: keep the start weights of tasks in flight in this directory, not in memory"
     )
-    max_rounds: int | None = Field(300, ge=1)
-    max_time: float | None = Field(None, gt=0)
-    eval_every_rounds: int | None = Field(10, ge=1)
-    eval_every_seconds: float | None = Field(None, gt=0)
-    compute_time: Literal["flops", "measured"] = "flops"
-    sparse_efficiency: float = Field(1.0, ge=0, le=1)
-    shared_server_link: bool = True
+    max_rounds: int | None = Field(
+        300, ge=1, description="stop after this many server updates (null: no round limit; unset with max_time: null)")
+    max_time: float | None = Field(None, gt=0, description="stop at this virtual time, in seconds (null: no time limit)")
+    eval_every_rounds: int | None = Field(10, ge=1, description="evaluate every N server updates (null: not by rounds)")
+    eval_every_seconds: float | None = Field(None, gt=0, description="evaluate every N virtual seconds (null: not by time)")
+    compute_time: Literal["flops", "measured"] = Field(
+        "flops", description="task compute time: flops (model FLOPs / device speed) or measured (wall time here)")
+    sparse_efficiency: float = Field(
+        1.0, ge=0, le=1, description="how much of a sub-model's sparsity turns into saved compute (1: all, 0: none)")
+    shared_server_link: bool = Field(True, description="the server's links are shared by concurrent transfers (max-min fair)")
     piece_relay: bool = Field(
         True, description="pieces already published for a model version reach later clients from a relay at the "
-        "client's speed; false: every downloaded byte crosses the server's shared link (as on Flower)")
-    checkpoint_every_rounds: int | None = Field(50, ge=1)
+        "client's speed; false: every downloaded byte crosses the server's shared link (as on Flower; honest "
+        "accounting only)")
+    accounting: Literal["honest", "reference"] = Field(
+        "honest",
+        description="what tasks cost: honest (every byte, fully asynchronous FedAsync) or reference "
+                    "(the PR-FL reference code's cost model; see README)",
+    )
+    checkpoint_every_rounds: int | None = Field(
+        50, ge=1, description="server updates between checkpoints of the run (null: no checkpoints)")
     targets: list[float] = Field(default_factory=list, description="accuracies for time-to-accuracy")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _time_budget_alone(cls, data: Any) -> Any:
+        # only max_time given: the run is on a time budget, so the default round budget is dropped
+        if isinstance(data, dict) and data.get("max_time") is not None and "max_rounds" not in data:
+            data = {**data, "max_rounds": None}
+        return data
+
+    def budget(self, unit: str = "virtual s") -> str:
+        """The limits that stop the run, in words (``300 server updates or 1200 virtual s``)."""
+        parts = []
+        if self.max_rounds is not None:
+            parts.append(f"{self.max_rounds} server updates")
+        if self.max_time is not None:
+            parts.append(f"{self.max_time:g} {unit}")
+        return " or ".join(parts) + (", whichever comes first" if len(parts) > 1 else "")
 
     @model_validator(mode="after")
     def _some_budget(self) -> "SimConfig":
         if self.max_rounds is None and self.max_time is None:
             raise ValueError("set sim.max_rounds or sim.max_time, or the run never ends")
+        if self.accounting == "reference" and not self.piece_relay:
+            raise ValueError("sim.piece_relay: false says where honest downloads come from; the reference accounting "
+                             "has its own download model: set sim.accounting: honest or sim.piece_relay: true")
         return self
 
 
@@ -137,24 +186,24 @@ class PrivacyConfig(_Strict):
     """Client-level differential privacy: clip each update to ``clip_norm`` and add Gaussian noise
     of std ``noise_multiplier * clip_norm`` on the held weights; epsilon is reported for ``delta``."""
 
-    clip_norm: float = Field(..., gt=0)
-    noise_multiplier: float = Field(..., ge=0)
-    delta: float = Field(1e-5, gt=0, lt=1)
-    sampling_rate: float = Field(1.0, gt=0, le=1)
+    clip_norm: float = Field(..., gt=0, description="L2 norm each client update is clipped to")
+    noise_multiplier: float = Field(..., ge=0, description="Gaussian noise std as a multiple of clip_norm")
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of the reported (epsilon, delta) guarantee")
+    sampling_rate: float = Field(1.0, gt=0, le=1, description="fraction of clients sampled per round, for the accountant")
 
 
 class ExperimentConfig(_Strict):
     """One experiment: data, model, training, fleet, the policy under test, and baselines."""
 
-    name: str = "experiment"
-    seed: int = Field(0, ge=0)
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainSection = Field(default_factory=TrainSection)
-    fleet: FleetConfig = Field(default_factory=FleetConfig)
-    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    name: str = Field("experiment", description="experiment name (names the run directory)")
+    seed: int = Field(0, ge=0, description="run seed: fixes the split, the fleet, every task's randomness")
+    data: DataConfig = Field(default_factory=DataConfig, description="the data set and its split over clients")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the model")
+    train: TrainSection = Field(default_factory=TrainSection, description="local training on each client")
+    fleet: FleetConfig = Field(default_factory=FleetConfig, description="the simulated devices")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="the policy under test")
     baselines: list[PolicyConfig] = Field(default_factory=list, description="policies run beside the main one")
-    sim: SimConfig = Field(default_factory=SimConfig)
+    sim: SimConfig = Field(default_factory=SimConfig, description="the simulator and the run's budget")
     privacy: PrivacyConfig | None = Field(None, description="client-level DP (needs the privacy extra)")
 
     def with_policy(self, policy: PolicyConfig) -> "ExperimentConfig":
@@ -166,17 +215,40 @@ class ExperimentConfig(_Strict):
 
 
 # ---------------------------------------------------------------------------- loading
+def error_text(e: Any) -> str:
+    """The message of one pydantic error without pydantic's ``Value error, `` prefix."""
+    if e["type"] == "value_error" and e.get("ctx", {}).get("error") is not None:
+        return str(e["ctx"]["error"])
+    msg = str(e["msg"])
+    if e["type"] == "literal_error":
+        msg = f"{msg} (got {e.get('input')!r})"
+    return msg
+
+
 def format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration ({source}):"]
+    """A validation error as one line naming every bad field, plus a second line with the fix
+    when a field name is unknown."""
+    parts, unknown = [], False
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown field; check the spelling (see `prfl config --show` for every field)"
-        elif e["type"] == "literal_error":
-            msg = f"{msg} (got {e.get('input')!r})"
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
+            unknown = True
+            parts.append(f"{loc}: unknown field")
+        else:
+            parts.append(f"{loc}: {error_text(e)}")
+    text = f"invalid configuration ({source}): " + "; ".join(parts)
+    if unknown:
+        text += "\ncheck the spelling; `prfl config --explain` lists every field with its meaning"
+    return text
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML syntax error in one line: ``line 2, column 1: expected ... (while parsing ...)``."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or (str(exc).splitlines() or ["invalid YAML"])[0]
+    context = getattr(exc, "context", None)
+    return where + str(problem) + (f" ({context})" if context else "")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -190,7 +262,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({yaml_problem(exc)})") from exc
     return key.split("."), value
 
 
@@ -230,7 +302,7 @@ def read_yaml_mapping(path: str | Path, what: str, sections: str) -> dict[str, A
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"{p} is not valid YAML: {yaml_problem(exc)}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{p} must hold a mapping of sections ({sections})")
     return data

@@ -1,7 +1,7 @@
 """Build a scenario from a config and run experiments into run directories.
 
 A run directory holds ``config.yaml`` (resolved), ``partition.json``, ``history.jsonl``,
-``summary.json``, ``accuracy.png`` and ``checkpoint.pt`` with the one before it,
+``summary.json``, ``accuracy.png``, ``round_time.png`` and ``checkpoint.pt`` with the one before it,
 ``checkpoint.prev.pt`` (for ``prfl run --resume DIR``; a torn checkpoint falls back to the
 previous one and the history is cut back to that checkpoint).
 """
@@ -27,11 +27,13 @@ from prfl.models.cost import ModelCost
 from prfl.params import ParamLayout
 from prfl.policies import build_policy
 from prfl.policies.base import Policy, PolicyContext
-from prfl.report.plots import plot_accuracy
+from prfl.report.plots import plot_accuracy, plot_round_time
 from prfl.sim.devices import Fleet, load_fleet, make_fleet
-from prfl.sim.engine import CHECKPOINT, PREVIOUS_CHECKPOINT, CheckpointError, SimSettings, Simulation, load_checkpoint
+from prfl.checkpoint import CHECKPOINT, PREVIOUS_CHECKPOINT, CheckpointError, load_checkpoint
+from prfl.sim.accounting import ReferenceSizes
+from prfl.sim.engine import SimSettings, Simulation
 from prfl.sim.executors import WorkerSpec, make_executor
-from prfl.sim.history import HistoryWriter, read_history
+from prfl.sim.history import HistoryWriter, read_history, time_breakdown
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,13 @@ class Scenario:
         """Cost of the model built at ``width`` times every hidden width."""
         return model_cost(self.build_at_width(width), self.dataset.input_shape)
 
-    def policy_context(self) -> PolicyContext:
+    def policy_context(self, accounting: str = "honest") -> PolicyContext:
+        """The policy's view of the federation; ``accounting="reference"`` adds the reference's
+        step-closing rule (the server's nominal uplink and the reference's download sizes)."""
+        step_timing = None
+        if accounting == "reference":
+            sizes = ReferenceSizes(self.layout.num_prunable, int(self.initial_weights.numel()))
+            step_timing = sizes.step_timing(self.fleet.server.up_bps)
         return PolicyContext(
             num_clients=self.cfg.data.num_clients,
             num_samples=tuple(int(s) for s in self.partition.sizes()),
@@ -137,7 +145,46 @@ class Scenario:
             ),
             num_classes=self.dataset.num_classes,
             model_builder=self.build_at_width,
+            nominal_round_times=self.nominal_round_times(),
+            layer_cost=self.layer_cost(),
+            step_timing=step_timing,
         )
+
+    def _task_steps(self, client: int) -> int:
+        return self.train_cfg.num_steps(int(self.partition.sizes()[client]))
+
+    def nominal_round_times(self) -> tuple[float, ...]:
+        """Seconds of a dense task at each client's mean speeds: download + compute + upload of
+        the whole model, with the server link not in the way."""
+        nbytes = 4 * self.layout.total
+        step = self.cost.train_step_flops(self.train_cfg.batch_size)
+        return tuple(
+            nbytes / d.down_bps + step * self._task_steps(c) / d.compute_flops + nbytes / d.up_bps
+            for c, d in enumerate(self.fleet.clients)
+        )
+
+    def layer_cost(self) -> tuple[float, ...]:
+        """Per prunable layer, the seconds one kept weight costs the fleet's median client per task.
+
+        ``4 B * (1/down + 1/up)`` to move its value both ways plus ``3 * batch * steps * f_l / C``
+        of compute, with ``f_l`` the layer's forward FLOPs per sample per weight and ``C`` the
+        device's FLOP/s (the PR-FL reference's per-layer communication + computation coefficient,
+        from this scenario's model and fleet instead of measurements).
+        """
+        times = self.nominal_round_times()
+        median = sorted(range(len(times)), key=lambda c: (times[c], c))[len(times) // 2]
+        dev = self.fleet.clients[median]
+        steps = self._task_steps(median)
+        per_weight = {}
+        for layer in self.cost.layers:
+            if layer.prunable and layer.param_name is not None:
+                per_weight[layer.param_name] = layer.prunable_flops / layer.prunable
+        comm = 4.0 * (1.0 / dev.down_bps + 1.0 / dev.up_bps)
+        out = []
+        for e in self.layout.prunable_entries:
+            f = per_weight.get(e.name, 0.0)
+            out.append(comm + 3.0 * self.train_cfg.batch_size * steps * f / dev.compute_flops)
+        return tuple(out)
 
     def build_at_width(self, width: float = 1.0) -> torch.nn.Module:
         """A fresh model of this scenario at ``width`` times every hidden width."""
@@ -194,9 +241,17 @@ def _privacy(cfg: ExperimentConfig) -> Any:
     return ClientDP(**cfg.privacy.model_dump())
 
 
-def make_policy(sc: Scenario, pcfg: PolicyConfig) -> Policy:
+def make_policy(sc: Scenario, pcfg: PolicyConfig, accounting: str | None = None) -> Policy:
+    """Build ``pcfg``'s policy on the scenario. Under the simulator's ``reference`` accounting
+    (``accounting``, default the scenario's ``sim.accounting``) the policy closes server steps by
+    the reference's rule and FedAsync takes one arrival per step with the reference's mixing
+    weight (``steps: reference``) unless its options say otherwise."""
+    accounting = sc.cfg.sim.accounting if accounting is None else accounting
+    options = dict(pcfg.options)
+    if accounting == "reference" and pcfg.name == "fedasync":
+        options.setdefault("steps", "reference")
     try:
-        return build_policy(pcfg.name, sc.policy_context(), **pcfg.options)
+        return build_policy(pcfg.name, sc.policy_context(accounting), **options)
     except ValueError as exc:
         raise ConfigError(f"policy.options: {exc}") from exc
 
@@ -220,6 +275,7 @@ def make_simulation(
         piece_relay=s.piece_relay,
         checkpoint_every_rounds=s.checkpoint_every_rounds if out_dir is not None else None,
         target_accuracies=tuple(s.targets),
+        accounting=s.accounting,
     )
     return Simulation(
         policy=policy,
@@ -242,7 +298,7 @@ def make_simulation(
 def _executor(sc: Scenario) -> Any:
     s = sc.cfg.sim
     return make_executor(
-        s.executor, sc.worker_spec, workers=s.workers, dataset=sc.dataset if s.executor == "inline" else None,
+        s.executor, sc.worker_spec, workers=s.workers, dataset=sc.dataset if s.executor in ("inline", "process") else None,
         address=s.ray_address, spill_dir=s.spill_dir,
     )
 
@@ -305,7 +361,9 @@ def resume_run(run_dir: str | Path, on_progress: Callable[[dict[str, Any]], None
     executor = _executor(sc)
     try:
         sim = make_simulation(sc, make_policy(sc, cfg.policy), out, history, executor, on_progress)
-        summary = sim.run(resume_state=state)
+        sim.resume(state)
+        del state  # what the run needs now lives in the simulation
+        summary = sim.run()
     finally:
         executor.close()
         history.close()
@@ -323,3 +381,6 @@ def _finish_run_dir(out: Path, summary: dict[str, Any], records: list[dict[str, 
     tmp.write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
     os.replace(tmp, out / "summary.json")
     plot_accuracy({summary["policy"]: records}, out / "accuracy.png", title=summary.get("name", ""))
+    clients = len(summary.get("local_rounds", ())) or None
+    plot_round_time({summary["policy"]: time_breakdown(records, clients)}, out / "round_time.png",
+                    title=summary.get("name", ""))

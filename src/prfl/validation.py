@@ -183,7 +183,7 @@ def check_mask(weights: torch.Tensor, mask: torch.Tensor | None, num_prunable: i
     if mask is None:
         return None
     head = weights.detach()[:num_prunable]
-    outside = int(torch.count_nonzero(head * ~mask))  # 5x faster than masked_select; NaN*0 counts
+    outside = int(torch.count_nonzero(torch.gt(head != 0, mask)))  # nonzero (NaN too) and not in the mask
     if outside:
         return f"{name} have {outside} non-zero values outside the assigned mask (density {float(mask.float().mean()):.3g})"
     return None

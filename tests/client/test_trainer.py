@@ -115,3 +115,104 @@ def test_bce_loss_and_epoch_schedule():
 def test_bad_config_is_named(bad, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**bad)
+
+
+def _flat_reference(model, x, y, w0, idx, seed, cfg, mask=None, want_importance=False):
+    """The SGD task on flat vectors: the backward pass accumulates into one zeroed gradient
+    vector, then g <- g*m, g <- g + wd*w, b <- mu*b + g, w <- w - lr*b."""
+    layout = ParamLayout(model)
+    w = w0.clone()
+    g = torch.zeros_like(w)
+    buf = torch.zeros_like(w)
+    npr = layout.num_prunable
+    fmask = None if mask is None else mask.float()
+    if fmask is not None:
+        w[:npr] *= fmask
+    layout.bind(model, w, g)
+    batches = batch_schedule(len(idx), cfg, seed)
+    grad_sq = None
+    for k, pos in enumerate(batches):
+        sel = torch.as_tensor(idx)[torch.from_numpy(pos)]
+        g.zero_()
+        torch.nn.functional.cross_entropy(model(x[sel]), y[sel]).backward()
+        if want_importance and k == len(batches) - 1:
+            grad_sq = g[:npr].square() * float(len(idx))
+        if fmask is not None:
+            g[:npr].mul_(fmask)
+        if cfg.weight_decay:
+            g.add_(w, alpha=cfg.weight_decay)
+        step = g
+        if cfg.momentum:
+            buf.mul_(cfg.momentum).add_(g)
+            step = buf
+        w.add_(step, alpha=-cfg.lr)
+    return w, grad_sq
+
+
+@pytest.mark.parametrize("momentum, weight_decay, masked", [(0.0, 0.0, False), (0.0, 0.0, True), (0.9, 1e-3, True)])
+def test_per_parameter_step_equals_the_flat_vector_step_bit_for_bit(tiny_cnn, digits_xy, momentum, weight_decay, masked):
+    x, y = digits_xy
+    cfg = TrainConfig(lr=0.1, momentum=momentum, weight_decay=weight_decay, local_steps=6, batch_size=16)
+    ref_model = copy.deepcopy(tiny_cnn)
+    trainer, layout = make_trainer(tiny_cnn, x, y, lr=0.1, momentum=momentum, weight_decay=weight_decay,
+                                   local_steps=6, batch_size=16)
+    w0 = layout.flatten(tiny_cnn)
+    mask = magnitude_ranking(w0[: layout.num_prunable], layout.layer_bounds()).mask(0.4) if masked else None
+    idx = np.arange(40, 240)
+    for _ in range(2):  # a second task reuses the trainer's buffers (momentum restarts at zero)
+        out = trainer.train(w0, idx, seed=9, mask=mask, want_importance=True)
+    expect_w, expect_sq = _flat_reference(ref_model, x, y, w0, idx, 9, cfg, mask, want_importance=True)
+    assert torch.equal(out.weights, expect_w)
+    assert torch.equal(out.grad_sq, expect_sq)
+    assert not torch.equal(out.weights, w0)
+
+
+def test_training_into_a_given_vector(tiny_cnn, digits_xy):
+    x, y = digits_xy
+    trainer, layout = make_trainer(tiny_cnn, x, y, lr=0.1, local_steps=4)
+    w0 = layout.flatten(tiny_cnn)
+    mask = magnitude_ranking(w0[: layout.num_prunable], layout.layer_bounds()).mask(0.5)
+    idx = np.arange(100)
+    fresh = trainer.train(w0, idx, seed=2, mask=mask)
+    out = torch.full_like(w0, float("nan"))
+    given = trainer.train(w0, idx, seed=2, mask=mask, out=out)
+    assert given.weights is out and torch.equal(out, fresh.weights)
+    inplace = w0.clone()  # the start weights may be the output vector itself
+    assert torch.equal(trainer.train(inplace, idx, seed=2, mask=mask, out=inplace).weights, fresh.weights)
+    # the trainer is done with a handed-over vector: evaluating afterwards leaves it alone
+    kept = fresh.weights.clone()
+    trainer.evaluate(w0, x[:50], y[:50])
+    assert torch.equal(fresh.weights, kept) and torch.equal(out, kept)
+    with pytest.raises(ValueError, match="flat vector"):
+        trainer.train(w0, idx, seed=2, out=torch.empty(3))
+
+
+def test_compiled_forward_falls_back_without_a_compiler(tiny_cnn, digits_xy, monkeypatch, caplog):
+    x, y = digits_xy
+    eager, layout = make_trainer(copy.deepcopy(tiny_cnn), x, y, lr=0.1, local_steps=3)
+    monkeypatch.setenv("CXX", "")
+    monkeypatch.setenv("PATH", "")
+    with caplog.at_level("WARNING", logger="prfl.client.trainer"):
+        fallback = LocalTrainer(tiny_cnn, layout, x, y, TrainConfig(lr=0.1, local_steps=3), compile=True)
+    assert not fallback.forward.is_compiled
+    assert "needs a C++ compiler" in caplog.text
+    w0 = layout.flatten(tiny_cnn)
+    assert torch.equal(fallback.train(w0, np.arange(60), seed=4).weights, eager.train(w0, np.arange(60), seed=4).weights)
+
+
+def test_compiled_training_is_deterministic_and_agrees_with_eager(tiny_cnn, digits_xy):
+    from prfl.client.trainer import cxx_compiler
+
+    if cxx_compiler() is None:
+        pytest.skip("torch.compile's CPU backend needs a C++ compiler (g++ or $CXX); the fallback is tested above")
+    x, y = digits_xy
+    eager, layout = make_trainer(copy.deepcopy(tiny_cnn), x, y, lr=0.1, local_steps=3)
+    compiled = LocalTrainer(tiny_cnn, layout, x, y, TrainConfig(lr=0.1, local_steps=3), compile=True)
+    w0 = layout.flatten(tiny_cnn)
+    a = compiled.train(w0, np.arange(60), seed=4)
+    assert compiled.forward.is_compiled  # it compiled, rather than fell back
+    b = compiled.train(w0, np.arange(60), seed=4)
+    ref = eager.train(w0, np.arange(60), seed=4)
+    assert torch.equal(a.weights, b.weights)
+    assert torch.allclose(a.weights, ref.weights, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(a.weights, w0)

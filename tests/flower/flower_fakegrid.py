@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -14,12 +14,12 @@ class FakeGrid:
     """``get_node_ids`` / ``push_messages`` / ``pull_messages`` over in-process nodes.
 
     A message to a live node is handled at once by ``client_app``; its reply is returned by
-    ``pull_messages`` once ``latency`` seconds have passed. A message to a node in ``dead`` is
-    swallowed (no reply ever).
+    ``pull_messages`` once ``latency`` seconds have passed on ``clock``. A message to a node in
+    ``dead`` is swallowed (no reply ever).
     """
 
     def __init__(self, client_app: Any, run_config: dict[str, Any], node_configs: list[dict[str, Any]],
-                 latency: float = 0.0) -> None:
+                 latency: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         TaskIdentity.run_id = 1  # what Flower sets in a ServerApp process
         TaskIdentity.node_id = 1
         TaskIdentity.task_id = 1
@@ -28,6 +28,7 @@ class FakeGrid:
         self.contexts: dict[int, Context] = {}
         self.dead: set[int] = set()
         self.latency = latency
+        self.clock = clock
         self.replies: dict[str, Message] = {}
         self.ready_at: dict[str, float] = {}
         self.pushed: list[Message] = []
@@ -59,10 +60,10 @@ class FakeGrid:
             except Exception as exc:  # noqa: BLE001 - Flower turns a ClientApp exception into an error reply
                 reply = Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
             self.replies[mid] = reply
-            self.ready_at[mid] = time.monotonic() + self.latency
+            self.ready_at[mid] = self.clock() + self.latency
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        now = time.monotonic()
+        now = self.clock()
         ready = [m for m in list(message_ids) if m in self.replies and self.ready_at[m] <= now]
         return [self.replies.pop(m) for m in ready]

@@ -44,7 +44,8 @@ def _run(tmp_path: Path, extra: dict[str, Any], node_configs: list[dict[str, Any
 
 
 def test_prfl_bytes_match_accounting_and_accuracy_rises(tmp_path: Path) -> None:
-    summary, recs, _ = _run(tmp_path, {"prfl.sim.max_rounds": 8, "prfl.sim.eval_every_rounds": 2})
+    summary, recs, _ = _run(tmp_path, {"prfl.sim.max_rounds": 8, "prfl.sim.eval_every_rounds": 2,
+                                       "policy-options.prfl.initial_densities": "[1.0, 0.6, 0.3]"})
     assert summary["server_rounds"] == 8
     evals = events(recs, "eval")
     assert evals[-1]["accuracy"] > evals[0]["accuracy"] + 0.2

@@ -87,6 +87,19 @@ def _task(client: int, index: int, download: float, upload: float, duration: flo
                         bytes_up=50, density=1.0, poll=1.0, reply=0.5)
 
 
+def test_sim_tasks_take_the_observed_transfers_from_the_arrival_records() -> None:
+    """download / upload of a simulated task: own-link seconds plus that transfer's wait on the
+    server's link (link_wait_down, and the rest of link_wait), as a deployment's stamps see them."""
+    rec = {"event": "arrival", "client": 1, "task": 7, "time": 30.0, "duration": 20.0, "download": 4.0,
+           "link_wait": 3.0, "link_wait_down": 2.0, "compute": 5.0, "upload": 8.0, "bytes_down": 100,
+           "bytes_up": 50, "density": 1.0}
+    (task,) = lc.sim_tasks([{"event": "start", "time": 0.0}, rec])
+    assert (task.download, task.compute, task.upload, task.dispatched) == (6.0, 5.0, 9.0, 10.0)
+    assert task.download + task.compute + task.upload == task.duration
+    with pytest.raises(KeyError, match="link_wait_down"):
+        lc.sim_tasks([{k: v for k, v in rec.items() if k != "link_wait_down"}])
+
+
 def test_compare_pairs_tasks_by_client_and_number_and_reports_relative_errors() -> None:
     real = [_task(0, 0, 10, 20, 40), _task(0, 1, 10, 20, 40), _task(1, 0, 20, 10, 50), _task(2, 0, 5, 5, 20)]
     sim = [_task(0, 0, 9, 18, 36), _task(0, 1, 11, 20, 44), _task(1, 0, 20, 12, 50)]  # client 2 never arrived
@@ -102,9 +115,11 @@ def test_compare_pairs_tasks_by_client_and_number_and_reports_relative_errors() 
 
 
 def test_the_simulator_runs_the_experiment_as_the_deployment_did(tmp_path: Path) -> None:
-    exp = ExperimentConfig.model_validate({"sim": {"max_rounds": 5, "compute_time": "flops", "executor": "process"}})
+    exp = ExperimentConfig.model_validate({"sim": {"max_rounds": 5, "compute_time": "flops", "executor": "process",
+                                                   "accounting": "reference"}})
     cfg = lc.simulation_config(exp)
     assert cfg.sim.compute_time == "measured" and cfg.sim.piece_relay is False and cfg.sim.executor == "inline"
+    assert cfg.sim.accounting == "honest"  # a deployment moves every byte
     assert cfg.sim.max_rounds == 5 and cfg.policy == exp.policy
     app = lc.write_app(tmp_path / "app", tmp_path / "exp.yaml", tmp_path / "out", {"reply-timeout": 900.0})
     doc = tomllib.loads((app / "pyproject.toml").read_text())

@@ -1,13 +1,13 @@
 """The same ServerApp and ClientApp on Flower's Simulation Engine (Ray backend), small and CPU only.
 
-``run_simulation`` runs in a child process so that Ray's workers and state go away with it.
+``run_simulation`` runs in a child process so that Ray's workers and state go away with it; the
+child and everything it starts are ended at the end of the test, whatever ends it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -18,6 +18,8 @@ pytest.importorskip("flwr", reason="Flower is not installed: pip install 'prfl[f
 pytest.importorskip("ray", reason="Ray is not installed: pip install 'flwr[simulation]' for the Simulation Engine")
 
 from flower_support import SMALL_RUN, events, read_history
+
+from prfl.flower.processes import ManagedProcesses
 
 SCRIPT = textwrap.dedent(
     """
@@ -43,8 +45,10 @@ def test_prfl_on_the_simulation_engine(tmp_path: Path) -> None:
     defaults = {**SMALL_RUN, "out-dir": str(out), "client-delays": "0,0,0.5", "prfl.sim.max_rounds": 6,
                 "prfl.sim.eval_every_rounds": 2, "reply-timeout": 150.0}
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
-    done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(defaults)], check=False, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=480, env=env)
+    # the child and every process it starts (Ray's head and workers) end with this test, however it ends
+    with ManagedProcesses() as procs:
+        done = procs.run([sys.executable, "-c", SCRIPT, json.dumps(defaults)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=480, env=env)
     summary_path = out / "summary.json"
     assert summary_path.exists(), f"no summary; exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     summary = json.loads(summary_path.read_text())

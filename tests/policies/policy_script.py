@@ -4,11 +4,11 @@ checkpoint and stopping tests (no devices, no links: fixed task durations)."""
 from __future__ import annotations
 
 import heapq
-import io
 from typing import Any
 
 import torch
 
+from prfl.checkpoint import dumps, loads
 from prfl.client.result import TaskResult
 from prfl.policies.base import (
     Action,
@@ -77,11 +77,8 @@ def arrive(policy: Policy, task: TaskSpec, weights: Any, now: float = 0.0, num_s
 
 
 def checkpoint(policy: Policy) -> dict[str, Any]:
-    """state_dict through torch.save / torch.load(weights_only=True), as a real checkpoint."""
-    buf = io.BytesIO()
-    torch.save(policy.state_dict(), buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
+    """state_dict through the checkpoint file format (prfl.checkpoint), as a real checkpoint."""
+    return loads(dumps(policy.state_dict()))
 
 
 def comparable(actions: list[Action]) -> list[tuple]:

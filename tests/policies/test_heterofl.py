@@ -357,3 +357,16 @@ def test_simulated_rounds_end_to_end(mode: str, scaler: bool):
             sparse_bytes(math.ceil(rho * npr), npr, total) for rho in default_densities(4)[1:]
         ]
         assert summary["client_download_bytes"] == [3 * b for b in per_task]
+
+
+def test_default_levels_go_from_the_fastest_client_to_the_slowest():
+    import torch
+
+    from prfl.policies import build_policy
+    from prfl.policies.base import PolicyContext
+
+    ctx = PolicyContext(num_clients=4, num_samples=(1, 1, 1, 1), initial_weights=torch.ones(6), num_prunable=4,
+                        layer_bounds=((0, 4),), nominal_round_times=(3.0, 1.0, 4.0, 2.0))
+    pol = build_policy("heterofl", ctx, mode="mask")
+    # levels {1, .6, .3, .1} fastest first: client 1, then 3, 0, 2
+    assert pol.densities == (0.3, 1.0, 0.1, 0.6)

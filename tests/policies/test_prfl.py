@@ -29,8 +29,9 @@ def result(task, weights, n):
                       num_samples=n, mean_loss=0.0, steps=1, compute_seconds=0.0, density=task.density)
 
 
-def test_buffer_aggregation_with_poly_staleness_by_hand():
-    pol = build_policy("prfl", ctx(), window=0.0, interval=1000, recovery=False, importance=False)
+def test_buffer_aggregation_with_reaged_poly_staleness_by_hand():
+    pol = build_policy("prfl", ctx(), window=0.0, interval=1000, recovery=False, importance=False,
+                       initial_densities=1.0, staleness_mode="reaged")
     tasks = dispatches(pol.on_event(Start(0.0)))
     assert set(tasks) == {0, 1} and all(t.mask is None and t.density == 1.0 for t in tasks.values())
     # client 0 alone: one holder, staleness 0 -> its model
@@ -61,9 +62,14 @@ def test_masked_client_and_residual_bytes_by_hand():
     # it fetches values only, p0 + p1 + p2 = 8 + 8 + 8 B, and they are new on the server's link
     assert again.download_bytes == 24 and again.server_egress_bytes == 24
     pol.on_event(ResultArrived(2.0, result(tasks[1], [0, 0, 8, 8, 3, 3], 3)))
-    # weights 0, 1: only client 0 holds them -> 2; weights 2, 3: (0.5*2 + 1.5*8)/2 = 6.5;
-    # biases (0.5*1 + 1.5*3)/2 = 2.5
-    assert torch.allclose(pol.weights, torch.tensor([2.0, 2.0, 6.5, 6.5, 2.5, 2.5]))
+    # staleness frozen on arrival: client 0 arrived at round 0 from version 0 (s = 1, c = 1 * 1),
+    # client 1 at round 1 from version 0 (s = 2^-0.6, c = 3 * 2^-0.6 = 1.97926).
+    # weights 0, 1: only client 0 holds them -> 2; weights 2, 3: (1*2 + 1.97926*8) / 2.97926 = 5.98608;
+    # biases (1*1 + 1.97926*3) / 2.97926 = 2.32869
+    c1 = 3 * 2**-0.6
+    w23, bias = (2 + c1 * 8) / (1 + c1), (1 + c1 * 3) / (1 + c1)
+    assert torch.allclose(pol.weights, torch.tensor([2.0, 2.0, w23, w23, bias, bias]))
+    assert abs(w23 - 5.98608) < 1e-5 and abs(bias - 2.32869) < 1e-5
 
 
 def test_safeguard_keeps_weights_nobody_trained():
@@ -76,7 +82,8 @@ def test_safeguard_keeps_weights_nobody_trained():
 
 
 def test_window_collects_arrivals_until_its_timer():
-    pol = build_policy("prfl", ctx(), window=0.5, interval=1000, recovery=False, importance=False)
+    pol = build_policy("prfl", ctx(), window=0.5, interval=1000, recovery=False, importance=False,
+                       initial_densities=1.0)
     tasks = dispatches(pol.on_event(Start(0.0)))
     acts = pol.on_event(ResultArrived(1.0, result(tasks[0], [2, 2, 2, 2, 1, 1], 1)))
     assert acts == [SetTimer(1.5, WINDOW_TIMER)] and pol.version == 0
@@ -88,7 +95,9 @@ def test_window_collects_arrivals_until_its_timer():
 
 
 def test_density_rule_a_applied_every_interval():
-    pol = build_policy("prfl", ctx(), window=0.0, interval=2, recovery=False, importance=False)
+    # the earlier rules: rule A from a dense start, the interval in server steps, round time = task time
+    pol = build_policy("prfl", ctx(), window=0.0, interval=2, recovery=False, importance=False, density_rule="A",
+                       initial_densities=1.0, counting="server_steps", round_time="task")
     tasks = dispatches(pol.on_event(Start(0.0)))
     acts = pol.on_event(ResultArrived(2.0, result(tasks[0], [1, 2, 3, 4, 1, 1], 1)))  # round time 2
     t0 = dispatches(acts)[0]
@@ -101,7 +110,8 @@ def test_density_rule_a_applied_every_interval():
 
 
 def test_recovery_fires_on_scripted_accuracy_and_ends_training():
-    pol = build_policy("prfl", ctx(), window=0.0, interval=1000, importance=False, patience=2, delta_rho=0.2)
+    pol = build_policy("prfl", ctx(), window=0.0, interval=1000, importance=False, patience=2, delta_rho=0.2,
+                       initial_densities=1.0, recovery_arming=False, client_scores=False)
     tasks = dispatches(pol.on_event(Start(0.0)))
     best = pol.weights
     assert pol.on_event(EvaluationDone(0.0, SERVER_SCORE, 0.5, 1.0)) == []  # improvement: best checkpoint
@@ -126,7 +136,8 @@ def test_recovery_fires_on_scripted_accuracy_and_ends_training():
 
 
 def test_control_step_requests_the_server_score_of_the_buffer_average():
-    pol = build_policy("prfl", ctx(), window=0.0, interval=1, importance=False)
+    pol = build_policy("prfl", ctx(), window=0.0, interval=1, importance=False, initial_densities=1.0,
+                       client_scores=False)
     tasks = dispatches(pol.on_event(Start(0.0)))
     acts = pol.on_event(ResultArrived(1.0, result(tasks[0], [2, 2, 2, 2, 1, 1], 1)))
     evals = [a for a in acts if isinstance(a, RequestEvaluation)]
@@ -151,16 +162,19 @@ def test_uploads_carry_the_squared_gradients_of_every_prunable_weight(dtype, per
     # client 1 trains 2 of the 4 prunable weights and 2 biases: 4 * 4 B of values, plus the
     # importance of all 4 prunable weights (pruned ones included), at the chosen precision
     pol = build_policy("prfl", ctx(), window=0.0, interval=1000, recovery=False, importance_dtype=dtype,
-                       density_rule="B", initial_densities=(1.0, 0.5))
+                       density_rule="B", initial_densities=(1.0, 0.5), importance_scope="all",
+                       importance_requests="every")
     tasks = dispatches(pol.on_event(Start(0.0)))
     assert tasks[1].upload_bytes == 4 * (2 + 2) + per_value * 4
     assert tasks[0].upload_bytes == 4 * 6 + per_value * 4
     assert tasks[1].want_importance and tasks[1].importance_dtype == dtype
+    assert tasks[1].upload_importance_bytes == per_value * 4
 
 
 def test_importance_once_per_interval_asks_each_client_once_between_rebuilds():
-    pol = build_policy("prfl", ctx(), window=0.0, interval=3, recovery=False, importance_requests="interval",
-                       density_rule="B", initial_densities=(1.0, 0.5))
+    kw = dict(window=0.0, interval=3, recovery=False, importance_requests="interval", density_rule="B",
+              initial_densities=(1.0, 0.5), counting="server_steps", importance_scope="all")
+    pol = build_policy("prfl", ctx(), **kw)
     tasks = dispatches(pol.on_event(Start(0.0)))
     assert tasks[0].want_importance and tasks[1].want_importance
     assert tasks[1].upload_bytes == 4 * (2 + 2) + 4 * 4
@@ -174,8 +188,7 @@ def test_importance_once_per_interval_asks_each_client_once_between_rebuilds():
     assert any(isinstance(a, Record) and a.kind == "ranking" for a in acts)
     assert dispatches(acts)[0].want_importance  # a new interval: asked again
     # the round trip through a checkpoint keeps who was asked
-    clone = build_policy("prfl", ctx(), window=0.0, interval=3, recovery=False, importance_requests="interval",
-                         density_rule="B", initial_densities=(1.0, 0.5))
+    clone = build_policy("prfl", ctx(), **kw)
     clone.load_state_dict(pol.state_dict())
     assert clone._imp_asked == pol._imp_asked == {0}
 
@@ -247,7 +260,7 @@ def test_old_rankings_are_cut_to_the_prefixes_in_use(tmp_path):
     # only as far as its mask reaches, and the buffer's rankings only as far as its slots reach.
     # The same events on a buffer kept in a file give the same weights.
     kw = dict(window=0.0, interval=2, recovery=False, density_rule="B", initial_densities=(1.0, 0.5, 0.25),
-              buffer_storage="prefix")
+              buffer_storage="prefix", counting="server_steps", importance_scope="all", importance_average="all")
     pols = [build_policy("prfl", ctx((1, 2, 3)), **kw), build_policy("prfl", ctx((1, 2, 3)), buffer_dir=str(tmp_path), **kw)]
     for pol in pols:
         tasks = dispatches(pol.on_event(Start(0.0)))
@@ -280,3 +293,39 @@ def test_old_rankings_are_cut_to_the_prefixes_in_use(tmp_path):
 def test_buffer_dir_needs_prefix_storage(tmp_path):
     with pytest.raises(ValueError, match="buffer_storage: prefix"):
         build_policy("prfl", ctx(), buffer_dir=str(tmp_path))
+
+
+def test_staleness_frozen_on_arrival_by_hand():
+    """s_i = 1 / (tau + 1) (poly, a = 1) with tau the staleness when the update arrives, kept while
+    it sits in the buffer; the re-aged option ages every slot to the current round instead."""
+    def run(mode):
+        pol = build_policy("prfl", ctx(num_samples=(2, 3, 4)), window=0.0, interval=1000, recovery=False,
+                           importance=False, density_rule="B", initial_densities=(1.0, 1.0, 0.5), a=1.0,
+                           staleness_mode=mode)
+        tasks = dispatches(pol.on_event(Start(0.0)))
+        assert tasks[2].mask.tolist() == [False, False, True, True]  # magnitude order [3, 2, 1, 0]
+        t0 = dispatches(pol.on_event(ResultArrived(1.0, result(tasks[0], [2, 2, 2, 2, 1, 1], 2))))[0]
+        pol.on_event(ResultArrived(2.0, result(t0, [2, 2, 2, 2, 1, 1], 2)))  # from version 1 at round 1
+        assert pol.version == 2
+        pol.on_event(ResultArrived(3.0, result(tasks[1], [10, 10, 10, 10, 4, 4], 3)))  # from version 0 at round 2
+        after_3 = pol.weights.clone()
+        pol.on_event(ResultArrived(4.0, result(tasks[2], [0, 0, -6, -6, 3, 3], 4)))  # masked, from version 0 at round 3
+        return pol, after_3, pol.weights
+
+    pol, after_3, after_4 = run("frozen")
+    state = pol.buffer.state_dict()
+    assert state["clients"].tolist() == [0, 1, 2]
+    assert state["sent_round"].tolist() == [1, 0, 0] and state["arrival_round"].tolist() == [1, 2, 3]
+    # frozen: c = n s(tau at arrival) = 2 * 1/1, 3 * 1/3, 4 * 1/4 = (2, 1, 1), whatever the round
+    # round 3: weights (2*2 + 1*10) / 3 = 14/3; biases (2*1 + 1*4) / 3 = 2
+    assert torch.allclose(after_3, torch.tensor([14 / 3] * 4 + [2.0, 2.0]))
+    # round 4: weights 0, 1 (client 2 does not hold them) stay 14/3; 2, 3: (4 + 10 - 6) / 4 = 2;
+    # biases (2 + 4 + 3) / 4 = 9/4
+    assert torch.allclose(after_4, torch.tensor([14 / 3, 14 / 3, 2.0, 2.0, 9 / 4, 9 / 4]))
+
+    _, after_3, after_4 = run("reaged")
+    # re-aged at round 2: client 0 (sent at 1) s = 1/2, c = 1; client 1 (sent at 0) s = 1/3, c = 1
+    assert torch.allclose(after_3, torch.tensor([6.0] * 4 + [2.5, 2.5]))
+    # re-aged at round 3: c = (2 * 1/3, 3 * 1/4, 4 * 1/4) = (2/3, 3/4, 1); weights 0, 1:
+    # (4/3 + 30/4) / (17/12) = 106/17; 2, 3: (4/3 + 30/4 - 6) / (29/12) = 34/29; biases 80/29
+    assert torch.allclose(after_4, torch.tensor([106 / 17, 106 / 17, 34 / 29, 34 / 29, 80 / 29, 80 / 29]))

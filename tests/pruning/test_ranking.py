@@ -90,3 +90,52 @@ def test_bad_ranking_inputs():
         build_ranking(torch.ones(4), torch.ones(4), [(0, 3)])
     with pytest.raises(ValueError, match="differ"):
         build_ranking(torch.ones(4), torch.ones(3), [(0, 4)])
+    with pytest.raises(ValueError, match="NaN"):
+        build_ranking(torch.tensor([1.0, float("nan")]), torch.ones(2), [(0, 2)])
+
+
+def reference_ranking(scores, magnitudes, bounds, floor, layer_cost=None):
+    """The rule written as two stable float64 sorts (what build_ranking must reproduce)."""
+    s = scores.to(torch.float64).clone()
+    if layer_cost is not None:
+        for (a, b), c in zip(bounds, layer_cost):
+            s[a:b] /= c
+    mags = magnitudes.abs().to(torch.float64)
+    in_floor = torch.zeros(s.numel(), dtype=torch.bool)
+    for a, b in bounds:
+        k = math.ceil(floor * (b - a))
+        if k:
+            in_floor[a + torch.sort(mags[a:b], descending=True, stable=True).indices[:k]] = True
+    by_score = torch.sort(s, descending=True, stable=True).indices
+    first = in_floor[by_score]
+    return torch.cat([by_score[first], by_score[~first]]), int(in_floor.sum())
+
+
+SPECIAL = [0.0, -0.0, 1.0, -1.0, float("inf"), -float("inf"), 5e-324, -5e-324, 1e308, 3.0e38, 1e-45]
+
+
+@settings(max_examples=150, deadline=None)
+@given(layered(), st.sampled_from(["ties", "normal", "float32", "near", "special"]), st.booleans(),
+       st.sampled_from([0.0, 0.05, 0.3, 1.0]))
+def test_fast_ranking_equals_the_stable_sort_rule(spec, kind, cost, floor):
+    """Packed-key sorting gives exactly the order of the stable sorts, including ties, -0.0, infinities,
+    float64 scores that agree in their leading bits (a layer cost) and float32 magnitudes."""
+    bounds, n, seed = spec
+    g = torch.Generator().manual_seed(seed)
+    if kind == "ties":
+        s = torch.randint(0, 4, (n,), generator=g).to(torch.float64)
+    elif kind == "normal":
+        s = torch.randn(n, generator=g, dtype=torch.float64)
+    elif kind == "float32":
+        s = torch.rand(n, generator=g) ** 3
+    elif kind == "near":  # distinct float64 values sharing every bit a packed key keeps
+        base = torch.randn(4, generator=g, dtype=torch.float64)
+        s = base[torch.randint(0, 4, (n,), generator=g)] * (1 + torch.randint(-3, 4, (n,), generator=g) * 2.0**-45)
+    else:
+        s = torch.tensor(SPECIAL, dtype=torch.float64)[torch.randint(0, len(SPECIAL), (n,), generator=g)]
+    mags = torch.randn(n, generator=g) if seed % 2 else torch.randint(-2, 3, (n,), generator=g).float()
+    layer_cost = (torch.rand(len(bounds), generator=g, dtype=torch.float64) + 0.1).tolist() if cost else None
+    order, floor_count = reference_ranking(s, mags, bounds, floor, layer_cost)
+    r = build_ranking(s, mags, bounds, floor, layer_cost)
+    assert r.floor_count == floor_count
+    assert torch.equal(r.order, order)

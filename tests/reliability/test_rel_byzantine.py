@@ -69,7 +69,8 @@ def scenario() -> Scenario:
 
 
 def run(sc: Scenario, attackers: tuple[int, ...] = (), **options: Any) -> dict[str, Any]:
-    policy = build_policy("prfl", sc.policy_context(), synchronous=True, interval=20, recovery=False, **options)
+    policy = build_policy("prfl", sc.policy_context(), synchronous=True, interval=20, recovery=False,
+                          initial_densities=1.0, **options)
     executor = ByzantineExecutor(_executor(sc), attackers, sc.layout.num_prunable, FACTOR)
     history = HistoryWriter(None)
     try:

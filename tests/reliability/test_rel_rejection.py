@@ -7,7 +7,6 @@ Scripted events drive PR-FL and FedAsync by hand; one simulator run checks the p
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 from concurrent.futures import Future
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+from prfl.checkpoint import dumps, loads
 from prfl.client.result import TaskResult
 from prfl.policies import build_policy
 from prfl.policies.base import ClientIdle, Dispatch, PolicyContext, Record, ResultArrived, Start, TaskFailed
@@ -51,10 +51,8 @@ def result(task, weights, n=3, **kw) -> TaskResult:
 
 
 def roundtrip(policy):
-    buf = io.BytesIO()
-    torch.save(policy.state_dict(), buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
+    """The policy's state through a checkpoint file's format."""
+    return loads(dumps(policy.state_dict()))
 
 
 GOOD_MASKED = [0, 0, 3.5, 4.5, 1.0, 1.0]  # client 1 holds weights 2 and 3 (mask(0.5) of [1, 2, 3, 4])
@@ -185,7 +183,7 @@ def test_update_norms_are_taken_against_the_weights_each_task_started_from() -> 
     from prfl.policies.base import EvaluationDone, RequestEvaluation
 
     pol = prfl(initial_densities=(1.0, 1.0), recovery=True, interval=1, patience=1, norm_factor=100.0,
-               norm_window=50)
+               norm_window=50, recovery_arming=False, client_scores=False, counting="server_steps")
     tasks = dispatches(pol.on_event(Start(0.0)))
     acts = pol.on_event(ResultArrived(1.0, result(tasks[0], W0 + 1)))
     t2 = dispatches(acts)[0]

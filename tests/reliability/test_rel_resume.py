@@ -32,7 +32,7 @@ from typer.testing import CliRunner
 from prfl.cli import app
 from prfl.config import ConfigError
 from prfl.run import resume_run
-from prfl.sim.engine import CheckpointError, load_checkpoint, read_checkpoint, write_checkpoint
+from prfl.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, write_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -212,5 +212,5 @@ def test_checkpoints_are_written_and_read_without_a_copy_of_the_file_in_memory(t
     finally:
         tracemalloc.stop()
     assert torch.equal(back["policy"]["weights"], weights)
-    assert (tmp_path / "checkpoint.pt").stat().st_size > 32_000_000
+    assert (tmp_path / "checkpoint.pt").stat().st_size > 24_000_000  # at least the low 3 bytes of every value
     assert written < 8 * 2**20 and read < 8 * 2**20, (written, read)

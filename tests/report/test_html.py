@@ -95,3 +95,42 @@ def test_cli_report(handmade, tmp_path) -> None:
     nowhere = tmp_path / ("a-long-directory-name-that-would-not-fit-on-one-terminal-line-" * 2 + "[x]")
     bad = CliRunner().invoke(app, ["report", str(nowhere)])
     assert bad.exit_code == 2 and f"{nowhere} is not a directory" in bad.output  # one line, markup-safe
+
+
+def test_method_colours_depend_on_names_only_and_stay_apart() -> None:
+    import itertools
+
+    from prfl.report.plots import OTHER_COLORS, POLICY_COLORS, method_colors
+
+    a = method_colors(["fedasync", "prfl", "prfl-lean", "fedasync-1"])
+    b = method_colors(["prfl-lean", "fedasync-1", "prfl", "fedasync"])
+    assert a == b and a["prfl"] == POLICY_COLORS["prfl"] and len(set(a.values())) == 4
+    assert method_colors(["prfl"]) == {"prfl": "#1f77b4"}
+
+    def rgb(h: str) -> list[int]:
+        return [int(h[i:i + 2], 16) for i in (1, 3, 5)]
+
+    def blend_distance(c: list[int], d: list[int], bg: list[int]) -> float:
+        return min(max(abs(x - (k / 100 * y + (1 - k / 100) * z)) for x, y, z in zip(c, d, bg)) for k in range(101))
+
+    palette = [rgb(c) for c in [*POLICY_COLORS.values(), *OTHER_COLORS]]
+    for c, d in itertools.permutations(palette, 2):
+        for bg in ([255] * 3, [0] * 3, [176] * 3):
+            assert blend_distance(c, d, bg) > 15, (c, d, bg)  # an edge of d never passes for c
+
+
+def test_the_density_caption_names_only_the_marks_drawn(tmp_path) -> None:
+    from prfl.report.html import caption
+    from prfl.report.runset import load_runset
+
+    root = tmp_path / "root"
+    recs = make_history(EVALS["fast", 0], LOCAL_ROUNDS["fast", 0], 1e6, densities=True)
+    plain = [r for r in recs if r["event"] != "recovery"]
+    cfg = {"name": "d", "seed": 0, "policy": {"name": "prfl"}}
+    write_run(root / "with", recs, make_summary(recs, LOCAL_ROUNDS["fast", 0], 1e6, 0, "prfl"), cfg)
+    write_run(root / "without", plain, make_summary(plain, LOCAL_ROUNDS["fast", 0], 1e6, 0, "prfl"), cfg)
+    with_marks = caption("density", load_runset(root / "with"))
+    assert "red dashed lines: recovery" in with_marks and "red triangles" in with_marks
+    assert "black line" not in with_marks  # no early stop in this history
+    without = caption("density", load_runset(root / "without"))
+    assert "red" not in without and "black" not in without

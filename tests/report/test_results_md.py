@@ -85,7 +85,7 @@ def test_results_md_from_a_fixture(script, results, tmp_path) -> None:
     assert "Verdict: **PASS**" in text and "| 0.5 | 1.080 | 0.900 | 1.300 | 1.070 | yes |" in text
     assert "| inline overhead (wall / training, median) | 1.042 | <= 1.10 |" in text
     assert "| process speed-up vs inline (median) | 1.71 | - |" in text  # an older file's keys
-    assert "| flower | 90.0 | 0.690 |" in text and "Flower / prfl wall time: 3.00" in text
+    assert "| flower | 90.0 | - | 0.690 |" in text and "Flower / prfl wall time: 3.00" in text
     assert "## something else" in text and "| score | 3 |" in text
     # --check passes on the file just written and fails once a source changes
     assert script.main(["--results", str(results), "--out", str(out), "--check"]) == 0
@@ -172,3 +172,91 @@ def test_real_links_section(script) -> None:
     assert "| fedasync | 14/14 | 7.1% | 11.5% | 8.3% | 293 / 276 | -5.7% |" in text
     assert "| fedasync | 80.4 | 24.7 | 30.8 | 22.1 | 2.57 | 0.55 | -5.3% | -3.5% |" in text
     assert "`benchmarks/results/real_links.png`" in text
+
+
+def test_fuzz_section(script) -> None:
+    text = "\n".join(script.fuzz_section({
+        "sequences": 30, "failed": 1, "commit": "abc1234",
+        "policies": {"prfl": {"sequences": 10, "steps": 60, "failed": 1, "failures": [{"seed": 7, "error": "x"}],
+                              "seconds": 12.4},
+                     "fedavg": {"sequences": 10, "steps": 60, "failed": 0, "failures": [], "seconds": 3.0}},
+        "flower_driver": {"sequences": 10, "failed": 0, "failures": [], "seconds": 40.2},
+    }, "fuzz.json"))
+    assert "| prfl | 10 | 60 | 1 | 7 | 12 |" in text and "| fedavg | 10 | 60 | 0 | - | 3 |" in text
+    assert "| Flower driver | 10 | - | 0 | - | 40 |" in text and "30 sequences in all, 1 failed" in text
+def test_flower_and_training_step_sections(script) -> None:
+    flower = "\n".join(script.flower_section({
+        "runs": {"prfl-process": {"wall": 20.0, "final_accuracy": 0.7, "walls": [19.0, 20.0, 25.0]},
+                 "plain-loop": {"wall": 30.0, "final_accuracy": 0.7}, "flower": {"wall": 90.0, "final_accuracy": 0.69}},
+        "wall_ratio_flower_over_prfl_process": 4.5, "wall_ratio_flower_over_plain_loop": 3.0,
+        "wall_ratio_plain_loop_over_prfl_process": 1.5, "goal_flower_over_prfl": 5.0,
+        "median_cpu_seconds": {"prfl-process": 30.0}, "flower_cpu_seconds_undercounted": True,
+    }, "flower_sim.json"))
+    assert "| prfl-process | 20.0 | 30.0 | 0.700 | 19.0, 20.0, 25.0 |" in flower
+    assert "Flower's CPU seconds miss Ray's daemonised processes: a lower bound" in flower
+    assert "4.50 against prfl's process pool" in flower and "3.00 against the plain PyTorch loop" in flower
+    assert "Plain loop / prfl process pool: 1.50" in flower and "Goal: Flower / prfl >= 5" in flower
+    step = "\n".join(script.train_step_section({
+        "reference": "per-parameter",
+        "tasks": {"per-parameter": {"median_wall_s": 0.2, "median_cpu_s": 0.15, "paired_cpu_ratio": 1.0,
+                                    "paired_wall_ratio": 1.0, "bit_identical_to_per_parameter": True, "max_abs_diff": 0.0},
+                  "compiled": {"median_wall_s": 0.25, "median_cpu_s": 0.19, "paired_cpu_ratio": 1.25,
+                               "paired_wall_ratio": 1.3, "bit_identical_to_per_parameter": False, "max_abs_diff": 1.5e-8}},
+        "notes": {"compiled": {"compiler": "/usr/bin/g++", "first_task_seconds": 40.0}},
+        "evaluation": [{"mode": "no_grad", "batch_size": 1000, "median_cpu_s": 0.9, "accuracy": 0.1}],
+        "process_pool": {"slots": {"median_wall_per_task_s": 0.02, "median_cpu_per_task_s": 0.03, "startup_s": 4.0},
+                         "workers": 2, "rounds": 8, "tasks_per_round": 10},
+    }, "train_step.json"))
+    assert "| per-parameter | 200.0 | 150.0 | 1.000 | 1.000 | yes |" in step
+    assert "| compiled | 250.0 | 190.0 | 1.250 | 1.300 | 1.5e-08 |" in step
+    assert "compiled: compiler /usr/bin/g++, first_task_seconds 40.0." in step
+    assert "| no_grad | 1000 | 0.900 | 0.1000 |" in step and "| slots | 20.0 | 30.0 | 4.0 |" in step
+def _record(group: str, method: str, seed: int, cross: float, end: float = 600.0) -> dict:
+    """A compact record whose accuracy jumps from 0.5 to 0.9 at the first 60 s step >= ``cross``."""
+    times = [float(t) for t in range(0, int(end) + 1, 60)]
+    accs = [0.9 if t >= cross else 0.5 for t in times]
+    return {"cell": {"group": group, "method": method, "seed": seed}, "evals": {"time": times, "accuracy": accs},
+            "summary": {"virtual_seconds": end, "final_accuracy": accs[-1], "best_accuracy": max(accs),
+                        "server_rounds": 100, "local_rounds": [10, 5], "server_egress_bytes": 2e9,
+                        "server_ingress_bytes": 1e9},
+            "arrivals": {"count": [10, 5], "mean_seconds": {p: [1.0, 2.0] for p in
+                                                            ("download", "link_wait", "compute", "upload", "duration")}},
+            "slow_clients": [1], "timing_missing": []}
+
+
+def test_headline_section(script, results, tmp_path) -> None:
+    head = results / "headline"
+    planned = []
+    for group, crosses in (("honest/paper10/dirichlet", {"prfl": 120, "fedasync-a0.3-poly": 480, "fedasync-a0.6-poly": 360}),
+                           ("honest/allfast/dirichlet", {"prfl": 60, "fedasync-a0.6-poly": 180})):
+        for method, cross in crosses.items():
+            for seed in (0, 1):
+                p = head / "records" / group / method / f"seed{seed}.json"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_text(json.dumps(_record(group, method, seed, cross)), encoding="utf-8")
+                planned.append({"group": group, "method": method, "seed": seed, "status": "done"})
+    planned.append({"group": "reference/paper10/dirichlet", "method": "prfl", "seed": 0, "status": "unavailable",
+                    "reason": "sim.accounting is not in this build"})
+    (head / "manifest.json").write_text(json.dumps({
+        "updated": "2026-01-01T00:00:00+00:00", "command": "python benchmarks/headline.py run",
+        "settings": {"targets": [0.8], "seeds": [0, 1], "max_time": 600, "eval_every_seconds": 60,
+                     "base_overrides": ["data.dataset=fashion-mnist", "model.name=conv2", "data.num_clients=10"]},
+        "cells": planned}), encoding="utf-8")
+    out = tmp_path / "docs" / "RESULTS.md"
+    assert script.main(["--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "10 of 11 planned cells are done" in text and "Fashion-MNIST, conv2, 10 clients; 600 virtual s" in text
+    # the headline comes before the 3,000 s tables
+    assert text.index("## Headline") < text.index("## Time to accuracy")
+    best = table_row(text, "fedasync (best per target)", "### honest/paper10/dirichlet")
+    assert best[2] == "360 ± 0 [a0.6-poly; 2/2 configs]"
+    prfl = table_row(text, "prfl", "### honest/paper10/dirichlet")
+    assert prfl[2:4] == ["120 ± 0", "3.00x"]
+    cost = table_row(text, "prfl", "Costs and where")
+    assert cost[2:] == ["100 ± 0", "2.00 ± 0.00", "2.00 ± 0.00", "1.00 ± 0.00", "20.0 ± 0.0",
+                        "2.0 + 2.0 + 2.0 + 2.0 + 118.0 = 120.0"]
+    limit = table_row(text, "prfl", "against its all-fast limit")
+    assert limit[1:] == ["120 ± 0", "60 ± 0", "2.00"]
+    assert "| reference/paper10/dirichlet | prfl | 0 | unavailable: sim.accounting is not in this build |" in text
+    assert (out.parent / "figures" / "headline-honest-paper10-dirichlet.png").is_file()
+    assert script.main(["--results", str(results), "--out", str(out), "--check"]) == 0

@@ -90,7 +90,7 @@ def test_write_outputs_writes_tables_plots_and_summary(handmade) -> None:
         assert (handmade / "tables" / name).is_file(), name
         assert f"tables/{name}" in written
     md = (handmade / "results.md").read_text(encoding="utf-8")
-    assert "## Time to accuracy against slow" in md and "![Accuracy against virtual time](plots/accuracy.png)" in md
+    assert "## Time to accuracy against slow" in md and "![Accuracy against time](plots/accuracy.png)" in md
     summary = json.loads((handmade / "summary.json").read_text(encoding="utf-8"))
     fast = next(m for m in summary["methods"] if m["method"] == "fast")
     assert fast["time_to_accuracy"]["0.5"]["mean"] == 15.0 and fast["time_to_accuracy"]["0.5"]["speedup"] == 3.0

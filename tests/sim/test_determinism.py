@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -55,17 +56,19 @@ def run_with(sc: Scenario, executor: Any) -> tuple[list[dict[str, Any]], torch.T
 
 @pytest.fixture(scope="module")
 def process_executor():
-    """One pool of two spawned workers, shared by both policies (their WorkerSpec is the same)."""
+    """One pool of two spawned workers, shared by both policies (their WorkerSpec is the same).
+    The workers map the caller's training data, as in ``prfl run``."""
     sc = build_scenario(config())
-    ex = make_executor("process", sc.worker_spec, workers=2)
+    ex = make_executor("process", sc.worker_spec, workers=2, dataset=sc.dataset)
     yield ex, sc.worker_spec
     ex.close()
 
 
-@pytest.mark.parametrize("policy", ["fedasync", "fedavg"])
-def test_inline_and_process_executors_agree_bit_for_bit(policy: str, process_executor) -> None:
-    sc_inline = build_scenario(config(f"policy.name={policy}", "sim.executor=inline"))
-    sc_proc = build_scenario(config(f"policy.name={policy}", "sim.executor=process", "sim.workers=2"))
+@pytest.mark.parametrize("policy, accounting", [("fedasync", "honest"), ("fedavg", "honest"), ("fedasync", "reference")])
+def test_inline_and_process_executors_agree_bit_for_bit(policy: str, accounting: str, process_executor) -> None:
+    acc = f"sim.accounting={accounting}"
+    sc_inline = build_scenario(config(f"policy.name={policy}", "sim.executor=inline", acc))
+    sc_proc = build_scenario(config(f"policy.name={policy}", "sim.executor=process", "sim.workers=2", acc))
     pool, pool_spec = process_executor
     # neither the executor choice nor the policy enters what the workers build
     assert sc_proc.worker_spec == sc_inline.worker_spec == pool_spec
@@ -77,7 +80,11 @@ def test_inline_and_process_executors_agree_bit_for_bit(policy: str, process_exe
     assert sum_a["server_rounds"] == 30 and sum_a["stopped"] == "reached max_rounds=30"
     arrivals = [r for r in rec_a if r["event"] == "arrival"]
     assert len(arrivals) >= 30
-    if policy == "fedasync":  # the scenario really is asynchronous: some results are stale
+    if accounting == "reference":  # one arrival per server step; results wait for theirs, so go stale
+        updates = [r for r in rec_a if r["event"] == "server_update"]
+        assert all(len(r["clients"]) == 1 for r in updates) and any(r["staleness"][0] > 0 for r in updates)
+        assert {r["bytes_down"] for r in arrivals} == {20 * 2368 + 4 * 42}  # hidden 32: N = 2,368, M = 42
+    elif policy == "fedasync":  # the scenario really is asynchronous: some results are stale
         assert any(r["staleness"] > 0 for r in arrivals)
 
     # Every history record is equal, floats included (times, train_loss, FLOP-based compute,
@@ -159,7 +166,7 @@ def test_fedavg_with_one_client_is_plain_sgd() -> None:
 
 def test_ray_executor_agrees_with_inline_bit_for_bit() -> None:
     pytest.importorskip("ray", reason="Ray is installed with the flower extra (pip install 'prfl[flower]')")
-    sc = build_scenario(config("policy.name=prfl", "policy.options={interval: 5}"))
+    sc = build_scenario(config("policy.name=prfl", "policy.options={interval: 5, window: 0.0}"))
     inline = make_executor("inline", sc.worker_spec, dataset=sc.dataset)
     rec_a, w_a, _ = run_with(sc, inline)
     ray_ex = make_executor("ray", sc.worker_spec, workers=2)
@@ -231,3 +238,59 @@ def test_packed_and_spilled_jobs_train_exactly_like_full_ones(tmp_path) -> None:
     full = packed.unpacked_weights(w.numel())
     assert torch.equal(full[: mask.numel()][mask], w[: mask.numel()][mask]) and torch.equal(full[mask.numel():], w[mask.numel():])
     assert not bool(full[: mask.numel()][~mask].any())
+
+
+def test_process_pool_output_slots_change_no_bit(tmp_path) -> None:
+    """Workers train into shared output slots (PR-FL's importance scores travel in slots too);
+    with slots off, results travel as pickled tensors; without the caller's data set, workers
+    load their own. All three give the inline history, and closing the pool removes the slots."""
+    from prfl.sim.executors import ProcessPoolExecutorAdapter
+
+    extra = ("policy.name=prfl",
+             "policy.options={interval: 4, counting: server_steps, round_time: task, time_basis: dense, density_rule: B, "
+             "initial_densities: [1.0, 0.5, 0.3, 0.1]}",
+             "sim.max_rounds=12")
+    sc = build_scenario(config(*extra))
+    rec_a, w_a, _ = run_with(sc, make_executor("inline", sc.worker_spec, dataset=sc.dataset))
+    for kwargs in ({"dataset": sc.dataset, "slots": True}, {"dataset": sc.dataset, "slots": False}, {"slots": True}):
+        pool = ProcessPoolExecutorAdapter(sc.worker_spec, workers=2, **kwargs)
+        slot_dir = pool._slot_dir
+        try:
+            rec_b, w_b, _ = run_with(sc, pool)
+            if kwargs["slots"]:
+                assert slot_dir is not None and len(os.listdir(slot_dir)) >= 2  # the workers made and used slots
+        finally:
+            pool.close()
+        assert rec_a == rec_b and torch.equal(w_a, w_b), f"differs with {sorted(kwargs)}"
+        assert slot_dir is None or not os.path.exists(slot_dir)
+    assert any(r["event"] == "densities" for r in rec_a)  # importance-driven density control ran
+
+
+def test_output_slots_hand_values_over_and_fall_back_when_none_is_free(tmp_path) -> None:
+    """The slot protocol in one process: a worker takes a slot, the caller copies the values
+    out and frees it; past its own quota with none free, a worker gets no slot and its tensor
+    goes back as it is."""
+    import queue as queue_mod
+
+    from prfl.sim.executors import _OutputSlots, _SlotRef
+
+    free: queue_mod.Queue[str] = queue_mod.Queue()
+    worker = _OutputSlots(str(tmp_path), free, per_worker=2)
+    worker.capacity = 10
+    caller = _OutputSlots(str(tmp_path), free, per_worker=2)
+    a = worker.give(torch.arange(10, dtype=torch.float32))
+    b = worker.give(torch.arange(4, dtype=torch.float32) + 100)  # a smaller tensor uses a slot's prefix
+    assert isinstance(a, _SlotRef) and isinstance(b, _SlotRef) and a.name != b.name
+    spare = torch.ones(3)
+    assert worker.give(spare) is spare  # quota reached, nothing free: no slot
+    got_a = caller.receive(a)
+    assert torch.equal(got_a, torch.arange(10, dtype=torch.float32))
+    assert free.qsize() == 1  # a's slot is free again
+    reused = worker.give(torch.full((7,), 5.0))
+    assert isinstance(reused, _SlotRef) and reused.name == a.name
+    assert torch.equal(got_a, torch.arange(10, dtype=torch.float32))  # the copy out is the caller's own
+    assert torch.equal(caller.receive(b), torch.arange(4, dtype=torch.float32) + 100)
+    assert worker.take(11) is None and free.qsize() == 1  # the free slot is too small: put back
+    too_big = _OutputSlots(str(tmp_path), queue_mod.Queue(), per_worker=1)
+    too_big.capacity = 10
+    assert too_big.take(11) is None  # larger than any slot it may make

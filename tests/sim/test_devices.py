@@ -302,3 +302,17 @@ def test_fleet_summary() -> None:
     long = fleet_summary(make_fleet("lognormal", 100), max_rows=5)
     assert "(95 more)" in long and "median" in long
     assert "unlimited" in fleet_summary(Fleet((DeviceProfile(1, 1, 1),), UNLIMITED_SERVER))
+
+
+def test_paper10_fastest_links() -> None:
+    """links="fastest": every client gets client 0's links; compute and the server stay the paper's."""
+    paper = make_fleet("paper10", 20)
+    fast = make_fleet("paper10", 20, links="fastest")
+    assert {(c.down_bps, c.up_bps) for c in fast.clients} == {(20 * MB, 5 * MB)}
+    assert [c.compute_flops for c in fast.clients] == [c.compute_flops for c in paper.clients]
+    assert fast.server == paper.server
+    assert make_fleet("paper10", 10, links="paper") == make_fleet("paper10", 10)
+    with pytest.raises(FleetError, match="'links' must be one of 'paper', 'fastest'"):
+        make_fleet("paper10", 10, links="fast")
+    with pytest.raises(FleetError, match="'links'"):
+        make_fleet("uniform", 10, links="fastest")

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
+from prfl.checkpoint import read_checkpoint
 from prfl.cli import app
 from prfl.config import load_config
 from prfl.run import build_scenario, resume_run, run_policy
@@ -140,7 +140,7 @@ def resumed_run(cli_run, tmp_path_factory) -> tuple[Path, dict[str, Any]]:
         run_policy(sc, out_dir=run_dir, on_progress=kill)
     # the state a killed run leaves behind
     assert not (run_dir / "summary.json").exists()
-    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    state = read_checkpoint(run_dir / "checkpoint.pt")
     assert state["policy"]["version"] == 90
     written = list(read_history(run_dir / "history.jsonl"))
     assert max(r["round"] for r in written) >= KILL_AT_ROUND  # records past the checkpoint

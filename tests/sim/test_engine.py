@@ -45,7 +45,7 @@ from prfl.policies.base import (
 from prfl.sim.devices import DeviceProfile, Fleet, ServerProfile
 from prfl.sim.engine import SimSettings, Simulation
 from prfl.sim.executors import InlineExecutor, WorkerSpec
-from prfl.sim.history import HistoryWriter
+from prfl.sim.history import HistoryWriter, observed_transfers
 
 REL = 1e-9
 STEP_FLOPS = 50.0
@@ -116,9 +116,11 @@ class Scripted(Policy):
         timers: tuple[SetTimer, ...] = (),
         on_timer: dict[str, list[Action]] | None = None,
         egress: dict[int, int] | None = None,
+        upload_parts: dict[int, tuple[int, int]] | None = None,
     ) -> None:
         super().__init__(ctx)
         self.egress = egress or {}
+        self.upload_parts = upload_parts or {}  # client -> (index, importance) bytes of its upload
         self.stop_after = stop_after
         self.start_clients = start_clients
         self.redispatch = redispatch
@@ -141,6 +143,8 @@ class Scripted(Policy):
             download_bytes=DOWN[client],
             upload_bytes=UP[client],
             server_egress_bytes=self.egress.get(client),
+            upload_index_bytes=self.upload_parts.get(client, (0, 0))[0],
+            upload_importance_bytes=self.upload_parts.get(client, (0, 0))[1],
         )
         self.dispatched[spec.task_id] = spec
         return Dispatch(spec)
@@ -257,8 +261,9 @@ def test_shared_server_link_hand_computed_times(executor, initial_weights) -> No
     assert [r["time"] for r in arrivals] == [approx(11.6), approx(13.6)]
     assert [r["duration"] for r in arrivals] == [approx(11.6), approx(13.6)]  # both dispatched at 0
     assert [r["compute"] for r in arrivals] == [approx(1.0), approx(4.0)]
-    assert [r["download"] for r in arrivals] == [approx(4.0), approx(6.0)]
-    assert [r["upload"] for r in arrivals] == [approx(11.6 - 5.0), approx(13.6 - 10.0)]
+    # the transfers as observed on the clock (own link + wait on the server's link)
+    assert [observed_transfers(r) for r in arrivals] == [(approx(4.0), approx(11.6 - 5.0)),
+                                                         (approx(6.0), approx(13.6 - 10.0))]
     assert [(r["bytes_down"], r["bytes_up"]) for r in arrivals] == [(20, 24), (32, 10)]
     # step_flops is asked for the task's mask, batch size min(batch_size, client samples), width
     assert sim.flops_calls == [(None, 10, 1.0), (None, 10, 1.0)]  # type: ignore[attr-defined]
@@ -497,7 +502,7 @@ def test_without_piece_relay_every_downloaded_byte_crosses_the_shared_uplink(exe
                    settings=SimSettings(eval_every_rounds=None, piece_relay=False))
     summary = sim.run()
     assert sim.policy.arrivals == [(approx(11.6), 0), (approx(13.6), 1)]
-    assert [r["download"] for r in records(sim, "arrival")] == [approx(4.0), approx(6.0)]
+    assert [observed_transfers(r)[0] for r in records(sim, "arrival")] == [approx(4.0), approx(6.0)]
     assert summary["server_egress_bytes"] == 20 + 32
 
 
@@ -516,3 +521,80 @@ def test_published_pieces_are_relayed_at_the_clients_own_speed(executor, initial
     assert sim.policy.arrivals == [(approx(10.8), 0), (approx(10.8 + 22 / 9), 1)]
     assert summary["server_egress_bytes"] == 20 + 12
     assert summary["client_download_bytes"] == [20, 32]
+
+
+# ---------------------------------------------------------------------------- where the time goes
+def test_arrivals_split_their_time_into_download_link_wait_compute_upload(executor, initial_weights) -> None:
+    # The first scenario (see test_shared_server_link_hand_computed_times), split by hand:
+    #   client 0: download 20 B at its own 8 B/s = 2.5 s, observed 4 s -> waited 1.5 s;
+    #             compute 1 s; upload 24 B at its own 4 B/s = 6 s, observed 5 -> 11.6 = 6.6 s
+    #             -> waited 0.6 s. link_wait = 2.1; 2.5 + 2.1 + 1 + 6 = 11.6 = duration.
+    #   client 1: download 32/6 = 16/3 s, observed 6 -> waited 2/3; compute 4 s; upload
+    #             10/3 s, observed 10 -> 13.6 = 3.6 -> waited 0.6 - 1/3 = 4/15.
+    #             link_wait = 2/3 + 4/15 = 14/15; 16/3 + 14/15 + 4 + 10/3 = 13.6.
+    sim = make_sim(executor, initial_weights, upload_parts={0: (4, 6), 1: (0, 3)})
+    summary = sim.run()
+    a0, a1 = records(sim, "arrival")
+    assert (a0["download"], a0["link_wait"], a0["compute"], a0["upload"]) == (approx(2.5), approx(2.1), approx(1.0), approx(6.0))
+    assert (a1["download"], a1["link_wait"], a1["compute"], a1["upload"]) == (
+        approx(16 / 3), approx(14 / 15), approx(4.0), approx(10 / 3))
+    for a in (a0, a1):
+        assert a["download"] + a["link_wait"] + a["compute"] + a["upload"] == approx(a["duration"])
+    # the download's part of the wait: 1.5 s and 2/3 s; the observed transfers follow
+    assert [a["link_wait_down"] for a in (a0, a1)] == [approx(1.5), approx(2 / 3)]
+    assert [observed_transfers(a) for a in (a0, a1)] == [(approx(4.0), approx(6.6)), (approx(6.0), approx(3.6))]
+    # upload parts: client 0 sent 24 B = 14 values + 4 index + 6 importance; client 1 10 = 7 + 0 + 3
+    assert [(a["bytes_up_values"], a["bytes_up_index"], a["bytes_up_importance"]) for a in (a0, a1)] == [(14, 4, 6), (7, 0, 3)]
+    assert [a["bytes_up"] for a in (a0, a1)] == [24, 10]  # honest: every byte is charged
+    assert summary["accounting"] == "honest"
+    assert summary["upload_bytes_split"] == {"values": 21, "index": 4, "importance": 9}
+    br = summary["round_time_breakdown"]
+    assert br["download"] == [approx(2.5), approx(16 / 3)] and br["link_wait"] == [approx(2.1), approx(14 / 15)]
+    assert br["compute"] == [approx(1.0), approx(4.0)] and br["upload"] == [approx(6.0), approx(10 / 3)]
+
+
+def test_a_client_alone_on_a_fast_server_waits_for_nothing(executor, initial_weights) -> None:
+    fleet = two_client_fleet(server_up=1e6, server_down=1e6)
+    sim = make_sim(executor, initial_weights, fleet=fleet, start_clients=(0,), stop_after=1)
+    sim.run()
+    (a,) = records(sim, "arrival")
+    # 20 B at 8 B/s, 1 s compute, 24 B at 4 B/s: 2.5 + 1 + 6 = 9.5, nothing waited
+    assert (a["download"], a["link_wait"], a["compute"], a["upload"], a["duration"]) == (
+        approx(2.5), approx(0.0), approx(1.0), approx(6.0), approx(9.5))
+
+
+# ---------------------------------------------------------------------------- reference accounting
+def test_reference_accounting_by_hand(executor, initial_weights) -> None:
+    # The digits MLP (hidden 8): N = 592 prunable weights, M = 18 biases. Reference download of a
+    # dense task: 592 * 20 + 18 * 4 = 11,912 B, whatever the task's own download_bytes say.
+    # Fleet: server up 10,000 B/s, down 10,000 B/s; client 0 (100 FLOP/s, down 8,000, up 4,000),
+    # client 1 (25 FLOP/s, down 6,000, up 3,000).
+    #   Both tasks start from version 0: the step's model crosses the uplink once. Client 0 pushes
+    #   it at min(8,000, 10,000) = 8,000 B/s -> 1.489 s; client 1 gets it relayed at its own
+    #   6,000 B/s -> 11,912 / 6,000 = 1.985333 s.
+    #   Compute: the same for both, 2 steps * 50 FLOPs of the dense model at the fastest device's
+    #   100 FLOP/s = 1 s (client 1 would take 4 s under honest accounting).
+    #   Uploads: values only. Client 0: 24 - 4 index - 6 importance = 14 B at 4,000 B/s = 0.0035 s
+    #   -> 2.4925; client 1: 10 - 3 importance = 7 B at 3,000 B/s -> 2.985333 + 7/3,000.
+    fleet = Fleet(
+        clients=(DeviceProfile(compute_flops=100.0, down_bps=8000.0, up_bps=4000.0, sigma=0.0),
+                 DeviceProfile(compute_flops=25.0, down_bps=6000.0, up_bps=3000.0, sigma=0.0)),
+        server=ServerProfile(down_bps=10_000.0, up_bps=10_000.0, sigma=0.0),
+    )
+    sim = make_sim(executor, initial_weights, fleet=fleet, upload_parts={0: (4, 6), 1: (0, 3)},
+                   settings=SimSettings(eval_every_rounds=None, accounting="reference"))
+    summary = sim.run()
+    d = 592 * 20 + 18 * 4
+    assert d == 11_912
+    assert sim.policy.arrivals == [(approx(d / 8000 + 1 + 14 / 4000), 0), (approx(d / 6000 + 1 + 7 / 3000), 1)]
+    a0, a1 = records(sim, "arrival")
+    assert [a["compute"] for a in (a0, a1)] == [approx(1.0), approx(1.0)]
+    assert sim.flops_calls == [(None, 10, 1.0), (None, 10, 1.0)]  # type: ignore[attr-defined]
+    assert [(a["bytes_down"], a["bytes_up"]) for a in (a0, a1)] == [(d, 14), (d, 7)]
+    assert [a["link_wait"] for a in (a0, a1)] == [approx(0.0), approx(0.0)]
+    assert summary["accounting"] == "reference"
+    assert summary["server_egress_bytes"] == d  # once per step, not once per client
+    assert summary["client_download_bytes"] == [d, d]
+    assert summary["server_ingress_bytes"] == 14 + 7
+    # what the uploads held is recorded as sent; only the values were charged
+    assert summary["upload_bytes_split"] == {"values": 21, "index": 4, "importance": 9}

@@ -33,6 +33,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from prfl.distribution import PackedIndex, PieceId, unpack_bits
 from prfl.pruning.ranking import IMPORTANCE_BYTES, importance_for_upload
 
+IMPORTANCE_SCOPES = ("all", "kept")
+
 RAW = "raw"
 """``Array.stype`` of a headerless little-endian buffer."""
 
@@ -149,6 +151,7 @@ class TaskMessage:
     total: int
     num_prunable: int
     importance_dtype: str = "float32"  # precision of the importance scores in the result
+    importance_scope: str = "all"  # "kept": scores of the kept weights only, in mask order
     split: int = -1
     structure: int = -1  # the split's structure (ranking and levels): piece positions are keyed by it
     needed: tuple[int, ...] = ()  # piece indices 0..j of split ``split`` (kind == pieces)
@@ -175,6 +178,7 @@ def encode_task(
     num_prunable: int,
     arrays: dict[str, Array],
     importance_dtype: str = "float32",
+    importance_scope: str = "all",
     split: int = -1,
     structure: int = -1,
     needed: tuple[int, ...] = (),
@@ -190,6 +194,7 @@ def encode_task(
         "width": float(width),
         "want-importance": bool(want_importance),
         "importance-dtype": str(importance_dtype),
+        "importance-scope": str(importance_scope),
         "seed": int(seed),
         "kind": kind,
         "total": int(total),
@@ -214,6 +219,9 @@ def decode_task(content: RecordDict) -> TaskMessage:
     imp_dtype = str(c["importance-dtype"]) if "importance-dtype" in c else "float32"
     if imp_dtype not in IMPORTANCE_BYTES:
         raise ValueError(f"unknown importance dtype {imp_dtype!r}: expected one of {sorted(IMPORTANCE_BYTES)}")
+    imp_scope = str(c["importance-scope"]) if "importance-scope" in c else "all"
+    if imp_scope not in IMPORTANCE_SCOPES:
+        raise ValueError(f"unknown importance scope {imp_scope!r}: expected one of {list(IMPORTANCE_SCOPES)}")
     return TaskMessage(
         task_id=int(c["task-id"]),
         client=int(c["client"]),
@@ -223,6 +231,7 @@ def decode_task(content: RecordDict) -> TaskMessage:
         width=float(c["width"]),
         want_importance=bool(c["want-importance"]),
         importance_dtype=imp_dtype,
+        importance_scope=imp_scope,
         seed=int(c["seed"]),
         kind=kind,
         total=int(c["total"]),
@@ -317,6 +326,8 @@ def encode_result(
     update = payload_bytes(ArrayRecord(array_dict=dict(arrays)))
     importance = 0
     if grad_sq is not None:
+        if task.importance_scope == "kept" and mask is not None:
+            grad_sq = grad_sq[mask.nonzero().view(-1)]  # the server knows the mask: values only
         arrays["grad_sq"] = importance_array(grad_sq, task.importance_dtype)
         importance = len(arrays["grad_sq"].data)
     cfg = ConfigRecord(
@@ -394,9 +405,10 @@ def _float32(msg: ResultMessage, name: str) -> np.ndarray:
 
 
 def result_weights(
-    msg: ResultMessage, mask: torch.Tensor | None, total: int, num_prunable: int
+    msg: ResultMessage, mask: torch.Tensor | None, total: int, num_prunable: int, importance_scope: str = "all"
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(weights, grad_sq)`` of a result, given the mask its task was sent with."""
+    """``(weights, grad_sq)`` of a result, given the mask its task was sent with (and whether its
+    importance scores cover the kept weights only, in mask order, or every prunable weight)."""
     if mask is None:
         if "weights" not in msg.arrays:
             raise ValueError(f"result of task {msg.task_id}: a dense task must return 'weights'")
@@ -419,7 +431,15 @@ def result_weights(
     grad_sq = None
     if "grad_sq" in msg.arrays:
         grad_sq = torch.from_numpy(importance_values(msg.arrays["grad_sq"]))
-        if grad_sq.numel() != num_prunable:
+        if importance_scope == "kept" and mask is not None:
+            pos = mask.nonzero().view(-1)
+            if grad_sq.numel() != pos.numel():
+                raise ValueError(f"result of task {msg.task_id} has {grad_sq.numel()} importance values, expected "
+                                 f"{pos.numel()} (one per kept weight)")
+            full = torch.zeros(num_prunable, dtype=torch.float32)
+            full[pos] = grad_sq
+            grad_sq = full
+        elif grad_sq.numel() != num_prunable:
             raise ValueError(f"result of task {msg.task_id} has {grad_sq.numel()} importance values, expected {num_prunable}")
     return weights, grad_sq
 
@@ -442,16 +462,21 @@ def encode_node(partition_id: int, num_partitions: int, delay_seconds: float, ca
 
 
 def decode_node(content: RecordDict) -> dict[str, Any]:
-    """Inverse of :func:`encode_node`."""
+    """Inverse of :func:`encode_node`; anything else raises ValueError saying what is wrong."""
     if NODE not in content:
         raise ValueError(f"a describe reply needs record {NODE!r}, got {sorted(content)}")
     c = content[NODE]
-    return {
-        "partition_id": int(c["partition-id"]),
-        "num_partitions": int(c["num-partitions"]),
-        "delay_seconds": float(c["delay-seconds"]),
-        "cached_pieces": int(c["cached-pieces"]),
-    }
+    try:
+        return {
+            "partition_id": int(c["partition-id"]),
+            "num_partitions": int(c["num-partitions"]),
+            "delay_seconds": float(c["delay-seconds"]),
+            "cached_pieces": int(c["cached-pieces"]),
+        }
+    except KeyError as exc:
+        raise ValueError(f"a describe reply lacks the field {exc.args[0]!r}") from None
+    except (TypeError, ValueError, OverflowError, AttributeError) as exc:
+        raise ValueError(f"a describe reply has a field of the wrong type ({exc})") from None
 
 
 # --------------------------------------------------------------------------- notices

@@ -56,7 +56,7 @@ from prfl.policies.base import (
     TimerFired,
 )
 from prfl.seeding import int_seed
-from prfl.sim.engine import write_checkpoint
+from prfl.checkpoint import write_checkpoint
 from prfl.sim.history import HistoryWriter
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ class FlowerDriver:
         self.next_eval_time = state["next_eval_time"]
         self.last_eval_version = state["last_eval_version"]
         self._last_ckpt_version = self.policy.version
-        self._resume = state
+        self._resume = {"now": float(state["now"])}  # not the state: the policy holds what it needs of it
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint.pt`` in the checkpoint directory atomically (previous one kept)."""
@@ -467,7 +467,7 @@ class FlowerDriver:
         common = {
             "task_id": spec.task_id, "client": spec.client, "num_clients": self.num_clients, "version": spec.version,
             "density": spec.density, "width": spec.width, "want_importance": spec.want_importance,
-            "importance_dtype": spec.importance_dtype,
+            "importance_dtype": spec.importance_dtype, "importance_scope": spec.importance_scope,
             "seed": int_seed(self.seed, "train", spec.client, spec.task_id),
         }
         plan = residual_plan(self.policy, spec) if spec.width == 1.0 else None
@@ -504,7 +504,10 @@ class FlowerDriver:
         return ids[0]
 
     def _fail_now(self, client: int, task_id: int, reason: str) -> None:
-        """A dispatch that cannot leave: it fails at the next tick (as the simulator does)."""
+        """A dispatch that cannot leave: it fails at the next tick (as the simulator does). The
+        client counts as offline for the policy from now on, so that a node joining for it before
+        the failure is delivered announces it back (ClientIdle after the TaskFailed)."""
+        self.policy_online[client] = False
         self.failures[client] += 1
         self.history.write("task_failed", time=self.now(), round=self.policy.version, client=client, task=task_id,
                            reason=reason)
@@ -565,7 +568,8 @@ class FlowerDriver:
             if res.task_id != spec.task_id or res.client != c:
                 raise codec.MalformedResult(
                     f"reply to task {spec.task_id} (client {c}) names task {res.task_id} (client {res.client})")
-            weights, grad_sq = codec.result_weights(res, entry.mask, spec.weights.numel(), self.num_prunable)
+            weights, grad_sq = codec.result_weights(res, entry.mask, spec.weights.numel(), self.num_prunable,
+                                                    spec.importance_scope)
         except ValueError as exc:  # MalformedResult, or arrays of the wrong size or type
             self._malformed(entry, node, str(exc))
             return
@@ -675,8 +679,9 @@ class FlowerDriver:
         for nid in sorted(listed - set(self.nodes)):
             self.nodes[nid] = Node(nid)
             self._describe(self.nodes[nid])
-        for nid, node in self.nodes.items():
-            if nid not in listed and not node.gone:
+        for nid, node in [(n, x) for n, x in self.nodes.items() if n not in listed]:
+            del self.nodes[nid]  # forgotten: if its id is listed again, it is described as a new node
+            if not node.gone:
                 node.gone = True
                 log.info("node %d left the federation", nid)
                 for mid, entry in list(self.pending.items()):
@@ -684,6 +689,9 @@ class FlowerDriver:
                         self._task_failed(entry, "node left the federation")
                 if node.client is not None and self.client_node.get(node.client) == nid:
                     del self.client_node[node.client]
+                    for old in self.nodes.values():  # a node it replaced may still be listed: ask it again
+                        if old.client is None and old.partition_id == node.client:
+                            old.gone, old.suspect, old.next_probe = False, True, t
                     if self.started:
                         self.history.write("node", time=self.now(), round=self.policy.version, client=node.client,
                                            node=nid, status="left")
@@ -715,8 +723,13 @@ class FlowerDriver:
             log.info("node %d answered the describe query with an error: %s", node.node_id, reply.error.reason)
             node.next_probe = self._clock() + self.settings.probe_interval
             return
-        info = codec.decode_node(reply.content)
         self.record_up += codec.record_bytes(reply.content)
+        try:
+            info = codec.decode_node(reply.content)
+        except ValueError as exc:  # not a prfl ClientApp, or a broken one: ask again later
+            log.warning("node %d sent an unreadable describe reply: %s", node.node_id, exc)
+            node.next_probe = self._clock() + self.settings.probe_interval
+            return
         if info["num_partitions"] not in (-1, self.num_clients):
             raise RuntimeError(
                 f"node {node.node_id} has num-partitions={info['num_partitions']} but the run has "

@@ -56,6 +56,7 @@ from prfl.config import ExperimentConfig, save_config
 from prfl.flower.shaping import LinkSpeeds, NodeTransfer, ShapedFederation, read_node_transfers
 from prfl.sim.devices import load_fleet
 from prfl.sim.executors import Executor, TrainJob
+from prfl.sim.history import observed_transfers
 
 log = logging.getLogger(__name__)
 
@@ -279,14 +280,16 @@ def real_tasks(records: Sequence[Mapping[str, Any]], transfers: Mapping[str, Nod
 
 
 def sim_tasks(records: Sequence[Mapping[str, Any]]) -> list[TaskTimes]:
-    """Every task that arrived in a simulator history (its ``download`` / ``upload`` phases)."""
+    """Every task that arrived in a simulator history, its transfers as observed on the virtual
+    clock (own link plus the wait on the server's link: :func:`prfl.sim.history.observed_transfers`)."""
     numbers = dispatch_numbers(records)
     out = []
     for a in (r for r in records if r["event"] == "arrival"):
         k = numbers[(a["client"], a["task"])]
+        download, upload = observed_transfers(a)
         out.append(TaskTimes(
             client=a["client"], index=k, task=a["task"], dispatched=a["time"] - a["duration"], duration=a["duration"],
-            download=a["download"], compute=a["compute"], upload=a["upload"], bytes_down=a["bytes_down"],
+            download=download, compute=a["compute"], upload=upload, bytes_down=a["bytes_down"],
             bytes_up=a["bytes_up"], density=a["density"],
         ))
     return out
@@ -368,10 +371,10 @@ def device_times(tasks: Sequence[TaskTimes]) -> dict[int, list[float | None]]:
 
 def simulation_config(experiment: ExperimentConfig) -> ExperimentConfig:
     """The experiment as the simulator must run it to predict the deployment: compute measured,
-    every byte over the server's shared link, no checkpoints."""
+    every byte charged (honest accounting) and over the server's shared link, no checkpoints."""
     data = experiment.model_dump()
     data["sim"].update(compute_time="measured", piece_relay=False, shared_server_link=True, executor="inline",
-                       checkpoint_every_rounds=None, spill_dir=None)
+                       checkpoint_every_rounds=None, spill_dir=None, accounting="honest")
     return ExperimentConfig.model_validate(data)
 
 

@@ -3,21 +3,28 @@
 For trying the deployment path on one machine and for the tests. Every process gets its own
 ``FLWR_HOME`` under ``workdir`` and its own log file there; each SuperNode gets
 ``--node-config "partition-id=i num-partitions=N [delay-seconds=d]"``. The SuperLink serves its
-Fleet, Control and Runtime HTTP APIs on one port (Flower 1.41). Processes are started in their
-own process groups and stopped by group id.
+Fleet, Control and Runtime HTTP APIs on one port (Flower 1.41), on a loopback address only.
+
+Processes are started in their own process groups through :class:`~prfl.flower.processes.ManagedProcesses`:
+:meth:`LocalFederation.stop` ends them and every process they started (Flower detaches its
+SuperExec and app processes into other sessions), and a reaper process does the same if the
+process that started the federation is killed.
 
 From a shell::
 
     python -m prfl.flower.local --nodes 3 --delays 0,0,2 --workdir /tmp/prfl-fed
-    # prints the `flwr run` command to use, and runs until Ctrl-C
+    # prints the `flwr run` command to use (with an output folder and a budget), and runs until
+    # Ctrl-C, SIGTERM or SIGHUP, then stops every process it started
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -27,6 +34,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Self
+
+from prfl.flower.processes import ManagedProcesses
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +108,9 @@ class LocalFederation:
         (a relay in front of it, see :mod:`prfl.flower.shaping`); missing entries dial the SuperLink."""
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be at least 1, got {num_nodes}")
+        if not ipaddress.ip_address(host).is_loopback:
+            raise ValueError(f"host must be a loopback address (127.0.0.0/8 or ::1), got {host!r}")
+        self.procs = ManagedProcesses()
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.num_nodes = num_nodes
@@ -146,8 +158,8 @@ class LocalFederation:
     def _start(self, proc: _Proc, home: str) -> None:
         env = dict(self.env, FLWR_HOME=str(self.workdir / home))
         proc.log_file = open(proc.log_path, "ab")  # noqa: SIM115 - closed by _stop / kill_node
-        proc.popen = subprocess.Popen(proc.cmd, cwd=self.workdir, env=env, stdout=proc.log_file,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+        proc.popen = self.procs.popen(proc.cmd, cwd=self.workdir, env=env, stdout=proc.log_file,
+                                      stderr=subprocess.STDOUT)
         log.info("started %s (pid %d): %s", proc.name, proc.popen.pid, " ".join(proc.cmd))
 
     def _signal(self, proc: _Proc, sig: int) -> None:
@@ -161,12 +173,13 @@ class LocalFederation:
     def _stop(self, proc: _Proc, timeout: float = 10.0) -> None:
         if proc.popen is None:
             return
-        self._signal(proc, signal.SIGTERM)
-        try:
-            proc.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        self._signal(proc, signal.SIGKILL)  # also the SuperExec and app processes it started
+        if timeout > 0:
+            self._signal(proc, signal.SIGTERM)
+            try:
+                proc.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self._signal(proc, signal.SIGKILL)  # also the SuperExec and app processes in its group
         try:
             proc.popen.wait(5)
         except subprocess.TimeoutExpired:
@@ -206,14 +219,35 @@ class LocalFederation:
             proc.log_file = None
         log.info("killed supernode %d", i)
 
-    def stop(self) -> None:
-        """Stop every process (SuperNodes first)."""
-        for proc in self.nodes:
-            self._stop(proc)
-        self._stop(self.superlink)
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop every process, then any process they started.
+
+        SIGTERM goes to every process group at once (SuperNodes first, then the SuperLink); the
+        groups still there after ``timeout`` seconds get SIGKILL. A SuperNode's graceful shutdown
+        can take seconds, so the processes are not stopped one after another.
+        """
+        try:
+            procs = [p for p in [*self.nodes, self.superlink] if p.popen is not None]
+            for proc in procs:
+                self._signal(proc, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for proc in procs:
+                assert proc.popen is not None
+                try:
+                    proc.popen.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            for proc in procs:
+                self._stop(proc, timeout=0.0)  # SIGKILL for what is left (the apps they started too)
+        finally:
+            self.procs.stop()
 
     def __enter__(self) -> Self:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -238,7 +272,7 @@ class LocalFederation:
         if run_config:
             cmd += ["--run-config", run_config_arg(run_config)]
         env = dict(self.env, FLWR_HOME=str(home))
-        done = subprocess.run(cmd, check=False, cwd=self.workdir, env=env, capture_output=True, text=True, timeout=timeout)
+        done = self.procs.run(cmd, timeout=timeout, cwd=self.workdir, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"flwr run failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
         start = done.stdout.find("{")
@@ -249,27 +283,56 @@ class LocalFederation:
         return str(run_id)
 
 
+def example_app() -> str:
+    """The example Flower App's directory: absolute in a source checkout, else as documented."""
+    here = Path(__file__).resolve().parents[3] / "examples" / "flower"
+    return str(here) if (here / "pyproject.toml").is_file() else "examples/flower"
+
+
+def run_command(fed: LocalFederation, num_clients: int, out_dir: Path, max_time: float) -> str:
+    """The ``flwr run`` line for ``fed``: its connection, an output folder and a time budget."""
+    cfg = run_config_arg({"prfl.data.num_clients": num_clients, "out-dir": str(out_dir),
+                          "prfl.sim.max_time": float(max_time), "prfl.sim.max_rounds": "none"})
+    flwr = shlex.quote(str(fed.bin_dir / "flwr"))
+    return (f"FLWR_HOME={shlex.quote(str(fed.cli_home()))} {flwr} run {shlex.quote(example_app())} local-deployment "
+            f"--stream --run-config {shlex.quote(cfg)}")
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGHUP arrived: stop as on Ctrl-C."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Start a local federation and keep it up until interrupted."""
+    """Start a local federation and keep it up until Ctrl-C, SIGTERM or SIGHUP."""
     parser = argparse.ArgumentParser(prog="python -m prfl.flower.local", description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=3, help="number of SuperNodes (partition ids 0..N-1)")
     parser.add_argument("--delays", default="", help="comma-separated delay-seconds per node, e.g. 0,0,2")
     parser.add_argument("--workdir", default="prfl-federation", help="FLWR_HOME and logs of every process")
     parser.add_argument("--port", type=int, default=None, help="SuperLink port (default: a free one)")
+    parser.add_argument("--host", default="127.0.0.1", help="loopback address to serve on (127.0.0.0/8)")
+    parser.add_argument("--max-time", type=float, default=120.0, help="budget in the printed command (seconds)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     delays = [float(d) for d in args.delays.split(",") if d.strip()]
-    fed = LocalFederation(args.workdir, args.nodes, delays=delays, port=args.port)
-    with fed:
-        home = fed.cli_home()
-        log.info("SuperLink on %s with %d SuperNodes; logs in %s", fed.address, args.nodes, fed.workdir)
-        log.info("run the app with:\n  FLWR_HOME=%s flwr run examples/flower local-deployment --stream "
-                 "--run-config 'prfl.data.num_clients=%d'", home, args.nodes)
-        try:
+    fed = LocalFederation(args.workdir, args.nodes, delays=delays, port=args.port, host=args.host)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with fed:
+            runs = fed.workdir / "runs"
+            log.info("SuperLink on %s with %d SuperNodes; logs in %s", fed.address, args.nodes, fed.workdir)
+            log.info("run the app with (a new out-dir for every run, or add overwrite=true):\n  %s",
+                     run_command(fed, args.nodes, runs / "run-1", args.max_time))
             while True:
                 time.sleep(1)
-        except KeyboardInterrupt:
-            log.info("stopping")
+    except (KeyboardInterrupt, Interrupted) as exc:
+        log.info("stopping (%s): every process of the federation is ended", exc or "Ctrl-C")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

@@ -1,9 +1,11 @@
 """The prfl ServerApp: builds the scenario and the policy, then runs the real-time driver.
 
 The server builds the same scenario as ``prfl run`` (data, partition sizes, model and initial
-weights from the run config's seeds), evaluates on the data set's test split, and writes
-``config.yaml``, ``partition.json``, ``history.jsonl`` (the simulator's format) and
-``summary.json`` into the run config's ``out-dir``. Every ``checkpoint-every-rounds`` server
+weights from the run config's seeds), evaluates on the data set's test split, and writes a run
+folder laid out as the simulator's: ``config.yaml``, ``partition.json``, ``history.jsonl``,
+``summary.json`` and ``accuracy.png``, times in wall-clock seconds. The folder is ``out-dir``, or
+by default a new ``~/prfl-runs/flower/<name>-<time>``; a folder holding an earlier run is refused
+unless ``overwrite = true`` (or ``resume = true`` continues it). Every ``checkpoint-every-rounds`` server
 rounds it saves its state there (``checkpoint.pt``, written atomically, the previous one kept);
 with ``resume = true`` a new ServerApp continues from it: the history is cut back to the
 checkpoint and goes on, and the tasks that were in flight are failed and sent again.
@@ -11,9 +13,13 @@ checkpoint and goes on, and the tasks that were in flight are failed and sent ag
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
@@ -24,10 +30,11 @@ import yaml
 from prfl.config import ConfigError, save_config
 from prfl.flower.driver import FlowerDriver
 from prfl.flower.grid import PromptGrid
-from prfl.flower.settings import app_settings
+from prfl.flower.settings import DEFAULT_RUNS_ROOT, AppSettings, app_settings
+from prfl.report.plots import plot_accuracy
 from prfl.run import build_scenario, make_policy
-from prfl.sim.engine import CHECKPOINT, PREVIOUS_CHECKPOINT, CheckpointError, load_checkpoint
-from prfl.sim.history import HistoryWriter
+from prfl.checkpoint import CHECKPOINT, PREVIOUS_CHECKPOINT, CheckpointError, load_checkpoint
+from prfl.sim.history import HistoryWriter, read_history
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +49,67 @@ def _ensure_log_handler() -> None:
         logger.setLevel(logging.INFO)
 
 
+RUN_FILES = ("history.jsonl", "summary.json", CHECKPOINT, PREVIOUS_CHECKPOINT)
+
+
+def holds_run(folder: Path) -> bool:
+    """Does ``folder`` hold (part of) an earlier run?"""
+    return any((folder / name).exists() for name in RUN_FILES)
+
+
+def new_run_folder(root: Path, name: str, now: datetime | None = None) -> Path:
+    """Create and return ``root/<name>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``... when taken)."""
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    root.mkdir(parents=True, exist_ok=True)
+    for k in itertools.count(1):
+        folder = root / (f"{name}-{stamp}" if k == 1 else f"{name}-{stamp}-{k}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise AssertionError("unreachable")
+
+
+def run_folder(settings: AppSettings) -> Path:
+    """Where this run writes: ``out-dir``, or a new timestamped folder under :data:`DEFAULT_RUNS_ROOT`."""
+    cfg = settings.experiment
+    if settings.out_dir is None:
+        if settings.driver.resume:
+            raise ConfigError("resume = true needs out-dir, the folder of the run to continue "
+                              "(the ServerApp's log of that run names it)")
+        return new_run_folder(Path(DEFAULT_RUNS_ROOT).expanduser(), cfg.name)
+    out = settings.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def run_server(grid: Grid, run_config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Run one experiment on ``grid``; return its summary (also written to ``summary.json``)."""
+    """Run one experiment on ``grid``; return its summary (also written to ``summary.json``).
+
+    The run folder gets what a simulator run directory holds: ``config.yaml``, ``partition.json``,
+    ``history.jsonl``, ``summary.json`` and ``accuracy.png``/``.svg``, with times in wall-clock
+    seconds (``"clock": "wall"`` in the summary). An earlier run in the folder is never
+    overwritten unless ``overwrite = true``; ``resume = true`` continues it from its checkpoint.
+    """
     settings = app_settings(run_config, defaults)
     cfg = settings.experiment
     sc = build_scenario(cfg)
     policy = make_policy(sc, cfg.policy)
-    out = settings.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_folder(settings)
     state = _checkpoint_to_resume(out, cfg) if settings.driver.resume else None
-    if state is None:
-        for stale in ("history.jsonl", "summary.json", CHECKPOINT, PREVIOUS_CHECKPOINT):
+    if state is None and holds_run(out):
+        if not settings.driver.overwrite:
+            raise ConfigError(
+                f"{out} already holds a run (kept as it is); leave out-dir empty for a new timestamped folder or "
+                "name another one, set resume = true to continue this run, or overwrite = true to replace it")
+        for stale in RUN_FILES:
             (out / stale).unlink(missing_ok=True)
     (out / "summary.json").unlink(missing_ok=True)
     save_config(cfg, out / "config.yaml")
     sc.partition.save(out / "partition.json")
-    log.info("prfl on Flower: policy %s, %d clients, %s/%s, history in %s", policy.name, cfg.data.num_clients,
-             cfg.data.dataset, cfg.model.name, out.resolve())
+    log.info("prfl on Flower: policy %s, %d clients, %s/%s; stops at %s; run folder %s", policy.name,
+             cfg.data.num_clients, cfg.data.dataset, cfg.model.name, cfg.sim.budget("s (wall clock)"), out.resolve())
     history = HistoryWriter(out / "history.jsonl", truncate_at=None if state is None else int(state["history_offset"]))
     s = cfg.sim
     driver = FlowerDriver(
@@ -76,7 +127,14 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], defaults: Mapping[str,
         history.close()
     summary["name"] = cfg.name
     summary["seed"] = cfg.seed
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
+    summary["clock"] = "wall"  # times are real seconds since Start (the simulator's are virtual)
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
+    os.replace(tmp, out / "summary.json")
+    plot_accuracy({summary["policy"]: read_history(out / "history.jsonl")}, out / "accuracy.png", title=cfg.name,
+                  clock="wall")
+    log.info("run folder %s: config.yaml, history.jsonl, summary.json, accuracy.png; "
+             "`prfl report %s` builds its HTML page", out.resolve(), out.resolve())
     log.info("done: %s after %d server updates, %.1f s; final accuracy %s; %d messages sent",
              summary["stopped"], summary["server_rounds"], summary["seconds"], summary["final_accuracy"],
              summary["messages_sent"])
@@ -97,7 +155,7 @@ def _checkpoint_to_resume(out: Any, cfg: Any) -> dict[str, Any] | None:
         if changed:
             raise ConfigError(
                 f"cannot resume the run in {out}: the run config changes {', '.join(changed)} "
-                f"(compare with {saved}); use the same config, or resume = false to start afresh"
+                f"(compare with {saved}); use the same config, or another out-dir to start afresh"
             )
     history = out / "history.jsonl"
     try:

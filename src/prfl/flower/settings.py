@@ -29,15 +29,17 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from prfl.config import ConfigError, ExperimentConfig, load_config
+from prfl.config import ConfigError, ExperimentConfig, error_text, load_config
 
 PRFL_PREFIX = "prfl."
 OPTIONS_PREFIX = "policy-options."
 
 DRIVER_KEYS: dict[str, str] = {
     "config-file": "a prfl YAML config applied before the prfl.* keys ('' for none)",
-    "out-dir": "directory of history.jsonl and summary.json (relative: to the ServerApp's working directory)",
-    "reply-timeout": "seconds after which a dispatched task without reply becomes TaskFailed",
+    "out-dir": "the run folder ('': a new ~/prfl-runs/flower/<name>-<time>; relative: to the ServerApp's working directory)",
+    "overwrite": "replace an earlier run in out-dir (otherwise the run is refused and the earlier one kept)",
+    "reply-timeout": "seconds after which a dispatched task without reply becomes TaskFailed "
+                     "(a dead node is noticed sooner when the SuperLink declares it offline)",
     "hello-timeout": "seconds a node has to answer the describe query",
     "wait-for-nodes": "seconds to wait at start until every client has a node (then start anyway)",
     "poll-interval": "seconds between pulls of replies",
@@ -51,10 +53,14 @@ DRIVER_KEYS: dict[str, str] = {
     "resume": "continue from the checkpoint in out-dir if there is one (tasks then in flight are failed)",
 }
 
+# Where runs go when out-dir is empty: a new timestamped folder under this, on the ServerApp's machine.
+DEFAULT_RUNS_ROOT = "~/prfl-runs/flower"
+
 # Defaults of the driver keys (the example app's pyproject.toml repeats them).
 DRIVER_DEFAULTS: dict[str, Any] = {
     "config-file": "",
-    "out-dir": "prfl-flower-run",
+    "out-dir": "",
+    "overwrite": False,
     "reply-timeout": 120.0,
     "hello-timeout": 30.0,
     "wait-for-nodes": 60.0,
@@ -94,6 +100,7 @@ class DriverSettings:
     stop_file: str = ""
     checkpoint_every_rounds: int = DRIVER_DEFAULTS["checkpoint-every-rounds"]
     resume: bool = False
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         for name in ("reply_timeout", "hello_timeout", "poll_interval", "discover_interval", "probe_interval", "idle_timeout"):
@@ -120,7 +127,7 @@ class AppSettings:
 
     experiment: ExperimentConfig
     driver: DriverSettings
-    out_dir: Path
+    out_dir: Path | None  # None: a new timestamped folder under DEFAULT_RUNS_ROOT
 
 
 def _value(raw: Any) -> Any:
@@ -215,8 +222,8 @@ def app_settings(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | No
     try:
         experiment = ExperimentConfig.model_validate(data)
     except ValidationError as err:  # name the fields in the run-config spelling
-        lines = [f"  prfl.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
-        raise ConfigError("invalid prfl.* run config:\n" + "\n".join(lines)) from None
+        parts = [f"prfl.{'.'.join(str(p) for p in e['loc'])}: {error_text(e)}" for e in err.errors()]
+        raise ConfigError("invalid prfl.* run config: " + "; ".join(parts)) from None
 
     try:
         driver = DriverSettings(
@@ -233,17 +240,20 @@ def app_settings(run_config: Mapping[str, Any], defaults: Mapping[str, Any] | No
             stop_file=str(drv["stop-file"]).strip(),
             checkpoint_every_rounds=int(drv["checkpoint-every-rounds"]),
             resume=parse_bool(drv["resume"], "resume"),
+            overwrite=parse_bool(drv["overwrite"], "overwrite"),
         )
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"driver run-config keys: {exc}") from exc
-    return AppSettings(experiment, driver, Path(driver.out_dir).expanduser())
+    out_dir = Path(driver.out_dir).expanduser() if driver.out_dir.strip() else None
+    return AppSettings(experiment, driver, out_dir)
 
 
 __all__ = [
     "DRIVER_DEFAULTS",
     "DRIVER_KEYS",
+    "DEFAULT_RUNS_ROOT",
     "OPTIONS_PREFIX",
     "PRFL_PREFIX",
     "AppSettings",

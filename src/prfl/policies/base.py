@@ -10,6 +10,7 @@ place afterwards (aggregation builds new tensors), so a driver may keep referenc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
@@ -34,6 +35,15 @@ class PolicyContext:
     client_labels: tuple[tuple[int, ...], ...] | None = None  # labels present in each client's data
     num_classes: int | None = None
     model_builder: Callable[[float], Any] | None = None  # width -> a fresh nn.Module (HeteroFL slicing)
+    # seconds a dense task takes each client at its mean speeds (download, compute, upload); orders
+    # the fleet for preset initial densities and picks a reference client (None: client order)
+    nominal_round_times: tuple[float, ...] | None = None
+    # per prunable layer, the seconds one kept weight costs a typical client per task (its transfer
+    # plus its share of the compute); PR-FL's ranking divides scores by it (None: no cost weighting)
+    layer_cost: tuple[float, ...] | None = None
+    # set by the simulator's reference accounting: server steps close as the reference's simulator
+    # closes them (see StepTiming); None: each policy's own rule
+    step_timing: StepTiming | None = None
 
     def __post_init__(self) -> None:
         if self.num_clients < 1:
@@ -46,6 +56,73 @@ class PolicyContext:
             raise ValueError("initial_weights must be a flat 1-D tensor")
         if not 0 <= self.num_prunable <= self.initial_weights.numel():
             raise ValueError("num_prunable must lie between 0 and the number of weights")
+        if self.nominal_round_times is not None and len(self.nominal_round_times) != self.num_clients:
+            raise ValueError(f"nominal_round_times has {len(self.nominal_round_times)} entries for {self.num_clients} clients")
+        if self.layer_cost is not None:
+            if self.layer_bounds and len(self.layer_cost) != len(self.layer_bounds):
+                raise ValueError(f"layer_cost has {len(self.layer_cost)} entries for {len(self.layer_bounds)} prunable layers")
+            if any(not c > 0 for c in self.layer_cost):
+                raise ValueError(f"layer_cost coefficients must be positive, got {list(self.layer_cost)}")
+
+    def speed_order(self) -> list[int]:
+        """Clients from fastest to slowest by nominal round time (ties and no times: by id)."""
+        times = self.nominal_round_times
+        if times is None:
+            return list(range(self.num_clients))
+        return sorted(range(self.num_clients), key=lambda c: (times[c], c))
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """When a server step closes under the PR-FL reference simulator's rule (its R:2471-2489).
+
+    Steps follow each other without gap: a step starts when the previous one closes, at ``t``,
+    and hands out the tasks dispatched at ``t``; with ``D`` the largest of their downloads in
+    bytes (0 when nothing was dispatched) it closes at
+
+        t + L(D),   L(D) = max(window, D / server_up_bps + margin),
+
+    ``server_up_bps`` the server's nominal (mean) uplink speed in bytes/s and ``margin`` the
+    reference's 0.1 s. ``window`` is the policy's own (PR-FL: its aggregation window; FedAsync: 0).
+    Every result that arrives in ``(t, t + L]`` is aggregated at the close. A step in which
+    nothing was dispatched lasts ``max(window, margin)``, so the boundaries after a step of length
+    ``L1`` that started at ``t`` are ``t + L1 + k max(window, margin)``, k = 0, 1, ...
+    (:meth:`next_close`). ``download_bytes`` sizes a task's download for the rule (None: the
+    task's own ``download_bytes``); the reference accounting passes the reference's sizes.
+    """
+
+    server_up_bps: float
+    margin: float = 0.1
+    download_bytes: Callable[[TaskSpec], int] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.server_up_bps > 0:  # also refuses NaN
+            raise ValueError(f"server_up_bps must be positive (math.inf: unlimited), got {self.server_up_bps!r}")
+        if not 0 <= self.margin < float("inf"):
+            raise ValueError(f"margin must be a finite number >= 0, got {self.margin!r}")
+
+    def size(self, task: TaskSpec) -> int:
+        """Bytes of ``task``'s download as the rule counts them."""
+        return task.download_bytes if self.download_bytes is None else int(self.download_bytes(task))
+
+    def step_length(self, window: float, tasks: list[TaskSpec]) -> float:
+        """L = max(window, max_i D_i / server_up_bps + margin) for the tasks dispatched at a step's start."""
+        largest = max((self.size(t) for t in tasks), default=0)
+        return max(window, largest / self.server_up_bps + self.margin)
+
+    def next_close(self, start: float, first_length: float, window: float, now: float) -> float:
+        """The first step boundary at or after ``now`` (> ``start``): ``start + first_length``,
+        then every ``max(window, margin)`` seconds (empty steps)."""
+        first = start + first_length
+        if now <= first:
+            return first
+        empty = max(window, self.margin)
+        if empty <= 0:
+            return now  # zero-length empty steps: the step closes as the result arrives
+        # a result at a boundary belongs to the step that closes there; 1e-9 absorbs the rounding
+        # of (now - first) / empty (e.g. (1.0 - 0.6) / 0.1 = 4.000000000000001)
+        k = math.ceil((now - first) / empty - 1e-9)
+        return max(first + k * empty, now)  # never before now (a boundary a rounding error ago is now)
 
 
 # --------------------------------------------------------------------------- events
@@ -129,6 +206,9 @@ class TaskSpec:
     width: float = 1.0
     want_importance: bool = False
     importance_dtype: str = "float32"  # precision the importance scores are uploaded in
+    # "kept": the squared gradients of the kept weights only (pruned weights get none, as when the
+    # forward pass multiplies by the mask); "all": of every prunable weight
+    importance_scope: str = "all"
     upload_index_bytes: int = 0  # part of upload_bytes that is positions
     upload_importance_bytes: int = 0  # part of upload_bytes that is importance scores
 

@@ -47,6 +47,7 @@ class FedAvg(FleetPolicy):
 
     name = "fedavg"
     config_cls = FedAvgConfig
+    weights_by_samples = True
 
     def __init__(self, ctx: PolicyContext, config: FedAvgConfig | None = None) -> None:
         super().__init__(ctx, config)

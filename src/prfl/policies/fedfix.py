@@ -24,8 +24,8 @@ class FedFixConfig:
     """FedFix options: ``dt`` the aggregation period (virtual seconds, required) and ``eta_g``
     the server learning rate."""
 
-    dt: float
-    eta_g: float = 1.0
+    dt: float  # aggregation period, virtual seconds (required)
+    eta_g: float = 1.0  # server learning rate
 
     def __post_init__(self) -> None:
         check_number("dt", self.dt, low=0.0, low_open=True)

@@ -12,8 +12,15 @@ reason})``: the update is never aggregated and its task is treated as failed
 record plus, usually, a dispatch. A client whose last ``max_rejections`` results in a row were
 rejected is quarantined (``Record("quarantined")``, offline for the policy until the driver
 reports it idle again), and once every client is quarantined the policy stops the run with the
-last reason. Results that cannot be matched to an in-flight task (unknown task, wrong client)
-are driver errors and still raise ``ValueError``.
+last reason. Policies that weight results by their sample count (``weights_by_samples``)
+also reject a result reporting ``num_samples = 0`` (check ``samples``): it has no weight, and a
+round or buffer holding only such results would have nothing to average. Results that cannot be
+matched to an in-flight task (unknown task, wrong client) are driver errors and still raise
+``ValueError``, before any state changes.
+
+Non-finite models. :meth:`FleetPolicy.commit` never installs weights with a NaN or an infinity
+(finite updates can still overflow a sum): it keeps the previous weights, still counts the server
+update, and adds ``non_finite`` (the number of bad values) to its ``server_update`` record.
 """
 
 from __future__ import annotations
@@ -109,6 +116,7 @@ class FleetPolicy(Policy):
 
     config_cls: ClassVar[type]
     keeps_start_weights: ClassVar[bool] = False
+    weights_by_samples: ClassVar[bool] = False  # averages results by num_samples: reject num_samples = 0
 
     def __init__(self, ctx: PolicyContext, config: Any = None) -> None:
         super().__init__(ctx)
@@ -280,6 +288,9 @@ class FleetPolicy(Policy):
             result.weights, claimed_version=result.version, expected_version=task.version, like=self.result_like(task),
             mask=mask, num_prunable=self.ctx.num_prunable, num_samples=result.num_samples, grad_sq=result.grad_sq,
         )
+        if rejection is None and self.weights_by_samples and result.num_samples == 0:
+            rejection = Rejection("samples", "num_samples = 0: a result trained on no sample has no weight in "
+                                             f"{type(self).__name__}'s sample-weighted average")
         norm: float | None = None
         if rejection is None and start is not None and (self.checks.norm_check or self.measures_norms()):
             norm = update_norm(result.weights, start, mask, self.ctx.num_prunable)
@@ -296,8 +307,15 @@ class FleetPolicy(Policy):
 
     def commit(self, new_weights: torch.Tensor, now: float, clients: list[int],
                staleness: list[int], **extra: Any) -> list[Action]:
-        """Install a server update: bump version and participation, record it, maybe stop."""
-        self.weights = new_weights
+        """Install a server update: bump version and participation, record it, maybe stop.
+
+        Weights with a NaN or an infinity are not installed (the previous ones stay); the record
+        then says how many values were not finite (``non_finite``)."""
+        bad = 0 if bool(torch.isfinite(new_weights.sum())) else int((~torch.isfinite(new_weights)).sum())
+        if bad:
+            extra = {**extra, "non_finite": bad}
+        else:
+            self.weights = new_weights
         self.version += 1
         for c in clients:
             self.participation[c] += 1

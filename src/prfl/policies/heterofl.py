@@ -115,6 +115,14 @@ def default_densities(num_clients: int) -> tuple[float, ...]:
     return spread_levels(DENSITY_LEVELS, num_clients)
 
 
+def by_speed(levels: Sequence[float], speed_order: Sequence[int]) -> tuple[float, ...]:
+    """Per-client levels from levels listed fastest first: client ``speed_order[r]`` gets ``levels[r]``."""
+    out = [0.0] * len(levels)
+    for r, c in enumerate(speed_order):
+        out[c] = float(levels[r])
+    return tuple(out)
+
+
 def sparse_bytes(kept: int, num_prunable: int, total: int) -> int:
     """Bytes of a sparse sub-model: ``4 m + min(ceil(N / 8), 4 m) + 1 + 4 (T - N)``.
 
@@ -210,11 +218,11 @@ class HeteroFLConfig:
     variant: unstructured nested masks at fixed densities, MaskFedAvg).
     ``rates`` (width mode): each client's width rate in (0, 1]. None: HeteroFL's levels
     {1, 1/2, 1/4, 1/8, 1/16} over clients in index order, in equal groups (see
-    :func:`spread_levels`). Policies know nothing of devices, so this default assumes faster
-    clients come first, as in the simulator's ``paper10`` fleet with 10 clients (client 0 fastest);
-    with other fleets (``paper10`` with 20 clients repeats the 10 profiles) pass ``rates``.
+    :func:`spread_levels`), handed out from the fastest client to the slowest by the nominal round
+    times in the policy context (client order when it has none).
     ``densities`` (mask mode): each client's density in (0, 1]. None: the PR-FL paper's
-    [1, 1, .6, .6, .3, .3, .1, .1, .1, .1] for 10 clients, otherwise {1, .6, .3, .1} in equal groups.
+    [1, 1, .6, .6, .3, .3, .1, .1, .1, .1] for 10 clients, otherwise {1, .6, .3, .1} in equal
+    groups, fastest client first as for ``rates``.
     ``fraction``, ``min_clients``: the cohort, as in FedAvg.
     ``label_split`` (width mode): output rows averaged only over clients holding their label.
     ``scaler`` (width mode): whether the models train with HeteroFL's 1/r scaler; it must agree
@@ -270,6 +278,7 @@ class HeteroFL(FleetPolicy):
 
     name = "heterofl"
     config_cls = HeteroFLConfig
+    weights_by_samples = True
 
     def __init__(self, ctx: PolicyContext, config: HeteroFLConfig | None = None) -> None:
         super().__init__(ctx, config)
@@ -283,7 +292,7 @@ class HeteroFL(FleetPolicy):
         self._classes: torch.Tensor | None = None  # output class of every full coordinate (-1 else)
         self._full_layout: ParamLayout | None = None
         if cfg.mode == "width":
-            self.rates = cfg.rates if cfg.rates is not None else default_rates(k)
+            self.rates = cfg.rates if cfg.rates is not None else by_speed(default_rates(k), ctx.speed_order())
             self._check_per_client("rates", self.rates)
             if cfg.label_split:
                 labels = ctx.client_labels
@@ -295,7 +304,8 @@ class HeteroFL(FleetPolicy):
             if any(r < 1.0 for r in self.rates) or cfg.label_split or cfg.scaler:
                 self._init_full_model()
         else:
-            self.densities = cfg.densities if cfg.densities is not None else default_densities(k)
+            self.densities = (cfg.densities if cfg.densities is not None
+                              else by_speed(default_densities(k), ctx.speed_order()))
             self._check_per_client("densities", self.densities)
         self.cohort: list[int] = []  # clients of the round in progress ([] between rounds)
         self.held: list[_Held] = []

@@ -22,13 +22,14 @@ the last ``norm_window`` accepted update norms (:mod:`prfl.validation`).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from prfl.aggregation import mask_fedavg, staleness_weight, weighted_average
+from prfl.aggregation import Staleness, mask_fedavg, staleness_weight, weighted_average
 from prfl.buffer import ClientBuffer, order_dtype
 from prfl.client.result import TaskResult
 from prfl.distribution import PieceId, Publisher, ResidualSplit, dense_model_bytes, sparse_model_bytes
@@ -46,12 +47,28 @@ from prfl.policies.base import (
 )
 from prfl.policies.fleet import FleetPolicy, InFlight
 from prfl.pruning.density import DensityController
+from prfl.pruning.importance import AVERAGES, ImportanceScores
 from prfl.pruning.ranking import IMPORTANCE_BYTES, Ranking, build_ranking, importance_for_upload, magnitude_ranking
 from prfl.pruning.recovery import EarlyStopping
 from prfl.robust import ROBUST_METHODS, check_method, clip_update, robust_aggregate
-from prfl.validation import UpdateChecks
+from prfl.validation import Rejection, UpdateChecks
 
 PAPER_PRESET_DENSITIES = (1.0, 1.0, 0.6, 0.6, 0.3, 0.3, 0.1, 0.1, 0.1, 0.1)
+
+
+def preset_densities(times: list[float], preset: tuple[float, ...] = PAPER_PRESET_DENSITIES) -> tuple[float, ...]:
+    """The preset (the paper's, for 10 clients fastest first) mapped onto any fleet by nominal
+    round time: a client with r clients strictly faster than it, of n, gets
+    ``preset[floor(len(preset) * r / n)]`` (equally fast clients start equally dense)."""
+    n = len(times)
+    ordered = sorted(times)
+    out = []
+    for t in times:
+        r = bisect.bisect_left(ordered, t)  # clients strictly faster
+        out.append(preset[len(preset) * r // n])
+    return tuple(out)
+
+
 WINDOW_TIMER = "prfl:window"
 SERVER_SCORE = "prfl:server-score"
 CLIENT_SCORE = "prfl:client-score:"
@@ -59,14 +76,30 @@ CLIENT_SCORE = "prfl:client-score:"
 
 @dataclass(frozen=True)
 class PRFLConfig:
-    """PR-FL options; defaults are the paper's (see ALGORITHMS.md)."""
+    """PR-FL options. Defaults follow the PR-FL reference code (docs/ALGORITHMS.md lists each
+    rule, the reference's choice and the option that changes it)."""
 
-    interval: int = 50  # I: rounds between ranking rebuilds, density steps and monitor checks
-    density_rule: Literal["A", "B"] = "A"
-    time_basis: Literal["dense", "observed"] = "dense"  # see prfl.pruning.density
-    # densities before the first control step: one per client, or one number for every client
-    # (rule B's preset; default: the paper's for 10 clients under rule B, all dense under rule A)
+    # I: fastest-client rounds (or server steps, see `counting`) between ranking rebuilds,
+    # density steps and monitor checks
+    interval: int = 50
+    # what I, the patience and the round-time FIFOs count: "fastest_client" = local rounds of the
+    # client that has done the most (the reference counts its fastest client's rounds);
+    # "server_steps" = server aggregation steps
+    counting: Literal["fastest_client", "server_steps"] = "fastest_client"
+    density_rule: Literal["A", "B"] = "B"  # B: step towards the fastest client's round time (reference); A: t_min / t_i
+    # round times before the density rule: "observed" as measured (rule B's default), or "dense"
+    # (scaled to the dense model, rule A's default); see prfl.pruning.density
+    time_basis: Literal["dense", "observed"] | None = None
+    # what a round time is: "inter_arrival" = time between a client's consecutive arrivals at the
+    # server (the reference), "task" = dispatch to arrival of one task
+    round_time: Literal["inter_arrival", "task"] = "inter_arrival"
+    # densities before the first control step: one per client, or one number for every client;
+    # None: the paper's preset (1, 1, .6, .6, .3, .3, .1, .1, .1, .1) mapped onto the fleet by
+    # nominal speed (the client at speed rank r of n gets entry floor(10 r / n))
     initial_densities: tuple[float, ...] | float | None = None
+    # rule B adapts densities only until the server first changes one itself (a recovery), as
+    # the reference does; True keeps adapting afterwards
+    adapt_after_recovery: bool = False
     min_density: float = 0.1  # global minimum density
     density_step: float | None = None  # round densities down to multiples of this (large fleets)
     # how the buffer stores sparse models: "dense" vectors, "sparse" (values + index) or
@@ -76,29 +109,45 @@ class PRFLConfig:
     buffer_dir: str | None = None
     floor: float = 0.05  # per-layer magnitude floor of the ranking
     importance: bool = True  # rank by squared gradients (False: by magnitude)
-    # precision of the squared gradients every upload carries (N values; bfloat16 halves the bytes)
+    # which weights a client reports squared gradients for: "kept" (its sub-model's, values only:
+    # the server knows the mask) or "all" prunable weights
+    importance_scope: Literal["kept", "all"] = "kept"
+    # precision of the squared gradients on the wire (bfloat16 halves the bytes)
     importance_dtype: Literal["float32", "bfloat16"] = "float32"
-    # which tasks carry them: "every" task (the paper), or one task per client per ranking
-    # interval ("interval": the first dispatch to a client after a rebuild asks for them)
-    importance_requests: Literal["every", "interval"] = "every"
-    staleness: Literal["const", "poly", "hinge"] = "poly"
-    a: float = 0.6
-    b: float = 2.0
-    eta_g: float = 1.0
+    # which tasks carry them: one task per client per ranking interval ("interval": the first
+    # dispatch to a client after a rebuild asks for them), or "every" task
+    importance_requests: Literal["every", "interval"] = "interval"
+    # how reports become scores: "holders" = per weight over the clients that reported it, scores
+    # kept across intervals, unscored weights filled with g_min * |w|; "all" = plain mean of the
+    # interval's reports (see prfl.pruning.importance)
+    importance_average: Literal["holders", "all"] = "holders"
+    # divide scores by each layer's per-weight cost (transfer + compute) when ranking
+    layer_cost: bool = True
+    staleness: Literal["const", "poly", "hinge"] = "poly"  # staleness weight s(tau): poly (tau + 1)^-a, hinge, const
+    a: float = 0.6  # poly exponent (hinge: slope after b)
+    b: float = 2.0  # hinge: the staleness up to which s = 1
+    # "frozen": s_i fixed when client i's update arrives, from its staleness then (the reference's
+    # rule; the buffer keeps MaskFedAvg's running sums); "reaged": every buffered update re-aged at
+    # every server step (the full sum over the buffer at each step)
+    staleness_mode: Literal["frozen", "reaged"] = "frozen"
+    eta_g: float = 1.0  # server step: W <- (1 - eta_g) W_prev + eta_g W_new
     # Aggregation window (the paper's simulator closes a server step at
     # max(t + window, t + upload_time + 0.1 s)). Here a window opens when its first upload has
     # completed, so it closes `window` seconds after that arrival; 0 aggregates every arrival.
     window: float = 0.5
-    recovery: bool = True
-    patience: int = 10
-    delta_rho: float = 0.2
-    final_patience_factor: int = 5
-    client_scores: bool = False
-    buffer: bool = True
-    mask_fedavg: bool = True
-    residual_split: bool = True
-    synchronous: bool = False
-    robust: Literal["none", "clip", "trimmed_mean", "median"] = "none"
+    recovery: bool = True  # early-stopping monitor that rolls back and raises minimum densities
+    patience: int = 10  # monitor checks (one per interval) without improvement before it fires
+    delta_rho: float = 0.2  # how much a recovery raises the minimum densities
+    final_patience_factor: int = 5  # patience multiplier once every density is 1 (then the next firing stops)
+    # the first time the server monitor runs out of patience it only arms the roll-back (the
+    # reference starts checkpointing then); later run-outs roll back and raise densities
+    recovery_arming: bool = True
+    client_scores: bool = True  # per-client monitors: a stalled client's minimum density rises
+    buffer: bool = True  # aggregate the per-client buffer of latest models (false: the window's arrivals only)
+    mask_fedavg: bool = True  # mask-aware average (false: plain weighted average)
+    residual_split: bool = True  # distribute nested residual pieces (false: each client its sparse sub-model)
+    synchronous: bool = False  # wait for every online client before aggregating
+    robust: Literal["none", "clip", "trimmed_mean", "median"] = "none"  # robust aggregation over the holders
     clip_norm: float | None = None  # c of robust: clip (required then)
     trim: float = 0.1  # beta of robust: trimmed_mean, in [0, 0.5)
     norm_factor: float | None = None  # k of the update-norm check (None: off)
@@ -110,6 +159,16 @@ class PRFLConfig:
             raise ValueError(f"interval must be at least 1, got {self.interval}")
         if self.density_rule not in ("A", "B"):
             raise ValueError(f"density_rule must be 'A' or 'B', got {self.density_rule!r}")
+        if self.counting not in ("fastest_client", "server_steps"):
+            raise ValueError(f"counting must be 'fastest_client' or 'server_steps', got {self.counting!r}")
+        if self.time_basis is not None and self.time_basis not in ("dense", "observed"):
+            raise ValueError(f"time_basis must be 'dense' or 'observed', got {self.time_basis!r}")
+        if self.round_time not in ("inter_arrival", "task"):
+            raise ValueError(f"round_time must be 'inter_arrival' or 'task', got {self.round_time!r}")
+        if self.importance_scope not in ("kept", "all"):
+            raise ValueError(f"importance_scope must be 'kept' or 'all', got {self.importance_scope!r}")
+        if self.importance_average not in AVERAGES:
+            raise ValueError(f"importance_average must be one of {', '.join(AVERAGES)}, got {self.importance_average!r}")
         if self.importance_requests not in ("every", "interval"):
             raise ValueError(f"importance_requests must be 'every' or 'interval', got {self.importance_requests!r}")
         if self.importance_dtype not in IMPORTANCE_BYTES:
@@ -127,6 +186,8 @@ class PRFLConfig:
             raise ValueError(f"floor must lie in [0, 1], got {self.floor}")
         if self.staleness not in ("const", "poly", "hinge"):
             raise ValueError(f"staleness must be const, poly or hinge, got {self.staleness!r}")
+        if self.staleness_mode not in ("frozen", "reaged"):
+            raise ValueError(f"staleness_mode must be 'frozen' or 'reaged', got {self.staleness_mode!r}")
         if not 0 < self.eta_g <= 1:
             raise ValueError(f"eta_g must lie in (0, 1], got {self.eta_g}")
         if self.window < 0:
@@ -150,6 +211,7 @@ class PRFL(FleetPolicy):
 
     name = "prfl"
     config_cls = PRFLConfig
+    weights_by_samples = True
 
     def __init__(self, ctx: PolicyContext, config: PRFLConfig | None = None) -> None:
         super().__init__(ctx, config)
@@ -157,29 +219,27 @@ class PRFL(FleetPolicy):
         n = ctx.num_clients
         if not ctx.layer_bounds:
             raise ValueError("PR-FL needs ctx.layer_bounds (the prunable layers of the model)")
-        initial = cfg.initial_densities
-        if isinstance(initial, float):  # one density for every client (large fleets start sparse)
-            initial = (initial,) * n
-        if cfg.density_rule == "B" and initial is None:
-            if n % len(PAPER_PRESET_DENSITIES):
-                raise ValueError("density rule B needs initial_densities unless the fleet has a multiple of 10 clients")
-            initial = tuple(PAPER_PRESET_DENSITIES[i % 10] for i in range(n))
-        self.control = DensityController(n, cfg.interval, cfg.density_rule, cfg.min_density, initial, cfg.time_basis,
-                                         step=cfg.density_step)
+        self.control = DensityController(n, cfg.interval, cfg.density_rule, cfg.min_density, self._initial_densities(),
+                                         self._time_basis(), step=cfg.density_step,
+                                         anchor=ctx.speed_order()[0] if cfg.density_rule == "B" else None)
         self.num_prunable = ctx.num_prunable
         self.total = ctx.initial_weights.numel()
         self.ranking: Ranking = magnitude_ranking(self.weights[: self.num_prunable], ctx.layer_bounds, cfg.floor)
         self.ranking_id = 0
         self.model_id = 0  # bumps whenever the global weights change (aggregation or roll-back)
-        self._imp_sum: torch.Tensor | None = None
-        self._imp_count = 0
+        self.scores = ImportanceScores(self.num_prunable, ctx.layer_bounds, cfg.importance_average)
         self._imp_asked: set[int] = set()  # clients asked for importance since the last rebuild
         self._masks: dict[float, torch.Tensor] = {}
-        self.buffer = ClientBuffer(n, self.total, self.num_prunable, storage=cfg.buffer_storage, path=cfg.buffer_dir)
+        # frozen staleness: running sums, unless a coordinate-wise robust rule needs the whole buffer
+        running = cfg.staleness_mode == "frozen" and cfg.buffer and cfg.robust not in ("trimmed_mean", "median")
+        self.buffer = ClientBuffer(n, self.total, self.num_prunable, storage=cfg.buffer_storage, path=cfg.buffer_dir,
+                                   frozen=Staleness(cfg.staleness, cfg.a, cfg.b) if running else None)
         self.task_orders: dict[int, torch.Tensor] = {}  # prefix storage: the ranking each task's mask is a prefix of
         self.window: list[tuple[InFlight, TaskResult, int]] = []  # (task, result, staleness)
         self.task_masks: dict[int, torch.Tensor | None] = {}  # the mask each task was sent with
         self.window_open = False
+        self.step_start = 0.0  # reference step timing: when the current server step started
+        self.step_length = 0.0  # ...and its length, from the downloads handed out at its start
         self.publisher = Publisher()
         self._split: ResidualSplit | None = None
         self._split_key: tuple[int, int, tuple[float, ...]] | None = None
@@ -195,6 +255,34 @@ class PRFL(FleetPolicy):
         self.client_monitors = [EarlyStopping(cfg.patience) for _ in range(n)]
         self.best_weights: torch.Tensor = self.weights
         self.final_phase = False
+        self.armed = not cfg.recovery_arming  # a roll-back needs the monitor to have run out once before
+        self.first_stage = True  # the density rule runs until the server changes a density itself
+        self.local_rounds = [0] * n  # accepted results per client
+        self.control_steps = 0  # control steps taken
+        self.last_arrival = [0.0] * n  # when each client's last result arrived (inter-arrival times)
+
+    def _time_basis(self) -> str:
+        cfg: PRFLConfig = self.config
+        if cfg.time_basis is not None:
+            return cfg.time_basis
+        return "dense" if cfg.density_rule == "A" else "observed"
+
+    def _initial_densities(self) -> tuple[float, ...]:
+        """The configured densities, or the paper's preset mapped onto the fleet by nominal speed."""
+        cfg: PRFLConfig = self.config
+        n = self.ctx.num_clients
+        if isinstance(cfg.initial_densities, float):  # one density for every client
+            return (cfg.initial_densities,) * n
+        if cfg.initial_densities is not None:
+            return tuple(cfg.initial_densities)
+        times = self.ctx.nominal_round_times
+        return preset_densities(list(times) if times is not None else [float(c) for c in range(n)])
+
+    def _counter(self) -> int:
+        """The count the interval is measured in: the fastest client's local rounds or server steps."""
+        if self.config.counting == "server_steps":
+            return self.version
+        return max(self.local_rounds)
 
     # ------------------------------------------------------------------ views
     @property
@@ -267,11 +355,14 @@ class PRFL(FleetPolicy):
         up = 4 * (count + suffix)  # values only: the server knows the mask it sent
         want_importance = self.config.importance and (
             self.config.importance_requests == "every" or client not in self._imp_asked)
+        importance_bytes = 0
         if want_importance:
             self._imp_asked.add(client)
-            # the squared gradients of every prunable weight ride along (pruned ones included:
-            # they are what lets a later ranking bring a weight back)
-            up += IMPORTANCE_BYTES[self.config.importance_dtype] * self.num_prunable
+            # "kept": the squared gradients of the kept weights, values only (the server knows the
+            # mask); "all": of every prunable weight, pruned ones included
+            reported = count if self.config.importance_scope == "kept" else self.num_prunable
+            importance_bytes = IMPORTANCE_BYTES[self.config.importance_dtype] * reported
+            up += importance_bytes
         task = TaskSpec(
             task_id=self.new_task_id(),
             client=client,
@@ -285,6 +376,8 @@ class PRFL(FleetPolicy):
             pieces=pieces,
             want_importance=want_importance,
             importance_dtype=self.config.importance_dtype,
+            importance_scope=self.config.importance_scope,
+            upload_importance_bytes=importance_bytes,
         )
         self.track_task(task, now)
         self.task_masks[task.task_id] = mask
@@ -309,14 +402,24 @@ class PRFL(FleetPolicy):
         return super().on_event(event)
 
     def _on_start(self, now: float) -> list[Action]:
-        return [self.dispatch(c, now) for c in self.free_clients()]
+        actions: list[Action] = [self.dispatch(c, now) for c in self.free_clients()]
+        self._begin_step(now, actions)
+        return actions
 
     def _on_result(self, now: float, result: TaskResult) -> list[Action]:
         arrival = self.take_result(result)
         task = arrival.task
-        self.control.observe(task.client, now - task.dispatched_at, result.density)
+        c = task.client
+        start = self.last_arrival[c] if self.config.round_time == "inter_arrival" else task.dispatched_at
+        self.control.observe(c, max(0.0, now - start), result.density)
+        self.last_arrival[c] = now
+        self.local_rounds[c] += 1
         if result.grad_sq is not None:
-            self._add_importance(importance_for_upload(result.grad_sq, self.config.importance_dtype))
+            g = importance_for_upload(result.grad_sq, self.config.importance_dtype)
+            mask = self.task_masks.get(task.task_id)
+            if self.config.importance_scope == "kept" and mask is not None:
+                g = g * mask  # a pruned weight gets no gradient when the forward pass is W * m
+            self.scores.add(g)
         weights = arrival.weights
         if self.config.robust == "clip":
             assert arrival.start is not None and self.config.clip_norm is not None  # measures_norms keeps start weights
@@ -325,18 +428,43 @@ class PRFL(FleetPolicy):
         self.window.append((task, dataclasses.replace(result, weights=weights), arrival.staleness))
         if self.config.synchronous:
             return self._aggregate(now) if not self.in_flight else []
-        if self.config.window == 0:
+        timing = self.ctx.step_timing
+        if self.config.window == 0 and timing is None:
             return self._aggregate(now)
         if not self.window_open:
             self.window_open = True
-            return [SetTimer(now + self.config.window, WINDOW_TIMER)]
+            if timing is None:  # the window opens with its first arrival
+                return [SetTimer(now + self.config.window, WINDOW_TIMER)]
+            close = timing.next_close(self.step_start, self.step_length, self.config.window, now)
+            return [SetTimer(close, WINDOW_TIMER)]
         return []
 
     def _on_timer(self, now: float, key: str) -> list[Action]:
         if key != WINDOW_TIMER:
             raise ValueError(f"PR-FL set no timer {key!r}")
         self.window_open = False
-        return self._aggregate(now) if self.window else []
+        actions = self._aggregate(now) if self.window else []
+        self._begin_step(now, actions)
+        return actions
+
+    def _begin_step(self, now: float, actions: list[Action]) -> None:
+        """Reference step timing (``ctx.step_timing``): a server step starts at ``now`` with the
+        tasks dispatched in ``actions``; it closes at now + max(window, D / server_up + 0.1 s),
+        D the largest of their downloads, or at a later boundary if nothing arrives by then
+        (:meth:`prfl.policies.base.StepTiming.next_close`). Without step timing a window opens
+        at its first arrival and closes ``window`` seconds later."""
+        timing = self.ctx.step_timing
+        if timing is None or self.config.synchronous:
+            return
+        self.step_start = now
+        self.step_length = timing.step_length(self.config.window, [a.task for a in actions if isinstance(a, Dispatch)])
+
+    def _reject(self, now: float, result: TaskResult, rejection: Rejection) -> list[Action]:
+        actions = super()._reject(now, result, rejection)
+        if (self.config.staleness_mode == "frozen" and result.client in self.buffer
+                and any(isinstance(a, Record) and a.kind == "quarantined" for a in actions)):
+            self.buffer.remove(result.client)  # its frozen weight would count for ever, never decaying
+        return actions
 
     def _on_task_failed(self, now: float, task: InFlight) -> list[Action]:
         self.task_masks.pop(task.task_id, None)
@@ -344,41 +472,41 @@ class PRFL(FleetPolicy):
         self._imp_asked.discard(task.client)  # ask again: that task's importance never came
         self.held[task.client] = set()  # a failed device may have lost its piece cache
         self.held_index[task.client] = set()
-        if self.config.synchronous and not self.in_flight and self.window:
-            return self._aggregate(now)
+        if self.config.synchronous and not self.in_flight:
+            if self.window:
+                return self._aggregate(now)
+            # every task of the round failed: the next round starts with the clients free now
+            # (those that came back during the round were told to wait for it)
+            return [self.dispatch(c, now) for c in self.free_clients()]
         return []
 
     def _on_client_idle(self, now: float, client: int) -> list[Action]:
         if self.config.synchronous and self.in_flight:
             return []  # joins at the next round
+        if any(t.client == client for t, _, _ in self.window):
+            return []  # its result waits in the open window: it is sent the aggregate when the window closes
         return [self.dispatch(client, now)] if self.is_free(client) else []
 
     # ------------------------------------------------------------------ aggregation
-    def _add_importance(self, grad_sq: torch.Tensor) -> None:
-        g = grad_sq.to(torch.float32)
-        lo, hi = g.min(), g.max()
-        norm = (g - lo) / (hi - lo) if hi > lo else torch.zeros_like(g)
-        if self._imp_sum is None:
-            self._imp_sum = norm.clone()
-        else:
-            self._imp_sum += norm
-        self._imp_count += 1
-
     def _aggregate(self, now: float) -> list[Action]:
         cfg = self.config
         arrived = self.window
         self.window = []
         masks = {t.task_id: self.task_masks.pop(t.task_id) for t, _, _ in arrived}
-        for task, result, _ in arrived:
+        for task, result, st in arrived:  # st: staleness at arrival, frozen into the slot
             self.buffer.put(task.client, result.weights, masks[task.task_id], result.num_samples, task.version,
-                            order=self.task_orders.pop(task.task_id, None))
+                            order=self.task_orders.pop(task.task_id, None), arrival_round=task.version + st,
+                            zero_outside_mask=True)  # take_result checked the mask (clipping keeps it)
         # clipping happened on arrival (against W_sent); the coordinate-wise rules run here
         rule = cfg.robust if cfg.robust in ("trimmed_mean", "median") else "none"
-        if cfg.buffer:
+        if cfg.buffer and rule == "none" and cfg.staleness_mode == "frozen":
+            new = self.buffer.aggregate_running(self.weights, eta_g=cfg.eta_g, masked=cfg.mask_fedavg)
+        elif cfg.buffer:
             # fp32 accumulation: the models are fp32 and this halves the cost of the step
             new = self.buffer.aggregate(
                 self.weights, self.version, kind=cfg.staleness, a=cfg.a, b=cfg.b, eta_g=cfg.eta_g,
                 masked=cfg.mask_fedavg, accumulate_dtype=torch.float32, robust=rule, trim=cfg.trim,
+                staleness_mode=cfg.staleness_mode,
             )
         else:
             s = [staleness_weight(cfg.staleness, st, cfg.a, cfg.b) for _, _, st in arrived]
@@ -397,7 +525,8 @@ class PRFL(FleetPolicy):
         clients = [t.client for t, _, _ in arrived]
         self.model_id += 1
         actions = self.commit(new, now, clients, [st for _, _, st in arrived], densities=[r.density for _, r, _ in arrived])
-        if self.version % cfg.interval == 0:
+        if self._counter() // cfg.interval > self.control_steps:
+            self.control_steps = self._counter() // cfg.interval
             actions += self._control_step()
         if not self.stopped:
             targets = self.free_clients() if cfg.synchronous else [c for c in clients if self.is_free(c)]
@@ -432,13 +561,15 @@ class PRFL(FleetPolicy):
         cfg = self.config
         actions: list[Action] = []
         before = self.densities
-        after = self.control.update()
-        if after != before:
-            actions.append(Record("densities", {"density": after, "mean_round_time": self.control.mean_times()}))
-        if cfg.importance and self._imp_sum is not None and self._imp_count:
-            scores = self._imp_sum / self._imp_count
-            self.ranking = build_ranking(scores, self.weights[: self.num_prunable], self.ctx.layer_bounds, cfg.floor)
-            self._imp_sum, self._imp_count = None, 0
+        if self.first_stage or cfg.adapt_after_recovery:
+            after = self.control.update()
+            if after != before:
+                actions.append(Record("densities", {"density": after, "mean_round_time": self.control.mean_times()}))
+        scores = self.scores.take(self.weights[: self.num_prunable]) if cfg.importance else None
+        if scores is not None:
+            cost = self.ctx.layer_cost if cfg.layer_cost else None
+            self.ranking = build_ranking(scores, self.weights[: self.num_prunable], self.ctx.layer_bounds, cfg.floor,
+                                         layer_cost=cost)
             self._imp_asked = set()
             self.ranking_id += 1
             self._masks = {}
@@ -446,6 +577,8 @@ class PRFL(FleetPolicy):
             actions.append(Record("ranking", {"ranking_id": self.ranking_id}))
         if cfg.recovery:
             score_model = self.buffer.plain_average(torch.float32) if len(self.buffer) else self.weights
+            if not bool(torch.isfinite(score_model.sum())):
+                score_model = self.weights  # the fp32 sum overflowed (huge but finite slots): score the model
             actions.append(RequestEvaluation(score_model, SERVER_SCORE))
             if cfg.client_scores:
                 for c in self.buffer.clients():
@@ -462,6 +595,7 @@ class PRFL(FleetPolicy):
             _, fired = self.client_monitors[c].check(ev.accuracy, self.version)
             if fired and self.control.minimums[c] < 1.0:
                 self.control.raise_minimum(c, cfg.delta_rho)
+                self.first_stage = False
                 return [Record("recovery", {"scope": "client", "client": c, "min_density": self.control.minimums[c],
                                             "density": self.densities, "score": ev.accuracy})]
             return []
@@ -473,6 +607,10 @@ class PRFL(FleetPolicy):
             return []
         if not fired:
             return []
+        if not self.armed:  # the first run-out only arms the roll-back
+            self.armed = True
+            return [Record("recovery", {"scope": "armed", "best_score": self.monitor.best,
+                                        "best_round": self.monitor.best_round, "score": ev.accuracy})]
         if self.final_phase:
             self.stopped = True
             return [Record("recovery", {"scope": "stop", "best_score": self.monitor.best, "best_round": self.monitor.best_round}),
@@ -480,6 +618,7 @@ class PRFL(FleetPolicy):
         self.weights = self.best_weights  # roll back to the best checkpoint
         self.model_id += 1
         self.control.raise_minimum(None, cfg.delta_rho)
+        self.first_stage = False
         rec: dict[str, Any] = {"scope": "server", "min_density": list(self.control.minimums), "density": self.densities,
                                "best_score": self.monitor.best, "best_round": self.monitor.best_round, "score": ev.accuracy}
         if self.control.all_dense:
@@ -497,14 +636,20 @@ class PRFL(FleetPolicy):
             ranking_floor=self.ranking.floor_count,
             ranking_id=self.ranking_id,
             model_id=self.model_id,
-            imp_sum=None if self._imp_sum is None else self._imp_sum.clone(),
-            imp_count=self._imp_count,
+            scores=self.scores.state_dict(),
+            armed=self.armed,
+            first_stage=self.first_stage,
+            local_rounds=list(self.local_rounds),
+            control_steps=self.control_steps,
+            last_arrival=list(self.last_arrival),
             imp_asked=sorted(self._imp_asked),
             buffer=self.buffer.state_dict(),
             window=[(dataclasses.asdict(t), r, st) for t, r, st in self.window],
             task_masks=dict(self.task_masks),
             task_orders=dict(self.task_orders),
             window_open=self.window_open,
+            step_start=self.step_start,
+            step_length=self.step_length,
             publisher=self.publisher.state_dict(),
             split_id=self._split_id,
             split_key=self._split_key,
@@ -526,8 +671,12 @@ class PRFL(FleetPolicy):
         self.ranking = Ranking(state["ranking_order"].clone(), state["ranking_floor"])
         self.ranking_id = state["ranking_id"]
         self.model_id = state["model_id"]
-        self._imp_sum = None if state["imp_sum"] is None else state["imp_sum"].clone()
-        self._imp_count = state["imp_count"]
+        self.scores.load_state_dict(state["scores"])
+        self.armed = bool(state["armed"])
+        self.first_stage = bool(state["first_stage"])
+        self.local_rounds = [int(x) for x in state["local_rounds"]]
+        self.control_steps = int(state["control_steps"])
+        self.last_arrival = [float(x) for x in state["last_arrival"]]
         self._imp_asked = set(state.get("imp_asked", ()))
         self._masks = {}
         self.buffer.load_state_dict(state["buffer"])
@@ -535,6 +684,8 @@ class PRFL(FleetPolicy):
         self.task_masks = dict(state["task_masks"])
         self.task_orders = dict(state.get("task_orders", {}))
         self.window_open = state["window_open"]
+        self.step_start = float(state.get("step_start", 0.0))
+        self.step_length = float(state.get("step_length", 0.0))
         self.publisher.load_state_dict(state["publisher"])
         self._split, self._split_key, self._split_id = None, None, state["split_id"]
         key = state.get("split_key")

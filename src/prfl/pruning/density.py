@@ -3,9 +3,11 @@
 ``Q_i`` is a FIFO of client i's last ``I`` round times and ``t_i = mean(Q_i)``.
 
 - Rule A (default): ``rho_i = max(min_j t_j / t_i, rho_min_i)``.
-- Rule B: start from preset densities; at each control step, with
-  ``rate = (t_i - t_fastest) / t_i``, if ``|rate| > 0.05`` then
-  ``rho_i <- round(rho_i * (1 - 0.9 * rate), 2)``, never below ``rho_min_i`` (nor above 1).
+- Rule B (the PR-FL reference): start from preset densities; at each control step, with
+  ``rate = (t_i - t_a) / t_i`` against an anchor client ``a`` (the reference's client 0, its
+  fastest device; here ``anchor``, or the client with the smallest mean when no anchor is set), if
+  ``|rate| > 0.05`` then ``rho_i <- round(rho_i * (1 - 0.9 * rate), 2)``, never below
+  ``rho_min_i`` (nor above 1). A client faster than the anchor (rate < 0) gets a denser model.
 
 Clients with no observation yet keep their density.
 
@@ -41,6 +43,7 @@ class DensityController:
     # densities rounded down to multiples of step (None: not rounded). A fleet of thousands of
     # clients then shares a few sub-models (masks, residual pieces) instead of one per client.
     step: float | None = None
+    anchor: int | None = None  # rule B's reference client (None: the client with the smallest mean)
     densities: list[float] = field(init=False)
     minimums: list[float] = field(init=False)
     queues: list[deque[float]] = field(init=False)
@@ -52,6 +55,8 @@ class DensityController:
             raise ValueError(f"time_basis must be 'dense' or 'observed', got {self.time_basis!r}")
         if self.interval < 1:
             raise ValueError(f"interval must be at least 1, got {self.interval}")
+        if self.anchor is not None and not 0 <= self.anchor < self.num_clients:
+            raise ValueError(f"anchor client {self.anchor} out of range [0, {self.num_clients})")
         if self.step is not None and not 0 < self.step <= 1:
             raise ValueError(f"density step must lie in (0, 1], got {self.step}")
         if not 0 < self.global_min <= 1:
@@ -85,6 +90,11 @@ class DensityController:
         if not known:
             return list(self.densities)
         fastest = min(known)
+        if self.rule == "B" and self.anchor is not None:
+            ta = t[self.anchor]
+            if ta is None or ta <= 0:
+                return list(self.densities)  # the anchor has not reported yet
+            fastest = ta
         for i, ti in enumerate(t):
             if ti is None or ti <= 0:
                 continue

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 
@@ -93,27 +94,115 @@ def build_ranking(
     if covered != n:
         raise ValueError(f"layer bounds cover {covered} weights, scores have {n}")
 
-    scores = scores.detach().to(torch.float64).clone()
-    mags = magnitudes.detach().abs().to(torch.float64)
+    s_np = _as_numpy(scores)
     if layer_cost is not None:
+        s_np = s_np.astype(np.float64)  # a copy: score / cost is taken in float64
         for (a, b), c in zip(layer_bounds, layer_cost):
             if c <= 0:
                 raise ValueError(f"layer cost coefficients must be positive, got {c}")
-            scores[a:b] /= c
+            with np.errstate(over="ignore"):
+                s_np[a:b] /= c
+    m_np = np.abs(_as_numpy(magnitudes))
+    if np.isnan(s_np).any() or np.isnan(m_np).any():
+        raise ValueError("scores and magnitudes must not be NaN (check the importance statistics and the weights)")
 
-    in_floor = torch.zeros(n, dtype=torch.bool)
+    in_floor = np.zeros(n, dtype=bool)
     for a, b in layer_bounds:
         k = math.ceil(floor * (b - a))
-        if k == 0:
-            continue
-        # Top-k by magnitude with ties broken by lower index: stable descending sort.
-        top = torch.sort(mags[a:b], descending=True, stable=True).indices[:k]
-        in_floor[a + top] = True
+        if k:
+            in_floor[a:b] = _top_k_mask(m_np[a:b], k)
+    order = _rank_descending(s_np, ~in_floor)
+    return Ranking(order=torch.from_numpy(order), floor_count=int(in_floor.sum()))
 
-    by_score = torch.sort(scores, descending=True, stable=True).indices
-    keep_first = in_floor[by_score]
-    order = torch.cat([by_score[keep_first], by_score[~keep_first]])
-    return Ranking(order=order.to(torch.int64), floor_count=int(in_floor.sum()))
+
+# The ranking is one sort of distinct 64-bit keys, several times faster than a stable argsort of
+# float64 (numpy sorts integers with SIMD instructions where the CPU has them). The keys are
+# distinct, so any correct sort gives the one order the rule defines, on every platform.
+_SIGN64 = np.uint64(1 << 63)
+_SIGN32 = np.uint32(1 << 31)
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A flat float32 or float64 view (or exact copy) of a tensor's values."""
+    t = t.detach().reshape(-1)
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.to(torch.float64 if t.dtype.is_floating_point and t.dtype.itemsize > 4 else torch.float32)
+    return t.contiguous().numpy()
+
+
+def _descending_keys(x: np.ndarray) -> np.ndarray:
+    """Unsigned keys (uint32 for float32, uint64 for float64) whose ascending order is the
+    descending order of ``x``; -0.0 and 0.0 get one key, NaN must be excluded by the caller."""
+    utype, sign = (np.uint32, _SIGN32) if x.dtype == np.float32 else (np.uint64, _SIGN64)
+    keys = (x + x.dtype.type(0.0)).view(utype)  # + 0.0 turns -0.0 into 0.0
+    # ascending key: sign bit set on non-negative values, every bit flipped on negative ones; the
+    # descending key is its complement: the low bits flipped on non-negative values, kept on negative ones
+    flip = keys >> utype(8 * x.itemsize - 1)
+    flip -= utype(1)  # all ones for non-negative values, 0 for negative ones
+    flip &= ~sign
+    keys ^= flip
+    return keys
+
+
+def _top_k_mask(values: np.ndarray, k: int) -> np.ndarray:
+    """Bool mask of the ``k`` largest ``values``, ties broken by lower index: the first ``k``
+    entries of a stable descending sort, found by selection in O(n)."""
+    n = values.size
+    if k >= n:
+        return np.ones(n, dtype=bool)
+    threshold = np.partition(values, n - k)[n - k]  # the k-th largest value
+    out = values > threshold
+    ties = np.flatnonzero(values == threshold)
+    out[ties[: k - int(out.sum())]] = True
+    return out
+
+
+def _rank_descending(scores: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Indices of ``scores`` ordered by (``after``, descending score, ascending index), the
+    entries with ``after`` False first, as int64: one sort of packed uint64 keys with bit 63 =
+    ``after``, the low b = bit length of (n - 1) bits = the index, and the score's key between.
+
+    Scores that float32 holds exactly (squared gradients, magnitudes) fit whole: 32 + 31 bits.
+    Other float64 scores (divided by a layer cost) keep the top 63 - b bits of their key; where
+    two distinct scores share those (within a relative 2^-(51 - b) of each other), the run of
+    equal truncated keys is re-sorted on the full keys, ties by index."""
+    n = scores.size
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    idx_bits = max(1, int(n - 1).bit_length())
+    if idx_bits > 31:
+        raise ValueError(f"at most 2^31 weights can be ranked, got {n}")
+    shift = np.uint64(idx_bits)
+    if scores.dtype == np.float64:
+        with np.errstate(over="ignore"):
+            narrow = scores.astype(np.float32)
+        if np.array_equal(narrow, scores):
+            scores = narrow
+    full = _descending_keys(scores)
+    if full.dtype == np.uint32:
+        key = full.astype(np.uint64) << shift
+    else:
+        key = (full >> np.uint64(idx_bits + 1)) << shift
+    key |= np.arange(n, dtype=np.uint64)
+    key |= after.astype(np.uint64) << np.uint64(63)
+    key.sort()
+    order = (key & ((np.uint64(1) << shift) - np.uint64(1))).astype(np.int64)
+    if full.dtype == np.uint32:
+        return order
+    head = key >> shift
+    same = head[1:] == head[:-1]
+    if same.any():  # runs of equal truncated keys: sort each by its full keys (ties: by index)
+        member = np.zeros(n, dtype=bool)
+        member[1:] |= same
+        member[:-1] |= same
+        pos = np.flatnonzero(member)
+        fk = full[order[pos]]
+        starts = np.ones(pos.size, dtype=bool)  # where a member is not its predecessor's equal neighbour
+        starts[1:] = (pos[1:] != pos[:-1] + 1) | ~same[pos[1:] - 1]
+        if (fk[1:] < fk[:-1])[~starts[1:]].any():
+            perm = np.lexsort((order[pos], fk, np.cumsum(starts)))
+            order[pos] = order[pos][perm]
+    return order
 
 
 def magnitude_ranking(weights: torch.Tensor, layer_bounds: Sequence[tuple[int, int]], floor: float = 0.05) -> Ranking:

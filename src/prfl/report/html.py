@@ -14,11 +14,15 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import yaml
+
 from prfl import __version__
-from prfl.report import tables
+from prfl.report import plots, tables
 from prfl.report.analysis import MethodSummary
 from prfl.report.outputs import PLOT_TITLES, write_plots
+from prfl.report.plots import density_marks, method_colors
 from prfl.report.runset import RunSet, load_runset
+from prfl.sim.history import TIME_PARTS, UPLOAD_PARTS, time_breakdown, upload_split
 
 REPORT_NAME = "report.html"
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -37,18 +41,73 @@ td.num { text-align: right; }
 figure { margin: 1rem 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9rem; }
+h3 { font-size: 1.0rem; margin: 1.2rem 0 0.3rem; }
+.swatch { display: inline-block; width: 0.9em; height: 0.9em; margin: 0 0.35em 0 0; vertical-align: -0.1em;
+          border-radius: 2px; }
+p.key .method { margin-right: 1.1rem; white-space: nowrap; }
 pre { background: #f7f7f7; padding: 0.8rem; overflow-x: auto; font-size: 0.85rem; }
 .warn { background: #fff4e5; border-left: 4px solid #f0a020; padding: 0.5rem 0.8rem; }
 """
 
 CAPTIONS = {
-    "accuracy": "Test accuracy against virtual time; line: mean over seeds, band: ±1 sample sd "
+    "accuracy": "Test accuracy against {time}; line: mean over seeds, band: ±1 sample sd "
                 "(each seed interpolated linearly on a common time grid).",
-    "egress": "Cumulative bytes sent by the server against virtual time (mean ± sd over seeds).",
+    "egress": "Cumulative bytes sent by the server against {time} (mean ± sd over seeds).",
     "local_rounds": "Local rounds finished by each client; bars: mean over seeds, whiskers: sd.",
-    "density": "Density of each client's sub-model over virtual time; red dashed lines: recovery "
-               "(every minimum density raised), triangles: a client's minimum raised, black: early stop.",
+    "density": "Density of each client's sub-model over {time}, one line per client{marks}.",
 }
+DENSITY_MARKS = {
+    "recovery": "red dashed lines: recovery (every minimum density raised)",
+    "client": "red triangles: one client's minimum density raised",
+    "stop": "black line: early stop",
+}
+
+
+def caption(name: str, rs: RunSet) -> str:
+    """The caption of plot ``name``: what is drawn, in the run set's time (virtual or wall)."""
+    time = "wall-clock time" if rs.clock == "wall" else "virtual time"
+    text = CAPTIONS.get(name, PLOT_TITLES.get(name, name))
+    marks = ""
+    if name == "density":
+        first = {m: rr[0].records for m, rr in rs.complete_runs().items()}
+        drawn = [DENSITY_MARKS[k] for k in density_marks(first)]
+        marks = "; " + ", ".join(drawn) if drawn else ""
+    return text.replace("{time}", time).replace("{marks}", marks)
+
+
+def method_key(rs: RunSet) -> str:
+    """Each method's colour (the one every plot uses) and policy, as a line of swatches."""
+    colors = method_colors(rs.methods)
+    items = []
+    for method, color in colors.items():
+        policy = rs.policies.get(method, method)
+        extra = f" ({_esc(policy)})" if policy != method else ""
+        items.append(f'<span class="method" data-method="{_esc(method)}"><span class="swatch" '
+                     f'style="background:{color}"></span>{_esc(method)}{extra}</span>')
+    return '<p class="key">Methods: ' + " ".join(items) + "</p>"
+
+
+def config_section(rs: RunSet) -> list[str]:
+    """Every method's policy with all its options (defaults filled in), then the shared scenario."""
+    parts = ['<h2 id="config">Configuration</h2>',
+             "<p>Each method's policy, every option shown (the defaults where the run did not set one):</p>"]
+    colors = method_colors(rs.methods)
+    for method, pcfg in rs.policy_configs().items():
+        text = yaml.safe_dump(pcfg["options"], sort_keys=False, width=10**6) if pcfg["options"] else "{}\n"
+        parts.append(f'<h3 id="config-{_esc(method)}"><span class="swatch" style="background:{colors[method]}"></span>'
+                     f"{_esc(method)}: policy {_esc(pcfg['name'])}</h3><pre>{_esc(text)}</pre>")
+    plan = {}
+    if rs.kind == "comparison":
+        manifest = yaml.safe_load(rs.config_text) or {}
+        plan = {k: v for k, v in manifest.items() if k not in ("methods", "scenario")}
+    if plan:
+        parts.append("<h3>Comparison</h3><pre>" + _esc(yaml.safe_dump(plan, sort_keys=False, width=10**6)) + "</pre>")
+    if rs.scenario:
+        parts.append("<h3>Scenario (shared by every run)</h3><pre>"
+                     + _esc(yaml.safe_dump(rs.scenario, sort_keys=False, width=10**6)) + "</pre>")
+    else:
+        parts.append(f"<pre>{_esc(rs.config_text)}</pre>")
+    return parts
 
 
 def _esc(text: object) -> str:
@@ -75,6 +134,7 @@ def render(rs: RunSet, plot_paths: dict[str, Path], summaries: Sequence[MethodSu
     """The HTML text of the report of ``rs`` with the PNGs in ``plot_paths`` embedded."""
     summ = list(summaries) if summaries is not None else rs.summaries()
     kind = {"comparison": "comparison", "run": "run", "runs": "runs"}.get(rs.kind, rs.kind)
+    unit = "wall-clock seconds (real time, measured on Flower)" if rs.clock == "wall" else "virtual seconds"
     seeds = sorted({s for m in summ for s in m.seeds})
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
@@ -87,13 +147,15 @@ def render(rs: RunSet, plot_paths: dict[str, Path], summaries: Sequence[MethodSu
         f"<h1>{_esc(rs.title)}</h1>",
         (f'<p class="meta">{_esc(kind)} report of <code>{_esc(rs.root)}</code>: {len(summ)} method(s), '
          f"seeds {_esc(', '.join(str(s) for s in seeds) or '-')}; generated {stamp} by prfl {__version__}. "
-         "Times are virtual seconds; ± is the sample standard deviation over seeds.</p>"),
+         f"Times are {unit}; ± is the sample standard deviation over seeds.</p>"),
+        method_key(rs),
     ]
     if rs.command:
         parts.append(f'<p class="meta">Made by <code>{_esc(rs.command)}</code>; rebuild this page with '
                      f"<code>prfl report {_esc(rs.root)}</code>.</p>")
     sections = [("tta", "Time to accuracy"), ("accuracy", "Final accuracy"), ("participation", "Participation"),
-                ("bytes", "Bytes"), ("plots", "Plots"), ("clients", "Per client"), ("config", "Configuration")]
+                ("bytes", "Bytes"), ("plots", "Plots"), ("clients", "Per client"), ("round-time", "Round time"),
+                ("config", "Configuration")]
     parts.append("<nav>" + "".join(f'<a href="#{k}">{_esc(v)}</a>' for k, v in sections) + "</nav>")
     if rs.missing:
         parts.append(f'<p class="warn">Missing or unfinished runs, left out of every table and plot: '
@@ -109,7 +171,7 @@ def render(rs: RunSet, plot_paths: dict[str, Path], summaries: Sequence[MethodSu
                      "every seed of both methods reached the target.</p>")
     else:
         parts.append("<p>No target accuracies were set (<code>sim.targets</code> or <code>--targets</code>).</p>")
-    parts.append('<h2 id="accuracy">Final accuracy</h2>' + html_table(tables.accuracy_table(summ)))
+    parts.append('<h2 id="accuracy">Final accuracy</h2>' + html_table(tables.accuracy_table(summ, rs.clock)))
     parts.append('<h2 id="participation">Participation</h2>' + html_table(tables.participation_table(summ)))
     parts.append('<p class="meta">Local rounds: tasks each client finished. max/min and the coefficient of '
                  "variation (CV) of the local rounds per client measure the imbalance; mean ± sd over seeds.</p>")
@@ -118,12 +180,75 @@ def render(rs: RunSet, plot_paths: dict[str, Path], summaries: Sequence[MethodSu
     for name, path in plot_paths.items():
         title = PLOT_TITLES.get(name, name)
         parts.append(f'<figure id="fig-{_esc(name)}"><img src="{data_uri(path)}" alt="{_esc(title)}">'
-                     f"<figcaption>{_esc(CAPTIONS.get(name, title))}</figcaption></figure>")
+                     f"<figcaption>{_esc(caption(name, rs))}</figcaption></figure>")
     parts.append('<h2 id="clients">Per client</h2>' + html_table(tables.clients_table(summ)))
-    parts.append('<h2 id="config">Configuration</h2>')
-    parts.append(f"<pre>{_esc(rs.config_text)}</pre>")
+    parts.append(round_time_section(rs))
+    parts += config_section(rs)
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def method_round_time(rs: RunSet) -> dict[str, dict[str, list[float | None]]]:
+    """Per method, per client: the mean seconds per task of each part of :data:`TIME_PARTS`,
+    averaged over the method's complete seeds (a seed in which a client finished nothing is left
+    out of that client's mean). Methods whose histories carry no timings are left out."""
+    out: dict[str, dict[str, list[float | None]]] = {}
+    for method, runs in rs.complete_runs().items():
+        per_seed = [time_breakdown(r.records) for r in runs]
+        n = max((len(b[TIME_PARTS[0]]) for b in per_seed), default=0)
+        if n == 0:
+            continue
+        merged: dict[str, list[float | None]] = {}
+        for part in TIME_PARTS:
+            col: list[float | None] = []
+            for c in range(n):
+                vals = [b[part][c] for b in per_seed if c < len(b[part]) and b[part][c] is not None]
+                col.append(sum(vals) / len(vals) if vals else None)
+            merged[part] = col
+        out[method] = merged
+    return out
+
+
+def round_time_table(rs: RunSet, breakdowns: dict[str, dict[str, list[float | None]]]) -> tables.Table:
+    """Per method: the share of the clients' task time in each part (mean over clients of the
+    per-client seconds, as a share of their sum) and the share of upload bytes by kind."""
+    headers = ["method", *(f"{p.replace('_', ' ')} %" for p in TIME_PARTS), "mean task s",
+               *(f"upload {p} %" for p in UPLOAD_PARTS)]
+    rows = []
+    runs = rs.complete_runs()
+    for method, b in breakdowns.items():
+        means = []
+        for part in TIME_PARTS:
+            vals = [v for v in b[part] if v is not None]
+            means.append(sum(vals) / len(vals) if vals else 0.0)
+        total = sum(means)
+        split = dict.fromkeys(UPLOAD_PARTS, 0)
+        for r in runs.get(method, []):
+            for k, v in upload_split(r.records).items():
+                split[k] += v
+        up = sum(split.values())
+        rows.append([method, *(f"{100 * m / total:.1f}" if total else "-" for m in means), f"{total:.3g}",
+                     *(f"{100 * split[p] / up:.1f}" if up else "-" for p in UPLOAD_PARTS)])
+    return headers, rows
+
+
+def round_time_section(rs: RunSet) -> str:
+    """The report's "Round time" section: where each client's task time goes (stacked bars) and
+    the shares per method; histories without per-arrival timings get a note instead."""
+    head = '<h2 id="round-time">Round time</h2>'
+    breakdowns = method_round_time(rs)
+    if not breakdowns:
+        return head + "<p>These runs' histories carry no per-arrival timings (written by an older prfl).</p>"
+    with tempfile.TemporaryDirectory(prefix="prfl-report-") as tmp:
+        png = plots.plot_round_time(breakdowns, Path(tmp) / "round_time.png", title=f"{rs.title}: round time")
+        uri = data_uri(png)
+    caption = ("Where a task's time goes, per client: mean seconds per task (mean over seeds) of the download "
+               "and the upload at the client's own link speeds, compute, and link wait, the time the transfers "
+               "were queued or slowed by the server's shared link beyond that.")
+    return (head + f'<figure id="fig-round_time"><img src="{uri}" alt="Round time per client">'
+            f"<figcaption>{_esc(caption)}</figcaption></figure>" + html_table(round_time_table(rs, breakdowns))
+            + '<p class="meta">Shares of the clients\' mean task time, and of all bytes their uploads held '
+            "(under the reference accounting only the values are charged).</p>")
 
 
 def write_report(

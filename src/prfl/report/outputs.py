@@ -15,7 +15,7 @@ from prfl.report.runset import RunSet
 
 PLOTS = ("accuracy", "egress", "local_rounds", "density")
 PLOT_TITLES = {
-    "accuracy": "Accuracy against virtual time",
+    "accuracy": "Accuracy against time",
     "egress": "Bytes sent by the server",
     "local_rounds": "Local rounds per client",
     "density": "Client densities and recovery",
@@ -28,16 +28,20 @@ def write_plots(rs: RunSet, out_dir: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     runs = rs.complete_runs()
     histories = {m: [r.records for r in rr] for m, rr in runs.items()}
+    clock = rs.clock
     paths = {
-        "accuracy": plots.plot_accuracy_bands(histories, out / "accuracy.png", title=f"{rs.title}: accuracy"),
-        "egress": plots.plot_egress(histories, out / "egress.png", title=f"{rs.title}: bytes sent by the server"),
+        "accuracy": plots.plot_accuracy_bands(histories, out / "accuracy.png", title=f"{rs.title}: accuracy",
+                                              clock=clock),
+        "egress": plots.plot_egress(histories, out / "egress.png", title=f"{rs.title}: bytes sent by the server",
+                                    clock=clock),
     }
     local = {m: [[float(x) for x in s.local_rounds] for s in summ.runs] for m, summ in ((s.method, s) for s in rs.summaries())}
     paths["local_rounds"] = plots.plot_local_rounds(local, out / "local_rounds.png", title=f"{rs.title}: local rounds per client")
     first = {m: rr[0].records for m, rr in runs.items()}
     seeds = {rr[0].seed for rr in runs.values()}
     suffix = f" (seed {seeds.pop()})" if len(seeds) == 1 and None not in seeds else " (first seed)"
-    paths["density"] = plots.plot_density(first, out / "density.png", title=f"{rs.title}: client densities{suffix}")
+    paths["density"] = plots.plot_density(first, out / "density.png", title=f"{rs.title}: client densities{suffix}",
+                                          clock=clock)
     return paths
 
 
@@ -83,10 +87,11 @@ def results_markdown(rs: RunSet, summaries: Sequence[MethodSummary], plot_paths:
                      base: Path | None = None) -> str:
     """All tables in one Markdown document (with links to the plots when given)."""
     lines = [f"# {rs.title}\n"]
+    unit = "wall-clock seconds (real time, on Flower)" if rs.clock == "wall" else "virtual seconds"
     if rs.command:
-        lines.append(f"Made by `{rs.command}`; times are virtual seconds, ± is the sample sd over seeds.\n")
+        lines.append(f"Made by `{rs.command}`; times are {unit}, ± is the sample sd over seeds.\n")
     else:
-        lines.append("Times are virtual seconds, ± is the sample sd over seeds.\n")
+        lines.append(f"Times are {unit}, ± is the sample sd over seeds.\n")
     if rs.missing:
         lines.append(f"Missing or unfinished runs (left out): {', '.join(rs.missing)}.\n")
     base_note = f" against {rs.baseline}" if rs.baseline else ""
@@ -96,7 +101,7 @@ def results_markdown(rs: RunSet, summaries: Sequence[MethodSummary], plot_paths:
     else:
         lines.append("No target accuracies were given (`--targets` or `sim.targets`).\n")
     lines.append("## Final accuracy\n")
-    lines.append(tables.markdown(tables.accuracy_table(summaries)))
+    lines.append(tables.markdown(tables.accuracy_table(summaries, rs.clock)))
     lines.append("## Participation (local rounds per client)\n")
     lines.append(tables.markdown(tables.participation_table(summaries)))
     lines.append("## Bytes\n")
@@ -126,7 +131,7 @@ def write_tables(rs: RunSet, out_dir: str | Path, summaries: Sequence[MethodSumm
 
     md("time_to_accuracy", tables.time_to_accuracy_table(summ, rs.targets, rs.baseline))
     csv("time_to_accuracy", tables.time_to_accuracy_records(summ, rs.baseline))
-    md("accuracy", tables.accuracy_table(summ))
+    md("accuracy", tables.accuracy_table(summ, rs.clock))
     md("participation", tables.participation_table(summ))
     md("bytes", tables.bytes_table(summ))
     md("clients", tables.clients_table(summ))

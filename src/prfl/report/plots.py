@@ -7,6 +7,7 @@ per method.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,16 @@ def eval_curve(records: Iterable[Mapping[str, Any]]) -> tuple[list[float], list[
     return ts, accs
 
 
-def plot_accuracy(curves: Mapping[str, Iterable[Mapping[str, Any]]], path: str | Path, title: str = "") -> Path:
-    """Accuracy against virtual time, one line per run; writes PNG (and SVG beside it)."""
+def plot_accuracy(curves: Mapping[str, Iterable[Mapping[str, Any]]], path: str | Path, title: str = "",
+                  clock: str = "virtual") -> Path:
+    """Accuracy against time (``clock``: virtual or wall seconds), one line per run in its
+    method's colour (:func:`method_colors`); writes PNG (and SVG beside it)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    colors = method_colors(curves)
     for label, records in curves.items():
         ts, accs = eval_curve(records)
-        ax.plot(ts, accs, label=label, linewidth=1.6)
-    ax.set_xlabel("virtual time (s)")
+        ax.plot(ts, accs, label=label, linewidth=1.6, color=colors[label])
+    ax.set_xlabel(time_label(clock))
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
     if title:
@@ -48,17 +52,56 @@ def plot_accuracy(curves: Mapping[str, Iterable[Mapping[str, Any]]], path: str |
     return path
 
 
+# ---------------------------------------------------------------------------- colours
+# One colour per method everywhere: a run's accuracy.png, the plots of `prfl run` and `prfl compare`
+# and the HTML report all take their colours from method_colors, which depends on the names only.
+POLICY_COLORS = {
+    "prfl": "#1f77b4",  # tab:blue
+    "fedasync": "#ff7f0e",  # tab:orange
+    "fedbuff": "#2ca02c",  # tab:green
+    "fedfix": "#d62728",  # tab:red
+    "fedavg": "#9467bd",  # tab:purple
+    "heterofl": "#8c564b",  # tab:brown
+}
+# other method names (variants, ablations, "fedasync-1"): tab10's remaining colours, then a few
+# more. No greys (axes, grid and text are grey), and no colour is a blend of another with white,
+# black or grey (an anti-aliased edge must not look like another method).
+OTHER_COLORS = ("#e377c2", "#bcbd22", "#17becf", "#393b79", "#b5cf6b", "#ff00ff")
+
+
+def method_color(method: str, taken: Iterable[str] = ()) -> str:
+    """The colour (``#rrggbb``) of ``method``: fixed for each policy name; any other name gets a
+    colour of :data:`OTHER_COLORS` chosen by a stable hash of the name, skipping ``taken``."""
+    if method in POLICY_COLORS:
+        return POLICY_COLORS[method]
+    used = set(taken)
+    start = zlib.crc32(method.encode("utf-8")) % len(OTHER_COLORS)
+    for k in range(len(OTHER_COLORS)):
+        color = OTHER_COLORS[(start + k) % len(OTHER_COLORS)]
+        if color not in used:
+            return color
+    return OTHER_COLORS[start]
+
+
+def method_colors(methods: Iterable[str]) -> dict[str, str]:
+    """A colour per method (:func:`method_color`): the policies' colours first, then the other
+    names' in sorted order, so the same set of methods gets the same colours in any order."""
+    names = list(dict.fromkeys(methods))
+    out = {m: POLICY_COLORS[m] for m in names if m in POLICY_COLORS}
+    for m in sorted(n for n in names if n not in POLICY_COLORS):
+        out[m] = method_color(m, out.values())
+    return {m: out[m] for m in names}
+
+
+def time_label(clock: str = "virtual") -> str:
+    """The time axis' label: ``virtual time (s)`` for the simulator, ``wall time (s)`` on Flower."""
+    return "wall time (s)" if clock == "wall" else "virtual time (s)"
+
+
 # ---------------------------------------------------------------------------- comparison plots
 # Every function below writes ``path`` as PNG and the same figure as SVG beside it, and returns the
-# PNG path. Colours follow the order of the methods, so a method has one colour in every figure.
+# PNG path. A method has its method_colors colour in every figure.
 Records = Sequence[Mapping[str, Any]]
-
-
-def method_colors(methods: Iterable[str]) -> dict[str, Any]:
-    """A colour per method (tab10, then tab20 for more than ten methods)."""
-    names = list(methods)
-    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-    return {m: cmap(i % cmap.N) for i, m in enumerate(names)}
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
@@ -103,15 +146,16 @@ def _banded(
     return drawn
 
 
-def plot_accuracy_bands(runs: Mapping[str, Sequence[Records]], path: str | Path, title: str = "", points: int = 200) -> Path:
-    """Accuracy against virtual time: per method the mean over seeds and a ±1 sd band.
+def plot_accuracy_bands(runs: Mapping[str, Sequence[Records]], path: str | Path, title: str = "", points: int = 200,
+                        clock: str = "virtual") -> Path:
+    """Accuracy against time: per method the mean over seeds and a ±1 sd band.
 
     The seeds of a method are linearly interpolated on a common grid of ``points`` times from 0 to
     the end of its longest run; a seed counts only within its own time span.
     """
     fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=110)
     if _banded(ax, runs, "accuracy", 1.0, points):
-        ax.set_xlabel("virtual time (s)")
+        ax.set_xlabel(time_label(clock))
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize="small")
@@ -122,11 +166,12 @@ def plot_accuracy_bands(runs: Mapping[str, Sequence[Records]], path: str | Path,
     return save_figure(fig, path)
 
 
-def plot_egress(runs: Mapping[str, Sequence[Records]], path: str | Path, title: str = "", points: int = 200) -> Path:
-    """Cumulative bytes sent by the server (MB) against virtual time, mean ± sd over seeds."""
+def plot_egress(runs: Mapping[str, Sequence[Records]], path: str | Path, title: str = "", points: int = 200,
+                clock: str = "virtual") -> Path:
+    """Cumulative bytes sent by the server (MB) against time, mean ± sd over seeds."""
     fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=110)
     if _banded(ax, runs, "server_egress", 1e-6, points):
-        ax.set_xlabel("virtual time (s)")
+        ax.set_xlabel(time_label(clock))
         ax.set_ylabel("server egress (MB, cumulative)")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", fontsize="small")
@@ -172,17 +217,36 @@ def plot_local_rounds(rounds: Mapping[str, Sequence[Sequence[float]]], path: str
     return save_figure(fig, path)
 
 
-def plot_density(runs: Mapping[str, Records], path: str | Path, title: str = "") -> Path:
-    """Density of each client's sub-model over virtual time, one panel per method.
-
-    Densities come from ``densities`` events and the ``density`` field of evaluations (a step
-    function); ``recovery`` events are marked: server-wide steps as red dashed lines, per-client
-    steps as markers on that client's curve, early stopping as a black line.
-    """
+def _density_panels(runs: Mapping[str, Records]) -> list[tuple[str, tuple[np.ndarray, np.ndarray], list[Any]]]:
     from prfl.report.analysis import density_series, recovery_events
 
     panels = [(m, density_series(rec), recovery_events(rec)) for m, rec in runs.items()]
-    panels = [p for p in panels if p[1][0].size]
+    return [p for p in panels if p[1][0].size]
+
+
+def density_marks(runs: Mapping[str, Records]) -> list[str]:
+    """Which marks :func:`plot_density` draws for ``runs``: ``recovery`` (server-wide step),
+    ``client`` (one client's minimum raised) and ``stop`` (early stop), in that order."""
+    seen = set()
+    for _, (_, mat), recs in _density_panels(runs):
+        for ev in recs:
+            if ev.scope == "client":
+                if ev.client is not None and 0 <= ev.client < mat.shape[1]:
+                    seen.add("client")
+            else:
+                seen.add("stop" if ev.scope == "stop" else "recovery")
+    return [k for k in ("recovery", "client", "stop") if k in seen]
+
+
+def plot_density(runs: Mapping[str, Records], path: str | Path, title: str = "", clock: str = "virtual") -> Path:
+    """Density of each client's sub-model over time, one panel per method.
+
+    Densities come from ``densities`` events and the ``density`` field of evaluations (a step
+    function); ``recovery`` events are marked (see :func:`density_marks`): server-wide steps as red
+    dashed lines, per-client steps as red triangles on that client's curve, early stopping as a
+    black line.
+    """
+    panels = _density_panels(runs)
     fig, axes = plt.subplots(max(1, len(panels)), 1, figsize=(7.6, 2.6 * max(1, len(panels)) + 0.6), dpi=110,
                              sharex=True, squeeze=False, layout="constrained")
     if not panels:
@@ -197,25 +261,70 @@ def plot_density(runs: Mapping[str, Records], path: str | Path, title: str = "")
                     label=f"client {c}" if k <= 12 else None)
         labelled: set[str] = set()
         for ev in recs:
-            if ev.scope == "client" and ev.client is not None and ev.client < k:
+            if ev.scope == "client":
+                if ev.client is None or not 0 <= ev.client < k:
+                    continue
                 idx = max(0, int(np.searchsorted(ts, ev.time, side="right")) - 1)
                 ax.plot([ev.time], [mat[idx, ev.client]], marker="^", color="tab:red", markersize=6,
                         label=None if "client" in labelled else "recovery (client)")
+                labelled.add("client")
             else:
                 color, style = ("black", "-") if ev.scope == "stop" else ("tab:red", "--")
                 name = "early stop" if ev.scope == "stop" else "recovery"
                 ax.axvline(ev.time, color=color, linestyle=style, linewidth=1.0,
                            label=None if name in labelled else name)
                 labelled.add(name)
-            if ev.scope == "client":
-                labelled.add("client")
         ax.set_ylim(0.0, 1.05)
         ax.set_ylabel("density")
         ax.set_title(method if len(panels) > 1 or not title else f"{title}: {method}", fontsize="medium")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    axes[-1][0].set_xlabel("virtual time (s)")
+    axes[-1][0].set_xlabel(time_label(clock))
+    if title and len(panels) > 1:
+        fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+ROUND_TIME_PARTS = ("download", "link_wait", "compute", "upload")
+ROUND_TIME_LABELS = {"download": "download (own link)", "link_wait": "link wait (server link)",
+                     "compute": "compute", "upload": "upload (own link)"}
+ROUND_TIME_COLORS = {"download": "tab:blue", "link_wait": "tab:gray", "compute": "tab:green", "upload": "tab:orange"}
+
+
+def plot_round_time(breakdowns: Mapping[str, Mapping[str, Sequence[float | None]]], path: str | Path,
+                    title: str = "") -> Path:
+    """Where a local round's time goes: per client, a stacked bar of the mean seconds per task of
+    download, link wait, compute and upload (see :mod:`prfl.sim.history`); one panel per method.
+
+    ``breakdowns`` maps a method to ``{part: [seconds per client]}`` as returned by
+    :func:`prfl.sim.history.time_breakdown` (None: the client finished no task; drawn as 0).
+    """
+    panels = [(m, b) for m, b in breakdowns.items()
+              if any(v is not None for p in ROUND_TIME_PARTS for v in b.get(p, ()))]
+    n = max((len(b.get(p, ())) for _, b in panels for p in ROUND_TIME_PARTS), default=0)
+    rows = max(1, len(panels))
+    fig, axes = plt.subplots(rows, 1, figsize=(max(6.0, min(16.0, 2.0 + 0.35 * n)), 2.6 * rows + 0.8), dpi=110,
+                             sharex=True, squeeze=False, layout="constrained")
+    if not panels:
+        _empty(axes[0][0], "no arrival timings in the history")
+        axes[0][0].set_title(title or "where the round time goes")
+        return save_figure(fig, path)
+    x = np.arange(n)
+    for (method, b), row in zip(panels, axes):
+        ax = row[0]
+        bottom = np.zeros(n)
+        for part in ROUND_TIME_PARTS:
+            vals = np.array([float(v) if v is not None else 0.0 for v in b.get(part, [])] + [0.0] * n)[:n]
+            ax.bar(x, vals, 0.7, bottom=bottom, color=ROUND_TIME_COLORS[part], label=ROUND_TIME_LABELS[part])
+            bottom += vals
+        ax.set_ylabel("seconds per task")
+        ax.set_title(method if len(panels) > 1 or not title else f"{title}: {method}", fontsize="medium")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    last = axes[-1][0]
+    last.set_xticks(x if n <= 40 else x[:: max(1, n // 20)])
+    last.set_xlabel("client")
     if title and len(panels) > 1:
         fig.suptitle(title)
     return save_figure(fig, path)

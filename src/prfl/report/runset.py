@@ -49,6 +49,25 @@ class RunSet:
     config_text: str
     missing: list[str] = field(default_factory=list)  # runs that are absent or unfinished
     command: str | None = None
+    # each method's policy configuration ({"name": ..., "options": {...}}) as the runs were given it
+    method_policies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scenario: dict[str, Any] = field(default_factory=dict)  # the configuration every run shares, less its policy
+
+    @property
+    def clock(self) -> str:
+        """``wall`` when every run ran in real time (on Flower), else ``virtual`` (the simulator)."""
+        clocks = {run_clock(r) for runs in self.methods.values() for r in runs}
+        return "wall" if clocks == {"wall"} else "virtual"
+
+    def policy_configs(self) -> dict[str, dict[str, Any]]:
+        """Each method's policy with every option, the defaults filled in (what the runs used)."""
+        from prfl.explain import resolved_policy
+
+        out = {}
+        for method in self.methods:
+            pcfg = self.method_policies.get(method) or {"name": self.policies.get(method, method), "options": {}}
+            out[method] = resolved_policy(pcfg)
+        return out
 
     def summaries(self) -> list[MethodSummary]:
         """Per-method summaries of the complete runs, with speed-ups against the baseline."""
@@ -62,6 +81,21 @@ class RunSet:
 
     def complete_runs(self) -> dict[str, list[RunData]]:
         return {m: [r for r in runs if r.complete] for m, runs in self.methods.items() if any(r.complete for r in runs)}
+
+
+def run_clock(run: RunData) -> str:
+    """``wall`` for a run made on Flower (real seconds), ``virtual`` for a simulator run."""
+    summary = run.summary or {}
+    return "wall" if summary.get("clock") == "wall" or summary.get("driver") == "flower" else "virtual"
+
+
+def _policy_of(config: dict[str, Any] | None) -> dict[str, Any]:
+    pol = (config or {}).get("policy") or {}
+    return {"name": pol.get("name"), "options": dict(pol.get("options") or {})} if pol.get("name") else {}
+
+
+def _scenario_of(config: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (config or {}).items() if k not in ("policy", "baselines")}
 
 
 def _targets_of(config: dict[str, Any] | None) -> list[float]:
@@ -98,6 +132,8 @@ def load_comparison(root: str | Path) -> RunSet:
         config_text=(root / MANIFEST).read_text(encoding="utf-8"),
         missing=missing,
         command=manifest.get("command"),
+        method_policies={m: _policy_of({"policy": p}) for m, p in (manifest.get("methods") or {}).items()},
+        scenario=_scenario_of(manifest.get("scenario")),
     )
 
 
@@ -116,6 +152,8 @@ def load_single_run(path: str | Path) -> RunSet:
         baseline=None,
         config_text=(path / "config.yaml").read_text(encoding="utf-8"),
         missing=[] if run.complete else [f"{policy} (unfinished)"],
+        method_policies={policy: _policy_of(run.config)},
+        scenario=_scenario_of(run.config),
     )
 
 
@@ -139,6 +177,8 @@ def load_run_root(path: str | Path) -> RunSet:
         baseline=baseline,
         config_text=(dirs[0] / "config.yaml").read_text(encoding="utf-8"),
         missing=[f"{m} (unfinished)" for m, r in methods.items() if not r[0].complete],
+        method_policies={m: _policy_of(r[0].config) for m, r in methods.items()},
+        scenario=_scenario_of(first.config),
     )
 
 

@@ -59,8 +59,20 @@ def time_to_accuracy_table(summaries: Sequence[MethodSummary], targets: Sequence
     return headers, rows
 
 
-def accuracy_table(summaries: Sequence[MethodSummary]) -> Table:
-    headers = ["method", "seeds", "final accuracy", "best accuracy", "server rounds", "virtual s"]
+def _count(stat: Stat, digits: int | None = None) -> str:
+    """A count (rounds): an integer when it is one (a single seed), else ``Stat.fmt(digits)``."""
+    if stat.mean is not None and stat.n <= 1 and float(stat.mean).is_integer():
+        return str(int(stat.mean))
+    return stat.fmt(digits)
+
+
+def _count_value(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:.1f}"
+
+
+def accuracy_table(summaries: Sequence[MethodSummary], clock: str = "virtual") -> Table:
+    """Final and best test accuracy, server rounds and the run's length (``clock`` seconds)."""
+    headers = ["method", "seeds", "final accuracy", "best accuracy", "server rounds", f"{clock} s"]
     rows = [
         [s.method, str(len(s.runs)), s.final_accuracy.fmt(3), s.best_accuracy.fmt(3), s.server_rounds.fmt(0), s.virtual_seconds.fmt()]
         for s in summaries
@@ -74,9 +86,9 @@ def participation_table(summaries: Sequence[MethodSummary]) -> Table:
     rows = []
     for s in summaries:
         per = [c.mean for c in s.local_rounds_per_client if c.mean is not None]
-        lo = f"{min(per):.1f}" if per else "-"
-        hi = f"{max(per):.1f}" if per else "-"
-        rows.append([s.method, s.local_rounds_total.fmt(), lo, hi, _ratio(s.imbalance_ratio), s.imbalance_cv.fmt(3)])
+        lo = _count_value(min(per)) if per else "-"
+        hi = _count_value(max(per)) if per else "-"
+        rows.append([s.method, _count(s.local_rounds_total), lo, hi, _ratio(s.imbalance_ratio), s.imbalance_cv.fmt(3)])
     return headers, rows
 
 
@@ -110,7 +122,7 @@ def clients_table(summaries: Sequence[MethodSummary]) -> Table:
         for s in summaries:
             lr = s.local_rounds_per_client[c] if c < len(s.local_rounds_per_client) else Stat(None, None, 0, 0)
             up = s.client_upload_mb[c] if c < len(s.client_upload_mb) else Stat(None, None, 0, 0)
-            row += [lr.fmt(1), up.fmt()]
+            row += [_count(lr, 1), up.fmt()]
         rows.append(row)
     return headers, rows
 

@@ -253,7 +253,7 @@ def draw_server_speeds(fleet: Fleet, key: int, run_seed: int) -> tuple[float, fl
 _SERVER_OPTIONS = ("server_down_bps", "server_up_bps", "server_sigma")
 
 PRESETS: dict[str, tuple[str, ...]] = {
-    "paper10": ("compute_flops", "compute_spread", "sigma", *_SERVER_OPTIONS),
+    "paper10": ("compute_flops", "compute_spread", "sigma", "links", *_SERVER_OPTIONS),
     "lognormal": ("compute_flops", "down_bps", "up_bps", "spread", "correlated", "sigma", *_SERVER_OPTIONS),
     "uniform": ("compute_flops", "down_bps", "up_bps", "sigma", *_SERVER_OPTIONS),
 }
@@ -269,8 +269,11 @@ _DEFAULTS: dict[str, Any] = {
     "server_down_bps": PAPER_SERVER_DOWN_MBPS * MB,
     "server_up_bps": PAPER_SERVER_UP_MBPS * MB,
     "server_sigma": PAPER_SERVER_SIGMA,
+    "links": "paper",
 }
-_PAPER_DEFAULTS: dict[str, Any] = {"compute_flops": 2e10, "compute_spread": 10.0}
+_PAPER_DEFAULTS: dict[str, Any] = {"compute_flops": 2e10, "compute_spread": 10.0, "links": "paper"}
+PAPER_LINKS = ("paper", "fastest")
+"""Values of the ``paper10`` option ``links``: the paper's per-client links, or the fastest client's for all."""
 
 
 def _option(preset: str, options: Mapping[str, Any], name: str) -> Any:
@@ -278,7 +281,10 @@ def _option(preset: str, options: Mapping[str, Any], name: str) -> Any:
     if value is None:
         value = _DEFAULTS[name]
     label = f"make_fleet({preset!r}) option {name!r}"
-    if name == "correlated":
+    if name == "links":
+        if value not in PAPER_LINKS:
+            raise FleetError(f"{label} must be one of {', '.join(map(repr, PAPER_LINKS))}, got {value!r}")
+    elif name == "correlated":
         if not isinstance(value, bool):
             raise FleetError(f"{label} must be True or False, got {value!r}")
     elif name in ("sigma", "server_sigma", "spread"):
@@ -317,12 +323,14 @@ def _paper10(num_clients: int, opts: Mapping[str, Any]) -> tuple[DeviceProfile, 
     fastest = _option("paper10", opts, "compute_flops")
     spread = _option("paper10", opts, "compute_spread")
     sigma = _option("paper10", opts, "sigma")
+    # links="fastest": every client gets paper client 0's links (compute keeps its spread)
+    fast_links = _option("paper10", opts, "links") == "fastest"
     ranks = _paper_ranks(PAPER_DOWN_MBPS)
     base = tuple(
         DeviceProfile(
             compute_flops=fastest * spread ** (-ranks[i] / (n - 1)),
-            down_bps=PAPER_DOWN_MBPS[i] * MB,
-            up_bps=PAPER_UP_MBPS[i] * MB,
+            down_bps=PAPER_DOWN_MBPS[0 if fast_links else i] * MB,
+            up_bps=PAPER_UP_MBPS[0 if fast_links else i] * MB,
             sigma=sigma,
         )
         for i in range(n)
@@ -357,8 +365,10 @@ def make_fleet(preset: str, num_clients: int, seed: int = 0, **options: Any) -> 
       ranking with geometric spacing: ``compute_i = compute_flops * compute_spread^(-r_i / 9)``,
       ``r_i`` the fractional rank of client i's download speed (0 = fastest; the two 2 MB/s
       clients share rank 7.5). Defaults ``compute_flops=2e10`` (the fastest client) and
-      ``compute_spread=10`` (fastest / slowest). ``num_clients`` must be a multiple of 10: client
-      ``i`` gets the profile of paper client ``i % 10``.
+      ``compute_spread=10`` (fastest / slowest). ``links="fastest"`` gives every client the
+      fastest client's links (20 and 5 MB/s; compute keeps its spread, ``compute_spread=1``
+      removes that too); the default ``"paper"`` keeps the list above. ``num_clients`` must be a
+      multiple of 10: client ``i`` gets the profile of paper client ``i % 10``.
     * ``"lognormal"``: client i's means are ``median_k * exp(spread * z_k)``, ``z ~ N(0, I_3)``
       drawn at address ``(seed, "fleet", i)`` (so the first clients do not change when
       ``num_clients`` grows); with ``correlated=True`` one shared ``z_0`` scales all three.

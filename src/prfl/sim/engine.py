@@ -6,23 +6,33 @@ density, divided by the device's drawn speed) and its upload over the server's s
 All draws are seeded by address, so a run's history is fixed by its seed, whatever executor
 trains and however loaded the host is (unless compute time is taken from measurements).
 
+Accounting. ``SimSettings.accounting`` says what a task costs: ``honest`` (the default) charges
+every byte the policy's task moves and FLOP-based compute at the device's speed; ``reference``
+charges the PR-FL reference code's cost model (reference-sized downloads pushed once per server
+step, values-only uploads, the same compute seconds for every client); see
+:mod:`prfl.sim.accounting`.
+
+Where a task's time goes. Every ``arrival`` record splits the task's duration (dispatch to the
+end of its upload) into ``download + link_wait + compute + upload`` seconds; see
+:meth:`Simulation._timing` for the definitions.
+
 Checkpoints and exact resume. With a checkpoint directory the driver saves its whole state
-(event queue, links, in-flight tasks with their trained outputs, the policy, counters and the
-byte offset of the history file) every ``checkpoint_every_rounds`` server rounds, once the
-event that made the round has been handled completely (the evaluations it requested
-included), so a run resumed from any checkpoint replays exactly what the uninterrupted run did.
-``checkpoint.pt`` is written atomically: to a temporary file with a trailer (magic, payload
-length, SHA-256 of the payload), fsynced, then renamed over the previous checkpoint, which is
-kept as ``checkpoint.prev.pt``. :func:`load_checkpoint` verifies the trailer (a torn or
-corrupted file fails it) and falls back to the previous checkpoint; the caller cuts the history
+(event queue, links, in-flight tasks, the policy, counters and the byte offset of the history
+file) every ``checkpoint_every_rounds`` server rounds, once the event that made the round has
+been handled completely (the evaluations it requested included), so a run resumed from any
+checkpoint replays exactly what the uninterrupted run did. An in-flight task is saved as the
+job it is (its start values, one copy per model version and mask, fetched from wherever the
+executor keeps them: memory or its spill files) and trained again after a resume, which gives
+the same output since a job carries everything that decides it; a task whose job is no longer
+at hand (already trained) is saved with its output. The file format is :mod:`prfl.checkpoint`
+(safetensors and JSON, written atomically with a checksum trailer, ``checkpoint.prev.pt`` kept);
+:func:`load_checkpoint` falls back to the previous checkpoint, and the caller cuts the history
 back to the offset of the checkpoint it got.
 """
 
 from __future__ import annotations
 
-import hashlib
 import heapq
-import io
 import logging
 import math
 import os
@@ -36,6 +46,16 @@ import numpy as np
 import torch
 
 from prfl.allocator import release_free_heap, tune_allocator
+from prfl.checkpoint import (  # noqa: F401  (the checkpoint names, as this module has always exported them)
+    CHECKPOINT,
+    PREVIOUS_CHECKPOINT,
+    CheckpointError,
+    Streamed,
+    load_checkpoint,
+    materialize,
+    read_checkpoint,
+    write_checkpoint,
+)
 from prfl.client.result import TaskResult
 from prfl.client.trainer import TrainConfig, TrainOutput
 from prfl.policies.base import (
@@ -55,22 +75,16 @@ from prfl.policies.base import (
     TimerFired,
 )
 from prfl.seeding import int_seed
+from prfl.sim.accounting import Accounting, ReferenceBroadcast, ReferenceSizes, check_accounting, values_only_bytes
 from prfl.sim.devices import Fleet, TaskSpeeds, draw_server_speeds, draw_task_speeds
-from prfl.sim.executors import Executor, TrainJob
-from prfl.sim.history import HistoryWriter
+from prfl.sim.executors import Executor, TrainJob, job_source
+from prfl.sim.history import TIME_PARTS, UPLOAD_PARTS, HistoryWriter
 from prfl.sim.links import SharedLink
 
 log = logging.getLogger(__name__)
 
 _NO_WEIGHTS = torch.empty(0)  # what an in-flight task record holds in place of its start weights
-CHECKPOINT = "checkpoint.pt"
-PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
-_TRAILER_MAGIC = b"PRFLCKP1"
-_TRAILER_SIZE = len(_TRAILER_MAGIC) + 8 + 32  # magic, payload length (little endian), SHA-256
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, torn or not a simulation checkpoint; the message names the file."""
+STATE_FORMAT = 2  # the layout of Simulation.state_dict
 
 
 Evaluator = Callable[[torch.Tensor], tuple[float, float]]  # weights -> (loss, accuracy)
@@ -91,8 +105,13 @@ class SimSettings:
     piece_relay: bool = True
     checkpoint_every_rounds: int | None = None
     target_accuracies: tuple[float, ...] = ()
+    accounting: Accounting = "honest"  # what tasks cost: every byte, or the reference's model
 
     def __post_init__(self) -> None:
+        check_accounting(self.accounting)
+        if self.accounting == "reference" and not self.piece_relay:
+            raise ValueError("piece_relay: false describes where honest downloads come from; the reference "
+                             "accounting has its own download model: use accounting 'honest' or piece_relay true")
         if self.eval_every_rounds is not None and self.eval_every_rounds < 1:
             raise ValueError("eval_every_rounds must be at least 1 (or None)")
         if self.eval_every_seconds is not None and self.eval_every_seconds <= 0:
@@ -114,9 +133,10 @@ class InFlight:
     relay_bytes: int = 0  # part of the download served from already-published pieces
     output: TrainOutput | None = None
     compute_seconds: float = 0.0
-    downloaded_at: float = math.nan  # when the download (and any relay) ended
-    uploading_at: float = math.nan  # when the upload started
     future: Any = field(default=None, repr=False)
+    down_bytes: int = 0  # bytes the download is charged (the accounting's size)
+    download_done_at: float = math.nan  # when the last byte of the download arrived
+    upload_started_at: float = math.nan  # when compute ended and the upload began
 
 
 class Simulation:
@@ -188,11 +208,20 @@ class Simulation:
         self.server_ingress = 0
         self.arrivals = [0] * n
         self.compute_total = 0.0  # measured seconds of local training, for overhead figures
+        # per client: seconds of download, link wait, compute, upload summed over its arrivals
+        self.time_parts = [[0.0] * len(TIME_PARTS) for _ in range(n)]
+        self.upload_parts = [0] * len(UPLOAD_PARTS)  # bytes of values, index, importance uploaded
+        self.reference = settings.accounting == "reference"
+        self._ref_sizes = ReferenceSizes(policy.ctx.num_prunable, policy.ctx.initial_weights.numel())
+        self._broadcast = ReferenceBroadcast(self._ref_sizes)
+        # reference accounting, compute_time "flops": every client computes at the fastest device's speed
+        self._equal_flops = max(p.compute_flops for p in fleet.clients)
         self.evals: list[dict[str, Any]] = []
         self.reached: dict[float, float] = {}
         self._last_ckpt_version = 0
         self._checkpoint_due = False
         self._events_handled = 0
+        self._resumed = False
 
     # ------------------------------------------------------------------ scheduling
     def _push(self, t: float, kind: str, payload: Any = None) -> int:
@@ -213,10 +242,20 @@ class Simulation:
         self.downlink.set_capacity(down, self.now)
 
     # ------------------------------------------------------------------ running
+    def resume(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint's state (from :func:`~prfl.checkpoint.load_checkpoint`); the next
+        :meth:`run` continues from it. The state is not kept: dropping it afterwards frees it."""
+        self._restore(state)
+        self._resumed = True
+
     def run(self, resume_state: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Run until the policy stops, time runs out, or nothing can happen any more."""
+        """Run until the policy stops, time runs out, or nothing can happen any more
+        (continuing from ``resume_state``, or from what :meth:`resume` restored)."""
         wall0 = time.perf_counter()
-        if resume_state is None:
+        if resume_state is not None:
+            self.resume(resume_state)
+            del resume_state
+        if not self._resumed:
             self.history.write("start", time=0.0, round=0, clients=self.policy.ctx.num_clients, policy=self.policy.name)
             if self.availability is not None:
                 for c in range(len(self.online)):
@@ -227,8 +266,6 @@ class Simulation:
             self._set_server_capacity()
             self._evaluate(force=True)
             self._deliver(Start(now=0.0))  # dispatches to offline clients fail at once
-        else:
-            self._restore(resume_state)
         try:
             while self.stopped is None:
                 if not self._step():
@@ -302,31 +339,27 @@ class Simulation:
             self._push(self.now, "failed", (c, spec.task_id, "offline"))
             return
         speeds = draw_task_speeds(self.fleet, c, spec.task_id, self.seed)
-        job = TrainJob(
-            task_id=spec.task_id,
-            client=c,
-            weights=spec.weights,
-            indices=self.client_indices[c],
-            seed=int_seed(self.seed, "train", c, spec.task_id),
-            mask=spec.mask,
-            want_importance=spec.want_importance,
-            width=spec.width,
-        )
-        egress = spec.download_bytes
-        if spec.server_egress_bytes is not None and self.settings.piece_relay:
-            egress = min(spec.server_egress_bytes, spec.download_bytes)
+        job = self._job(spec, spec.weights)
+        if self.reference:
+            down = self._ref_sizes.download_bytes(spec)
+            egress = self._broadcast.egress(spec)
+        else:
+            down = spec.download_bytes
+            egress = down
+            if spec.server_egress_bytes is not None and self.settings.piece_relay:
+                egress = min(spec.server_egress_bytes, down)
         future = self.executor.submit(job)
         del job
         # The job carries what training needs; the record of the task does not need the start
         # weights, and keeping them would keep one model version alive per task in flight.
         fl = InFlight(
             spec=dataclasses.replace(spec, weights=_NO_WEIGHTS), speeds=speeds, dispatched_at=self.now,
-            relay_bytes=spec.download_bytes - egress, future=future,
+            relay_bytes=down - egress, future=future, down_bytes=down,
         )
         self.inflight[spec.task_id] = fl
         self.busy[c] = spec.task_id
         self.server_egress += egress
-        self.bytes_down[c] += spec.download_bytes
+        self.bytes_down[c] += down
         self._set_server_capacity()
         cap = speeds.down_bps
         if not self.settings.shared_server_link:  # every transfer sees the whole server link
@@ -335,6 +368,20 @@ class Simulation:
         # published for this model version are served from the publication point at the
         # client's own speed (see prfl.distribution).
         self.uplink.start(spec.task_id, egress, cap, self.now)
+
+    def _job(self, spec: TaskSpec, weights: torch.Tensor, packed: bool = False) -> TrainJob:
+        """The training job of a task: everything that decides its output."""
+        return TrainJob(
+            task_id=spec.task_id,
+            client=spec.client,
+            weights=weights,
+            indices=self.client_indices[spec.client],
+            seed=int_seed(self.seed, "train", spec.client, spec.task_id),
+            mask=spec.mask,
+            want_importance=spec.want_importance,
+            width=spec.width,
+            packed=packed,
+        )
 
     def _output(self, fl: InFlight) -> TrainOutput:
         if fl.output is None:
@@ -352,14 +399,17 @@ class Simulation:
             self._push(self.now + fl.relay_bytes / fl.speeds.down_bps, "relay_done", tid)
             return
         fl.stage = "compute"
-        fl.downloaded_at = self.now
+        fl.download_done_at = self.now
         if self.settings.compute_time == "measured":
             seconds = self._output(fl).compute_seconds
         else:
             n = len(self.client_indices[fl.spec.client])
             steps = self.train_cfg.num_steps(n)
-            flops = steps * self.step_flops(fl.spec.mask, min(self.train_cfg.batch_size, n), fl.spec.width)
-            seconds = flops / fl.speeds.compute_flops
+            batch = min(self.train_cfg.batch_size, n)
+            if self.reference:  # the dense model's FLOPs at the fastest device's nominal speed
+                seconds = steps * self.step_flops(None, batch, 1.0) / self._equal_flops
+            else:
+                seconds = steps * self.step_flops(fl.spec.mask, batch, fl.spec.width) / fl.speeds.compute_flops
         fl.compute_seconds = seconds
         self._push(self.now + seconds, "compute_done", tid)
 
@@ -368,13 +418,41 @@ class Simulation:
         if fl is None:
             return
         fl.stage = "upload"
-        fl.uploading_at = self.now
+        fl.upload_started_at = self.now
         # The result is fetched when the upload completes: a deferred (inline) job then trains
         # just before the server needs it, and nothing waits in memory during the upload.
         cap = fl.speeds.up_bps
         if not self.settings.shared_server_link:
             cap = min(cap, self.fleet.server.down_bps)
-        self.downlink.start(tid, fl.spec.upload_bytes, cap, self.now)
+        self.downlink.start(tid, self._upload_bytes(fl.spec), cap, self.now)
+
+    def _upload_bytes(self, spec: TaskSpec) -> int:
+        """Bytes a task's upload is charged: all of it (honest), its values only (reference)."""
+        return values_only_bytes(spec) if self.reference else spec.upload_bytes
+
+    def _timing(self, fl: InFlight) -> dict[str, float]:
+        """Where a finished task's time went, in seconds: ``download + link_wait + compute +
+        upload = duration`` (up to rounding), ``duration`` = arrival time - dispatch time.
+
+        - ``download`` = D / v_down: the task's charged download bytes D at the client's own
+          download speed v_down drawn for this task (relayed pieces included);
+        - ``upload`` = U / v_up likewise for its charged upload bytes U;
+        - ``compute`` = the modelled (or measured) local training seconds;
+        - ``link_wait`` = the rest: (observed download seconds - D / v_down) + (observed upload
+          seconds - U / v_up), each clamped at 0. It is the time the transfers were queued or
+          slowed by the server's link beyond the client's own link: a max-min fair share of
+          the shared server link below the client's speed, or (``shared_server_link`` off) a
+          server link slower than the client's. A client alone on a fast server waits 0.
+        - ``link_wait_down`` = the download's part of ``link_wait`` (the upload's is the rest), so
+          a transfer's observed seconds are ``download + link_wait_down`` and ``upload +
+          link_wait - link_wait_down`` (what a deployment's timestamps measure).
+        """
+        own_down = fl.down_bytes / fl.speeds.down_bps
+        own_up = self._upload_bytes(fl.spec) / fl.speeds.up_bps
+        wait_down = max(0.0, (fl.download_done_at - fl.dispatched_at) - own_down)
+        wait_up = max(0.0, (self.now - fl.upload_started_at) - own_up)
+        return {"download": own_down, "link_wait": wait_down + wait_up, "link_wait_down": wait_down,
+                "compute": fl.compute_seconds, "upload": own_up}
 
     def _upload_done(self, tid: int) -> None:
         fl = self.inflight.pop(tid, None)
@@ -384,9 +462,17 @@ class Simulation:
         c = spec.client
         self.busy.pop(c, None)
         out = self._output(fl)
-        self.bytes_up[c] += spec.upload_bytes
-        self.server_ingress += spec.upload_bytes
+        up = self._upload_bytes(spec)
+        self.bytes_up[c] += up
+        self.server_ingress += up
         self.arrivals[c] += 1
+        timing = self._timing(fl)
+        for k, part in enumerate(TIME_PARTS):
+            self.time_parts[c][k] += timing[part]
+        parts = {"values": values_only_bytes(spec), "index": spec.upload_index_bytes,
+                 "importance": spec.upload_importance_bytes}
+        for k, part in enumerate(UPLOAD_PARTS):
+            self.upload_parts[k] += parts[part]
         result = TaskResult(
             task_id=tid,
             client=c,
@@ -411,11 +497,16 @@ class Simulation:
             density=spec.density,
             train_loss=out.mean_loss,
             duration=self.now - fl.dispatched_at,
-            download=fl.downloaded_at - fl.dispatched_at,
             compute=fl.compute_seconds,
-            upload=self.now - fl.uploading_at,
-            bytes_down=spec.download_bytes,
-            bytes_up=spec.upload_bytes,
+            download=timing["download"],
+            link_wait=timing["link_wait"],
+            link_wait_down=timing["link_wait_down"],
+            upload=timing["upload"],
+            bytes_down=fl.down_bytes,
+            bytes_up=up,
+            bytes_up_values=parts["values"],
+            bytes_up_index=parts["index"],
+            bytes_up_importance=parts["importance"],
         )
         self._deliver(ResultArrived(now=self.now, result=result))
 
@@ -540,6 +631,14 @@ class Simulation:
             "client_upload_bytes": list(self.bytes_up),
             "wall_seconds": wall_seconds,
             "train_seconds": self.compute_total,
+            "accounting": self.settings.accounting,
+            # mean seconds per local round of each client (None: no arrival)
+            "round_time_breakdown": {
+                part: [row[k] / a if a else None for row, a in zip(self.time_parts, self.arrivals)]
+                for k, part in enumerate(TIME_PARTS)
+            },
+            # bytes the clients' uploads held, by kind (the reference accounting charges values only)
+            "upload_bytes_split": dict(zip(UPLOAD_PARTS, self.upload_parts)),
         }
         rejected = getattr(self.policy, "rejected", None)
         if rejected is not None and any(rejected):
@@ -558,23 +657,40 @@ class Simulation:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue this run exactly (in-flight training is resolved first)."""
+        """Everything needed to continue this run exactly.
+
+        An in-flight task whose job the executor still holds is saved as that job: its start
+        values are a :class:`~prfl.checkpoint.Streamed` read from where the executor keeps them
+        (one per model version and mask), and it is trained again after a resume. Otherwise
+        (an executor without job sources, or a task already trained) its output is saved,
+        trained first if need be."""
         inflight = {}
         for tid, fl in self.inflight.items():
-            out = self._output(fl)
-            inflight[tid] = {
+            entry: dict[str, Any] = {
                 "spec": fl.spec,
                 "speeds": fl.speeds,
                 "dispatched_at": fl.dispatched_at,
                 "stage": fl.stage,
                 "relay_bytes": fl.relay_bytes,
-                "output": out,
                 "compute_seconds": fl.compute_seconds,
-                "downloaded_at": fl.downloaded_at,
-                "uploading_at": fl.uploading_at,
+                "down_bytes": fl.down_bytes,
+                "download_done_at": fl.download_done_at,
+                "upload_started_at": fl.upload_started_at,
             }
+            src = job_source(fl.future) if fl.output is None and fl.future is not None else None
+            if src is not None:
+                dense = not src.job.packed
+                entry["job"] = {
+                    "packed": src.job.packed,
+                    "start": Streamed(read=src.values, key=("job-start", src.key),
+                                      shape=(self.policy.weights.numel(),) if dense else None,
+                                      dtype=self.policy.weights.dtype if dense else None),
+                }
+            else:
+                entry["output"] = self._output(fl)
+            inflight[tid] = entry
         return {
-            "format": 1,
+            "format": STATE_FORMAT,
             "now": self.now,
             "seq": self._seq,
             "heap": list(self._heap),
@@ -593,7 +709,10 @@ class Simulation:
                 "server_ingress": self.server_ingress,
                 "arrivals": list(self.arrivals),
                 "compute_total": self.compute_total,
+                "time_parts": [list(r) for r in self.time_parts],
+                "upload_parts": list(self.upload_parts),
             },
+            "broadcast": self._broadcast.state_dict(),
             "evals": list(self.evals),
             "reached": dict(self.reached),
             "last_eval_version": self.last_eval_version,
@@ -604,9 +723,10 @@ class Simulation:
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint.pt`` atomically, keeping the previous one as ``checkpoint.prev.pt``.
 
-        The file is the ``torch.save`` payload followed by a trailer (magic, payload length,
-        SHA-256 of the payload), written to a temporary file, fsynced, renamed; then the
-        directory is fsynced. ``torch.load`` reads it as it is (the trailer is ignored).
+        The file is a :mod:`prfl.checkpoint` file (safetensors arrays, the state as JSON, a
+        checksum trailer), written to a temporary file, fsynced, renamed; then the directory is
+        fsynced. In-flight tasks' start values and a file-backed buffer's values are streamed to
+        it one at a time (see :meth:`state_dict`).
         """
         assert self.checkpoint_dir is not None
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -614,9 +734,13 @@ class Simulation:
         self.history.write("checkpoint", time=self.now, round=self.policy.version)
         final = write_checkpoint(self.state_dict(), self.checkpoint_dir)
         self._last_ckpt_version = self.policy.version
+        release_free_heap()
         return final
 
     def _restore(self, state: dict[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"a simulation checkpoint of layout {state.get('format')!r}, this prfl reads "
+                                  f"layout {STATE_FORMAT}; start the run again with `prfl run`")
         self.now = state["now"]
         self._seq = state["seq"]
         self._heap = [tuple(e) for e in state["heap"]]  # type: ignore[misc]
@@ -632,6 +756,10 @@ class Simulation:
         self.bytes_down, self.bytes_up = list(c["bytes_down"]), list(c["bytes_up"])
         self.server_egress, self.server_ingress = c["server_egress"], c["server_ingress"]
         self.arrivals, self.compute_total = list(c["arrivals"]), c["compute_total"]
+        if "time_parts" in c:
+            self.time_parts = [list(r) for r in c["time_parts"]]
+            self.upload_parts = list(c["upload_parts"])
+        self._broadcast.load_state_dict(state.get("broadcast", {"step": None}))
         self.evals = list(state["evals"])
         self.reached = dict(state["reached"])
         self.last_eval_version = state["last_eval_version"]
@@ -639,158 +767,21 @@ class Simulation:
         self._last_ckpt_version = self.policy.version
         self._checkpoint_due = False
         self.inflight = {}
+        # Saved jobs go back to the executor, grouped by their start values: each is read from
+        # the checkpoint once, and the executor keeps one copy for the jobs that share it.
+        groups: dict[int, list[tuple[int, dict[str, Any]]]] = {}
         for tid, d in state["inflight"].items():
+            if "job" in d:
+                groups.setdefault(id(d["job"]["start"]), []).append((int(tid), d))
             self.inflight[int(tid)] = InFlight(
                 spec=d["spec"], speeds=d["speeds"], dispatched_at=d["dispatched_at"], stage=d["stage"],
-                relay_bytes=d["relay_bytes"],
-                output=d["output"], compute_seconds=d["compute_seconds"],
-                downloaded_at=d.get("downloaded_at", math.nan), uploading_at=d.get("uploading_at", math.nan),
+                relay_bytes=d["relay_bytes"], output=d.get("output"), compute_seconds=d["compute_seconds"],
+                down_bytes=d.get("down_bytes", d["spec"].download_bytes),
+                download_done_at=d.get("download_done_at", math.nan),
+                upload_started_at=d.get("upload_started_at", math.nan),
             )
-
-
-# ---------------------------------------------------------------------- checkpoint files
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platform dependent
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - platform dependent
-        pass
-    finally:
-        os.close(fd)
-
-
-_CHUNK = 1 << 22  # bytes read at a time when hashing a checkpoint
-
-
-def _sha256_of(fh: Any, size: int) -> bytes:
-    """SHA-256 of the first ``size`` bytes of an open binary file, read in bounded chunks."""
-    h = hashlib.sha256()
-    chunk = bytearray(min(_CHUNK, max(size, 1)))
-    view = memoryview(chunk)
-    fh.seek(0)
-    left = size
-    while left > 0:
-        got = fh.readinto(view[: min(left, len(chunk))])
-        if not got:
-            break
-        h.update(view[:got])
-        left -= got
-    return h.digest()
-
-
-class _Window(io.RawIOBase):
-    """The first ``size`` bytes of an open binary file, as a seekable file of its own (so
-    ``torch.load`` reads the payload in place, without a copy of the whole checkpoint)."""
-
-    def __init__(self, fh: Any, size: int) -> None:
-        super().__init__()
-        self._fh, self._size, self._pos = fh, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, b: Any) -> int:
-        n = max(0, min(len(b), self._size - self._pos))
-        if n == 0:
-            return 0
-        self._fh.seek(self._pos)
-        got = self._fh.readinto(memoryview(b)[:n]) or 0
-        self._pos += got
-        return got
-
-
-def write_checkpoint(state: dict[str, Any], directory: str | os.PathLike[str]) -> Path:
-    """Write ``state`` as ``directory/checkpoint.pt`` with a checksum trailer, atomically; the
-    checkpoint it replaces becomes ``checkpoint.prev.pt``. The payload is streamed to the file
-    and hashed from there, so writing holds no second copy of the state in memory."""
-    d = Path(directory)
-    final, prev = d / CHECKPOINT, d / PREVIOUS_CHECKPOINT
-    tmp = d / (CHECKPOINT + ".tmp")
-    with open(tmp, "w+b") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        size = fh.seek(0, io.SEEK_END)
-        digest = _sha256_of(fh, size)
-        fh.seek(size)
-        fh.write(_TRAILER_MAGIC + size.to_bytes(8, "little") + digest)
-        fh.flush()
-        os.fsync(fh.fileno())
-    if final.exists():
-        os.replace(final, prev)  # a kill right here leaves prev (and the complete tmp): resume uses prev
-    os.replace(tmp, final)
-    _fsync_dir(d)
-    return final
-
-
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load and verify one checkpoint file; raise :class:`CheckpointError` if it is torn,
-    corrupted or not a simulation checkpoint. (Checkpoints are pickles: load only your own.)
-    The file is hashed in chunks and loaded in place: no copy of it is held in memory."""
-    p = Path(path)
-    try:
-        with open(p, "rb") as fh:
-            total = fh.seek(0, io.SEEK_END)
-            size = total
-            if total >= _TRAILER_SIZE:
-                fh.seek(total - _TRAILER_SIZE)
-                trailer = fh.read(_TRAILER_SIZE)
-                if trailer.startswith(_TRAILER_MAGIC):
-                    size = int.from_bytes(trailer[len(_TRAILER_MAGIC) : len(_TRAILER_MAGIC) + 8], "little")
-                    if size != total - _TRAILER_SIZE:
-                        raise CheckpointError(
-                            f"{p}: torn checkpoint (payload of {total - _TRAILER_SIZE} bytes, trailer says {size})"
-                        )
-                    if _sha256_of(fh, size) != trailer[-32:]:
-                        raise CheckpointError(f"{p}: checksum mismatch; the checkpoint is corrupted")
-            try:
-                state = torch.load(_Window(fh, size), weights_only=False)
-            except Exception as exc:  # a file from before checksums, torn: torch.load is the check
-                raise CheckpointError(f"{p}: torn or corrupted checkpoint ({type(exc).__name__}: {exc})") from None
-    except OSError as exc:
-        raise CheckpointError(f"{p}: cannot be read ({exc})") from None
-    if not isinstance(state, dict) or not {"policy", "history_offset", "now"} <= set(state):
-        raise CheckpointError(f"{p}: not a simulation checkpoint")
-    return state
-
-
-def load_checkpoint(
-    directory: str | os.PathLike[str], history_size: int | None = None
-) -> tuple[dict[str, Any], Path]:
-    """The newest usable checkpoint of a run directory: ``checkpoint.pt``, else (torn, missing, or
-    ahead of a history of ``history_size`` bytes) ``checkpoint.prev.pt``. Returns (state, path)."""
-    d = Path(directory)
-    problems: list[str] = []
-    for path in (d / CHECKPOINT, d / PREVIOUS_CHECKPOINT):
-        if not path.is_file():
-            continue
-        try:
-            state = read_checkpoint(path)
-        except CheckpointError as exc:
-            problems.append(str(exc))
-            log.warning("%s; trying the previous checkpoint", exc)
-            continue
-        offset = int(state["history_offset"])
-        if history_size is not None and offset > history_size:
-            problems.append(f"{path}: expects {offset} bytes of history.jsonl, which holds {history_size}")
-            log.warning("%s", problems[-1])
-            continue
-        if problems:
-            log.warning("resuming from %s", path)
-        return state, path
-    detail = "; ".join(problems) if problems else f"no {CHECKPOINT} or {PREVIOUS_CHECKPOINT}"
-    raise CheckpointError(f"{d} has no usable checkpoint ({detail}); start the run again with `prfl run`")
+        for members in groups.values():
+            start = materialize(members[0][1]["job"]["start"])
+            for tid, d in members:
+                self.inflight[tid].future = self.executor.submit(self._job(d["spec"], start, bool(d["job"]["packed"])))
+            del start

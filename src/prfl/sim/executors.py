@@ -3,14 +3,24 @@
 Every job carries everything that decides its outcome (start weights, mask, sample indices, a
 seed derived from the job's address), so any executor returns the same weights bit for bit.
 Workers build their own model and data once, from a picklable :class:`WorkerSpec`.
+
+The process pool moves no model-sized data through pipes and maps no fresh shared memory per
+task: workers start while the caller is still setting up, map the caller's training data
+instead of loading their own copy, and train straight into shared-memory output slots that
+stay mapped on both sides (see :class:`_OutputSlots`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import multiprocessing as mp
 import os
+import queue
+import shutil
+import tempfile
 import weakref
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +43,8 @@ class WorkerSpec:
     dataset_options: dict[str, Any] = field(default_factory=dict)
     model_options: dict[str, Any] = field(default_factory=dict)
     data_dir: str | None = None
-    threads: int = 1
+    threads: int = 1  # torch threads per task: the float results depend on it, keep it equal across executors
+    compile: bool = False  # torch.compile the training step where possible (see prfl.client.trainer.CompiledForward)
 
 
 @dataclass(frozen=True)
@@ -61,8 +72,9 @@ class TrainJob:
         values = torch.cat([self.weights[:npr][self.mask], self.weights[npr:]])
         return dataclasses.replace(self, weights=values, packed=True)
 
-    def unpacked_weights(self, total: int) -> torch.Tensor:
-        """The start weights as a full vector (zeros outside the mask for a packed job)."""
+    def unpacked_weights(self, total: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The start weights as a full vector (zeros outside the mask for a packed job), written
+        into ``out`` when given and the job is packed."""
         if not self.packed:
             return self.weights
         assert self.mask is not None
@@ -70,10 +82,91 @@ class TrainJob:
         count = self.weights.numel() - (total - npr)
         if count < 0 or count != int(self.mask.sum()):
             raise ValueError(f"packed job {self.task_id}: {self.weights.numel()} values do not fit its mask and suffix")
-        out = torch.zeros(total, dtype=self.weights.dtype)
+        if out is None:
+            out = torch.zeros(total, dtype=self.weights.dtype)
+        else:
+            out[:npr].zero_()
         out[:npr].masked_scatter_(self.mask, self.weights[:count])
         out[npr:] = self.weights[count:]
         return out
+
+
+@dataclass(frozen=True)
+class JobSource:
+    """A submitted job as a checkpoint stores it in place of its output: ``job`` without its
+    start values, and ``values()``, which fetches them (packed, values at the mask then the
+    suffix, when ``job.packed``). Jobs with equal ``key`` start from equal values. Executors
+    attach one to the futures they return, as ``future.job_source``, for as long as the job's
+    start values are at hand."""
+
+    job: TrainJob
+    key: Hashable
+    values: Callable[[], torch.Tensor]
+
+
+def job_source(future: Any) -> JobSource | None:
+    """The :class:`JobSource` of a future an executor returned, or None if it has none."""
+    src = getattr(future, "job_source", None)
+    return src if isinstance(src, JobSource) else None
+
+
+_EMPTY = torch.empty(0)
+
+
+class _Start:
+    """The start values of waiting jobs, in memory or in a file of ``spill_dir``; removed
+    from disk once no job needs them."""
+
+    def __init__(self, key: int, values: torch.Tensor, spill_dir: Path | None) -> None:
+        self.key = key
+        self.users = 0
+        self.path: Path | None = None
+        self._values: torch.Tensor | None = values
+        if spill_dir is not None:
+            self.path = spill_dir / f"start-{key}.pt"
+            torch.save({"weights": values.clone()}, self.path)  # clone: only these values, not a larger storage
+            self._values = None
+
+    def values(self) -> torch.Tensor:
+        if self._values is not None:
+            return self._values
+        assert self.path is not None
+        return torch.load(self.path, weights_only=True)["weights"]
+
+    def drop(self) -> None:
+        self.users -= 1
+        if self.users <= 0 and self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+class _Starts:
+    """One :class:`_Start` per (start weights, mask) pair of the waiting jobs: jobs dispatched
+    from one model version under one mask share their packed start values (and spill file)."""
+
+    def __init__(self, spill_dir: Path | None) -> None:
+        self.spill_dir = spill_dir
+        self._cache: dict[tuple[int, int], tuple[weakref.ref[torch.Tensor], Any, int, weakref.ref[_Start]]] = {}
+        self._keys = itertools.count()
+
+    def get(self, job: TrainJob) -> _Start:
+        """The shared start of ``job`` (created if new); counts ``job`` as one of its users."""
+        w, mask = job.weights, job.mask
+        key = (id(w), id(mask) if mask is not None else -1)
+        hit = self._cache.get(key)
+        start = hit[3]() if hit is not None and hit[0]() is w and hit[2] == w._version else None
+        if start is not None and mask is not None and hit is not None and hit[1]() is not mask:
+            start = None
+        if start is None:
+            start = _Start(next(self._keys), job.pack().weights, self.spill_dir)
+            mask_ref: Any = weakref.ref(mask) if mask is not None else (lambda: None)
+            self._cache[key] = (weakref.ref(w, lambda _, k=key: self._forget(k)), mask_ref, w._version, weakref.ref(start))
+        start.users += 1
+        return start
+
+    def _forget(self, key: tuple[int, int]) -> None:
+        hit = self._cache.get(key)
+        if hit is not None and hit[0]() is None:
+            del self._cache[key]
 
 
 class Workspace:
@@ -90,6 +183,9 @@ class Workspace:
         self._trainers: dict[float, LocalTrainer] = {}
         self.trainer = self.trainer_for(1.0)
         self.layout = self.trainer.layout
+        # The last job's tensors stay referenced until the next job: jobs of one model version
+        # share one shared-memory copy, which the next job then finds mapped already.
+        self._recent: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def trainer_for(self, width: float) -> LocalTrainer:
         """The trainer of the model at ``width`` (1: the full model), built on first use."""
@@ -103,14 +199,42 @@ class Workspace:
                 options["width_mult"] = width * options.get("width_mult", 1.0)
             ds = self.dataset
             model = build_model(self.spec.model, ds.input_shape, ds.num_classes, **options)
-            trainer = LocalTrainer(model, ParamLayout(model), ds.x_train, ds.y_train, self.spec.train)
+            trainer = LocalTrainer(model, ParamLayout(model), ds.x_train, ds.y_train, self.spec.train, compile=self.spec.compile)
             self._trainers[width] = trainer
         return trainer
 
-    def run(self, job: TrainJob) -> TrainOutput:
+    def run(self, job: TrainJob, out: torch.Tensor | None = None) -> TrainOutput:
+        """Train ``job``; the new weights go into ``out`` when given (see :meth:`LocalTrainer.train`)."""
         trainer = self.trainer_for(job.width)
-        weights = job.unpacked_weights(trainer.layout.total)
-        return trainer.train(weights, job.indices, job.seed, mask=job.mask, want_importance=job.want_importance)
+        if job.packed and out is None:  # unpack straight into the vector the task trains in
+            out = torch.empty(trainer.layout.total, dtype=torch.float32)
+        weights = job.unpacked_weights(trainer.layout.total, out=out)
+        self._recent = (job.weights, job.mask)
+        return trainer.train(weights, job.indices, job.seed, mask=job.mask, want_importance=job.want_importance, out=out)
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """What a worker needs of a data set to train: the training split and the model's shapes.
+
+    The process pool hands its workers the caller's training data as shared-memory tensors in
+    this form, so no worker loads (or holds a private copy of) the data set."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    @classmethod
+    def shared_from(cls, dataset: Any) -> TrainData:
+        """Copy a data set's training split into shared memory (once, in the caller)."""
+        x = torch.as_tensor(dataset.x_train)
+        y = torch.as_tensor(dataset.y_train, dtype=torch.int64)
+        xs = torch.empty(x.shape, dtype=x.dtype).share_memory_()
+        ys = torch.empty(y.shape, dtype=y.dtype).share_memory_()
+        xs.copy_(x)
+        ys.copy_(y)
+        return cls(xs, ys, tuple(int(d) for d in dataset.input_shape), int(dataset.num_classes))
 
 
 class Executor(Protocol):
@@ -150,53 +274,235 @@ class InlineExecutor:
     stops (or that fails on the way) is then never trained, which is pure waste in one process.
     The outcome is the same either way, since a job carries everything that decides it.
 
-    A waiting job keeps only what training reads (:meth:`TrainJob.pack`). With ``spill_dir`` it
-    waits on disk instead: its tensors are written there at ``submit`` and read back to train,
-    so a fleet of thousands of clients with a task each in flight does not hold their start
-    models in memory.
+    A waiting job keeps only what training reads (:meth:`TrainJob.pack`), and jobs started from
+    the same weights under the same mask (one model version, one density) share one copy. With
+    ``spill_dir`` that copy waits on disk instead: written there at the first such ``submit``,
+    read back to train and removed when no waiting job needs it, so a fleet of thousands of
+    clients with a task each in flight does not hold their start models in memory.
     """
 
     name = "inline"
 
     def __init__(self, spec: WorkerSpec, dataset: Any | None = None, spill_dir: str | os.PathLike[str] | None = None) -> None:
         self.workspace = Workspace(spec, dataset)
-        self.spill_dir = None if spill_dir is None else Path(spill_dir)
-        if self.spill_dir is not None:
-            self.spill_dir.mkdir(parents=True, exist_ok=True)
+        self.spill_dir = None if spill_dir is None else _own_spill_dir(Path(spill_dir))
+        if self.spill_dir is not None:  # removed at close, or when the executor goes away, or at exit
+            weakref.finalize(self, shutil.rmtree, self.spill_dir, True)
+        self._starts = _Starts(self.spill_dir)
 
     def submit(self, job: TrainJob) -> Future[TrainOutput]:
-        job = job.pack()
-        if self.spill_dir is None:
-            return _Deferred(lambda: self.workspace.run(job))
-        path = self.spill_dir / f"job-{job.task_id}.pt"
-        torch.save({"weights": job.weights.clone()}, path)  # clone: only the job's values, not a larger storage
-        light = dataclasses.replace(job, weights=torch.empty(0))
+        start = self._starts.get(job)
+        light = dataclasses.replace(job, weights=_EMPTY, packed=job.packed or job.mask is not None)
         del job
 
         def run() -> TrainOutput:
-            weights = torch.load(path, weights_only=True)["weights"]
-            path.unlink(missing_ok=True)
-            return self.workspace.run(dataclasses.replace(light, weights=weights))
+            return self.workspace.run(dataclasses.replace(light, weights=start.values()))
 
         fut = _Deferred(run)
-        fut.add_done_callback(lambda f: path.unlink(missing_ok=True))  # a cancelled job leaves no file
+        fut.add_done_callback(lambda f: start.drop())  # run or cancelled: one user fewer
+        fut.job_source = JobSource(light, ("inline", id(self), start.key), start.values)  # type: ignore[attr-defined]
         return fut
 
     def close(self) -> None:
-        pass
+        if self.spill_dir is not None:
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
 
 
-_WORKSPACE: Workspace | None = None
+_SPILL_PREFIX = "prfl-jobs-"
 
 
-def _init_worker(spec: WorkerSpec) -> None:
-    global _WORKSPACE
-    _WORKSPACE = Workspace(spec)
+def _own_spill_dir(parent: Path) -> Path:
+    """A new directory of this process's own under ``parent``, after removing those left there
+    by processes that no longer run (a killed run's waiting jobs)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for d in parent.glob(f"{_SPILL_PREFIX}*-*"):
+        pid = d.name[len(_SPILL_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_SPILL_PREFIX}{os.getpid()}-", dir=parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class _SlotRef:
+    """Where a worker left a result tensor: the first ``numel`` floats of slot file ``name``."""
+
+    name: str
+    numel: int
+
+
+class _OutputSlots:
+    """Shared-memory vectors that workers train into and the caller copies results out of.
+
+    A slot is a file of ``capacity`` float32 values (the worker's full-width model) in a
+    directory on a memory file system, mapped once by each process that uses it and reused for
+    the life of the pool, so a result costs one copy in the caller (into its own memory) and
+    neither side maps fresh pages or sends the values through a pipe. Free slots are named in a queue that
+    the caller and every worker share: a worker takes one for a task's weights (and one for its
+    importance scores), trains into it and returns only the slot's name; the caller copies the
+    values out as soon as the result arrives and puts the name back. A worker creates a slot
+    when none is free, up to ``per_worker`` of its own; past that (the caller is slow to take
+    results) it returns the tensor the ordinary way. Results are the same either way.
+    """
+
+    def __init__(self, directory: str, free: Any, per_worker: int) -> None:
+        self.directory = directory
+        self.free = free
+        self.per_worker = per_worker
+        self.capacity = 0  # set by each worker: its full-width model's size
+        self._maps: dict[str, torch.Tensor] = {}
+        self._created = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a process maps the slots itself; what it has mapped and made is its own
+        return {"directory": self.directory, "free": self.free, "per_worker": self.per_worker}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["directory"], state["free"], state["per_worker"])  # type: ignore[misc]
+
+    def _map(self, name: str, create: bool = False) -> torch.Tensor:
+        t = self._maps.get(name)
+        if t is None:
+            path = os.path.join(self.directory, name)
+            if create:
+                with open(path, "wb") as fh:
+                    fh.truncate(self.capacity * 4)
+            size = os.path.getsize(path) // 4
+            t = torch.from_file(path, shared=True, size=size, dtype=torch.float32)
+            self._maps[name] = t
+        return t
+
+    # worker side
+    def take(self, numel: int) -> tuple[str, torch.Tensor] | None:
+        """A free slot's name and its first ``numel`` values, or None when none can be had."""
+        try:
+            name = self.free.get_nowait()
+        except queue.Empty:
+            if self._created >= self.per_worker or numel > self.capacity:
+                return None
+            room = os.statvfs(self.directory)
+            if room.f_bavail * room.f_frsize < 2 * 4 * self.capacity:  # a small /dev/shm (containers)
+                return None
+            self._created += 1
+            name = f"{os.getpid()}-{self._created}.slot"
+            return name, self._map(name, create=True)[:numel]
+        slot = self._map(name)
+        if numel > slot.numel():  # a slot of a smaller model (workers of other specs)
+            self.free.put(name)
+            return None
+        return name, slot[:numel]
+
+    def give(self, t: torch.Tensor | None, numel: int | None = None) -> torch.Tensor | _SlotRef | None:
+        """Put ``t`` in a free slot (a copy) and return the slot's reference; ``t`` itself when
+        no slot is free."""
+        if t is None:
+            return None
+        slot = self.take(t.numel())
+        if slot is None:
+            return t
+        slot[1].copy_(t.reshape(-1))
+        return _SlotRef(slot[0], t.numel())
+
+    # caller side
+    def receive(self, ref: torch.Tensor | _SlotRef | None) -> torch.Tensor | None:
+        """The values a worker left in a slot, copied into a new tensor; the slot is free again."""
+        if not isinstance(ref, _SlotRef):
+            return ref
+        out = torch.empty(ref.numel, dtype=torch.float32)
+        out.copy_(self._map(ref.name)[: ref.numel])
+        self.free.put(ref.name)
+        return out
+
+
+def _shared_memory_dir() -> str | None:
+    """A directory on a memory file system when the platform has one (Linux: /dev/shm)."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def shared_memory_room() -> int | None:
+    """Bytes free on /dev/shm, where torch's shared tensors live (None: no such file system).
+
+    Containers often mount a small /dev/shm (64 MiB by default under Docker); a shared tensor
+    larger than the room left fails on first write, so large copies check first."""
+    d = _shared_memory_dir()
+    if d is None:
+        return None
+    st = os.statvfs(d)
+    return st.f_bavail * st.f_frsize
+
+
+@dataclass
+class _WorkerState:
+    workspace: Workspace
+    slots: _OutputSlots | None
+
+
+_WORKER: _WorkerState | None = None
+
+
+def _init_worker(spec: WorkerSpec, data: TrainData | None = None, slots: _OutputSlots | None = None) -> None:
+    global _WORKER
+    ws = Workspace(spec, data)
+    if slots is not None:
+        slots.capacity = ws.layout.total
+    _WORKER = _WorkerState(ws, slots)
+
+
+def _ready() -> int:
+    """A no-op job: submitted once per worker when the pool starts, so the workers start at once."""
+    return os.getpid()
 
 
 def _run_job(job: TrainJob) -> TrainOutput:
-    assert _WORKSPACE is not None, "worker not initialised"
-    return _WORKSPACE.run(job)
+    assert _WORKER is not None, "worker not initialised"
+    ws, slots = _WORKER.workspace, _WORKER.slots
+    if slots is None:
+        return ws.run(job)
+    numel = ws.trainer_for(job.width).layout.total
+    slot = slots.take(numel)
+    if slot is None:
+        return ws.run(job)
+    out = ws.run(job, out=slot[1])
+    return dataclasses.replace(out, weights=_SlotRef(slot[0], numel), grad_sq=slots.give(out.grad_sq))  # type: ignore[arg-type]
+
+
+class _SlotFuture(Future):  # type: ignore[type-arg]
+    """The caller's future of a pool job whose result tensors wait in output slots: the values
+    are copied out (and the slots freed) as soon as the job's result arrives."""
+
+    def __init__(self, inner: Future, slots: _OutputSlots) -> None:  # type: ignore[type-arg]
+        super().__init__()
+        self._inner = inner
+        inner.add_done_callback(lambda f: self._collect(f, slots))
+
+    def _collect(self, inner: Future, slots: _OutputSlots) -> None:  # type: ignore[type-arg]
+        if inner.cancelled():
+            super().cancel()
+            self.set_running_or_notify_cancel()
+            return
+        exc = inner.exception()
+        if exc is not None:
+            self.set_exception(exc)
+            return
+        try:
+            out: TrainOutput = inner.result()
+            out = dataclasses.replace(out, weights=slots.receive(out.weights), grad_sq=slots.receive(out.grad_sq))  # type: ignore[arg-type]
+        except BaseException as err:  # surfaced when the caller asks for the result
+            self.set_exception(err)
+            return
+        self.set_result(out)
+
+    def cancel(self) -> bool:
+        return self._inner.cancel() and super().cancel()
 
 
 class _SharedCopies:
@@ -225,16 +531,39 @@ class _SharedCopies:
 
 
 class ProcessPoolExecutorAdapter:
-    """Runs jobs on ``workers`` processes (spawned, so no state leaks from the parent)."""
+    """Runs jobs on ``workers`` processes (spawned, so no state leaks from the parent).
+
+    With ``dataset`` (the caller's loaded data set) the workers map its training split from
+    shared memory instead of loading the data set themselves. ``slots``: train into shared
+    output slots (:class:`_OutputSlots`; off: results travel as ordinary pickled tensors).
+    The workers are started at once and build their workspaces while the caller goes on.
+    """
 
     name = "process"
 
-    def __init__(self, spec: WorkerSpec, workers: int = 2) -> None:
+    def __init__(self, spec: WorkerSpec, workers: int = 2, dataset: Any | None = None, slots: bool = True) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
+        # The caller evaluates models: with the workers' thread count, as under the inline
+        # executor, so evaluation floats do not depend on the executor either.
+        torch.set_num_threads(max(1, spec.threads))
+        ctx = mp.get_context("spawn")
+        data = None
+        if dataset is not None:
+            need = np.asarray(dataset.x_train).nbytes + np.asarray(dataset.y_train).nbytes
+            room = shared_memory_room()
+            if room is None or room > 2 * need:  # else the workers load the data set themselves
+                data = TrainData.shared_from(dataset)
+        self._slots: _OutputSlots | None = None
+        self._slot_dir: str | None = None
+        if slots:
+            self._slot_dir = tempfile.mkdtemp(prefix="prfl-slots-", dir=_shared_memory_dir())
+            self._slots = _OutputSlots(self._slot_dir, ctx.Queue(), per_worker=3)
+            weakref.finalize(self, shutil.rmtree, self._slot_dir, ignore_errors=True)
         self.pool = ProcessPoolExecutor(
-            max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(spec,)
+            max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(spec, data, self._slots)
         )
+        self._started = [self.pool.submit(_ready) for _ in range(workers)]  # each submit starts a worker
         self._copies = _SharedCopies()
 
     def submit(self, job: TrainJob) -> Future[TrainOutput]:
@@ -244,10 +573,17 @@ class ProcessPoolExecutorAdapter:
         # to the next. So the job travels with private shared-memory copies made here, now: the
         # worker maps them (no bytes through the pipe) and the caller's tensors are left alone.
         job = dataclasses.replace(job, weights=self._copies.get(job.weights), mask=self._copies.get(job.mask))
-        return self.pool.submit(_run_job, job)
+        fut = self.pool.submit(_run_job, job)
+        out = fut if self._slots is None else _SlotFuture(fut, self._slots)
+        light = dataclasses.replace(job, weights=_EMPTY, packed=job.packed or job.mask is not None)
+        key = ("process", id(job.weights), -1 if job.mask is None else id(job.mask))  # the copies are shared by version
+        out.job_source = JobSource(light, key, lambda: job.pack().weights)  # type: ignore[attr-defined]
+        return out
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self._slot_dir is not None:
+            shutil.rmtree(self._slot_dir, ignore_errors=True)
 
 
 class RayExecutor:
@@ -270,6 +606,7 @@ class RayExecutor:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         self._ray = ray
+        torch.set_num_threads(max(1, spec.threads))  # the caller evaluates as under the inline executor
         self._owns_ray = not ray.is_initialized()
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU only: leave device vars alone
         if self._owns_ray:
@@ -312,11 +649,12 @@ def make_executor(
     spill_dir: str | os.PathLike[str] | None = None,
 ) -> Executor:
     """Build an executor by name: ``inline``, ``process`` or ``ray`` (``address``: a Ray cluster;
-    ``spill_dir``: where the inline executor keeps waiting jobs)."""
+    ``spill_dir``: where the inline executor keeps waiting jobs; ``dataset``: the caller's loaded
+    data set, which the inline executor trains on and the process pool shares with its workers)."""
     if kind == "inline":
         return InlineExecutor(spec, dataset, spill_dir)
     if kind == "process":
-        return ProcessPoolExecutorAdapter(spec, workers)
+        return ProcessPoolExecutorAdapter(spec, workers, dataset)
     if kind == "ray":
         return RayExecutor(spec, workers, address)
     raise ValueError(f"unknown executor {kind!r}; choose one of: inline, process, ray")

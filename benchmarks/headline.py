@@ -1,0 +1,746 @@
+"""The headline comparison: PR-FL against tuned baselines over a paper-length horizon, under both
+accountings, on Fashion-MNIST / conv2 / the paper10 fleet (10 clients).
+
+The sweep is a plan of cells (group x method x seed, see ``plan_cells``) run in priority order:
+
+1. honest/paper10/dirichlet: PR-FL and the FedAsync grid (alpha 0.1, 0.3, 0.6 x poly, hinge);
+2. honest/paper10/dirichlet: HeteroFL (mask, width), FedBuff (K 5, 10), FedFix, FedAvg;
+3. reference/paper10/dirichlet: PR-FL and the FedAsync grid;
+4. honest/allfast/dirichlet: PR-FL and the FedAsync grid, every client on the fastest client's links;
+5. honest/paper10/dirichlet: the PR-FL ablations;
+6.-10. the same five for the IID split.
+
+Each run has its own directory under ``--runs`` (git-ignored; full history and checkpoints) and,
+once finished, a compact record under ``--out/records`` (committed; :mod:`prfl.report.sweep`).
+A cell with a record is done and skipped; a cell with a checkpoint is resumed. ``--budget-minutes``
+ends the invocation cleanly: after the deadline the current run goes on until it next writes a
+checkpoint (at most ``--grace-minutes`` more), then stops, and no new run starts; the next
+invocation resumes it. ``manifest.json`` lists every cell with its state; ``cells.csv`` has one
+row per finished run. docs/RESULTS.md is built from these files by scripts/make_results_md.py.
+
+Evaluation: the full 10,000-image test set every 60 virtual s; time to a target is the first
+evaluation at or above it (``--eval-samples 2000 --consecutive 3``: the first 2,000 images, and the
+first of three evaluations in a row at or above it). Levelling off: the last 20% of a run raised its best accuracy by at
+most 0.5 points (see prfl.report.sweep).
+
+Usage (from the repository root):
+  .venv/bin/python benchmarks/headline.py plan
+  nice .venv/bin/python benchmarks/headline.py run --budget-minutes 100
+  .venv/bin/python benchmarks/headline.py run --tiers 1 --seeds 0
+  .venv/bin/python benchmarks/headline.py collect
+  nice .venv/bin/python benchmarks/headline.py estimate --probe-time 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import fnmatch
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prfl.config import ConfigError, ExperimentConfig, PolicyConfig, SimConfig, load_config
+from prfl.policies import POLICIES
+from prfl.report.sweep import Run, compact_run
+from prfl.run import build_scenario, resume_run, run_policy
+from prfl.sim.engine import CHECKPOINT, PREVIOUS_CHECKPOINT
+
+log = logging.getLogger("headline")
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = Path("benchmarks/results/headline")
+DEFAULT_RUNS = Path("runs/headline")
+TARGETS = (0.80, 0.85, 0.87)
+SEEDS = (0, 1, 2)
+MAX_TIME = 12000.0
+EVAL_EVERY = 60.0
+
+BASES: dict[str, list[str]] = {
+    # the paper's Fashion-MNIST setting; accuracy on the whole test set
+    "fmnist": [
+        "name=headline", "data.dataset=fashion-mnist", "data.num_clients=10", "data.eval_samples=null",
+        "model.name=conv2", "train.lr=0.1", "train.batch_size=20", "train.local_steps=5",
+        "sim.executor=process", "sim.workers=2", "sim.max_rounds=null", "sim.eval_every_rounds=null",
+    ],
+    # a seconds-long stand-in for tests of the machinery
+    "digits": [
+        "name=headline-digits", "data.dataset=digits", "data.num_clients=10", "data.eval_samples=null",
+        "model.name=mlp", "train.lr=0.1", "train.batch_size=20", "train.local_steps=5",
+        "sim.executor=inline", "sim.max_rounds=null", "sim.eval_every_rounds=null",
+    ],
+}
+FLEETS: dict[str, list[str]] = {
+    "paper10": ["fleet.preset=paper10"],
+    "allfast": ["fleet.preset=paper10", "fleet.options={links: fastest}"],  # the all-fast limit
+}
+PARTITIONS: dict[str, list[str]] = {
+    "iid": ["data.partition=iid"],
+    "dirichlet": ["data.partition=dirichlet", "data.partition_options={alpha: 1.0}"],
+}
+ACCOUNTINGS = ("honest", "reference")
+
+FEDASYNC_GRID: dict[str, dict[str, Any]] = {
+    f"fedasync-a{a:g}-{s}": {"name": "fedasync", "options": {"alpha": a, "staleness": s}}
+    for a in (0.1, 0.3, 0.6) for s in ("poly", "hinge")
+}
+BASELINES: dict[str, dict[str, Any]] = {
+    "heterofl-mask": {"name": "heterofl", "options": {"mode": "mask"}},  # the paper's comparator
+    "heterofl-width": {"name": "heterofl", "options": {"mode": "width"}},
+    "fedbuff-k5": {"name": "fedbuff", "options": {"k": 5}},
+    "fedbuff-k10": {"name": "fedbuff", "options": {"k": 10}},
+    "fedfix": {"name": "fedfix", "options": {"dt": 20.0}},
+    "fedavg": {"name": "fedavg", "options": {}},
+}
+PRFL: dict[str, dict[str, Any]] = {"prfl": {"name": "prfl", "options": {}}}
+ABLATIONS: dict[str, dict[str, Any]] = {
+    # the earlier importance rule: squared gradients of all weights with every update, plain mean
+    "prfl-oldimportance": {"name": "prfl", "options": {
+        "importance_scope": "all", "importance_requests": "every", "importance_average": "all"}},
+    "prfl-serversteps": {"name": "prfl", "options": {"counting": "server_steps"}},
+    "prfl-norecovery": {"name": "prfl", "options": {"recovery": False}},
+    "prfl-noresidual": {"name": "prfl", "options": {"residual_split": False}},
+    "prfl-reaged": {"name": "prfl", "options": {"staleness_mode": "reaged"}},
+}
+METHODS: dict[str, dict[str, Any]] = {**PRFL, **FEDASYNC_GRID, **BASELINES, **ABLATIONS}
+METHOD_ORDER = tuple(METHODS)
+HEAD = (*PRFL, *FEDASYNC_GRID)
+
+# Server updates between checkpoints, by policy: about 30 checkpoints in 12,000 virtual s at the
+# update rates of the committed 3,000 s runs (FedAsync ~350, PR-FL 330-850, FedBuff K=5 ~70,
+# HeteroFL ~70, FedFix ~50, FedAvg ~10 per 1,000 s), so a paused run loses little.
+CHECKPOINT_ROUNDS = {"prfl": 300, "fedasync": 150, "fedbuff": 25, "heterofl": 25, "fedfix": 20, "fedavg": 4}
+
+
+@dataclass(frozen=True)
+class Group:
+    """One scenario under one accounting."""
+
+    accounting: str
+    fleet: str
+    partition: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.accounting}/{self.fleet}/{self.partition}"
+
+    @classmethod
+    def parse(cls, name: str) -> "Group":
+        parts = name.split("/")
+        if len(parts) != 3 or parts[0] not in ACCOUNTINGS or parts[1] not in FLEETS or parts[2] not in PARTITIONS:
+            raise ConfigError(f"group {name!r} must be <{'|'.join(ACCOUNTINGS)}>/<{'|'.join(FLEETS)}>/"
+                              f"<{'|'.join(PARTITIONS)}>")
+        return cls(*parts)
+
+
+@dataclass(frozen=True)
+class Cell:
+    tier: int
+    group: Group
+    method: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.group.name}/{self.method}/seed{self.seed}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tier": self.tier, "group": self.group.name, "method": self.method, "seed": self.seed}
+
+
+def plan_cells(seeds: Sequence[int] = SEEDS) -> list[Cell]:
+    """Every cell of the sweep in run order: by tier, then seed, then method."""
+    tiers: list[tuple[str, Sequence[str]]] = []
+    for part in ("dirichlet", "iid"):
+        tiers += [
+            (f"honest/paper10/{part}", HEAD),
+            (f"honest/paper10/{part}", tuple(BASELINES)),
+            (f"reference/paper10/{part}", HEAD),
+            (f"honest/allfast/{part}", HEAD),
+            (f"honest/paper10/{part}", tuple(ABLATIONS)),
+        ]
+    cells = []
+    for tier, (group, methods) in enumerate(tiers, start=1):
+        for seed in seeds:
+            cells += [Cell(tier, Group.parse(group), m, seed) for m in methods]
+    return cells
+
+
+def select(cells: Iterable[Cell], tiers: Sequence[int] | None, groups: Sequence[str] | None,
+           methods: Sequence[str] | None, seeds: Sequence[int] | None) -> list[Cell]:
+    """The cells matching every filter given (groups and methods are shell patterns)."""
+    out = []
+    for c in cells:
+        if tiers and c.tier not in tiers:
+            continue
+        if groups and not any(fnmatch.fnmatchcase(c.group.name, g) for g in groups):
+            continue
+        if methods and not any(fnmatch.fnmatchcase(c.method, m) for m in methods):
+            continue
+        if seeds is not None and c.seed not in seeds:
+            continue
+        out.append(c)
+    return out
+
+
+# ---------------------------------------------------------------------------- configs
+def accounting_known() -> bool:
+    """Does this build's config have ``sim.accounting``?"""
+    return "accounting" in SimConfig.model_fields
+
+
+def unavailable(cell: Cell) -> str | None:
+    """Why this build cannot run the cell (an option or setting it does not have), or None."""
+    if cell.group.accounting != "honest" and not accounting_known():
+        return "sim.accounting is not in this build"
+    spec = METHODS[cell.method]
+    cls = POLICIES[spec["name"]].config_cls  # type: ignore[attr-defined]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    missing = sorted(set(spec["options"]) - fields)
+    if missing:
+        return f"{spec['name']} has no option {', '.join(missing)} in this build"
+    try:
+        cls(**spec["options"])
+    except (TypeError, ValueError) as exc:
+        return f"{spec['name']} options refused: {exc}"
+    return None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every run of an invocation shares."""
+
+    base: str = "fmnist"
+    max_time: float = MAX_TIME
+    eval_every: float = EVAL_EVERY
+    targets: tuple[float, ...] = TARGETS
+    checkpoint_every: int | None = None  # None: CHECKPOINT_ROUNDS by policy
+    extra: tuple[str, ...] = ()
+    eval_samples: int | None = None  # None: the whole test set
+    consecutive: int = 1  # evaluations in a row at or above a target that time to target asks for
+
+    def overrides(self, group: Group, seed: int, policy: str) -> list[str]:
+        out = list(BASES[self.base]) + FLEETS[group.fleet] + PARTITIONS[group.partition]
+        if group.accounting != "honest":  # honest is the default; only a build that knows the field gets it
+            out.append(f"sim.accounting={group.accounting}")
+        out += [
+            f"data.eval_samples={self.eval_samples if self.eval_samples is not None else 'null'}",
+            f"seed={seed}", f"sim.max_time={self.max_time:g}", f"sim.eval_every_seconds={self.eval_every:g}",
+            f"sim.targets=[{', '.join(f'{t:g}' for t in self.targets)}]",
+            f"sim.checkpoint_every_rounds={self.checkpoint_every or CHECKPOINT_ROUNDS.get(policy, 100)}",
+        ]
+        return out + list(self.extra)
+
+    def whole_test_set(self) -> bool:
+        """Do the runs evaluate on the whole test set (no ``data.eval_samples`` limit)?"""
+        last = [o for o in self.overrides(Group("honest", "paper10", "iid"), 0, "prfl") if o.startswith("data.eval_samples=")]
+        return bool(last) and last[-1] == "data.eval_samples=null"
+
+    def time_to_target_rule(self) -> str:
+        if self.consecutive == 1:
+            return "the first evaluation at or above the target"
+        return f"the first of {self.consecutive} evaluations in a row at or above the target"
+
+    def config(self, cell: Cell) -> ExperimentConfig:
+        spec = METHODS[cell.method]
+        cfg = load_config(overrides=self.overrides(cell.group, cell.seed, spec["name"]))
+        return cfg.with_policy(PolicyConfig.model_validate(spec))
+
+
+# Fields that do not change a run's history (executors agree record for record) and may differ
+# between the pieces of a run.
+_FREE = {("sim", "executor"), ("sim", "workers"), ("sim", "checkpoint_every_rounds"), ("sim", "ray_address"),
+         ("sim", "spill_dir")}
+
+
+def config_differences(saved: dict[str, Any], wanted: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys where two config dumps differ, ignoring :data:`_FREE` fields."""
+    out = []
+    for k in sorted(set(saved) | set(wanted)):
+        path = (*prefix, k)
+        if path in _FREE:
+            continue
+        a, b = saved.get(k), wanted.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, path)
+        elif a != b:
+            out.append(".".join(path))
+    return out
+
+
+# ---------------------------------------------------------------------------- pieces
+class PieceEnded(Exception):
+    """The wall-time budget is spent; the run stopped right after a checkpoint (or at the grace limit)."""
+
+
+class WallBudget:
+    """``on_progress`` hook that ends a run cleanly once ``clock() >= deadline``.
+
+    Past the deadline, the first evaluation notes the run's checkpoint file; the run is stopped
+    at the first evaluation after a newer checkpoint was written (losing under one evaluation
+    period of work), or at ``deadline + grace`` whatever the checkpoint (losing the work since it).
+    """
+
+    def __init__(self, deadline: float, grace: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.deadline, self.grace, self.clock = deadline, grace, clock
+        self.run_dir: Path | None = None
+        self._mark: tuple[int, int] | None | bool = False  # False: not noted yet
+        self.virtual = 0.0
+
+    def expired(self) -> bool:
+        return self.clock() >= self.deadline
+
+    def start(self, run_dir: Path) -> None:
+        self.run_dir, self._mark, self.virtual = run_dir, False, 0.0
+
+    def _checkpoint(self) -> tuple[int, int] | None:
+        assert self.run_dir is not None
+        try:
+            st = (self.run_dir / CHECKPOINT).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_ino
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        self.virtual = float(rec.get("time") or 0.0)
+        now = self.clock()
+        if now < self.deadline:
+            return
+        sig = self._checkpoint()
+        if self._mark is False:
+            self._mark = sig
+        elif sig is not None and sig != self._mark:
+            raise PieceEnded(f"paused after the checkpoint at {self.virtual:.0f} virtual s")
+        if now >= self.deadline + self.grace:
+            raise PieceEnded(f"grace spent at {self.virtual:.0f} virtual s; resumes from the last checkpoint")
+
+
+def _git_commit() -> str | None:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _read_pieces(rd: Path) -> list[dict[str, Any]]:
+    p = rd / "pieces.jsonl"
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _append_piece(rd: Path, piece: dict[str, Any]) -> None:
+    rd.mkdir(parents=True, exist_ok=True)
+    with open(rd / "pieces.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(piece) + "\n")
+
+
+@dataclass
+class Sweep:
+    """Paths and settings of one invocation."""
+
+    out: Path
+    runs: Path
+    settings: Settings
+    seeds: tuple[int, ...] = SEEDS
+    command: str = ""
+    _scenario: tuple[tuple[str, int], Any] | None = None
+
+    def run_dir(self, cell: Cell) -> Path:
+        return self.runs / cell.group.name / cell.method / f"seed{cell.seed}"
+
+    def record_path(self, cell: Cell) -> Path:
+        return self.out / "records" / cell.group.name / cell.method / f"seed{cell.seed}.json"
+
+    # -- state
+    def status(self, cell: Cell) -> dict[str, Any]:
+        """The cell's state: done, finished (not collected), partial, failed, unavailable or pending."""
+        d = cell.as_dict()
+        rp = self.record_path(cell)
+        if rp.is_file():
+            rec = json.loads(rp.read_text(encoding="utf-8"))
+            s = rec.get("summary") or {}
+            return {**d, "status": "done", "virtual_seconds": s.get("virtual_seconds"),
+                    "wall_seconds": rec.get("wall_seconds_total"), "pieces": rec.get("pieces")}
+        why = unavailable(cell)
+        if why:
+            return {**d, "status": "unavailable", "reason": why}
+        rd = self.run_dir(cell)
+        if (rd / "summary.json").is_file():
+            return {**d, "status": "finished"}
+        pieces = _read_pieces(rd)
+        wall = sum(p.get("wall_seconds", 0.0) for p in pieces)
+        if pieces and str(pieces[-1].get("ended", "")).startswith("failed"):
+            return {**d, "status": "failed", "reason": pieces[-1]["ended"], "wall_seconds": wall}
+        if (rd / CHECKPOINT).is_file() or (rd / PREVIOUS_CHECKPOINT).is_file():
+            return {**d, "status": "partial", "virtual_seconds": pieces[-1].get("virtual_to") if pieces else None,
+                    "wall_seconds": wall, "pieces": len(pieces)}
+        return {**d, "status": "pending"}
+
+    def write_manifest(self, cells: Sequence[Cell]) -> dict[str, Any]:
+        """``manifest.json``: the plan's settings and every cell's state."""
+        states = [self.status(c) for c in cells]
+        counts: dict[str, int] = {}
+        for s in states:
+            counts[s["status"]] = counts.get(s["status"], 0) + 1
+        s = self.settings
+        manifest = {
+            "benchmark": "headline",
+            "updated": _now(),
+            "command": self.command,
+            "settings": {
+                "base": s.base, "base_overrides": BASES[s.base], "max_time": s.max_time, "eval_every_seconds": s.eval_every,
+                "targets": list(s.targets), "seeds": list(self.seeds), "extra_overrides": list(s.extra),
+                "time_to_target": self.settings.time_to_target_rule(),
+                "consecutive": self.settings.consecutive,
+                "evaluated_on": ("the whole test set" if self.settings.whole_test_set()
+                                 else f"the first {self.settings.eval_samples} test images"),
+                "levelled_off": "the last 20% of the run raised the best accuracy by at most 0.005",
+                "accounting_in_this_build": accounting_known(),
+                "methods": METHODS, "fleets": FLEETS, "partitions": PARTITIONS,
+            },
+            "counts": counts,
+            "cells": states,
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.out / "manifest.json.tmp"
+        head = json.dumps({k: v for k, v in manifest.items() if k != "cells"}, indent=1)
+        body = ",\n".join("  " + json.dumps(c) for c in states)  # one line per cell: readable diffs
+        tmp.write_text(f'{head[:-2]},\n "cells": [\n{body}\n ]\n}}\n', encoding="utf-8")
+        os.replace(tmp, self.out / "manifest.json")
+        return manifest
+
+    # -- running
+    def _scenario_for(self, cfg: ExperimentConfig, cell: Cell) -> Any:
+        key = (cell.group.name, cell.seed)
+        if self._scenario is None or self._scenario[0] != key:
+            self._scenario = None  # free the previous data set first
+            self._scenario = (key, build_scenario(cfg))
+        return self._scenario[1]
+
+    def collect(self, cell: Cell, keep_checkpoints: bool = False) -> dict[str, Any]:
+        """Write the cell's compact record from its finished run directory; drop its checkpoints."""
+        rd = self.run_dir(cell)
+        rec = compact_run(rd, cell.as_dict())
+        pieces = _read_pieces(rd)
+        rec["pieces"] = len(pieces)
+        rec["wall_seconds_total"] = sum(p.get("wall_seconds", 0.0) for p in pieces) or rec["summary"].get("wall_seconds")
+        rec["commits"] = sorted({p["commit"] for p in pieces if p.get("commit")})
+        rec["overrides"] = self.settings.overrides(cell.group, cell.seed, METHODS[cell.method]["name"])
+        # where the full history is kept (a path in the repository; none for a directory outside it)
+        rec["run_dir"] = rd.relative_to(ROOT).as_posix() if rd.is_relative_to(ROOT) else None
+        rp = self.record_path(cell)
+        rp.parent.mkdir(parents=True, exist_ok=True)
+        tmp = rp.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(rec, indent=None, separators=(",", ":")) + "\n", encoding="utf-8")
+        os.replace(tmp, rp)
+        if not keep_checkpoints:
+            for name in (CHECKPOINT, PREVIOUS_CHECKPOINT, CHECKPOINT + ".tmp"):
+                (rd / name).unlink(missing_ok=True)
+        return rec
+
+    def run_cell(self, cell: Cell, budget: WallBudget) -> str:
+        """Run or resume one cell until it finishes or the budget pauses it: "complete" or "paused"."""
+        rd = self.run_dir(cell)
+        cfg = self.settings.config(cell)
+        if (rd / "summary.json").is_file():
+            return "complete"
+        resuming = (rd / "config.yaml").is_file() and ((rd / CHECKPOINT).is_file() or (rd / PREVIOUS_CHECKPOINT).is_file())
+        if resuming:
+            saved = load_config(rd / "config.yaml").model_dump(mode="json")
+            diff = config_differences(saved, cfg.model_dump(mode="json"))
+            if diff:
+                raise ConfigError(f"{rd} was started with other settings ({', '.join(diff)}); delete the directory to "
+                                  "start the cell again, or resume it with the settings it was started with")
+        budget.start(rd)
+        piece = {"started": _now(), "commit": _git_commit(), "resumed": resuming}
+        t0 = time.perf_counter()
+        ended = "complete"
+        try:
+            if resuming:
+                resume_run(rd, on_progress=budget)
+            else:
+                run_policy(self._scenario_for(cfg, cell), cfg.policy, rd, on_progress=budget)
+        except PieceEnded as exc:
+            ended = f"paused: {exc}"
+        except Exception as exc:
+            ended = f"failed: {type(exc).__name__}: {exc}"
+            raise
+        finally:
+            piece.update(wall_seconds=round(time.perf_counter() - t0, 3), virtual_to=budget.virtual, ended=ended)
+            _append_piece(rd, piece)
+        return "complete" if ended == "complete" else "paused"
+
+
+# ---------------------------------------------------------------------------- outputs
+def write_cells_csv(out: Path, targets: Sequence[float], consecutive: int = 1) -> Path:
+    """``cells.csv``: one row per compact record (the numbers RESULTS.md starts from)."""
+    rows = []
+    for p in sorted((out / "records").glob("**/seed*.json")):
+        run = Run.from_record(json.loads(p.read_text(encoding="utf-8")))
+        s = run.summary
+        row = {"group": run.group, "method": run.method, "seed": run.seed,
+               "final_accuracy": s.get("final_accuracy"), "best_accuracy": s.get("best_accuracy"),
+               "virtual_seconds": s.get("virtual_seconds"), "server_rounds": s.get("server_rounds"),
+               "local_rounds": " ".join(str(x) for x in s.get("local_rounds") or []),
+               "server_egress_bytes": s.get("server_egress_bytes"), "server_ingress_bytes": s.get("server_ingress_bytes"),
+               "levelled": run.levelled(), "wall_seconds_total": run.record.get("wall_seconds_total")}
+        for t in targets:
+            row[f"time_to_{t:g}"] = run.time_to(t, consecutive)
+        rows.append(row)
+    path = out / "cells.csv"
+    if rows:
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n")
+            w.writeheader()
+            w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    return path
+
+
+def run_sweep(sweep: Sweep, cells: Sequence[Cell], budget: WallBudget, all_cells: Sequence[Cell],
+              keep_checkpoints: bool = False) -> dict[str, int]:
+    """Run ``cells`` in order until they are done or the budget is spent; returns counts by outcome."""
+    counts = {"complete": 0, "paused": 0, "failed": 0, "skipped": 0}
+    for cell in cells:
+        st = sweep.status(cell)
+        if st["status"] in ("done", "unavailable"):
+            counts["skipped"] += 1
+            continue
+        if st["status"] == "finished":
+            sweep.collect(cell, keep_checkpoints)
+            counts["complete"] += 1
+            continue
+        if budget.expired():
+            log.info("budget spent: %s and later cells wait for the next invocation", cell.key)
+            break
+        log.info("%s: %s", cell.key, "resuming" if st["status"] == "partial" else "starting")
+        try:
+            outcome = sweep.run_cell(cell, budget)
+        except Exception:
+            log.exception("%s failed", cell.key)
+            counts["failed"] += 1
+            sweep.write_manifest(all_cells)
+            continue
+        counts[outcome] += 1
+        if outcome == "complete":
+            rec = sweep.collect(cell, keep_checkpoints)
+            log.info("%s: done, final accuracy %.4f, %s server updates", cell.key,
+                     rec["summary"].get("final_accuracy") or float("nan"), rec["summary"].get("server_rounds"))
+        sweep.write_manifest(all_cells)
+        if outcome == "paused":
+            log.info("%s: paused; run the same command again to resume", cell.key)
+            break
+    sweep.write_manifest(all_cells)
+    write_cells_csv(sweep.out, sweep.settings.targets, sweep.settings.consecutive)
+    return counts
+
+
+# ---------------------------------------------------------------------------- estimate
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of its children that have ended."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def estimate(sweep: Sweep, cells: Sequence[Cell], probe_time: float, scratch: Path,
+             on_probe: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run each distinct (accounting, fleet, policy configuration) of ``cells`` for ``probe_time``
+    virtual s on seed 0 of the Dirichlet split and project the cost of every cell.
+
+    Measured per probe: wall seconds and CPU seconds (this process and its worker processes,
+    which the process executor joins at the end of a run). An evaluation's cost ``e`` (wall and
+    CPU) is the median of three evaluations of the initial weights on the test set. Per probe,
+    ``rate = (measured - evaluations * e) / probe_time`` per virtual second outside evaluation; a
+    cell of horizon ``T`` is projected at ``rate * T + (T / eval_every + 2) * e``. CPU seconds do
+    not grow with the machine's load as wall seconds do: on a machine whose two cores are free
+    the sweep's wall time lies between CPU / 2 (perfect overlap) and CPU (none). The FedAsync grid
+    shares one probe (alpha and the staleness function do not change what an update costs).
+    ``on_probe`` gets the projection so far (``complete`` False) after every probe, so a cut
+    estimate leaves what it measured.
+    """
+    s = sweep.settings
+    short = dataclasses.replace(s, max_time=probe_time)
+    commit = _git_commit()  # the code the probes run
+
+    def probe_key(c: Cell) -> tuple[str, str, str]:
+        return c.group.accounting, c.group.fleet, "fedasync-a0.6-poly" if c.method in FEDASYNC_GRID else c.method
+
+    probes: dict[tuple[str, str, str], Cell] = {}
+    for c in cells:
+        if not unavailable(c):
+            k = probe_key(c)
+            probes.setdefault(k, Cell(0, Group(k[0], k[1], "dirichlet"), k[2], 0))
+    measured: dict[tuple[str, str, str], dict[str, Any]] = {}
+    cost: dict[str, float] = {}
+    for key, probe in probes.items():
+        cfg = short.config(probe)
+        sc = sweep._scenario_for(cfg, probe)
+        if not cost:
+            ev = sc.evaluator()
+            ev(sc.initial_weights)
+            walls, cpus = [], []
+            for _ in range(3):
+                w, c0 = time.perf_counter(), _cpu_seconds()
+                ev(sc.initial_weights)
+                walls.append(time.perf_counter() - w)
+                cpus.append(_cpu_seconds() - c0)
+            cost = {"wall": statistics.median(walls), "cpu": statistics.median(cpus)}
+            log.info("one evaluation (%s test samples): %.2f s wall, %.2f s CPU", cfg.data.eval_samples or "all",
+                     cost["wall"], cost["cpu"])
+        w, c0 = time.perf_counter(), _cpu_seconds()
+        summary = run_policy(sc, cfg.policy, scratch / probe.key)
+        wall, cpu = time.perf_counter() - w, _cpu_seconds() - c0
+        n_evals = sum(1 for r in summary["history"] if r.get("event") == "eval")
+        measured[key] = {
+            "group": probe.group.name, "method": probe.method, "virtual_seconds": summary["virtual_seconds"],
+            "server_rounds": summary["server_rounds"], "evaluations": n_evals, "final_accuracy": summary["final_accuracy"],
+            "wall_seconds": round(wall, 2), "cpu_seconds": round(cpu, 2),
+            "wall_per_virtual_second": round(max(0.0, wall - n_evals * cost["wall"]) / probe_time, 5),
+            "cpu_per_virtual_second": round(max(0.0, cpu - n_evals * cost["cpu"]) / probe_time, 5),
+            "load_average": round(os.getloadavg()[0], 2),
+        }
+        log.info("%s %s: %.0f s wall, %.0f s CPU for %.0f virtual s (%d updates)", probe.group.name, probe.method,
+                 wall, cpu, probe_time, summary["server_rounds"])
+        if on_probe is not None:
+            on_probe(_projection(sweep, cells, probe_time, measured, cost, probe_key, commit, complete=False))
+    return _projection(sweep, cells, probe_time, measured, cost, probe_key, commit, complete=True)
+
+
+def _projection(sweep: Sweep, cells: Sequence[Cell], probe_time: float, measured: dict[tuple[str, str, str], dict[str, Any]],
+                cost: dict[str, float], probe_key: Callable[[Cell], tuple[str, str, str]], commit: str | None,
+                complete: bool) -> dict[str, Any]:
+    """The estimate's file: what the probes measured and every measured cell's projected cost."""
+    s = sweep.settings
+    evals_per_run = s.max_time / s.eval_every + 2
+    per_cell = []
+    for c in cells:
+        m = measured.get(probe_key(c))
+        if m is None:
+            continue
+        per_cell.append({**c.as_dict(), **{
+            f"projected_{kind}_seconds": round(m[f"{kind}_per_virtual_second"] * s.max_time + evals_per_run * cost[kind], 1)
+            for kind in ("wall", "cpu")}})
+
+    def hours(kind: str, tier: int | None = None) -> float:
+        return round(sum(p[f"projected_{kind}_seconds"] for p in per_cell if tier in (None, p["tier"])) / 3600, 2)
+
+    tiers = sorted({p["tier"] for p in per_cell})
+    return {
+        "benchmark": "headline-estimate",
+        "date": _now(),
+        "command": sweep.command,
+        "commit": commit,
+        "machine": {"cpu_count": os.cpu_count(), "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "complete": complete,
+        "probe_virtual_seconds": probe_time,
+        "horizon_virtual_seconds": s.max_time,
+        "evaluation": {"test_samples": "all" if s.whole_test_set() else s.eval_samples,
+                       "wall_seconds": round(cost.get("wall", 0.0), 3), "cpu_seconds": round(cost.get("cpu", 0.0), 3),
+                       "per_run": evals_per_run},
+        "measured": list(measured.values()),
+        "cells_projected": len(per_cell),
+        "cells_not_measured": sum(1 for c in cells if not unavailable(c) and probe_key(c) not in measured),
+        "cells_unavailable": [c.key for c in cells if unavailable(c)],
+        "cpu_hours_by_tier": {str(t): hours("cpu", t) for t in tiers},
+        "cpu_hours_total": hours("cpu"),
+        "wall_hours_at_measured_load_total": hours("wall"),
+        "wall_hours_two_free_cores": [round(hours("cpu") / 2, 2), hours("cpu")],
+        "per_cell": per_cell,
+    }
+
+
+# ---------------------------------------------------------------------------- command line
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["plan", "run", "collect", "estimate"])
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="committed results (records, manifest)")
+    ap.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="run directories (histories, checkpoints)")
+    ap.add_argument("--base", choices=list(BASES), default="fmnist")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    ap.add_argument("--tiers", type=int, nargs="+", help="only these tiers of the plan")
+    ap.add_argument("--groups", nargs="+", help="only these groups (shell patterns, e.g. 'honest/*/dirichlet')")
+    ap.add_argument("--methods", nargs="+", help="only these methods (shell patterns, e.g. 'fedasync-*')")
+    ap.add_argument("--max-time", type=float, default=MAX_TIME, help="virtual seconds per run")
+    ap.add_argument("--probe-time", type=float, default=300.0, help="estimate: virtual seconds of each measured run")
+    ap.add_argument("--eval-every", type=float, default=EVAL_EVERY, help="virtual seconds between evaluations")
+    ap.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
+    ap.add_argument("--eval-samples", type=int, help="evaluate on the first N test images (default: all of them)")
+    ap.add_argument("--consecutive", type=int, default=1,
+                    help="time to target: the first of this many evaluations in a row at or above it")
+    ap.add_argument("--checkpoint-every", type=int, help="server updates between checkpoints (default: by policy)")
+    ap.add_argument("--budget-minutes", type=float, default=100.0, help="wall minutes before the sweep pauses")
+    ap.add_argument("--grace-minutes", type=float, default=15.0, help="longest wait for a checkpoint past the budget")
+    ap.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoints of finished runs")
+    ap.add_argument("--set", dest="extra", action="append", default=[], help="extra config override for every run")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None, clock: Callable[[], float] = time.monotonic) -> int:
+    args = _parser().parse_args(list(argv) if argv is not None else None)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    out = args.out if args.out.is_absolute() else ROOT / args.out
+    runs = args.runs if args.runs.is_absolute() else ROOT / args.runs
+    settings = Settings(base=args.base, max_time=args.max_time,
+                        eval_every=args.eval_every, targets=tuple(args.targets),
+                        checkpoint_every=args.checkpoint_every, extra=tuple(args.extra),
+                        eval_samples=args.eval_samples, consecutive=args.consecutive)
+    shown = [a if not os.path.isabs(a) else os.path.relpath(a, ROOT) for a in (argv if argv is not None else sys.argv[1:])]
+    sweep = Sweep(out, runs, settings, tuple(args.seeds), command="python benchmarks/headline.py " + " ".join(shown))
+    all_cells = plan_cells(tuple(args.seeds))
+    cells = select(all_cells, args.tiers, args.groups, args.methods, None)
+    if args.command == "plan":
+        manifest = sweep.write_manifest(all_cells)
+        chosen = {c.key for c in cells}
+        for st in manifest["cells"]:
+            if f"{st['group']}/{st['method']}/seed{st['seed']}" in chosen:
+                extra = st.get("reason") or ""
+                print(f"tier {st['tier']}  {st['group']}/{st['method']}/seed{st['seed']}: {st['status']} {extra}")
+        print(json.dumps(manifest["counts"]))
+        return 0
+    if args.command == "collect":
+        for c in cells:
+            if sweep.status(c)["status"] == "finished":
+                sweep.collect(c, args.keep_checkpoints)
+        manifest = sweep.write_manifest(all_cells)
+        write_cells_csv(out, settings.targets, settings.consecutive)
+        print(json.dumps(manifest["counts"]))
+        return 0
+    if args.command == "estimate":
+        out.mkdir(parents=True, exist_ok=True)
+
+        def write(est: dict[str, Any]) -> None:
+            (out / "estimate.json").write_text(json.dumps(est, indent=1) + "\n", encoding="utf-8")
+
+        with tempfile.TemporaryDirectory(prefix="headline-estimate-") as scratch:
+            est = estimate(sweep, cells, args.probe_time, Path(scratch), on_probe=write)
+        write(est)
+        print(json.dumps({k: v for k, v in est.items() if k not in ("per_cell", "measured")}, indent=1))
+        return 0
+    budget = WallBudget(clock() + args.budget_minutes * 60.0, args.grace_minutes * 60.0, clock)
+    counts = run_sweep(sweep, cells, budget, all_cells, args.keep_checkpoints)
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    print(json.dumps({"this invocation": counts, "cells": manifest["counts"]}))
+    return 1 if counts["failed"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

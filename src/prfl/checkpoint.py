@@ -1,0 +1,862 @@
+"""Checkpoint files that load without running code: tensors in safetensors, the rest as JSON.
+
+A checkpoint is one file, a valid `safetensors <https://github.com/huggingface/safetensors>`_
+file: an 8-byte little-endian header length, a JSON header naming every stored array (dtype,
+shape, byte range), then the arrays' bytes. Besides the tensors' arrays it holds two ``U8``
+arrays: ``prfl.state``, the state as JSON, and last ``prfl.trailer`` (48 bytes: the magic
+``PRFLCKP2``, the length of everything before the trailer, the SHA-256 of it), which detects a
+torn or corrupted file. Loading parses JSON and copies bytes into tensors; nothing is unpickled
+and no class is built but those of :data:`ALLOWED_TYPES`, so a crafted file cannot run code. A
+pickle (the format before this one, or any ``torch.save`` file) is refused with an error that
+says what to do.
+
+The state is plain data: None, bool, int, float (inf and nan included), str, list, and with
+type tags tuple, set, frozenset, dicts whose keys are not plain strings (``{"$dict": [[k, v],
+...]}``), numpy scalars and arrays, torch dtypes, tensors and the dataclasses of
+:data:`ALLOWED_TYPES` (``{"$dc": name, "fields": {...}}``, rebuilt through their constructor).
+A tensor in the state is ``{"$t": i}``, an index into a table that says how tensor i is stored:
+
+- ``raw``: its elements as they are;
+- ``bits``: a bool tensor as a bitmap (1 bit per element);
+- ``u24``: an integer tensor whose values lie in [0, 2^24) (a ranking of fewer than 16.7 M
+  weights), 3 bytes per element;
+- ``narrow``: an int64 tensor whose values fit in int32, stored as int32;
+- ``sparse``: a floating-point tensor with many zero elements, as a bitmap of the nonzero ones,
+  their values and, if some zeros are negative zeros, a bitmap of those among the zeros (so
+  the tensor comes back bit for bit).
+
+The floating-point values of ``raw`` and ``sparse`` are stored ``plain``, or ``hi-zlib`` when
+a sample of their high bytes shrinks by a third: the low bytes of every value as they are and the high
+bytes (the sign and most of the exponent, which take few distinct values in a trained model)
+through zlib; it saves about 15% of a model's bytes. Every encoding is lossless.
+
+The same tensor object (or the same memory viewed the same way) referenced twice is stored once
+and comes back as one object; tensors of equal dtype, shape and content are stored once (their
+bytes) and come back as distinct objects.
+
+Streaming. :class:`Streamed` stands for a tensor that the writer fetches only when it reaches it
+and lets go of right after (``release``): values that live in a file (a file-backed buffer) or
+that are loaded from disk (a waiting training job). The writer holds one tensor at a time beside
+the state, never the whole payload; the header is written last into space reserved at the start.
+On loading, a tensor written as :class:`Streamed` comes back as a :class:`Streamed` whose
+``read`` copies it from the file when asked (one at a time, in the consumer's order), so a
+large checkpoint is not loaded into memory at once either; every other tensor is read at once.
+
+Files. :func:`write_checkpoint` writes ``checkpoint.pt`` atomically (temporary file, fsync,
+rename; the previous checkpoint becomes ``checkpoint.prev.pt``); :func:`load_checkpoint` falls
+back to the previous one when the newest is torn, corrupted, refused or ahead of the history.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import io
+import json
+import logging
+import math
+import os
+import sys
+import weakref
+import zlib
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
+FORMAT = "prfl-checkpoint"
+FORMAT_VERSION = 2
+TRAILER_MAGIC = b"PRFLCKP2"
+_PICKLE_TRAILER_MAGIC = b"PRFLCKP1"  # the trailer of the pickle checkpoints of earlier versions
+_TRAILER_SIZE = len(TRAILER_MAGIC) + 8 + 32  # magic, payload length (little endian), SHA-256
+_STATE, _TRAILER = "prfl.state", "prfl.trailer"
+_CHUNK = 1 << 20  # bytes hashed, copied or compressed at a time
+_ALIGN = 8  # every array starts at a multiple of this many bytes of the data section
+_HEADER_LIMIT = 100_000_000  # safetensors refuses longer headers
+_PLANE_MIN = 4096  # floating-point arrays at least this long have their high bytes compressed
+_LITTLE_ENDIAN = sys.byteorder == "little"  # safetensors is little-endian, and so are the byte planes
+_HEADER_START = b'{"__metadata__":{"format":"prfl-checkpoint"'  # how the header of every checkpoint begins
+
+#: Classes a checkpoint may rebuild (dataclasses, through their constructor), as
+#: ``module:qualified name``. Nothing else is ever constructed from a checkpoint.
+ALLOWED_TYPES: tuple[str, ...] = (
+    "prfl.policies.base:TaskSpec",
+    "prfl.policies.fleet:InFlight",
+    "prfl.client.result:TaskResult",
+    "prfl.client.trainer:TrainOutput",
+    "prfl.sim.devices:TaskSpeeds",
+    "prfl.distribution:PieceId",
+)
+
+_ST_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_FROM_ST = {v: k for k, v in _ST_DTYPES.items()}
+_DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in _ST_DTYPES}
+_INT_OF_SIZE = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+_NP_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "float16", "float32", "float64")
+_RESUME_HINT = "start the run again with `prfl run` (or resume it with the prfl version that wrote it)"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, torn, corrupted, refused or not a prfl checkpoint; the message
+    names the file and what to do."""
+
+
+@dataclass(frozen=True, eq=False)
+class Streamed:
+    """A tensor fetched when the writer (or, after loading, the consumer) gets to it.
+
+    ``read()`` returns the tensor; ``release(t)``, if given, is called once the writer is done
+    with it (e.g. to hand a file-backed tensor's pages back to the kernel). Streamed entries with
+    equal ``key`` (not None) are one tensor: it is read and stored once. ``shape`` and ``dtype``,
+    when known beforehand, let the writer store it once with any equal plain tensor too."""
+
+    read: Callable[[], torch.Tensor]
+    release: Callable[[torch.Tensor], None] | None = None
+    key: Hashable | None = None
+    shape: tuple[int, ...] | None = None
+    dtype: torch.dtype | None = None
+
+
+def materialize(value: torch.Tensor | Streamed) -> torch.Tensor:
+    """The tensor of a tensor or a :class:`Streamed`."""
+    return value.read() if isinstance(value, Streamed) else value
+
+
+# ---------------------------------------------------------------------------------------- types
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _allowed_class(name: str) -> type:
+    """The class of an allowed type name; raises KeyError for any other name."""
+    if name not in ALLOWED_TYPES:
+        raise KeyError(name)
+    module, _, qual = name.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qual.split("."):
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and dataclasses.is_dataclass(obj)):
+        raise KeyError(name)
+    return obj
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous tensor, without a copy."""
+    flat = t.reshape(-1)
+    if flat.dtype.itemsize != 1 or flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    return memoryview(flat.numpy()).cast("B")
+
+
+# ---------------------------------------------------------------------------------------- writing
+@dataclass
+class _Entry:
+    """One logical tensor to write: a tensor or a Streamed."""
+
+    source: torch.Tensor | Streamed
+    ndim_bound: int
+
+
+class _Encoder:
+    """Turns a state into JSON-able data, collecting its tensors (phase one of writing)."""
+
+    def __init__(self) -> None:
+        self.entries: list[_Entry] = []
+        self._by_view: dict[tuple[Any, ...], int] = {}
+        self._by_key: dict[Hashable, int] = {}
+        self._streams: dict[int, int] = {}  # id(Streamed) -> index (the state keeps them alive)
+
+    def tensor(self, t: torch.Tensor) -> int:
+        if t.layout != torch.strided:
+            raise TypeError(f"cannot checkpoint a {t.layout} tensor; make it dense first")
+        t = t.detach().cpu()
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"cannot checkpoint a tensor of dtype {t.dtype}; allowed: {sorted(map(str, _ST_DTYPES))}")
+        view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        index = self._by_view.get(view) if t.numel() else None
+        if index is None:
+            index = len(self.entries)
+            self.entries.append(_Entry(t, t.dim()))
+            if t.numel():
+                self._by_view[view] = index
+        return index
+
+    def streamed(self, s: Streamed) -> int:
+        index = self._streams.get(id(s))
+        if index is None and s.key is not None:
+            index = self._by_key.get(s.key)
+        if index is None:
+            index = len(self.entries)
+            self.entries.append(_Entry(s, 8 if s.shape is None else len(s.shape)))
+            if s.key is not None:
+                self._by_key[s.key] = index
+        self._streams[id(s)] = index
+        return index
+
+    def encode(self, obj: Any) -> Any:
+        if obj is None or isinstance(obj, (bool, str)):
+            return obj
+        if isinstance(obj, np.generic):  # before int/float: np.float64 is a float
+            dt = obj.dtype.name
+            if dt not in _NP_DTYPES:
+                raise TypeError(f"cannot checkpoint a numpy scalar of dtype {dt}")
+            return {"$npv": dt, "v": obj.item()}
+        if isinstance(obj, int):
+            return int(obj)
+        if isinstance(obj, float):
+            return float(obj)
+        if isinstance(obj, torch.Tensor):
+            return {"$t": self.tensor(obj)}
+        if isinstance(obj, Streamed):
+            return {"$s": self.streamed(obj)}
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.name not in _NP_DTYPES:
+                raise TypeError(f"cannot checkpoint a numpy array of dtype {obj.dtype}")
+            return {"$np": self.tensor(torch.from_numpy(np.ascontiguousarray(obj)))}
+        if isinstance(obj, list):
+            return [self.encode(v) for v in obj]
+        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+            return {"$tuple": [self.encode(v) for v in obj]}
+        if isinstance(obj, (set, frozenset)):
+            return {"$fset" if isinstance(obj, frozenset) else "$set": [self.encode(v) for v in obj]}
+        if isinstance(obj, dict):
+            if all(isinstance(k, str) and not k.startswith("$") for k in obj):
+                return {k: self.encode(v) for k, v in obj.items()}
+            return {"$dict": [[self.encode(k), self.encode(v)] for k, v in obj.items()]}
+        if isinstance(obj, torch.dtype):
+            return {"$dtype": str(obj).removeprefix("torch.")}
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            name = _qualname(type(obj))
+            if name not in ALLOWED_TYPES:
+                raise TypeError(f"cannot checkpoint a {name}: not in prfl.checkpoint.ALLOWED_TYPES")
+            fields = {f.name: self.encode(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+            return {"$dc": name, "fields": fields}
+        raise TypeError(
+            f"cannot checkpoint a {type(obj).__module__}.{type(obj).__qualname__}: checkpoints hold plain data, "
+            "tensors, numpy arrays and the dataclasses of prfl.checkpoint.ALLOWED_TYPES"
+        )
+
+
+class _Deflated:
+    """The zlib stream of a byte tensor, produced chunk by chunk as the writer asks for it (the
+    compressed bytes are never all in memory)."""
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data = data
+
+    def __iter__(self) -> Any:
+        z = zlib.compressobj(1)
+        view = self.data.numpy()
+        for start in range(0, view.size, _CHUNK):
+            out = z.compress(view[start : start + _CHUNK])
+            if out:
+                yield out
+        yield z.flush()
+
+
+def _float_arrays(v: torch.Tensor) -> tuple[str, list[tuple[str, Any]]]:
+    """How to store the floating-point values ``v`` (1-D, contiguous): ``plain``, or ``hi-zlib``:
+    the low bytes of every value as they are, and the high bytes (sign and most of the exponent,
+    a few distinct values in a trained model) through zlib, when a sample of them shrinks by a
+    third or more."""
+    n, size = v.numel(), v.element_size()
+    if n >= _PLANE_MIN and _LITTLE_ENDIAN:
+        planes = v.view(torch.uint8).reshape(n, size)
+        sample = planes[: min(n, 1 << 16), size - 1].contiguous().numpy()
+        if len(zlib.compress(sample, 1)) <= 0.67 * sample.size:
+            low = planes[:, : size - 1].contiguous().reshape(-1)
+            return "hi-zlib", [("U8", low), ("U8", _Deflated(planes[:, size - 1].contiguous()))]
+    return "plain", [(_ST_DTYPES[v.dtype], v)]
+
+
+def _encode_tensor(t: torch.Tensor) -> tuple[dict[str, str], list[tuple[str, torch.Tensor]]]:
+    """How to store ``t`` (contiguous) and the arrays that store it: ({"enc": ..., "values": ...},
+    [(safetensors dtype, array)])."""
+    n = t.numel()
+    flat = t.reshape(-1)
+    if t.dtype == torch.bool and n >= 64:
+        return {"enc": "bits"}, [("U8", torch.from_numpy(np.packbits(flat.numpy(), bitorder="little")))]
+    if t.dtype in (torch.int64, torch.int32) and n >= 64 and _LITTLE_ENDIAN:
+        lo, hi = (int(x) for x in torch.aminmax(flat))
+        if 0 <= lo and hi < 2**24:  # e.g. a ranking of fewer than 16.7 M weights: 3 bytes a position
+            low3 = flat.to(torch.int32).view(torch.uint8).reshape(n, 4)[:, :3].contiguous().reshape(-1)
+            return {"enc": "u24"}, [("U8", low3)]
+        if t.dtype == torch.int64 and torch.iinfo(torch.int32).min <= lo and hi <= torch.iinfo(torch.int32).max:
+            return {"enc": "narrow"}, [("I32", flat.to(torch.int32))]
+    if t.is_floating_point() and n >= 64:
+        size = t.element_size()
+        nonzero = flat != 0
+        count = int(nonzero.sum())
+        if size * count + (n - count + 7) // 8 + (n + 7) // 8 < 0.75 * size * n:
+            how, values = _float_arrays(flat[nonzero])
+            arrays = [("U8", torch.from_numpy(np.packbits(nonzero.numpy(), bitorder="little"))), *values]
+            negative = torch.signbit(flat[~nonzero])  # W ⊙ m holds -0.0 where W < 0: kept, bit for bit
+            if bool(negative.any()):
+                arrays.append(("U8", torch.from_numpy(np.packbits(negative.numpy(), bitorder="little"))))
+            return {"enc": "sparse", "values": how}, arrays
+    if t.is_floating_point():
+        how, values = _float_arrays(flat)
+        return {"enc": "raw", "values": how}, values
+    return {"enc": "raw"}, [(_ST_DTYPES[t.dtype], flat)]
+
+
+class _BlobWriter:
+    """Appends aligned arrays to the data section of a checkpoint being written."""
+
+    def __init__(self, fh: BinaryIO, data_start: int) -> None:
+        self.fh = fh
+        self.data_start = data_start
+        self.pos = 0  # offset in the data section
+        self.header: dict[str, Any] = {}
+        fh.seek(data_start)
+
+    def add(self, name: str, st_dtype: str, shape: list[int], data: memoryview | bytes) -> None:
+        pad = -self.pos % _ALIGN
+        if pad:  # safetensors wants the data section covered without holes: padding is an array too
+            self.header[f"{name}.pad"] = {"dtype": "U8", "shape": [pad], "data_offsets": [self.pos, self.pos + pad]}
+            self.fh.write(b"\0" * pad)
+            self.pos += pad
+        size = len(data)
+        self.header[name] = {"dtype": st_dtype, "shape": shape, "data_offsets": [self.pos, self.pos + size]}
+        view = memoryview(data)
+        for start in range(0, size, _CHUNK):
+            self.fh.write(view[start : start + _CHUNK])
+        self.pos += size
+
+    def add_stream(self, name: str, chunks: Any) -> None:
+        """A ``U8`` array of the bytes ``chunks`` yields, written as they come."""
+        self.add(name, "U8", [0], b"")
+        size = 0
+        for chunk in chunks:
+            self.fh.write(chunk)
+            size += len(chunk)
+        begin = self.header[name]["data_offsets"][0]
+        self.header[name] = {"dtype": "U8", "shape": [size], "data_offsets": [begin, begin + size]}
+        self.pos += size
+
+
+def _content_key(t: torch.Tensor) -> tuple[Any, ...]:
+    h = hashlib.sha256()
+    data = _bytes_of(t)
+    for start in range(0, len(data), _CHUNK):
+        h.update(data[start : start + _CHUNK])
+    return (t.dtype, tuple(t.shape), h.digest())
+
+
+def save(state: Any, fh: BinaryIO) -> int:
+    """Write ``state`` as a checkpoint to ``fh`` (a seekable binary file, empty, opened for
+    reading and writing) and return its size in bytes. Tensors are fetched and written one at a
+    time; the file is hashed back from ``fh`` for the trailer."""
+    enc = _Encoder()
+    plain = enc.encode(state)
+    entries = enc.entries
+    # Header space: a tensor makes at most eight arrays (two bitmaps, two of values, their padding).
+    bound = 1024 + sum(8 * (120 + 22 * max(1, e.ndim_bound)) for e in entries)
+    data_start = 8 + bound + (-(8 + bound) % _ALIGN)
+    blobs = _BlobWriter(fh, data_start)
+    # Tensors that may share content with another one are hashed; others are written as they come.
+    groups: dict[tuple[Any, ...], int] = {}
+    for e in entries:
+        s = e.source
+        if isinstance(s, torch.Tensor):
+            sig: tuple[Any, ...] | None = (s.dtype, tuple(s.shape))
+        else:
+            sig = None if s.shape is None or s.dtype is None else (s.dtype, tuple(s.shape))
+        if sig is not None:
+            groups[sig] = groups.get(sig, 0) + 1
+    table: list[dict[str, Any]] = []
+    stored: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for i, e in enumerate(entries):
+        src = e.source
+        got = src.read() if isinstance(src, Streamed) else src
+        try:
+            if not isinstance(got, torch.Tensor) or got.dtype not in _ST_DTYPES:
+                raise TypeError(f"a streamed checkpoint entry gave {type(got).__name__}, not a tensor of an allowed dtype")
+            t = got.detach().cpu().contiguous()
+            key = _content_key(t) if groups.get((t.dtype, tuple(t.shape)), 0) > 1 and t.numel() else None
+            row = stored.get(key) if key is not None else None
+            if row is None:
+                encoding, arrays = _encode_tensor(t)
+                names: list[str] = []
+                for j, (st, arr) in enumerate(arrays):
+                    name = f"t{i}" if len(arrays) == 1 else f"t{i}.{j}"
+                    if isinstance(arr, torch.Tensor):
+                        blobs.add(name, st, list(arr.shape), _bytes_of(arr) if arr.numel() else b"")
+                    else:
+                        blobs.add_stream(name, arr)
+                    names.append(name)
+                del arrays
+                row = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), **encoding,
+                       "arrays": names}
+                if key is not None:
+                    stored[key] = row
+            table.append(row)
+            del t
+        finally:
+            if isinstance(src, Streamed) and src.release is not None and isinstance(got, torch.Tensor):
+                src.release(got)
+            del got
+    body = json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "tensors": table, "state": plain},
+                      separators=(",", ":"), allow_nan=True).encode("utf-8")
+    del plain
+    blobs.add(_STATE, "U8", [len(body)], body)
+    del body
+    blobs.add(_TRAILER, "U8", [_TRAILER_SIZE], b"\0" * _TRAILER_SIZE)  # filled in below
+    header = {"__metadata__": {"format": FORMAT, "version": str(FORMAT_VERSION)}, **blobs.header}
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    room = data_start - 8
+    if len(text) > room:  # pragma: no cover - the bound above is generous
+        raise RuntimeError(f"checkpoint header of {len(text)} bytes exceeds the {room} bytes reserved")
+    fh.seek(0)
+    fh.write(room.to_bytes(8, "little"))
+    fh.write(text + b" " * (room - len(text)))  # safetensors pads its header with spaces
+    fh.flush()
+    size = data_start + blobs.pos - _TRAILER_SIZE
+    digest = _sha256_of(fh, size)
+    fh.seek(size)
+    fh.write(TRAILER_MAGIC + size.to_bytes(8, "little") + digest)
+    fh.flush()
+    return size + _TRAILER_SIZE
+
+
+def _sha256_of(fh: BinaryIO, size: int) -> bytes:
+    """SHA-256 of the first ``size`` bytes of an open binary file, read in bounded chunks."""
+    h = hashlib.sha256()
+    chunk = bytearray(min(_CHUNK, max(size, 1)))
+    view = memoryview(chunk)
+    fh.seek(0)
+    left = size
+    while left > 0:
+        got = fh.readinto(view[: min(left, len(chunk))])  # type: ignore[attr-defined]
+        if not got:
+            break
+        h.update(view[:got])
+        left -= got
+    return h.digest()
+
+
+# ---------------------------------------------------------------------------------------- reading
+class _Source:
+    """Positional reads from an open checkpoint (kept open while Streamed entries need it)."""
+
+    def __init__(self, fh: BinaryIO, owned: bool) -> None:
+        self.fh = fh
+        if owned:
+            weakref.finalize(self, fh.close)
+
+    def readinto(self, offset: int, out: memoryview) -> None:
+        self.fh.seek(offset)
+        got = 0
+        while got < len(out):
+            n = self.fh.readinto(out[got:])  # type: ignore[attr-defined]
+            if not n:
+                raise CheckpointError("the file ends inside an array")
+            got += n
+
+
+class _Decoder:
+    """Builds the state back from its JSON and the arrays (phase two of reading)."""
+
+    def __init__(self, src: _Source, data_start: int, header: dict[str, Any], table: Any, where: str) -> None:
+        self.src, self.data_start, self.header, self.where = src, data_start, header, where
+        if not isinstance(table, list):
+            raise CheckpointError(f"{where}: malformed tensor table")
+        self.table = table
+        self._tensors: dict[int, torch.Tensor] = {}
+        self._streams: dict[int, Streamed] = {}
+        self._classes: dict[str, type] = {}
+
+    # -- arrays
+    def _array(self, name: Any, st_dtype: str, count: int) -> torch.Tensor:
+        meta = self.header.get(name) if isinstance(name, str) else None
+        if meta is None or meta["dtype"] != st_dtype:
+            raise CheckpointError(f"{self.where}: array {name!r} is missing or not {st_dtype}")
+        begin, end = meta["data_offsets"]
+        dtype = _FROM_ST[st_dtype]
+        if end - begin != count * dtype.itemsize:
+            raise CheckpointError(f"{self.where}: array {name!r} holds {end - begin} bytes, not {count} x {st_dtype}")
+        out = torch.empty(count, dtype=dtype)
+        if count:
+            self.src.readinto(self.data_start + begin, _bytes_of(out))
+        return out
+
+    def _index(self, i: Any) -> int:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(self.table):
+            raise CheckpointError(f"{self.where}: reference to tensor {i!r}, which the table does not have")
+        return i
+
+    def _bits(self, name: Any, n: int) -> torch.Tensor:
+        """A bitmap array of ``n`` bits as a bool tensor."""
+        packed = self._array(name, "U8", (n + 7) // 8)
+        return torch.from_numpy(np.unpackbits(packed.numpy(), count=n, bitorder="little").view(np.bool_))
+
+    def _values(self, how: Any, names: list[Any], dtype: torch.dtype, n: int, i: int) -> torch.Tensor:
+        """``n`` floating-point values stored as :func:`_float_arrays` says (``names``: its arrays)."""
+        if how in (None, "plain") and len(names) == 1:
+            return self._array(names[0], _ST_DTYPES[dtype], n)
+        if how == "hi-zlib" and len(names) == 2 and _LITTLE_ENDIAN:
+            size = dtype.itemsize
+            low = self._array(names[0], "U8", (size - 1) * n)
+            out = torch.empty(n, dtype=dtype)
+            planes = out.view(torch.uint8).reshape(n, size)
+            planes[:, : size - 1] = low.reshape(n, size - 1)
+            del low
+            high = planes[:, size - 1].numpy()
+            z, got = zlib.decompressobj(), 0
+            try:
+                for chunk in self._chunks(names[1]):  # inflated into place, never more than n bytes
+                    while chunk and got < n:
+                        part = z.decompress(chunk, min(_CHUNK, n - got))
+                        high[got : got + len(part)] = np.frombuffer(part, dtype=np.uint8)
+                        got += len(part)
+                        chunk = z.unconsumed_tail
+                    if chunk:
+                        break
+                ok = got == n and not z.unconsumed_tail and (z.eof or not z.flush())
+            except zlib.error:
+                ok = False
+            if not ok or not z.eof:
+                raise CheckpointError(f"{self.where}: tensor {i}: its compressed bytes do not give {n} values")
+            return out
+        raise CheckpointError(f"{self.where}: unknown storage {how!r} of the values of tensor {i}")
+
+    def _chunks(self, name: Any) -> Any:
+        """The bytes of a ``U8`` array, a bounded chunk at a time."""
+        meta = self.header.get(name) if isinstance(name, str) else None
+        if meta is None or meta["dtype"] != "U8":
+            raise CheckpointError(f"{self.where}: array {name!r} is missing or not U8")
+        begin, end = meta["data_offsets"]
+        for start in range(begin, end, _CHUNK):
+            buf = bytearray(min(_CHUNK, end - start))
+            self.src.readinto(self.data_start + start, memoryview(buf))
+            yield bytes(buf)
+
+    def _load(self, i: int) -> torch.Tensor:
+        row = self.table[i]
+        try:
+            dtype = _DTYPE_NAMES[row["dtype"]]
+            shape = [int(d) for d in row["shape"]]
+            encoding, names, how = row["enc"], row["arrays"], row.get("values")
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise CheckpointError(f"{self.where}: malformed entry {i} of the tensor table") from None
+        if any(d < 0 for d in shape) or not isinstance(names, list) or not names:
+            raise CheckpointError(f"{self.where}: malformed entry {i} of the tensor table")
+        n = math.prod(shape)
+        if encoding == "raw" and dtype.is_floating_point:
+            flat = self._values(how, names, dtype, n, i)
+        elif encoding == "raw" and len(names) == 1:
+            flat = self._array(names[0], _ST_DTYPES[dtype], n)
+        elif encoding == "bits" and dtype == torch.bool and len(names) == 1:
+            flat = self._bits(names[0], n)
+        elif encoding == "narrow" and dtype == torch.int64 and len(names) == 1:
+            flat = self._array(names[0], "I32", n).to(torch.int64)
+        elif encoding == "u24" and dtype in (torch.int64, torch.int32) and len(names) == 1 and _LITTLE_ENDIAN:
+            words = torch.zeros(n, 4, dtype=torch.uint8)
+            words[:, :3] = self._array(names[0], "U8", 3 * n).reshape(n, 3)
+            flat = words.view(torch.int32).reshape(n).to(dtype)
+        elif encoding == "sparse" and dtype.is_floating_point:
+            k = 2 if how == "hi-zlib" else 1  # arrays of the values
+            if len(names) not in (1 + k, 2 + k):
+                raise CheckpointError(f"{self.where}: malformed entry {i} of the tensor table")
+            nonzero = self._bits(names[0], n)
+            count = int(nonzero.sum())
+            values = self._values(how, names[1 : 1 + k], dtype, count, i)
+            flat = torch.zeros(n, dtype=dtype)
+            flat[nonzero] = values
+            if len(names) == 2 + k:  # negative zeros, among the zeros
+                negative = self._bits(names[1 + k], n - count)
+                flat[~nonzero] = torch.where(negative, -0.0, 0.0).to(dtype)
+        else:
+            raise CheckpointError(f"{self.where}: unknown storage {encoding!r} for tensor {i}")
+        return flat.reshape(shape)
+
+    def tensor(self, i: Any) -> torch.Tensor:
+        """Tensor i, one object however often the state refers to it."""
+        t = self._tensors.get(self._index(i))
+        if t is None:
+            t = self._tensors[i] = self._load(i)
+        return t
+
+    def streamed(self, i: Any) -> Streamed:
+        """A :class:`Streamed` reading tensor i from the file when asked (one per i)."""
+        s = self._streams.get(self._index(i))
+        if s is None:
+            row = self.table[i]
+            try:
+                shape: tuple[int, ...] | None = tuple(int(d) for d in row["shape"])
+                dtype: torch.dtype | None = _DTYPE_NAMES[row["dtype"]]
+            except (KeyError, TypeError, ValueError):
+                shape, dtype = None, None  # reported when it is read
+            s = self._streams[i] = Streamed(read=lambda i=i: self._load(i), key=("checkpoint", i), shape=shape, dtype=dtype)
+        return s
+
+    # -- values
+    def state(self, obj: Any) -> Any:
+        """The decoded state; afterwards only Streamed entries keep a reference to the file."""
+        try:
+            return self.decode(obj)
+        finally:
+            self._tensors.clear()
+            self._streams.clear()
+
+    def decode(self, obj: Any) -> Any:
+        if isinstance(obj, list):
+            return [self.decode(v) for v in obj]
+        if not isinstance(obj, dict):
+            return obj
+        if not any(k.startswith("$") for k in obj):
+            return {k: self.decode(v) for k, v in obj.items()}
+        if len(obj) == 1:
+            (tag, value), = obj.items()
+            if tag == "$t":
+                return self.tensor(value)
+            if tag == "$s":
+                return self.streamed(value)
+            if tag == "$np":
+                return self.tensor(value).numpy()
+            if tag == "$tuple" and isinstance(value, list):
+                return tuple(self.decode(v) for v in value)
+            if tag in ("$set", "$fset") and isinstance(value, list):
+                items = [self.decode(v) for v in value]
+                return set(items) if tag == "$set" else frozenset(items)
+            if tag == "$dict" and isinstance(value, list):
+                out = {}
+                for pair in value:
+                    if not (isinstance(pair, list) and len(pair) == 2):
+                        raise CheckpointError(f"{self.where}: malformed $dict entry")
+                    out[self.decode(pair[0])] = self.decode(pair[1])
+                return out
+            if tag == "$dtype" and isinstance(value, str):
+                if value not in _DTYPE_NAMES:
+                    raise CheckpointError(f"{self.where}: unknown torch dtype {value!r}")
+                return _DTYPE_NAMES[value]
+        if (set(obj) == {"$npv", "v"} and obj["$npv"] in _NP_DTYPES and isinstance(obj["v"], (bool, int, float))):
+            return np.dtype(obj["$npv"]).type(obj["v"])
+        if set(obj) == {"$dc", "fields"} and isinstance(obj["fields"], dict):
+            return self._dataclass(obj["$dc"], obj["fields"])
+        raise CheckpointError(f"{self.where}: unknown tag {sorted(obj)[0]!r}; the file was not written by this prfl")
+
+    def _dataclass(self, name: Any, fields: dict[str, Any]) -> Any:
+        cls = self._classes.get(name) if isinstance(name, str) else None
+        if cls is None:
+            try:
+                cls = self._classes[name] = _allowed_class(name)
+            except (KeyError, TypeError, ImportError, AttributeError):
+                raise CheckpointError(
+                    f"{self.where}: names the type {name!r}, which a checkpoint may not build; not loaded"
+                ) from None
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        if set(fields) - set(known):
+            raise CheckpointError(f"{self.where}: {name} has no field(s) {sorted(set(fields) - set(known))}")
+        values = {k: self.decode(v) for k, v in fields.items()}
+        init = {k: v for k, v in values.items() if known[k].init}
+        try:
+            obj = cls(**init)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{self.where}: cannot rebuild a {name} ({exc})") from None
+        for k, v in values.items():
+            if not known[k].init:
+                object.__setattr__(obj, k, v)
+        return obj
+
+
+def _refuse_foreign(fh: BinaryIO, total: int, where: str) -> CheckpointError:
+    """The error for a file that is not a checkpoint of this format."""
+    fh.seek(0)
+    head = fh.read(8 + len(_HEADER_START))
+    fh.seek(max(0, total - _TRAILER_SIZE))
+    tail = fh.read(_TRAILER_SIZE)
+    if head[8:] == _HEADER_START:
+        return CheckpointError(f"{where}: torn checkpoint (it ends before its {TRAILER_MAGIC.decode()} trailer)")
+    if tail.startswith(_PICKLE_TRAILER_MAGIC) or head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return CheckpointError(
+            f"{where}: a pickle checkpoint (written by an older prfl, or by torch.save); prfl does not load "
+            f"pickles, which can run code; {_RESUME_HINT}"
+        )
+    return CheckpointError(f"{where}: not a prfl checkpoint (no {TRAILER_MAGIC.decode()} trailer); {_RESUME_HINT}")
+
+
+def load(fh: BinaryIO, where: str = "checkpoint", *, owned: bool = False) -> Any:
+    """Verify and read a checkpoint from ``fh`` (seekable binary). Streamed entries read from
+    ``fh`` later, so it must stay open while they are used (``owned``: close it once they are
+    all gone). Raises :class:`CheckpointError` naming ``where``."""
+    total = fh.seek(0, io.SEEK_END)
+    if total < 8 + _TRAILER_SIZE:
+        raise _refuse_foreign(fh, total, where) if total else CheckpointError(f"{where}: empty file; {_RESUME_HINT}")
+    fh.seek(total - _TRAILER_SIZE)
+    trailer = fh.read(_TRAILER_SIZE)
+    if not trailer.startswith(TRAILER_MAGIC):
+        raise _refuse_foreign(fh, total, where)
+    size = int.from_bytes(trailer[len(TRAILER_MAGIC) : len(TRAILER_MAGIC) + 8], "little")
+    if size != total - _TRAILER_SIZE:
+        raise CheckpointError(f"{where}: torn checkpoint (payload of {total - _TRAILER_SIZE} bytes, trailer says {size})")
+    if _sha256_of(fh, size) != trailer[-32:]:
+        raise CheckpointError(f"{where}: checksum mismatch; the checkpoint is corrupted")
+    fh.seek(0)
+    n = int.from_bytes(fh.read(8), "little")
+    if not 0 < n <= min(_HEADER_LIMIT, size - 8):
+        raise CheckpointError(f"{where}: bad header length {n}")
+    try:
+        header = json.loads(fh.read(n).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        meta = header.pop("__metadata__", None)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"no {FORMAT} metadata")
+        if meta.get("version") != str(FORMAT_VERSION):
+            raise CheckpointError(f"{where}: checkpoint format version {meta.get('version')!r}; this prfl reads "
+                                  f"version {FORMAT_VERSION}; {_RESUME_HINT}")
+        _check_layout(header, total - 8 - n)
+        src = _Source(fh, owned)
+        state_meta = header[_STATE]
+        body = bytearray(state_meta["data_offsets"][1] - state_meta["data_offsets"][0])
+        src.readinto(8 + n + state_meta["data_offsets"][0], memoryview(body))
+        doc = json.loads(body.decode("utf-8"))
+        del body
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != FORMAT_VERSION:
+            raise ValueError("the state is not a prfl checkpoint state")
+        decoder = _Decoder(src, 8 + n, header, doc.get("tensors"), where)
+        return decoder.state(doc.get("state"))
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError, UnicodeDecodeError, OverflowError) as exc:
+        raise CheckpointError(f"{where}: malformed checkpoint ({type(exc).__name__}: {exc}); {_RESUME_HINT}") from None
+
+
+def _check_layout(header: dict[str, Any], data_size: int) -> None:
+    """The safetensors rules: every array well formed, the data section covered without holes
+    or overlaps, and the state and trailer arrays present (the trailer last)."""
+    spans = []
+    for name, meta in header.items():
+        if not isinstance(meta, dict) or set(meta) != {"dtype", "shape", "data_offsets"}:
+            raise ValueError(f"array {name!r} is malformed")
+        dtype = _FROM_ST.get(meta["dtype"])
+        shape, offsets = meta["shape"], meta["data_offsets"]
+        if (dtype is None or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+                or not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets))):
+            raise ValueError(f"array {name!r} is malformed")
+        if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize or offsets[0] < 0:
+            raise ValueError(f"array {name!r}: its byte range does not match its shape")
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos:
+            raise ValueError(f"array {name!r} starts at {begin}, expected {pos}")
+        pos = end
+    if pos != data_size:
+        raise ValueError(f"the arrays cover {pos} bytes of a {data_size}-byte data section")
+    if _STATE not in header or not spans or spans[-1][2] != _TRAILER or header[_STATE]["dtype"] != "U8":
+        raise ValueError("no state or no trailer array")
+
+
+def dumps(state: Any) -> bytes:
+    """A checkpoint of ``state`` as bytes (tests and small states)."""
+    buf = io.BytesIO()
+    save(state, buf)
+    return buf.getvalue()
+
+
+def loads(data: bytes, where: str = "checkpoint") -> Any:
+    """Read a checkpoint from bytes (see :func:`load`)."""
+    return load(io.BytesIO(data), where)
+
+
+# ---------------------------------------------------------------------------------------- files
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platform dependent
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - platform dependent
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(state: Any, directory: str | os.PathLike[str]) -> Path:
+    """Write ``state`` as ``directory/checkpoint.pt`` atomically: to a temporary file, fsynced,
+    renamed over the previous checkpoint, which becomes ``checkpoint.prev.pt``; then the
+    directory is fsynced. Tensors are streamed to the file (see :func:`save`)."""
+    d = Path(directory)
+    final, prev = d / CHECKPOINT, d / PREVIOUS_CHECKPOINT
+    tmp = d / (CHECKPOINT + ".tmp")
+    try:
+        with open(tmp, "w+b") as fh:
+            save(state, fh)
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if final.exists():
+        os.replace(final, prev)  # a kill right here leaves prev (and the complete tmp): resume uses prev
+    os.replace(tmp, final)
+    _fsync_dir(d)
+    return final
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load and verify one checkpoint file; raise :class:`CheckpointError` (naming the file and
+    what to do) if it is torn, corrupted, a pickle or not a prfl checkpoint. The file is hashed
+    in chunks; tensors are read one by one (streamed ones when the consumer asks)."""
+    p = Path(path)
+    try:
+        fh = open(p, "rb")
+    except OSError as exc:
+        raise CheckpointError(f"{p}: cannot be read ({exc})") from None
+    try:
+        state = load(fh, str(p), owned=True)
+    except OSError as exc:
+        fh.close()
+        raise CheckpointError(f"{p}: cannot be read ({exc})") from None
+    except BaseException:
+        fh.close()
+        raise
+    if not isinstance(state, dict) or not {"policy", "history_offset", "now"} <= set(state):
+        raise CheckpointError(f"{p}: not a run checkpoint (no policy, history offset or time); {_RESUME_HINT}")
+    return state
+
+
+def load_checkpoint(
+    directory: str | os.PathLike[str], history_size: int | None = None
+) -> tuple[dict[str, Any], Path]:
+    """The newest usable checkpoint of a run directory: ``checkpoint.pt``, else (torn, missing,
+    refused, or ahead of a history of ``history_size`` bytes) ``checkpoint.prev.pt``. Returns
+    (state, path)."""
+    d = Path(directory)
+    problems: list[str] = []
+    for path in (d / CHECKPOINT, d / PREVIOUS_CHECKPOINT):
+        if not path.is_file():
+            continue
+        try:
+            state = read_checkpoint(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            log.warning("%s; trying the previous checkpoint", exc)
+            continue
+        offset = int(state["history_offset"])
+        if history_size is not None and offset > history_size:
+            problems.append(f"{path}: expects {offset} bytes of history.jsonl, which holds {history_size}")
+            log.warning("%s", problems[-1])
+            continue
+        if problems:
+            log.warning("resuming from %s", path)
+        return state, path
+    detail = "; ".join(problems) if problems else f"no {CHECKPOINT} or {PREVIOUS_CHECKPOINT}"
+    hint = "" if _RESUME_HINT in detail else "; start the run again with `prfl run`"
+    raise CheckpointError(f"{d} has no usable checkpoint ({detail}){hint}")

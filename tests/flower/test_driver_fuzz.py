@@ -1,0 +1,145 @@
+"""The Flower driver against a hostile grid: any order of replies and node events.
+
+``driver_fuzz.run_driver`` runs the real driver loop (virtual clock) on a :class:`FakeGrid` whose
+replies come late, twice, malformed or for unknown messages and whose nodes vanish and return
+mid-task; see ``driver_fuzz.py`` for the checks. ``benchmarks/fuzz_policies.py`` runs 10,000 such
+sequences; here a few fixed seeds and a few hypothesis-drawn ones (whose random choices hypothesis
+shrinks on a failure), plus the driver bugs the fuzzing found, each as its minimal sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+pytest.importorskip("flwr", reason="Flower is not installed: pip install 'prfl[flower]' to run the Flower tests")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from driver_fuzz import SETTINGS, VirtualClock, fast_client_app, run_driver  # noqa: E402
+from event_fuzz import CASES, NUM_CLIENTS  # noqa: E402
+from flower_fakegrid import FakeGrid  # noqa: E402
+from flwr.app import Message, RecordDict, ConfigRecord  # noqa: E402
+from prfl.flower import codec  # noqa: E402
+from prfl.flower.driver import FlowerDriver  # noqa: E402
+from prfl.policies.base import ClientIdle, Start, TaskFailed  # noqa: E402
+from prfl.sim.history import HistoryWriter  # noqa: E402
+
+SEEDS = int(os.environ.get("PRFL_FUZZ_FLOWER", "8"))
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    logging.disable(logging.WARNING)  # the driver logs every failure it handles
+    yield
+    logging.disable(logging.NOTSET)
+
+
+def test_fixed_seeds():
+    for seed in range(SEEDS):
+        run_driver(seed)
+
+
+@settings(max_examples=SEEDS, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(rng=st.randoms(use_true_random=False), case=st.sampled_from(sorted(CASES)))
+def test_hypothesis_drawn_runs(rng, case):
+    run_driver(0, CASES[case], rng=rng)
+
+
+def driver_on(grid: FakeGrid, clock: VirtualClock, case: str = "prfl") -> FlowerDriver:
+    def sleep(dt: float) -> None:
+        clock.t += max(dt, 1e-3)
+
+    return FlowerDriver(grid, CASES[case].build(), lambda w: (1.0, 0.5), SETTINGS, history=HistoryWriter(None),
+                        clock=clock, sleep=sleep)
+
+
+def test_describe_reply_without_the_node_record_is_logged_not_raised():
+    """A node answers the describe query with something else. Before: ValueError from
+    codec.decode_node ended the run; now the node is asked again later."""
+    clock = VirtualClock()
+    configs = [{"partition-id": c, "num-partitions": NUM_CLIENTS} for c in range(NUM_CLIENTS)]
+    answered: dict[int, int] = {}
+
+    def app(msg, ctx):
+        if msg.metadata.message_type == codec.DESCRIBE_TYPE and not answered.get(ctx.node_id):
+            answered[ctx.node_id] = 1
+            return Message(RecordDict({"junk": ConfigRecord({"x": 1})}), reply_to=msg)
+        return fast_client_app(msg, ctx)
+
+    grid = FakeGrid(app, {}, configs, clock=clock)
+    driver = driver_on(grid, clock)
+    driver._wait_for_nodes()
+    assert sorted(driver.client_node) == [0, 1, 2, 3]  # every node described on its second query
+
+
+def test_node_joining_while_a_failed_dispatch_is_queued_announces_the_client():
+    """Client 3 has no node when the policy dispatches to it: the dispatch fails at the next tick
+    (TaskFailed queued). A node for partition 3 joins in the same tick. Before: the driver saw the
+    client still online for the policy and sent no ClientIdle; the queued TaskFailed then made the
+    policy believe client 3 offline for ever, though its node was healthy."""
+    clock = VirtualClock()
+    configs = [{"partition-id": c, "num-partitions": NUM_CLIENTS} for c in range(3)]
+    grid = FakeGrid(fast_client_app, {}, configs, clock=clock)
+    driver = driver_on(grid, clock, "fedasync")
+    driver._wait_for_nodes()
+    driver.started = True
+    driver._deliver(Start(0.0))  # tasks for clients 0-2 leave; client 3's fails at the next tick
+    assert [type(e) for e in driver.queue] == [TaskFailed] and driver.queue[0].client == 3
+    grid.add_node(7777, {"partition-id": 3, "num-partitions": NUM_CLIENTS})
+    driver._discover(force=True)  # describes the new node...
+    driver._pull()  # ...and binds it to client 3 in the same tick
+    assert [type(e) for e in driver.queue] == [TaskFailed, ClientIdle]
+    driver._tick()
+    assert 3 in driver.policy.online and 3 in driver.busy  # client 3 got a new task on its new node
+
+
+def started_driver(case: str = "fedasync") -> tuple[FakeGrid, FlowerDriver]:
+    clock = VirtualClock()
+    configs = [{"partition-id": c, "num-partitions": NUM_CLIENTS} for c in range(NUM_CLIENTS)]
+    grid = FakeGrid(fast_client_app, {}, configs, clock=clock)  # nodes 1000, 1017, 1034, 1051
+    driver = driver_on(grid, clock, case)
+    driver._wait_for_nodes()
+    driver.started = True
+    driver._deliver(Start(0.0))
+    return grid, driver
+
+
+def test_node_leaving_and_returning_with_its_id_is_used_again():
+    """Client 1's node 1017 drops out of the listing mid-task (its task fails) and is listed again
+    under the same id (a SuperNode that missed heartbeats). Before: the driver kept it as gone
+    for ever, so client 1 never trained again although its node was back."""
+    grid, driver = started_driver()
+    grid.remove_node(1017)
+    driver._discover(force=True)
+    assert 1 not in driver.policy.online and 1 not in driver.client_node
+    grid.add_node(1017, {"partition-id": 1, "num-partitions": NUM_CLIENTS})
+    driver._discover(force=True)  # described as a new node...
+    driver._pull()  # ...bound to client 1 again, which is announced back
+    assert driver.client_node.get(1) == 1017 and [type(e) for e in driver.queue] == [ClientIdle]
+    sent = driver.bytes_down[1]
+    driver._tick()
+    assert 1 in driver.policy.online and driver.bytes_down[1] > sent  # a new task went to node 1017
+
+
+def test_node_replaced_by_a_twin_is_asked_again_when_the_twin_leaves():
+    """A second node (7777) claims the partition of a client without a task and replaces its node,
+    which stays listed; then 7777 leaves. Before: the replaced node, healthy, was never asked
+    again, and the client stayed without a node for the rest of the run."""
+    grid, driver = started_driver("fedavg")  # a cohort of 3 of the 4 clients
+    (c,) = [c for c in range(NUM_CLIENTS) if c not in driver.busy]
+    grid.replies.clear()  # the cohort's replies are slow: the round stays open, client c idle
+    old = driver.client_node[c]
+    grid.add_node(7777, {"partition-id": c, "num-partitions": NUM_CLIENTS})
+    driver._discover(force=True)
+    driver._pull()
+    assert driver.client_node[c] == 7777
+    grid.remove_node(7777)
+    driver._discover(force=True)
+    assert c not in driver.client_node
+    driver._probe()  # the replaced node is asked again at once...
+    driver._pull()
+    assert driver.client_node.get(c) == old and driver._usable_node(c) is not None  # ...and takes the client back

@@ -1,0 +1,210 @@
+"""PR-FL's reference rules on scripted events, against hand-computed numbers: preset initial
+densities by speed, kept-weight importance with the holder average, counting in the fastest
+client's rounds, inter-arrival round times against an anchor client, the layer cost in the
+ranking, and recovery that arms, then rolls back."""
+
+import pytest
+import torch
+
+from prfl.client.result import TaskResult
+from prfl.policies import build_policy
+from prfl.policies.base import (
+    Dispatch, EvaluationDone, PolicyContext, Record, RequestEvaluation, ResultArrived, Start, TimerFired,
+)
+from prfl.policies.prfl import CLIENT_SCORE, SERVER_SCORE, WINDOW_TIMER, preset_densities
+
+W0 = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.5, 0.5])  # 4 prunable weights + 2 biases
+
+
+def ctx(num_samples=(1, 1), bounds=((0, 4),), **kw):
+    return PolicyContext(num_clients=len(num_samples), num_samples=tuple(num_samples), initial_weights=W0.clone(),
+                         num_prunable=4, layer_bounds=bounds, **kw)
+
+
+def dispatches(actions):
+    return {a.task.client: a.task for a in actions if isinstance(a, Dispatch)}
+
+
+def records(actions, kind):
+    return [a.data for a in actions if isinstance(a, Record) and a.kind == kind]
+
+
+def result(task, weights, grad_sq=None, n=1):
+    return TaskResult(task_id=task.task_id, client=task.client, version=task.version,
+                      weights=torch.tensor(weights, dtype=torch.float32), num_samples=n, mean_loss=0.0, steps=1,
+                      compute_seconds=0.0, density=task.density,
+                      grad_sq=None if grad_sq is None else torch.tensor(grad_sq, dtype=torch.float32))
+
+
+# ---------------------------------------------------------------- initial densities
+def test_preset_densities_follow_the_fleet_by_nominal_speed():
+    paper = (1.0, 1.0, 0.6, 0.6, 0.3, 0.3, 0.1, 0.1, 0.1, 0.1)
+    assert preset_densities([float(c) for c in range(10)]) == paper
+    # 4 clients with round times 9, 30, 5, 20 s: ranks 1, 3, 0, 2 take entries 2, 7, 0, 5
+    assert preset_densities([9.0, 30.0, 5.0, 20.0]) == (0.6, 0.1, 1.0, 0.3)
+    # 20 clients: each entry twice
+    assert preset_densities([float(c) for c in range(20)]) == tuple(d for d in paper for _ in range(2))
+    # equally fast clients start equally dense: the density of the best rank among them
+    assert preset_densities([3.0, 1.0, 3.0, 3.0]) == (0.6, 1.0, 0.6, 0.6)
+    assert preset_densities([2.0] * 7) == (1.0,) * 7
+
+
+def test_the_policy_starts_from_the_preset_and_anchors_rule_b_on_the_fastest_client():
+    pol = build_policy("prfl", ctx((1, 1, 1, 1), nominal_round_times=(9.0, 30.0, 5.0, 20.0)))
+    assert pol.densities == [0.6, 0.1, 1.0, 0.3]
+    assert pol.control.anchor == 2
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    assert tasks[2].mask is None and tasks[1].density == 0.1 and int(tasks[1].mask.sum()) == 1
+    # without nominal times, client order is speed order
+    assert build_policy("prfl", ctx((1, 1, 1, 1))).densities == [1.0, 0.6, 0.3, 0.1]
+
+
+# ---------------------------------------------------------------- importance
+def test_kept_weight_importance_is_uploaded_once_per_interval_and_averaged_over_holders():
+    # densities (1, 0.5); magnitude ranking of [1, 2, 3, 4] is [3, 2, 1, 0], so client 1 keeps {2, 3}
+    pol = build_policy("prfl", ctx(), window=0.5, interval=1, recovery=False, initial_densities=(1.0, 0.5))
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    # values of the kept weights and biases, plus one float32 score per kept prunable weight
+    assert tasks[1].upload_bytes == 4 * (2 + 2) + 4 * 2 and tasks[1].upload_importance_bytes == 8
+    assert tasks[0].upload_bytes == 4 * 6 + 4 * 4 and tasks[0].upload_importance_bytes == 16
+    assert tasks[1].importance_scope == "kept"
+    pol.on_event(ResultArrived(1.0, result(tasks[0], [1, 2, 3, 4, 0.5, 0.5], [4, 0, 2, 1])))  # -> [1, 0, .5, .25]
+    # client 1's gradient outside its mask is discarded: [0, 0, 2, 6] -> [0, 0, 1/3, 1]
+    pol.on_event(ResultArrived(1.2, result(tasks[1], [0, 0, 3, 4, 0.5, 0.5], [5, 5, 2, 6])))
+    acts = pol.on_event(TimerFired(1.5, WINDOW_TIMER))
+    assert records(acts, "ranking")
+    assert torch.equal(pol.weights, W0)  # both clients returned the server's values
+    # holders [1, 0, 2, 2]: means [1, -, 5/12, 5/8]; weight 1 is filled with g_min |w_1| = 5/12 * 2.
+    # The 5% floor keeps weight 3 (largest magnitude) first; then by score: 0, 1, 3, 2
+    assert torch.allclose(pol.scores.scores, torch.tensor([1.0, 5 / 6, 5 / 12, 5 / 8]))
+    assert pol.ranking.order.tolist() == [3, 0, 1, 2]
+    assert pol.mask_for(0.5).tolist() == [True, False, False, True]
+    # a new interval has begun: each client is asked again, the next task of each only once
+    again = dispatches(acts)
+    assert again[0].want_importance and again[1].want_importance
+
+
+def test_the_layer_cost_divides_the_scores_before_ranking():
+    kw = dict(window=0.0, interval=1, recovery=False, initial_densities=1.0, floor=0.0)
+    cheap_first = ctx(bounds=((0, 2), (2, 4)), layer_cost=(1.0, 10.0))
+    orders = {}
+    for name, c in (("cost", cheap_first), ("none", ctx(bounds=((0, 2), (2, 4))))):
+        pol = build_policy("prfl", c, **kw)
+        tasks = dispatches(pol.on_event(Start(0.0)))
+        pol.on_event(ResultArrived(1.0, result(tasks[0], [1, 2, 3, 4, 0.5, 0.5], [2, 3, 4, 5])))
+        orders[name] = pol.ranking.order.tolist()
+    # reports [0, 1/3, 2/3, 1]; weight 0 unscored: g_min of its layer (1/3) * |1|. Divided by the
+    # costs (1, 1, 10, 10): [1/3, 1/3, 1/15, 1/10] -> 0, 1, 3, 2; undivided: 3, 2, then 0, 1
+    assert orders == {"cost": [0, 1, 3, 2], "none": [3, 2, 0, 1]}
+    off = build_policy("prfl", cheap_first, layer_cost=False, **kw)
+    tasks = dispatches(off.on_event(Start(0.0)))
+    off.on_event(ResultArrived(1.0, result(tasks[0], [1, 2, 3, 4, 0.5, 0.5], [2, 3, 4, 5])))
+    assert off.ranking.order.tolist() == [3, 2, 0, 1]
+
+
+# ---------------------------------------------------------------- counting and round times
+def _control_steps(actions):
+    return [a for a in actions if isinstance(a, RequestEvaluation) and a.tag == SERVER_SCORE]
+
+
+@pytest.mark.parametrize("counting", ["fastest_client", "server_steps"])
+def test_the_interval_counts_the_fastest_clients_rounds_or_server_steps(counting):
+    pol = build_policy("prfl", ctx(), window=0.0, interval=2, importance=False, initial_densities=1.0,
+                       client_scores=False, counting=counting)
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    acts = pol.on_event(ResultArrived(1.0, result(tasks[0], [1, 2, 3, 4, 0.5, 0.5])))
+    t0 = dispatches(acts)[0]
+    steps = [len(_control_steps(acts))]
+    acts = pol.on_event(ResultArrived(1.5, result(tasks[1], [1, 2, 3, 4, 0.5, 0.5])))  # server step 2
+    steps.append(len(_control_steps(acts)))
+    acts = pol.on_event(ResultArrived(2.0, result(t0, [1, 2, 3, 4, 0.5, 0.5])))  # client 0's 2nd round
+    steps.append(len(_control_steps(acts)))
+    assert steps == ([0, 0, 1] if counting == "fastest_client" else [0, 1, 0])
+
+
+@pytest.mark.parametrize(("round_time", "expected"), [("inter_arrival", [1.0, 2.0]), ("task", [1.0, 1.5])])
+def test_round_times_are_inter_arrival_times_or_task_times(round_time, expected):
+    pol = build_policy("prfl", ctx((1,)), window=0.5, interval=1000, importance=False, recovery=False,
+                       initial_densities=1.0, round_time=round_time)
+    task = dispatches(pol.on_event(Start(0.0)))[0]
+    pol.on_event(ResultArrived(1.0, result(task, [1, 2, 3, 4, 0.5, 0.5])))
+    task = dispatches(pol.on_event(TimerFired(1.5, WINDOW_TIMER)))[0]  # redispatched when the window closes
+    pol.on_event(ResultArrived(3.0, result(task, [1, 2, 3, 4, 0.5, 0.5])))
+    assert list(pol.control.queues[0]) == expected
+
+
+def test_rule_b_steps_each_density_towards_the_anchors_round_time():
+    pol = build_policy("prfl", ctx(nominal_round_times=(1.0, 5.0)), window=0.0, interval=2, importance=False,
+                       recovery=False, initial_densities=(1.0, 0.5))
+    assert pol.control.anchor == 0
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    t0 = dispatches(pol.on_event(ResultArrived(2.0, result(tasks[0], [1, 2, 3, 4, 0.5, 0.5]))))[0]
+    pol.on_event(ResultArrived(3.0, result(tasks[1], [0, 0, 3, 4, 0.5, 0.5])))
+    acts = pol.on_event(ResultArrived(4.0, result(t0, [1, 2, 3, 4, 0.5, 0.5])))
+    # anchor mean (2 + 2) / 2 = 2; client 1: 3, rate (3 - 2) / 3, rho = round(0.5 (1 - 0.9 / 3), 2)
+    (rec,) = records(acts, "densities")
+    assert rec["density"] == [1.0, 0.35] and pol.densities == [1.0, 0.35]
+
+
+# ---------------------------------------------------------------- recovery
+def test_recovery_arms_first_then_rolls_back_and_raises_every_minimum():
+    pol = build_policy("prfl", ctx(), window=0.0, interval=1000, importance=False, patience=1, delta_rho=0.2,
+                       initial_densities=(1.0, 0.1), client_scores=False)
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    best = pol.weights
+    assert pol.on_event(EvaluationDone(0.0, SERVER_SCORE, 0.5, 1.0)) == []  # best so far
+    pol.on_event(ResultArrived(1.0, result(tasks[0], [9, 9, 9, 9, 9, 9])))
+    moved = pol.weights
+    acts = pol.on_event(EvaluationDone(1.0, SERVER_SCORE, 0.4, 1.0))  # first run-out: armed only
+    assert [r["scope"] for r in records(acts, "recovery")] == ["armed"]
+    assert torch.equal(pol.weights, moved) and pol.control.minimums == [0.1, 0.1] and pol.first_stage
+    acts = pol.on_event(EvaluationDone(2.0, SERVER_SCORE, 0.3, 1.0))  # second: roll back and raise
+    (rec,) = records(acts, "recovery")
+    assert rec["scope"] == "server" and rec["min_density"] == pytest.approx([0.3, 0.3])
+    assert rec["density"] == pytest.approx([1.0, 0.3]) and rec["best_score"] == 0.5
+    assert torch.equal(pol.weights, best) and not pol.first_stage
+    # the next dispatch to client 1 carries the raised density
+    nxt = dispatches(pol.on_event(ResultArrived(3.0, result(tasks[1], [0, 0, 0, 4, 0.5, 0.5]))))
+    assert nxt[1].density == pytest.approx(0.3)
+
+
+def test_density_rule_stops_after_the_first_recovery_unless_asked_to_adapt():
+    for adapt in (False, True):
+        pol = build_policy("prfl", ctx(nominal_round_times=(1.0, 5.0)), window=0.0, interval=2, importance=False,
+                           patience=1, recovery_arming=False, client_scores=False, initial_densities=(1.0, 0.5),
+                           adapt_after_recovery=adapt)
+        tasks = dispatches(pol.on_event(Start(0.0)))
+        pol.on_event(EvaluationDone(0.0, SERVER_SCORE, 0.5, 1.0))
+        pol.on_event(EvaluationDone(0.0, SERVER_SCORE, 0.4, 1.0))  # recovery: minimums 0.3
+        t0 = dispatches(pol.on_event(ResultArrived(2.0, result(tasks[0], [1, 2, 3, 4, 0.5, 0.5]))))[0]
+        pol.on_event(ResultArrived(3.0, result(tasks[1], [0, 0, 3, 4, 0.5, 0.5])))
+        pol.on_event(ResultArrived(4.0, result(t0, [1, 2, 3, 4, 0.5, 0.5])))
+        # adapting: 0.5 * 0.7 = 0.35 >= the minimum 0.3; frozen: stays at 0.5
+        assert pol.densities == ([1.0, 0.35] if adapt else [1.0, 0.5])
+
+
+def test_client_monitors_raise_a_stalled_clients_minimum():
+    pol = build_policy("prfl", ctx(), window=0.0, interval=1, importance=False, patience=1,
+                       initial_densities=(1.0, 0.1))
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    acts = pol.on_event(ResultArrived(1.0, result(tasks[1], [0, 0, 0, 4, 0.5, 0.5])))
+    tags = sorted(a.tag for a in acts if isinstance(a, RequestEvaluation))
+    assert tags == [f"{CLIENT_SCORE}1", SERVER_SCORE]  # the server score and each buffered client's
+    assert pol.on_event(EvaluationDone(1.0, f"{CLIENT_SCORE}1", 0.6, 1.0)) == []
+    acts = pol.on_event(EvaluationDone(2.0, f"{CLIENT_SCORE}1", 0.5, 1.0))
+    (rec,) = records(acts, "recovery")
+    assert rec["scope"] == "client" and rec["client"] == 1 and rec["min_density"] == pytest.approx(0.3)
+    assert pol.densities == pytest.approx([1.0, 0.3]) and pol.control.minimums == pytest.approx([0.1, 0.3])
+
+
+def test_reference_state_survives_a_checkpoint():
+    kw = dict(window=0.0, interval=2, initial_densities=(1.0, 0.5))
+    a = build_policy("prfl", ctx(), **kw)
+    tasks = dispatches(a.on_event(Start(0.0)))
+    a.on_event(ResultArrived(1.0, result(tasks[0], [1, 2, 3, 4, 0.5, 0.5], [4, 0, 2, 1])))
+    b = build_policy("prfl", ctx(), **kw)
+    b.load_state_dict(a.state_dict())
+    assert b.local_rounds == a.local_rounds == [1, 0] and b.last_arrival == a.last_arrival
+    for pol in (a, b):
+        pol.on_event(ResultArrived(2.0, result(tasks[1], [0, 0, 3, 4, 0.5, 0.5], [5, 5, 2, 6])))
+    assert torch.equal(a.weights, b.weights) and a.ranking.order.tolist() == b.ranking.order.tolist()

@@ -1,0 +1,121 @@
+"""benchmarks/headline.py end to end on a seconds-long stand-in (digits / mlp): a run paused by the
+wall budget right after a checkpoint and resumed by the next invocation gives the history of an
+uninterrupted run; finished cells are skipped; the manifest and RESULTS.md say what is missing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def headline():
+    return load("headline_bench", ROOT / "benchmarks" / "headline.py")
+
+
+class Clock:
+    """A wall clock that moves one second per reading."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        self.t += 1.0
+        return self.t
+
+
+def args(out: Path, runs: Path, *extra: str) -> list[str]:
+    return ["run", "--base", "digits", "--out", str(out), "--runs", str(runs), "--tiers", "1", "--seeds", "0",
+            "--methods", "fedasync-a0.6-poly", "--max-time", "2", "--eval-every", "0.25", "--checkpoint-every", "5",
+            "--grace-minutes", "10", *extra]
+
+
+def test_pause_resume_skip_and_report(headline, tmp_path: Path) -> None:
+    out, runs = tmp_path / "results" / "headline", tmp_path / "runs"
+    cell = "honest/paper10/dirichlet/fedasync-a0.6-poly"
+    record = out / "records" / cell / "seed0.json"
+    run_dir = runs / cell / "seed0"
+
+    # a budget of 3 clock readings: the run passes the deadline and stops after its next checkpoint
+    assert headline.main(args(out, runs, "--budget-minutes", "0.05"), clock=Clock()) == 0
+    assert not record.exists() and (run_dir / "checkpoint.pt").is_file()
+    pieces = [json.loads(x) for x in (run_dir / "pieces.jsonl").read_text().splitlines()]
+    assert len(pieces) == 1 and pieces[0]["ended"].startswith("paused: paused after the checkpoint")
+    assert 0 < pieces[0]["virtual_to"] < 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    state = next(c for c in manifest["cells"] if c["method"] == "fedasync-a0.6-poly")
+    assert state["status"] == "partial"
+
+    # the next invocation resumes it to the end; the checkpoints of a finished run are dropped
+    assert headline.main(args(out, runs), clock=Clock()) == 0
+    rec = json.loads(record.read_text())
+    assert rec["pieces"] == 2 and rec["summary"]["virtual_seconds"] == 2.0
+    assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "checkpoint.prev.pt").exists()
+    assert rec["run_dir"] is None  # outside the repository: no machine path in the record
+
+    # the same cell run in one piece gives the same evaluations and totals
+    out2, runs2 = tmp_path / "one" / "headline", tmp_path / "runs-one"
+    assert headline.main(args(out2, runs2), clock=Clock()) == 0
+    one = json.loads((out2 / "records" / cell / "seed0.json").read_text())
+    assert one["pieces"] == 1
+    assert one["evals"] == rec["evals"] and one["arrivals"] == rec["arrivals"]
+    assert one["history"]["sha256"] == rec["history"]["sha256"]
+
+    # a finished cell is skipped
+    before = record.read_bytes()
+    assert headline.main(args(out, runs), clock=Clock()) == 0
+    assert record.read_bytes() == before
+
+    # RESULTS.md: the group's tables, a figure, the missing cells; --check sees it fresh
+    md = load("make_results_md_h", ROOT / "scripts" / "make_results_md.py")
+    doc = tmp_path / "docs" / "RESULTS.md"
+    assert md.main(["--results", str(out.parent), "--out", str(doc)]) == 0
+    text = doc.read_text()
+    assert "### honest/paper10/dirichlet" in text and "| fedasync (best per target) | 1 |" in text
+    assert "(figures/headline-honest-paper10-dirichlet.png)" in text
+    assert (doc.parent / "figures" / "headline-honest-paper10-dirichlet.png").is_file()
+    assert "| honest/paper10/dirichlet | prfl | 0 | pending |" in text
+    assert md.main(["--results", str(out.parent), "--out", str(doc), "--check"]) == 0
+    (doc.parent / "figures" / "headline-honest-paper10-dirichlet.png").unlink()
+    assert md.main(["--results", str(out.parent), "--out", str(doc), "--check"]) == 1
+
+
+def test_plan_order_and_availability(headline) -> None:
+    cells = headline.plan_cells((0, 1, 2))
+    first = [(c.group.name, c.method, c.seed) for c in cells[:7]]
+    assert first[0] == ("honest/paper10/dirichlet", "prfl", 0)
+    assert {m for _, m, _ in first} == {"prfl", *headline.FEDASYNC_GRID}
+    assert len(headline.FEDASYNC_GRID) == 6
+    assert [c.tier for c in cells] == sorted(c.tier for c in cells)
+    keys = [c.key for c in cells]
+    assert len(keys) == len(set(keys))
+    # a method whose options this build lacks is unavailable, with the option named
+    fake = headline.Cell(5, headline.Group.parse("honest/paper10/dirichlet"), "prfl-reaged", 0)
+    from prfl.policies import PRFLConfig
+
+    if "staleness_mode" not in PRFLConfig.__dataclass_fields__:
+        assert "staleness_mode" in headline.unavailable(fake)
+    ref = headline.Cell(3, headline.Group.parse("reference/paper10/dirichlet"), "prfl", 0)
+    assert (headline.unavailable(ref) is None) == headline.accounting_known()
+    with pytest.raises(Exception, match="group 'honest/paper10' must be"):
+        headline.Group.parse("honest/paper10")
+
+
+def test_config_differences_ignore_executor_fields(headline) -> None:
+    a = {"seed": 0, "sim": {"executor": "process", "workers": 2, "max_time": 12000}, "policy": {"name": "prfl"}}
+    b = {"seed": 0, "sim": {"executor": "inline", "workers": 1, "max_time": 15000}, "policy": {"name": "prfl"}}
+    assert headline.config_differences(a, b) == ["sim.max_time"]

@@ -1,0 +1,195 @@
+"""The headline tables' maths (prfl.report.sweep) on synthetic evaluation series and run directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prfl.report import sweep
+from prfl.report.sweep import Run
+
+
+def run(method: str, seed: int, times, accs, group: str = "g", **summary) -> Run:
+    """A compact record with just what the tables read."""
+    rec = {"cell": {"group": group, "method": method, "seed": seed},
+           "evals": {"time": list(times), "accuracy": list(accs)},
+           "summary": {"virtual_seconds": max(times), "final_accuracy": accs[-1], "best_accuracy": max(accs), **summary}}
+    return Run.from_record(rec)
+
+
+def ramp(t_cross: float, end: float = 1000.0, step: float = 60.0, top: float = 0.9):
+    """Accuracy 0.5 until just before ``t_cross``, then ``top``: the first evaluation >= 0.8 is the
+    first grid time at or after ``t_cross``."""
+    times = [i * step for i in range(int(end // step) + 1)]
+    return times, [top if t >= t_cross else 0.5 for t in times]
+
+
+# ---------------------------------------------------------------------------- one run
+def test_time_to_target_first_and_consecutive() -> None:
+    times = [0, 60, 120, 180, 240, 300]
+    accs = [0.5, 0.81, 0.79, 0.80, 0.83, 0.85]
+    assert sweep.time_to_target(times, accs, 0.8) == 60  # first evaluation at or above
+    assert sweep.time_to_target(times, accs, 0.8, consecutive=3) == 180  # 0.79 at 120 s breaks the run
+    assert sweep.time_to_target(times, accs, 0.85) == 300  # equality counts
+    assert sweep.time_to_target(times, accs, 0.85, consecutive=2) is None  # only the last one
+    assert sweep.time_to_target(times, accs, 0.9) is None
+    with pytest.raises(ValueError, match="consecutive"):
+        sweep.time_to_target(times, accs, 0.8, consecutive=0)
+
+
+def test_levelling_criterion() -> None:
+    times = list(range(0, 1001, 100))  # the last 20%: t > 800, i.e. 900 and 1000
+    climbing = [0.5 + 0.04 * i for i in range(11)]  # +0.08 in the last 20%
+    assert sweep.late_gain(times, climbing, 1000) == pytest.approx(0.08)
+    assert sweep.levelled(times, climbing, 1000) is False
+    flat = [0.5, 0.8, 0.85, 0.86, 0.87, 0.88, 0.885, 0.886, 0.887, 0.889, 0.891]  # +0.004
+    assert sweep.levelled(times, flat, 1000) is True
+    just_over = flat[:-1] + [0.8931]  # +0.0061
+    assert sweep.levelled(times, just_over, 1000) is False
+    assert sweep.levelled(times, just_over, 1000, tolerance=0.01) is True
+    peaked = [0.5, 0.9, 0.91, 0.9, 0.88, 0.87, 0.86, 0.85, 0.85, 0.84, 0.84]  # declines: negative gain
+    assert sweep.late_gain(times, peaked, 1000) == pytest.approx(0.84 - 0.91)
+    assert sweep.levelled(times, peaked, 1000) is True
+    assert sweep.levelled([0, 100], [0.5, 0.6], 1000) is None  # no evaluation in the last 20%
+    with pytest.raises(ValueError, match="tail"):
+        sweep.late_gain(times, flat, 1000, tail=1.0)
+
+
+def test_slow_clients_of_the_paper_fleets() -> None:
+    from prfl.sim.devices import make_fleet
+
+    assert sweep.slow_clients(make_fleet("paper10", 10).clients) == [6, 7, 8, 9]
+    # equal links: the compute speeds decide (they follow the paper's ranking)
+    assert sweep.slow_clients(make_fleet("paper10", 10, links="fastest").clients) == [6, 7, 8, 9]
+    assert sweep.slow_clients(make_fleet("paper10", 10).clients, fraction=0.1) == [9]
+
+
+# ---------------------------------------------------------------------------- over seeds and methods
+def grid_runs() -> dict[str, list[Run]]:
+    """FedAsync grid: a0.3 crosses 0.8 at 600 and 720 s, a0.6 at 360 and 480 s but not at all on seed
+    2, a0.1 is fastest but has no seed 2; PR-FL at 120 and 240 and 240 s."""
+    runs = [
+        run("fedasync-a0.3-poly", 0, *ramp(600)), run("fedasync-a0.3-poly", 1, *ramp(720)),
+        run("fedasync-a0.3-poly", 2, *ramp(600)),
+        run("fedasync-a0.6-poly", 0, *ramp(360)), run("fedasync-a0.6-poly", 1, *ramp(480)),
+        run("fedasync-a0.6-poly", 2, *ramp(5000)),
+        run("fedasync-a0.1-poly", 0, *ramp(60)), run("fedasync-a0.1-poly", 1, *ramp(60)),
+        run("prfl", 0, *ramp(120)), run("prfl", 1, *ramp(240)), run("prfl", 2, *ramp(240)),
+    ]
+    return sweep.by_group(runs)["g"]
+
+
+def test_best_tuned_needs_every_seed_and_a_complete_member() -> None:
+    methods = grid_runs()
+    b = sweep.best_tuned(methods, "fedasync", 0.8, [0, 1, 2])
+    # a0.1 lacks seed 2 (not complete); a0.6 missed the target on seed 2; a0.3 it is
+    assert b.method == "fedasync-a0.3-poly" and b.members == 2 and b.planned == 3
+    assert b.time is not None and b.time.mean == pytest.approx(640.0)
+    # on seeds 0 and 1 alone every member is complete and a0.1 is fastest
+    assert sweep.best_tuned(methods, "fedasync", 0.8, [0, 1]).method == "fedasync-a0.1-poly"
+    # nobody reaches 0.95
+    none = sweep.best_tuned(methods, "fedasync", 0.95, [0, 1, 2])
+    assert none.method is None and none.time is None
+
+
+def test_best_tuned_ties_go_to_the_smaller_name() -> None:
+    methods = sweep.by_group([run("fedasync-b", 0, *ramp(300)), run("fedasync-a", 0, *ramp(300))])["g"]
+    assert sweep.best_tuned(methods, "fedasync", 0.8, [0]).method == "fedasync-a"
+
+
+def test_speedup_only_when_every_seed_reached() -> None:
+    methods = grid_runs()
+    base = sweep.best_tuned(methods, "fedasync", 0.8, [0, 1, 2]).time
+    prfl = sweep.seed_times(methods["prfl"], 0.8, [0, 1, 2])
+    assert sweep.speedup(base, prfl) == pytest.approx(640.0 / 200.0)
+    partial = sweep.seed_times(methods["fedasync-a0.6-poly"], 0.8, [0, 1, 2])
+    assert partial.n == 2 and sweep.speedup(base, partial) is None
+    assert sweep.speedup(None, prfl) is None
+
+
+def test_time_table_rows() -> None:
+    headers, rows = sweep.time_table(grid_runs(), ["prfl"], [0.8], [0, 1, 2])
+    assert headers[:4] == ["method", "seeds", "time to 0.8 (s)", "speed-up vs best fedasync"]
+    by = {r[0]: r for r in rows}
+    assert by["fedasync (best per target)"][2] == "640 ± 69 [a0.3-poly; 2/3 configs]"
+    assert by["prfl"][2:4] == ["200 ± 69", "3.20x"]
+    assert by["prfl"][-1] == "3/3"  # flat after the jump: levelled off at every seed
+    _, grid = sweep.grid_table(grid_runs(), "fedasync", [0.8], [0, 1, 2])
+    g = {r[0]: r for r in grid}
+    assert g["fedasync-a0.3-poly"][2] == "640 ± 69 *"
+    assert g["fedasync-a0.6-poly"][2] == "420 ± 85 (2/3 reached)"
+    assert g["fedasync-a0.1-poly"][1] == "2"
+
+
+def test_missing_cells_in_plan_order() -> None:
+    planned = [{"group": "g", "method": m, "seed": s} for m in ("prfl", "fedasync-a0.1-poly") for s in (0, 1, 2)]
+    missing = sweep.missing_cells(planned, [r for rs in grid_runs().values() for r in rs])
+    assert [(c["method"], c["seed"]) for c in missing] == [("fedasync-a0.1-poly", 2)]
+    headers, rows = sweep.missing_table([{**c, "status": "unavailable", "reason": "no option x"} for c in missing])
+    assert rows == [["g", "fedasync-a0.1-poly", "2", "unavailable: no option x"]]
+
+
+# ---------------------------------------------------------------------------- compact records
+def write_run_dir(d: Path, arrivals: list[dict], *, fleet: dict | None = None, end: float = 100.0) -> None:
+    d.mkdir(parents=True)
+    config = {"seed": 0, "data": {"num_clients": 10}, "policy": {"name": "fedasync", "options": {}},
+              "fleet": fleet or {"preset": "paper10", "file": None, "options": {}}}
+    (d / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    counts = [sum(1 for a in arrivals if a["client"] == c) for c in range(10)]
+    summary = {"policy": "fedasync", "virtual_seconds": end, "server_rounds": len(arrivals), "final_accuracy": 0.8,
+               "best_accuracy": 0.82, "local_rounds": counts, "server_egress_bytes": 4e9, "server_ingress_bytes": 2e9,
+               "history": "not copied"}
+    (d / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    lines = [{"event": "start", "time": 0.0, "round": 0, "clients": 10}]
+    lines += [{"event": "eval", "time": t, "round": i, "accuracy": a, "loss": 1.0, "server_egress": i, "server_ingress": i}
+              for i, (t, a) in enumerate([(0.0, 0.1), (50.0, 0.82), (100.0, 0.8)])]
+    lines += [{"event": "arrival", "round": 1, **a} for a in arrivals]
+    (d / "history.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+
+
+def test_compact_run_and_the_slow_clients_split(tmp_path: Path) -> None:
+    split = {"download": 10.0, "link_wait": 5.0, "compute": 3.0, "upload": 20.0, "duration": 38.0}
+    arrivals = [{"client": c, "time": 50.0, "staleness": 1, **split} for c in (6, 7, 8, 9, 9)]
+    arrivals += [{"client": 0, "time": 10.0, "staleness": 0, "download": 1.0, "link_wait": 0.0, "compute": 1.0,
+                  "upload": 1.0, "duration": 3.0}]
+    write_run_dir(tmp_path / "r", arrivals)
+    rec = sweep.compact_run(tmp_path / "r", {"group": "g", "method": "fedasync-a0.6-poly", "seed": 0})
+    assert rec["slow_clients"] == [6, 7, 8, 9] and rec["timing_missing"] == []
+    assert "history" not in rec["summary"] and rec["summary"]["server_rounds"] == 6
+    assert rec["evals"]["accuracy"] == [0.1, 0.82, 0.8] and rec["history"]["records"] == 10
+    assert rec["arrivals"]["count"][9] == 2 and rec["arrivals"]["mean_seconds"]["upload"][9] == 20.0
+    r = Run.from_record(rec)
+    s = r.slow_split()
+    # rounds per slow client: 100 s over 1, 1, 1, 2 arrivals -> mean 87.5 s; the task takes 38 s
+    assert s["round"] == pytest.approx(87.5) and s["idle"] == pytest.approx(49.5)
+    assert sweep.split_cell([s], [[]]) == "10.0 + 5.0 + 3.0 + 20.0 + 49.5 = 87.5"
+    _, rows = sweep.cost_table({"fedasync-a0.6-poly": [r]}, [], [0])
+    # 6 updates, max/min of local rounds = inf (clients 1-5 never arrived), 4 GB out, 2 GB in, 4e9/6 B per update
+    assert rows[0][:7] == ["fedasync-a0.6-poly", "1", "6", "∞", "4.00", "2.00", "666.7"]
+
+
+def test_compact_run_says_which_parts_the_history_lacks(tmp_path: Path) -> None:
+    arrivals = [{"client": c, "time": 50.0, "staleness": 0, "compute": 2.0, "duration": 30.0} for c in range(10)]
+    write_run_dir(tmp_path / "r", arrivals)
+    rec = sweep.compact_run(tmp_path / "r")
+    assert rec["timing_missing"] == ["download", "link_wait", "upload"]
+    assert rec["arrivals"]["mean_seconds"]["download"] == [None] * 10
+    cell = sweep.split_cell([Run.from_record(rec).slow_split()], [rec["timing_missing"]])
+    assert cell == "compute 2.0, duration 30.0, idle 70.0; round 100.0 (not in the histories: download, link wait, upload)"
+    with pytest.raises(FileNotFoundError, match="no summary.json"):
+        sweep.compact_run(tmp_path)
+
+
+def test_limit_table_ratio_real_over_all_fast() -> None:
+    real = grid_runs()
+    fast = sweep.by_group([run("prfl", s, *ramp(t)) for s, t in ((0, 60), (1, 120), (2, 120))]
+                          + [run("fedasync-a0.3-poly", s, *ramp(300)) for s in (0, 1, 2)])["g"]
+    headers, rows = sweep.limit_table(real, fast, [0.8], [0, 1, 2])
+    assert headers == ["method", "time to 0.8 (s)", "all-fast (s)", "ratio"]
+    assert rows[0] == ["prfl", "200 ± 69", "100 ± 35", "2.00"]
+    assert rows[1] == ["fedasync (best per target)", "640 ± 69", "300 ± 0", "2.13"]
+    _, rows = sweep.limit_table(real, {}, [0.8], [0, 1, 2])
+    assert rows[0] == ["prfl", "200 ± 69", "-", "-"]

@@ -1,0 +1,146 @@
+"""Checkpoints of the simulator: in-flight tasks are saved as their jobs (nothing is trained to take
+a checkpoint), their start values once per model version and mask, and a run killed after a
+checkpoint resumes to the uninterrupted history on either executor (the process pool's jobs are
+packed when saved and go back to the pool packed).
+
+The experiment: PR-FL on digits / mlp with 6 clients under density rule B, so tasks carry masks
+(their jobs are packed) and several tasks share a start model; a checkpoint every 8 rounds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from prfl.checkpoint import Streamed, read_checkpoint
+from prfl.config import load_config
+from prfl.run import build_scenario, resume_run, run_policy
+from prfl.sim.executors import InlineExecutor, TrainJob, make_executor
+
+BASE = [
+    "data.dataset=digits", "data.num_clients=6", "data.partition=iid", "model.name=mlp", "model.options={hidden: [32]}",
+    "train.lr=0.1", "train.local_steps=5", "fleet.preset=lognormal", "policy.name=prfl",
+    "policy.options={interval: 4, density_rule: B, initial_densities: [1.0, 0.6, 0.6, 0.3, 0.3, 0.1], window: 0.2}",
+    "sim.max_rounds=28", "sim.eval_every_rounds=4", "sim.checkpoint_every_rounds=8", "seed=5",
+]
+WALL_FIELDS = ("wall_seconds", "train_seconds", "history")
+
+
+class Killed(Exception):
+    """Stands in for the process being killed."""
+
+
+def _lines(run_dir: Path) -> list[str]:
+    return (run_dir / "history.jsonl").read_text(encoding="utf-8").splitlines()
+
+
+def _strip(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in summary.items() if k not in WALL_FIELDS}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference")
+    run_policy(build_scenario(load_config(overrides=[*BASE, "sim.executor=inline"])), out_dir=out)
+    return out
+
+
+@pytest.mark.parametrize("executor", ["inline", "inline-spill", "process"])
+def test_a_killed_run_resumes_to_the_uninterrupted_history(reference: Path, tmp_path: Path, executor: str) -> None:
+    extra = {"inline": ["sim.executor=inline"], "inline-spill": ["sim.executor=inline", f"sim.spill_dir={tmp_path / 'spill'}"],
+             "process": ["sim.executor=process", "sim.workers=2"]}[executor]
+    out = tmp_path / "run"
+
+    def kill(rec: dict[str, Any]) -> None:
+        if rec["round"] >= 20:  # the last checkpoint was at round 16
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_policy(build_scenario(load_config(overrides=[*BASE, *extra])), out_dir=out, on_progress=kill)
+    state = read_checkpoint(out / "checkpoint.pt")
+    assert state["policy"]["version"] == 16
+    inflight = state["inflight"]
+    # every task in flight is saved as its job, with its start values streamed from the executor
+    assert inflight and all("job" in d and "output" not in d for d in inflight.values())
+    assert all(isinstance(d["job"]["start"], Streamed) for d in inflight.values())
+    assert any(d["job"]["packed"] for d in inflight.values())  # masked tasks: values at the mask only
+    summary = resume_run(out)
+    ref = _lines(reference)
+    got = _lines(out)
+    for i, (a, b) in enumerate(zip(ref, got)):
+        assert a == b, f"history line {i + 1} differs:\n uninterrupted: {a}\n resumed:       {b}"
+    assert len(got) == len(ref)
+    full = json.loads((reference / "summary.json").read_text(encoding="utf-8"))
+    assert _strip(summary) == _strip(full) and summary["server_rounds"] == 28
+
+
+def test_taking_a_checkpoint_trains_nothing(tmp_path: Path, monkeypatch) -> None:
+    trained: list[int] = []
+    original = InlineExecutor.submit
+
+    def counting_submit(self: InlineExecutor, job: TrainJob):
+        fut = original(self, job)
+        inner = fut._fn
+
+        def run():
+            trained.append(job.task_id)
+            return inner()
+
+        fut._fn = run
+        return fut
+
+    monkeypatch.setattr(InlineExecutor, "submit", counting_submit)
+    from prfl.sim import engine
+
+    at_checkpoint: list[tuple[int, int, set[int]]] = []
+    save = engine.Simulation.save_checkpoint
+
+    def watched(sim: engine.Simulation) -> Path:
+        before = len(trained)
+        path = save(sim)
+        at_checkpoint.append((before, len(trained), set(sim.inflight)))
+        return path
+
+    monkeypatch.setattr(engine.Simulation, "save_checkpoint", watched)
+    run_policy(build_scenario(load_config(overrides=[*BASE, "sim.executor=inline", "sim.max_rounds=17"])), out_dir=tmp_path)
+    assert [a == b for a, b, _ in at_checkpoint] == [True, True]  # rounds 8 and 16: no task trained to save it
+    assert all(inflight for _, _, inflight in at_checkpoint)
+
+
+def test_jobs_from_one_model_and_mask_share_their_start_values(tmp_path: Path) -> None:
+    sc = build_scenario(load_config(overrides=[*BASE, "sim.executor=inline"]))
+    ex = make_executor("inline", sc.worker_spec, dataset=sc.dataset, spill_dir=tmp_path / "spill")
+    npr = sc.layout.num_prunable
+    w = sc.initial_weights.clone()
+    masks = [torch.rand(npr, generator=torch.Generator().manual_seed(k)) < 0.3 for k in range(2)]
+    futures = [ex.submit(TrainJob(task_id=t, client=t % 6, weights=w, indices=sc.partition.client_indices[t % 6],
+                                  seed=t, mask=masks[t % 2])) for t in range(6)]
+    own = [d for d in (tmp_path / "spill").iterdir()]
+    assert len(own) == 1 and len(list(own[0].iterdir())) == 2  # one file per (weights, mask), not per job
+    sources = [f.job_source for f in futures]
+    assert len({s.key for s in sources}) == 2
+    assert sources[0].values().numel() == int(masks[0].sum()) + w.numel() - npr  # packed
+    for f in futures[:3]:
+        f.result()
+    futures[3].cancel()
+    assert len(list(own[0].iterdir())) == 2  # still waited for by tasks 4 and 5
+    futures[4].result()
+    futures[5].result()
+    assert list(own[0].iterdir()) == []
+    ex.close()
+    assert not own[0].exists()
+
+
+def test_a_checkpoint_stores_a_shared_start_once(tmp_path: Path) -> None:
+    """Tasks started from one model under one mask: their start values are in the file once."""
+    out = tmp_path / "run"
+    overrides = [*BASE, "sim.executor=inline", "sim.max_rounds=9", "sim.checkpoint_every_rounds=1",
+                 "policy.options={interval: 50, density_rule: B, initial_densities: 0.5, window: 0.0}"]
+    run_policy(build_scenario(load_config(overrides=overrides)), out_dir=out)
+    first = read_checkpoint(out / "checkpoint.prev.pt")
+    starts = {id(d["job"]["start"]) for d in first["inflight"].values()}  # one Streamed per stored tensor
+    assert len(first["inflight"]) > len(starts) >= 1  # tasks started from one model and mask share one copy

@@ -1,0 +1,269 @@
+"""The checkpoint format: what it stores and how, what it refuses, and that nothing in it runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import pickle
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import prfl.checkpoint as ck
+from prfl.checkpoint import CheckpointError, Streamed, dumps, loads, read_checkpoint, write_checkpoint
+from prfl.client.result import TaskResult
+from prfl.distribution import PieceId
+from prfl.policies.base import TaskSpec
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bit patterns, so that -0.0 and NaN payloads compare exactly."""
+    return t.reshape(-1).view(torch.uint8) if t.dtype.is_floating_point else t
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
+
+
+def test_plain_data_and_tensors_come_back_as_they_were() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1000, generator=g)
+    mask = torch.rand(900, generator=g) < 0.3
+    sparse = torch.zeros(1000)
+    sparse[::9] = 1.5
+    sparse[4] = -0.0  # a negative zero comes back negative
+    state = {
+        "plain": [1, 2.5, float("inf"), -0.0, None, True, "x", 10**30],
+        "nan": float("nan"),
+        "tuple": (1, (2, 3)), "set": {1, 2}, "frozen": frozenset({"a"}),
+        "keys": {1: "a", (2, 3): 4.0, 0.5: 1, "$text": 2},
+        "w": w, "w_again": w, "w_copy": w.clone(), "view": w[10:20], "mask": mask, "sparse": sparse,
+        "bf16": torch.randn(100, generator=g).to(torch.bfloat16), "i64": torch.arange(100),
+        "i64_wide": torch.full((70,), 2**40), "i32": torch.arange(5, dtype=torch.int32),
+        "empty": torch.empty(0), "scalar": torch.tensor(3.5), "matrix": torch.randn(3, 4, generator=g),
+        "array": np.arange(5), "np_float": np.float64(0.1), "np_int": np.int64(3), "dtype": torch.bfloat16,
+        "spec": TaskSpec(1, 2, 3, w, mask, 0.5, 10, 20, pieces=("a",)),
+        "pieces": {PieceId(1, 2), PieceId(3, 4)},
+        "result": TaskResult(4, 1, 2, sparse, 7, 0.25, 5, 0.1, grad_sq=None),
+    }
+    back = loads(dumps(state))
+    assert set(back) == set(state)
+    for key, value in state.items():
+        got = back[key]
+        if isinstance(value, torch.Tensor):
+            assert _same(value, got), key
+        elif isinstance(value, np.ndarray):
+            assert got.dtype == value.dtype and (got == value).all()
+        elif key == "nan":
+            assert math.isnan(got)
+        elif key in ("spec", "result"):
+            assert type(got) is type(value)
+        else:
+            assert got == value and type(got) is type(value), key
+    assert math.copysign(1.0, back["plain"][3]) == -1.0
+    assert back["w"] is back["w_again"] and back["spec"].weights is back["w"] and back["spec"].mask is back["mask"]
+    assert back["w_copy"] is not back["w"]  # equal content, distinct objects: stored once, read twice
+    assert back["spec"].pieces == ("a",) and _same(back["result"].weights, sparse)
+
+
+def test_compact_storage_and_dedupe() -> None:
+    n = 1_000_000
+    mask = torch.rand(n) < 0.1
+    weights = torch.randn(n)
+    masked = weights * mask  # 90% zeros
+    ranking = torch.randperm(n)  # int64 whose values fit in int32
+    alone = len(dumps({"w": weights}))
+    assert alone < 0.9 * 4 * n  # the high bytes (sign, exponent) through zlib
+    assert len(dumps({"m": mask})) < n // 8 + 4096  # a bool tensor as a bitmap
+    assert len(dumps({"r": ranking})) < 3 * n + 4096  # positions below 2^24: 3 bytes each
+    assert len(dumps({"r": ranking + 2**30})) < 4 * n + 4096  # int64 that fits int32: narrowed
+    assert len(dumps({"w": torch.rand(n).mul(2 * torch.pi).sin().to(torch.float64)})) < 0.95 * 8 * n
+    # W ⊙ m: the nonzeros, a bitmap of them, and one of the negative zeros (W < 0 outside the mask)
+    assert len(dumps({"x": masked})) < 0.1 * 4 * n + n // 8 + 0.9 * n // 8 + 20_000
+    assert len(dumps({"x": masked.abs()})) < 0.1 * 4 * n + n // 8 + 20_000  # no negative zeros: no second bitmap
+    # the same tensor, or an equal one, is stored once
+    assert len(dumps({"a": weights, "b": weights, "c": weights.clone(), "d": [weights]})) < alone + 4096
+    more = {"r": ranking, "r32": ranking.to(torch.int32), "wide": ranking + 2**30, "x": masked, "w": weights,
+            "bf16": weights.to(torch.bfloat16), "f16": weights.to(torch.float16), "f64": weights.to(torch.float64),
+            "nan": torch.where(mask, torch.nan, weights)}
+    back = loads(dumps(more))
+    assert all(_same(back[k], v) for k, v in more.items())
+    assert int(torch.signbit(back["x"][~mask]).sum()) == int(torch.signbit(masked[~mask]).sum()) > 0
+    table = json.loads(_state_array(dumps(more)))["tensors"]
+    assert {r["enc"] for r in table} == {"u24", "narrow", "sparse", "raw"}
+    assert any(r.get("values") == "hi-zlib" for r in table)
+
+
+def _state_array(data: bytes) -> bytes:
+    """The bytes of the ``prfl.state`` array of a checkpoint."""
+    n = int.from_bytes(data[:8], "little")
+    begin, end = json.loads(data[8 : 8 + n])["prfl.state"]["data_offsets"]
+    return data[8 + n + begin : 8 + n + end]
+
+
+def test_the_file_is_safetensors() -> None:
+    from safetensors import safe_open
+
+    state = {"w": torch.randn(333), "m": torch.rand(100) < 0.5, "n": 3}
+    data = dumps(state)
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as fh:
+        fh.write(data)
+        fh.flush()
+        with safe_open(fh.name, "pt") as f:
+            assert f.metadata() == {"format": "prfl-checkpoint", "version": "2"}
+            names = list(f.keys())
+            assert "prfl.state" in names and "prfl.trailer" in names
+            body = f.get_tensor("prfl.state").numpy().tobytes()
+    assert json.loads(body)["state"]["n"] == 3
+    trailer = data[-48:]
+    assert trailer[:8] == b"PRFLCKP2" and int.from_bytes(trailer[8:16], "little") == len(data) - 48
+    assert trailer[16:] == hashlib.sha256(data[:-48]).digest()
+
+
+def test_streamed_entries_are_read_one_at_a_time_and_released() -> None:
+    live: list[int] = []
+    peak = [0]
+    released: list[int] = []
+
+    def source(i: int) -> Streamed:
+        def read() -> torch.Tensor:
+            live.append(i)
+            peak[0] = max(peak[0], len(live))
+            return torch.full((1000,), float(i))
+
+        def release(t: torch.Tensor) -> None:
+            assert float(t[0]) == i
+            live.remove(i)
+            released.append(i)
+
+        return Streamed(read=read, release=release)
+
+    state = {"slots": [source(i) for i in range(20)], "shared": [Streamed(read=lambda: torch.ones(10), key="k")] * 3}
+    state["shared"].append(Streamed(read=lambda: torch.ones(10), key="k"))  # another object, the same key
+    back = loads(dumps(state))
+    assert peak[0] == 1 and released == list(range(20))
+    # read back lazily: still Streamed, read from the file when asked, one object per stored tensor
+    assert all(isinstance(s, Streamed) for s in back["slots"])
+    assert [float(s.read()[0]) for s in back["slots"]] == [float(i) for i in range(20)]
+    assert len({id(s) for s in back["shared"]}) == 1 and back["slots"][3].shape == (1000,)
+    assert torch.equal(ck.materialize(back["shared"][0]), torch.ones(10))
+
+
+def test_unknown_types_are_refused_when_writing() -> None:
+    class Custom:
+        pass
+
+    @dataclasses.dataclass
+    class NotAllowed:
+        x: int
+
+    with pytest.raises(TypeError, match="Custom"):
+        dumps({"a": Custom()})
+    with pytest.raises(TypeError, match="ALLOWED_TYPES"):
+        dumps({"a": NotAllowed(1)})
+    with pytest.raises(TypeError, match="complex"):
+        dumps({"a": torch.zeros(3, dtype=torch.complex64)})
+
+
+# --------------------------------------------------------------------------- hostile files
+class _Marker:
+    """Unpickling this calls open(path, "w"): a pickle that runs code creates the marker file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def pickle_checkpoint(marker: Path, with_trailer: bool = True) -> bytes:
+    """What an old checkpoint looked like (torch.save payload, PRFLCKP1 trailer with a correct
+    checksum), carrying a payload that creates ``marker`` when unpickled."""
+    buf = io.BytesIO()
+    torch.save({"policy": {"version": 1, "evil": _Marker(marker)}, "history_offset": 0, "now": 0.0}, buf)
+    data = buf.getvalue()
+    if with_trailer:
+        data += b"PRFLCKP1" + len(data).to_bytes(8, "little") + hashlib.sha256(data).digest()
+    return data
+
+
+@pytest.mark.parametrize("kind", ["torch.save with the old trailer", "torch.save", "plain pickle"])
+def test_a_pickle_is_refused_and_never_run(tmp_path: Path, kind: str) -> None:
+    marker = tmp_path / "marker"
+    if kind == "plain pickle":
+        data = pickle.dumps({"policy": _Marker(marker), "history_offset": 0, "now": 0.0})
+    else:
+        data = pickle_checkpoint(marker, with_trailer=kind != "torch.save")
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "pickle" in message and "prfl run" in message
+    assert not marker.exists()
+    # the crafted file really would have run code
+    pickle.loads(pickle.dumps(_Marker(marker)))
+    assert marker.exists()
+
+
+def test_a_forged_type_tag_is_refused_and_nothing_is_built(tmp_path: Path, monkeypatch) -> None:
+    """A well-formed file, checksum and all, that names a class outside the allow-list."""
+    marker = tmp_path / "marker"
+    calls: list[str] = []
+
+    @dataclasses.dataclass
+    class Hostile:
+        path: str
+
+        def __post_init__(self) -> None:
+            calls.append(self.path)
+            Path(self.path).touch()
+
+    name = f"{Hostile.__module__}:{Hostile.__qualname__}"
+    monkeypatch.setattr(ck, "ALLOWED_TYPES", (*ck.ALLOWED_TYPES, name))  # only to write the file
+    data = dumps({"policy": {"x": Hostile(str(marker))}, "history_offset": 0, "now": 0.0})
+    monkeypatch.undo()
+    marker.unlink()
+    calls.clear()
+    with pytest.raises(CheckpointError, match="may not build"):
+        loads(data, "crafted.pt")
+    assert calls == [] and not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["cut", "flip", "header", "empty", "foreign"])
+def test_damaged_files_name_the_problem(tmp_path: Path, damage: str) -> None:
+    data = dumps({"policy": {"w": torch.randn(1000)}, "history_offset": 0, "now": 0.0})
+    if damage == "cut":
+        data, match = data[: len(data) // 2], "torn"
+    elif damage == "flip":
+        data, match = data[:100] + bytes([data[100] ^ 1]) + data[101:], "checksum mismatch"
+    elif damage == "header":  # a new header with a valid checksum, but its layout is wrong
+        body = bytearray(data[:-48])
+        body[0:8] = (12).to_bytes(8, "little")
+        data, match = bytes(body) + b"PRFLCKP2" + len(body).to_bytes(8, "little") + hashlib.sha256(body).digest(), "malformed"
+    elif damage == "empty":
+        data, match = b"", "empty"
+    else:
+        data, match = b"\x00" * 200, "not a prfl checkpoint"
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=match) as info:
+        read_checkpoint(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_write_is_atomic_and_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    write_checkpoint({"policy": {"version": 1}, "history_offset": 1, "now": 0.0}, tmp_path)
+    write_checkpoint({"policy": {"version": 2}, "history_offset": 2, "now": 0.0}, tmp_path)
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["policy"]["version"] == 2
+    assert read_checkpoint(tmp_path / "checkpoint.prev.pt")["policy"]["version"] == 1
+    with pytest.raises(TypeError):  # a state that cannot be written leaves no temporary file behind
+        write_checkpoint({"policy": object(), "history_offset": 3, "now": 0.0}, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt"]
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["policy"]["version"] == 2
