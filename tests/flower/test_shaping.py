@@ -53,15 +53,19 @@ def test_tc_commands_give_each_node_a_class_per_direction_under_the_server_class
     def opt(cmd: list[str], key: str) -> str:
         return cmd[cmd.index(key) + 1]
 
-    # downloads share the server's sending side: 30 kB/s = 240000 bit/s; each node at most its speed
-    assert opt(classes["5f1:3001"], "rate") == opt(classes["5f1:3001"], "ceil") == "240000bit"
+    def bits(kbps: float) -> str:  # a payload speed in kB/s as the tc rate of its packets
+        return f"{round(kbps * 1000 / PAYLOAD_EFFICIENCY * 8)}bit"
+
+    # downloads share the server's sending side: 30 kB/s of payload; each node at most its speed
+    assert opt(classes["5f1:3001"], "rate") == opt(classes["5f1:3001"], "ceil") == bits(30)
+    assert opt(classes["5f1:3001"], "rate") == "250939bit"  # 30 kB/s / 0.956 in packets, headers included
     assert opt(classes["5f1:3100"], "parent") == "5f1:3001"
-    assert opt(classes["5f1:3100"], "ceil") == "240000bit"  # 40 kB/s capped by the server's 30
-    assert opt(classes["5f1:3100"], "rate") == "160000bit"  # assured: its max-min share, 30 - 10
-    assert opt(classes["5f1:3101"], "rate") == opt(classes["5f1:3101"], "ceil") == "80000bit"
+    assert opt(classes["5f1:3100"], "ceil") == bits(30)  # 40 kB/s capped by the server's 30
+    assert opt(classes["5f1:3100"], "rate") == bits(20)  # assured: its max-min share, 30 - 10
+    assert opt(classes["5f1:3101"], "rate") == opt(classes["5f1:3101"], "ceil") == bits(10)
     # an unlimited receiving side gets the sum of the upload speeds, which never binds
-    assert opt(classes["5f1:3002"], "rate") == "200000bit"
-    assert opt(classes["5f1:3201"], "ceil") == "40000bit"
+    assert opt(classes["5f1:3002"], "rate") == bits(25)
+    assert opt(classes["5f1:3201"], "ceil") == bits(5)
     quanta = {opt(c, "quantum") for c in classes.values()}
     assert len(quanta) == 1  # equal turns: equal shares of what the parent lends
     filters = [c for c in cmds if c[:2] == ["filter", "add"]]
@@ -247,8 +251,9 @@ def test_apply_and_remove_leave_the_loopback_interface_as_it_was() -> None:
 
 @needs_tc
 def test_shaped_transfers_take_the_fluid_models_time_and_share_the_server_max_min_fairly() -> None:
-    """Alone, a transfer takes payload / (efficiency * speed); three at once share the server's
-    capacity as prfl.sim.links.SharedLink does (equal shares, capped at each node's speed)."""
+    """Alone, a transfer takes payload / speed (the classes' packet rates carry the speeds in
+    payload); three at once share the server's capacity as prfl.sim.links.SharedLink does (equal
+    shares, capped at each node's speed)."""
     server = ByteServer()
     k = 1000.0
     speeds = LinkSpeeds(down_bps=(60 * k, 40 * k, 20 * k), up_bps=(30 * k, 30 * k, 30 * k),
@@ -261,9 +266,9 @@ def test_shaped_transfers_take_the_fluid_models_time_and_share_the_server_max_mi
                 shaper.apply(relay.port)
                 n = 120_000
                 alone = transfer(addresses[0], relay.port, "GET", n)
-                assert alone == pytest.approx(n / (PAYLOAD_EFFICIENCY * 60 * k), rel=0.1)
+                assert alone == pytest.approx(n / (60 * k), rel=0.1)
                 up = transfer(addresses[1], relay.port, "PUT", 90_000)
-                assert up == pytest.approx(90_000 / (PAYLOAD_EFFICIENCY * 30 * k), rel=0.1)
+                assert up == pytest.approx(90_000 / (30 * k), rel=0.1)
                 sizes, delays = (180_000, 120_000, 60_000), (0.0, 0.5, 1.0)
                 took: dict[int, float] = {}
                 began: dict[int, list[float]] = {i: [] for i in range(3)}
@@ -279,7 +284,7 @@ def test_shaped_transfers_take_the_fluid_models_time_and_share_the_server_max_mi
                     t.join()
         t0 = began[0][0]
         starts = tuple(began[i][0] - t0 for i in range(3))  # as they really began (threads start late)
-        ends = fluid_finish(speeds.down_bps, 90 * k, [n / PAYLOAD_EFFICIENCY for n in sizes], starts)
+        ends = fluid_finish(speeds.down_bps, 90 * k, list(map(float, sizes)), starts)
         for i in range(3):
             assert took[i] == pytest.approx(ends[i] - starts[i], rel=0.1), (i, starts, took, ends)
     finally:

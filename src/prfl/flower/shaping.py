@@ -45,11 +45,14 @@ node class keeps htb's default FIFO leaf (kernels without sch_sfq are common in 
 the relay's small windows keep each connection at a few packets in it, so a node's heartbeats
 and HTTP requests wait behind its bulk transfer for about a second at 10 kB/s, less when faster.
 
-Rates are those of packets on the link (headers included), as ``tc`` counts them: a
-1448-byte segment travels in a 1514-byte packet (14 bytes of loopback's Ethernet header, 20 of
-IP, 32 of TCP), so payload moves at 95.6 % of the link speed (:data:`PAYLOAD_EFFICIENCY`), as
-on Ethernet; HTTP and protobuf framing cost a little more. The simulator charges payload bytes
-at the full link speed.
+Speeds are payload speeds: a fleet's ``down_bps`` is the TCP payload a node receives per
+second, which is what the simulator charges a task's payload bytes at (and what a speed test
+of a device reports). ``tc`` counts packets on the link, headers included: a 1448-byte segment
+travels in a 1514-byte packet (14 bytes of loopback's Ethernet header, 20 of IP, 32 of TCP), so
+every class's rate is the speed divided by :data:`PAYLOAD_EFFICIENCY` (0.956, as on Ethernet)
+and full segments then carry payload at the fleet's speed (:func:`wire_rate`). What is left is
+the protocol's own bytes (HTTP headers and protobuf framing of each request, Flower's polls and
+heartbeats, TCP acknowledgements in the opposite class), which the simulator does not model.
 
 Runs on one machine share the root: each takes a slot ``S`` (0..15) under a lock, with its
 own classes, filters (u32 at priority ``100 + S``) and addresses; the last run to leave removes
@@ -179,9 +182,16 @@ def node_address(slot: int, node: int) -> str:
     return f"{ADDRESS_PREFIX}.{slot}.{node + 1}"
 
 
+def wire_rate(bps: float) -> float:
+    """The rate of packets on ``lo`` (bytes/s, headers included) that carries ``bps`` bytes/s of
+    TCP payload in full segments: ``bps / PAYLOAD_EFFICIENCY``."""
+    return bps / PAYLOAD_EFFICIENCY
+
+
 def _rate(bps: float) -> str:
-    """A speed in bytes/s as a tc rate (``tc`` reads ``bps`` as bytes/s; ``bit`` is unambiguous)."""
-    return f"{max(8, round(bps * 8))}bit"
+    """A payload speed in bytes/s as a tc rate of packets (:func:`wire_rate`; ``tc`` reads ``bps``
+    as bytes/s, ``bit`` is unambiguous)."""
+    return f"{max(8, round(wire_rate(bps) * 8))}bit"
 
 
 def _classid(minor: int) -> str:
