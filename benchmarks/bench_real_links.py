@@ -43,6 +43,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from prfl.config import ExperimentConfig  # noqa: E402
 from prfl.flower import linkcheck as lc  # noqa: E402
+from prfl.policies.prfl import preset_densities  # noqa: E402
+from prfl.run import build_scenario  # noqa: E402
 from prfl.flower.shaping import PAYLOAD_EFFICIENCY, LinkSpeeds, shaping_unavailable, terminate_on_sigterm  # noqa: E402
 
 log = logging.getLogger("bench_real_links")
@@ -72,16 +74,25 @@ def speeds_for(nodes: int) -> LinkSpeeds:
 
 
 def experiment(policy: str, nodes: int, updates: int, fleet_file: Path, hidden: list[int], seed: int) -> ExperimentConfig:
-    return ExperimentConfig.model_validate({
+    """The experiment both sides run. PR-FL's initial densities are written out: the paper's
+    preset mapped onto the fleet file by nominal round time (what the simulator's PR-FL derives
+    from the fleet), because the Flower ServerApp's policy does not see the fleet file (its
+    devices are real) and would start every client dense."""
+    data: dict[str, Any] = {
         "name": f"real-links-{policy}",
         "seed": seed,
         "data": {"dataset": "digits", "num_clients": nodes, "partition": "iid"},
         "model": {"name": "mlp", "options": {"hidden": hidden}},
         "train": {"lr": 0.25, "local_steps": 10, "batch_size": 20},
         "fleet": {"file": str(fleet_file)},
-        "policy": {"name": policy, "options": POLICY_OPTIONS[policy]},
+        "policy": {"name": policy, "options": dict(POLICY_OPTIONS[policy])},
         "sim": {"max_rounds": updates, "eval_every_rounds": updates},
-    })
+    }
+    if policy == "prfl":
+        times = build_scenario(ExperimentConfig.model_validate(data)).nominal_round_times()
+        floor = POLICY_OPTIONS["prfl"]["min_density"]
+        data["policy"]["options"]["initial_densities"] = [max(floor, d) for d in preset_densities(list(times))]
+    return ExperimentConfig.model_validate(data)
 
 
 def deploy(policy: str, exp: ExperimentConfig, args: argparse.Namespace, work: Path) -> tuple[lc.Deployment, list[str]]:
@@ -264,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         "links": {"fleet_file": rel(fleet_file), "down_bps": list(speeds.down_bps), "up_bps": list(speeds.up_bps),
                   "server_up_bps": speeds.server_up_bps, "server_down_bps": speeds.server_down_bps,
                   "payload_efficiency": PAYLOAD_EFFICIENCY,
-                  "shaping": "tc htb on lo: a class per node and direction under the server's two classes; "
-                             "relay on 127.77.S.x, 1460-byte MSS, two segments per packet"},
+                  "shaping": "tc htb on lo: a class per node and direction under the server's two classes, each at "
+                             f"the payload speed / {PAYLOAD_EFFICIENCY:.3f} in packets (headers included); relay on "
+                             "127.77.S.x, 1460-byte MSS, at most four segments per packet"},
         "compute": "measured: each task's device time (SuperNode received -> sending) is fed to the simulator",
         "goals": {"task_duration_median_abs_rel_error": GOAL_TASK_MARE, "time_to_updates_abs_rel_error": GOAL_TIME_TO_K},
         "verdict": verdict,

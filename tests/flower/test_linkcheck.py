@@ -126,3 +126,27 @@ def test_the_simulator_runs_the_experiment_as_the_deployment_did(tmp_path: Path)
     assert doc["tool"]["flwr"]["app"]["components"]["clientapp"] == "prfl.flower.client_app:app"
     assert doc["tool"]["flwr"]["app"]["config"] == {"config-file": str(tmp_path / "exp.yaml"),
                                                     "out-dir": str(tmp_path / "out"), "reply-timeout": 900.0}
+
+
+def test_the_simulated_policy_has_the_deployed_policys_priors(tmp_path: Path) -> None:
+    """The ServerApp replaces the fleet (devices are real), so PR-FL there starts from uniform
+    priors; the simulator's policy must too, while its clock keeps the fleet file's speeds."""
+    from prfl.config import save_config
+    from prfl.flower.settings import app_settings
+    from prfl.flower.shaping import LinkSpeeds
+    from prfl.run import build_scenario, make_policy
+
+    k = 1000.0
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(lc.fleet_yaml(LinkSpeeds((40 * k, 20 * k, 10 * k, 5 * k), (40 * k, 20 * k, 10 * k, 5 * k)), "t"))
+    exp = ExperimentConfig.model_validate({
+        "data": {"dataset": "digits", "num_clients": 4}, "model": {"name": "mlp", "options": {"hidden": [16]}},
+        "fleet": {"file": str(fleet)}, "policy": {"name": "prfl", "options": {"min_density": 0.1}}})
+    save_config(exp, tmp_path / "exp.yaml")
+    deployed = app_settings({"config-file": str(tmp_path / "exp.yaml")}).experiment
+    on_flower = make_policy(build_scenario(deployed), deployed.policy).densities
+    simulated = make_policy(build_scenario(lc.deployed_policy_config(exp)), exp.policy).densities
+    with_fleet = make_policy(build_scenario(lc.simulation_config(exp)), exp.policy).densities
+    assert simulated == on_flower
+    assert with_fleet != on_flower  # the fleet file's speeds would have changed PR-FL's start
+    assert lc.deployed_policy_config(exp).sim == lc.simulation_config(exp).sim

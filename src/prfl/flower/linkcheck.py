@@ -378,19 +378,39 @@ def simulation_config(experiment: ExperimentConfig) -> ExperimentConfig:
     return ExperimentConfig.model_validate(data)
 
 
+def deployed_policy_config(experiment: ExperimentConfig) -> ExperimentConfig:
+    """The experiment as the Flower ServerApp builds its policy from it: with the fleet it puts in
+    place of the config file's (:data:`prfl.flower.settings.PRFL_DEFAULTS`; devices are real there).
+
+    A policy's priors come from the fleet (PR-FL's initial densities by nominal round time and its
+    per-layer cost coefficients), so the simulator builds its policy from this config and only its
+    clock from the fleet file: it then predicts the policy that was deployed.
+    """
+    from prfl.flower.settings import PRFL_DEFAULTS
+
+    data = simulation_config(experiment).model_dump()
+    data["fleet"] = dict(PRFL_DEFAULTS["fleet"])
+    return ExperimentConfig.model_validate(data)
+
+
 def simulate(experiment: ExperimentConfig,
              seconds: Mapping[int, Sequence[float | None]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Run the simulator on ``experiment`` with measured compute ``seconds``; (history, summary)."""
+    """Run the simulator on ``experiment`` with measured compute ``seconds``; (history, summary).
+
+    The clock (each node's links, the server's shared link) follows the experiment's fleet file;
+    the policy is built as the deployment built it (:func:`deployed_policy_config`).
+    """
     from prfl.run import build_scenario, make_policy, make_simulation
     from prfl.sim.executors import make_executor
     from prfl.sim.history import HistoryWriter
 
     cfg = simulation_config(experiment)
     sc = build_scenario(cfg)
+    policy = make_policy(build_scenario(deployed_policy_config(experiment)), cfg.policy)
     history = HistoryWriter(None)
     executor = MeasuredComputeExecutor(make_executor("inline", sc.worker_spec, dataset=sc.dataset), seconds)
     try:
-        sim = make_simulation(sc, make_policy(sc, cfg.policy), None, history, executor)
+        sim = make_simulation(sc, policy, None, history, executor)
         summary = sim.run()
     finally:
         executor.close()
