@@ -15,8 +15,8 @@ Sources (under ``--results``, default ``benchmarks/results``):
   (``benchmarks/bench_simulator.py``), ``flower_sim.json`` (``benchmarks/bench_flower_sim.py``),
   ``scale-<clients>.json`` and ``scale-kill-<clients>.json`` (``benchmarks/bench_scale.py``),
   ``vmap.json`` (``benchmarks/bench_vmap.py``), ``buffer.json`` (``benchmarks/bench_buffer.py``),
-  ``fuzz.json`` (``benchmarks/fuzz_policies.py``) and ``train_step.json``
-  (``benchmarks/bench_train_step.py``);
+  ``fuzz.json`` (``benchmarks/fuzz_policies.py``), ``train_step.json``
+  (``benchmarks/bench_train_step.py``) and ``real_links.json`` (``benchmarks/bench_real_links.py``);
   any other ``*.json`` at the top level is listed by its scalar fields.
 
 Statistics follow ``prfl.report``: mean ± sample sd over seeds; a time to accuracy is the first
@@ -413,6 +413,52 @@ def vmap_section(d: dict[str, Any], name: str) -> list[str]:
     return lines
 
 
+def _pct(x: Any, signed: bool = False) -> str:
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return "-"
+    return f"{x:+.1%}" if signed else f"{x:.1%}"
+
+
+def real_links_section(d: dict[str, Any], name: str) -> list[str]:
+    lines = _section_head("The virtual clock against real links: a shaped Flower deployment", d, name)
+    links = d.get("links") or {}
+    kb = lambda v: "/".join(f"{x / 1000:g}" for x in v) if isinstance(v, list) else "-"  # noqa: E731
+    lines.append(
+        f"Links (kB/s): node downloads {kb(links.get('down_bps'))}, uploads {kb(links.get('up_bps'))}; the server "
+        f"sends {kb([links.get('server_up_bps', 0)])} (shared by downloads) and receives "
+        f"{kb([links.get('server_down_bps', 0)])} (shared by uploads); {links.get('shaping', '')}. Compute: "
+        f"{d.get('compute', '-')}. Errors are simulated / real - 1, tasks paired by client and their number on it.\n")
+    goals = d.get("goals") or {}
+    rows = []
+    for policy, r in (d.get("policies") or {}).items():
+        mare = r.get("median_abs_rel_error") or {}
+        t = r.get("time_to_updates") or {}
+        rows.append([policy, f"{r.get('pairs', '-')}/{r.get('tasks_real', '-')}", _pct(mare.get("download")),
+                     _pct(mare.get("upload")), _pct(mare.get("duration")),
+                     f"{_num(t.get('real'), '.0f')} / {_num(t.get('simulated'), '.0f')}",
+                     _pct(t.get("rel_error"), signed=True)])
+    lines.append(markdown((["policy", "tasks paired", "download, median abs error", "upload, median abs error",
+                            f"task, median abs error (goal <= {_pct(goals.get('task_duration_median_abs_rel_error'))})",
+                            f"time to {_get(d, 'workload', 'server_updates') or 'K'} updates, real / simulated (s)",
+                            f"error (goal within {_pct(goals.get('time_to_updates_abs_rel_error'))})"], rows)))
+    gap_rows = []
+    for policy, r in (d.get("policies") or {}).items():
+        g = r.get("median_gap_seconds") or {}
+        m = r.get("median_real_seconds") or {}
+        e = r.get("median_rel_error") or {}
+        gap_rows.append([policy, _num(m.get("duration"), ".1f"), _num(m.get("download"), ".1f"), _num(m.get("upload"), ".1f"),
+                         _num(m.get("compute"), ".1f"), _num(g.get("poll"), ".2f"), _num(g.get("reply"), ".2f"),
+                         _pct(e.get("download"), signed=True), _pct(e.get("upload"), signed=True)])
+    lines.append("Where real time goes (medians over tasks, seconds) and the signed median errors of the transfers: "
+                 "`poll` is the wait for the SuperNode's next pull (Flower polls every 3 s when idle), `reply` "
+                 "the server's pull interval; the simulator models neither.\n")
+    lines.append(markdown((["policy", "task", "download", "upload", "device (fed as compute)", "poll", "reply",
+                            "download error", "upload error"], gap_rows)))
+    png = Path(name).with_suffix(".png").as_posix()
+    lines.append(f"Predicted against real per-task times, per client: `{png}`.\n")
+    return lines
+
+
 def generic_section(d: Any, name: str) -> list[str]:
     title = (d.get("benchmark") if isinstance(d, dict) else None) or Path(name).stem
     lines = [f"## {title}\n", f"From `{name}`.\n"]
@@ -648,6 +694,8 @@ def render(results: Path, baseline: str = "fedasync", figure_dir: Path | None = 
             lines += train_step_section(d, name)
         elif p.name == "buffer.json":
             lines += buffer_section(d, name)
+        elif p.name == "real_links.json":
+            lines += real_links_section(d, name)
         elif p.name == "fuzz.json":
             lines += fuzz_section(d, name)
         else:

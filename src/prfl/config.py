@@ -129,6 +129,7 @@ class SimConfig(_Strict):
     compute_time: Literal["flops", "measured"] = _shared("compute_time")
     sparse_efficiency: float = _shared("sparse_efficiency")
     shared_server_link: bool = _shared("shared_server_link")
+    piece_relay: bool = _shared("piece_relay")
     accounting: Accounting = _shared("accounting")
     checkpoint_every_rounds: int | None = Field(
         50, ge=1, description="server updates between checkpoints of the run (null: no checkpoints)")
@@ -169,11 +170,14 @@ class SimConfig(_Strict):
     def _some_budget(self) -> "SimConfig":
         if self.max_rounds is None and self.max_time is None:
             raise ValueError("set sim.max_rounds or sim.max_time, or the run never ends")
+        if self.accounting == "reference" and not self.piece_relay:
+            raise ValueError("sim.piece_relay: false says where honest downloads come from; the reference accounting "
+                             "has its own download model: set sim.accounting: honest or sim.piece_relay: true")
         return self
 
 
 _SIM_SHARED = ("max_time", "eval_every_rounds", "eval_every_seconds", "compute_time", "sparse_efficiency",
-               "shared_server_link", "accounting")
+               "shared_server_link", "piece_relay", "accounting")
 
 
 class PrivacyConfig(_Strict):

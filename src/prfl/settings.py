@@ -71,6 +71,10 @@ class SimSettings(_Settings):
     sparse_efficiency: float = Field(
         1.0, ge=0, le=1, description="how much of a sub-model's sparsity turns into saved compute (1: all, 0: none)")
     shared_server_link: bool = Field(True, description="the server's links are shared by concurrent transfers (max-min fair)")
+    piece_relay: bool = Field(
+        True, description="pieces already published for a model version reach later clients from a relay at the "
+        "client's speed; false: every downloaded byte crosses the server's shared link (as on Flower; honest "
+        "accounting only)")
     checkpoint_every_rounds: int | None = Field(
         None, ge=1, description="server updates between checkpoints of the run (null: no checkpoints)")
     target_accuracies: tuple[float, ...] = Field((), description="accuracies for time-to-accuracy")
@@ -84,3 +88,10 @@ class SimSettings(_Settings):
     @classmethod
     def _known_accounting(cls, v: object) -> object:
         return check_accounting(v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _relay_is_honest(self) -> SimSettings:
+        if self.accounting == "reference" and not self.piece_relay:
+            raise ValueError("piece_relay: false describes where honest downloads come from; the reference "
+                             "accounting has its own download model: use accounting 'honest' or piece_relay true")
+        return self

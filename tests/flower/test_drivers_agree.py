@@ -60,7 +60,8 @@ DURATIONS = (0.731, 1.173, 1.619, 2.297)  # seconds from dispatch to reply, per 
 EVAL_EVERY = 3
 
 # mean_round_time: PR-FL's record of the clients' measured round times (from the events' times)
-CLOCK_FIELDS = frozenset({"time", "duration", "compute", "download", "link_wait", "upload", "delay", "mean_round_time"})
+CLOCK_FIELDS = frozenset({"time", "duration", "compute", "download", "link_wait", "link_wait_down", "upload", "delay",
+                          "mean_round_time"})
 MEASURED_FIELDS = frozenset({"server_ingress", "bytes_up"})
 SIM_ONLY = {
     "arrival": {"bytes_up_values", "bytes_up_index", "bytes_up_importance"},
@@ -69,7 +70,8 @@ FLOWER_ONLY = {
     "start": {"driver", "nodes"},
     "eval": {"buffer_staleness"},
     "arrival": {"accounted_down", "accounted_up", "importance_bytes", "received_bytes", "record_bytes_down",
-                "record_bytes_up", "node", "pieces"},
+                "record_bytes_up", "node", "pieces",
+                "message", "stamps"},  # the reply's message id; wall-clock stamps of dispatch, node, reply
 }
 
 

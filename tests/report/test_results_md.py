@@ -152,6 +152,28 @@ def test_ablation_tables_borrow_the_baseline_runs_of_the_same_seeds(script, resu
     assert table_row(section, "prfl-magnitude", "### iid")[3] == "3.00x"
 
 
+def test_real_links_section(script) -> None:
+    d = {
+        "command": "python benchmarks/bench_real_links.py", "workload": {"server_updates": 15},
+        "links": {"down_bps": [30000.0, 13000.0], "up_bps": [40000.0, 20000.0], "server_up_bps": 60000.0,
+                  "server_down_bps": 100000.0, "shaping": "tc htb on lo"},
+        "compute": "measured", "goals": {"task_duration_median_abs_rel_error": 0.15, "time_to_updates_abs_rel_error": 0.1},
+        "policies": {"fedasync": {
+            "pairs": 14, "tasks_real": 14,
+            "median_abs_rel_error": {"download": 0.071, "upload": 0.115, "duration": 0.083},
+            "median_rel_error": {"download": -0.053, "upload": -0.035},
+            "time_to_updates": {"real": 293.0, "simulated": 276.3, "rel_error": -0.057},
+            "median_real_seconds": {"duration": 80.4, "download": 24.7, "upload": 30.8, "compute": 22.1},
+            "median_gap_seconds": {"poll": 2.57, "reply": 0.55},
+        }},
+    }
+    text = "\n".join(script.real_links_section(d, "benchmarks/results/real_links.json"))
+    assert "node downloads 30/13, uploads 40/20; the server sends 60" in text and "receives 100" in text
+    assert "| fedasync | 14/14 | 7.1% | 11.5% | 8.3% | 293 / 276 | -5.7% |" in text
+    assert "| fedasync | 80.4 | 24.7 | 30.8 | 22.1 | 2.57 | 0.55 | -5.3% | -3.5% |" in text
+    assert "`benchmarks/results/real_links.png`" in text
+
+
 def test_fuzz_section(script) -> None:
     text = "\n".join(script.fuzz_section({
         "sequences": 30, "failed": 1, "commit": "abc1234",

@@ -17,6 +17,7 @@ import pytest
 from prfl.config import ConfigError, load_config
 from prfl.run import build_scenario, resume_run, run_policy
 from prfl.runtime.history import TIME_PARTS, read_history
+from prfl.settings import SimSettings
 
 DENSE_REFERENCE = 592 * 20 + 18 * 4
 SERVER_UP = 10e6
@@ -113,6 +114,11 @@ def test_run_directory_has_the_round_time_plot(tmp_path) -> None:
 def test_bad_accounting_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="sim.accounting"):
         load_config(overrides=["sim.accounting=fair"])
+    # piece_relay: false is about where honest downloads come from; the reference has its own model
+    with pytest.raises(ConfigError, match="sim.piece_relay"):
+        load_config(overrides=["sim.accounting=reference", "sim.piece_relay=false"])
+    with pytest.raises(ValueError, match="piece_relay"):
+        SimSettings(accounting="reference", piece_relay=False)
 
 
 class Killed(Exception):

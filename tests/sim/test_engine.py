@@ -45,7 +45,7 @@ from prfl.policies.base import (
 from prfl.sim.devices import DeviceProfile, Fleet, ServerProfile
 from prfl.sim.engine import SimSettings, Simulation
 from prfl.sim.executors import InlineExecutor, WorkerSpec
-from prfl.runtime.history import HistoryWriter
+from prfl.runtime.history import HistoryWriter, observed_transfers
 
 REL = 1e-9
 STEP_FLOPS = 50.0
@@ -261,6 +261,9 @@ def test_shared_server_link_hand_computed_times(executor, initial_weights) -> No
     assert [r["time"] for r in arrivals] == [approx(11.6), approx(13.6)]
     assert [r["duration"] for r in arrivals] == [approx(11.6), approx(13.6)]  # both dispatched at 0
     assert [r["compute"] for r in arrivals] == [approx(1.0), approx(4.0)]
+    # the transfers as observed on the clock (own link + wait on the server's link)
+    assert [observed_transfers(r) for r in arrivals] == [(approx(4.0), approx(11.6 - 5.0)),
+                                                         (approx(6.0), approx(13.6 - 10.0))]
     assert [(r["bytes_down"], r["bytes_up"]) for r in arrivals] == [(20, 24), (32, 10)]
     # step_flops is asked for the task's mask, batch size min(batch_size, client samples), width
     assert sim.flops_calls == [(None, 10, 1.0), (None, 10, 1.0)]  # type: ignore[attr-defined]
@@ -491,6 +494,18 @@ def test_mismatched_fleet_is_rejected(executor, initial_weights) -> None:
                    executor.workspace.trainer.cfg, lambda m, b, w=1.0: 1.0, lambda w: (0.0, 0.0))
 
 
+def test_without_piece_relay_every_downloaded_byte_crosses_the_shared_uplink(executor, initial_weights) -> None:
+    # The same pieces as below, on a deployment without a relay (Flower: every node pulls its
+    # message from the SuperLink): client 1's 32 B all cross the shared uplink, as if nothing
+    # had been published, and the times are those of the plain two-client run.
+    sim = make_sim(executor, initial_weights, egress={0: 20, 1: 12},
+                   settings=SimSettings(eval_every_rounds=None, piece_relay=False))
+    summary = sim.run()
+    assert sim.policy.arrivals == [(approx(11.6), 0), (approx(13.6), 1)]
+    assert [observed_transfers(r)[0] for r in records(sim, "arrival")] == [approx(4.0), approx(6.0)]
+    assert summary["server_egress_bytes"] == 20 + 32
+
+
 def test_published_pieces_are_relayed_at_the_clients_own_speed(executor, initial_weights) -> None:
     # Client 1 needs 32 B of which 20 B were already published (egress 12 B): only 12 B cross the
     # shared server uplink; the other 20 B come from the publication point at its own 6 B/s.
@@ -525,6 +540,9 @@ def test_arrivals_split_their_time_into_download_link_wait_compute_upload(execut
         approx(16 / 3), approx(14 / 15), approx(4.0), approx(10 / 3))
     for a in (a0, a1):
         assert a["download"] + a["link_wait"] + a["compute"] + a["upload"] == approx(a["duration"])
+    # the download's part of the wait: 1.5 s and 2/3 s; the observed transfers follow
+    assert [a["link_wait_down"] for a in (a0, a1)] == [approx(1.5), approx(2 / 3)]
+    assert [observed_transfers(a) for a in (a0, a1)] == [(approx(4.0), approx(6.6)), (approx(6.0), approx(3.6))]
     # upload parts: client 0 sent 24 B = 14 values + 4 index + 6 importance; client 1 10 = 7 + 0 + 3
     assert [(a["bytes_up_values"], a["bytes_up_index"], a["bytes_up_importance"]) for a in (a0, a1)] == [(14, 4, 6), (7, 0, 3)]
     assert [a["bytes_up"] for a in (a0, a1)] == [24, 10]  # honest: every byte is charged

@@ -95,6 +95,7 @@ def node_delay(context: Context, settings: AppSettings, partition: int) -> float
 
 def handle_train(msg: Message, context: Context, defaults: Mapping[str, Any] | None = None) -> Message:
     """Train one task and reply with the trained values (see :mod:`prfl.flower.codec`)."""
+    arrived_at = time.time()  # wall clock, comparable with the server's stamps on one machine or NTP-synced ones
     settings = app_settings(context.run_config, defaults)
     cfg = settings.experiment
     task = codec.decode_task(msg.content)
@@ -129,11 +130,12 @@ def handle_train(msg: Message, context: Context, defaults: Mapping[str, Any] | N
     delay = node_delay(context, settings, task.client)
     if delay > 0:
         time.sleep(delay)
+    trained_at = time.time()
     content = codec.encode_result(
         task=task, weights=out.weights, mask=mask, grad_sq=out.grad_sq, num_samples=out.num_samples,
         mean_loss=out.mean_loss, steps=out.steps, compute_seconds=out.compute_seconds, delay_seconds=delay,
         received_payload_bytes=received_payload, received_record_bytes=received_record,
-        partition_id=pid if pid >= 0 else task.client,
+        partition_id=pid if pid >= 0 else task.client, arrived_at=arrived_at, trained_at=trained_at,
     )
     log.debug("task %d (client %d): %d steps in %.3f s, loss %.4f", task.task_id, task.client, out.steps,
               out.compute_seconds, out.mean_loss)

@@ -291,6 +291,8 @@ class ResultMessage:
     update_payload_bytes: int
     importance_bytes: int
     arrays: dict[str, Array]
+    arrived_at: float = float("nan")  # node's wall clock (s since the epoch): the train message reached the app
+    trained_at: float = float("nan")  # node's wall clock: training (and any artificial delay) ended
 
 
 def encode_result(
@@ -307,8 +309,15 @@ def encode_result(
     received_payload_bytes: int,
     received_record_bytes: int,
     partition_id: int,
+    arrived_at: float = float("nan"),
+    trained_at: float = float("nan"),
 ) -> RecordDict:
-    """The content of a result: values at the mask plus the suffix (all weights when dense)."""
+    """The content of a result: values at the mask plus the suffix (all weights when dense).
+
+    ``arrived_at`` and ``trained_at`` are the node's wall-clock stamps (``time.time()``, seconds
+    since the epoch) of the train message reaching the ClientApp and of training ending; with
+    the server's stamps of dispatch and reply receipt they split a task into download, compute
+    and upload."""
     if mask is None:
         arrays = {"weights": raw_array(weights, "float32")}
     else:
@@ -336,6 +345,8 @@ def encode_result(
             "partition-id": int(partition_id),
             "update-payload-bytes": int(update),
             "importance-bytes": int(importance),
+            "arrived-at": float(arrived_at),
+            "trained-at": float(trained_at),
         }
     )
     return RecordDict({RESULT: cfg, UPDATE: ArrayRecord(array_dict=arrays)})
@@ -381,6 +392,8 @@ def _decode_result(content: RecordDict) -> ResultMessage:
         update_payload_bytes=int(c["update-payload-bytes"]),
         importance_bytes=int(c["importance-bytes"]),
         arrays=dict(content[UPDATE].items()),
+        arrived_at=float(c.get("arrived-at", float("nan"))),
+        trained_at=float(c.get("trained-at", float("nan"))),
     )
 
 

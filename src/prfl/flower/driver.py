@@ -353,12 +353,13 @@ class FlowerDriver(NodeDirectory, ReplyHandling):
         rec_bytes = codec.record_bytes(content)
         msg = Message(content, node.node_id, codec.TRAIN_TYPE, ttl=self.settings.reply_timeout + 5.0,
                       group_id=str(self.policy.version))
+        wall = time.time()
         mid = self._push(msg)
         if mid is None:
             self._fail_now(c, spec.task_id, "push failed")
             return
         self.pending[mid] = Pending("task", node.node_id, self._clock() + self.settings.reply_timeout, mid, now, spec,
-                                    mask, payload, rec_bytes, pieces)
+                                    mask, payload, rec_bytes, pieces, sent_wall=wall)
         self.busy[c] = mid
         self.tasks_sent += 1
         self.record_down += rec_bytes

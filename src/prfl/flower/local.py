@@ -102,7 +102,10 @@ class LocalFederation:
         port: int | None = None,
         extra_env: Mapping[str, str] | None = None,
         superexec_poll: float | None = 0.2,
+        node_superlinks: Sequence[str] = (),
     ) -> None:
+        """``node_superlinks[i]``: the address SuperNode ``i`` dials instead of the SuperLink's own
+        (a relay in front of it, see :mod:`prfl.flower.shaping`); missing entries dial the SuperLink."""
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be at least 1, got {num_nodes}")
         if not ipaddress.ip_address(host).is_loopback:
@@ -128,6 +131,9 @@ class LocalFederation:
              "--disable-runtime-dependency-installation"],
             self.workdir / "superlink.log",
         )
+        self.node_superlinks = list(node_superlinks)
+        if len(self.node_superlinks) > num_nodes:
+            raise ValueError(f"{len(self.node_superlinks)} node_superlinks for {num_nodes} nodes")
         self.node_ports = [free_port(host) for _ in range(num_nodes)]
         self.nodes = [self._node_proc(i) for i in range(num_nodes)]
 
@@ -142,7 +148,8 @@ class LocalFederation:
             node_config += f" delay-seconds={self.delays[i]:g}"
         return _Proc(
             f"supernode-{i}",
-            [str(self.bin_dir / "flower-supernode"), "--insecure", "--superlink", self.address,
+            [str(self.bin_dir / "flower-supernode"), "--insecure", "--superlink",
+             self.node_superlinks[i] if i < len(self.node_superlinks) else self.address,
              "--host", self.host, "--port", str(self.node_ports[i]), "--node-config", node_config],
             self.workdir / f"supernode-{i}.log",
         )

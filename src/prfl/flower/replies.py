@@ -15,6 +15,8 @@ on the driver's state).
 from __future__ import annotations
 
 import logging
+import math
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -49,6 +51,12 @@ class Pending:
     payload_bytes: int = 0
     record_bytes: int = 0
     pieces: list[str] = field(default_factory=list)
+    sent_wall: float = math.nan  # wall clock (time.time()) at dispatch
+    replied_wall: float = math.nan  # wall clock when the reply was pulled
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isnan(x) else x
 
 
 class ReplyHandling:
@@ -84,11 +92,13 @@ class ReplyHandling:
         except Exception:
             log.exception("pull_messages failed; retrying at the next tick")
             return
+        pulled = time.time()
         for reply in replies:
             mid = reply.metadata.reply_to_message_id
             entry = self.pending.pop(mid, None)
             if entry is None:
                 continue
+            entry.replied_wall = pulled
             self.messages_received += 1
             if entry.kind == "task":
                 self._on_task_reply(mid, entry, reply)
@@ -157,7 +167,10 @@ class ReplyHandling:
             importance_bytes=res.importance_bytes, received_bytes=res.received_payload_bytes,
             record_bytes_down=entry.record_bytes,
             record_bytes_up=codec.record_bytes(reply.content), delay=res.delay_seconds, node=entry.node_id,
-            pieces=entry.pieces,
+            pieces=entry.pieces, message=mid,
+            # wall-clock stamps (time.time()): dispatch, node received / trained, reply pulled
+            stamps=[_finite(entry.sent_wall), _finite(res.arrived_at), _finite(res.trained_at),
+                    _finite(entry.replied_wall)],
         )
         self._deliver(ResultArrived(now=now, result=result))
 

@@ -26,6 +26,7 @@ import yaml
 
 from prfl.config import ConfigError, save_config
 from prfl.flower.driver import FlowerDriver
+from prfl.flower.grid import PromptGrid
 from prfl.flower.settings import DEFAULT_RUNS_ROOT, AppSettings, app_settings
 from prfl.report.plots import plot_accuracy
 from prfl.run import build_scenario, make_policy
@@ -100,7 +101,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], defaults: Mapping[str,
     history = rd.open_history(truncate_at=None if state is None else int(state["history_offset"]))
     s = cfg.sim
     driver = FlowerDriver(
-        grid, policy, sc.evaluator(), settings.driver, seed=cfg.seed, history=history,
+        PromptGrid(grid), policy, sc.evaluator(), settings.driver, seed=cfg.seed, history=history,
         eval_every_rounds=s.eval_every_rounds, eval_every_seconds=s.eval_every_seconds, max_time=s.max_time,
         target_accuracies=s.targets,
     )

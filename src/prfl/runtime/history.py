@@ -8,6 +8,9 @@ density and loss:
   the charged bytes at the client's own link speeds for the task, ``compute`` the local training
   seconds, and ``link_wait`` the time the transfers spent queued or slowed by the server's link
   beyond that (see :meth:`prfl.sim.engine.Simulation._timing`);
+- ``link_wait_down``: the download's part of ``link_wait``, so the transfers' observed seconds
+  are ``download + link_wait_down`` and ``upload + link_wait - link_wait_down`` (what a
+  deployment's timestamps measure; :func:`observed_transfers`);
 - ``bytes_down`` and ``bytes_up``: the bytes the accounting charged its download and upload;
 - ``bytes_up_values``, ``bytes_up_index``, ``bytes_up_importance`` (:data:`UPLOAD_PARTS`): what
   the upload held (weight values, positions, importance scores). Under honest accounting they sum
@@ -128,3 +131,16 @@ def upload_split(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
             for p in UPLOAD_PARTS:
                 out[p] += int(r.get(f"bytes_up_{p}") or 0)
     return out
+
+
+def observed_transfers(record: Mapping[str, Any]) -> tuple[float, float]:
+    """(download, upload) seconds an ``arrival`` record's task spent transferring, queueing on
+    the server's link included: ``download + link_wait_down`` and ``upload + link_wait -
+    link_wait_down``. Raises ``KeyError`` naming the field for a history written without the
+    split (before ``link_wait_down`` was recorded)."""
+    for key in ("download", "link_wait", "link_wait_down", "upload"):
+        if record.get(key) is None:
+            raise KeyError(f"arrival record of task {record.get('task')} has no {key!r}: the history "
+                           "predates the per-transfer split; run the simulation again")
+    wait_down = float(record["link_wait_down"])
+    return float(record["download"]) + wait_down, float(record["upload"]) + float(record["link_wait"]) - wait_down

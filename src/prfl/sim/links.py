@@ -3,10 +3,11 @@
 Each direction of the server link (its sending side, shared by client downloads, and its
 receiving side, shared by client uploads) is one :class:`SharedLink` of capacity ``C`` bytes/s.
 Every active transfer ``f`` has a cap ``c_f`` (the client's own link speed for this task). Rates
-are the max-min fair allocation, computed by water-filling: visit the flows by increasing cap with
-``R = C`` and ``n`` flows left; the fair share is ``s = R / n``; a flow with ``c_f <= s`` gets
-``r_f = c_f`` (then ``R -= c_f``, ``n -= 1``), and once the smallest remaining cap exceeds ``s`` all
-remaining flows get ``r_f = s``. Hence ``sum_f r_f = min(C, sum_f c_f)`` and ``r_f <= c_f``.
+are the max-min fair allocation, computed by water-filling (:func:`prfl.fairshare.water_fill`):
+visit the flows by increasing cap with ``R = C`` and ``n`` flows left; the fair share is
+``s = R / n``; a flow with ``c_f <= s`` gets ``r_f = c_f`` (then ``R -= c_f``, ``n -= 1``), and
+once the smallest remaining cap exceeds ``s`` all remaining flows get ``r_f = s``. Hence
+``sum_f r_f = min(C, sum_f c_f)`` and ``r_f <= c_f``.
 With unlimited capacity (``None`` or ``inf``) every flow runs at its cap.
 
 Rates are piecewise constant: they change only when a transfer starts, ends or is cancelled, or
@@ -28,6 +29,8 @@ from numbers import Real
 from typing import Any
 
 import numpy as np
+
+from prfl.fairshare import water_fill
 
 __all__ = ["SharedLink", "transfer_time", "water_fill", "DONE_TOLERANCE"]
 
@@ -58,31 +61,6 @@ def transfer_time(nbytes: float, cap_bps: float, server_bps: float | None = None
     server = _norm_capacity(server_bps)
     rate = cap_bps if server is None else min(cap_bps, server)
     return nbytes / rate
-
-
-def water_fill(caps: list[float], capacity: float | None) -> list[float]:
-    """Max-min fair rates for flows with caps ``caps`` sharing ``capacity`` (None: unlimited).
-
-    Flows whose cap is below the running fair share ``R / n`` keep their cap; the rest split the
-    remainder ``R`` equally. Ties in caps are visited in list order, so the result is deterministic.
-    """
-    if capacity is None or math.isinf(capacity):
-        return list(caps)
-    rates = [0.0] * len(caps)
-    order = sorted(range(len(caps)), key=lambda i: caps[i])
-    remaining = float(capacity)
-    left = len(caps)
-    for pos, i in enumerate(order):
-        share = remaining / left
-        if caps[i] <= share:
-            rates[i] = caps[i]
-            remaining -= caps[i]
-            left -= 1
-        else:
-            for j in order[pos:]:
-                rates[j] = share
-            break
-    return rates
 
 
 class SharedLink:

@@ -100,7 +100,7 @@ class TaskStages:
         else:
             down = spec.download_bytes
             egress = down
-            if spec.server_egress_bytes is not None:
+            if spec.server_egress_bytes is not None and self.settings.piece_relay:
                 egress = min(spec.server_egress_bytes, down)
         future = self.executor.submit(job)
         del job
@@ -197,12 +197,16 @@ class TaskStages:
           slowed by the server's link beyond the client's own link: a max-min fair share of
           the shared server link below the client's speed, or (``shared_server_link`` off) a
           server link slower than the client's. A client alone on a fast server waits 0.
+        - ``link_wait_down`` = the download's part of ``link_wait`` (the upload's is the rest), so
+          a transfer's observed seconds are ``download + link_wait_down`` and ``upload +
+          link_wait - link_wait_down`` (what a deployment's timestamps measure).
         """
         own_down = fl.down_bytes / fl.speeds.down_bps
         own_up = self._upload_bytes(fl.spec) / fl.speeds.up_bps
         wait_down = max(0.0, (fl.download_done_at - fl.dispatched_at) - own_down)
         wait_up = max(0.0, (self.now - fl.upload_started_at) - own_up)
-        return {"download": own_down, "link_wait": wait_down + wait_up, "compute": fl.compute_seconds, "upload": own_up}
+        return {"download": own_down, "link_wait": wait_down + wait_up, "link_wait_down": wait_down,
+                "compute": fl.compute_seconds, "upload": own_up}
 
     def _upload_done(self, tid: int) -> None:
         fl = self.inflight.pop(tid, None)
@@ -250,6 +254,7 @@ class TaskStages:
             compute=fl.compute_seconds,
             download=timing["download"],
             link_wait=timing["link_wait"],
+            link_wait_down=timing["link_wait_down"],
             upload=timing["upload"],
             bytes_down=fl.down_bytes,
             bytes_up=up,
