@@ -5,7 +5,7 @@ Sources (under ``--results``, default ``benchmarks/results``):
 * ``paper_fmnist/results.csv`` -- one row per run, as written by ``benchmarks/paper_fmnist.py``
   (scenario, method, seed, final_accuracy, best_accuracy, virtual_seconds, server_rounds,
   local_rounds, local_rounds_min, local_rounds_max, server_egress_mb, wall_seconds,
-  time_to_<target>...). Any other ``*/results.csv`` or ``*/tables/runs.csv`` (``prfl compare``)
+  time_to_<target>...). Any other ``*/results.csv``, ``*/*/results.csv`` or ``*/tables/runs.csv`` (``prfl compare``)
   with these columns is rendered the same way.
 * ``headline/manifest.json`` and ``headline/records/<group>/<method>/seed<k>.json``
   (``benchmarks/headline.py``): the plan of the headline sweep and one compact record per
@@ -148,7 +148,8 @@ def runs_section(path: Path, results: Path, baseline: str,
                     sub = sub + extra
                     borrowed.append(method)
         # a second run set (ablations) names its directory, so its tables are not mistaken for the main ones
-        label = "" if reference is None else f" ({path.parent.name})"
+        where = path.parent.relative_to(results) if path.parent.is_relative_to(results) else Path(path.parent.name)
+        label = "" if reference is None else f" ({where.as_posix()})"
         lines.append(f"### {scenario}{label}\n")
         note = f" Rows of {', '.join(borrowed)} are the same seeds' runs from `{reference[0]}`." if borrowed else ""
         lines.append(f"From `{rel.as_posix()}`: {len(sub)} runs, seeds {', '.join(map(str, seeds))}. "
@@ -636,7 +637,8 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
 def run_files(results: Path) -> list[Path]:
     """``paper_fmnist/results.csv`` first, then other run tables, without duplicates."""
     found = [results / "paper_fmnist" / "results.csv"]
-    found += sorted(results.glob("*/results.csv")) + sorted(results.glob("**/tables/runs.csv"))
+    found += (sorted(results.glob("*/results.csv")) + sorted(results.glob("*/*/results.csv"))
+              + sorted(results.glob("**/tables/runs.csv")))
     out: list[Path] = []
     for p in found:
         if p.is_file() and p not in out and "tmp" not in p.relative_to(results).parts:
