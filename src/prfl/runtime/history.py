@@ -7,7 +7,7 @@ density and loss:
   ``download + link_wait + compute + upload`` (:data:`TIME_PARTS`): ``download`` and ``upload`` are
   the charged bytes at the client's own link speeds for the task, ``compute`` the local training
   seconds, and ``link_wait`` the time the transfers spent queued or slowed by the server's link
-  beyond that (see :meth:`prfl.sim.engine.Simulation._timing`);
+  beyond that (see :meth:`prfl.sim.tasks.TaskStages._timing`);
 - ``link_wait_down``: the download's part of ``link_wait``, so the transfers' observed seconds
   are ``download + link_wait_down`` and ``upload + link_wait - link_wait_down`` (what a
   deployment's timestamps measure; :func:`observed_transfers`);
