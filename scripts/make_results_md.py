@@ -461,7 +461,9 @@ def real_links_section(d: dict[str, Any], name: str) -> list[str]:
                  "per transfer: a fixed cost per transfer (the node's object pulls or pushes and their confirmation, "
                  "each a request round trip to the SuperLink) shows as a constant there. `waits behind K` sums them over the tasks behind the K-th "
                  "update (its client's tasks, one after the other); the last column is the time-to-K error with "
-                 "them taken out of the real time: an explanation of the gap, not the figure.\n")
+                 "them taken out of the real time: an explanation of the gap, not the figure. These costs are "
+                 "fixed per task and per transfer, so they weigh more when tasks are short: one run is one sample "
+                 "on a shared machine whose load sets the device times.\n")
     lines.append(markdown((["policy", "task", "download", "upload", "device (fed as compute)", "poll", "reply",
                             "download error", "upload error", "task error", "excess, download / upload (s)",
                             "waits behind K (s)",
