@@ -279,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"the payload speed / {PAYLOAD_EFFICIENCY:.3f} in packets (headers included); relay on "
                              "127.77.S.x, 1460-byte MSS, at most four segments per packet"},
         "compute": "measured: each task's device time (SuperNode received -> sending) is fed to the simulator",
+        "deployments": "new" if args.reanalyze is None else "re-analysed: the deployments of an earlier run, kept with --workdir",
         "goals": {"task_duration_median_abs_rel_error": GOAL_TASK_MARE, "time_to_updates_abs_rel_error": GOAL_TIME_TO_K},
         "verdict": verdict,
         "wall_seconds": time.monotonic() - t0,

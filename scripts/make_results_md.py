@@ -428,7 +428,8 @@ def real_links_section(d: dict[str, Any], name: str) -> list[str]:
         f"Links (kB/s): node downloads {kb(links.get('down_bps'))}, uploads {kb(links.get('up_bps'))}; the server "
         f"sends {kb([links.get('server_up_bps', 0)])} (shared by downloads) and receives "
         f"{kb([links.get('server_down_bps', 0)])} (shared by uploads); {links.get('shaping', '')}. Compute: "
-        f"{d.get('compute', '-')}. Errors are simulated / real - 1, tasks paired by client and their number on it.\n")
+        f"{d.get('compute', '-')}. Errors are simulated / real - 1, tasks paired by client and their number on it."
+        + (f" Deployments: {d['deployments']}." if d.get("deployments") else "") + "\n")
     goals = d.get("goals") or {}
     rows = []
     for policy, r in (d.get("policies") or {}).items():
@@ -447,14 +448,27 @@ def real_links_section(d: dict[str, Any], name: str) -> list[str]:
         g = r.get("median_gap_seconds") or {}
         m = r.get("median_real_seconds") or {}
         e = r.get("median_rel_error") or {}
+        t = r.get("time_to_updates") or {}
         gap_rows.append([policy, _num(m.get("duration"), ".1f"), _num(m.get("download"), ".1f"), _num(m.get("upload"), ".1f"),
                          _num(m.get("compute"), ".1f"), _num(g.get("poll"), ".2f"), _num(g.get("reply"), ".2f"),
-                         _pct(e.get("download"), signed=True), _pct(e.get("upload"), signed=True)])
-    lines.append("Where real time goes (medians over tasks, seconds) and the signed median errors of the transfers: "
-                 "`poll` is the wait for the SuperNode's next pull (Flower polls every 3 s when idle), `reply` "
-                 "the server's pull interval; the simulator models neither.\n")
+                         _pct(e.get("download"), signed=True), _pct(e.get("upload"), signed=True),
+                         _pct(e.get("duration"), signed=True),
+                         " / ".join(_num((r.get("median_excess_seconds") or {}).get(x), "+.2f") for x in ("download", "upload")),
+                         _num(t.get("protocol_waits_in_chain"), ".1f"),
+                         _pct(t.get("rel_error_without_protocol_waits"), signed=True)])
+    lines.append("Where real time goes (medians over tasks, seconds) and the signed median errors: `poll` is the "
+                 "wait for the SuperNode's next pull (Flower polls every 3 s when idle), `reply` the server's pull "
+                 "interval; the simulator models neither. `excess` is the median of real - simulated seconds "
+                 "per transfer: a fixed cost per transfer (the node's object pulls or pushes and their confirmation, "
+                 "each a request round trip to the SuperLink) shows as a constant there. `waits behind K` sums them over the tasks behind the K-th "
+                 "update (its client's tasks, one after the other); the last column is the time-to-K error with "
+                 "them taken out of the real time: an explanation of the gap, not the figure. These costs are "
+                 "fixed per task and per transfer, so they weigh more when tasks are short: one run is one sample "
+                 "on a shared machine whose load sets the device times.\n")
     lines.append(markdown((["policy", "task", "download", "upload", "device (fed as compute)", "poll", "reply",
-                            "download error", "upload error"], gap_rows)))
+                            "download error", "upload error", "task error", "excess, download / upload (s)",
+                            "waits behind K (s)",
+                            "time-to-K error without them"], gap_rows)))
     png = Path(name).with_suffix(".png").as_posix()
     lines.append(f"Predicted against real per-task times, per client: `{png}`.\n")
     return lines

@@ -109,8 +109,13 @@ def test_compare_pairs_tasks_by_client_and_number_and_reports_relative_errors() 
     assert res["median_rel_error"]["upload"] == pytest.approx(0.0)  # -0.1, 0, +0.2
     assert res["max_abs_rel_error"]["upload"] == pytest.approx(0.2)
     assert res["median_abs_rel_error"]["duration"] == pytest.approx(0.1)
-    assert res["time_to_updates"] == {"updates": 3, "real": 40.0, "simulated": 44.0, "rel_error": pytest.approx(0.1)}
+    assert res["time_to_updates"] == {"updates": 3, "real": 40.0, "simulated": 44.0, "rel_error": pytest.approx(0.1),
+                                      "protocol_waits_in_chain": 1.5,  # client 0's first task: poll 1 + reply 0.5
+                                      "rel_error_without_protocol_waits": pytest.approx(44.0 / 38.5 - 1)}
     assert res["median_gap_seconds"]["poll"] == 1.0
+    assert res["median_excess_seconds"]["download"] == pytest.approx(0.0)  # 10-9, 10-11, 20-20
+    assert res["median_excess_seconds"]["upload"] == pytest.approx(0.0)  # 20-18, 20-20, 10-12
+    assert res["median_excess_seconds"]["compute"] == pytest.approx(1.0)  # 10-9, 10-13, 20-18
     assert res["pairs_detail"][0]["download"] == [10, 9]
 
 
@@ -150,3 +155,21 @@ def test_the_simulated_policy_has_the_deployed_policys_priors(tmp_path: Path) ->
     assert simulated == on_flower
     assert with_fleet != on_flower  # the fleet file's speeds would have changed PR-FL's start
     assert lc.deployed_policy_config(exp).sim == lc.simulation_config(exp).sim
+
+
+def test_chain_waits_sum_the_polls_and_replies_behind_the_kth_update() -> None:
+    def task(client: int, k: int, dispatched: float, duration: float, poll: float, reply: float) -> lc.TaskTimes:
+        return lc.TaskTimes(client=client, index=k, task=10 * client + k, dispatched=dispatched, duration=duration,
+                            download=1.0, compute=1.0, upload=1.0, bytes_down=1, bytes_up=1, density=1.0,
+                            poll=poll, reply=reply)
+
+    real = [task(0, 0, 0.0, 10.0, 1.0, 0.5), task(0, 1, 10.0, 10.0, 2.0, 0.25), task(1, 0, 0.0, 15.0, 3.0, 0.5),
+            task(1, 1, 15.0, 12.0, 2.5, 0.5)]
+    assert lc.chain_waits(real, 20.0) == pytest.approx(1.0 + 0.5 + 2.0 + 0.25)  # client 0's second arrival
+    assert lc.chain_waits(real, 26.0) == pytest.approx(1.0 + 0.5 + 2.0 + 0.25)  # client 1's second is not in yet
+    assert lc.chain_waits(real, 27.0) == pytest.approx(3.0 + 0.5 + 2.5 + 0.5)
+    assert lc.chain_waits(real, 5.0) is None
+    res = lc.compare(real, real, [10.0, 15.0, 20.0], [9.0, 14.0, 18.0], 3)
+    t = res["time_to_updates"]
+    assert t["protocol_waits_in_chain"] == pytest.approx(3.75)
+    assert t["rel_error"] == pytest.approx(18.0 / 20.0 - 1) and t["rel_error_without_protocol_waits"] == pytest.approx(18.0 / 16.25 - 1)
