@@ -694,6 +694,16 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _shown_path(arg: str) -> str:
+    """An argument as result files record it: paths relative to the repository; a path outside it
+    (a scratch folder) is named by its last part only, so no machine's layout is recorded."""
+    if not (os.path.isabs(arg) or arg.startswith("..")):
+        return arg
+    full = Path(arg) if os.path.isabs(arg) else (Path.cwd() / arg)
+    rel = os.path.relpath(full.resolve(), ROOT.resolve())
+    return rel if not rel.startswith("..") else f"<scratch>/{full.name}"
+
+
 def main(argv: Sequence[str] | None = None, clock: Callable[[], float] = time.monotonic) -> int:
     args = _parser().parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -703,7 +713,7 @@ def main(argv: Sequence[str] | None = None, clock: Callable[[], float] = time.mo
                         eval_every=args.eval_every, targets=tuple(args.targets),
                         checkpoint_every=args.checkpoint_every, extra=tuple(args.extra),
                         eval_samples=args.eval_samples, consecutive=args.consecutive)
-    shown = [a if not os.path.isabs(a) else os.path.relpath(a, ROOT) for a in (argv if argv is not None else sys.argv[1:])]
+    shown = [_shown_path(a) for a in (argv if argv is not None else sys.argv[1:])]
     sweep = Sweep(out, runs, settings, tuple(args.seeds), command="python benchmarks/headline.py " + " ".join(shown))
     all_cells = plan_cells(tuple(args.seeds))
     cells = select(all_cells, args.tiers, args.groups, args.methods, None)

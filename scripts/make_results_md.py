@@ -6,7 +6,8 @@ Sources (under ``--results``, default ``benchmarks/results``):
   (scenario, method, seed, final_accuracy, best_accuracy, virtual_seconds, server_rounds,
   local_rounds, local_rounds_min, local_rounds_max, server_egress_mb, wall_seconds,
   time_to_<target>...). Any other ``*/results.csv``, ``*/*/results.csv`` or ``*/tables/runs.csv`` (``prfl compare``)
-  with these columns is rendered the same way.
+  with these columns is rendered the same way; a ``NOTE.md`` beside a ``results.csv`` is quoted under
+  each of its tables.
 * ``headline/manifest.json`` and ``headline/records/<group>/<method>/seed<k>.json``
   (``benchmarks/headline.py``): the plan of the headline sweep and one compact record per
   finished run; rendered as the headline section (tables per group, a plot per group written to
@@ -135,6 +136,7 @@ def runs_section(path: Path, results: Path, baseline: str,
     if not rows or any(c not in rows[0] for c in RUN_COLUMNS):
         return [f"`{rel.as_posix()}` has no run rows in the expected columns; skipped.\n"]
     lines = []
+    note_file = path.parent / "NOTE.md"
     for scenario in sorted({r["scenario"] for r in rows}):
         sub = [r for r in rows if r["scenario"] == scenario]
         seeds = sorted({int(float(r["seed"])) for r in sub})
@@ -154,6 +156,8 @@ def runs_section(path: Path, results: Path, baseline: str,
         note = f" Rows of {', '.join(borrowed)} are the same seeds' runs from `{reference[0]}`." if borrowed else ""
         lines.append(f"From `{rel.as_posix()}`: {len(sub)} runs, seeds {', '.join(map(str, seeds))}. "
                      f"Times are virtual seconds (mean ± sd over seeds).{note}\n")
+        if note_file.is_file():  # what the reader must know about these runs (e.g. the build that made them)
+            lines.append(note_file.read_text(encoding="utf-8").strip() + "\n")
         lines.append(scenario_table(sub, baseline))
     return lines
 

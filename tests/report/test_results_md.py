@@ -260,3 +260,21 @@ def test_headline_section(script, results, tmp_path) -> None:
     assert "| reference/paper10/dirichlet | prfl | 0 | unavailable: sim.accounting is not in this build |" in text
     assert (out.parent / "figures" / "headline-honest-paper10-dirichlet.png").is_file()
     assert script.main(["--results", str(results), "--out", str(out), "--check"]) == 0
+
+
+def test_nested_run_tables_are_labelled_by_their_folder_and_quote_their_note(script, results, tmp_path) -> None:
+    """results/<set>/<variant>/results.csv is rendered too, named after <set>/<variant>; a NOTE.md
+    beside a results.csv is quoted under each of its tables (and nowhere else)."""
+    nested = results / "check" / "reference"
+    nested.mkdir(parents=True)
+    (nested / "results.csv").write_text("\n".join([HEADER, *ROWS]) + "\n", encoding="utf-8")
+    (results / "paper_fmnist" / "NOTE.md").write_text("Made by an older build.\n", encoding="utf-8")
+    out = tmp_path / "RESULTS.md"
+    assert script.main(["--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "### iid (check/reference)" in text and "### dirichlet (check/reference)" in text
+    assert "check/reference/results.csv`: 4 runs" in text
+    main_part = text.split("(check/reference)", 1)[0]
+    assert main_part.count("Made by an older build.") == 2  # under both scenarios of paper_fmnist
+    assert "Made by an older build." not in text.split("### iid (check/reference)", 1)[1]
+    assert table_row(text.split("### iid (check/reference)", 1)[1], "prfl", "From")[3] == "2.67x"
