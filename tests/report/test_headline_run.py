@@ -119,3 +119,13 @@ def test_config_differences_ignore_executor_fields(headline) -> None:
     a = {"seed": 0, "sim": {"executor": "process", "workers": 2, "max_time": 12000}, "policy": {"name": "prfl"}}
     b = {"seed": 0, "sim": {"executor": "inline", "workers": 1, "max_time": 15000}, "policy": {"name": "prfl"}}
     assert headline.config_differences(a, b) == ["sim.max_time"]
+
+
+def test_recorded_commands_name_no_path_outside_the_repository(headline, tmp_path) -> None:
+    """Result files keep commands relative to the repository; a scratch folder elsewhere is named
+    by its last part only."""
+    root = headline.ROOT
+    assert headline._shown_path("--runs") == "--runs"
+    assert headline._shown_path(str(root / "benchmarks" / "results" / "x")) == "benchmarks/results/x"
+    assert headline._shown_path(str(tmp_path / "runs")) == "<scratch>/runs"
+    assert str(tmp_path) not in headline._shown_path(str(tmp_path / "a" / "runs"))
