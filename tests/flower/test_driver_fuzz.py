@@ -143,3 +143,69 @@ def test_node_replaced_by_a_twin_is_asked_again_when_the_twin_leaves():
     driver._probe()  # the replaced node is asked again at once...
     driver._pull()
     assert driver.client_node.get(c) == old and driver._usable_node(c) is not None  # ...and takes the client back
+
+
+class SlowDescribeGrid(FakeGrid):
+    """A :class:`FakeGrid` whose ``slow`` nodes answer every describe query after ``delay`` seconds."""
+
+    def __init__(self, *args, slow: set[int], delay: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.slow, self.delay = slow, delay
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = list(super().push_messages(messages))
+        for msg, mid in zip(messages, ids):
+            if msg.metadata.message_type == codec.DESCRIBE_TYPE and msg.metadata.dst_node_id in self.slow:
+                self.ready_at[mid] = self.clock() + self.delay
+        return ids
+
+
+def test_node_answering_every_describe_query_after_the_timeout_is_bound():
+    """flower seeds 3601, 3682 and 9061 of the fuzz run: client 3's node (7777) joins after Start
+    and answers each describe query 2 x hello-timeout after it was sent. Before: a query past the
+    timeout was dropped from the pending messages, so its answer was never pulled; the node was
+    asked again, answered late again, and client 3 stayed without a node for the whole run
+    although its node was listed and answering. Now the first late answer binds it."""
+    clock = VirtualClock()
+    configs = [{"partition-id": c, "num-partitions": NUM_CLIENTS} for c in range(NUM_CLIENTS - 1)]
+    grid = SlowDescribeGrid(fast_client_app, {}, configs, clock=clock, slow={7777}, delay=2 * SETTINGS.hello_timeout)
+    driver = driver_on(grid, clock, "fedasync")
+    driver._wait_for_nodes()
+    driver.started = True
+    driver._deliver(Start(0.0))
+    driver._deliver(driver.queue.popleft())  # client 3 has no node: its task failed as offline
+    assert 3 not in driver.policy.online
+    grid.add_node(7777, {"partition-id": 3, "num-partitions": NUM_CLIENTS})
+    asked, end = [], clock.t + 3 * SETTINGS.hello_timeout
+    while clock.t < end and 3 not in driver.client_node:
+        driver._discover(force=False)
+        driver._probe()
+        asked = [m for m in grid.pushed if m.metadata.message_type == codec.DESCRIBE_TYPE
+                 and m.metadata.dst_node_id == 7777]
+        clock.t += SETTINGS.poll_interval
+        driver._pull()
+        driver._expire()
+    assert len(asked) >= 2  # the first query timed out and the node was asked again meanwhile
+    assert driver.client_node.get(3) == 7777 and driver._usable_node(3) is not None
+    assert [(type(e), e.client) for e in driver.queue] == [(ClientIdle, 3)]
+
+
+def test_describe_answer_to_a_query_sent_before_a_task_failed_does_not_clear_the_suspicion():
+    """With late describe answers accepted, an answer can outlive a later failure: client 0's node
+    answers a query sent before its task timed out. That answer says nothing about the node after
+    the failure, so the node stays suspect until a query sent after it is answered."""
+    grid, driver = started_driver("fedasync")
+    node = driver.nodes[driver.client_node[0]]
+    grid.replies.clear()  # the tasks in flight are never answered
+    node.suspect, node.next_probe = True, driver._clock()  # as after an earlier failure: a query goes out...
+    driver._probe()
+    (query,) = [m for m, p in driver.pending.items() if p.kind == "describe"]
+    mid = driver.busy[0]
+    entry = driver.pending.pop(mid)
+    driver._task_failed(entry, "timeout")  # ...then the node's task fails
+    driver._pull()  # the answer to the earlier query arrives
+    assert query not in driver.pending and node.suspect and driver._usable_node(0) is None
+    driver._probe()  # a new query is sent at once, and its answer clears the suspicion
+    driver._pull()
+    assert not node.suspect and driver._usable_node(0) is not None

@@ -3,7 +3,9 @@
 Nodes are listed with ``get_node_ids`` every ``discover-interval`` seconds and asked who they
 are with a describe query (partition id, delay, cached pieces). A node that answers is bound to
 its partition's client (or, without a partition id, to a free client in node-id order); a node
-whose task failed is *suspect* and probed again before it is used; a node that leaves the
+whose task failed is *suspect* and probed again before it is used (a describe query not
+answered within ``hello-timeout`` is sent again, and the answer to any of them counts while its
+message lives, so a node slower than the timeout is still described); a node that leaves the
 listing is forgotten, and its client's tasks fail. A client whose node answers (again) is
 announced to the policy with ``ClientIdle``.
 
@@ -22,7 +24,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from prfl.flower import codec
-from prfl.flower.replies import Pending
+from prfl.flower.replies import QUERY_GRACE, Pending
 from prfl.flower.settings import DriverSettings
 from prfl.policies.base import ClientIdle, Event
 
@@ -42,6 +44,7 @@ class Node:
     gone: bool = False
     next_probe: float = 0.0  # monotonic time of the next describe query
     errors: int = 0  # consecutive ClientApp errors
+    failed: int = 0  # tasks failed on this node (a describe answer clears the suspicion of later failures only)
 
 
 class NodeDirectory:
@@ -137,7 +140,7 @@ class NodeDirectory:
 
     def _probe(self) -> None:
         t = self._clock()
-        asked = {p.node_id for p in self.pending.values() if p.kind == "describe"}
+        asked = {p.node_id for p in self.pending.values() if p.kind == "describe" and not p.late}
         for node in self.nodes.values():
             if node.gone or node.node_id in asked or t < node.next_probe:
                 continue
@@ -146,13 +149,14 @@ class NodeDirectory:
 
     def _describe(self, node: Node) -> None:
         content = RecordDict({"prfl.query": ConfigRecord({"num-clients": self.num_clients})})
-        msg = Message(content, node.node_id, codec.DESCRIBE_TYPE, ttl=self.settings.hello_timeout + 5.0)
+        msg = Message(content, node.node_id, codec.DESCRIBE_TYPE, ttl=self.settings.hello_timeout + QUERY_GRACE)
         node.next_probe = self._clock() + self.settings.probe_interval
         mid = self._push(msg)
         if mid is None:
             return
         self.record_down += codec.record_bytes(content)
-        self.pending[mid] = Pending("describe", node.node_id, self._clock() + self.settings.hello_timeout, mid)
+        self.pending[mid] = Pending("describe", node.node_id, self._clock() + self.settings.hello_timeout, mid,
+                                    epoch=node.failed)
 
     def _on_describe_reply(self, entry: Pending, reply: Message) -> None:
         node = self.nodes.get(entry.node_id)
@@ -181,8 +185,9 @@ class NodeDirectory:
         node.partition_id = pid
         node.delay_seconds = info["delay_seconds"]
         node.described = True
-        recovered = node.suspect
-        node.suspect = False
+        recovered = node.suspect and entry.epoch == node.failed  # asked after its last failed task
+        if recovered:
+            node.suspect = False
         if node.client is None:
             if pid >= 0:
                 self._bind(node, pid)

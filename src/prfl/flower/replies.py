@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("prfl.flower.driver")
 
 NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE
+QUERY_GRACE = 5.0  # seconds a query's message outlives its timeout (its TTL is the timeout plus this)
 
 
 @dataclass
@@ -53,6 +54,8 @@ class Pending:
     pieces: list[str] = field(default_factory=list)
     sent_wall: float = math.nan  # wall clock (time.time()) at dispatch
     replied_wall: float = math.nan  # wall clock when the reply was pulled
+    late: bool = False  # a describe query past its timeout: a new one has gone out, this one's reply still counts
+    epoch: int = 0  # describe queries: the node's Node.failed count when it was sent
 
 
 def _finite(x: float) -> float | None:
@@ -181,7 +184,7 @@ class ReplyHandling:
         if nid is None:
             return
         content = codec.encode_notice(task_id, client, check, reason)
-        msg = Message(content, nid, codec.NOTICE_TYPE, ttl=self.settings.hello_timeout + 5.0)
+        msg = Message(content, nid, codec.NOTICE_TYPE, ttl=self.settings.hello_timeout + QUERY_GRACE)
         mid = self._push(msg)
         if mid is None:
             return
@@ -213,6 +216,7 @@ class ReplyHandling:
         node = self.nodes.get(entry.node_id)
         if node is not None:
             node.suspect = True
+            node.failed += 1  # describe answers to queries sent before now do not clear the suspicion
             node.next_probe = self._clock()
         log.warning("task %d of client %d failed: %s", spec.task_id, c, reason)
         self.history.write("task_failed", time=self.now(), round=self.policy.version, client=c, task=spec.task_id,
@@ -220,16 +224,25 @@ class ReplyHandling:
         self._deliver(TaskFailed(now=self.now(), client=c, task_id=spec.task_id, reason=reason))
 
     def _expire(self) -> None:
+        """Fail tasks past their reply timeout and drop unacknowledged notices. A describe query
+        past ``hello-timeout`` lets the node be asked again, but stays pending (``late``) for the
+        ``QUERY_GRACE`` seconds its message lives on: a node whose answers are always slower than
+        the timeout is still described by the first answer that comes."""
         t = self._clock()
         for mid, entry in list(self.pending.items()):
-            if entry.deadline > t or self.pending.pop(mid, None) is None:
+            if entry.deadline > t or mid not in self.pending:
                 continue
+            if entry.kind == "describe" and not entry.late:
+                entry.late = True
+                entry.deadline += QUERY_GRACE
+                node = self.nodes.get(entry.node_id)
+                if node is not None:
+                    node.next_probe = t + self.settings.probe_interval
+                    log.info("node %d did not answer the describe query within %g s; asking again",
+                             entry.node_id, self.settings.hello_timeout)
+                continue
+            del self.pending[mid]
             if entry.kind == "task":
                 self._task_failed(entry, f"timeout: no reply within {self.settings.reply_timeout:g} s")
             elif entry.kind == "notice":
                 log.info("node %d did not acknowledge a rejection notice", entry.node_id)
-            else:
-                node = self.nodes.get(entry.node_id)
-                if node is not None:
-                    node.next_probe = t + self.settings.probe_interval
-                    log.info("node %d did not answer the describe query", entry.node_id)
