@@ -394,7 +394,11 @@ def buffer_section(d: dict[str, Any], name: str) -> list[str]:
 
 
 def fuzz_section(d: dict[str, Any], name: str) -> list[str]:
-    lines = _section_head("Event-order fuzzing of the policies and the Flower driver", d, name, workload=False)
+    """fuzz.json (every policy and the Flower driver) or fuzz_<what>.json (a run of some cases)."""
+    stem = Path(name).stem
+    title = ("Event-order fuzzing of the policies and the Flower driver" if stem == "fuzz"
+             else f"Event-order fuzzing: {stem.removeprefix('fuzz_').replace('_', ' ')}")
+    lines = _section_head(title, d, name, workload=False)
     rows = [[case, str(r.get("sequences")), str(r.get("steps", "-")), str(r.get("failed")),
              ", ".join(str(f.get("seed")) for f in (r.get("failures") or [])[:5]) or "-", _num(r.get("seconds"), ".0f")]
             for case, r in (d.get("policies") or {}).items()]
@@ -716,7 +720,7 @@ def render(results: Path, baseline: str = "fedasync", figure_dir: Path | None = 
             lines += buffer_section(d, name)
         elif p.name == "real_links.json":
             lines += real_links_section(d, name)
-        elif p.name == "fuzz.json":
+        elif p.name == "fuzz.json" or (p.name.startswith("fuzz_") and p.suffix == ".json"):
             lines += fuzz_section(d, name)
         else:
             lines += generic_section(d, name)

@@ -184,6 +184,10 @@ def test_fuzz_section(script) -> None:
     }, "fuzz.json"))
     assert "| prfl | 10 | 60 | 1 | 7 | 12 |" in text and "| fedavg | 10 | 60 | 0 | - | 3 |" in text
     assert "| Flower driver | 10 | - | 0 | - | 40 |" in text and "30 sequences in all, 1 failed" in text
+    assert "## Event-order fuzzing of the policies and the Flower driver" in text
+    rerun = "\n".join(script.fuzz_section({"sequences": 5, "failed": 0, "flower_driver": {"sequences": 5, "failed": 0}},
+                                          "benchmarks/results/fuzz_flower_driver.json"))
+    assert "## Event-order fuzzing: flower driver" in rerun and "5 sequences in all, 0 failed" in rerun
 def test_flower_and_training_step_sections(script) -> None:
     flower = "\n".join(script.flower_section({
         "runs": {"prfl-process": {"wall": 20.0, "final_accuracy": 0.7, "walls": [19.0, 20.0, 25.0]},
