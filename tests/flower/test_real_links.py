@@ -50,7 +50,10 @@ def test_simulated_task_times_match_a_shaped_deployment(tmp_path: Path) -> None:
         assert t.upload >= 0.9 * t.bytes_up / speeds.up_bps[t.client], t
     records, summary = lc.simulate(exp, lc.device_times(real))
     res = lc.compare(real, lc.sim_tasks(records), lc.update_times(dep.records), lc.update_times(records), 6)
-    assert res["pairs"] >= 6 and res["pairs_with_equal_bytes"] == res["pairs"], res["pairs_detail"]
+    # tasks pair by (client, k-th task of that client); which client makes the 6th update depends on
+    # near-ties in a loaded machine's timing, so at least one pair per client is asked, not 6 pairs
+    assert {p["client"] for p in res["pairs_detail"]} == {0, 1, 2, 3}, res["pairs_detail"]
+    assert res["pairs"] >= 4 and res["pairs_with_equal_bytes"] == res["pairs"], res["pairs_detail"]
     assert res["median_abs_rel_error"]["compute"] == 0.0  # the device times were fed as measured
     for phase in ("download", "upload", "duration"):
         assert res["median_abs_rel_error"][phase] <= BOUND, (phase, res["median_abs_rel_error"], res["median_gap_seconds"])
