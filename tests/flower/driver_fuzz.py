@@ -46,6 +46,7 @@ from event_fuzz import CASES, NUM_CLIENTS, NUM_SAMPLES, Case  # noqa: E402
 from flower_fakegrid import FakeGrid  # noqa: E402
 
 from prfl.flower import codec  # noqa: E402
+from prfl.flower.client_app import start_model  # noqa: E402
 from prfl.flower.driver import NODE_UNAVAILABLE, FlowerDriver  # noqa: E402
 from prfl.flower.pieces import NodeCache  # noqa: E402
 from prfl.flower.settings import DriverSettings  # noqa: E402
@@ -92,18 +93,7 @@ def fast_client_app(msg: Message, context: Context) -> Message:
     task = codec.decode_task(msg.content)
     if pid >= 0 and pid != task.client:
         raise ValueError(f"node config partition-id={pid} but the server sent a task for client {task.client}")
-    mask: torch.Tensor | None
-    if task.kind == codec.KIND_DENSE:
-        weights, mask = torch.from_numpy(codec.from_raw(task.arrays["weights"]).astype(np.float32)), None
-    elif task.kind == codec.KIND_SPARSE:
-        weights, mask = codec.decode_sparse(task.arrays, task.total, task.num_prunable)
-    else:
-        cache = NodeCache.load(context.state)
-        cache.receive(task)
-        cache.save(context.state)
-        weights, mask = cache.rebuild(task)
-        if bool(mask.all()):
-            mask = None
+    weights, mask = start_model(task, context)
     g = torch.Generator().manual_seed(task.seed % (2**62))
     w = weights + 0.05 * torch.randn(weights.shape, generator=g)
     npr = task.num_prunable

@@ -48,6 +48,7 @@ from flower_fakegrid import FakeGrid  # noqa: E402
 
 from prfl.client.trainer import TrainConfig, TrainOutput  # noqa: E402
 from prfl.flower import codec  # noqa: E402
+from prfl.flower.client_app import start_model  # noqa: E402
 from prfl.flower.driver import FlowerDriver  # noqa: E402
 from prfl.flower.pieces import NodeCache  # noqa: E402
 from prfl.flower.settings import DriverSettings  # noqa: E402
@@ -145,18 +146,7 @@ def scripted_client_app(msg: Message, context: Context) -> Message:
         codec.decode_notice(msg.content)
         return Message(RecordDict({"prfl.notices": ConfigRecord({"count": 1})}), reply_to=msg)
     task = codec.decode_task(msg.content)
-    mask: torch.Tensor | None
-    if task.kind == codec.KIND_DENSE:
-        weights, mask = torch.from_numpy(codec.from_raw(task.arrays["weights"]).astype(np.float32)), None
-    elif task.kind == codec.KIND_SPARSE:
-        weights, mask = codec.decode_sparse(task.arrays, task.total, task.num_prunable)
-    else:
-        cache = NodeCache.load(context.state)
-        cache.receive(task)
-        cache.save(context.state)
-        weights, mask = cache.rebuild(task)
-        if bool(mask.all()):
-            mask = None
+    weights, mask = start_model(task, context)
     w, grad_sq = scripted_update(weights, mask, task.want_importance, task.seed, task.num_prunable)
     content = codec.encode_result(
         task=task, weights=w, mask=mask, grad_sq=grad_sq, num_samples=NUM_SAMPLES[task.client],

@@ -93,6 +93,21 @@ def node_delay(context: Context, settings: AppSettings, partition: int) -> float
     return settings.driver.delay_for(partition) if partition >= 0 else 0.0
 
 
+def start_model(task: codec.TaskMessage, context: Context) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The start model (flat weights) and mask (None: dense) a task carries: a dense or sparse
+    payload decoded, or residual pieces added to the node's piece cache (kept in ``context.state``,
+    saved before training so a failed task does not lose them) and the model rebuilt from it."""
+    if task.kind == codec.KIND_DENSE:
+        return torch.from_numpy(codec.from_raw(task.arrays["weights"]).astype(np.float32)), None
+    if task.kind == codec.KIND_SPARSE:
+        return codec.decode_sparse(task.arrays, task.total, task.num_prunable)
+    cache = NodeCache.load(context.state)
+    cache.receive(task)
+    cache.save(context.state)
+    weights, mask = cache.rebuild(task)
+    return weights, (None if bool(mask.all()) else mask)  # every piece: the dense model
+
+
 def handle_train(msg: Message, context: Context, defaults: Mapping[str, Any] | None = None) -> Message:
     """Train one task and reply with the trained values (see :mod:`prfl.flower.codec`)."""
     arrived_at = time.time()  # wall clock, comparable with the server's stamps on one machine or NTP-synced ones
@@ -111,19 +126,7 @@ def handle_train(msg: Message, context: Context, defaults: Mapping[str, Any] | N
     received_payload = codec.payload_bytes(msg.content[codec.PAYLOAD])
     received_record = codec.record_bytes(msg.content)
 
-    mask: torch.Tensor | None
-    if task.kind == codec.KIND_DENSE:
-        weights = torch.from_numpy(codec.from_raw(task.arrays["weights"]).astype(np.float32))
-        mask = None
-    elif task.kind == codec.KIND_SPARSE:
-        weights, mask = codec.decode_sparse(task.arrays, task.total, task.num_prunable)
-    else:
-        cache = NodeCache.load(context.state)
-        cache.receive(task)
-        cache.save(context.state)  # kept even if training fails below
-        weights, mask = cache.rebuild(task)
-        if bool(mask.all()):
-            mask = None  # every piece: the dense model
+    weights, mask = start_model(task, context)
     trainer = ws.trainer_for(task.width)
     out = trainer.train(weights, part.client_indices[task.client], task.seed, mask=mask,
                         want_importance=task.want_importance)

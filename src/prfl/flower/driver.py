@@ -50,7 +50,7 @@ from prfl.policies.base import (
 )
 from prfl.runtime.history import HistoryWriter
 from prfl.runtime.rundir import RunDirectory
-from prfl.runtime.runner import Cadence, PolicyRunner, Traffic
+from prfl.runtime.runner import Cadence, PolicyRunner, RunnerBacked, Traffic
 from prfl.seeding import int_seed
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ _COUNTERS = (
 )
 
 
-class FlowerDriver(NodeDirectory, ReplyHandling):
+class FlowerDriver(NodeDirectory, ReplyHandling, RunnerBacked):
     """Drives one policy on a Flower Grid in real time (see the module docstring)."""
 
     def __init__(
@@ -144,20 +144,6 @@ class FlowerDriver(NodeDirectory, ReplyHandling):
     @checkpoint_dir.setter
     def checkpoint_dir(self, path: Path | None) -> None:
         self.runner.run_dir = RunDirectory(path) if path is not None else None
-
-    @property
-    def stopped(self) -> str | None:
-        """Why the run stopped (None while it runs)."""
-        return self.runner.stopped
-
-    @stopped.setter
-    def stopped(self, reason: str | None) -> None:
-        self.runner.stopped = reason
-
-    @property
-    def evals(self) -> list[dict[str, Any]]:
-        """The evaluation records so far."""
-        return self.runner.evals
 
     # ------------------------------------------------------------------ clock
     def now(self) -> float:

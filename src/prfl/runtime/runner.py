@@ -271,3 +271,24 @@ class PolicyRunner:
         """``rejected_updates`` per client when the policy rejected any result, else nothing."""
         rejected = self.policy.metrics().rejected
         return {"rejected_updates": list(rejected)} if any(rejected) else {}
+
+
+class RunnerBacked:
+    """What both drivers expose of their :class:`PolicyRunner` (``self.runner``): why the run
+    stopped (settable, e.g. by a stop file or the idle check) and the evaluation records."""
+
+    runner: PolicyRunner
+
+    @property
+    def stopped(self) -> str | None:
+        """Why the run stopped (None while it runs)."""
+        return self.runner.stopped
+
+    @stopped.setter
+    def stopped(self, reason: str | None) -> None:
+        self.runner.stopped = reason
+
+    @property
+    def evals(self) -> list[dict[str, Any]]:
+        """The evaluation records so far."""
+        return self.runner.evals

@@ -62,7 +62,7 @@ from prfl.sim.devices import Fleet, draw_server_speeds
 from prfl.sim.executors import Executor
 from prfl.runtime.history import TIME_PARTS, UPLOAD_PARTS, HistoryWriter
 from prfl.runtime.rundir import RunDirectory
-from prfl.runtime.runner import Cadence, PolicyRunner, Traffic
+from prfl.runtime.runner import Cadence, PolicyRunner, RunnerBacked, Traffic
 from prfl.sim.links import SharedLink
 from prfl.sim.snapshot import STATE_FORMAT, SimulationCheckpoints  # noqa: F401  (STATE_FORMAT: as before)
 from prfl.sim.tasks import TaskProgress, TaskStages
@@ -74,7 +74,7 @@ log = logging.getLogger(__name__)
 Evaluator = Callable[[torch.Tensor], tuple[float, float]]  # weights -> (loss, accuracy)
 
 
-class Simulation(TaskStages, SimulationCheckpoints):
+class Simulation(TaskStages, SimulationCheckpoints, RunnerBacked):
     """Drives one policy on a fleet in virtual time."""
 
     def __init__(
@@ -152,20 +152,6 @@ class Simulation(TaskStages, SimulationCheckpoints):
         cadence = Cadence(settings.eval_every_rounds, settings.checkpoint_every_rounds, settings.target_accuracies)
         run_dir = RunDirectory(self.checkpoint_dir) if self.checkpoint_dir is not None else None
         self.runner = PolicyRunner(policy, evaluator, self, self.history, cadence, run_dir, on_eval=on_progress)
-
-    @property
-    def stopped(self) -> str | None:
-        """Why the run stopped (None while it runs)."""
-        return self.runner.stopped
-
-    @stopped.setter
-    def stopped(self, reason: str | None) -> None:
-        self.runner.stopped = reason
-
-    @property
-    def evals(self) -> list[dict[str, Any]]:
-        """The evaluation records so far."""
-        return self.runner.evals
 
     # ------------------------------------------------------------------ transport (for the runner)
     def clock(self) -> float:
