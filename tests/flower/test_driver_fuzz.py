@@ -209,3 +209,49 @@ def test_describe_answer_to_a_query_sent_before_a_task_failed_does_not_clear_the
     driver._probe()  # a new query is sent at once, and its answer clears the suspicion
     driver._pull()
     assert not node.suspect and driver._usable_node(0) is not None
+
+
+def test_idle_stop_waits_for_a_describe_answer_already_on_its_way():
+    """flower seed 8764 of the fuzz run: every task had failed, so nothing was in flight; client
+    1's node had answered its describe queries with errors and garbage, then answered one 2 s
+    after it was sent (past hello-timeout, within its message's life). The idle timeout ran out
+    0.4 s before that answer, and the run stopped with client 1 never bound although its node was
+    listed and answering. Now a query sent before the timeout ran out defers the stop until it is
+    answered (here: the node is bound and announced) or expires; later queries do not defer it."""
+    clock = VirtualClock()
+    configs = [{"partition-id": c, "num-partitions": NUM_CLIENTS} for c in range(NUM_CLIENTS - 1)]
+    grid = SlowDescribeGrid(fast_client_app, {}, configs, clock=clock, slow={7777}, delay=2 * SETTINGS.hello_timeout)
+    driver = driver_on(grid, clock, "fedasync")
+    driver._wait_for_nodes()
+    driver.started = True
+    driver._deliver(Start(0.0))
+    while driver.queue:
+        driver._deliver(driver.queue.popleft())
+    for mid in [m for m, p in driver.pending.items() if p.kind == "task"]:  # every task is lost
+        driver._task_failed(driver.pending.pop(mid), "timeout")
+    driver.queue.clear()
+    driver.idle_since = clock.t
+    clock.t += SETTINGS.idle_timeout - 0.5
+    grid.add_node(7777, {"partition-id": 3, "num-partitions": NUM_CLIENTS})
+    driver._discover(force=True)  # the query goes out 0.5 s before the timeout runs out
+    clock.t += 0.6
+    driver._check_idle()
+    assert driver.stopped is None  # the answer is on its way
+    clock.t += 2 * SETTINGS.hello_timeout
+    driver._pull()
+    assert driver.client_node.get(3) == 7777 and [(type(e), e.client) for e in driver.queue] == [(ClientIdle, 3)]
+    driver._check_idle()
+    assert driver.stopped is None and driver.idle_since is None
+
+    # a query sent after the timeout ran out does not defer the stop
+    driver.queue.clear()
+    grid.slow.add(8888)
+    driver.idle_since = clock.t - SETTINGS.idle_timeout - 0.1
+    grid.add_node(8888, {"partition-id": 3, "num-partitions": NUM_CLIENTS})
+    del driver.client_node[3]
+    driver.nodes[7777].client = None
+    driver.nodes[7777].gone = True
+    driver._discover(force=True)
+    assert any(p.kind == "describe" and p.node_id == 8888 for p in driver.pending.values())
+    driver._check_idle()
+    assert driver.stopped is not None and driver.stopped.startswith("idle")

@@ -269,6 +269,10 @@ class FlowerDriver(NodeDirectory, ReplyHandling, RunnerBacked):
                 self._sleep(wait)
 
     def _check_idle(self) -> None:
+        """Stop the run after ``idle-timeout`` seconds with no task in flight, no timer and no event
+        queued. A describe query that could still give an unserved client its node (sent before the
+        timeout ran out, its message still alive) defers the stop until it is answered or expires:
+        at most ``hello-timeout`` + QUERY_GRACE seconds more, since queries sent later do not count."""
         busy = any(p.kind == "task" for p in self.pending.values())
         if busy or self.timers or self.queue:
             self.idle_since = None
@@ -277,7 +281,22 @@ class FlowerDriver(NodeDirectory, ReplyHandling, RunnerBacked):
         if self.idle_since is None:
             self.idle_since = t
         elif t - self.idle_since >= self.settings.idle_timeout:
+            if self._hopeful_query(self.idle_since + self.settings.idle_timeout):
+                return
             self.stopped = f"idle: nothing in flight for {self.settings.idle_timeout:g} s"
+
+    def _hopeful_query(self, before: float) -> bool:
+        """Whether a describe query sent before ``before`` (monotonic) is still pending for a node
+        whose answer could make a client usable (a client with no usable node)."""
+        for p in self.pending.values():
+            if p.kind != "describe" or p.asked_at >= before:
+                continue
+            node = self.nodes.get(p.node_id)
+            if node is None or node.gone:
+                continue
+            if node.client is None or self._usable_node(node.client) is None:
+                return True
+        return False
 
     # ------------------------------------------------------------------ policy I/O
     def _deliver(self, event: Event) -> None:

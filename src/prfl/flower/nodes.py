@@ -156,7 +156,7 @@ class NodeDirectory:
             return
         self.record_down += codec.record_bytes(content)
         self.pending[mid] = Pending("describe", node.node_id, self._clock() + self.settings.hello_timeout, mid,
-                                    epoch=node.failed)
+                                    epoch=node.failed, asked_at=self._clock())
 
     def _on_describe_reply(self, entry: Pending, reply: Message) -> None:
         node = self.nodes.get(entry.node_id)

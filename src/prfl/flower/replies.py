@@ -56,6 +56,7 @@ class Pending:
     replied_wall: float = math.nan  # wall clock when the reply was pulled
     late: bool = False  # a describe query past its timeout: a new one has gone out, this one's reply still counts
     epoch: int = 0  # describe queries: the node's Node.failed count when it was sent
+    asked_at: float = 0.0  # monotonic time the message was pushed (describe queries)
 
 
 def _finite(x: float) -> float | None:

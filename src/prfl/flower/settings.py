@@ -45,7 +45,7 @@ DRIVER_KEYS: dict[str, str] = {
     "poll-interval": "seconds between pulls of replies",
     "discover-interval": "seconds between listings of the federation's nodes",
     "probe-interval": "seconds between describe queries to a node whose task failed",
-    "idle-timeout": "seconds with nothing in flight and no usable node before the run stops",
+    "idle-timeout": "seconds with no task in flight before the run stops (a describe query already sent may defer the stop until it is answered)",
     "client-delays": "comma-separated artificial delay (s) per partition id; node config delay-seconds wins",
     "max-client-errors": "consecutive ClientApp errors from one node before the run fails",
     "stop-file": "path whose appearance ends the run gracefully (history and summary written; '' for none)",
