@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from prfl import masks
 from prfl.allocator import tune_allocator
 from prfl.client.trainer import LocalTrainer, TrainConfig, TrainOutput
 
@@ -53,7 +54,10 @@ class TrainJob:
         if self.mask is None or self.packed:
             return self
         npr = int(self.mask.numel())
-        values = torch.cat([self.weights[:npr][self.mask], self.weights[npr:]])
+        pos = masks.positions(self.mask)
+        values = torch.empty(pos.numel() + self.weights.numel() - npr, dtype=self.weights.dtype)
+        torch.index_select(self.weights[:npr], 0, pos, out=values[: pos.numel()])
+        values[pos.numel():] = self.weights[npr:]
         return dataclasses.replace(self, weights=values, packed=True)
 
     def unpacked_weights(self, total: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -64,13 +68,11 @@ class TrainJob:
         assert self.mask is not None
         npr = int(self.mask.numel())
         count = self.weights.numel() - (total - npr)
-        if count < 0 or count != int(self.mask.sum()):
+        if count < 0 or count != masks.count(self.mask):
             raise ValueError(f"packed job {self.task_id}: {self.weights.numel()} values do not fit its mask and suffix")
         if out is None:
-            out = torch.zeros(total, dtype=self.weights.dtype)
-        else:
-            out[:npr].zero_()
-        out[:npr].masked_scatter_(self.mask, self.weights[:count])
+            out = torch.empty(total, dtype=self.weights.dtype)
+        masks.scatter_into(out[:npr], self.mask, self.weights[:count])
         out[npr:] = self.weights[count:]
         return out
 
