@@ -100,6 +100,37 @@ def test_compact_storage_and_dedupe() -> None:
     assert any(r.get("values") == "hi-zlib" for r in table)
 
 
+def test_small_integers_go_through_zlib_and_come_back_bit_for_bit() -> None:
+    """Counts (PR-FL's importance holders: a few distinct values per weight) shrink through zlib in
+    each integer storage; a ranking, whose bytes do not shrink, is stored as it is."""
+    n = 1_000_000
+    g = torch.Generator().manual_seed(3)
+    counts = torch.randint(0, 4, (n,), generator=g)  # int64 in [0, 2^24): u24, then zlib
+    cases = {"u24": counts, "u24_32": counts.to(torch.int32), "narrow": counts - 5,
+             "raw16": counts.to(torch.int16), "raw8": counts.to(torch.uint8) * 7}
+    for name, t in cases.items():
+        data = dumps({"c": t})
+        assert len(data) < 0.35 * t.numel() * t.element_size(), name  # 2 bits of entropy per value
+        back = loads(data)["c"]
+        assert back.dtype == t.dtype and torch.equal(back, t), name
+        (row,) = json.loads(_state_array(data))["tensors"]
+        assert row.get("values") == "zlib", name
+    (row,) = json.loads(_state_array(dumps({"r": torch.randperm(n, generator=g)})))["tensors"]
+    assert row["enc"] == "u24" and "values" not in row
+
+
+def test_corrupt_compressed_integers_are_refused(monkeypatch) -> None:
+    data = bytearray(dumps({"c": torch.zeros(100_000, dtype=torch.int64)}))
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    begin, end = next(v["data_offsets"] for k, v in header.items() if k.startswith("t0"))
+    body = bytearray(data[: -48])
+    body[8 + n + begin + 2 : 8 + n + begin + 6] = b"\xff\xff\xff\xff"  # damage the zlib stream...
+    forged = bytes(body) + b"PRFLCKP2" + len(body).to_bytes(8, "little") + hashlib.sha256(body).digest()
+    with pytest.raises(CheckpointError, match="compressed bytes"):  # ...and forge a valid checksum
+        loads(forged)
+
+
 def _state_array(data: bytes) -> bytes:
     """The bytes of the ``prfl.state`` array of a checkpoint."""
     n = int.from_bytes(data[:8], "little")

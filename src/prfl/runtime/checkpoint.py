@@ -21,6 +21,10 @@ A tensor in the state is ``{"$t": i}``, an index into a table that says how tens
 - ``u24``: an integer tensor whose values lie in [0, 2^24) (a ranking of fewer than 16.7 M
   weights), 3 bytes per element;
 - ``narrow``: an int64 tensor whose values fit in int32, stored as int32;
+
+and the bytes of an integer tensor's stored form (``raw``, ``u24`` or ``narrow``) go through zlib
+(``"values": "zlib"``) when a sample of them shrinks by a third: counts such as PR-FL's
+importance holders take a few distinct values and shrink to a few percent;
 - ``sparse``: a floating-point tensor with many zero elements, as a bitmap of the nonzero ones,
   their values and, if some zeros are negative zeros, a bitmap of those among the zeros (so
   the tensor comes back bit for bit).
@@ -282,7 +286,19 @@ def _float_arrays(v: torch.Tensor) -> tuple[str, list[tuple[str, Any]]]:
     return "plain", [(_ST_DTYPES[v.dtype], v)]
 
 
-def _encode_tensor(t: torch.Tensor) -> tuple[dict[str, str], list[tuple[str, torch.Tensor]]]:
+def _int_arrays(spec: dict[str, str], st_dtype: str, data: torch.Tensor) -> tuple[dict[str, str], list[tuple[str, Any]]]:
+    """The arrays of an integer tensor's stored form ``data`` (1-D, contiguous): as they are, or
+    (``"values": "zlib"``) its bytes through zlib when a sample of them shrinks by a third or more
+    (counts and other small integers do; a ranking does not)."""
+    raw = data.view(torch.uint8) if data.dtype != torch.uint8 else data
+    if raw.numel() >= _PLANE_MIN and _LITTLE_ENDIAN:
+        sample = raw[: 1 << 16].numpy()
+        if len(zlib.compress(sample, 1)) <= 0.67 * sample.size:
+            return {**spec, "values": "zlib"}, [("U8", _Deflated(raw))]
+    return spec, [(st_dtype, data)]
+
+
+def _encode_tensor(t: torch.Tensor) -> tuple[dict[str, str], list[tuple[str, Any]]]:
     """How to store ``t`` (contiguous) and the arrays that store it: ({"enc": ..., "values": ...},
     [(safetensors dtype, array)])."""
     n = t.numel()
@@ -293,9 +309,11 @@ def _encode_tensor(t: torch.Tensor) -> tuple[dict[str, str], list[tuple[str, tor
         lo, hi = (int(x) for x in torch.aminmax(flat))
         if 0 <= lo and hi < 2**24:  # e.g. a ranking of fewer than 16.7 M weights: 3 bytes a position
             low3 = flat.to(torch.int32).view(torch.uint8).reshape(n, 4)[:, :3].contiguous().reshape(-1)
-            return {"enc": "u24"}, [("U8", low3)]
+            return _int_arrays({"enc": "u24"}, "U8", low3)
         if t.dtype == torch.int64 and torch.iinfo(torch.int32).min <= lo and hi <= torch.iinfo(torch.int32).max:
-            return {"enc": "narrow"}, [("I32", flat.to(torch.int32))]
+            return _int_arrays({"enc": "narrow"}, "I32", flat.to(torch.int32))
+    if not t.is_floating_point() and t.dtype != torch.bool and n >= 64 and _LITTLE_ENDIAN:
+        return _int_arrays({"enc": "raw"}, _ST_DTYPES[t.dtype], flat)
     if t.is_floating_point() and n >= 64:
         size = t.element_size()
         nonzero = flat != 0
@@ -514,24 +532,39 @@ class _Decoder:
             planes = out.view(torch.uint8).reshape(n, size)
             planes[:, : size - 1] = low.reshape(n, size - 1)
             del low
-            high = planes[:, size - 1].numpy()
-            z, got = zlib.decompressobj(), 0
-            try:
-                for chunk in self._chunks(names[1]):  # inflated into place, never more than n bytes
-                    while chunk and got < n:
-                        part = z.decompress(chunk, min(_CHUNK, n - got))
-                        high[got : got + len(part)] = np.frombuffer(part, dtype=np.uint8)
-                        got += len(part)
-                        chunk = z.unconsumed_tail
-                    if chunk:
-                        break
-                ok = got == n and not z.unconsumed_tail and (z.eof or not z.flush())
-            except zlib.error:
-                ok = False
-            if not ok or not z.eof:
-                raise CheckpointError(f"{self.where}: tensor {i}: its compressed bytes do not give {n} values")
+            self._inflate(names[1], planes[:, size - 1].numpy(), i)
             return out
         raise CheckpointError(f"{self.where}: unknown storage {how!r} of the values of tensor {i}")
+
+    def _inflate(self, name: Any, out: np.ndarray, i: int) -> None:
+        """Inflate the zlib stream of array ``name`` into the uint8 array ``out`` (of exactly the
+        stream's length; it may be strided), chunk by chunk, never more than ``out`` holds."""
+        n = out.size
+        z, got = zlib.decompressobj(), 0
+        try:
+            for chunk in self._chunks(name):
+                while chunk and got < n:
+                    part = z.decompress(chunk, min(_CHUNK, n - got))
+                    out[got : got + len(part)] = np.frombuffer(part, dtype=np.uint8)
+                    got += len(part)
+                    chunk = z.unconsumed_tail
+                if chunk:
+                    break
+            ok = got == n and not z.unconsumed_tail and (z.eof or not z.flush())
+        except zlib.error:
+            ok = False
+        if not ok or not z.eof:
+            raise CheckpointError(f"{self.where}: tensor {i}: its compressed bytes do not give {n} bytes")
+
+    def _int_array(self, how: Any, name: Any, st_dtype: str, count: int, i: int) -> torch.Tensor:
+        """``count`` integers of safetensors dtype ``st_dtype`` stored as :func:`_int_arrays` says."""
+        if how is None:
+            return self._array(name, st_dtype, count)
+        if how != "zlib" or not _LITTLE_ENDIAN:
+            raise CheckpointError(f"{self.where}: unknown storage {how!r} of the values of tensor {i}")
+        out = torch.empty(count, dtype=_FROM_ST[st_dtype])
+        self._inflate(name, out.view(torch.uint8).numpy(), i)
+        return out
 
     def _chunks(self, name: Any) -> Any:
         """The bytes of a ``U8`` array, a bounded chunk at a time."""
@@ -558,14 +591,14 @@ class _Decoder:
         if encoding == "raw" and dtype.is_floating_point:
             flat = self._values(how, names, dtype, n, i)
         elif encoding == "raw" and len(names) == 1:
-            flat = self._array(names[0], _ST_DTYPES[dtype], n)
+            flat = self._int_array(how, names[0], _ST_DTYPES[dtype], n, i)
         elif encoding == "bits" and dtype == torch.bool and len(names) == 1:
             flat = self._bits(names[0], n)
         elif encoding == "narrow" and dtype == torch.int64 and len(names) == 1:
-            flat = self._array(names[0], "I32", n).to(torch.int64)
+            flat = self._int_array(how, names[0], "I32", n, i).to(torch.int64)
         elif encoding == "u24" and dtype in (torch.int64, torch.int32) and len(names) == 1 and _LITTLE_ENDIAN:
             words = torch.zeros(n, 4, dtype=torch.uint8)
-            words[:, :3] = self._array(names[0], "U8", 3 * n).reshape(n, 3)
+            words[:, :3] = self._int_array(how, names[0], "U8", 3 * n, i).reshape(n, 3)
             flat = words.view(torch.int32).reshape(n).to(dtype)
         elif encoding == "sparse" and dtype.is_floating_point:
             k = 2 if how == "hi-zlib" else 1  # arrays of the values
