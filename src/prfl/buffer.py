@@ -474,6 +474,10 @@ class ClientBuffer:
             self._arena.release(slot.values)
         return BufferEntry(client, weights, mask, slot.num_samples, slot.sent_round)
 
+    def sent_rounds(self) -> dict[int, int]:
+        """client -> the model version its buffered update was trained from (no model is built)."""
+        return {c: slot.sent_round for c, slot in self._slots.items()}
+
     def clients(self) -> list[int]:
         """Occupied slots, ascending."""
         return sorted(self._slots)

@@ -156,7 +156,7 @@ def action_key(action: Action) -> Any:
         fields = {k: _plain(v) for k, v in vars(t).items()}
         return ("dispatch", fields)
     if isinstance(action, RequestEvaluation):
-        return ("evaluate", action.tag, _tensor_key(action.weights))
+        return ("evaluate", action.tag, _tensor_key(action.model()))
     if isinstance(action, Record):
         return ("record", action.kind, _plain(action.data))
     if isinstance(action, SetTimer):
@@ -307,7 +307,8 @@ class PolicyFuzz:
                     self.fail(f"timer {a.key!r} set at {a.at}, before now = {event.now}")
                 self.timers[a.key] = a.at
             elif isinstance(a, RequestEvaluation):
-                if not bool(torch.isfinite(a.weights).all()):
+                a = RequestEvaluation(a.model(), a.tag)  # its model is built now, before the next event
+                if not bool(torch.isfinite(a.model()).all()):
                     self.fail(f"evaluation {a.tag!r} of non-finite weights")
                 answers.append(a)
             elif isinstance(a, NotifyClient):

@@ -18,6 +18,7 @@ from prfl.policies.base import (
     Policy,
     PolicyContext,
     Record,
+    RequestEvaluation,
     ResultArrived,
     SetTimer,
     Stop,
@@ -87,6 +88,8 @@ def comparable(actions: list[Action]) -> list[tuple]:
         if isinstance(a, Dispatch):
             t = a.task
             out.append(("dispatch", t.task_id, t.client, t.version, t.weights.tolist()))
+        elif isinstance(a, RequestEvaluation):  # its model, built now (it may be made on demand)
+            out.append(("RequestEvaluation", a.tag, a.model().tolist()))
         else:
             out.append((type(a).__name__, repr(a)))
     return out

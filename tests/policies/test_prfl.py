@@ -8,7 +8,7 @@ from prfl.policies import build_policy
 from prfl.policies.base import (
     Dispatch, EvaluationDone, PolicyContext, Record, RequestEvaluation, ResultArrived, SetTimer, Start, Stop, TimerFired,
 )
-from prfl.policies.prfl import SERVER_SCORE, WINDOW_TIMER
+from prfl.policies.prfl import CLIENT_SCORE, SERVER_SCORE, WINDOW_TIMER
 
 W0 = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.5, 0.5])  # 4 prunable weights (one layer) + 2 biases
 
@@ -143,6 +143,24 @@ def test_control_step_requests_the_server_score_of_the_buffer_average():
     evals = [a for a in acts if isinstance(a, RequestEvaluation)]
     assert len(evals) == 1 and evals[0].tag == SERVER_SCORE
     assert torch.equal(evals[0].weights, torch.tensor([2.0, 2, 2, 2, 1, 1]))  # the buffer's only model
+
+
+def test_client_scores_build_each_buffered_model_only_when_it_is_evaluated(monkeypatch):
+    """Per-client monitors ask one evaluation per buffered client at every control step; with a
+    fleet of thousands, building every model at once would hold thousands of models. The requests
+    carry a builder instead, and the metrics read the buffer's bookkeeping, not its models."""
+    pol = build_policy("prfl", ctx(), window=0.0, interval=1, importance=False, initial_densities=1.0)
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    built: list[int] = []
+    get = pol.buffer.get
+    monkeypatch.setattr(pol.buffer, "get", lambda c: built.append(c) or get(c))
+    acts = pol.on_event(ResultArrived(1.0, result(tasks[0], [2, 2, 2, 2, 1, 1], 1)))  # a control step
+    (req,) = [a for a in acts if isinstance(a, RequestEvaluation) and a.tag != SERVER_SCORE]
+    assert req.tag == f"{CLIENT_SCORE}0" and built == []  # nothing built yet
+    assert torch.equal(req.model(), torch.tensor([2.0, 2, 2, 2, 1, 1])) and built == [0]
+    pol.on_event(ResultArrived(2.0, result(tasks[1], [3, 3, 3, 3, 1, 1], 1)))
+    assert pol.version == 2 and pol.metrics().buffer_staleness == (2, 2)  # both trained from version 0
+    assert built == [0]
 
 
 def test_importance_rebuilds_the_ranking():

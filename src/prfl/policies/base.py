@@ -231,10 +231,19 @@ class SetTimer:
 
 @dataclass(frozen=True)
 class RequestEvaluation:
-    """Evaluate ``weights`` on the held-out set and reply with ``EvaluationDone(tag)``."""
+    """Evaluate ``weights`` on the held-out set and reply with ``EvaluationDone(tag)``.
 
-    weights: torch.Tensor
+    ``weights`` is a tensor or a zero-argument callable returning one, built on demand so that a
+    policy asking for many evaluations (PR-FL's per-client monitors over thousands of buffered
+    clients) does not hold every model at once. A driver calls :meth:`model` once per request
+    and before it hands the policy another event, so the callable sees the state it was made in."""
+
+    weights: torch.Tensor | Callable[[], torch.Tensor]
     tag: str
+
+    def model(self) -> torch.Tensor:
+        """The weights to evaluate (the callable's result, when ``weights`` is one)."""
+        return self.weights if isinstance(self.weights, torch.Tensor) else self.weights()
 
 
 @dataclass(frozen=True)

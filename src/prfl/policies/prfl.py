@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -313,10 +314,10 @@ class PRFL(FleetPolicy):
 
     def metrics(self) -> PolicyMetrics:
         """Densities, the buffered updates' staleness and the rejected results per client."""
-        entries = [self.buffer.get(c) for c in range(self.ctx.num_clients)]
+        sent = self.buffer.sent_rounds()
         return PolicyMetrics(
             densities=tuple(float(d) for d in self.control.densities),
-            buffer_staleness=tuple(None if e is None else self.version - e.sent_round for e in entries),
+            buffer_staleness=tuple(None if c not in sent else self.version - sent[c] for c in range(self.ctx.num_clients)),
             rejected=tuple(self.rejected),
         )
 
@@ -578,11 +579,14 @@ class PRFL(FleetPolicy):
                 score_model = self.weights  # the fp32 sum overflowed (huge but finite slots): score the model
             actions.append(RequestEvaluation(score_model, SERVER_SCORE))
             if cfg.client_scores:
-                for c in self.buffer.clients():
-                    entry = self.buffer.get(c)
-                    assert entry is not None
-                    actions.append(RequestEvaluation(entry.weights, f"{CLIENT_SCORE}{c}"))
+                for c in self.buffer.clients():  # each client's model is built when it is evaluated
+                    actions.append(RequestEvaluation(partial(self._buffered_model, c), f"{CLIENT_SCORE}{c}"))
         return actions
+
+    def _buffered_model(self, client: int) -> torch.Tensor:
+        entry = self.buffer.get(client)
+        assert entry is not None
+        return entry.weights
 
     # ------------------------------------------------------------------ recovery
     def _on_evaluation(self, ev: EvaluationDone) -> list[Action]:

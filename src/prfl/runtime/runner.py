@@ -162,7 +162,7 @@ class PolicyRunner:
                 elif isinstance(action, SetTimer):
                     self.transport.set_timer(action.key, action.at, ev)
                 elif isinstance(action, RequestEvaluation):
-                    loss, acc = self.evaluator(action.weights)
+                    loss, acc = self.evaluator(action.model())
                     pending.append(EvaluationDone(now=self.transport.clock(), tag=action.tag, accuracy=acc, loss=loss))
                 elif isinstance(action, Record):
                     self.history.write(action.kind, **{"time": self.transport.clock(), "round": self.policy.version,
