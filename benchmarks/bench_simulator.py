@@ -49,12 +49,12 @@ def comparable(history):
 # of one label never call those of another, so their cumulative times add up
 PARTS = (
     ("training (inside the trainer)", [("prfl/client/trainer.py", "train")]),
-    ("MaskFedAvg (aggregation)", [("prfl/buffer.py", "aggregate_running"), ("prfl/buffer.py", "aggregate")]),
-    ("buffer put (store + running sums)", [("prfl/buffer.py", "put")]),
+    ("MaskFedAvg (aggregation)", [("prfl/buffer/running.py", "aggregate_running"), ("prfl/buffer/aggregate.py", "aggregate")]),
+    ("buffer put (store + running sums)", [("prfl/buffer/client_buffer.py", "put")]),
     ("ranking", [("prfl/pruning/ranking.py", "build_ranking")]),
-    ("importance statistics", [("prfl/policies/prfl.py", "_add_importance")]),
+    ("importance statistics", [("prfl/pruning/importance.py", "add")]),
     ("validation of updates", [("prfl/validation.py", "validate_update")]),
-    ("recovery score model", [("prfl/buffer.py", "plain_average")]),
+    ("recovery score model", [("prfl/buffer/aggregate.py", "plain_average")]),
     ("evaluation", [("prfl/client/trainer.py", "evaluate")]),
     ("executor job packing", [("prfl/sim/executors.py", "pack"), ("prfl/sim/executors.py", "unpacked_weights")]),
     ("dispatch (masks, pieces, bytes)", [("prfl/policies/prfl.py", "dispatch"), ("prfl/policies/fleet.py", "dispatch")]),

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import prfl.buffer as buffer_module
+import prfl.buffer.running as buffer_module
 from prfl.aggregation import Staleness, mask_fedavg
 from prfl.buffer import ClientBuffer
 from prfl.runtime.checkpoint import dumps, loads

@@ -12,7 +12,7 @@ number of buffered clients. The normalisation p_i = s_i / sum_j s_j of the full 
 W_acc / M_acc and S_acc / C, so c_i stays unnormalised. Dense clients (no mask) enter M_acc and h
 as one scalar each (their coefficient total and count), summed afresh from the slots. The server
 model W_acc / M_acc is then one streaming pass over the N weights (or, after masked arrivals that
-touched few of them, a pass over those alone: see prfl.buffer.PARTIAL_FRACTION); the full rule
+touched few of them, a pass over those alone: see prfl.buffer.running.PARTIAL_FRACTION); the full rule
 would instead add up every buffered model at every step.
 
 Drift. Float64 sums that are added to and subtracted from drift away from the sum of their

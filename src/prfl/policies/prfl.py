@@ -25,13 +25,12 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Literal
 
 import torch
 
 from prfl.aggregation import Staleness, mask_fedavg, staleness_weight, weighted_average
-from prfl.buffer import ClientBuffer, order_dtype
+from prfl.buffer import ClientBuffer
 from prfl.client.result import TaskResult
 from prfl.distribution import PieceLedger, ResidualPlan, ResidualSplit, dense_model_bytes, sparse_model_bytes
 from prfl.policies.base import (
@@ -42,15 +41,15 @@ from prfl.policies.base import (
     PolicyContext,
     PolicyMetrics,
     Record,
-    RequestEvaluation,
     SetTimer,
-    Stop,
     TaskSpec,
 )
-from prfl.policies.fleet import FleetPolicy, TaskInFlight
+from prfl.policies.fleet import TaskInFlight
+from prfl.policies.prfl_checkpoint import PRFLCheckpoint
+from prfl.policies.prfl_control import CLIENT_SCORE, SERVER_SCORE, PRFLControl  # noqa: F401  (score tags, as before)
 from prfl.pruning.density import DensityController
 from prfl.pruning.importance import AVERAGES, ImportanceScores
-from prfl.pruning.ranking import IMPORTANCE_BYTES, Ranking, build_ranking, importance_for_upload, magnitude_ranking
+from prfl.pruning.ranking import IMPORTANCE_BYTES, Ranking, importance_for_upload, magnitude_ranking
 from prfl.pruning.recovery import EarlyStopping
 from prfl.robust import ROBUST_METHODS, check_method, clip_update, robust_aggregate
 from prfl.validation import Rejection, UpdateChecks
@@ -72,8 +71,6 @@ def preset_densities(times: list[float], preset: tuple[float, ...] = PAPER_PRESE
 
 
 WINDOW_TIMER = "prfl:window"
-SERVER_SCORE = "prfl:server-score"
-CLIENT_SCORE = "prfl:client-score:"
 
 
 @dataclass(frozen=True)
@@ -208,8 +205,10 @@ class PRFLConfig:
         UpdateChecks(self.norm_factor, self.norm_window, self.max_rejections)  # validates them
 
 
-class PRFL(FleetPolicy):
-    """The PR-FL server policy (asynchronous by default)."""
+class PRFL(PRFLControl, PRFLCheckpoint):
+    """The PR-FL server policy (asynchronous by default). Its control step and recovery monitors
+    are in :mod:`prfl.policies.prfl_control`, its checkpoint state in
+    :mod:`prfl.policies.prfl_checkpoint`."""
 
     name = "prfl"
     config_cls = PRFLConfig
@@ -530,174 +529,3 @@ class PRFL(FleetPolicy):
             targets = self.free_clients() if cfg.synchronous else [c for c in clients if self.is_free(c)]
             actions += [self.dispatch(c, now) for c in targets]
         return actions
-
-    def _compact_orders(self) -> None:
-        """After a new ranking, old ones are needed only up to the densities still in use: the
-        tasks in flight keep one shared prefix per old ranking, the buffer cuts its own."""
-        if not self.task_orders and not len(self.buffer):
-            return
-        counts: dict[int, int] = {}  # id(mask) -> kept weights
-        need: dict[int, tuple[torch.Tensor, int]] = {}  # id(order) -> (order, longest prefix in use)
-        for tid, order in self.task_orders.items():
-            mask = self.task_masks.get(tid)
-            if mask is None:
-                continue
-            if id(mask) not in counts:
-                counts[id(mask)] = int(mask.sum())
-            held = need.get(id(order))
-            need[id(order)] = (order, max(counts[id(mask)], held[1] if held else 0))
-        small = order_dtype(self.num_prunable)  # old rankings are kept as int32 copies of their used prefix
-        short = {i: order[:cap].to(small, copy=True) for i, (order, cap) in need.items()
-                 if cap < order.numel() or order.dtype != small}
-        for tid, order in list(self.task_orders.items()):
-            if id(order) in short:
-                self.task_orders[tid] = short[id(order)]
-        self.buffer.compact_orders()
-
-    def _control_step(self) -> list[Action]:
-        """Every I rounds: new densities, a new ranking, and the recovery monitor's check."""
-        cfg = self.config
-        actions: list[Action] = []
-        before = self.densities
-        if self.first_stage or cfg.adapt_after_recovery:
-            after = self.control.update()
-            if after != before:
-                actions.append(Record("densities", {"density": after, "mean_round_time": self.control.mean_times()}))
-        scores = self.scores.take(self.weights[: self.num_prunable]) if cfg.importance else None
-        if scores is not None:
-            cost = self.ctx.layer_cost if cfg.layer_cost else None
-            self.ranking = build_ranking(scores, self.weights[: self.num_prunable], self.ctx.layer_bounds, cfg.floor,
-                                         layer_cost=cost)
-            self._imp_asked = set()
-            self.ranking_id += 1
-            self._masks = {}
-            self._compact_orders()
-            actions.append(Record("ranking", {"ranking_id": self.ranking_id}))
-        if cfg.recovery:
-            score_model = self.buffer.plain_average(torch.float32) if len(self.buffer) else self.weights
-            if not bool(torch.isfinite(score_model.sum())):
-                score_model = self.weights  # the fp32 sum overflowed (huge but finite slots): score the model
-            actions.append(RequestEvaluation(score_model, SERVER_SCORE))
-            if cfg.client_scores:
-                for c in self.buffer.clients():  # each client's model is built when it is evaluated
-                    actions.append(RequestEvaluation(partial(self._buffered_model, c), f"{CLIENT_SCORE}{c}"))
-        return actions
-
-    def _buffered_model(self, client: int) -> torch.Tensor:
-        entry = self.buffer.get(client)
-        assert entry is not None
-        return entry.weights
-
-    # ------------------------------------------------------------------ recovery
-    def _on_evaluation(self, ev: EvaluationDone) -> list[Action]:
-        cfg = self.config
-        if ev.tag.startswith(CLIENT_SCORE):
-            c = int(ev.tag[len(CLIENT_SCORE) :])
-            _, fired = self.client_monitors[c].check(ev.accuracy, self.version)
-            if fired and self.control.minimums[c] < 1.0:
-                self.control.raise_minimum(c, cfg.delta_rho)
-                self.first_stage = False
-                return [Record("recovery", {"scope": "client", "client": c, "min_density": self.control.minimums[c],
-                                            "density": self.densities, "score": ev.accuracy})]
-            return []
-        if ev.tag != SERVER_SCORE:
-            return []
-        improved, fired = self.monitor.check(ev.accuracy, self.version)
-        if improved:
-            self.best_weights = self.weights
-            return []
-        if not fired:
-            return []
-        if not self.armed:  # the first run-out only arms the roll-back
-            self.armed = True
-            return [Record("recovery", {"scope": "armed", "best_score": self.monitor.best,
-                                        "best_round": self.monitor.best_round, "score": ev.accuracy})]
-        if self.final_phase:
-            self.stopped = True
-            return [Record("recovery", {"scope": "stop", "best_score": self.monitor.best, "best_round": self.monitor.best_round}),
-                    Stop("early stopping: no improvement with every density at 1")]
-        self.weights = self.best_weights  # roll back to the best checkpoint
-        self.model_id += 1
-        self.control.raise_minimum(None, cfg.delta_rho)
-        self.first_stage = False
-        rec: dict[str, Any] = {"scope": "server", "min_density": list(self.control.minimums), "density": self.densities,
-                               "best_score": self.monitor.best, "best_round": self.monitor.best_round, "score": ev.accuracy}
-        if self.control.all_dense:
-            self.final_phase = True
-            self.monitor.patience *= cfg.final_patience_factor
-            rec["final_phase"] = True
-        return [Record("recovery", rec)]
-
-    # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(
-            control=self.control.state_dict(),
-            ranking_order=self.ranking.order.clone(),
-            ranking_floor=self.ranking.floor_count,
-            ranking_id=self.ranking_id,
-            model_id=self.model_id,
-            scores=self.scores.state_dict(),
-            armed=self.armed,
-            first_stage=self.first_stage,
-            local_rounds=list(self.local_rounds),
-            control_steps=self.control_steps,
-            last_arrival=list(self.last_arrival),
-            imp_asked=sorted(self._imp_asked),
-            buffer=self.buffer.state_dict(),
-            window=[(dataclasses.asdict(t), r, st) for t, r, st in self.window],
-            task_masks=dict(self.task_masks),
-            task_orders=dict(self.task_orders),
-            window_open=self.window_open,
-            step_start=self.step_start,
-            step_length=self.step_length,
-            split_id=self._split_id,
-            split_key=self._split_key,
-            ledger=self.ledger.state_dict(),
-            monitor=self.monitor.state_dict(),
-            client_monitors=[m.state_dict() for m in self.client_monitors],
-            best_weights=self.best_weights.clone(),
-            final_phase=self.final_phase,
-        )
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.control.load_state_dict(state["control"])
-        self.ranking = Ranking(state["ranking_order"].clone(), state["ranking_floor"])
-        self.ranking_id = state["ranking_id"]
-        self.model_id = state["model_id"]
-        self.scores.load_state_dict(state["scores"])
-        self.armed = bool(state["armed"])
-        self.first_stage = bool(state["first_stage"])
-        self.local_rounds = [int(x) for x in state["local_rounds"]]
-        self.control_steps = int(state["control_steps"])
-        self.last_arrival = [float(x) for x in state["last_arrival"]]
-        self._imp_asked = set(state.get("imp_asked", ()))
-        self._masks = {}
-        self.buffer.load_state_dict(state["buffer"])
-        self.window = [(TaskInFlight(**t), r, st) for t, r, st in state["window"]]
-        self.task_masks = dict(state["task_masks"])
-        self.task_orders = dict(state.get("task_orders", {}))
-        self.window_open = state["window_open"]
-        self.step_start = float(state.get("step_start", 0.0))
-        self.step_length = float(state.get("step_length", 0.0))
-        self._split, self._split_key, self._split_id = None, None, state["split_id"]
-        key = state.get("split_key")
-        if key is not None:  # rebuild the split in force, so a resumed run publishes exactly the same pieces
-            model_id, ranking_id, levels = key
-            self._split_key = (int(model_id), int(ranking_id), tuple(float(d) for d in levels))
-            self._split = ResidualSplit(self.ranking, self._split_key[2], self._split_id, self.total)
-        if "ledger" in state:
-            self.ledger.load_state_dict(state["ledger"])
-        else:  # a checkpoint of an earlier version, which kept the ledger's parts apart
-            self.ledger.load_state_dict({
-                "values": state["held"], "index": state["held_index"], "publisher": state["publisher"],
-                "published_index": state["published_index"], "structure": state["structure_id"],
-                "structure_key": state["structure_key"],
-            })
-        self.monitor.load_state_dict(state["monitor"])
-        for m, s in zip(self.client_monitors, state["client_monitors"]):
-            m.load_state_dict(s)
-        self.best_weights = state["best_weights"].clone()
-        self.final_phase = state["final_phase"]

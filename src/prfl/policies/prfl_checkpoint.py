@@ -1,0 +1,126 @@
+"""PR-FL's checkpoint state (:class:`PRFLCheckpoint`, a part of :class:`prfl.policies.prfl.PRFL`):
+the fleet's state plus the density controller, ranking, importance scores, buffer, aggregation
+window, residual split and piece ledger, and the recovery monitors. Checkpoints of earlier
+versions, which kept the piece ledger's parts apart, still load."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from prfl.buffer import ClientBuffer
+from prfl.client.result import TaskResult
+from prfl.distribution import PieceLedger, ResidualSplit
+from prfl.policies.fleet import FleetPolicy, TaskInFlight
+from prfl.pruning.density import DensityController
+from prfl.pruning.importance import ImportanceScores
+from prfl.pruning.ranking import Ranking
+from prfl.pruning.recovery import EarlyStopping
+
+
+class PRFLCheckpoint(FleetPolicy):
+    """state_dict / load_state_dict of :class:`~prfl.policies.prfl.PRFL` (a mixin on its state)."""
+
+    total: int
+    control: DensityController
+    ranking: Ranking
+    ranking_id: int
+    model_id: int
+    scores: ImportanceScores
+    armed: bool
+    first_stage: bool
+    local_rounds: list[int]
+    control_steps: int
+    last_arrival: list[float]
+    _imp_asked: set[int]
+    _masks: dict[float, torch.Tensor]
+    buffer: ClientBuffer
+    window: list[tuple[TaskInFlight, TaskResult, int]]
+    task_masks: dict[int, torch.Tensor | None]
+    task_orders: dict[int, torch.Tensor]
+    window_open: bool
+    step_start: float
+    step_length: float
+    _split: ResidualSplit | None
+    _split_key: tuple[int, int, tuple[float, ...]] | None
+    _split_id: int
+    ledger: PieceLedger
+    monitor: EarlyStopping
+    client_monitors: list[EarlyStopping]
+    best_weights: torch.Tensor
+    final_phase: bool
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            control=self.control.state_dict(),
+            ranking_order=self.ranking.order.clone(),
+            ranking_floor=self.ranking.floor_count,
+            ranking_id=self.ranking_id,
+            model_id=self.model_id,
+            scores=self.scores.state_dict(),
+            armed=self.armed,
+            first_stage=self.first_stage,
+            local_rounds=list(self.local_rounds),
+            control_steps=self.control_steps,
+            last_arrival=list(self.last_arrival),
+            imp_asked=sorted(self._imp_asked),
+            buffer=self.buffer.state_dict(),
+            window=[(dataclasses.asdict(t), r, st) for t, r, st in self.window],
+            task_masks=dict(self.task_masks),
+            task_orders=dict(self.task_orders),
+            window_open=self.window_open,
+            step_start=self.step_start,
+            step_length=self.step_length,
+            split_id=self._split_id,
+            split_key=self._split_key,
+            ledger=self.ledger.state_dict(),
+            monitor=self.monitor.state_dict(),
+            client_monitors=[m.state_dict() for m in self.client_monitors],
+            best_weights=self.best_weights.clone(),
+            final_phase=self.final_phase,
+        )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.control.load_state_dict(state["control"])
+        self.ranking = Ranking(state["ranking_order"].clone(), state["ranking_floor"])
+        self.ranking_id = state["ranking_id"]
+        self.model_id = state["model_id"]
+        self.scores.load_state_dict(state["scores"])
+        self.armed = bool(state["armed"])
+        self.first_stage = bool(state["first_stage"])
+        self.local_rounds = [int(x) for x in state["local_rounds"]]
+        self.control_steps = int(state["control_steps"])
+        self.last_arrival = [float(x) for x in state["last_arrival"]]
+        self._imp_asked = set(state.get("imp_asked", ()))
+        self._masks = {}
+        self.buffer.load_state_dict(state["buffer"])
+        self.window = [(TaskInFlight(**t), r, st) for t, r, st in state["window"]]
+        self.task_masks = dict(state["task_masks"])
+        self.task_orders = dict(state.get("task_orders", {}))
+        self.window_open = state["window_open"]
+        self.step_start = float(state.get("step_start", 0.0))
+        self.step_length = float(state.get("step_length", 0.0))
+        self._split, self._split_key, self._split_id = None, None, state["split_id"]
+        key = state.get("split_key")
+        if key is not None:  # rebuild the split in force, so a resumed run publishes exactly the same pieces
+            model_id, ranking_id, levels = key
+            self._split_key = (int(model_id), int(ranking_id), tuple(float(d) for d in levels))
+            self._split = ResidualSplit(self.ranking, self._split_key[2], self._split_id, self.total)
+        if "ledger" in state:
+            self.ledger.load_state_dict(state["ledger"])
+        else:  # a checkpoint of an earlier version, which kept the ledger's parts apart
+            self.ledger.load_state_dict({
+                "values": state["held"], "index": state["held_index"], "publisher": state["publisher"],
+                "published_index": state["published_index"], "structure": state["structure_id"],
+                "structure_key": state["structure_key"],
+            })
+        self.monitor.load_state_dict(state["monitor"])
+        for m, s in zip(self.client_monitors, state["client_monitors"]):
+            m.load_state_dict(s)
+        self.best_weights = state["best_weights"].clone()
+        self.final_phase = state["final_phase"]

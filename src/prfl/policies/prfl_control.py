@@ -1,0 +1,152 @@
+"""PR-FL's control loop (:class:`PRFLControl`, a part of :class:`prfl.policies.prfl.PRFL`).
+
+Every I rounds the control step sets new densities (:class:`prfl.pruning.density.DensityController`),
+builds a new importance ranking (old rankings are then cut to the prefixes still in use) and asks
+for the scores of the recovery monitors: the server score of the buffer's plain average and, with
+``client_scores``, each buffered client's. The scores come back as ``EvaluationDone``: a stalled
+client's minimum density rises by ``delta_rho``; when the server monitor runs out of patience the
+first time it arms the roll-back, later the weights roll back to the best scored model and every
+minimum density rises, and once every density is 1 the next run-out stops the run.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from prfl.buffer import ClientBuffer, order_dtype
+from prfl.policies.base import Action, EvaluationDone, Record, RequestEvaluation, Stop
+from prfl.policies.fleet import FleetPolicy
+from prfl.pruning.density import DensityController
+from prfl.pruning.importance import ImportanceScores
+from prfl.pruning.ranking import Ranking, build_ranking
+from prfl.pruning.recovery import EarlyStopping
+
+if TYPE_CHECKING:
+    from prfl.policies.prfl import PRFLConfig
+
+SERVER_SCORE = "prfl:server-score"
+CLIENT_SCORE = "prfl:client-score:"
+
+
+class PRFLControl(FleetPolicy):
+    """The control step and the recovery monitors of :class:`~prfl.policies.prfl.PRFL` (a mixin:
+    it works on the policy's state, which ``PRFL.__init__`` sets up)."""
+
+    config: PRFLConfig
+    num_prunable: int
+    control: DensityController
+    ranking: Ranking
+    ranking_id: int
+    model_id: int
+    scores: ImportanceScores
+    _imp_asked: set[int]
+    _masks: dict[float, torch.Tensor]
+    buffer: ClientBuffer
+    task_orders: dict[int, torch.Tensor]
+    task_masks: dict[int, torch.Tensor | None]
+    monitor: EarlyStopping
+    client_monitors: list[EarlyStopping]
+    best_weights: torch.Tensor
+    final_phase: bool
+    armed: bool
+    first_stage: bool
+    densities: list[float]  # PRFL.densities
+
+    def _compact_orders(self) -> None:
+        """After a new ranking, old ones are needed only up to the densities still in use: the
+        tasks in flight keep one shared prefix per old ranking, the buffer cuts its own."""
+        if not self.task_orders and not len(self.buffer):
+            return
+        counts: dict[int, int] = {}  # id(mask) -> kept weights
+        need: dict[int, tuple[torch.Tensor, int]] = {}  # id(order) -> (order, longest prefix in use)
+        for tid, order in self.task_orders.items():
+            mask = self.task_masks.get(tid)
+            if mask is None:
+                continue
+            if id(mask) not in counts:
+                counts[id(mask)] = int(mask.sum())
+            held = need.get(id(order))
+            need[id(order)] = (order, max(counts[id(mask)], held[1] if held else 0))
+        small = order_dtype(self.num_prunable)  # old rankings are kept as int32 copies of their used prefix
+        short = {i: order[:cap].to(small, copy=True) for i, (order, cap) in need.items()
+                 if cap < order.numel() or order.dtype != small}
+        for tid, order in list(self.task_orders.items()):
+            if id(order) in short:
+                self.task_orders[tid] = short[id(order)]
+        self.buffer.compact_orders()
+
+    def _control_step(self) -> list[Action]:
+        """Every I rounds: new densities, a new ranking, and the recovery monitor's check."""
+        cfg = self.config
+        actions: list[Action] = []
+        before = self.densities
+        if self.first_stage or cfg.adapt_after_recovery:
+            after = self.control.update()
+            if after != before:
+                actions.append(Record("densities", {"density": after, "mean_round_time": self.control.mean_times()}))
+        scores = self.scores.take(self.weights[: self.num_prunable]) if cfg.importance else None
+        if scores is not None:
+            cost = self.ctx.layer_cost if cfg.layer_cost else None
+            self.ranking = build_ranking(scores, self.weights[: self.num_prunable], self.ctx.layer_bounds, cfg.floor,
+                                         layer_cost=cost)
+            self._imp_asked = set()
+            self.ranking_id += 1
+            self._masks = {}
+            self._compact_orders()
+            actions.append(Record("ranking", {"ranking_id": self.ranking_id}))
+        if cfg.recovery:
+            score_model = self.buffer.plain_average(torch.float32) if len(self.buffer) else self.weights
+            if not bool(torch.isfinite(score_model.sum())):
+                score_model = self.weights  # the fp32 sum overflowed (huge but finite slots): score the model
+            actions.append(RequestEvaluation(score_model, SERVER_SCORE))
+            if cfg.client_scores:
+                for c in self.buffer.clients():  # each client's model is built when it is evaluated
+                    actions.append(RequestEvaluation(partial(self._buffered_model, c), f"{CLIENT_SCORE}{c}"))
+        return actions
+
+    def _buffered_model(self, client: int) -> torch.Tensor:
+        entry = self.buffer.get(client)
+        assert entry is not None
+        return entry.weights
+
+    def _on_evaluation(self, ev: EvaluationDone) -> list[Action]:
+        cfg = self.config
+        if ev.tag.startswith(CLIENT_SCORE):
+            c = int(ev.tag[len(CLIENT_SCORE) :])
+            _, fired = self.client_monitors[c].check(ev.accuracy, self.version)
+            if fired and self.control.minimums[c] < 1.0:
+                self.control.raise_minimum(c, cfg.delta_rho)
+                self.first_stage = False
+                return [Record("recovery", {"scope": "client", "client": c, "min_density": self.control.minimums[c],
+                                            "density": self.densities, "score": ev.accuracy})]
+            return []
+        if ev.tag != SERVER_SCORE:
+            return []
+        improved, fired = self.monitor.check(ev.accuracy, self.version)
+        if improved:
+            self.best_weights = self.weights
+            return []
+        if not fired:
+            return []
+        if not self.armed:  # the first run-out only arms the roll-back
+            self.armed = True
+            return [Record("recovery", {"scope": "armed", "best_score": self.monitor.best,
+                                        "best_round": self.monitor.best_round, "score": ev.accuracy})]
+        if self.final_phase:
+            self.stopped = True
+            return [Record("recovery", {"scope": "stop", "best_score": self.monitor.best, "best_round": self.monitor.best_round}),
+                    Stop("early stopping: no improvement with every density at 1")]
+        self.weights = self.best_weights  # roll back to the best checkpoint
+        self.model_id += 1
+        self.control.raise_minimum(None, cfg.delta_rho)
+        self.first_stage = False
+        rec: dict[str, Any] = {"scope": "server", "min_density": list(self.control.minimums), "density": self.densities,
+                               "best_score": self.monitor.best, "best_round": self.monitor.best_round, "score": ev.accuracy}
+        if self.control.all_dense:
+            self.final_phase = True
+            self.monitor.patience *= cfg.final_patience_factor
+            rec["final_phase"] = True
+        return [Record("recovery", rec)]
