@@ -16,10 +16,10 @@ in every record, the same value of every field both drivers write, except
 
 - :data:`CLOCK_FIELDS`, times and durations (a wall clock's by nature on Flower; here they
   differ in the last bits, the simulator's transfers taking ~1e-16 s);
-- :data:`MEASURED_FIELDS`, upload byte counts: the simulator charges the policy's accounting,
-  the Flower driver measures the messages, and HeteroFL's mask form accounts an index its
-  uploads do not carry (download bytes and the server's egress, residual pieces included, must
-  agree: both drivers keep pieces in one :class:`~prfl.distribution.PieceLedger`);
+- nothing else: byte counts agree too, although the simulator charges the policy's accounting
+  and the Flower driver measures the messages (downloads and the server's egress, residual
+  pieces included, through one :class:`~prfl.distribution.PieceLedger`; uploads carry the values
+  at the task's mask, whose positions the server knows);
 
 and a field only one driver writes must be listed in :data:`SIM_ONLY` or :data:`FLOWER_ONLY`
 (so a new field is a decision, not an accident).
@@ -63,7 +63,6 @@ EVAL_EVERY = 3
 # mean_round_time: PR-FL's record of the clients' measured round times (from the events' times)
 CLOCK_FIELDS = frozenset({"time", "duration", "compute", "download", "link_wait", "link_wait_down", "upload", "delay",
                           "mean_round_time"})
-MEASURED_FIELDS = frozenset({"server_ingress", "bytes_up"})
 SIM_ONLY = {
     "arrival": {"bytes_up_values", "bytes_up_index", "bytes_up_importance"},
 }
@@ -203,12 +202,12 @@ def differences(sim: list[dict[str, Any]], flower: list[dict[str, Any]]) -> list
         return [f"record kinds differ:\n  sim    {kinds[0]}\n  flower {kinds[1]}"]
     for i, (a, b) in enumerate(zip(sim, flower)):
         kind = a["event"]
-        only_a = set(a) - set(b) - SIM_ONLY.get(kind, set()) - CLOCK_FIELDS - MEASURED_FIELDS
-        only_b = set(b) - set(a) - FLOWER_ONLY.get(kind, set()) - CLOCK_FIELDS - MEASURED_FIELDS
+        only_a = set(a) - set(b) - SIM_ONLY.get(kind, set()) - CLOCK_FIELDS
+        only_b = set(b) - set(a) - FLOWER_ONLY.get(kind, set()) - CLOCK_FIELDS
         if only_a or only_b:
             problems.append(f"record {i} ({kind}): fields only the simulator writes {sorted(only_a)}, "
                             f"only the Flower driver writes {sorted(only_b)}")
-        for key in sorted((set(a) & set(b)) - CLOCK_FIELDS - MEASURED_FIELDS):
+        for key in sorted((set(a) & set(b)) - CLOCK_FIELDS):
             if a[key] != b[key]:
                 problems.append(f"record {i} ({kind}) field {key!r}: simulator {a[key]!r}, Flower {b[key]!r}")
     return problems

@@ -451,13 +451,15 @@ class HeteroFL(FleetPolicy):
         mask = self.mask_for(rho)
         total, npr = self.weights.numel(), self.ctx.num_prunable
         if mask is None:
-            nbytes, density = 4 * total, 1.0
+            nbytes = up = 4 * total
+            density = 1.0
         else:
             kept = self.ranking().count(rho)
             nbytes, density = sparse_bytes(kept, npr, total), rho
+            up = 4 * (kept + total - npr)  # the values only: the server assigned the mask, so it knows it
         return TaskSpec(
             task_id=self.new_task_id(), client=client, version=self.version, weights=self.weights, mask=mask,
-            density=density, download_bytes=nbytes, upload_bytes=nbytes,
+            density=density, download_bytes=nbytes, upload_bytes=up,
         )
 
     def ranking(self) -> Ranking:
