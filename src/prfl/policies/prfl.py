@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 
+from prfl import masks
 from prfl.aggregation import Staleness, mask_fedavg, staleness_weight, weighted_average
 from prfl.buffer import ClientBuffer
 from prfl.client.result import TaskResult
@@ -413,11 +414,14 @@ class PRFL(PRFLControl, PRFLCheckpoint):
         self.last_arrival[c] = now
         self.local_rounds[c] += 1
         if result.grad_sq is not None:
-            g = importance_for_upload(result.grad_sq, self.config.importance_dtype)
             mask = self.task_masks.get(task.task_id)
             if self.config.importance_scope == "kept" and mask is not None:
-                g = g * mask  # a pruned weight gets no gradient when the forward pass is W * m
-            self.scores.add(g)
+                # a pruned weight gets no gradient when the forward pass is W * m: the kept ones alone
+                kept = masks.positions(mask)
+                self.scores.add_kept(importance_for_upload(result.grad_sq.reshape(-1)[kept],
+                                                           self.config.importance_dtype), kept)
+            else:
+                self.scores.add(importance_for_upload(result.grad_sq, self.config.importance_dtype))
         weights = arrival.weights
         if self.config.robust == "clip":
             assert arrival.start is not None and self.config.clip_norm is not None  # measures_norms keeps start weights
