@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prfl.client.trainer import batch_schedule
+from prfl.client.trainer import TrainOutput, batch_schedule
 from prfl.config import load_config
 from prfl.models import build_model
 from prfl.params import ParamLayout
@@ -294,3 +294,30 @@ def test_output_slots_hand_values_over_and_fall_back_when_none_is_free(tmp_path)
     too_big = _OutputSlots(str(tmp_path), queue_mod.Queue(), per_worker=1)
     too_big.capacity = 10
     assert too_big.take(11) is None  # larger than any slot it may make
+
+
+def test_a_collected_pool_result_is_freed_without_the_cycle_collector(tmp_path) -> None:
+    """A pool future's done callback refers to the caller's future; once the result is collected
+    nothing may keep the two in a cycle, or every finished task's model and start values wait for
+    Python's cycle collector (a long PR-FL run piled up gigabytes that way)."""
+    import gc
+    import queue as queue_mod
+    import weakref
+    from concurrent.futures import Future
+
+    from prfl.sim.executors import _OutputSlots, _SlotFuture
+
+    slots = _OutputSlots(str(tmp_path), queue_mod.Queue(), per_worker=1)
+    inner: Future = Future()
+    outer = _SlotFuture(inner, slots)
+    outer.payload = torch.zeros(1000)  # as a JobSource's start values ride on the caller's future
+    seen = weakref.ref(outer)
+    gc.disable()
+    try:
+        inner.set_result(TrainOutput(weights=torch.ones(3), num_samples=1, mean_loss=0.0, steps=1,
+                                     compute_seconds=0.0, grad_sq=None))
+        assert torch.equal(outer.result().weights, torch.ones(3))
+        del outer, inner
+        assert seen() is None  # freed by reference counting alone
+    finally:
+        gc.enable()

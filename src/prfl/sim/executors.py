@@ -379,10 +379,15 @@ class _SlotFuture(Future):  # type: ignore[type-arg]
 
     def __init__(self, inner: Future, slots: _OutputSlots) -> None:  # type: ignore[type-arg]
         super().__init__()
-        self._inner = inner
+        self._inner: Future | None = inner  # type: ignore[type-arg]
         inner.add_done_callback(lambda f: self._collect(f, slots))
 
     def _collect(self, inner: Future, slots: _OutputSlots) -> None:  # type: ignore[type-arg]
+        # The inner future keeps this callback, which refers to self: a reference cycle, which
+        # would keep the result, and the job's start values with it, until Python's cycle
+        # collector runs (rarely, with few objects allocated per task: dozens of models piled up
+        # in a long run). Letting go of the inner future here breaks it.
+        self._inner = None
         if inner.cancelled():
             super().cancel()
             self.set_running_or_notify_cancel()
@@ -400,7 +405,8 @@ class _SlotFuture(Future):  # type: ignore[type-arg]
         self.set_result(out)
 
     def cancel(self) -> bool:
-        return self._inner.cancel() and super().cancel()
+        inner = self._inner
+        return inner is not None and inner.cancel() and super().cancel()
 
 
 class _SharedCopies:
