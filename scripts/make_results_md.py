@@ -615,6 +615,9 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
          "(clients 6-9 of both fleets); their local round in seconds is download + link wait + compute + upload (the task) + "
          "idle (waiting for the next dispatch). Definitions: `prfl.report.sweep`.\n"),
     ]
+    note = root / "NOTE.md"
+    if note.is_file():  # how the sweep is being run, and what it has met on the way
+        lines.append(note.read_text(encoding="utf-8").strip() + "\n")
     for g in order:
         methods = groups.get(g, {})
         n_planned = sum(1 for c in planned if c["group"] == g)

@@ -161,12 +161,9 @@ class SlowDescribeGrid(FakeGrid):
         return ids
 
 
-def test_node_answering_every_describe_query_after_the_timeout_is_bound():
-    """flower seeds 3601, 3682 and 9061 of the fuzz run: client 3's node (7777) joins after Start
-    and answers each describe query 2 x hello-timeout after it was sent. Before: a query past the
-    timeout was dropped from the pending messages, so its answer was never pulled; the node was
-    asked again, answered late again, and client 3 stayed without a node for the whole run
-    although its node was listed and answering. Now the first late answer binds it."""
+def started_without_client_3() -> tuple[VirtualClock, SlowDescribeGrid, FlowerDriver]:
+    """A started FedAsync driver whose client 3 has no node yet; its node, when added as 7777,
+    answers every describe query 2 x hello-timeout after it was sent."""
     clock = VirtualClock()
     configs = [{"partition-id": c, "num-partitions": NUM_CLIENTS} for c in range(NUM_CLIENTS - 1)]
     grid = SlowDescribeGrid(fast_client_app, {}, configs, clock=clock, slow={7777}, delay=2 * SETTINGS.hello_timeout)
@@ -174,6 +171,16 @@ def test_node_answering_every_describe_query_after_the_timeout_is_bound():
     driver._wait_for_nodes()
     driver.started = True
     driver._deliver(Start(0.0))
+    return clock, grid, driver
+
+
+def test_node_answering_every_describe_query_after_the_timeout_is_bound():
+    """flower seeds 3601, 3682 and 9061 of the fuzz run: client 3's node (7777) joins after Start
+    and answers each describe query 2 x hello-timeout after it was sent. Before: a query past the
+    timeout was dropped from the pending messages, so its answer was never pulled; the node was
+    asked again, answered late again, and client 3 stayed without a node for the whole run
+    although its node was listed and answering. Now the first late answer binds it."""
+    clock, grid, driver = started_without_client_3()
     driver._deliver(driver.queue.popleft())  # client 3 has no node: its task failed as offline
     assert 3 not in driver.policy.online
     grid.add_node(7777, {"partition-id": 3, "num-partitions": NUM_CLIENTS})
@@ -218,13 +225,7 @@ def test_idle_stop_waits_for_a_describe_answer_already_on_its_way():
     0.4 s before that answer, and the run stopped with client 1 never bound although its node was
     listed and answering. Now a query sent before the timeout ran out defers the stop until it is
     answered (here: the node is bound and announced) or expires; later queries do not defer it."""
-    clock = VirtualClock()
-    configs = [{"partition-id": c, "num-partitions": NUM_CLIENTS} for c in range(NUM_CLIENTS - 1)]
-    grid = SlowDescribeGrid(fast_client_app, {}, configs, clock=clock, slow={7777}, delay=2 * SETTINGS.hello_timeout)
-    driver = driver_on(grid, clock, "fedasync")
-    driver._wait_for_nodes()
-    driver.started = True
-    driver._deliver(Start(0.0))
+    clock, grid, driver = started_without_client_3()
     while driver.queue:
         driver._deliver(driver.queue.popleft())
     for mid in [m for m, p in driver.pending.items() if p.kind == "task"]:  # every task is lost
