@@ -28,6 +28,7 @@ import platform
 import subprocess
 import sys
 import time
+import traceback
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,8 +51,8 @@ def policy_chunk(name: str, first: int, count: int, steps: int, show: bool) -> d
     for seed in range(first, first + count):
         try:
             fz = run_random(case, seed, steps=steps)
-        except FuzzFailure as exc:
-            text = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a failed check, or a crash of the harness's own checks
+            text = str(exc) if isinstance(exc, FuzzFailure) else f"[{name}] {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
             out["failures"].append({"seed": seed, "error": text.splitlines()[0]})
             print(f"FAIL {name} seed {seed}: {text.splitlines()[0]}", flush=True)
             if show:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from event_fuzz import CASES, NUM_PRUNABLE, PolicyFuzz, make_ctx, make_result
+from event_fuzz import CASES, NUM_PRUNABLE, PolicyFuzz, make_ctx, make_result, run_random
 
 from prfl.policies import build_policy
 from prfl.policies.base import (
@@ -177,3 +177,14 @@ def test_prfl_sync_stall_through_the_driver_model():
     fz.fail_task(0)  # before: FuzzFailure "stall: clients [1] are online and free ..."
     fz.finish()
     assert fz.holder(1) is not None
+
+
+def test_a_quarantined_clients_score_asked_in_the_same_event_is_of_its_model_as_it_was():
+    """prfl-sync seed 281 of the fuzz run: a rejected result closes a synchronous round, whose
+    control step asks for every buffered client's score (each model built when evaluated), and the
+    rejection then quarantines the client and removes its slot. Before: building that client's
+    model found its slot gone (AssertionError). Now the request is built before the slot goes, so
+    it evaluates the model as it was when the score was asked for, as it did before requests
+    were built on demand."""
+    fz = run_random(CASES["prfl-sync"], 281, steps=60)
+    assert fz.counts["arrive:nan"] >= 1  # the sequence holds the rejected result

@@ -42,6 +42,7 @@ from prfl.policies.base import (
     PolicyContext,
     PolicyMetrics,
     Record,
+    RequestEvaluation,
     SetTimer,
     TaskSpec,
 )
@@ -465,6 +466,11 @@ class PRFL(PRFLControl, PRFLCheckpoint):
         actions = super()._reject(now, result, rejection)
         if (self.config.staleness_mode == "frozen" and result.client in self.buffer
                 and any(isinstance(a, Record) and a.kind == "quarantined" for a in actions)):
+            # the rejection may have closed a round whose control step asked for this client's
+            # score (synchronous mode): that evaluation is of the model as it was, built now
+            tag = f"{CLIENT_SCORE}{result.client}"
+            actions = [RequestEvaluation(a.model(), a.tag) if isinstance(a, RequestEvaluation) and a.tag == tag else a
+                       for a in actions]
             self.buffer.remove(result.client)  # its frozen weight would count for ever, never decaying
         return actions
 
