@@ -422,7 +422,7 @@ class Sweep:
             "cells": states,
         }
         self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / "manifest.json.tmp"
+        tmp = self.out / f"manifest.json.{os.getpid()}.tmp"  # sweeps of disjoint cells may share ``out``
         head = json.dumps({k: v for k, v in manifest.items() if k != "cells"}, indent=1)
         body = ",\n".join("  " + json.dumps(c) for c in states)  # one line per cell: readable diffs
         tmp.write_text(f'{head[:-2]},\n "cells": [\n{body}\n ]\n}}\n', encoding="utf-8")
@@ -509,10 +509,12 @@ def write_cells_csv(out: Path, targets: Sequence[float], consecutive: int = 1) -
         rows.append(row)
     path = out / "cells.csv"
     if rows:
-        with open(path, "w", newline="", encoding="utf-8") as fh:
+        tmp = out / f"cells.csv.{os.getpid()}.tmp"
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n")
             w.writeheader()
             w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+        os.replace(tmp, path)
     return path
 
 
