@@ -36,6 +36,8 @@ from typing import overload
 
 import torch
 
+from prfl.kernels import KERNELS
+
 STALENESS_KINDS: tuple[str, ...] = ("const", "poly", "hinge")
 
 _TAU_DTYPE = torch.float64
@@ -232,9 +234,30 @@ def finish_masked(
     def take(t: torch.Tensor, a: int, b: int) -> torch.Tensor:  # index_select: far cheaper than t[positions]
         return t[a:b] if positions is None else t.index_select(0, positions)
 
+    flag_at = tau * (1 + 2.0**-22)
+    # one compiled loop per block (prfl.kernels): the same values bit for bit; it flags a block
+    # with a held |W_new| <= 2 flag_at, and such a block's candidates are found eagerly below
+    fused = positions is None and eta_g == 1.0 and KERNELS.enabled(w.numel())
     for a, b in spans:
         if before_block is not None:
             before_block(a, b)
+        if fused:
+            if everyone:
+                done = KERNELS.everyone(w[a:b], None if m is None else m[a:b], dense_c, 2 * flag_at, out.dtype)
+            elif holders is not None and m is not None:
+                done = KERNELS.held(w[a:b], m[a:b], holders[a:b], prev[a:b], dense_c, 2 * flag_at, out.dtype)
+            else:
+                done = None
+            if done is not None:
+                out[a:b] = done[0]
+                if not done[1]:
+                    continue
+                if everyone:  # the candidates: the check below, on the rounded values now in out
+                    small = out[a:b].abs() <= flag_at
+                    idx = small.nonzero().view(-1)
+                    if idx.numel():
+                        found.append(idx + a)
+                    continue
         wb = take(w, a, b)
         if inverse is not None:
             val = wb / dense_c
@@ -260,7 +283,7 @@ def finish_masked(
         # where out holds val itself (everyone holds every weight, eta_g = 1) the check reads the
         # narrower rounded values; elsewhere val, which is NaN or inf where nobody holds the weight
         probe = out[a:b] if everyone and positions is None and eta_g == 1.0 else val
-        small = probe.abs() <= tau * (1 + 2.0**-22)
+        small = probe.abs() <= flag_at
         if not everyone:
             small &= held
         if bool(small.any()):

@@ -9,8 +9,6 @@ zero and stay exactly zero: their gradient, momentum and weight decay are all ze
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 import weakref
 from collections.abc import Callable
@@ -21,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prfl.kernels import cxx_compiler
 from prfl.params import ParamLayout
 from prfl.settings import TrainConfig
 
@@ -72,15 +71,6 @@ def loss_fn(kind: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y)
     onehot = F.one_hot(y, logits.shape[-1]).to(logits.dtype)
     return F.binary_cross_entropy_with_logits(logits, onehot)
-
-
-def cxx_compiler() -> str | None:
-    """The C++ compiler torch.compile's CPU backend would call ($CXX, else g++, c++ or clang++
-    on the PATH), or None."""
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
 
 
 class CompiledForward:
