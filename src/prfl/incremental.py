@@ -111,7 +111,14 @@ class RunningMaskFedAvg:
         density and ranking did not change) share their mask's work: M_acc += (c_new - c_old) m,
         h unchanged."""
         streamed: list[tuple[float, torch.Tensor, float, int, torch.Tensor | None]] = []
-        for (coef, values, positions, suffix, amax, mask), sign in items:
+        # a term given by positions that leaves and comes back at the same positions (the same
+        # tensor) leaves the holder counts as they were: h - 1 + 1, integers, so both are skipped
+        same_h = {i for i in range(len(items) - 1)
+                  if items[i][1] == -1 and items[i + 1][1] == 1 and items[i][0].positions is not None
+                  and items[i][0].positions is items[i + 1][0].positions and items[i][0].coef != 0.0
+                  and items[i + 1][0].coef != 0.0}
+        same_h |= {i + 1 for i in same_h}
+        for i, ((coef, values, positions, suffix, amax, mask), sign) in enumerate(items):
             if coef == 0.0:
                 continue
             c = sign * coef
@@ -128,7 +135,8 @@ class RunningMaskFedAvg:
                 self.w.index_add_(0, positions, values.to(torch.float64), alpha=c)
                 n = int(positions.numel())
                 self.m.index_add_(0, positions, torch.ones(1, dtype=torch.float64).expand(n), alpha=c)
-                self.h.index_add_(0, positions, torch.ones(1, dtype=self.h.dtype).expand(n), alpha=sign)
+                if i not in same_h:
+                    self.h.index_add_(0, positions, torch.ones(1, dtype=self.h.dtype).expand(n), alpha=sign)
                 if self._touched is not None:
                     self._touched.append(positions)
             if self.s.numel():
