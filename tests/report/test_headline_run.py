@@ -129,3 +129,27 @@ def test_recorded_commands_name_no_path_outside_the_repository(headline, tmp_pat
     assert headline._shown_path(str(root / "benchmarks" / "results" / "x")) == "benchmarks/results/x"
     assert headline._shown_path(str(tmp_path / "runs")) == "<scratch>/runs"
     assert str(tmp_path) not in headline._shown_path(str(tmp_path / "a" / "runs"))
+
+
+def test_side_by_side_invocations_claim_cells(headline, tmp_path) -> None:
+    """A cell claimed by a live process is left to it; a claim whose process has ended is taken
+    over; a finished cell's claim is released."""
+    import os
+    import subprocess
+
+    out, runs = tmp_path / "results" / "headline", tmp_path / "runs"
+    cell = "honest/paper10/dirichlet/fedasync-a0.6-poly"
+    claim = runs / cell / "seed0" / "claim"
+    claim.parent.mkdir(parents=True)
+    claim.write_text(f"{os.getppid()}\n")  # pytest's parent: alive for the whole test
+    assert headline.main(args(out, runs), clock=Clock()) == 0
+    assert not (out / "records" / cell / "seed0.json").exists()
+    assert not (runs / cell / "seed0" / "config.yaml").exists()  # not started
+    assert claim.read_text() == f"{os.getppid()}\n"
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # reaped: no process has its pid now
+    claim.write_text(f"{ended.pid}\n")
+    assert headline.main(args(out, runs), clock=Clock()) == 0
+    assert (out / "records" / cell / "seed0.json").is_file()
+    assert not claim.exists()
