@@ -321,3 +321,67 @@ def test_a_collected_pool_result_is_freed_without_the_cycle_collector(tmp_path) 
         assert seen() is None  # freed by reference counting alone
     finally:
         gc.enable()
+
+
+ORPHAN = """
+import sys, time
+from prfl.config import load_config
+from prfl.run import build_scenario
+from prfl.sim.executors import ProcessPoolExecutorAdapter
+sc = build_scenario(load_config(overrides=sys.argv[1:]))
+pool = ProcessPoolExecutorAdapter(sc.worker_spec, workers=2, dataset=sc.dataset)
+print(" ".join(str(f.result()) for f in pool._started), flush=True)
+time.sleep(600)
+"""
+
+
+def test_pool_workers_exit_when_the_process_that_started_them_is_killed() -> None:
+    """SIGKILL gives the pool no chance to shut its workers down: they notice they were re-parented
+    and exit (within about a second), rather than wait for jobs for ever."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", ORPHAN, *BASE], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip()  # the pool is up (one worker may still be starting)
+        workers = [p for p in _children(proc.pid) if "spawn_main" in _cmdline(p)]
+        assert len(workers) == 2
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_running(p) for p in workers):
+        time.sleep(0.2)
+    assert not any(_running(p) for p in workers), "pool workers outlived the killed process"
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

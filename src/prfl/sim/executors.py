@@ -19,6 +19,8 @@ import os
 import queue
 import shutil
 import tempfile
+import threading
+import time
 import weakref
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -347,8 +349,23 @@ class _WorkerState:
 _WORKER: _WorkerState | None = None
 
 
-def _init_worker(spec: WorkerSpec, data: TrainData | None = None, slots: _OutputSlots | None = None) -> None:
+PARENT_POLL_SECONDS = 1.0  # how often a pool worker checks that the process that started it still runs
+
+
+def _exit_with_parent(parent: int, poll: float = PARENT_POLL_SECONDS) -> None:
+    """A pool worker's watch: once the process that started it has ended (killed, say, so the pool
+    never shut down), the worker is re-parented and exits, instead of waiting for jobs for ever
+    with its model, data mapping and output slots."""
+    while os.getppid() == parent:
+        time.sleep(poll)
+    os._exit(0)
+
+
+def _init_worker(spec: WorkerSpec, data: TrainData | None = None, slots: _OutputSlots | None = None,
+                 parent: int | None = None) -> None:
     global _WORKER
+    if parent is not None:  # the pid the pool was made in: it may have ended before this worker got here
+        threading.Thread(target=_exit_with_parent, args=(parent,), name="prfl-parent-watch", daemon=True).start()
     ws = Workspace(spec, data)
     if slots is not None:
         slots.capacity = ws.layout.total
@@ -465,7 +482,7 @@ class ProcessPoolExecutorAdapter:
             self._slots = _OutputSlots(self._slot_dir, ctx.Queue(), per_worker=3)
             weakref.finalize(self, shutil.rmtree, self._slot_dir, ignore_errors=True)
         self.pool = ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(spec, data, self._slots)
+            max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(spec, data, self._slots, os.getpid())
         )
         self._started = [self.pool.submit(_ready) for _ in range(workers)]  # each submit starts a worker
         self._copies = _SharedCopies()
