@@ -776,9 +776,11 @@ def main(argv: Sequence[str] | None = None, clock: Callable[[], float] = time.mo
                         checkpoint_every=args.checkpoint_every, extra=tuple(args.extra),
                         eval_samples=args.eval_samples, consecutive=args.consecutive)
     shown = [_shown_path(a) for a in (argv if argv is not None else sys.argv[1:])]
-    sweep = Sweep(out, runs, settings, tuple(args.seeds), command="python benchmarks/headline.py " + " ".join(shown))
-    all_cells = plan_cells(tuple(args.seeds))
-    cells = select(all_cells, args.tiers, args.groups, args.methods, None)
+    # the manifest lists the whole plan (every seed), whichever seeds this invocation runs
+    plan_seeds = tuple(sorted(set(SEEDS) | set(args.seeds)))
+    sweep = Sweep(out, runs, settings, plan_seeds, command="python benchmarks/headline.py " + " ".join(shown))
+    all_cells = plan_cells(plan_seeds)
+    cells = select(all_cells, args.tiers, args.groups, args.methods, args.seeds)
     if args.command == "plan":
         manifest = sweep.write_manifest(all_cells)
         chosen = {c.key for c in cells}

@@ -626,20 +626,27 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
             lines.append(f"No finished runs yet ({n_planned} cells planned).\n")
             continue
         n_runs = sum(len(rs) for rs in methods.values())
-        lines.append(f"{n_runs} runs of {n_planned} planned.\n")
+        # the seeds the group's tables average over: those PR-FL has finished (else any run has),
+        # so a sweep part-way through its seeds reports the seeds it has rather than nothing
+        done = {r.seed for rs in methods.values() for r in rs}
+        prfl_done = {r.seed for r in methods.get("prfl", [])}
+        gseeds = [s for s in seeds if s in (prfl_done or done)] or sorted(prfl_done or done)
+        pending = [s for s in seeds if s not in gseeds]
+        lines.append(f"{n_runs} runs of {n_planned} planned. Tables over seeds {', '.join(map(str, gseeds))}"
+                     + (f" (seeds {', '.join(map(str, pending))} not finished yet)" if pending else "") + ".\n")
         if figure_dir is not None and targets:
             slug = g.replace("/", "-")
-            job = _headline_plot_job(figure_dir / f"headline-{slug}.png", methods, g, targets, "fedasync", seeds, k, row_order)
+            job = _headline_plot_job(figure_dir / f"headline-{slug}.png", methods, g, targets, "fedasync", gseeds, k, row_order)
             if job is not None:
                 if jobs is not None:
                     jobs.append(job)
                 lines.append(f"![accuracy against virtual time, {g}]({figure_link}/headline-{slug}.png)\n")
-        lines.append(markdown(sweep.time_table(methods, row_order, targets, seeds, consecutive=k)))
+        lines.append(markdown(sweep.time_table(methods, row_order, targets, gseeds, consecutive=k)))
         if any(sweep.family(m) == "fedasync" for m in methods):
             lines.append("The FedAsync grid (`*`: best at that target):\n")
-            lines.append(markdown(sweep.grid_table(methods, "fedasync", targets, seeds, consecutive=k)))
+            lines.append(markdown(sweep.grid_table(methods, "fedasync", targets, gseeds, consecutive=k)))
         lines.append("Costs and where the slow clients' round time goes:\n")
-        lines.append(markdown(sweep.cost_table(methods, row_order, seeds)))
+        lines.append(markdown(sweep.cost_table(methods, row_order, gseeds)))
     for g in order:  # each group with an all-fast twin: how far the fleet is from its all-fast limit
         acc, fleet, part = (g.split("/") + ["", "", ""])[:3]
         twin = f"{acc}/allfast/{part}"
@@ -647,7 +654,8 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
             lines.append(f"### {g} against its all-fast limit ({twin})\n")
             lines.append("Time to each target on the real fleet, with every client on the fastest client's links, "
                          "and their ratio (real / all-fast; given when every seed of both reached the target).\n")
-            lines.append(markdown(sweep.limit_table(groups[g], groups[twin], targets, seeds, consecutive=k)))
+            both = [s for s in seeds if all(any(r.seed == s for rs in groups[x].values() for r in rs) for x in (g, twin))]
+            lines.append(markdown(sweep.limit_table(groups[g], groups[twin], targets, both or seeds, consecutive=k)))
     lines += _estimate_lines(root / "estimate.json", rel_root)
     if missing:
         states = {(str(c["group"]), str(c["method"]), int(c["seed"])): c for c in planned}

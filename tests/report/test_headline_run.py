@@ -86,9 +86,10 @@ def test_pause_resume_skip_and_report(headline, tmp_path: Path) -> None:
     assert md.main(["--results", str(out.parent), "--out", str(doc)]) == 0
     text = doc.read_text()
     assert "### honest/paper10/dirichlet" in text and "| fedasync (best per target) | 1 |" in text
+    assert "Tables over seeds 0 (seeds 1, 2 not finished yet)." in text  # the seeds it has, not nothing
     assert "(figures/headline-honest-paper10-dirichlet.png)" in text
     assert (doc.parent / "figures" / "headline-honest-paper10-dirichlet.png").is_file()
-    assert "| honest/paper10/dirichlet | prfl | 0 | pending |" in text
+    assert "| honest/paper10/dirichlet | prfl | 0, 1, 2 | pending |" in text  # the whole plan, every seed
     assert md.main(["--results", str(out.parent), "--out", str(doc), "--check"]) == 0
     (doc.parent / "figures" / "headline-honest-paper10-dirichlet.png").unlink()
     assert md.main(["--results", str(out.parent), "--out", str(doc), "--check"]) == 1
