@@ -172,6 +172,22 @@ def test_put_copies_its_input(storage):
     assert buf.get(0).weights.tolist() == [1.0, 2.0, 3.0]
 
 
+def test_put_takes_a_handed_over_tensor_only_into_dense_memory_slots(storage, tmp_path):
+    """take=True: a dense in-memory slot keeps the caller's tensor (no copy of a model per
+    arrival); sparse slots and file-backed rows still store their own form."""
+    w, mask = masked_model(300, 250, 0.4, 1)
+    for path in (None, tmp_path / "rows"):
+        if path is not None and storage != "dense":
+            continue
+        buf = ClientBuffer(2, total=300, num_prunable=250, storage=storage, path=path)
+        buf.put(0, w, mask, 5, 0, zero_outside_mask=True, take=True)
+        buf.put(1, w, mask, 5, 0, zero_outside_mask=True)
+        kept = buf._slots[0].values
+        assert (kept.data_ptr() == w.data_ptr()) == (storage == "dense" and path is None)
+        assert buf._slots[1].values.data_ptr() != w.data_ptr()  # without take: a copy
+        assert torch.equal(buf.get(0).weights, buf.get(1).weights)
+
+
 def test_sparse_equals_dense():
     total, npr = 700, 600
     dense = ClientBuffer(8, total, npr, storage="dense")

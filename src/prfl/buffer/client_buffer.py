@@ -77,6 +77,7 @@ class ClientBuffer(FullAggregation, RunningAggregation, BufferCheckpoint):
     def put(
         self, client: int, weights: torch.Tensor, mask: torch.Tensor | None, num_samples: int, sent_round: int,
         order: torch.Tensor | None = None, arrival_round: int | None = None, zero_outside_mask: bool = False,
+        take: bool = False,
     ) -> None:
         """Store ``client``'s latest model (copied, as fp32), replacing its previous slot.
 
@@ -87,9 +88,10 @@ class ClientBuffer(FullAggregation, RunningAggregation, BufferCheckpoint):
         contribution leaves them and the new one enters. ``zero_outside_mask``: the caller vouches
         that ``weights`` are 0 outside ``mask`` (an update that passed
         :func:`prfl.validation.check_mask`), so they are stored as they are, neither multiplied by
-        the mask nor checked."""
+        the mask nor checked. ``take``: the caller hands ``weights`` over (it keeps no other use of
+        them and never writes to them), so a dense slot in memory keeps them rather than a copy."""
         slot = self._make_slot(client, weights, mask, num_samples, sent_round, order, arrival_round,
-                               zero_outside_mask)
+                               zero_outside_mask, take)
         old = self._slots.get(client)
         if self._running is not None:
             items = [] if old is None else [(self._contribution(old), -1)]

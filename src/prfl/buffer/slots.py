@@ -77,8 +77,10 @@ class SlotStore:
     def _make_slot(
         self, client: int, weights: torch.Tensor, mask: torch.Tensor | None, num_samples: int, sent_round: int,
         order: torch.Tensor | None = None, arrival_round: int | None = None, zero_outside_mask: bool = False,
+        take: bool = False,
     ) -> _Slot:
-        """Validate an entry and build its stored form (no side effects but a new ranking key)."""
+        """Validate an entry and build its stored form (no side effects but a new ranking key).
+        ``take``: dense storage in memory may keep ``weights`` itself rather than a copy."""
         self._check_client(client)
         if weights.dim() != 1 or weights.numel() != self.total or not weights.is_floating_point():
             raise ValueError(
@@ -114,12 +116,14 @@ class SlotStore:
                 raise ValueError(f"client {client}: the mask is not the first {count} entries of the given order")
         if self.storage == "dense" or mask is None:
             npr = self.num_prunable
-            values = torch.empty(self.total, dtype=_DTYPE)
-            if mask is not None and not zero_outside_mask:  # store W ⊙ m once, not at every aggregation
+            if take and self._rows is None and w.is_contiguous() and (mask is None or zero_outside_mask):
+                values = w  # handed over: the caller keeps no use of it and never writes to it
+            elif mask is not None and not zero_outside_mask:  # store W ⊙ m once, not at every aggregation
+                values = torch.empty(self.total, dtype=_DTYPE)
                 torch.mul(w[:npr], mask, out=values[:npr])
                 values[npr:] = w[npr:]
             else:
-                values.copy_(w)
+                values = w.clone(memory_format=torch.contiguous_format)
             slot = _Slot(values, None, None, n, r)
             if mask is not None:
                 slot.mask, positions = self._held_mask(mask, self._running is not None)

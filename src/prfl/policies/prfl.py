@@ -503,7 +503,8 @@ class PRFL(PRFLControl, PRFLCheckpoint):
         for task, result, st in arrived:  # st: staleness at arrival, frozen into the slot
             self.buffer.put(task.client, result.weights, masks[task.task_id], result.num_samples, task.version,
                             order=self.task_orders.pop(task.task_id, None), arrival_round=task.version + st,
-                            zero_outside_mask=True)  # take_result checked the mask (clipping keeps it)
+                            zero_outside_mask=True,  # take_result checked the mask (clipping keeps it)
+                            take=True)  # the result's tensor is the buffer's from here on: nothing else writes it
         # clipping happened on arrival (against W_sent); the coordinate-wise rules run here
         rule = cfg.robust if cfg.robust in ("trimmed_mean", "median") else "none"
         if cfg.buffer and rule == "none" and cfg.staleness_mode == "frozen":
