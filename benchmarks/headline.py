@@ -10,6 +10,11 @@ The sweep is a plan of cells (group x method x seed, see ``plan_cells``) run in 
 5. honest/paper10/dirichlet: the PR-FL ablations;
 6.-10. the same five for the IID split.
 
+The protocol (``Sweep.protocol``) runs part of that plan: the FedAsync grid is tuned on seed 0 of
+honest/paper10/<split>; its other seeds, the reference accounting and the all-fast fleet run the
+configurations best at some target there; the ablations run on seed 0. The manifest marks the other
+cells ``skipped`` (with the reason) and those waiting for the tuning ``waiting``.
+
 Each run has its own directory under ``--runs`` (git-ignored; full history and checkpoints) and,
 once finished, a compact record under ``--out/records`` (committed; :mod:`prfl.report.sweep`).
 A cell with a record is done and skipped; a cell with a checkpoint is resumed. ``--budget-minutes``
@@ -60,7 +65,7 @@ from typing import Any
 
 from prfl.config import ConfigError, ExperimentConfig, PolicyConfig, SimConfig, load_config
 from prfl.policies import POLICIES
-from prfl.report.sweep import Run, compact_run
+from prfl.report.sweep import Run, best_tuned, compact_run
 from prfl.run import build_scenario, resume_run, run_policy
 from prfl.runtime.checkpoint import CHECKPOINT, PREVIOUS_CHECKPOINT
 
@@ -390,6 +395,7 @@ class Sweep:
     seeds: tuple[int, ...] = SEEDS
     command: str = ""
     _scenario: tuple[tuple[str, int], Any] | None = None
+    _tuned: dict[Group, set[str]] = dataclasses.field(default_factory=dict)  # complete grids only: fixed
 
     def run_dir(self, cell: Cell) -> Path:
         return self.runs / cell.group.name / cell.method / f"seed{cell.seed}"
@@ -421,6 +427,45 @@ class Sweep:
         if _claim_holder(path) == os.getpid():
             path.unlink(missing_ok=True)
 
+    # -- the protocol: which cells of the full plan are run
+    def protocol(self, cell: Cell) -> tuple[str, str] | None:
+        """("skipped", why) for a cell the protocol leaves out, ("waiting", why) for one that
+        waits for the FedAsync tuning it depends on, None for a cell to run. The FedAsync grid is
+        tuned on seed 0 of honest/paper10/<split>; every other FedAsync cell of that split (seeds
+        1 and 2, the reference accounting, the all-fast fleet) runs the configurations best at
+        some target there (:meth:`tuned`). Ablations run on seed 0."""
+        if cell.method in ABLATIONS and cell.seed != 0:
+            return "skipped", "ablations run on seed 0 only"
+        if cell.method not in FEDASYNC_GRID:
+            return None
+        tuning = Group("honest", "paper10", cell.group.partition)
+        if cell.group == tuning and cell.seed == 0:
+            return None
+        best = self.tuned(tuning)
+        if best is None:
+            return "waiting", f"for the seed-0 FedAsync grid of {tuning.name}"
+        if cell.method not in best:
+            return "skipped", f"not best at any target on seed 0 of {tuning.name} (best: {', '.join(sorted(best))})"
+        return None
+
+    def tuned(self, group: Group) -> set[str] | None:
+        """The FedAsync configurations best at some target on seed 0 of ``group`` (the one with
+        the best final accuracy if none reaches a target), or None until every one has a record."""
+        if group in self._tuned:
+            return self._tuned[group]
+        runs: dict[str, list[Run]] = {}
+        for m in FEDASYNC_GRID:
+            rp = self.record_path(Cell(0, group, m, 0))
+            if not rp.is_file():
+                return None
+            runs[m] = [Run.from_record(json.loads(rp.read_text(encoding="utf-8")))]
+        best = {b.method for t in self.settings.targets
+                if (b := best_tuned(runs, "fedasync", t, [0], self.settings.consecutive)).method is not None}
+        if not best:
+            best = {max(runs, key=lambda m: (runs[m][0].summary.get("final_accuracy") or 0.0, m))}
+        self._tuned[group] = best
+        return best
+
     # -- state
     def status(self, cell: Cell) -> dict[str, Any]:
         """The cell's state: done, finished (not collected), partial, failed, unavailable or pending."""
@@ -435,6 +480,9 @@ class Sweep:
         if why:
             return {**d, "status": "unavailable", "reason": why}
         rd = self.run_dir(cell)
+        rule = self.protocol(cell)
+        if rule is not None and not (rd / "config.yaml").is_file():  # a cell already started is finished
+            return {**d, "status": rule[0], "reason": rule[1]}
         if (rd / "summary.json").is_file():
             return {**d, "status": "finished"}
         pieces = _read_pieces(rd)
@@ -574,7 +622,7 @@ def run_sweep(sweep: Sweep, cells: Sequence[Cell], budget: WallBudget, all_cells
     counts = {"complete": 0, "paused": 0, "failed": 0, "skipped": 0, "claimed elsewhere": 0}
     for cell in cells:
         st = sweep.status(cell)
-        if st["status"] in ("done", "unavailable"):
+        if st["status"] in ("done", "unavailable", "skipped", "waiting"):
             counts["skipped"] += 1
             continue
         if st["status"] != "finished" and budget.expired():

@@ -593,7 +593,9 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
     row_order = list(settings.get("methods") or HEADLINE_ORDER)  # the plan's order of methods
     runs = [sweep.Run.from_record(json.loads(p.read_text(encoding="utf-8")))
             for p in sorted((root / "records").glob("**/seed*.json"))]
-    planned = manifest.get("cells") or []
+    every = manifest.get("cells") or []
+    planned = [c for c in every if c.get("status") != "skipped"]  # the cells the protocol runs
+    left_out = len(every) - len(planned)
     missing = sweep.missing_cells(planned, runs)
     groups = sweep.by_group(runs)
     order = list(dict.fromkeys([str(c["group"]) for c in planned] + sorted(groups)))
@@ -601,7 +603,9 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
         "## Headline: PR-FL against tuned baselines over a paper-length horizon\n",
         f"From `{rel_root}/headline/` (`benchmarks/headline.py`; plan of {manifest.get('updated', '?')}, "
         f"command `{manifest.get('command', '?')}`). {len(planned) - len(missing)} of {len(planned)} planned "
-        f"cells are done.\n",
+        f"cells are done"
+        + (f"; {left_out} more cells of the full grid are left out by the protocol (below)" if left_out else "")
+        + ".\n",
         (f"{_scenario_words(settings)}; {_g(settings.get('max_time'))} virtual s per run; accuracy on "
          f"{settings.get('evaluated_on', 'the test set')} every {_g(settings.get('eval_every_seconds'))} virtual s; seeds "
          f"{', '.join(map(str, seeds))}. Groups are accounting/fleet/split (`allfast`: every client on the "
@@ -664,6 +668,10 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
                      "(`unavailable`: the build that wrote it lacks an option or setting the cell needs).\n")
         lines.append(markdown(sweep.missing_table(
             [states[(str(c["group"]), str(c["method"]), int(c["seed"]))] for c in missing])))
+    if left_out:
+        lines.append("### Cells the protocol leaves out\n")
+        lines.append(f"{left_out} cells of the full grid, and why (`benchmarks/headline.py`, `Sweep.protocol`).\n")
+        lines.append(markdown(sweep.missing_table([c for c in every if c.get("status") == "skipped"])))
     return lines
 
 

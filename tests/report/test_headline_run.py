@@ -154,3 +154,47 @@ def test_side_by_side_invocations_claim_cells(headline, tmp_path) -> None:
     assert headline.main(args(out, runs), clock=Clock()) == 0
     assert (out / "records" / cell / "seed0.json").is_file()
     assert not claim.exists()
+
+
+def _record(method: str, group: str, seed: int, accuracy: list[float]) -> dict:
+    """A compact record with just what the tuning reads: evaluations every 60 s, the summary."""
+    times = [60.0 * i for i in range(len(accuracy))]
+    return {"format": 1, "cell": {"tier": 1, "group": group, "method": method, "seed": seed}, "policy": "fedasync",
+            "seed": seed, "summary": {"final_accuracy": accuracy[-1], "best_accuracy": max(accuracy),
+                                      "virtual_seconds": times[-1]},
+            "evals": {"time": times, "round": list(range(len(accuracy))), "accuracy": accuracy,
+                      "loss": [1.0] * len(accuracy), "server_egress": [0] * len(accuracy),
+                      "server_ingress": [0] * len(accuracy)}}
+
+
+def test_the_protocol_runs_the_tuned_fedasync_configurations_beyond_seed_0(headline, tmp_path) -> None:
+    """Until seed 0's grid is complete, FedAsync cells that depend on it wait; then seeds 1 and 2,
+    the reference accounting and the all-fast fleet run the configurations best at some target
+    (here alpha 0.6 poly at 0.80, alpha 0.3 hinge at 0.85); ablations run on seed 0 only."""
+    import json
+
+    settings = headline.Settings(targets=(0.80, 0.85), consecutive=1)
+    sw = headline.Sweep(tmp_path / "out", tmp_path / "runs", settings)
+    group = headline.Group.parse("honest/paper10/dirichlet")
+    cell = lambda g, m, s: headline.Cell(1, headline.Group.parse(g), m, s)  # noqa: E731
+    assert sw.status(cell("honest/paper10/dirichlet", "fedasync-a0.1-poly", 0))["status"] == "pending"
+    assert sw.status(cell("honest/paper10/dirichlet", "fedasync-a0.1-poly", 1))["status"] == "waiting"
+    assert sw.status(cell("honest/paper10/dirichlet", "prfl", 1))["status"] == "pending"
+    assert sw.status(cell("honest/paper10/dirichlet", "prfl-norecovery", 1))["status"] == "skipped"
+    assert sw.status(cell("honest/paper10/dirichlet", "prfl-norecovery", 0))["status"] == "pending"
+    curves = {m: [0.1, 0.5, 0.7, 0.75, 0.79] for m in headline.FEDASYNC_GRID}
+    curves["fedasync-a0.6-poly"] = [0.1, 0.81, 0.82, 0.83, 0.84]  # first to 0.80, never 0.85
+    curves["fedasync-a0.3-hinge"] = [0.1, 0.5, 0.6, 0.86, 0.87]  # the only one to 0.85
+    for m, acc in curves.items():
+        path = sw.record_path(headline.Cell(1, group, m, 0))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_record(m, group.name, 0, acc)))
+    assert sw.tuned(group) == {"fedasync-a0.6-poly", "fedasync-a0.3-hinge"}
+    for g in ("honest/paper10/dirichlet", "reference/paper10/dirichlet", "honest/allfast/dirichlet"):
+        for s in (1, 2):
+            assert sw.status(cell(g, "fedasync-a0.6-poly", s))["status"] == "pending"
+            st = sw.status(cell(g, "fedasync-a0.1-poly", s))
+            assert st["status"] == "skipped" and "best: fedasync-a0.3-hinge, fedasync-a0.6-poly" in st["reason"]
+    # the other split tunes on its own seed 0
+    assert sw.status(cell("reference/paper10/iid", "fedasync-a0.6-poly", 0))["status"] == "waiting"
+    assert sw.status(cell("honest/paper10/iid", "fedasync-a0.1-poly", 0))["status"] == "pending"
