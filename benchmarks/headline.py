@@ -68,6 +68,7 @@ from prfl.policies import POLICIES
 from prfl.report.sweep import Run, best_tuned, compact_run
 from prfl.run import build_scenario, resume_run, run_policy
 from prfl.runtime.checkpoint import CHECKPOINT, PREVIOUS_CHECKPOINT
+from prfl.sim.executors import process_alive
 
 log = logging.getLogger("headline")
 
@@ -375,16 +376,6 @@ def _claim_holder(path: Path) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 @dataclass
 class Sweep:
     """Paths and settings of one invocation."""
@@ -413,7 +404,7 @@ class Sweep:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = _claim_holder(path)
-                if holder is not None and holder != os.getpid() and _alive(holder):
+                if holder is not None and holder != os.getpid() and process_alive(holder):
                     return False
                 path.unlink(missing_ok=True)  # a claim left by a process that has ended
                 continue

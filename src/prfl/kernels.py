@@ -23,6 +23,7 @@ is logged once and the eager path takes over for the rest of the process.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -128,7 +129,13 @@ class ServerKernels:
 
 def _scalar(x: float, like: torch.Tensor) -> torch.Tensor:
     # a 0-dim tensor rather than a Python float: one compiled graph serves every value
-    return torch.tensor(x, dtype=like.dtype)
+    return _scalar_of(float(x), like.dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _scalar_of(x: float, dtype: torch.dtype) -> torch.Tensor:
+    # one tensor per value for all the blocks of a pass (read only: the kernels never write it)
+    return torch.tensor(x, dtype=dtype)
 
 
 KERNELS = ServerKernels()

@@ -217,12 +217,13 @@ def _own_spill_dir(parent: Path) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     for d in parent.glob(f"{_SPILL_PREFIX}*-*"):
         pid = d.name[len(_SPILL_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{_SPILL_PREFIX}{os.getpid()}-", dir=parent))
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Does a process with this pid exist (ours or someone else's)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
