@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prfl.aggregation import mask_fedavg, weighted_average
-from prfl.runtime.checkpoint import Streamed, dumps, loads
+from prfl.runtime.checkpoint import Near, Streamed, dumps, loads
 from prfl.buffer import BufferEntry, ClientBuffer
 
 T = torch.tensor
@@ -354,6 +354,39 @@ def prefix_buffer(fleet: list, total: int, npr: int, path=None) -> ClientBuffer:
     for c, w, mask, order, n, r in fleet:
         buf.put(c, w, mask, n, r, order=order)
     return buf
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse", "prefix", "prefix-file"])
+def test_slots_stored_near_the_model_come_back_bit_for_bit(kind, tmp_path):
+    """With ``near`` (the global model, in the same checkpoint) every slot's values are stored as
+    their difference from it, at the slot's places (dense: the same; sparse: its index; prefix: the
+    first ranks of its ranking), and load back exactly, in memory or through a file."""
+    import json
+
+    total, npr = 1100, 1000
+    if kind.startswith("prefix"):
+        src = prefix_buffer(prefix_fleet(total, npr), total, npr, path=tmp_path / "b" if kind == "prefix-file" else None)
+    else:
+        src = ClientBuffer(8, total, npr, storage=kind)
+        fill(src, SPECS)
+    model = src.plain_average() + 1e-3  # the slots are near it
+    in_memory = src.state_dict(near=model)
+    slots = [k for k in in_memory if k.endswith(".values")]
+    assert slots and all(isinstance(in_memory[k], Near) for k in slots)
+    data = dumps({"model": model, "buffer": in_memory})
+    n = int.from_bytes(data[:8], "little")
+    begin, end = json.loads(data[8 : 8 + n])["prfl.state"]["data_offsets"]
+    rows = json.loads(data[8 + n + begin : 8 + n + end])["tensors"]
+    assert sum(str(r.get("values", "")).startswith("delta:") for r in rows) >= len(slots) - 1  # an empty slot has no values
+    prev = torch.randn(total, generator=torch.Generator().manual_seed(4))
+    for state in (in_memory, loads(data)["buffer"]):
+        dst = ClientBuffer(src.num_clients, total, npr, storage=src.storage)
+        dst.load_state_dict(state)
+        assert torch.equal(dst.aggregate(prev, 12), src.aggregate(prev, 12))
+        for c in src.clients():
+            assert torch.equal(dst.get(c).weights, src.get(c).weights)
+    with pytest.raises(ValueError, match="near must be"):
+        src.state_dict(near=model[:-1])
 
 
 @pytest.mark.parametrize("kind", ["poly", "const"])

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import prfl.runtime.checkpoint as ck
-from prfl.runtime.checkpoint import CheckpointError, Streamed, dumps, loads, read_checkpoint, write_checkpoint
+from prfl.runtime.checkpoint import CheckpointError, Near, Streamed, dumps, loads, read_checkpoint, write_checkpoint
 from prfl.client.result import TaskResult
 from prfl.distribution import PieceId
 from prfl.policies.base import TaskSpec
@@ -184,6 +184,116 @@ def test_streamed_entries_are_read_one_at_a_time_and_released() -> None:
     assert [float(s.read()[0]) for s in back["slots"]] == [float(i) for i in range(20)]
     assert len({id(s) for s in back["shared"]}) == 1 and back["slots"][3].shape == (1000,)
     assert torch.equal(ck.materialize(back["shared"][0]), torch.ones(10))
+
+
+def _close_model(n: int = 50_000, p: int = 45_000, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A trained-like global model ``w`` (p prunable weights, then a suffix), a client's model
+    close to it, and the pieces a checkpoint holds of such models."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, generator=g) * 0.05
+    client = w + 1e-4 * torch.randn(n, generator=g)
+    mask = torch.rand(p, generator=g) < 0.4
+    masked = client.clone()
+    masked[:p][~mask] = 0.0
+    masked[:p][~mask & (torch.arange(p) % 7 == 0)] = -0.0  # W ⊙ m keeps -0.0 where W < 0
+    return {"w": w, "client": client, "mask": mask, "masked": masked,
+            "packed": torch.cat([client[:p][mask], client[p:]]), "positions": mask.nonzero().view(-1).to(torch.int32)}
+
+
+def _rows(data: bytes) -> list[dict]:
+    return json.loads(_state_array(data))["tensors"]
+
+
+def test_near_values_are_stored_as_deltas_and_come_back_bit_for_bit() -> None:
+    from prfl.distribution import pack_bits
+
+    m = _close_model()
+    w, mask, p = m["w"], m["mask"], m["mask"].numel()
+    bitmap = pack_bits(mask)
+    by_rank = torch.randperm(p, generator=torch.Generator().manual_seed(1))[:5000]
+    state = {
+        "w": w, "mask": mask, "bitmap": bitmap, "positions": m["positions"], "by_rank": by_rank,
+        "aligned": Near(m["client"], w), "sparse": Near(m["masked"], w), "packed": Near(m["packed"], w, mask),
+        "bitmap_packed": Near(m["packed"].clone(), w, bitmap), "positions_packed": Near(m["packed"] + 0.0, w, m["positions"]),
+        "ranked": Near(torch.cat([m["client"][by_rank], m["client"][p:]]), w, by_rank),
+        "prefix": Near(torch.cat([m["client"][by_rank[:1234]], m["client"][p:]]), w, by_rank, 1234),
+        "streamed": Near(Streamed(read=lambda: m["packed"].clone()), w, mask),
+        "half": Near(m["client"].half(), w.half()), "double": Near(m["client"].double(), w.double()),
+        "equal": Near(w.clone(), w),
+    }
+    data = dumps(state)
+    back = loads(data)
+    expected = {"aligned": m["client"], "sparse": m["masked"], "packed": m["packed"], "bitmap_packed": m["packed"],
+                "positions_packed": m["packed"], "ranked": torch.cat([m["client"][by_rank], m["client"][p:]]),
+                "prefix": torch.cat([m["client"][by_rank[:1234]], m["client"][p:]]), "half": m["client"].half(), "double": m["client"].double(), "equal": w}
+    for k, v in expected.items():
+        assert isinstance(back[k], torch.Tensor) and _same(back[k], v), k
+    assert isinstance(back["streamed"], Streamed) and _same(back["streamed"].read(), m["packed"])
+    assert back["equal"] is not back["w"] and _same(back["w"], w)
+    deltas = [r for r in _rows(data) if str(r.get("values", "")).startswith("delta:")]
+    assert len(deltas) == len(expected) + 1  # every Near value, the streamed one included
+    # Close values share their high bytes: the delta is much smaller than the values stored alone.
+    alone = len(dumps({"w": w, "client": m["client"]})) - len(dumps({"w": w}))
+    near = len(dumps({"w": w, "client": Near(m["client"], w)})) - len(dumps({"w": w}))
+    assert near < 0.8 * alone
+    # A value equal to its base costs next to nothing.
+    assert len(dumps({"w": w, "c": Near(w.clone(), w)})) < len(dumps({"w": w})) + 0.05 * w.numel() * 4
+
+
+def test_a_near_value_read_after_its_base_changed_in_place_is_still_exact() -> None:
+    """The reader keeps its own copy of a delta's base: a consumer that updates the loaded model
+    in place before it reads a Streamed delta still gets the saved values."""
+    m = _close_model()
+    back = loads(dumps({"w": m["w"], "s": Near(Streamed(read=lambda: m["client"]), m["w"])}))
+    back["w"].add_(1.0)
+    assert _same(back["s"].read(), m["client"])
+
+
+def test_near_falls_back_to_plain_storage_when_it_cannot_apply(caplog) -> None:
+    m = _close_model()
+    w = m["w"]
+    chained = Near(m["client"] + 1e-5, m["client"])  # its base is itself stored as a delta: one level only
+    state = {"w": w, "a": Near(m["client"], w), "b": chained, "self": Near(w, w),
+             "misfit": Near(m["client"][:-3].clone(), w),  # does not line up with the base: stored as it is
+             "ints": Near(torch.arange(100), w)}
+    with caplog.at_level("WARNING", logger="prfl.runtime.checkpoint"):
+        data = dumps(state)
+    assert "without its delta" in caplog.text
+    back = loads(data)
+    assert _same(back["b"], m["client"] + 1e-5) and _same(back["misfit"], m["client"][:-3])
+    assert back["self"] is back["w"] and torch.equal(back["ints"], torch.arange(100))
+    rows = _rows(data)
+    assert sum(str(r.get("values", "")).startswith("delta:") for r in rows) == 1  # "a" only
+    # In memory (no file between writer and reader), materialize sees through a Near.
+    assert ck.materialize(state["a"]) is m["client"]
+    with pytest.raises(TypeError, match="base of a Near"):
+        dumps({"x": Near(torch.ones(100), torch.arange(100))})
+
+
+@pytest.mark.parametrize("damage", ["self", "chain", "range", "misfit"])
+def test_forged_delta_rows_are_refused(damage: str) -> None:
+    m = _close_model()
+    data = dumps({"w": m["w"], "v": m["client"] + 0.0, "c": Near(m["client"], m["w"])})
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    begin, end = header["prfl.state"]["data_offsets"]
+    doc = json.loads(data[8 + n + begin : 8 + n + end])
+    rows = doc["tensors"]
+    i = next(k for k, r in enumerate(rows) if str(r.get("values", "")).startswith("delta:"))
+    if damage == "self":
+        rows[i]["base"] = i
+    elif damage == "chain":
+        j = next(k for k, r in enumerate(rows) if k != i and r["enc"] == "raw")
+        rows[j]["values"] = rows[i]["values"]
+        rows[i]["base"] = j
+    elif damage == "range":
+        rows[i]["base"] = 99
+    else:
+        rows[i]["shape"] = [rows[i]["shape"][0] - 8]
+    # The decoder reads the same arrays with the forged table (as load does once the checksum holds).
+    dec = ck._Decoder(ck._Source(io.BytesIO(data), False), 8 + n, header, rows, "forged")
+    with pytest.raises(CheckpointError, match="forged"):
+        dec.state(doc["state"])
 
 
 def test_unknown_types_are_refused_when_writing() -> None:

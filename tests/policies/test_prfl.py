@@ -347,3 +347,25 @@ def test_staleness_frozen_on_arrival_by_hand():
     # re-aged at round 3: c = (2 * 1/3, 3 * 1/4, 4 * 1/4) = (2/3, 3/4, 1); weights 0, 1:
     # (4/3 + 30/4) / (17/12) = 106/17; 2, 3: (4/3 + 30/4 - 6) / (29/12) = 34/29; biases 80/29
     assert torch.allclose(after_4, torch.tensor([106 / 17, 106 / 17, 34 / 29, 34 / 29, 80 / 29, 80 / 29]))
+
+
+def test_a_checkpoint_keeps_the_ranking_as_the_scores_it_was_built_from():
+    """After an importance ranking the state holds its floor and digest, not the permutation; the
+    loaded policy rebuilds the same ranking, and a state whose scores do not give it is refused."""
+    kw = dict(window=0.0, interval=1, recovery=False, importance=True, density_rule="B", initial_densities=(1.0, 0.5))
+    pol = build_policy("prfl", ctx(), **kw)
+    assert pol.state_dict()["ranking_order"] is not None  # the magnitude ranking: stored as it is
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    r = result(tasks[0], [1, 2, 3, 4, 0.5, 0.5], 1)
+    r.grad_sq = torch.tensor([1.0, 9.0, 4.0, 0.0])
+    acts = pol.on_event(ResultArrived(1.0, r))
+    assert any(isinstance(a, Record) and a.kind == "ranking" for a in acts) and pol.ranking_id == 1
+    state = pol.state_dict()
+    assert state["ranking_order"] is None and state["ranking_in_floor"].dtype == torch.bool
+    twin = build_policy("prfl", ctx(), **kw)
+    twin.load_state_dict(state)
+    assert torch.equal(twin.ranking.order, pol.ranking.order) and twin.ranking.floor_count == pol.ranking.floor_count
+    assert twin.state_dict()["ranking_order"] is None  # and it keeps being stored that way
+    forged = dict(state, scores=dict(state["scores"], scores=state["scores"]["scores"].flip(0)))
+    with pytest.raises(ValueError, match="rebuilt from the checkpoint"):
+        build_policy("prfl", ctx(), **kw).load_state_dict(forged)

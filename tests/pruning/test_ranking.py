@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prfl.pruning.ranking import build_ranking, kept_count, magnitude_ranking
+from prfl.pruning.ranking import build_ranking, floor_mask, kept_count, magnitude_ranking, rank_with_floor
 
 
 def test_kept_count_is_exact_ceil_without_float_noise():
@@ -139,3 +139,23 @@ def test_fast_ranking_equals_the_stable_sort_rule(spec, kind, cost, floor):
     r = build_ranking(s, mags, bounds, floor, layer_cost)
     assert r.floor_count == floor_count
     assert torch.equal(r.order, order)
+
+
+@pytest.mark.parametrize("cost", [None, (1.0, 3.7, 0.25)])
+def test_a_ranking_is_rebuilt_from_its_scores_and_floor_bit_for_bit(cost):
+    """A checkpoint keeps the scores and the floor instead of the ranking: the rebuild must be the
+    same permutation, ties (repeated scores, zeros) and per-layer costs included."""
+    g = torch.Generator().manual_seed(4)
+    bounds = ((0, 300), (300, 1000), (1000, 1200))
+    scores = torch.rand(1200, generator=g) ** 3
+    scores[::5] = scores[1::5]  # ties, broken by index
+    scores[100:140] = 0.0
+    weights = torch.randn(1200, generator=g)
+    r = build_ranking(scores, weights, bounds, floor=0.1, layer_cost=cost)
+    again = rank_with_floor(scores, floor_mask(r), bounds, layer_cost=cost)
+    assert torch.equal(again.order, r.order) and again.floor_count == r.floor_count
+    other = floor_mask(r)
+    other[int(r.order[-1])] = True  # another floor: another ranking
+    assert not torch.equal(rank_with_floor(scores, other, bounds, layer_cost=cost).order, r.order)
+    with pytest.raises(ValueError, match="bool mask"):
+        rank_with_floor(scores, floor_mask(r)[:-1], bounds)

@@ -38,6 +38,30 @@ def _lines(run_dir: Path) -> list[str]:
     return (run_dir / "history.jsonl").read_text(encoding="utf-8").splitlines()
 
 
+def _stored_as(path: Path) -> dict[str, str]:
+    """How each float tensor of a checkpoint is stored ("values" of its table row), by its path in
+    the state (the first path that refers to it)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    begin, end = json.loads(data[8 : 8 + n])["prfl.state"]["data_offsets"]
+    doc = json.loads(data[8 + n + begin : 8 + n + end])
+    out: dict[str, str] = {}
+
+    def walk(x: Any, where: str) -> None:
+        if isinstance(x, dict) and len(x) == 1 and ("$t" in x or "$s" in x):
+            row = doc["tensors"][x.get("$t", x.get("$s"))]
+            out.setdefault(where, str(row.get("values", "plain")))
+        elif isinstance(x, dict) and "$dict" in x:
+            for k, v in x["$dict"]:
+                walk(v, f"{where}/{k}")
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{where}/{k}" if where else k)
+
+    walk(doc["state"], "")
+    return out
+
+
 def _strip(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if k not in WALL_FIELDS}
 
@@ -68,6 +92,13 @@ def test_a_killed_run_resumes_to_the_uninterrupted_history(reference: Path, tmp_
     assert inflight and all("job" in d and "output" not in d for d in inflight.values())
     assert all(isinstance(d["job"]["start"], Streamed) for d in inflight.values())
     assert any(d["job"]["packed"] for d in inflight.values())  # masked tasks: values at the mask only
+    # The starts (older versions of the model) and the buffered models are stored as their
+    # difference from the model; the ranking as the scores it was built from and its floor.
+    stored = _stored_as(out / "checkpoint.pt")
+    assert all(stored[f"inflight/{tid}/job/start"].startswith("delta:") for tid in inflight)
+    slots = [k for k in stored if k.startswith("policy/buffer/slot.") and k.endswith(".values")]
+    assert slots and all(stored[k].startswith("delta:") for k in slots)
+    assert stored["policy/weights"] in ("plain", "hi-zlib") and state["policy"]["ranking_order"] is None
     summary = resume_run(out)
     ref = _lines(reference)
     got = _lines(out)

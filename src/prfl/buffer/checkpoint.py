@@ -14,7 +14,7 @@ import torch
 from prfl.buffer.arena import VALUE_DTYPE as _DTYPE
 from prfl.buffer.slots import STORAGE_KINDS, SlotStore, _prefix_mask, _Slot
 from prfl.distribution import PackedIndex, unpack_bits
-from prfl.runtime.checkpoint import Streamed, materialize
+from prfl.runtime.checkpoint import Near, Streamed, materialize
 
 _EMPTY = torch.empty(0, dtype=_DTYPE)
 
@@ -24,8 +24,13 @@ class BufferCheckpoint(SlotStore):
 
     _recompute: Callable[[], None]  # prfl.buffer.running.RunningAggregation: the running sums afresh
 
-    def state_dict(self) -> dict[str, torch.Tensor | Streamed]:
+    def state_dict(self, near: torch.Tensor | None = None) -> dict[str, torch.Tensor | Streamed | Near]:
         """The contents in their stored form (a sparse or prefix buffer stays small), without a copy.
+
+        ``near``: a model-sized tensor of the same checkpoint that the slots are close to (the
+        global model); dense and sparse slots are then given as :class:`~prfl.runtime.checkpoint.Near`
+        it, which a checkpoint stores as their bit difference from it (about a quarter smaller), and
+        which a checkpoint's reader gives back as the plain values.
 
         Entries are the buffer's own tensors: do not modify them, and use the state before the
         buffer changes. In a file-backed buffer a slot's values are a
@@ -40,7 +45,9 @@ class BufferCheckpoint(SlotStore):
         if self._running is not None:
             self._recompute()
         ids = self.clients()
-        state: dict[str, torch.Tensor | Streamed] = {
+        if near is not None and (near.dim() != 1 or near.numel() != self.total or not near.is_floating_point()):
+            raise ValueError(f"near must be a 1-D floating-point tensor of {self.total} weights")
+        state: dict[str, torch.Tensor | Streamed | Near] = {
             "config": torch.tensor(
                 [self.num_clients, self.total, self.num_prunable, STORAGE_KINDS.index(self.storage)], dtype=torch.int64
             ),
@@ -54,7 +61,13 @@ class BufferCheckpoint(SlotStore):
         release = self._arena.release if self._arena is not None else None
         for c in ids:
             s = self._slots[c]
-            state[f"slot.{c}.values"] = Streamed(read=lambda v=s.values: v, release=release) if on_disk else s.values
+            values: torch.Tensor | Streamed | Near
+            values = Streamed(read=lambda v=s.values: v, release=release) if on_disk else s.values
+            if near is not None and s.order_key is not None:  # prefix: at the ranking's first ranks, then the suffix
+                values = Near(values, near, self._orders[s.order_key], s.count)
+            elif near is not None:  # dense (the values line up) or sparse (at the index, then the suffix)
+                values = Near(values, near, None if s.index is None else s.index.data)
+            state[f"slot.{c}.values"] = values
             if s.mask is not None:
                 state[f"slot.{c}.mask"] = s.mask
             if s.index is not None:

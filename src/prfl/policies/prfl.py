@@ -229,6 +229,7 @@ class PRFL(PRFLControl, PRFLCheckpoint):
         self.total = ctx.initial_weights.numel()
         self.ranking: Ranking = magnitude_ranking(self.weights[: self.num_prunable], ctx.layer_bounds, cfg.floor)
         self.ranking_id = 0
+        self.ranked_from: torch.Tensor | None = None  # the scores the ranking was built from (None: magnitudes)
         self.model_id = 0  # bumps whenever the global weights change (aggregation or roll-back)
         self.scores = ImportanceScores(self.num_prunable, ctx.layer_bounds, cfg.importance_average)
         self._imp_asked: set[int] = set()  # clients asked for importance since the last rebuild

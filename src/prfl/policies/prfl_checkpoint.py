@@ -6,6 +6,7 @@ versions, which kept the piece ledger's parts apart, still load."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any
 
 import torch
@@ -16,8 +17,9 @@ from prfl.distribution import PieceLedger, ResidualSplit
 from prfl.policies.fleet import FleetPolicy, TaskInFlight
 from prfl.pruning.density import DensityController
 from prfl.pruning.importance import ImportanceScores
-from prfl.pruning.ranking import Ranking
+from prfl.pruning.ranking import Ranking, floor_mask, rank_with_floor
 from prfl.pruning.recovery import EarlyStopping
+from prfl.runtime.checkpoint import Near, materialize
 
 
 class PRFLCheckpoint(FleetPolicy):
@@ -51,12 +53,13 @@ class PRFLCheckpoint(FleetPolicy):
     client_monitors: list[EarlyStopping]
     best_weights: torch.Tensor
     final_phase: bool
+    ranked_from: torch.Tensor | None
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.update(
             control=self.control.state_dict(),
-            ranking_order=self.ranking.order.clone(),
+            **self._ranking_state(),
             ranking_floor=self.ranking.floor_count,
             ranking_id=self.ranking_id,
             model_id=self.model_id,
@@ -67,7 +70,7 @@ class PRFLCheckpoint(FleetPolicy):
             control_steps=self.control_steps,
             last_arrival=list(self.last_arrival),
             imp_asked=sorted(self._imp_asked),
-            buffer=self.buffer.state_dict(),
+            buffer=self.buffer.state_dict(near=state["weights"]),
             window=[(dataclasses.asdict(t), r, st) for t, r, st in self.window],
             task_masks=dict(self.task_masks),
             task_orders=dict(self.task_orders),
@@ -79,18 +82,42 @@ class PRFLCheckpoint(FleetPolicy):
             ledger=self.ledger.state_dict(),
             monitor=self.monitor.state_dict(),
             client_monitors=[m.state_dict() for m in self.client_monitors],
-            best_weights=self.best_weights.clone(),
+            best_weights=Near(self.best_weights.clone(), state["weights"]),
             final_phase=self.final_phase,
         )
         return state
 
+    def _ranking_state(self) -> dict[str, Any]:
+        """The ranking: built from the persistent importance scores (which the checkpoint holds
+        anyway), it is kept as its magnitude floor (a bit a weight) and a digest, and rebuilt on
+        loading; otherwise (magnitudes, or scores that do not persist) as its permutation."""
+        if self.ranked_from is not None and self.ranked_from is self.scores.scores:
+            return {"ranking_order": None, "ranking_in_floor": floor_mask(self.ranking),
+                    "ranking_digest": _digest(self.ranking.order)}
+        return {"ranking_order": self.ranking.order.clone()}
+
+    def _load_ranking(self, state: dict[str, Any]) -> None:
+        if state["ranking_order"] is not None:
+            self.ranking = Ranking(state["ranking_order"].clone(), state["ranking_floor"])
+            self.ranked_from = None
+            return
+        scores = self.scores.scores
+        if scores is None:
+            raise ValueError("the checkpoint keeps its ranking as the importance scores it was built from, but has no scores")
+        cost = self.ctx.layer_cost if self.config.layer_cost else None
+        ranking = rank_with_floor(scores, state["ranking_in_floor"], self.ctx.layer_bounds, layer_cost=cost)
+        if ranking.floor_count != int(state["ranking_floor"]) or _digest(ranking.order) != state["ranking_digest"]:
+            raise ValueError("the ranking rebuilt from the checkpoint's importance scores differs from the one the run "
+                             "had (a checkpoint of a different configuration or prfl version?)")
+        self.ranking, self.ranked_from = ranking, scores
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.control.load_state_dict(state["control"])
-        self.ranking = Ranking(state["ranking_order"].clone(), state["ranking_floor"])
         self.ranking_id = state["ranking_id"]
         self.model_id = state["model_id"]
         self.scores.load_state_dict(state["scores"])
+        self._load_ranking(state)
         self.armed = bool(state["armed"])
         self.first_stage = bool(state["first_stage"])
         self.local_rounds = [int(x) for x in state["local_rounds"]]
@@ -122,5 +149,10 @@ class PRFLCheckpoint(FleetPolicy):
         self.monitor.load_state_dict(state["monitor"])
         for m, s in zip(self.client_monitors, state["client_monitors"]):
             m.load_state_dict(s)
-        self.best_weights = state["best_weights"].clone()
+        self.best_weights = materialize(state["best_weights"]).clone()
         self.final_phase = state["final_phase"]
+
+
+def _digest(order: torch.Tensor) -> str:
+    """SHA-256 of a ranking's permutation (as int64), hex."""
+    return hashlib.sha256(order.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()

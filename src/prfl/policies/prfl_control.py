@@ -51,6 +51,7 @@ class PRFLControl(FleetPolicy):
     client_monitors: list[EarlyStopping]
     best_weights: torch.Tensor
     final_phase: bool
+    ranked_from: torch.Tensor | None  # the scores the ranking was built from
     armed: bool
     first_stage: bool
     densities: list[float]  # PRFL.densities
@@ -92,6 +93,7 @@ class PRFLControl(FleetPolicy):
             cost = self.ctx.layer_cost if cfg.layer_cost else None
             self.ranking = build_ranking(scores, self.weights[: self.num_prunable], self.ctx.layer_bounds, cfg.floor,
                                          layer_cost=cost)
+            self.ranked_from = scores  # the scores persist (holders rule): a checkpoint rebuilds the ranking from them
             self._imp_asked = set()
             self.ranking_id += 1
             self._masks = {}

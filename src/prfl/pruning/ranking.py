@@ -88,22 +88,9 @@ def build_ranking(
         raise ValueError(f"scores ({n}) and magnitudes ({magnitudes.numel()}) differ in length")
     if not 0.0 <= floor <= 1.0:
         raise ValueError(f"floor must lie in [0, 1], got {floor}")
-    if layer_cost is not None and len(layer_cost) != len(layer_bounds):
-        raise ValueError("layer_cost needs one coefficient per prunable layer")
-    covered = sum(b - a for a, b in layer_bounds)
-    if covered != n:
-        raise ValueError(f"layer bounds cover {covered} weights, scores have {n}")
-
-    s_np = _as_numpy(scores)
-    if layer_cost is not None:
-        s_np = s_np.astype(np.float64)  # a copy: score / cost is taken in float64
-        for (a, b), c in zip(layer_bounds, layer_cost):
-            if c <= 0:
-                raise ValueError(f"layer cost coefficients must be positive, got {c}")
-            with np.errstate(over="ignore"):
-                s_np[a:b] /= c
+    s_np = _ranked_scores(scores, layer_bounds, layer_cost)
     m_np = np.abs(_as_numpy(magnitudes))
-    if np.isnan(s_np).any() or np.isnan(m_np).any():
+    if np.isnan(m_np).any():
         raise ValueError("scores and magnitudes must not be NaN (check the importance statistics and the weights)")
 
     in_floor = np.zeros(n, dtype=bool)
@@ -113,6 +100,53 @@ def build_ranking(
             in_floor[a:b] = _top_k_mask(m_np[a:b], k)
     order = _rank_descending(s_np, ~in_floor)
     return Ranking(order=torch.from_numpy(order), floor_count=int(in_floor.sum()))
+
+
+def rank_with_floor(
+    scores: torch.Tensor,
+    in_floor: torch.Tensor,
+    layer_bounds: Sequence[tuple[int, int]],
+    layer_cost: Sequence[float] | None = None,
+) -> Ranking:
+    """The ranking :func:`build_ranking` makes from ``scores`` when its magnitude floor is the
+    bool mask ``in_floor``: the same permutation, bit for bit. A checkpoint keeps the floor (one
+    bit a weight) and the scores instead of the ranking (three or four bytes a weight)."""
+    if in_floor.dtype != torch.bool or in_floor.numel() != scores.numel():
+        raise ValueError(f"in_floor must be a bool mask of {scores.numel()} weights")
+    s_np = _ranked_scores(scores, layer_bounds, layer_cost)
+    floor = in_floor.reshape(-1).numpy()
+    order = _rank_descending(s_np, ~floor)
+    return Ranking(order=torch.from_numpy(order), floor_count=int(floor.sum()))
+
+
+def floor_mask(ranking: Ranking) -> torch.Tensor:
+    """The magnitude floor of ``ranking`` as a bool mask over the prunable weights."""
+    m = torch.zeros(ranking.size, dtype=torch.bool)
+    m[ranking.order[: ranking.floor_count]] = True
+    return m
+
+
+def _ranked_scores(scores: torch.Tensor, layer_bounds: Sequence[tuple[int, int]],
+                   layer_cost: Sequence[float] | None) -> np.ndarray:
+    """What the ranking sorts by: the scores, divided by their layer's cost (in float64) if
+    given; checked for NaN."""
+    n = int(scores.numel())
+    if layer_cost is not None and len(layer_cost) != len(layer_bounds):
+        raise ValueError("layer_cost needs one coefficient per prunable layer")
+    covered = sum(b - a for a, b in layer_bounds)
+    if covered != n:
+        raise ValueError(f"layer bounds cover {covered} weights, scores have {n}")
+    s_np = _as_numpy(scores)
+    if layer_cost is not None:
+        s_np = s_np.astype(np.float64)  # a copy: score / cost is taken in float64
+        for (a, b), c in zip(layer_bounds, layer_cost):
+            if c <= 0:
+                raise ValueError(f"layer cost coefficients must be positive, got {c}")
+            with np.errstate(over="ignore"):
+                s_np[a:b] /= c
+    if np.isnan(s_np).any():
+        raise ValueError("scores and magnitudes must not be NaN (check the importance statistics and the weights)")
+    return s_np
 
 
 # The ranking is one sort of distinct 64-bit keys, several times faster than a stable argsort of

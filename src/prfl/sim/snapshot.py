@@ -11,8 +11,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from prfl.allocator import release_free_heap
-from prfl.runtime.checkpoint import CheckpointError, Streamed, materialize
+from prfl.runtime.checkpoint import CheckpointError, Near, Streamed, materialize
 from prfl.sim.executors import job_source
 from prfl.sim.tasks import TaskProgress
 
@@ -33,6 +35,11 @@ class SimulationCheckpoints:
         (one per model version and mask), and it is trained again after a resume. Otherwise
         (an executor without job sources, or a task already trained) its output is saved,
         trained first if need be."""
+        policy = self.policy.state_dict()
+        model = policy.get("weights") if isinstance(policy, dict) else None
+        if not (isinstance(model, torch.Tensor) and model.is_floating_point()
+                and model.numel() == self.policy.weights.numel()):
+            model = None
         inflight = {}
         for tid, fl in self.inflight.items():
             entry: dict[str, Any] = {
@@ -49,12 +56,15 @@ class SimulationCheckpoints:
             src = job_source(fl.future) if fl.output is None and fl.future is not None else None
             if src is not None:
                 dense = not src.job.packed
-                entry["job"] = {
-                    "packed": src.job.packed,
-                    "start": Streamed(read=src.values, key=("job-start", src.key),
-                                      shape=(self.policy.weights.numel(),) if dense else None,
-                                      dtype=self.policy.weights.dtype if dense else None),
-                }
+                start: Streamed | Near = Streamed(read=src.values, key=("job-start", src.key),
+                                                  shape=(self.policy.weights.numel(),) if dense else None,
+                                                  dtype=self.policy.weights.dtype if dense else None)
+                mask = fl.spec.mask
+                if model is not None and (dense or mask is not None):
+                    # An older version of the model (at the task's mask, then the suffix): stored as
+                    # its difference from the model, which it is close to.
+                    start = Near(start, model, None if dense else mask)
+                entry["job"] = {"packed": src.job.packed, "start": start}
             else:
                 entry["output"] = self._output(fl)
             inflight[tid] = entry
@@ -70,7 +80,7 @@ class SimulationCheckpoints:
             "download_link": self.download_link.state_dict(),
             "upload_link": self.upload_link.state_dict(),
             "server_key": self._server_key,
-            "policy": self.policy.state_dict(),
+            "policy": policy,
             "counters": {
                 "bytes_down": list(self.bytes_down),
                 "bytes_up": list(self.bytes_up),
@@ -130,7 +140,8 @@ class SimulationCheckpoints:
         groups: dict[int, list[tuple[int, dict[str, Any]]]] = {}
         for tid, d in state["inflight"].items():
             if "job" in d:
-                groups.setdefault(id(d["job"]["start"]), []).append((int(tid), d))
+                start = d["job"]["start"]
+                groups.setdefault(id(start.value if isinstance(start, Near) else start), []).append((int(tid), d))
             self.inflight[int(tid)] = TaskProgress(
                 spec=d["spec"], speeds=d["speeds"], dispatched_at=d["dispatched_at"], stage=d["stage"],
                 relay_bytes=d["relay_bytes"], output=d.get("output"), compute_seconds=d["compute_seconds"],
