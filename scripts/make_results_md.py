@@ -482,6 +482,33 @@ def real_links_section(d: dict[str, Any], name: str) -> list[str]:
     return lines
 
 
+def checkpoint_size_section(d: dict[str, Any], name: str) -> list[str]:
+    """demo_checkpoints.json: every checkpoint of the demo's policies, and the largest one in parts."""
+    lines = _section_head("The demo's checkpoints, part by part", d, name)
+    model = d.get("model_bytes")
+    goal = d.get("goal_x_model")
+    rows = []
+    for r in d.get("runs") or []:
+        big, last = r.get("largest") or {}, r.get("last") or {}
+        cks = r.get("checkpoints") or []
+        rows.append([str(r.get("policy")), str(len(cks)), f"{_num(big.get('x_model'), '.2f')}x "
+                     f"({_num((big.get('bytes') or 0) / 1e6, '.0f')} MB, update {big.get('round', '-')})",
+                     f"{_num(last.get('x_model'), '.2f')}x", _num(max((c.get('seconds') or 0) for c in cks) if cks else None,
+                                                               '.1f')])
+    lines.append(f"Model: {_num((model or 0) / 1e6, '.1f')} MB of float32 weights; goal: at most "
+                 f"{_num(goal, '.0f')}x the model per checkpoint.\n")
+    lines.append(markdown((["policy", "checkpoints", "largest (x model)", "last", "slowest write (s)"], rows)))
+    for r in d.get("runs") or []:
+        parts = r.get("largest_parts") or {}
+        if not parts or not model:
+            continue
+        lines.append(f"Where the largest {r.get('policy')} checkpoint's bytes go:\n")
+        prow = [[f"`{k}`", str(v.get("tensors")), _num(v.get("bytes", 0) / model, ".2f"), ", ".join(v.get("stored_as") or [])]
+                for k, v in parts.items() if v.get("bytes", 0) >= 0.005 * model]
+        lines.append(markdown((["part of the state", "tensors", "x model", "stored as"], prow)))
+    return lines
+
+
 def generic_section(d: Any, name: str) -> list[str]:
     title = (d.get("benchmark") if isinstance(d, dict) else None) or Path(name).stem
     lines = [f"## {title}\n", f"From `{name}`.\n"]
@@ -737,6 +764,8 @@ def render(results: Path, baseline: str = "fedasync", figure_dir: Path | None = 
             lines += train_step_section(d, name)
         elif p.name == "buffer.json":
             lines += buffer_section(d, name)
+        elif p.name == "demo_checkpoints.json":
+            lines += checkpoint_size_section(d, name)
         elif p.name == "real_links.json":
             lines += real_links_section(d, name)
         elif p.name == "fuzz.json" or (p.name.startswith("fuzz_") and p.suffix == ".json"):

@@ -282,3 +282,39 @@ def test_nested_run_tables_are_labelled_by_their_folder_and_quote_their_note(scr
     assert main_part.count("Made by an older build.") == 2  # under both scenarios of paper_fmnist
     assert "Made by an older build." not in text.split("### iid (check/reference)", 1)[1]
     assert table_row(text.split("### iid (check/reference)", 1)[1], "prfl", "From")[3] == "2.67x"
+
+
+def test_checkpoint_size_breakdown_and_section(script, tmp_path) -> None:
+    """benchmarks/bench_checkpoint.py credits every stored tensor's bytes to the part of the state
+    that refers to it first and says how the part is stored; the RESULTS.md section lists each
+    policy's largest checkpoint against the model and, part by part, where its bytes go."""
+    import torch
+
+    from prfl.runtime.checkpoint import Near, Streamed, write_checkpoint
+
+    spec = importlib.util.spec_from_file_location("bench_checkpoint", SCRIPT.parents[1] / "benchmarks" / "bench_checkpoint.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(20_000, generator=g)
+    state = {"policy": {"weights": w, "buffer": {f"slot.{c}.values": Near(w + 1e-4 * torch.randn(20_000, generator=g), w)
+                                                  for c in range(3)}},
+             "inflight": {"$ids": None, 7: {"job": {"start": Near(Streamed(read=lambda: w + 1e-3), w)}}},
+             "history_offset": 0, "now": 1.0}
+    state["inflight"].pop("$ids")
+    path = write_checkpoint(state, tmp_path)
+    parts = bench.breakdown(path)
+    assert set(parts) == {"policy/weights", "policy/buffer/slot.*.values", "inflight/*/job/start"}
+    assert parts["policy/buffer/slot.*.values"]["tensors"] == 3 and parts["policy/buffer/slot.*.values"]["stored_as"] == ["delta"]
+    assert parts["policy/weights"]["stored_as"] in (["hi-zlib"], ["plain"])
+    stored = sum(p["bytes"] for p in parts.values())
+    assert 0 < stored < path.stat().st_size  # the arrays of the tensors, without the state's JSON
+    model = w.numel() * 4
+    section = "\n".join(script.checkpoint_size_section({
+        "model_bytes": model, "goal_x_model": 10.0, "command": "python benchmarks/bench_checkpoint.py",
+        "runs": [{"policy": "prfl", "checkpoints": [{"round": 50, "bytes": 3 * model, "x_model": 3.0, "seconds": 1.5},
+                                                   {"round": 100, "bytes": 2 * model, "x_model": 2.0, "seconds": 2.5}],
+                  "largest": {"round": 50, "bytes": 3 * model, "x_model": 3.0}, "last": {"x_model": 2.0},
+                  "largest_parts": parts}]}, "demo_checkpoints.json"))
+    assert "| prfl | 2 | 3.00x (0 MB, update 50) | 2.00x | 2.5 |" in section
+    assert "goal: at most 10x the model" in section and "| `policy/buffer/slot.*.values` | 3 |" in section
