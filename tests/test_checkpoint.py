@@ -219,13 +219,15 @@ def test_near_values_are_stored_as_deltas_and_come_back_bit_for_bit() -> None:
         "prefix": Near(torch.cat([m["client"][by_rank[:1234]], m["client"][p:]]), w, by_rank, 1234),
         "streamed": Near(Streamed(read=lambda: m["packed"].clone()), w, mask),
         "half": Near(m["client"].half(), w.half()), "double": Near(m["client"].double(), w.double()),
-        "equal": Near(w.clone(), w),
+        "equal": Near(w.clone(), w), "odd": Near(torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 3e38, -1e-45] * 20), w[:140] * -1.0),
     }
     data = dumps(state)
     back = loads(data)
     expected = {"aligned": m["client"], "sparse": m["masked"], "packed": m["packed"], "bitmap_packed": m["packed"],
                 "positions_packed": m["packed"], "ranked": torch.cat([m["client"][by_rank], m["client"][p:]]),
-                "prefix": torch.cat([m["client"][by_rank[:1234]], m["client"][p:]]), "half": m["client"].half(), "double": m["client"].double(), "equal": w}
+                "prefix": torch.cat([m["client"][by_rank[:1234]], m["client"][p:]]),
+                "half": m["client"].half(), "double": m["client"].double(), "equal": w,
+                "odd": torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 3e38, -1e-45] * 20)}
     for k, v in expected.items():
         assert isinstance(back[k], torch.Tensor) and _same(back[k], v), k
     assert isinstance(back["streamed"], Streamed) and _same(back["streamed"].read(), m["packed"])
