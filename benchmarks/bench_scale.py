@@ -18,9 +18,10 @@ the piece that finishes writes the result with all of them (peak: the highest pi
 
 ``--kill-check`` instead checks exact resume at this scale, in three processes: an uninterrupted
 ``prfl run`` of the workload (the reference), the same run killed with SIGKILL at a random
-moment after its first checkpoint, and ``prfl run --resume`` of the killed run. The resumed
-history must equal the reference line for line and the summaries field for field (apart from
-measured seconds).
+point after its first checkpoint (when its history reaches a random line between the one it had
+then and 95% of the reference's, so that load does not move the point), and ``prfl run
+--resume`` of the killed run. The resumed history must equal the reference line for line and the
+summaries field for field (apart from measured seconds).
 
 Usage (from the repository root):
   .venv/bin/python benchmarks/bench_scale.py --clients 10000 --updates 2000 --checkpoint-every 500 --out runs/scale-10000
@@ -273,11 +274,15 @@ def kill_check(args: argparse.Namespace) -> int:
             raise SystemExit(f"the run ended before its first checkpoint: {proc.stderr.read()[-4000:]!r}")
         time.sleep(0.5)
     first = time.perf_counter() - t0
-    # kill at a random moment between the first checkpoint and the reference's end
-    delay = rng.uniform(0.0, max(1.0, log["reference_wall_seconds"] - first) * 0.9)
-    time.sleep(delay)
-    if proc.poll() is not None:
-        raise SystemExit(f"the run finished before the kill (after {delay:.0f} s); run again with another --kill-seed")
+    # Kill at a random point of the run's progress between its first checkpoint and 95% of the
+    # reference's history (a line count, so the moment does not depend on the machine's load).
+    start, total = len(_history(killed_dir)), len(_history(ref_dir))
+    target = rng.randint(start + 1, max(start + 1, int(0.95 * total)))
+    while len(_history(killed_dir)) < target:
+        if proc.poll() is not None:
+            raise SystemExit(f"the run finished before reaching history line {target}; run again with another --kill-seed")
+        time.sleep(0.2)
+    delay = time.perf_counter() - t0 - first
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stderr.close()  # type: ignore[union-attr]
@@ -287,6 +292,7 @@ def kill_check(args: argparse.Namespace) -> int:
         state_round = checkpoints[-1]["round"]
     written = len(_history(killed_dir))
     log.update(kill_after_first_checkpoint_seconds=delay, killed_at_wall_seconds=time.perf_counter() - t0,
+               kill_at_history_line=target,
                last_checkpoint_round_before_kill=state_round, history_lines_when_killed=written,
                summary_written_before_kill=(killed_dir / "summary.json").exists())
     print(f"killed {delay:.0f} s after the first checkpoint (last checkpoint at update {state_round})", flush=True)

@@ -362,6 +362,7 @@ def scale_kill_section(d: dict[str, Any], name: str) -> list[str]:
         ["server updates (the kill check's run length)", str(d.get("server_rounds", "-"))],
         ["last checkpoint before the kill (update)", str(d.get("last_checkpoint_round_before_kill", "-"))],
         ["killed after the first checkpoint (s)", _num(d.get("kill_after_first_checkpoint_seconds"), ".0f")],
+        ["killed at history line (random, after the first checkpoint)", str(d.get("kill_at_history_line", "-"))],
         ["history lines: uninterrupted / killed and resumed", f"{d.get('history_lines', '-')} / "
                                                                f"{d.get('resumed_history_lines', '-')}"],
         ["first differing line", str(d.get("first_differing_line"))],
