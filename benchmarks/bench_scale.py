@@ -19,7 +19,7 @@ the piece that finishes writes the result with all of them (peak: the highest pi
 ``--kill-check`` instead checks exact resume at this scale, in three processes: an uninterrupted
 ``prfl run`` of the workload (the reference), the same run killed with SIGKILL at a random
 point after its first checkpoint (when its history reaches a random line between the one it had
-then and 95% of the reference's, so that load does not move the point), and ``prfl run
+then and the last 5% of the reference's, so that load does not move the point), and ``prfl run
 --resume`` of the killed run. The resumed history must equal the reference line for line and the
 summaries field for field (apart from measured seconds).
 
@@ -274,10 +274,11 @@ def kill_check(args: argparse.Namespace) -> int:
             raise SystemExit(f"the run ended before its first checkpoint: {proc.stderr.read()[-4000:]!r}")
         time.sleep(0.5)
     first = time.perf_counter() - t0
-    # Kill at a random point of the run's progress between its first checkpoint and 95% of the
-    # reference's history (a line count, so the moment does not depend on the machine's load).
+    # Kill at a random point of the run's progress after its first checkpoint, before the last 5%
+    # of the lines the reference wrote after that point (a line count, so the moment does not
+    # depend on the machine's load).
     start, total = len(_history(killed_dir)), len(_history(ref_dir))
-    target = rng.randint(start + 1, max(start + 1, int(0.95 * total)))
+    target = rng.randint(start + 1, max(start + 1, total - (total - start) // 20))
     while len(_history(killed_dir)) < target:
         if proc.poll() is not None:
             raise SystemExit(f"the run finished before reaching history line {target}; run again with another --kill-seed")
