@@ -410,3 +410,18 @@ def test_write_is_atomic_and_keeps_the_previous_checkpoint(tmp_path: Path) -> No
         write_checkpoint({"policy": object(), "history_offset": 3, "now": 0.0}, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt"]
     assert read_checkpoint(tmp_path / "checkpoint.pt")["policy"]["version"] == 2
+
+
+def test_streamed_deltas_with_many_indexes_read_back_in_any_order() -> None:
+    """A reader keeps only the last few indexes of deltas (a large fleet's slots each have their
+    own mask): values read in any order, an index read again after it was dropped, are exact."""
+    m = _close_model()
+    w, p = m["w"], m["mask"].numel()
+    g = torch.Generator().manual_seed(7)
+    masks = [torch.rand(p, generator=g) < 0.3 for _ in range(9)]
+    packed = [torch.cat([m["client"][:p][k], m["client"][p:]]) for k in masks]
+    state = {"w": w, "masks": masks,
+             "slots": [Near(Streamed(read=lambda v=v: v), w, k) for v, k in zip(packed, masks)]}
+    back = loads(dumps(state))
+    for i in [0, 5, 1, 8, 2, 0, 7, 3, 6, 4, 5, 0]:
+        assert _same(back["slots"][i].read(), packed[i]), i

@@ -76,6 +76,7 @@ import os
 import sys
 import weakref
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,7 @@ _ALIGN = 8  # every array starts at a multiple of this many bytes of the data se
 _HEADER_LIMIT = 100_000_000  # safetensors refuses longer headers
 _PLANE_MIN = 4096  # floating-point arrays at least this long have their high bytes compressed
 _LITTLE_ENDIAN = sys.byteorder == "little"  # safetensors is little-endian, and so are the byte planes
+_KEPT_INDEXES = 4  # indexes of deltas a reader keeps between Streamed reads
 _HEADER_START = b'{"__metadata__":{"format":"prfl-checkpoint"'  # how the header of every checkpoint begins
 
 #: Classes a checkpoint may rebuild (dataclasses, through their constructor), as
@@ -657,7 +659,8 @@ class _Decoder:
         self._tensors: dict[int, torch.Tensor] = {}
         self._streams: dict[int, Streamed] = {}
         self._classes: dict[str, type] = {}
-        self._bases: dict[int, torch.Tensor] = {}  # the bases and indexes of deltas, as read (kept for Streamed reads)
+        self._bases: dict[int, torch.Tensor] = {}  # the bases of deltas, as read (kept for Streamed reads)
+        self._indexes: OrderedDict[int, torch.Tensor] = OrderedDict()  # their indexes: the last few read
 
     # -- arrays
     def _array(self, name: Any, st_dtype: str, count: int) -> torch.Tensor:
@@ -812,15 +815,27 @@ class _Decoder:
                                   or str(self.table[j].get("values", "")).startswith("delta")):
                 raise CheckpointError(f"{self.where}: tensor {i} is a delta from tensor {j}, which is itself a delta")
 
-        def kept(j: int) -> torch.Tensor:
-            t = self._bases.get(j)
+        def base() -> torch.Tensor:
+            t = self._bases.get(b)
             if t is None:
-                t = self._bases[j] = self._load(j)
+                t = self._bases[b] = self._load(b)
+            return t
+
+        def index(j: int) -> torch.Tensor:
+            # Slots share few indexes (a ranking) or each has its own (a mask) that it reads once:
+            # the last few are kept, so memory stays bounded however many slots there are.
+            t = self._indexes.get(j)
+            if t is None:
+                t = self._indexes[j] = self._load(j)
+                while len(self._indexes) > _KEPT_INDEXES:
+                    self._indexes.popitem(last=False)
+            else:
+                self._indexes.move_to_end(j)
             return t
 
         def lined_up(n: int) -> torch.Tensor:
             try:
-                return _aligned_base(kept(b), None if x is None else kept(x), n, count)
+                return _aligned_base(base(), None if x is None else index(x), n, count)
             except (ValueError, IndexError, RuntimeError) as exc:
                 raise CheckpointError(f"{self.where}: tensor {i}: its base does not line up with it ({exc})") from None
 
