@@ -39,7 +39,7 @@ older version of the global model) is close to another tensor of the state, ``ba
 are stored ``delta``: the difference of their bit patterns from those of the base's values at
 the same places (as unsigned integers of the element's width, modulo 2^bits, zigzag-coded so
 that small differences either way are small numbers), one byte plane at a time, each plane
-through zlib when a sample of it shrinks by a tenth. Close values share their sign, exponent
+through zlib (run-length matching only) when a sample of it shrinks by a tenth. Close values share their sign, exponent
 and leading mantissa bits, so the high planes are nearly all zeros: a model stored this way
 beside the global model takes about 0.55-0.7 of its bytes instead of 0.85. The row names the
 base (``"base"``, a tensor of the table stored without a delta) and the index (``"index"``), and
@@ -204,12 +204,13 @@ def _aligned_base(base: torch.Tensor, index: torch.Tensor | None, n: int, count:
         if idx.numel() > flat.numel():
             raise ValueError(f"a Near index of {idx.numel()} places over a base of {flat.numel()}")
         picked = flat[: idx.numel()][idx]
-    elif not idx.dtype.is_floating_point and idx.dtype != torch.bool:
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= flat.numel()):
-            raise ValueError(f"a Near index has positions outside a base of {flat.numel()}")
-        picked = flat[idx.to(torch.int64)]
+    elif idx.dtype in (torch.int32, torch.int64):
+        try:
+            picked = torch.index_select(flat, 0, idx)
+        except (IndexError, RuntimeError):
+            raise ValueError(f"a Near index has positions outside a base of {flat.numel()}") from None
     else:
-        raise ValueError(f"a Near index must be a bool mask or integer positions, not {idx.dtype}")
+        raise ValueError(f"a Near index must be a bool mask, a bitmap or int32/int64 positions, not {idx.dtype}")
     suffix = n - picked.numel()
     if suffix < 0 or suffix > flat.numel() - (idx.numel() if idx.dtype == torch.bool else 0):
         raise ValueError(f"a Near value of {n} elements does not fit {picked.numel()} indexed ones and a suffix of the base")
@@ -353,11 +354,12 @@ class _Deflated:
     """The zlib stream of a byte tensor, produced chunk by chunk as the writer asks for it (the
     compressed bytes are never all in memory)."""
 
-    def __init__(self, data: torch.Tensor) -> None:
+    def __init__(self, data: torch.Tensor, strategy: int = zlib.Z_DEFAULT_STRATEGY) -> None:
         self.data = data
+        self.strategy = strategy
 
     def __iter__(self) -> Any:
-        z = zlib.compressobj(1)
+        z = zlib.compressobj(1, zlib.DEFLATED, zlib.MAX_WBITS, 8, self.strategy)
         view = self.data.numpy()
         for start in range(0, view.size, _CHUNK):
             out = z.compress(view[start : start + _CHUNK])
@@ -397,10 +399,13 @@ def _delta_arrays(v: torch.Tensor, ref: torch.Tensor) -> tuple[str, list[tuple[s
     kinds, arrays = [], []
     for b in range(size):
         plane = planes[:, b].contiguous()
-        sample = plane[: 1 << 16].numpy()
-        if sample.size and len(zlib.compress(sample, 1)) <= 0.9 * sample.size:
+        sample = plane[: 1 << 15].numpy()
+        z = zlib.compressobj(1, zlib.DEFLATED, zlib.MAX_WBITS, 8, zlib.Z_RLE)
+        if sample.size and len(z.compress(sample)) + len(z.flush()) <= 0.9 * sample.size:
             kinds.append("z")
-            arrays.append(("U8", _Deflated(plane)))
+            # Run-length matching only: a plane of small differences is runs of zeros and noise
+            # that longer matches do not find; about twice as fast and smaller than the default.
+            arrays.append(("U8", _Deflated(plane, zlib.Z_RLE)))
         else:
             kinds.append("r")
             arrays.append(("U8", plane))
