@@ -41,7 +41,7 @@ the same places (as unsigned integers of the element's width, modulo 2^bits, zig
 that small differences either way are small numbers), one byte plane at a time, each plane
 through zlib (run-length matching only) when a sample of it shrinks by a tenth. Close values share their sign, exponent
 and leading mantissa bits, so the high planes are nearly all zeros: a model stored this way
-beside the global model takes about 0.55-0.7 of its bytes instead of 0.85. The row names the
+beside the global model takes about 0.5-0.7 of its bytes instead of 0.85. The row names the
 base (``"base"``, a tensor of the table stored without a delta) and the index (``"index"``), and
 loading gives the value back bit for bit, as a tensor or (if it was written as a
 :class:`Streamed`) a Streamed.
