@@ -175,3 +175,17 @@ def test_a_checkpoint_stores_a_shared_start_once(tmp_path: Path) -> None:
     first = read_checkpoint(out / "checkpoint.prev.pt")
     starts = {id(d["job"]["start"]) for d in first["inflight"].values()}  # one Streamed per stored tensor
     assert len(first["inflight"]) > len(starts) >= 1  # tasks started from one model and mask share one copy
+
+
+def test_width_sliced_start_models_are_stored_as_they_are(tmp_path: Path, caplog) -> None:
+    """HeteroFL's width form starts tasks from narrower sub-networks, which do not line up with the
+    model: their start values are stored as they are, without a warning (full-width ones as deltas)."""
+    overrides = [*BASE[:8], "policy.name=heterofl", "policy.options={mode: width}", "sim.max_rounds=6",
+                 "sim.eval_every_rounds=3", "sim.checkpoint_every_rounds=2", "seed=5", "sim.executor=inline"]
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="prfl.runtime.checkpoint"):
+        run_policy(build_scenario(load_config(overrides=overrides)), out_dir=out)
+    assert "without its delta" not in caplog.text
+    stored = _stored_as(out / "checkpoint.pt")
+    starts = {k: v for k, v in stored.items() if k.endswith("/job/start")}
+    assert any(not v.startswith("delta:") for v in starts.values())  # the narrow ones, as they are

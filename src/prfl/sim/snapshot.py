@@ -55,12 +55,13 @@ class SimulationCheckpoints:
             }
             src = job_source(fl.future) if fl.output is None and fl.future is not None else None
             if src is not None:
-                dense = not src.job.packed
+                # the model's layout: not packed at a mask, not a width-sliced sub-network
+                dense = not src.job.packed and src.job.width == 1.0
                 start: Streamed | Near = Streamed(read=src.values, key=("job-start", src.key),
                                                   shape=(self.policy.weights.numel(),) if dense else None,
                                                   dtype=self.policy.weights.dtype if dense else None)
                 mask = fl.spec.mask
-                if model is not None and (dense or mask is not None):
+                if model is not None and src.job.width == 1.0 and (dense or mask is not None):
                     # An older version of the model (at the task's mask, then the suffix): stored as
                     # its difference from the model, which it is close to.
                     start = Near(start, model, None if dense else mask)
