@@ -390,6 +390,11 @@ def _undo_zigzag_delta(z: np.ndarray, ref: torch.Tensor, dtype: torch.dtype) -> 
     return torch.from_numpy(d.view(np.dtype(f"<i{dtype.itemsize}"))).view(dtype)
 
 
+def _is_delta(how: Any) -> bool:
+    """Whether a table row's ``values`` says the floats are stored as a delta from a base."""
+    return isinstance(how, str) and how.startswith("delta:")
+
+
 def _delta_arrays(v: torch.Tensor, ref: torch.Tensor) -> tuple[str, list[tuple[str, Any]]]:
     """``v`` stored as its :func:`_zigzag_delta` from ``ref``, one byte plane at a time (lowest
     first), each through zlib when a sample of it shrinks by a tenth or more: ("delta:" and a
@@ -583,7 +588,7 @@ def save(state: Any, fh: BinaryIO) -> int:
                 del arrays
                 row = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), **encoding,
                        "arrays": names}
-                if encoding.get("values", "").startswith("delta"):
+                if _is_delta(encoding.get("values")):
                     row["base"], row["index"] = e.base, e.index
                     if e.count is not None:
                         row["count"] = e.count
@@ -695,7 +700,7 @@ class _Decoder:
                 ref: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """``n`` floating-point values stored as :func:`_float_arrays` says (``names``: its arrays;
         ``ref``: the base's elements lined up with them, for a delta)."""
-        if isinstance(how, str) and how.startswith("delta:") and ref is not None and _LITTLE_ENDIAN:
+        if _is_delta(how) and ref is not None and _LITTLE_ENDIAN:
             size = dtype.itemsize
             kinds = how.removeprefix("delta:")
             if size not in _UINT or len(kinds) != size or len(names) != size or set(kinds) - {"r", "z"}:
@@ -775,7 +780,7 @@ class _Decoder:
         if any(d < 0 for d in shape) or not isinstance(names, list) or not names:
             raise CheckpointError(f"{self.where}: malformed entry {i} of the tensor table")
         n = math.prod(shape)
-        ref = self._delta_base(row, i) if isinstance(how, str) and how.startswith("delta:") else None
+        ref = self._delta_base(row, i) if _is_delta(how) else None
         if encoding == "raw" and dtype.is_floating_point:
             flat = self._values(how, names, dtype, n, i, None if ref is None else lambda: ref(n))
         elif encoding == "raw" and len(names) == 1:
@@ -817,7 +822,7 @@ class _Decoder:
         x = None if x is None else self._index(x)
         for j in (b, x):
             if j is not None and (j == i or not isinstance(self.table[j], dict)
-                                  or str(self.table[j].get("values", "")).startswith("delta")):
+                                  or _is_delta(self.table[j].get("values"))):
                 raise CheckpointError(f"{self.where}: tensor {i} is a delta from tensor {j}, which is itself a delta")
 
         def base() -> torch.Tensor:
