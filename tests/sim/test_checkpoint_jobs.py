@@ -91,7 +91,12 @@ def test_a_killed_run_resumes_to_the_uninterrupted_history(reference: Path, tmp_
     # every task in flight is saved as its job, with its start values streamed from the executor
     assert inflight and all("job" in d and "output" not in d for d in inflight.values())
     assert all(isinstance(d["job"]["start"], Streamed) for d in inflight.values())
-    assert any(d["job"]["packed"] for d in inflight.values())  # masked tasks: values at the mask only
+    masked = [d for d in inflight.values() if d["spec"].mask is not None]
+    assert masked
+    if executor == "inline":  # whole start vectors, held by reference while they fit FULL_START_BYTES
+        assert not any(d["job"]["packed"] for d in masked)
+    else:  # values at the mask only
+        assert all(d["job"]["packed"] for d in masked)
     # The starts (older versions of the model) and the buffered models are stored as their
     # difference from the model; the ranking as the scores it was built from and its floor.
     stored = _stored_as(out / "checkpoint.pt")
@@ -164,6 +169,42 @@ def test_jobs_from_one_model_and_mask_share_their_start_values(tmp_path: Path) -
     assert list(own[0].iterdir()) == []
     ex.close()
     assert not own[0].exists()
+
+
+def test_inline_jobs_keep_whole_start_vectors_within_their_budget(monkeypatch) -> None:
+    """Without a spill directory, masked jobs keep their start vector itself (shared by every
+    mask, no copy) while the vectors held fit FULL_START_BYTES; beyond that they are packed.
+    Training from either gives the same weights, and a start edited in place is refused."""
+    from prfl.sim import executors
+
+    sc = build_scenario(load_config(overrides=[*BASE, "sim.executor=inline"]))
+    npr = sc.layout.num_prunable
+    w = sc.initial_weights.clone()
+    monkeypatch.setattr(executors, "FULL_START_BYTES", w.numel() * w.element_size())  # room for one vector
+    ex = make_executor("inline", sc.worker_spec, dataset=sc.dataset)
+    masks = [torch.rand(npr, generator=torch.Generator().manual_seed(k)) < 0.3 for k in range(2)]
+
+    def job(t: int, weights: torch.Tensor) -> TrainJob:
+        return TrainJob(task_id=t, client=t % 6, weights=weights, indices=sc.partition.client_indices[t % 6],
+                        seed=t, mask=masks[t % 2])
+
+    whole = [ex.submit(job(t, w)) for t in range(4)]
+    sources = [f.job_source for f in whole]
+    assert len({s.key for s in sources}) == 1 and sources[0].values() is w  # one start for both masks, no copy
+    assert not any(s.job.packed for s in sources)
+    w2 = w.clone()
+    over = ex.submit(job(0, w2))  # a second vector would exceed the budget: packed
+    assert over.job_source.job.packed and over.job_source.values().numel() == int(masks[0].sum()) + w.numel() - npr
+    assert torch.equal(over.result().weights, whole[0].result().weights)  # same start values, same training
+    for f in whole[1:]:
+        f.result()
+    w3 = w.clone()
+    later = ex.submit(job(1, w3))  # the first vector's jobs are done: room again
+    assert not later.job_source.job.packed
+    w3.add_(1.0)
+    with pytest.raises(RuntimeError, match="changed in place"):
+        later.result()
+    ex.close()
 
 
 def test_a_checkpoint_stores_a_shared_start_once(tmp_path: Path) -> None:

@@ -216,8 +216,11 @@ def test_conv_model_histories_agree_across_executors() -> None:
         assert len(rec_a) == len(rec_b) and torch.equal(w_a, w_b)
 
 
-def test_packed_and_spilled_jobs_train_exactly_like_full_ones(tmp_path) -> None:
-    """A job keeps only W at its mask (packed), or waits on disk (spill_dir): same history."""
+def test_packed_and_spilled_jobs_train_exactly_like_full_ones(tmp_path, monkeypatch) -> None:
+    """A job keeps its whole start vector (by reference), only W at its mask (packed), or waits
+    on disk (spill_dir): same history."""
+    from prfl.sim import executors
+
     extra = ("policy.name=prfl", "policy.options={interval: 5, density_rule: B, initial_densities: [1.0, 0.5, 0.3, 0.1]}",
              "sim.max_rounds=20")
     sc = build_scenario(config(*extra))
@@ -225,6 +228,9 @@ def test_packed_and_spilled_jobs_train_exactly_like_full_ones(tmp_path) -> None:
     spill = tmp_path / "spill"
     rec_b, w_b, _ = run_with(sc, make_executor("inline", sc.worker_spec, dataset=sc.dataset, spill_dir=spill))
     assert rec_a == rec_b and torch.equal(w_a, w_b)
+    monkeypatch.setattr(executors, "FULL_START_BYTES", 0)  # every masked job packed, in memory
+    rec_c, w_c, _ = run_with(sc, make_executor("inline", sc.worker_spec, dataset=sc.dataset))
+    assert rec_a == rec_c and torch.equal(w_a, w_c)
     assert any(r["event"] == "arrival" and r["density"] < 1 for r in rec_a)  # masked jobs were packed
     assert list(spill.iterdir()) == []  # every waiting job's file is gone (trained or cancelled)
 

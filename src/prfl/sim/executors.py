@@ -59,20 +59,32 @@ _EMPTY = torch.empty(0)
 
 class _Start:
     """The start values of waiting jobs, in memory or in a file of ``spill_dir``; removed
-    from disk once no job needs them."""
+    from disk once no job needs them. ``packed``: the values at a mask then the suffix
+    (:meth:`TrainJob.pack`); otherwise the caller's whole weight vector itself, not a copy, which
+    must then stay as it is until the jobs have trained (checked when they read it)."""
 
-    def __init__(self, key: int, values: torch.Tensor, spill_dir: Path | None) -> None:
+    def __init__(self, key: int, values: torch.Tensor, spill_dir: Path | None, packed: bool = True) -> None:
         self.key = key
         self.users = 0
+        self.packed = packed
         self.path: Path | None = None
         self._values: torch.Tensor | None = values
+        self._version = values._version
         if spill_dir is not None:
             self.path = spill_dir / f"start-{key}.pt"
             torch.save({"weights": values.clone()}, self.path)  # clone: only these values, not a larger storage
             self._values = None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of memory its values hold (0 on disk)."""
+        return 0 if self._values is None else self._values.numel() * self._values.element_size()
+
     def values(self) -> torch.Tensor:
         if self._values is not None:
+            if self._values._version != self._version:
+                raise RuntimeError("the start weights of a waiting job were changed in place after it was submitted; "
+                                   "a policy must hand out new tensors, not edit the ones its tasks start from")
             return self._values
         assert self.path is not None
         return torch.load(self.path, weights_only=True)["weights"]
@@ -83,29 +95,63 @@ class _Start:
             self.path.unlink(missing_ok=True)
 
 
+#: Bytes of whole start vectors the inline executor keeps by reference for its waiting masked jobs
+#: (without a spill directory); beyond them it packs the values at each job's mask.
+FULL_START_BYTES = 1 << 30
+
+
 class _Starts:
     """One :class:`_Start` per (start weights, mask) pair of the waiting jobs: jobs dispatched
-    from one model version under one mask share their packed start values (and spill file)."""
+    from one model version under one mask share their packed start values (and spill file).
 
-    def __init__(self, spill_dir: Path | None) -> None:
+    Without a spill directory a masked job may instead keep its whole start vector, by reference
+    (no copy), shared by every mask: packing it (a gather of the kept values) and unpacking it to
+    train (zeroing a model-sized vector and scattering them back) are then both saved. The
+    trainer multiplies the start by the mask either way, so training sees the same values. Whole
+    starts are kept while their bytes stay within ``full_bytes`` (they may be older model
+    versions the server no longer holds); beyond that, jobs are packed."""
+
+    def __init__(self, spill_dir: Path | None, full_bytes: int | None = None) -> None:
         self.spill_dir = spill_dir
+        self.full_bytes = 0 if spill_dir is not None else FULL_START_BYTES if full_bytes is None else full_bytes
         self._cache: dict[tuple[int, int], tuple[weakref.ref[torch.Tensor], Any, int, weakref.ref[_Start]]] = {}
+        self._full: list[weakref.ref[_Start]] = []
         self._keys = itertools.count()
 
     def get(self, job: TrainJob) -> _Start:
         """The shared start of ``job`` (created if new); counts ``job`` as one of its users."""
         w, mask = job.weights, job.mask
-        key = (id(w), id(mask) if mask is not None else -1)
+        start = None
+        if mask is not None and not job.packed and self.full_bytes:
+            start = self._lookup((id(w), -2), w, None)
+            if start is None and self._full_held() + w.numel() * w.element_size() <= self.full_bytes:
+                start = self._remember((id(w), -2), w, None, _Start(next(self._keys), w, None, packed=False))
+                self._full.append(weakref.ref(start))
+        if start is None:
+            key = (id(w), id(mask) if mask is not None else -1)
+            start = self._lookup(key, w, mask)
+            if start is None:
+                start = self._remember(key, w, mask, _Start(next(self._keys), job.pack().weights, self.spill_dir))
+        start.users += 1
+        return start
+
+    def _lookup(self, key: tuple[int, int], w: torch.Tensor, mask: torch.Tensor | None) -> _Start | None:
         hit = self._cache.get(key)
         start = hit[3]() if hit is not None and hit[0]() is w and hit[2] == w._version else None
         if start is not None and mask is not None and hit is not None and hit[1]() is not mask:
             start = None
-        if start is None:
-            start = _Start(next(self._keys), job.pack().weights, self.spill_dir)
-            mask_ref: Any = weakref.ref(mask) if mask is not None else (lambda: None)
-            self._cache[key] = (weakref.ref(w, lambda _, k=key: self._forget(k)), mask_ref, w._version, weakref.ref(start))
-        start.users += 1
         return start
+
+    def _remember(self, key: tuple[int, int], w: torch.Tensor, mask: torch.Tensor | None, start: _Start) -> _Start:
+        mask_ref: Any = weakref.ref(mask) if mask is not None else (lambda: None)
+        self._cache[key] = (weakref.ref(w, lambda _, k=key: self._forget(k)), mask_ref, w._version, weakref.ref(start))
+        return start
+
+    def _full_held(self) -> int:
+        """Bytes of the whole start vectors some waiting job still holds."""
+        alive = [s for s in (r() for r in self._full) if s is not None and s.users > 0]
+        self._full = [weakref.ref(s) for s in alive]
+        return sum(s.nbytes for s in alive)
 
     def _forget(self, key: tuple[int, int]) -> None:
         hit = self._cache.get(key)
@@ -174,11 +220,12 @@ class InlineExecutor:
     stops (or that fails on the way) is then never trained, which is pure waste in one process.
     The outcome is the same either way, since a job carries everything that decides it.
 
-    A waiting job keeps only what training reads (:meth:`TrainJob.pack`), and jobs started from
-    the same weights under the same mask (one model version, one density) share one copy. With
-    ``spill_dir`` that copy waits on disk instead: written there at the first such ``submit``,
-    read back to train and removed when no waiting job needs it, so a fleet of thousands of
-    clients with a task each in flight does not hold their start models in memory.
+    A waiting masked job keeps its start vector by reference while those held stay within
+    :data:`FULL_START_BYTES`, else only what training reads (:meth:`TrainJob.pack`); jobs started
+    from the same weights under the same mask (one model version, one density) share one copy.
+    With ``spill_dir`` every start is packed and waits on disk instead: written there at the first
+    such ``submit``, read back to train and removed when no waiting job needs it, so a fleet of
+    thousands of clients with a task each in flight does not hold their start models in memory.
     """
 
     name = "inline"
@@ -192,7 +239,7 @@ class InlineExecutor:
 
     def submit(self, job: TrainJob) -> Future[TrainOutput]:
         start = self._starts.get(job)
-        light = dataclasses.replace(job, weights=_EMPTY, packed=job.packed or job.mask is not None)
+        light = dataclasses.replace(job, weights=_EMPTY, packed=job.packed or (job.mask is not None and start.packed))
         del job
 
         def run() -> TrainOutput:
