@@ -78,6 +78,7 @@ import weakref
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -526,10 +527,73 @@ def _content_key(t: torch.Tensor) -> tuple[Any, ...]:
     return (t.dtype, tuple(t.shape), h.digest())
 
 
-def save(state: Any, fh: BinaryIO) -> int:
+@dataclass
+class _Prepared:
+    """One entry read and encoded, ready to be written: its stored form (``encoding``, and
+    ``arrays`` of tensors or byte chunks), its content key when it may equal another entry,
+    and what to hand back to its source once written."""
+
+    dtype: torch.dtype
+    shape: list[int]
+    key: tuple[Any, ...] | None
+    encoding: dict[str, str]
+    arrays: list[tuple[str, Any]]
+    source: torch.Tensor | Streamed
+    got: Any
+
+    def release(self) -> None:
+        src, got = self.source, self.got
+        self.got = None
+        if isinstance(src, Streamed) and src.release is not None and isinstance(got, torch.Tensor):
+            src.release(got)
+
+
+def _prepare(i: int, entries: list[_Entry], groups: dict[tuple[Any, ...], int], eager: bool,
+             known: Callable[[tuple[Any, ...]], bool] | None = None) -> _Prepared:
+    """Read entry ``i`` and encode it (:func:`_encode_tensor`, as a delta from its base when it
+    has one), unless ``known(key)`` says an equal one is stored already; with ``eager`` its zlib
+    streams are compressed now, into chunks held in memory."""
+    e = entries[i]
+    src = e.source
+    got = src.read() if isinstance(src, Streamed) else src
+    prep = _Prepared(torch.float32, [], None, {}, [], src, got)
+    try:
+        if not isinstance(got, torch.Tensor) or got.dtype not in _ST_DTYPES:
+            raise TypeError(f"a streamed checkpoint entry gave {type(got).__name__}, not a tensor of an allowed dtype")
+        t = got.detach().cpu().contiguous()
+        prep.dtype, prep.shape = t.dtype, list(t.shape)
+        key = _content_key(t) if groups.get((t.dtype, tuple(t.shape)), 0) > 1 and t.numel() else None
+        prep.key = None if key is None else (*key, e.base, e.index, e.count)
+        if prep.key is not None and known is not None and known(prep.key):
+            return prep
+        ref = None
+        if e.base is not None and t.is_floating_point() and t.numel() >= 64:
+            base = entries[e.base].source
+            index = None if e.index is None else entries[e.index].source
+            assert isinstance(base, torch.Tensor) and (index is None or isinstance(index, torch.Tensor))
+            try:
+                ref = _aligned_base(base.detach().cpu(), None if index is None else index.detach().cpu(), t.numel(),
+                                    e.count)
+            except ValueError as exc:  # stored as it is: a delta only saves space
+                log.warning("checkpoint: tensor %d is stored without its delta (%s)", i, exc)
+                ref = None
+        prep.encoding, arrays = _encode_tensor(t, ref)
+        prep.arrays = [(st, list(arr) if eager and not isinstance(arr, torch.Tensor) else arr) for st, arr in arrays]
+    except BaseException:
+        prep.release()
+        raise
+    return prep
+
+
+#: Threads that read and encode a checkpoint's entries while it is written (1: all in the caller).
+SAVE_THREADS = max(1, min(2, os.cpu_count() or 1))
+
+
+def save(state: Any, fh: BinaryIO, threads: int | None = None) -> int:
     """Write ``state`` as a checkpoint to ``fh`` (a seekable binary file, empty, opened for
-    reading and writing) and return its size in bytes. Tensors are fetched and written one at a
-    time; the file is hashed back from ``fh`` for the trailer."""
+    reading and writing) and return its size in bytes. Tensors are fetched, encoded and written
+    a few at a time (on ``threads`` threads, default :data:`SAVE_THREADS`); the file is hashed
+    back from ``fh`` for the trailer."""
     enc = _Encoder()
     plain = enc.encode(state)
     entries = enc.entries
@@ -552,54 +616,56 @@ def save(state: Any, fh: BinaryIO) -> int:
             e.base = e.index = e.count = None
     table: list[dict[str, Any]] = []
     stored: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for i, e in enumerate(entries):
-        src = e.source
-        got = src.read() if isinstance(src, Streamed) else src
-        try:
-            if not isinstance(got, torch.Tensor) or got.dtype not in _ST_DTYPES:
-                raise TypeError(f"a streamed checkpoint entry gave {type(got).__name__}, not a tensor of an allowed dtype")
-            t = got.detach().cpu().contiguous()
-            key = _content_key(t) if groups.get((t.dtype, tuple(t.shape)), 0) > 1 and t.numel() else None
-            if key is not None:
-                key = (*key, e.base, e.index, e.count)
-            row = stored.get(key) if key is not None else None
-            if row is None:
-                ref = None
-                if e.base is not None and t.is_floating_point() and t.numel() >= 64:
-                    base = entries[e.base].source
-                    index = None if e.index is None else entries[e.index].source
-                    assert isinstance(base, torch.Tensor) and (index is None or isinstance(index, torch.Tensor))
-                    try:
-                        ref = _aligned_base(base.detach().cpu(), None if index is None else index.detach().cpu(), t.numel(),
-                                            e.count)
-                    except ValueError as exc:  # stored as it is: a delta only saves space
-                        log.warning("checkpoint: tensor %d is stored without its delta (%s)", i, exc)
-                        ref = None
-                encoding, arrays = _encode_tensor(t, ref)
-                del ref
-                names: list[str] = []
-                for j, (st, arr) in enumerate(arrays):
-                    name = f"t{i}" if len(arrays) == 1 else f"t{i}.{j}"
-                    if isinstance(arr, torch.Tensor):
-                        blobs.add(name, st, list(arr.shape), _bytes_of(arr) if arr.numel() else b"")
-                    else:
-                        blobs.add_stream(name, arr)
-                    names.append(name)
-                del arrays
-                row = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), **encoding,
-                       "arrays": names}
-                if _is_delta(encoding.get("values")):
-                    row["base"], row["index"] = e.base, e.index
-                    if e.count is not None:
-                        row["count"] = e.count
-                if key is not None:
-                    stored[key] = row
-            table.append(row)
-            del t
-        finally:
-            if isinstance(src, Streamed) and src.release is not None and isinstance(got, torch.Tensor):
-                src.release(got)
-            del got
+    # Entries are read and encoded (deltas, byte planes, zlib) on SAVE_THREADS threads, a few
+    # ahead of the one being written; torch, numpy, zlib and hashlib release the GIL for that
+    # work. The file is the same byte for byte whatever the number of threads: entries are
+    # written in order, and a duplicate's encoding (found in order) is dropped.
+    threads = max(1, SAVE_THREADS if threads is None else threads)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="prfl-checkpoint") if threads > 1 else None
+    ahead: dict[int, Future[_Prepared]] = {}
+    submitted = 0
+
+    try:
+        for i in range(len(entries)):
+            if pool is None:  # in order: a duplicate is found before it is encoded
+                prep = _prepare(i, entries, groups, eager=False, known=stored.__contains__)
+            else:
+                while submitted < min(len(entries), i + 2 * threads):
+                    ahead[submitted] = pool.submit(_prepare, submitted, entries, groups, True)
+                    submitted += 1
+                prep = ahead.pop(i).result()
+            try:
+                row = stored.get(prep.key) if prep.key is not None else None
+                if row is None:
+                    names: list[str] = []
+                    for j, (st, arr) in enumerate(prep.arrays):
+                        name = f"t{i}" if len(prep.arrays) == 1 else f"t{i}.{j}"
+                        if isinstance(arr, torch.Tensor):
+                            blobs.add(name, st, list(arr.shape), _bytes_of(arr) if arr.numel() else b"")
+                        else:
+                            blobs.add_stream(name, arr)
+                        names.append(name)
+                    row = {"dtype": str(prep.dtype).removeprefix("torch."), "shape": prep.shape, **prep.encoding,
+                           "arrays": names}
+                    if _is_delta(prep.encoding.get("values")):
+                        e = entries[i]
+                        row["base"], row["index"] = e.base, e.index
+                        if e.count is not None:
+                            row["count"] = e.count
+                    if prep.key is not None:
+                        stored[prep.key] = row
+                table.append(row)
+            finally:
+                prep.release()
+                del prep
+    finally:
+        if pool is not None:
+            for fut in ahead.values():
+                fut.cancel()
+            pool.shutdown(wait=True)
+            for fut in ahead.values():  # prepared but not written (an error stopped the writing)
+                if not fut.cancelled() and fut.exception() is None:
+                    fut.result().release()
     body = json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "tensors": table, "state": plain},
                       separators=(",", ":"), allow_nan=True).encode("utf-8")
     del plain
