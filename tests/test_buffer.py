@@ -460,6 +460,18 @@ def test_prefix_storage_refuses_what_it_cannot_store():
     with pytest.raises(ValueError, match="outside the mask are nonzero"):
         buf.put(0, w, mask, 1, 0, order=order)
     assert len(buf) == 0
+    # the prefix check is kept for a mask and an order, and made again once either is edited in place
+    w[10] = 0.0
+    buf.put(0, w, mask, 1, 0, order=order)
+    buf.put(1, w, mask, 1, 0, order=order)
+    mask[3], mask[5] = False, True
+    with pytest.raises(ValueError, match="not the first 4 entries"):
+        buf.put(1, torch.cat([w[:npr] * mask, w[npr:]]), mask, 1, 1, order=order)
+    mask[3], mask[5] = True, False
+    order[[3, 5]] = order[[5, 3]]
+    with pytest.raises(ValueError, match="not the first 4 entries"):
+        buf.put(1, w, mask, 1, 1, order=order)
+    assert len(buf) == 2
 
 
 def test_compacted_rankings_aggregate_the_same_and_take_less():

@@ -52,6 +52,7 @@ class ClientBuffer(FullAggregation, RunningAggregation, BufferCheckpoint):
         self._inverse_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (order, inverse permutation)
         self._ascending_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._mask_cache: dict[int, list[Any]] = {}  # id(mask) -> [ref, version, held copy, content entry]
+        self._prefix_checked: dict[tuple[int, int, int], tuple[Any, int, Any, int]] = {}  # see _is_prefix
         self._held_masks: dict[tuple[int, bytes], list[Any]] = {}  # (size, digest) -> [ref to held copy, positions]
         self._rows: torch.Tensor | None = None
         self._arena: SlotArena | None = None

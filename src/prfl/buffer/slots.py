@@ -69,6 +69,7 @@ class SlotStore:
     _inverse_cache: dict[int, tuple[torch.Tensor, torch.Tensor]]
     _ascending_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     _mask_cache: dict[int, list[Any]]
+    _prefix_checked: dict[tuple[int, int, int], tuple[Any, int, Any, int]]
     _held_masks: dict[tuple[int, bytes], list[Any]]
     _rows: torch.Tensor | None
     _arena: SlotArena | None
@@ -112,7 +113,7 @@ class SlotStore:
                                  f"least {count} long) of the {npr} prunable weights, got {order.dtype} "
                                  f"{tuple(order.shape)}")
             head = order[:count]
-            if count and not bool(mask[head].all()):
+            if count and not self._is_prefix(mask, order, count):
                 raise ValueError(f"client {client}: the mask is not the first {count} entries of the given order")
         if self.storage == "dense" or mask is None:
             npr = self.num_prunable
@@ -130,7 +131,7 @@ class SlotStore:
                 slot.positions = positions
             return self._finish_slot(slot, int(arrival_round), values)
         npr = self.num_prunable
-        kept = w[:npr][head] if head is not None else w[:npr].masked_select(mask)
+        kept = w[:npr].index_select(0, head) if head is not None else w[:npr].masked_select(mask)
         outside = 0 if zero_outside_mask else int(torch.count_nonzero(w[:npr])) - int(torch.count_nonzero(kept))
         if outside:
             raise ValueError(
@@ -146,6 +147,22 @@ class SlotStore:
                                      int(arrival_round), values)
         values = torch.cat([kept, w[npr:]])
         return self._finish_slot(_Slot(values, None, PackedIndex.from_mask(mask), n, r), int(arrival_round), values)
+
+    def _is_prefix(self, mask: torch.Tensor, order: torch.Tensor, count: int) -> bool:
+        """Whether ``mask`` holds the first ``count`` positions of ``order`` (``count`` = its number
+        of True entries). The answer is kept for the mask and order objects, unchanged since (torch
+        counts in-place edits): a policy hands one mask per density to many clients."""
+        key = (id(mask), id(order), count)
+        hit = self._prefix_checked.get(key)
+        if (hit is not None and hit[0]() is mask and hit[1] == mask._version and hit[2]() is order
+                and hit[3] == order._version):
+            return True
+        if not bool(mask.index_select(0, order[:count]).all()):
+            return False
+        if len(self._prefix_checked) >= 32:
+            self._prefix_checked.clear()
+        self._prefix_checked[key] = (weakref.ref(mask), mask._version, weakref.ref(order), order._version)
+        return True
 
     def _finish_slot(self, slot: _Slot, arrival_round: int, values: torch.Tensor) -> _Slot:
         """Set the arrival round, max |value| and (running sums) the frozen coefficient."""
