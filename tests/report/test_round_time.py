@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from prfl.report.html import write_report
 from prfl.report.plots import plot_round_time
 
@@ -51,3 +53,18 @@ def test_round_time_plot_draws_stacked_bars(tmp_path: Path) -> None:
     assert "link wait (server link)" in svg and "empty" not in svg  # a method with no timing gets no panel
     none = plot_round_time({}, tmp_path / "none.png")
     assert none.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_round_time_plot_of_a_large_fleet_draws_one_shape_per_part(tmp_path: Path) -> None:
+    from prfl.report.plots import ROUND_TIME_LABELS, STAIRS_FROM
+
+    n = 1000
+    rng = np.random.default_rng(0)
+    breakdown = {p: [float(v) for v in rng.uniform(0.5, 3.0, n)] for p in ("download", "link_wait", "compute", "upload")}
+    breakdown["compute"][7] = None  # a client that finished no task
+    assert n > STAIRS_FROM
+    png = plot_round_time({"prfl": breakdown}, tmp_path / "big.png", "1,000 clients")
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    svg = png.with_suffix(".svg").read_text()
+    assert svg.count("<path") < 200  # four filled outlines (and the axes), not 4,000 bars
+    assert all(ROUND_TIME_LABELS[p] in svg for p in breakdown)

@@ -292,6 +292,10 @@ ROUND_TIME_LABELS = {"download": "download (own link)", "link_wait": "link wait 
 ROUND_TIME_COLORS = {"download": "tab:blue", "link_wait": "tab:gray", "compute": "tab:green", "upload": "tab:orange"}
 
 
+#: Clients from which plot_round_time draws each part as one filled step outline, not a bar per client.
+STAIRS_FROM = 100
+
+
 def plot_round_time(breakdowns: Mapping[str, Mapping[str, Sequence[float | None]]], path: str | Path,
                     title: str = "") -> Path:
     """Where a local round's time goes: per client, a stacked bar of the mean seconds per task of
@@ -311,12 +315,17 @@ def plot_round_time(breakdowns: Mapping[str, Mapping[str, Sequence[float | None]
         axes[0][0].set_title(title or "where the round time goes")
         return save_figure(fig, path)
     x = np.arange(n)
+    edges = np.arange(n + 1) - 0.5
     for (method, b), row in zip(panels, axes):
         ax = row[0]
         bottom = np.zeros(n)
         for part in ROUND_TIME_PARTS:
             vals = np.array([float(v) if v is not None else 0.0 for v in b.get(part, [])] + [0.0] * n)[:n]
-            ax.bar(x, vals, 0.7, bottom=bottom, color=ROUND_TIME_COLORS[part], label=ROUND_TIME_LABELS[part])
+            if n <= STAIRS_FROM:
+                ax.bar(x, vals, 0.7, bottom=bottom, color=ROUND_TIME_COLORS[part], label=ROUND_TIME_LABELS[part])
+            else:  # a large fleet: one filled step outline per part rather than a patch per client
+                ax.stairs(bottom + vals, edges, baseline=bottom.copy(), fill=True, color=ROUND_TIME_COLORS[part],
+                          label=ROUND_TIME_LABELS[part])
             bottom += vals
         ax.set_ylabel("seconds per task")
         ax.set_title(method if len(panels) > 1 or not title else f"{title}: {method}", fontsize="medium")
