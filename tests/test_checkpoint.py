@@ -468,3 +468,39 @@ def test_an_entry_that_fails_on_a_thread_fails_the_save_and_releases_the_rest(tm
     with open(tmp_path / "x.pt", "w+b") as fh, pytest.raises(OSError, match="disk gone"):
         ck.save({"s": [source(i) for i in range(10)]}, fh, threads=2)
     assert set(released) >= {0, 1, 2, 3} and 4 not in released
+
+
+def test_a_lazily_loaded_state_saves_again_on_threads(tmp_path, monkeypatch) -> None:
+    """Streamed entries of a loaded checkpoint share its file (one position) and the reader's
+    caches: read from several threads, one at a time, they still come back exact (deltas
+    included). The reads here pause between seeking and reading, so that unguarded reads on
+    two threads would interleave."""
+    import time
+
+    def slow_readinto(self, offset, out):
+        self.fh.seek(offset)
+        time.sleep(0.002)
+        got = 0
+        while got < len(out):
+            n = self.fh.readinto(out[got:])
+            if not n:
+                raise ck.CheckpointError("the file ends inside an array")
+            got += n
+
+    m = _close_model()
+    w = m["w"]
+    g = torch.Generator().manual_seed(5)
+    values = [w + 1e-4 * torch.randn(w.numel(), generator=g) for _ in range(8)]
+    state = {"w": w, "s": [Near(Streamed(read=lambda v=v: v), w) for v in values],
+             "p": [Streamed(read=lambda i=i: torch.full((4000,), float(i))) for i in range(8)]}
+    with open(tmp_path / "first.pt", "w+b") as fh:
+        ck.save(state, fh)
+    back = ck.load(open(tmp_path / "first.pt", "rb"), owned=True)  # read from the file when asked
+    monkeypatch.setattr(ck._Source, "readinto", slow_readinto)
+    assert all(isinstance(x, Streamed) for x in back["s"])
+    with open(tmp_path / "again.pt", "w+b") as fh:
+        ck.save(back, fh, threads=3)
+    again = loads((tmp_path / "again.pt").read_bytes())
+    for v, x in zip(values, again["s"]):
+        assert torch.equal(ck.materialize(x).view(torch.int32), v.view(torch.int32))
+    assert [float(ck.materialize(x)[0]) for x in again["p"]] == [float(i) for i in range(8)]

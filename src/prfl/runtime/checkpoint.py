@@ -74,6 +74,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import weakref
 import zlib
 from collections import OrderedDict
@@ -737,6 +738,7 @@ class _Decoder:
         self._classes: dict[str, type] = {}
         self._bases: dict[int, torch.Tensor] = {}  # the bases of deltas, as read (kept for Streamed reads)
         self._indexes: OrderedDict[int, torch.Tensor] = OrderedDict()  # their indexes: the last few read
+        self._lock = threading.Lock()  # Streamed reads, whichever thread asks
 
     # -- arrays
     def _array(self, name: Any, st_dtype: str, count: int) -> torch.Tensor:
@@ -934,8 +936,15 @@ class _Decoder:
                 dtype: torch.dtype | None = _DTYPE_NAMES[row["dtype"]]
             except (KeyError, TypeError, ValueError):
                 shape, dtype = None, None  # reported when it is read
-            s = self._streams[i] = Streamed(read=lambda i=i: self._load(i), key=("checkpoint", i), shape=shape, dtype=dtype)
+            s = self._streams[i] = Streamed(read=lambda i=i: self._load_locked(i), key=("checkpoint", i), shape=shape,
+                                            dtype=dtype)
         return s
+
+    def _load_locked(self, i: int) -> torch.Tensor:
+        # a Streamed entry may be read on another thread (a checkpoint written from a loaded state
+        # encodes on threads): one read at a time, since reads share the file position and caches
+        with self._lock:
+            return self._load(i)
 
     # -- values
     def state(self, obj: Any) -> Any:
