@@ -440,7 +440,8 @@ def test_the_file_is_the_same_byte_for_byte_whatever_the_number_of_threads(tmp_p
     state = {
         "w": w, "order": order,
         "near": [Near(w + 1e-4 * torch.randn(w.numel(), generator=g), w) for _ in range(5)],
-        "prefix": Near(torch.cat([w[:45_000][order[:9_000]], w[45_000:]]), w, order, 9_000),
+        # three clients of one density: deltas of the same elements of w (lined up once per save)
+        "prefix": [Near(torch.cat([w[:45_000][order[:9_000]], w[45_000:]]) + 1e-4 * k, w, order, 9_000) for k in range(3)],
         "streamed": [Streamed(read=lambda i=i: torch.full((3000,), float(i))) for i in range(6)],
         "same": [torch.arange(5000) for _ in range(3)],  # equal contents, stored once
         "mask": torch.rand(45_000, generator=g) < 0.3,
@@ -453,6 +454,10 @@ def test_the_file_is_the_same_byte_for_byte_whatever_the_number_of_threads(tmp_p
     assert data[0] == data[1] == data[2] and sizes[0] == len(data[0])
     back = loads(data[1])
     assert torch.equal(ck.materialize(back["near"][2]), ck.materialize(state["near"][2].value))
+    for got, sent in zip(back["prefix"], state["prefix"]):
+        assert torch.equal(ck.materialize(got).view(torch.int32), sent.value.view(torch.int32))
+    deltas = [r for r in _rows(data[1]) if r.get("count") == 9_000]
+    assert len(deltas) == 3 and all(r["values"].startswith("delta:") for r in deltas)
 
 
 def test_an_entry_that_fails_on_a_thread_fails_the_save_and_releases_the_rest(tmp_path) -> None:

@@ -130,7 +130,7 @@ class PackedIndex:
         n = int(mask.numel())
         if n > _MAX_POSITIONS:
             raise ValueError(f"at most {_MAX_POSITIONS} items can be indexed, got {n}")
-        count = int(mask.sum())
+        count = int(torch.count_nonzero(mask))
         if bitmap_bytes(n) < POSITION_BYTES * count:
             return cls(n, count, True, pack_bits(mask))
         return cls(n, count, False, mask.nonzero().view(-1).to(torch.int32))
@@ -140,7 +140,7 @@ class PackedIndex:
         """Encode distinct positions in [0, size) (any order)."""
         mask = torch.zeros(size, dtype=torch.bool)
         mask[positions.to(torch.int64)] = True
-        if int(mask.sum()) != positions.numel():
+        if int(torch.count_nonzero(mask)) != positions.numel():
             raise ValueError("positions must be distinct")
         return cls.from_mask(mask)
 

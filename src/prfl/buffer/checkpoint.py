@@ -192,7 +192,7 @@ class BufferCheckpoint(SlotStore):
             data = _tensor(state[f"slot.{c}.bitmap"])
             count = size - suffix
             if data.dtype != torch.uint8 or data.numel() != (npr + 7) // 8 or count < 0 \
-                    or int(unpack_bits(data, npr).sum()) != count:
+                    or int(torch.count_nonzero(unpack_bits(data, npr))) != count:
                 raise ValueError(f"slot {c}: its bitmap does not mark its {count} kept weights")
             index = PackedIndex(npr, count, True, data)
         elif self.storage == "sparse" and f"slot.{c}.positions" in state:

@@ -38,7 +38,7 @@ def residual_plan(policy: Policy, spec: TaskSpec) -> ResidualPlan | None:
     if plan is None:
         return None
     kept = plan.kept
-    expected = plan.split.num_prunable if spec.mask is None else int(spec.mask.sum())
+    expected = plan.split.num_prunable if spec.mask is None else int(torch.count_nonzero(spec.mask))
     if kept != expected:
         raise RuntimeError(
             f"task {spec.task_id}: residual pieces 1..{plan.needed[-1].index} of split {plan.split.version} hold "

@@ -68,7 +68,7 @@ class PRFLControl(FleetPolicy):
             if mask is None:
                 continue
             if id(mask) not in counts:
-                counts[id(mask)] = int(mask.sum())
+                counts[id(mask)] = int(torch.count_nonzero(mask))
             held = need.get(id(order))
             need[id(order)] = (order, max(counts[id(mask)], held[1] if held else 0))
         small = order_dtype(self.num_prunable)  # old rankings are kept as int32 copies of their used prefix

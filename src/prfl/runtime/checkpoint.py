@@ -471,7 +471,7 @@ def _encode_tensor(t: torch.Tensor, ref: torch.Tensor | None = None) -> tuple[di
     if t.is_floating_point() and n >= 64:
         size = t.element_size()
         nonzero = flat != 0
-        count = int(nonzero.sum())
+        count = int(torch.count_nonzero(nonzero))
         if size * count + (n - count + 7) // 8 + (n + 7) // 8 < 0.75 * size * n:
             how, values = _float_arrays(flat[nonzero], None if ref is None else ref[nonzero])
             arrays = [("U8", torch.from_numpy(np.packbits(nonzero.numpy(), bitorder="little"))), *values]
@@ -549,8 +549,38 @@ class _Prepared:
             src.release(got)
 
 
+class _AlignedBases:
+    """The base elements the deltas of one save line up with (:func:`_aligned_base`), kept for
+    the last few (base, index, count, size) they were made for: the models of many clients of one
+    density are deltas of the same elements of the global model. Shared by the save's threads."""
+
+    def __init__(self, entries: list[_Entry], keep: int = 8) -> None:
+        self.entries = entries
+        self.keep = keep
+        self._made: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, e: _Entry, n: int) -> torch.Tensor:
+        key = (e.base, e.index, e.count, n)
+        with self._lock:
+            ref = self._made.get(key)
+            if ref is not None:
+                self._made.move_to_end(key)
+                return ref
+        assert e.base is not None
+        base = self.entries[e.base].source
+        index = None if e.index is None else self.entries[e.index].source
+        assert isinstance(base, torch.Tensor) and (index is None or isinstance(index, torch.Tensor))
+        ref = _aligned_base(base.detach().cpu(), None if index is None else index.detach().cpu(), n, e.count)
+        with self._lock:
+            self._made[key] = ref
+            while len(self._made) > self.keep:
+                self._made.popitem(last=False)
+        return ref
+
+
 def _prepare(i: int, entries: list[_Entry], groups: dict[tuple[Any, ...], int], eager: bool,
-             known: Callable[[tuple[Any, ...]], bool] | None = None) -> _Prepared:
+             aligned: _AlignedBases, known: Callable[[tuple[Any, ...]], bool] | None = None) -> _Prepared:
     """Read entry ``i`` and encode it (:func:`_encode_tensor`, as a delta from its base when it
     has one), unless ``known(key)`` says an equal one is stored already; with ``eager`` its zlib
     streams are compressed now, into chunks held in memory."""
@@ -569,12 +599,8 @@ def _prepare(i: int, entries: list[_Entry], groups: dict[tuple[Any, ...], int], 
             return prep
         ref = None
         if e.base is not None and t.is_floating_point() and t.numel() >= 64:
-            base = entries[e.base].source
-            index = None if e.index is None else entries[e.index].source
-            assert isinstance(base, torch.Tensor) and (index is None or isinstance(index, torch.Tensor))
             try:
-                ref = _aligned_base(base.detach().cpu(), None if index is None else index.detach().cpu(), t.numel(),
-                                    e.count)
+                ref = aligned(e, t.numel())
             except ValueError as exc:  # stored as it is: a delta only saves space
                 log.warning("checkpoint: tensor %d is stored without its delta (%s)", i, exc)
                 ref = None
@@ -625,14 +651,15 @@ def save(state: Any, fh: BinaryIO, threads: int | None = None) -> int:
     pool = ThreadPoolExecutor(threads, thread_name_prefix="prfl-checkpoint") if threads > 1 else None
     ahead: dict[int, Future[_Prepared]] = {}
     submitted = 0
+    aligned = _AlignedBases(entries)
 
     try:
         for i in range(len(entries)):
             if pool is None:  # in order: a duplicate is found before it is encoded
-                prep = _prepare(i, entries, groups, eager=False, known=stored.__contains__)
+                prep = _prepare(i, entries, groups, False, aligned, known=stored.__contains__)
             else:
                 while submitted < min(len(entries), i + 2 * threads):
-                    ahead[submitted] = pool.submit(_prepare, submitted, entries, groups, True)
+                    ahead[submitted] = pool.submit(_prepare, submitted, entries, groups, True, aligned)
                     submitted += 1
                 prep = ahead.pop(i).result()
             try:
@@ -866,7 +893,7 @@ class _Decoder:
             if len(names) not in (1 + k, 2 + k):
                 raise CheckpointError(f"{self.where}: malformed entry {i} of the tensor table")
             nonzero = self._bits(names[0], n)
-            count = int(nonzero.sum())
+            count = int(torch.count_nonzero(nonzero))
             values = self._values(how, names[1 : 1 + k], dtype, count, i,
                                   None if ref is None else lambda: ref(n)[nonzero])
             flat = torch.zeros(n, dtype=dtype)

@@ -106,7 +106,7 @@ class ReferenceSizes:
         hit = self._counts.get(id(mask))
         if hit is not None and hit[0]() is mask:
             return hit[1]
-        count = int(mask.sum())
+        count = int(torch.count_nonzero(mask))
         if len(self._counts) > 256:
             self._counts = {k: v for k, v in self._counts.items() if v[0]() is not None}
         self._counts[id(mask)] = (weakref.ref(mask), count)
