@@ -60,6 +60,12 @@ def _bad_checkpoint(d: Path) -> Path:
     return run_dir
 
 
+def _finished_run(d: Path) -> Path:
+    result = invoke("run", *SMALL, "--set", "sim.checkpoint_every_rounds=1", "--out", str(d / "done"))
+    assert result.exit_code == 0, result.output
+    return d / "done" / "prfl"
+
+
 def _bad_yaml(d: Path) -> Path:
     p = d / "bad.yaml"
     p.write_text("data: [digits\n", encoding="utf-8")
@@ -78,6 +84,9 @@ BAD_INPUTS = {
                        ["compute_flops", "not a number"]),
     "missing fleet file": (lambda d: ["run", *SMALL, "--set", f"fleet.file={d / 'nowhere.csv'}"], ["does not exist"]),
     "bad checkpoint": (lambda d: ["run", "--resume", str(_bad_checkpoint(d)), "-q"], ["no usable checkpoint"]),
+    "extend without resume": (lambda d: ["run", *SMALL, "--extend-to", "3000"], ["--extend-to", "--resume"]),
+    "extend to an earlier time": (lambda d: ["run", "--resume", str(_finished_run(d)), "--extend-to", "5", "-q"],
+                                  ["would end it sooner", "later time"]),
     "no checkpoint": (lambda d: ["run", "--resume", str(d), "-q"], ["not a run directory"]),
     "unknown field": (lambda d: ["run", *SMALL, "--set", "data.datset=digits"], ["data.datset", "--explain"]),
     "bad value": (lambda d: ["run", *SMALL, "--set", "data.dataset=mnist"], ["unknown data set 'mnist'"]),

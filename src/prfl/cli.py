@@ -270,6 +270,8 @@ def run(
     set_: list[str] = typer.Option([], "--set", "-s", help="override a field: key.path=value (repeatable)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (default runs/<name>-<time>)"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this directory from its checkpoint"),
+    extend_to: Optional[float] = typer.Option(None, "--extend-to", metavar="SECONDS",
+                                              help="with --resume: take the run (finished or not) on to this virtual time"),
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="also run the config's baselines"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
 ) -> None:
@@ -277,12 +279,17 @@ def run(
     from prfl.run import build_scenario, resume_run, run_policy
 
     logging.basicConfig(level=logging.WARNING)
+    if extend_to is not None and resume is None:
+        raise UserError("--extend-to continues a run and needs --resume",
+                        "e.g. prfl run --resume runs/demo-<time>/prfl --extend-to 3000")
     if resume is not None:
         if not (resume / "config.yaml").is_file():
             raise UserError(f"{resume} is not a run directory (no config.yaml)",
                             "give one policy's run directory, e.g. runs/demo-<time>/prfl")
         with _progress(quiet) as progress:
             cfg = load_config(resume / "config.yaml")
+            if extend_to is not None:  # the bar's total; resume_run checks the time and records it
+                cfg = cfg.model_copy(update={"sim": cfg.sim.model_copy(update={"max_time": extend_to})})
             bar = RunProgress(progress, cfg.policy.name, cfg)
             # the engine's notes on a torn checkpoint are shown once the run goes on; when no
             # checkpoint is usable, the one-line error says it all
@@ -292,7 +299,7 @@ def run(
                     if not quiet:
                         bar(rec)
 
-                res = resume_run(resume, on_progress=on_progress)
+                res = resume_run(resume, on_progress=on_progress, max_time=extend_to)
             bar.finish()
         res.pop("history", None)
         console.print(_summary_table([res], cfg.sim.targets))

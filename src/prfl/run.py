@@ -9,6 +9,8 @@ previous one and the history is cut back to that checkpoint).
 from __future__ import annotations
 
 import logging
+import math
+import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,11 +324,17 @@ def run_policy(
     return summary
 
 
-def resume_run(run_dir: str | Path, on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def resume_run(run_dir: str | Path, on_progress: Callable[[dict[str, Any]], None] | None = None,
+               max_time: float | None = None) -> dict[str, Any]:
     """Continue a run from its last good checkpoint; the history is cut back to that point first.
 
     ``checkpoint.pt`` is used unless it is torn or corrupted (its checksum fails) or ahead of the
     history file; then ``checkpoint.prev.pt`` is.
+
+    ``max_time`` (virtual seconds, not before the run's own ``sim.max_time``) takes the run on to
+    that time instead, finished or not, and becomes the run's ``sim.max_time`` in its config. The
+    time limit only stops a run, so the result is the run a longer ``max_time`` would have given
+    from the start (``sim.max_rounds``, if set, still applies).
     """
     rd = RunDirectory(run_dir)
     try:
@@ -334,10 +342,22 @@ def resume_run(run_dir: str | Path, on_progress: Callable[[dict[str, Any]], None
     except ResumeError as exc:
         raise ConfigError(str(exc)) from None
     cfg = load_config(rd.config)
+    if max_time is not None:
+        old = cfg.sim.max_time
+        if not (math.isfinite(max_time) and max_time > 0):
+            raise ConfigError(f"the new max_time must be a positive number of virtual seconds, got {max_time!r}")
+        if old is not None and max_time < old:
+            raise ConfigError(f"{rd.path} runs to {old:g} virtual s; a new max_time of {max_time:g} s would end it "
+                              "sooner: give a later time")
+        cfg = cfg.model_copy(update={"sim": cfg.sim.model_copy(update={"max_time": float(max_time)})})
     try:
         state, used = rd.load_checkpoint()
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
+    if max_time is not None:  # from here on the run is one to the new time (a later resume continues it)
+        tmp = rd.config.with_suffix(".yaml.tmp")
+        save_config(cfg, tmp)
+        os.replace(tmp, rd.config)
     if used.name != CHECKPOINT:
         log.warning("%s: resuming from %s", rd.path, used.name)
     sc = build_scenario(cfg)

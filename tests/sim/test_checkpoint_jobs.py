@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from prfl.runtime.checkpoint import Streamed, read_checkpoint
-from prfl.config import load_config
+from prfl.config import ConfigError, load_config
 from prfl.run import build_scenario, resume_run, run_policy
 from prfl.sim.executors import InlineExecutor, TrainJob, make_executor
 
@@ -230,3 +230,22 @@ def test_width_sliced_start_models_are_stored_as_they_are(tmp_path: Path, caplog
     stored = _stored_as(out / "checkpoint.pt")
     starts = {k: v for k, v in stored.items() if k.endswith("/job/start")}
     assert any(not v.startswith("delta:") for v in starts.values())  # the narrow ones, as they are
+
+
+def test_a_finished_run_taken_on_to_a_later_time_is_the_longer_run(tmp_path: Path) -> None:
+    """resume_run(max_time=...) continues a finished run from its last checkpoint to the new end:
+    the same history and summary as a run to that time from the start; the config records it."""
+    by_time = [o for o in BASE if not o.startswith("sim.max_rounds")] + ["sim.max_rounds=null"]
+    short, longer = tmp_path / "short", tmp_path / "longer"
+    first = run_policy(build_scenario(load_config(overrides=[*by_time, "sim.max_time=20"])), out_dir=short)
+    full = run_policy(build_scenario(load_config(overrides=[*by_time, "sim.max_time=40"])), out_dir=longer)
+    assert first["virtual_seconds"] == 20 and first["server_rounds"] < full["server_rounds"]
+    with pytest.raises(ConfigError, match="would end it sooner"):
+        resume_run(short, max_time=10)
+    assert load_config(short / "config.yaml").sim.max_time == 20  # a refused extension changes nothing
+    extended = resume_run(short, max_time=40)
+    assert load_config(short / "config.yaml").sim.max_time == 40
+    assert _lines(short) == _lines(longer)
+    assert _strip(extended) == _strip(full)
+    saved = json.loads((short / "summary.json").read_text(encoding="utf-8"))
+    assert saved["server_rounds"] == full["server_rounds"]
