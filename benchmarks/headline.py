@@ -527,7 +527,9 @@ class Sweep:
         return self._scenario[1]
 
     def collect(self, cell: Cell, keep_checkpoints: bool = False) -> dict[str, Any]:
-        """Write the cell's compact record from its finished run directory; drop its checkpoints."""
+        """Write the cell's compact record from its finished run directory; drop its checkpoints,
+        but for the last one of a run that has not levelled off (the criterion of the records):
+        ``prfl run --resume <run dir> --extend-to <s>`` can take such a run on to a longer horizon."""
         rd = self.run_dir(cell)
         rec = compact_run(rd, cell.as_dict())
         pieces = _read_pieces(rd)
@@ -543,7 +545,9 @@ class Sweep:
         tmp.write_text(json.dumps(rec, indent=None, separators=(",", ":")) + "\n", encoding="utf-8")
         os.replace(tmp, rp)
         if not keep_checkpoints:
-            for name in (CHECKPOINT, PREVIOUS_CHECKPOINT, CHECKPOINT + ".tmp"):
+            extendable = Run.from_record(rec).levelled() is False
+            for name in (PREVIOUS_CHECKPOINT, CHECKPOINT + ".tmp") if extendable else (CHECKPOINT, PREVIOUS_CHECKPOINT,
+                                                                                      CHECKPOINT + ".tmp"):
                 (rd / name).unlink(missing_ok=True)
         return rec
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -60,11 +61,15 @@ def test_pause_resume_skip_and_report(headline, tmp_path: Path) -> None:
     state = next(c for c in manifest["cells"] if c["method"] == "fedasync-a0.6-poly")
     assert state["status"] == "partial"
 
-    # the next invocation resumes it to the end; the checkpoints of a finished run are dropped
+    # the next invocation resumes it to the end; a finished run keeps its last checkpoint only
+    # while it has not levelled off (this one has not: 2 virtual s), so it can be taken further
     assert headline.main(args(out, runs), clock=Clock()) == 0
     rec = json.loads(record.read_text())
     assert rec["pieces"] == 2 and rec["summary"]["virtual_seconds"] == 2.0
-    assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "checkpoint.prev.pt").exists()
+    from prfl.report.sweep import Run
+
+    assert Run.from_record(rec).levelled() is False
+    assert (run_dir / "checkpoint.pt").is_file() and not (run_dir / "checkpoint.prev.pt").exists()
     assert rec["run_dir"] is None  # outside the repository: no machine path in the record
 
     # the same cell run in one piece gives the same evaluations and totals
@@ -79,6 +84,16 @@ def test_pause_resume_skip_and_report(headline, tmp_path: Path) -> None:
     before = record.read_bytes()
     assert headline.main(args(out, runs), clock=Clock()) == 0
     assert record.read_bytes() == before
+
+    # a copy of the run taken on from that checkpoint to a longer horizon is the longer run
+    from prfl.run import resume_run
+
+    longer = tmp_path / "longer"
+    shutil.copytree(run_dir, longer)
+    assert resume_run(longer, max_time=3.0)["virtual_seconds"] == 3.0
+    lines = (longer / "history.jsonl").read_text().splitlines()
+    kept = (run_dir / "history.jsonl").read_text().splitlines()
+    assert len(lines) > len(kept) and lines[:10] == kept[:10]
 
     # RESULTS.md: the group's tables, a figure, the missing cells; --check sees it fresh
     md = load("make_results_md_h", ROOT / "scripts" / "make_results_md.py")
