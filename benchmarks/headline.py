@@ -32,7 +32,9 @@ over a claim whose process has ended.
 Evaluation: the full 10,000-image test set every 60 virtual s; time to a target is the first
 evaluation at or above it (``--eval-samples 2000 --consecutive 3``: the first 2,000 images, and the
 first of three evaluations in a row at or above it). Levelling off: the last 20% of a run raised its best accuracy by at
-most 0.5 points (see prfl.report.sweep).
+most 0.5 points (see prfl.report.sweep). A finished run that has not levelled off keeps its last
+checkpoint, and ``extend --extend-to T`` takes such runs on to T virtual s from it (the history a
+run to T would have had from the start; the record is written again and RESULTS.md lists them).
 
 Usage (from the repository root):
   .venv/bin/python benchmarks/headline.py plan
@@ -40,6 +42,7 @@ Usage (from the repository root):
   .venv/bin/python benchmarks/headline.py run --tiers 1 --seeds 0
   .venv/bin/python benchmarks/headline.py collect
   nice .venv/bin/python benchmarks/headline.py estimate --probe-time 300
+  nice .venv/bin/python benchmarks/headline.py extend --extend-to 18000 --tiers 1 --budget-minutes 100
 """
 
 from __future__ import annotations
@@ -537,6 +540,11 @@ class Sweep:
         rec["wall_seconds_total"] = sum(p.get("wall_seconds", 0.0) for p in pieces) or rec["summary"].get("wall_seconds")
         rec["commits"] = sorted({p["commit"] for p in pieces if p.get("commit")})
         rec["overrides"] = self.settings.overrides(cell.group, cell.seed, METHODS[cell.method]["name"])
+        horizon = load_config(rd / "config.yaml").sim.max_time
+        if horizon is not None and horizon != self.settings.max_time:  # taken on by `extend`
+            rec["overrides"] = [f"sim.max_time={horizon:g}" if o.startswith("sim.max_time=") else o
+                                for o in rec["overrides"]]
+            rec["extended_to"] = horizon
         # where the full history is kept (a path in the repository; none for a directory outside it)
         rec["run_dir"] = rd.relative_to(ROOT).as_posix() if rd.is_relative_to(ROOT) else None
         rp = self.record_path(cell)
@@ -550,6 +558,27 @@ class Sweep:
                                                                                       CHECKPOINT + ".tmp"):
                 (rd / name).unlink(missing_ok=True)
         return rec
+
+    def extend_cell(self, cell: Cell, to: float, budget: WallBudget) -> str:
+        """Take a finished cell's run on to ``to`` virtual s from the checkpoint it kept (or go on
+        with such an extension the budget paused): "complete" or "paused"."""
+        rd = self.run_dir(cell)
+        horizon = load_config(rd / "config.yaml").sim.max_time
+        budget.start(rd)
+        piece = {"started": _now(), "commit": _git_commit(), "resumed": True, "extend_to": to}
+        t0 = time.perf_counter()
+        ended = "complete"
+        try:
+            resume_run(rd, on_progress=budget, max_time=to if horizon is None or horizon < to else None)
+        except PieceEnded as exc:
+            ended = f"paused: {exc}"
+        except Exception as exc:
+            ended = f"failed: {type(exc).__name__}: {exc}"
+            raise
+        finally:
+            piece.update(wall_seconds=round(time.perf_counter() - t0, 3), virtual_to=budget.virtual, ended=ended)
+            _append_piece(rd, piece)
+        return "complete" if ended == "complete" else "paused"
 
     def run_cell(self, cell: Cell, budget: WallBudget) -> str:
         """Run or resume one cell until it finishes or the budget pauses it: "complete" or "paused"."""
@@ -653,6 +682,59 @@ def run_sweep(sweep: Sweep, cells: Sequence[Cell], budget: WallBudget, all_cells
         sweep.write_manifest(all_cells)
         if outcome == "paused":
             log.info("%s: paused; run the same command again to resume", cell.key)
+            break
+    sweep.write_manifest(all_cells)
+    write_cells_csv(sweep.out, sweep.settings.targets, sweep.settings.consecutive)
+    return counts
+
+
+def extend_sweep(sweep: Sweep, cells: Sequence[Cell], budget: WallBudget, all_cells: Sequence[Cell], to: float,
+                 keep_checkpoints: bool = False) -> dict[str, int]:
+    """Take the finished cells of ``cells`` that have not levelled off (by the records' criterion)
+    on to ``to`` virtual s, from the last checkpoint their run directories kept, in order, until
+    done or the budget is spent; each one's record is then written again. Returns counts."""
+    counts = {"extended": 0, "paused": 0, "failed": 0, "levelled or long enough": 0, "not done": 0,
+              "no checkpoint": 0, "claimed elsewhere": 0}
+    outcome = ""
+    for cell in cells:
+        rp = sweep.record_path(cell)
+        if not rp.is_file():
+            counts["not done"] += 1
+            continue
+        run = Run.from_record(json.loads(rp.read_text(encoding="utf-8")))
+        if run.levelled() is not False or run.end >= to:
+            counts["levelled or long enough"] += 1
+            continue
+        if not (sweep.run_dir(cell) / CHECKPOINT).is_file():
+            log.info("%s: no checkpoint kept (finished before unlevelled runs kept one); run it again instead", cell.key)
+            counts["no checkpoint"] += 1
+            continue
+        if budget.expired():
+            log.info("budget spent: %s and later cells wait for the next invocation", cell.key)
+            break
+        if not sweep.claim(cell):
+            counts["claimed elsewhere"] += 1
+            continue
+        try:
+            log.info("%s: taking it on from %g to %g virtual s", cell.key, run.end, to)
+            try:
+                outcome = sweep.extend_cell(cell, to, budget)
+            except Exception:
+                log.exception("%s failed", cell.key)
+                counts["failed"] += 1
+                continue
+            if outcome == "complete":
+                counts["extended"] += 1
+                rec = sweep.collect(cell, keep_checkpoints)
+                log.info("%s: taken on to %g s, final accuracy %.4f", cell.key, to,
+                         rec["summary"].get("final_accuracy") or float("nan"))
+            else:
+                counts["paused"] += 1
+        finally:
+            sweep.release(cell)
+        sweep.write_manifest(all_cells)
+        if outcome == "paused":
+            log.info("%s: paused; run the same command again to go on", cell.key)
             break
     sweep.write_manifest(all_cells)
     write_cells_csv(sweep.out, sweep.settings.targets, sweep.settings.consecutive)
@@ -776,7 +858,7 @@ def _projection(sweep: Sweep, cells: Sequence[Cell], probe_time: float, measured
 # ---------------------------------------------------------------------------- command line
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["plan", "run", "collect", "estimate"])
+    ap.add_argument("command", choices=["plan", "run", "collect", "estimate", "extend"])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="committed results (records, manifest)")
     ap.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="run directories (histories, checkpoints)")
     ap.add_argument("--base", choices=list(BASES), default="fmnist")
@@ -795,6 +877,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--budget-minutes", type=float, default=100.0, help="wall minutes before the sweep pauses")
     ap.add_argument("--grace-minutes", type=float, default=15.0, help="longest wait for a checkpoint past the budget")
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoints of finished runs")
+    ap.add_argument("--extend-to", type=float, help="extend: take finished runs that have not levelled off on to "
+                                                    "this virtual time (s)")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra config override for every run")
     return ap
 
@@ -853,6 +937,13 @@ def main(argv: Sequence[str] | None = None, clock: Callable[[], float] = time.mo
         print(json.dumps({k: v for k, v in est.items() if k not in ("per_cell", "measured")}, indent=1))
         return 0
     budget = WallBudget(clock() + args.budget_minutes * 60.0, args.grace_minutes * 60.0, clock)
+    if args.command == "extend":
+        if args.extend_to is None or not args.extend_to > args.max_time:
+            raise SystemExit(f"extend needs --extend-to, a time after the plan's horizon of {args.max_time:g} s")
+        counts = extend_sweep(sweep, cells, budget, all_cells, args.extend_to, args.keep_checkpoints)
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        print(json.dumps({"this invocation": counts, "cells": manifest["counts"]}))
+        return 1 if counts["failed"] else 0
     counts = run_sweep(sweep, cells, budget, all_cells, args.keep_checkpoints)
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     print(json.dumps({"this invocation": counts, "cells": manifest["counts"]}))

@@ -647,6 +647,11 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
          "(clients 6-9 of both fleets); their local round in seconds is download + link wait + compute + upload (the task) + "
          "idle (waiting for the next dispatch). Definitions: `prfl.report.sweep`.\n"),
     ]
+    horizon = settings.get("max_time")
+    longer = [r for r in runs if isinstance(horizon, (int, float)) and r.end > horizon + 1e-9]
+    if longer:  # runs `headline.py extend` took past the horizon because they had not levelled off
+        lines.append(f"Runs taken past {_g(horizon)} virtual s because they had not levelled off there: "
+                     + ", ".join(f"{r.group} {r.method} seed {r.seed} to {_g(r.end)} s" for r in longer) + ".\n")
     note = root / "NOTE.md"
     if note.is_file():  # how the sweep is being run, and what it has met on the way
         lines.append(note.read_text(encoding="utf-8").strip() + "\n")

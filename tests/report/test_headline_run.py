@@ -85,6 +85,26 @@ def test_pause_resume_skip_and_report(headline, tmp_path: Path) -> None:
     assert headline.main(args(out, runs), clock=Clock()) == 0
     assert record.read_bytes() == before
 
+    # `extend` takes the unlevelled cell on from that checkpoint: the record of a run to 3 s
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    assert headline.main(["extend", *args(out, runs)[1:], "--extend-to", "3"], clock=Clock()) == 0
+    ext = json.loads(record.read_text())
+    assert ext["summary"]["virtual_seconds"] == 3.0 and ext["extended_to"] == 3.0 and ext["pieces"] == 3
+    assert "sim.max_time=3" in ext["overrides"]
+    three = args(out3 := tmp_path / "three" / "headline", tmp_path / "runs-three")
+    three[three.index("--max-time") + 1] = "3"
+    assert headline.main(three, clock=Clock()) == 0
+    direct = json.loads((out3 / "records" / cell / "seed0.json").read_text())
+    assert ext["history"]["sha256"] == direct["history"]["sha256"] and ext["evals"] == direct["evals"]
+    md = load("make_results_md_x", ROOT / "scripts" / "make_results_md.py")
+    assert md.main(["--results", str(out.parent), "--out", str(tmp_path / "x" / "RESULTS.md")]) == 0
+    assert ("Runs taken past 2 virtual s because they had not levelled off there: honest/paper10/dirichlet "
+            "fedasync-a0.6-poly seed 0 to 3 s.") in (tmp_path / "x" / "RESULTS.md").read_text()
+    shutil.rmtree(run_dir)
+    shutil.copytree(copy, run_dir)
+    record.write_bytes(before)
+
     # a copy of the run taken on from that checkpoint to a longer horizon is the longer run
     from prfl.run import resume_run
 
