@@ -63,3 +63,25 @@ def test_state_round_trip():
     t = ImportanceScores(6, BOUNDS)
     t.load_state_dict(s.state_dict())
     assert torch.equal(t.take(W), s.take(W))
+
+
+@pytest.mark.parametrize("average", ["holders", "all"])
+def test_a_report_given_at_its_kept_positions_adds_what_the_whole_vector_adds(average):
+    """add_kept(values, positions) == add(vector that is values there, 0 elsewhere), bit for bit,
+    including zeros among the kept values and a report that keeps every weight."""
+    n = 5000
+    g = torch.Generator().manual_seed(4)
+    whole, kept = ImportanceScores(n, ((0, 2000), (2000, n)), average), ImportanceScores(n, ((0, 2000), (2000, n)), average)
+    for k, density in enumerate((0.3, 0.1, 1.0, 0.5)):
+        positions = torch.randperm(n, generator=g)[: int(density * n)].sort().values
+        values = torch.rand(positions.numel(), generator=g) ** 3
+        values[:: 17] = 0.0  # a kept weight with no gradient
+        full = torch.zeros(n)
+        full[positions] = values
+        whole.add(full)
+        kept.add_kept(values, positions)
+        assert torch.equal(kept.total.view(torch.int32), whole.total.view(torch.int32)), k
+        if average == "holders":
+            assert torch.equal(kept.holders, whole.holders), k
+    assert kept.reports == whole.reports == 4
+    assert torch.equal(kept.take(W.repeat(n // 6 + 1)[:n]), whole.take(W.repeat(n // 6 + 1)[:n]))

@@ -95,10 +95,11 @@ class ImportanceScores:
             self.holders = torch.zeros(self.n, dtype=torch.int32)
         if hi is not None and hi > 0:  # else the report is constant (all zero): nothing to add
             r = v / hi  # (g - 0) / (hi - 0)
-            self.total.index_put_((positions,), r, accumulate=True)
+            idx = positions.reshape(-1).to(torch.int64)  # distinct: one addition per weight, as add() makes it
+            self.total.index_add_(0, idx, r)
             if self.average == "holders":
                 assert self.holders is not None
-                self.holders.index_put_((positions,), (r != 0).to(torch.int32), accumulate=True)
+                self.holders.index_add_(0, idx, (r != 0).to(torch.int32))
         self.reports += 1
 
     @property
