@@ -564,21 +564,9 @@ class Sweep:
         with such an extension the budget paused): "complete" or "paused"."""
         rd = self.run_dir(cell)
         horizon = load_config(rd / "config.yaml").sim.max_time
-        budget.start(rd)
-        piece = {"started": _now(), "commit": _git_commit(), "resumed": True, "extend_to": to}
-        t0 = time.perf_counter()
-        ended = "complete"
-        try:
-            resume_run(rd, on_progress=budget, max_time=to if horizon is None or horizon < to else None)
-        except PieceEnded as exc:
-            ended = f"paused: {exc}"
-        except Exception as exc:
-            ended = f"failed: {type(exc).__name__}: {exc}"
-            raise
-        finally:
-            piece.update(wall_seconds=round(time.perf_counter() - t0, 3), virtual_to=budget.virtual, ended=ended)
-            _append_piece(rd, piece)
-        return "complete" if ended == "complete" else "paused"
+        later = to if horizon is None or horizon < to else None
+        return _piece(rd, budget, {"resumed": True, "extend_to": to},
+                      lambda: resume_run(rd, on_progress=budget, max_time=later))
 
     def run_cell(self, cell: Cell, budget: WallBudget) -> str:
         """Run or resume one cell until it finishes or the budget pauses it: "complete" or "paused"."""
@@ -593,24 +581,30 @@ class Sweep:
             if diff:
                 raise ConfigError(f"{rd} was started with other settings ({', '.join(diff)}); delete the directory to "
                                   "start the cell again, or resume it with the settings it was started with")
-        budget.start(rd)
-        piece = {"started": _now(), "commit": _git_commit(), "resumed": resuming}
-        t0 = time.perf_counter()
-        ended = "complete"
-        try:
-            if resuming:
-                resume_run(rd, on_progress=budget)
-            else:
-                run_policy(self._scenario_for(cfg, cell), cfg.policy, rd, on_progress=budget)
-        except PieceEnded as exc:
-            ended = f"paused: {exc}"
-        except Exception as exc:
-            ended = f"failed: {type(exc).__name__}: {exc}"
-            raise
-        finally:
-            piece.update(wall_seconds=round(time.perf_counter() - t0, 3), virtual_to=budget.virtual, ended=ended)
-            _append_piece(rd, piece)
-        return "complete" if ended == "complete" else "paused"
+        if resuming:
+            return _piece(rd, budget, {"resumed": True}, lambda: resume_run(rd, on_progress=budget))
+        return _piece(rd, budget, {"resumed": False},
+                      lambda: run_policy(self._scenario_for(cfg, cell), cfg.policy, rd, on_progress=budget))
+
+
+def _piece(rd: Path, budget: WallBudget, fields: dict[str, Any], run: Callable[[], Any]) -> str:
+    """One piece of a cell's run (``run()``, which the budget may pause), recorded in
+    ``pieces.jsonl`` whatever its end: "complete" or "paused" (a failure is raised)."""
+    budget.start(rd)
+    piece = {"started": _now(), "commit": _git_commit(), **fields}
+    t0 = time.perf_counter()
+    ended = "complete"
+    try:
+        run()
+    except PieceEnded as exc:
+        ended = f"paused: {exc}"
+    except Exception as exc:
+        ended = f"failed: {type(exc).__name__}: {exc}"
+        raise
+    finally:
+        piece.update(wall_seconds=round(time.perf_counter() - t0, 3), virtual_to=budget.virtual, ended=ended)
+        _append_piece(rd, piece)
+    return "complete" if ended == "complete" else "paused"
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -644,6 +638,30 @@ def run_sweep(sweep: Sweep, cells: Sequence[Cell], budget: WallBudget, all_cells
               keep_checkpoints: bool = False) -> dict[str, int]:
     """Run ``cells`` in order until they are done or the budget is spent; returns counts by outcome."""
     counts = {"complete": 0, "paused": 0, "failed": 0, "skipped": 0, "claimed elsewhere": 0}
+
+    def work(cell: Cell) -> str:
+        st = sweep.status(cell)  # as it is now that the cell is ours
+        if st["status"] == "done":
+            counts["skipped"] += 1
+            return "skipped"
+        if st["status"] == "finished":
+            sweep.collect(cell, keep_checkpoints)
+            counts["complete"] += 1
+            return "complete"
+        log.info("%s: %s", cell.key, "resuming" if st["status"] == "partial" else "starting")
+        try:
+            outcome = sweep.run_cell(cell, budget)
+        except Exception:
+            log.exception("%s failed", cell.key)
+            counts["failed"] += 1
+            return "failed"
+        counts[outcome] += 1
+        if outcome == "complete":
+            rec = sweep.collect(cell, keep_checkpoints)
+            log.info("%s: done, final accuracy %.4f, %s server updates", cell.key,
+                     rec["summary"].get("final_accuracy") or float("nan"), rec["summary"].get("server_rounds"))
+        return outcome
+
     for cell in cells:
         st = sweep.status(cell)
         if st["status"] in ("done", "unavailable", "skipped", "waiting"):
@@ -652,39 +670,10 @@ def run_sweep(sweep: Sweep, cells: Sequence[Cell], budget: WallBudget, all_cells
         if st["status"] != "finished" and budget.expired():
             log.info("budget spent: %s and later cells wait for the next invocation", cell.key)
             break
-        if not sweep.claim(cell):
-            counts["claimed elsewhere"] += 1
-            continue
-        try:
-            st = sweep.status(cell)  # as it is now that the cell is ours
-            if st["status"] == "done":
-                counts["skipped"] += 1
-                continue
-            if st["status"] == "finished":
-                sweep.collect(cell, keep_checkpoints)
-                counts["complete"] += 1
-                continue
-            log.info("%s: %s", cell.key, "resuming" if st["status"] == "partial" else "starting")
-            try:
-                outcome = sweep.run_cell(cell, budget)
-            except Exception:
-                log.exception("%s failed", cell.key)
-                counts["failed"] += 1
-                sweep.write_manifest(all_cells)
-                continue
-            counts[outcome] += 1
-            if outcome == "complete":
-                rec = sweep.collect(cell, keep_checkpoints)
-                log.info("%s: done, final accuracy %.4f, %s server updates", cell.key,
-                         rec["summary"].get("final_accuracy") or float("nan"), rec["summary"].get("server_rounds"))
-        finally:
-            sweep.release(cell)
-        sweep.write_manifest(all_cells)
-        if outcome == "paused":
+        if _claimed(sweep, cell, all_cells, counts, work) == "paused":
             log.info("%s: paused; run the same command again to resume", cell.key)
             break
-    sweep.write_manifest(all_cells)
-    write_cells_csv(sweep.out, sweep.settings.targets, sweep.settings.consecutive)
+    _sweep_written(sweep, all_cells)
     return counts
 
 
@@ -695,7 +684,23 @@ def extend_sweep(sweep: Sweep, cells: Sequence[Cell], budget: WallBudget, all_ce
     done or the budget is spent; each one's record is then written again. Returns counts."""
     counts = {"extended": 0, "paused": 0, "failed": 0, "levelled or long enough": 0, "not done": 0,
               "no checkpoint": 0, "claimed elsewhere": 0}
-    outcome = ""
+
+    def work(cell: Cell) -> str:
+        try:
+            outcome = sweep.extend_cell(cell, to, budget)
+        except Exception:
+            log.exception("%s failed", cell.key)
+            counts["failed"] += 1
+            return "failed"
+        if outcome == "complete":
+            counts["extended"] += 1
+            rec = sweep.collect(cell, keep_checkpoints)
+            log.info("%s: taken on to %g s, final accuracy %.4f", cell.key, to,
+                     rec["summary"].get("final_accuracy") or float("nan"))
+        else:
+            counts["paused"] += 1
+        return outcome
+
     for cell in cells:
         rp = sweep.record_path(cell)
         if not rp.is_file():
@@ -712,33 +717,32 @@ def extend_sweep(sweep: Sweep, cells: Sequence[Cell], budget: WallBudget, all_ce
         if budget.expired():
             log.info("budget spent: %s and later cells wait for the next invocation", cell.key)
             break
-        if not sweep.claim(cell):
-            counts["claimed elsewhere"] += 1
-            continue
-        try:
-            log.info("%s: taking it on from %g to %g virtual s", cell.key, run.end, to)
-            try:
-                outcome = sweep.extend_cell(cell, to, budget)
-            except Exception:
-                log.exception("%s failed", cell.key)
-                counts["failed"] += 1
-                continue
-            if outcome == "complete":
-                counts["extended"] += 1
-                rec = sweep.collect(cell, keep_checkpoints)
-                log.info("%s: taken on to %g s, final accuracy %.4f", cell.key, to,
-                         rec["summary"].get("final_accuracy") or float("nan"))
-            else:
-                counts["paused"] += 1
-        finally:
-            sweep.release(cell)
-        sweep.write_manifest(all_cells)
-        if outcome == "paused":
+        log.info("%s: taking it on from %g to %g virtual s", cell.key, run.end, to)
+        if _claimed(sweep, cell, all_cells, counts, work) == "paused":
             log.info("%s: paused; run the same command again to go on", cell.key)
             break
+    _sweep_written(sweep, all_cells)
+    return counts
+
+
+def _claimed(sweep: Sweep, cell: Cell, all_cells: Sequence[Cell], counts: dict[str, int],
+             work: Callable[[Cell], str]) -> str:
+    """``work(cell)`` with the cell claimed for this process, then the manifest written; its
+    outcome, or "" (counted) when another live process holds the cell."""
+    if not sweep.claim(cell):
+        counts["claimed elsewhere"] += 1
+        return ""
+    try:
+        return work(cell)
+    finally:
+        sweep.release(cell)
+        sweep.write_manifest(all_cells)
+
+
+def _sweep_written(sweep: Sweep, all_cells: Sequence[Cell]) -> None:
+    """At the end of an invocation: the manifest and cells.csv."""
     sweep.write_manifest(all_cells)
     write_cells_csv(sweep.out, sweep.settings.targets, sweep.settings.consecutive)
-    return counts
 
 
 # ---------------------------------------------------------------------------- estimate
