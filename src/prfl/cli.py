@@ -289,7 +289,7 @@ def run(
         with _progress(quiet) as progress:
             cfg = load_config(resume / "config.yaml")
             if extend_to is not None:  # the bar's total; resume_run checks the time and records it
-                cfg = cfg.model_copy(update={"sim": cfg.sim.model_copy(update={"max_time": extend_to})})
+                cfg = cfg.with_max_time(extend_to)
             bar = RunProgress(progress, cfg.policy.name, cfg)
             # the engine's notes on a torn checkpoint are shown once the run goes on; when no
             # checkpoint is usable, the one-line error says it all

@@ -211,6 +211,12 @@ class ExperimentConfig(_Strict):
         data["baselines"] = []
         return ExperimentConfig.model_validate(data)
 
+    def with_max_time(self, max_time: float) -> "ExperimentConfig":
+        """This experiment with ``sim.max_time`` set to ``max_time`` (validated)."""
+        data = self.model_dump()
+        data["sim"]["max_time"] = max_time
+        return ExperimentConfig.model_validate(data)
+
 
 # ---------------------------------------------------------------------------- loading
 def error_text(e: Any) -> str:

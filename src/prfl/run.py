@@ -349,7 +349,7 @@ def resume_run(run_dir: str | Path, on_progress: Callable[[dict[str, Any]], None
         if old is not None and max_time < old:
             raise ConfigError(f"{rd.path} runs to {old:g} virtual s; a new max_time of {max_time:g} s would end it "
                               "sooner: give a later time")
-        cfg = cfg.model_copy(update={"sim": cfg.sim.model_copy(update={"max_time": float(max_time)})})
+        cfg = cfg.with_max_time(float(max_time))
     try:
         state, used = rd.load_checkpoint()
     except CheckpointError as exc:
