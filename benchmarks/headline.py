@@ -35,6 +35,8 @@ first of three evaluations in a row at or above it). Levelling off: the last 20%
 most 0.5 points (see prfl.report.sweep). A finished run that has not levelled off keeps its last
 checkpoint, and ``extend --extend-to T`` takes such runs on to T virtual s from it (the history a
 run to T would have had from the start; the record is written again and RESULTS.md lists them).
+``extend --rerun`` runs those that kept no checkpoint again from the start to T, keeps their earlier
+run directory beside the new one, and checks that the new history repeats the earlier one.
 
 Usage (from the repository root):
   .venv/bin/python benchmarks/headline.py plan
@@ -43,6 +45,7 @@ Usage (from the repository root):
   .venv/bin/python benchmarks/headline.py collect
   nice .venv/bin/python benchmarks/headline.py estimate --probe-time 300
   nice .venv/bin/python benchmarks/headline.py extend --extend-to 18000 --tiers 1 --budget-minutes 100
+  nice .venv/bin/python benchmarks/headline.py extend --extend-to 18000 --tiers 1 --rerun --budget-minutes 100
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import argparse
 import csv
 import dataclasses
 import fnmatch
+import itertools
 import json
 import logging
 import os
@@ -60,7 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -540,11 +544,15 @@ class Sweep:
         rec["wall_seconds_total"] = sum(p.get("wall_seconds", 0.0) for p in pieces) or rec["summary"].get("wall_seconds")
         rec["commits"] = sorted({p["commit"] for p in pieces if p.get("commit")})
         rec["overrides"] = self.settings.overrides(cell.group, cell.seed, METHODS[cell.method]["name"])
-        horizon = load_config(rd / "config.yaml").sim.max_time
+        horizon = _horizon(rd)
         if horizon is not None and horizon != self.settings.max_time:  # taken on by `extend`
             rec["overrides"] = [f"sim.max_time={horizon:g}" if o.startswith("sim.max_time=") else o
                                 for o in rec["overrides"]]
             rec["extended_to"] = horizon
+        earlier = earlier_run(rd)
+        if earlier is not None:  # run again from the start by `extend --rerun`
+            rec["rerun"] = {"earlier_run_dir": earlier.name, "earlier_end": _horizon(earlier),
+                            "history_continues_earlier": history_continues(earlier, rd)}
         # where the full history is kept (a path in the repository; none for a directory outside it)
         rec["run_dir"] = rd.relative_to(ROOT).as_posix() if rd.is_relative_to(ROOT) else None
         rp = self.record_path(cell)
@@ -563,10 +571,28 @@ class Sweep:
         """Take a finished cell's run on to ``to`` virtual s from the checkpoint it kept (or go on
         with such an extension the budget paused): "complete" or "paused"."""
         rd = self.run_dir(cell)
-        horizon = load_config(rd / "config.yaml").sim.max_time
+        horizon = _horizon(rd)
         later = to if horizon is None or horizon < to else None
         return _piece(rd, budget, {"resumed": True, "extend_to": to},
                       lambda: resume_run(rd, on_progress=budget, max_time=later))
+
+    def rerun_cell(self, cell: Cell, to: float, budget: WallBudget) -> str:
+        """Run a finished cell again from the start to ``to`` virtual s: for a run that has not
+        levelled off and kept no checkpoint to be taken on from. Nothing is deleted: what its run
+        directory held moves to ``<dir>.before-rerun`` (numbered if taken), and the new record
+        says whether the new history repeats the earlier one up to its end (:func:`history_continues`).
+        A rerun the budget pauses goes on from its checkpoints as an extension does. "complete" or "paused"."""
+        rd = self.run_dir(cell)
+        aside = _aside_dir(rd)
+        aside.mkdir(parents=True)
+        for entry in sorted(rd.iterdir()) if rd.is_dir() else []:
+            if entry.name != CLAIM:  # the claim stays: this process holds the cell
+                entry.rename(aside / entry.name)
+        log.info("%s: the earlier run moved to %s", cell.key, aside.name)
+        cfg = self.settings.config(cell).with_max_time(to)
+        sc = dataclasses.replace(self._scenario_for(cfg, cell), cfg=cfg)  # the same data, fleet and model
+        return _piece(rd, budget, {"resumed": False, "rerun_to": to},
+                      lambda: run_policy(sc, cfg.policy, rd, on_progress=budget))
 
     def run_cell(self, cell: Cell, budget: WallBudget) -> str:
         """Run or resume one cell until it finishes or the budget pauses it: "complete" or "paused"."""
@@ -605,6 +631,54 @@ def _piece(rd: Path, budget: WallBudget, fields: dict[str, Any], run: Callable[[
         piece.update(wall_seconds=round(time.perf_counter() - t0, 3), virtual_to=budget.virtual, ended=ended)
         _append_piece(rd, piece)
     return "complete" if ended == "complete" else "paused"
+
+
+RERUN_SUFFIX = ".before-rerun"
+
+
+def _aside_dir(rd: Path) -> Path:
+    """A free name beside ``rd`` for what it held before a rerun: ``<dir>.before-rerun``, then
+    ``-2``, ``-3``..."""
+    k = 1
+    while True:
+        path = rd.with_name(rd.name + RERUN_SUFFIX + ("" if k == 1 else f"-{k}"))
+        if not path.exists():
+            return path
+        k += 1
+
+
+def earlier_run(rd: Path) -> Path | None:
+    """The first finished run a rerun moved aside from ``rd`` (see :meth:`Sweep.rerun_cell`), if any."""
+    k = 1
+    while True:
+        path = rd.with_name(rd.name + RERUN_SUFFIX + ("" if k == 1 else f"-{k}"))
+        if not path.exists():
+            return None
+        if (path / "summary.json").is_file():
+            return path
+        k += 1
+
+
+def _horizon(rd: Path) -> float | None:
+    return load_config(rd / "config.yaml").sim.max_time
+
+
+def history_continues(earlier: Path, later: Path) -> bool:
+    """Whether the history of run directory ``later`` holds the lines of ``earlier``'s history,
+    in order and to the letter, for every event before ``earlier``'s end (its horizon), and no
+    other line before it: a longer run from the same seed repeats a shorter one."""
+    end = _horizon(earlier)
+    if end is None:
+        raise ValueError(f"{earlier} has no time limit to compare up to")
+
+    def before_end(path: Path) -> Iterator[str]:
+        with (path / "history.jsonl").open(encoding="utf-8") as fh:
+            for line in fh:
+                if float(json.loads(line).get("time") or 0.0) >= end:
+                    return
+                yield line.rstrip("\n")
+
+    return all(a == b for a, b in itertools.zip_longest(before_end(earlier), before_end(later)))
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -678,16 +752,21 @@ def run_sweep(sweep: Sweep, cells: Sequence[Cell], budget: WallBudget, all_cells
 
 
 def extend_sweep(sweep: Sweep, cells: Sequence[Cell], budget: WallBudget, all_cells: Sequence[Cell], to: float,
-                 keep_checkpoints: bool = False) -> dict[str, int]:
+                 keep_checkpoints: bool = False, rerun: bool = False) -> dict[str, int]:
     """Take the finished cells of ``cells`` that have not levelled off (by the records' criterion)
     on to ``to`` virtual s, from the last checkpoint their run directories kept, in order, until
-    done or the budget is spent; each one's record is then written again. Returns counts."""
+    done or the budget is spent; each one's record is then written again. A cell that kept no
+    checkpoint is skipped, or with ``rerun`` run again from the start to ``to``
+    (:meth:`Sweep.rerun_cell`). Returns counts."""
     counts = {"extended": 0, "paused": 0, "failed": 0, "levelled or long enough": 0, "not done": 0,
               "no checkpoint": 0, "claimed elsewhere": 0}
 
     def work(cell: Cell) -> str:
         try:
-            outcome = sweep.extend_cell(cell, to, budget)
+            if (sweep.run_dir(cell) / CHECKPOINT).is_file():
+                outcome = sweep.extend_cell(cell, to, budget)
+            else:
+                outcome = sweep.rerun_cell(cell, to, budget)
         except Exception:
             log.exception("%s failed", cell.key)
             counts["failed"] += 1
@@ -710,14 +789,19 @@ def extend_sweep(sweep: Sweep, cells: Sequence[Cell], budget: WallBudget, all_ce
         if run.levelled() is not False or run.end >= to:
             counts["levelled or long enough"] += 1
             continue
-        if not (sweep.run_dir(cell) / CHECKPOINT).is_file():
-            log.info("%s: no checkpoint kept (finished before unlevelled runs kept one); run it again instead", cell.key)
+        kept = (sweep.run_dir(cell) / CHECKPOINT).is_file()
+        if not kept and not rerun:
+            log.info("%s: no checkpoint kept (finished before unlevelled runs kept one); `extend --rerun` runs it "
+                     "again from the start", cell.key)
             counts["no checkpoint"] += 1
             continue
         if budget.expired():
             log.info("budget spent: %s and later cells wait for the next invocation", cell.key)
             break
-        log.info("%s: taking it on from %g to %g virtual s", cell.key, run.end, to)
+        if kept:
+            log.info("%s: taking it on from %g to %g virtual s", cell.key, run.end, to)
+        else:
+            log.info("%s: no checkpoint kept; running it again from the start to %g virtual s", cell.key, to)
         if _claimed(sweep, cell, all_cells, counts, work) == "paused":
             log.info("%s: paused; run the same command again to go on", cell.key)
             break
@@ -883,6 +967,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoints of finished runs")
     ap.add_argument("--extend-to", type=float, help="extend: take finished runs that have not levelled off on to "
                                                     "this virtual time (s)")
+    ap.add_argument("--rerun", action="store_true", help="extend: run a cell that kept no checkpoint again from the "
+                                                         "start to --extend-to (its earlier run directory is kept)")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra config override for every run")
     return ap
 
@@ -944,7 +1030,7 @@ def main(argv: Sequence[str] | None = None, clock: Callable[[], float] = time.mo
     if args.command == "extend":
         if args.extend_to is None or not args.extend_to > args.max_time:
             raise SystemExit(f"extend needs --extend-to, a time after the plan's horizon of {args.max_time:g} s")
-        counts = extend_sweep(sweep, cells, budget, all_cells, args.extend_to, args.keep_checkpoints)
+        counts = extend_sweep(sweep, cells, budget, all_cells, args.extend_to, args.keep_checkpoints, args.rerun)
         manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
         print(json.dumps({"this invocation": counts, "cells": manifest["counts"]}))
         return 1 if counts["failed"] else 0

@@ -652,6 +652,14 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
     if longer:  # runs `headline.py extend` took past the horizon because they had not levelled off
         lines.append(f"Runs taken past {_g(horizon)} virtual s because they had not levelled off there: "
                      + ", ".join(f"{r.group} {r.method} seed {r.seed} to {_g(r.end)} s" for r in longer) + ".\n")
+    again = [r for r in runs if isinstance(r.record.get("rerun"), dict)]
+    if again:  # `headline.py extend --rerun`: no checkpoint was kept, so they ran again from the start
+        lines.append("Runs run again from the start to be taken further (they had kept no checkpoint), and whether "
+                     "each new history repeats the earlier run's line for line up to its end: "
+                     + ", ".join(f"{r.group} {r.method} seed {r.seed} (earlier run to "
+                                 f"{_g(r.record['rerun'].get('earlier_end'))} s: "
+                                 f"{'repeated' if r.record['rerun'].get('history_continues_earlier') else 'DIFFERENT'})"
+                                 for r in again) + ".\n")
     note = root / "NOTE.md"
     if note.is_file():  # how the sweep is being run, and what it has met on the way
         lines.append(note.read_text(encoding="utf-8").strip() + "\n")

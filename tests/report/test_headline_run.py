@@ -233,3 +233,57 @@ def test_the_protocol_runs_the_tuned_fedasync_configurations_beyond_seed_0(headl
     # the other split tunes on its own seed 0
     assert sw.status(cell("reference/paper10/iid", "fedasync-a0.6-poly", 0))["status"] == "waiting"
     assert sw.status(cell("honest/paper10/iid", "fedasync-a0.1-poly", 0))["status"] == "pending"
+
+
+def test_extend_reruns_a_cell_that_kept_no_checkpoint(headline, tmp_path: Path) -> None:
+    """`extend --rerun`: a finished, unlevelled cell without a checkpoint runs again from the start
+    to the new horizon (paused and resumed on the way), keeps the earlier run beside the new one,
+    and its record says the new history repeats the earlier one."""
+    out, runs = tmp_path / "results" / "headline", tmp_path / "runs"
+    cell = "honest/paper10/dirichlet/fedasync-a0.6-poly"
+    record, run_dir = out / "records" / cell / "seed0.json", runs / cell / "seed0"
+    assert headline.main(args(out, runs), clock=Clock()) == 0
+    (run_dir / "checkpoint.pt").unlink()  # as the cells finished before unlevelled runs kept one
+    before = record.read_bytes()
+    extend = ["extend", *args(out, runs)[1:], "--extend-to", "3"]
+
+    assert headline.main(extend, clock=Clock()) == 0  # without --rerun: left as it is
+    assert record.read_bytes() == before and not run_dir.with_name("seed0.before-rerun").exists()
+
+    # a budget of 3 clock readings pauses the rerun after its first checkpoint; the record stays
+    assert headline.main([*extend, "--rerun", "--budget-minutes", "0.05"], clock=Clock()) == 0
+    aside = run_dir.with_name("seed0.before-rerun")
+    assert (aside / "summary.json").is_file() and not (aside / "claim").exists()
+    assert (run_dir / "checkpoint.pt").is_file() and not (run_dir / "summary.json").exists()
+    assert record.read_bytes() == before
+    assert headline.main([*extend, "--rerun"], clock=Clock()) == 0  # goes on from that checkpoint
+    rec = json.loads(record.read_text())
+    assert rec["summary"]["virtual_seconds"] == 3.0 and rec["extended_to"] == 3.0
+    assert rec["rerun"] == {"earlier_run_dir": "seed0.before-rerun", "earlier_end": 2.0,
+                            "history_continues_earlier": True}
+    assert not (run_dir / "claim").exists() and (aside / "history.jsonl").is_file()
+
+    # the same as a run to 3 s from the start
+    three = args(out3 := tmp_path / "three" / "headline", tmp_path / "runs-three")
+    three[three.index("--max-time") + 1] = "3"
+    assert headline.main(three, clock=Clock()) == 0
+    direct = json.loads((out3 / "records" / cell / "seed0.json").read_text())
+    assert rec["history"]["sha256"] == direct["history"]["sha256"] and rec["evals"] == direct["evals"]
+
+    # the check fails on a history that differs before the earlier end, or stops short of it
+    assert headline.history_continues(aside, run_dir)
+    lines = (aside / "history.jsonl").read_text().splitlines(keepends=True)
+    k = next(i for i, x in enumerate(lines) if json.loads(x)["event"] == "eval" and json.loads(x)["time"] == 1.0)
+    changed = json.loads(lines[k])
+    changed["accuracy"] = changed["accuracy"] + 0.5
+    (aside / "history.jsonl").write_text("".join([*lines[:k], json.dumps(changed) + "\n", *lines[k + 1:]]))
+    assert not headline.history_continues(aside, run_dir)
+    (aside / "history.jsonl").write_text("".join(lines[:k]))  # an earlier history cut short
+    assert not headline.history_continues(aside, run_dir) and not headline.history_continues(run_dir, aside)
+    (aside / "history.jsonl").write_text("".join(lines))
+    assert headline.history_continues(aside, run_dir)
+
+    md = load("make_results_md_r", ROOT / "scripts" / "make_results_md.py")
+    assert md.main(["--results", str(out.parent), "--out", str(tmp_path / "x" / "RESULTS.md")]) == 0
+    assert ("honest/paper10/dirichlet fedasync-a0.6-poly seed 0 (earlier run to 2 s: repeated)"
+            in (tmp_path / "x" / "RESULTS.md").read_text())
