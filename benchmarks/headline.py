@@ -636,27 +636,25 @@ def _piece(rd: Path, budget: WallBudget, fields: dict[str, Any], run: Callable[[
 RERUN_SUFFIX = ".before-rerun"
 
 
+def _aside_dirs(rd: Path) -> Iterator[Path]:
+    """The names beside ``rd`` for what it held before a rerun, in order: ``<dir>.before-rerun``,
+    then ``-2``, ``-3``..."""
+    yield rd.with_name(rd.name + RERUN_SUFFIX)
+    for k in itertools.count(2):
+        yield rd.with_name(f"{rd.name}{RERUN_SUFFIX}-{k}")
+
+
 def _aside_dir(rd: Path) -> Path:
-    """A free name beside ``rd`` for what it held before a rerun: ``<dir>.before-rerun``, then
-    ``-2``, ``-3``..."""
-    k = 1
-    while True:
-        path = rd.with_name(rd.name + RERUN_SUFFIX + ("" if k == 1 else f"-{k}"))
-        if not path.exists():
-            return path
-        k += 1
+    """The first free name of :func:`_aside_dirs`."""
+    return next(p for p in _aside_dirs(rd) if not p.exists())
 
 
 def earlier_run(rd: Path) -> Path | None:
     """The first finished run a rerun moved aside from ``rd`` (see :meth:`Sweep.rerun_cell`), if any."""
-    k = 1
-    while True:
-        path = rd.with_name(rd.name + RERUN_SUFFIX + ("" if k == 1 else f"-{k}"))
-        if not path.exists():
-            return None
+    for path in itertools.takewhile(Path.exists, _aside_dirs(rd)):
         if (path / "summary.json").is_file():
             return path
-        k += 1
+    return None
 
 
 def _horizon(rd: Path) -> float | None:
