@@ -10,7 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from prfl.settings import Accounting, SimSettings, TrainConfig, check_accounting
+from prfl.settings import Accounting, SimSettings, TrainConfig, check_accounting, check_model_relay
 
 
 class ConfigError(ValueError):
@@ -130,6 +130,7 @@ class SimConfig(_Strict):
     sparse_efficiency: float = _shared("sparse_efficiency")
     shared_server_link: bool = _shared("shared_server_link")
     piece_relay: bool = _shared("piece_relay")
+    model_relay: bool = _shared("model_relay")
     accounting: Accounting = _shared("accounting")
     checkpoint_every_rounds: int | None = Field(
         50, ge=1, description="server updates between checkpoints of the run (null: no checkpoints)")
@@ -173,11 +174,12 @@ class SimConfig(_Strict):
         if self.accounting == "reference" and not self.piece_relay:
             raise ValueError("sim.piece_relay: false says where honest downloads come from; the reference accounting "
                              "has its own download model: set sim.accounting: honest or sim.piece_relay: true")
+        check_model_relay(self.accounting, self.piece_relay, self.model_relay, "sim.")
         return self
 
 
 _SIM_SHARED = ("max_time", "eval_every_rounds", "eval_every_seconds", "compute_time", "sparse_efficiency",
-               "shared_server_link", "piece_relay", "accounting")
+               "shared_server_link", "piece_relay", "model_relay", "accounting")
 
 
 class PrivacyConfig(_Strict):

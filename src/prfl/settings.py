@@ -60,6 +60,19 @@ class TrainConfig(_Settings):
         return max(1, math.ceil(self.local_epochs * math.ceil(num_samples / self.batch_size)))
 
 
+def check_model_relay(accounting: str, piece_relay: bool, model_relay: bool, prefix: str) -> None:
+    """``model_relay`` extends the honest accounting's relay; refuse it where there is none."""
+    if not model_relay:
+        return
+    if accounting != "honest":
+        raise ValueError(f"{prefix}model_relay is a rule of the honest accounting (the reference accounting "
+                         f"publishes each step's models once by itself): set {prefix}accounting: honest or "
+                         f"{prefix}model_relay: false")
+    if not piece_relay:
+        raise ValueError(f"{prefix}model_relay publishes models through the relay that {prefix}piece_relay: false "
+                         f"turns off: set {prefix}piece_relay: true or {prefix}model_relay: false")
+
+
 class SimSettings(_Settings):
     """How the simulator models time, and when it evaluates and checkpoints."""
 
@@ -75,6 +88,10 @@ class SimSettings(_Settings):
         True, description="pieces already published for a model version reach later clients from a relay at the "
         "client's speed; false: every downloaded byte crosses the server's shared link (as on Flower; honest "
         "accounting only)")
+    model_relay: bool = Field(
+        False, description="with piece_relay: every policy's models are published once per model version, not only "
+        "PR-FL's residual pieces; a later client of the same version and sub-model (density, width) fetches it "
+        "from the relay at its own speed (honest accounting only)")
     checkpoint_every_rounds: int | None = Field(
         None, ge=1, description="server updates between checkpoints of the run (null: no checkpoints)")
     target_accuracies: tuple[float, ...] = Field((), description="accuracies for time-to-accuracy")
@@ -94,4 +111,5 @@ class SimSettings(_Settings):
         if self.accounting == "reference" and not self.piece_relay:
             raise ValueError("piece_relay: false describes where honest downloads come from; the reference "
                              "accounting has its own download model: use accounting 'honest' or piece_relay true")
+        check_model_relay(self.accounting, self.piece_relay, self.model_relay, "")
         return self

@@ -7,6 +7,9 @@ The small model is the digits MLP with one hidden layer of 8: prunable weights 6
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import io
 import pickle
 
@@ -20,6 +23,7 @@ from prfl.policies.base import StepTiming, TaskSpec
 from prfl.sim.accounting import (
     ReferenceBroadcast,
     ReferenceSizes,
+    VersionPublication,
     check_accounting,
     reference_model_bytes,
     values_only_bytes,
@@ -132,6 +136,44 @@ def test_broadcast_pushes_each_steps_model_once() -> None:
     c.load_state_dict(state)
     assert c.egress(spec(prefix_mask(100), version=5, density=0.17)) == 0
     assert c.egress(spec(None, version=5)) == 0
+
+
+def test_model_relay_publishes_each_versions_sub_models_once() -> None:
+    pub = VersionPublication()
+
+    def task(down: int, *, version: int, density: float = 1.0, width: float = 1.0, egress: int | None = None,
+             client: int = 0) -> TaskSpec:
+        return dataclasses.replace(spec(version=version, density=density, width=width, client=client),
+                                   download_bytes=down, server_egress_bytes=egress)
+
+    # version 2: the dense model crosses the uplink once; the next client of version 2 gets it from the relay
+    assert pub.egress(task(1_000, version=2)) == 1_000
+    assert pub.egress(task(1_000, version=2, client=1)) == 0
+    # another sub-model of the same version (HeteroFL's widths or masks) is published once too
+    assert pub.egress(task(400, version=2, density=0.4)) == 400
+    assert pub.egress(task(250, version=2, width=0.5)) == 250
+    assert pub.egress(task(400, version=2, density=0.4, client=3)) == 0
+    # a policy that sizes its own egress (PR-FL's pieces) keeps it, capped at the download
+    assert pub.egress(task(900, version=2, egress=120)) == 120
+    assert pub.egress(task(900, version=2, egress=5_000)) == 900
+    # a new version is new content: published again
+    assert pub.egress(task(1_000, version=3)) == 1_000
+    state = json.loads(json.dumps(pub.state_dict()))  # checkpoints keep it as JSON
+    again = VersionPublication()
+    again.load_state_dict(state)
+    assert again.egress(task(1_000, version=3, client=4)) == 0
+    assert again.egress(task(400, version=3, density=0.4)) == 400
+    fresh = VersionPublication()
+    fresh.load_state_dict({})  # a checkpoint written before the rule existed
+    assert fresh.egress(task(1_000, version=3)) == 1_000
+
+
+def test_model_relay_needs_the_honest_relay() -> None:
+    assert SimSettings(model_relay=True).model_relay
+    with pytest.raises(ValueError, match="model_relay is a rule of the honest accounting"):
+        SimSettings(accounting="reference", model_relay=True)
+    with pytest.raises(ValueError, match="set piece_relay: true or model_relay: false"):
+        SimSettings(piece_relay=False, model_relay=True)
 
 
 def test_accounting_mode_is_checked() -> None:

@@ -119,6 +119,8 @@ def test_bad_accounting_is_a_config_error() -> None:
         load_config(overrides=["sim.accounting=reference", "sim.piece_relay=false"])
     with pytest.raises(ValueError, match="piece_relay"):
         SimSettings(accounting="reference", piece_relay=False)
+    with pytest.raises(ConfigError, match="set sim.accounting: honest or sim.model_relay: false"):
+        load_config(overrides=["sim.accounting=reference", "sim.model_relay=true"])
 
 
 class Killed(Exception):
@@ -135,6 +137,33 @@ def test_reference_run_resumes_to_the_uninterrupted_history(tmp_path, policy) ->
             raise Killed
 
     cfg = load_config(overrides=overrides("reference", policy, *extra))
+    with pytest.raises(Killed):
+        run_policy(build_scenario(cfg), out_dir=tmp_path / "cut", on_progress=die)
+    resumed = resume_run(tmp_path / "cut")
+    assert list(read_history(tmp_path / "cut" / "history.jsonl")) == list(read_history(tmp_path / "whole" / "history.jsonl"))
+    drop = (*WALL_FIELDS, "history")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+
+
+def test_model_relay_charges_each_fedbuff_version_once_and_resumes_exactly(tmp_path) -> None:
+    # FedBuff hands one model version to several clients; with model_relay the dense model
+    # (4 * 610 = 2,440 B honest) crosses the server's uplink once per version, and the other
+    # copies come from the relay. A run cut short resumes to the uninterrupted history.
+    extra = ("policy.options={k: 3}", "sim.max_rounds=30", "sim.checkpoint_every_rounds=7")
+    plain = run("honest", "fedbuff", *extra)
+    assert plain["server_egress_bytes"] == sum(plain["client_download_bytes"])
+    whole = run("honest", "fedbuff", *extra, "sim.model_relay=true", out=tmp_path / "whole")
+    versions = {a["version"] for a in events(whole, "arrival")}
+    assert whole["server_egress_bytes"] % 2_440 == 0
+    assert len(versions) <= whole["server_egress_bytes"] // 2_440 <= whole["server_rounds"] + 1
+    assert whole["server_egress_bytes"] < sum(whole["client_download_bytes"]) / 2
+
+    def die(rec: dict[str, Any]) -> None:
+        if rec["round"] >= 20:
+            raise Killed
+
+    cfg = load_config(overrides=overrides("honest", "fedbuff", *extra, "sim.model_relay=true"))
+    assert cfg.sim.model_relay
     with pytest.raises(Killed):
         run_policy(build_scenario(cfg), out_dir=tmp_path / "cut", on_progress=die)
     resumed = resume_run(tmp_path / "cut")

@@ -523,6 +523,38 @@ def test_published_pieces_are_relayed_at_the_clients_own_speed(executor, initial
     assert summary["client_download_bytes"] == [20, 32]
 
 
+def test_model_relay_serves_a_version_already_sent_from_the_relay(executor, initial_weights) -> None:
+    # Both clients start from version 0 with the dense model and no egress of their own. With
+    # model_relay client 0's 20 B cross the shared uplink alone (its own 8 B/s: done at 2.5);
+    # client 1's copy of the same version comes whole from the relay at its 6 B/s: 32/6 s.
+    # Compute 1 s and 4 s: uploads from 3.5 (client 0) and 9.3333 (client 1) on the 5 B/s
+    # server downlink: client 0 alone at 4 B/s has 24 - 5.8333 * 4 = 0.6667 B left at 9.3333,
+    # then 2.5 B/s each: done at 9.6; client 1's 10 - 0.6667 B then at 3 B/s: 9.6 + 9.3333/3.
+    sim = make_sim(executor, initial_weights, settings=SimSettings(eval_every_rounds=None, model_relay=True))
+    summary = sim.run()
+    assert sim.policy.arrivals == [(approx(9.6), 0), (approx(9.6 + 28 / 9), 1)]
+    assert summary["server_egress_bytes"] == 20
+    assert summary["client_download_bytes"] == [20, 32]
+    second = [r for r in records(sim, "arrival") if r["client"] == 1][0]
+    assert second["link_wait_down"] == approx(0.0) and second["download"] == approx(32 / 6)
+    # without it both copies cross the uplink (the first test of this file: 4 s and 6 s)
+    plain = make_sim(executor, initial_weights)
+    assert plain.run()["server_egress_bytes"] == 20 + 32
+
+
+def test_model_relay_publishes_every_new_version_again(executor, initial_weights) -> None:
+    # Each arrival is a server update and the client is sent the new version: nothing of it was
+    # published, so every task after the first wave crosses the uplink whole, and the first
+    # wave's second copy is the only one relayed.
+    sim = make_sim(executor, initial_weights, settings=SimSettings(eval_every_rounds=None, model_relay=True),
+                   redispatch=True, bump=True, stop_after=6)
+    summary = sim.run()
+    crossed = [r["client"] for r in records(sim, "arrival")]
+    assert len(crossed) == 6
+    relayed = DOWN[1]  # the first wave's copy for client 1
+    assert summary["server_egress_bytes"] == sum(summary["client_download_bytes"]) - relayed
+
+
 # ---------------------------------------------------------------------------- where the time goes
 def test_arrivals_split_their_time_into_download_link_wait_compute_upload(executor, initial_weights) -> None:
     # The first scenario (see test_shared_server_link_hand_computed_times), split by hand:

@@ -4,7 +4,10 @@ reference code's cost model, so that the paper's own figures can be checked).
 ``honest`` (the default) charges what the policy's :class:`~prfl.policies.base.TaskSpec` says:
 ``download_bytes`` (of which ``server_egress_bytes`` cross the server's shared uplink),
 ``upload_bytes`` (values, positions and importance scores alike), and compute time from the
-FLOPs of the task at the device's drawn speed.
+FLOPs of the task at the device's drawn speed. Only PR-FL's residual pieces set
+``server_egress_bytes``; with ``model_relay`` every policy's models are published once per model
+version (:class:`VersionPublication`), so a version handed to several clients crosses the
+server's uplink once whichever policy hands it out.
 
 ``reference`` reproduces the reference simulator (machengjie321/PR-FL, ``bases/fl/simulation_real/
 Prune_Recover_FL.py``, cited R:line):
@@ -119,6 +122,44 @@ class ReferenceSizes:
     def step_timing(self, server_up_bps: float) -> StepTiming:
         """The reference's step-closing rule with these sizes and the server's nominal uplink."""
         return StepTiming(server_up_bps=server_up_bps, margin=REFERENCE_MARGIN, download_bytes=self.download_bytes)
+
+
+class VersionPublication:
+    """Which bytes of an honest download cross the server's uplink with ``model_relay``: each model
+    version's sub-models once, for every policy.
+
+    A task whose policy sized its own server egress (PR-FL's residual pieces, whose ledger knows
+    which pieces of the version are out) keeps it. Any other task crosses the uplink with its whole
+    download the first time its version's sub-model of that (density, width) goes out; a later task
+    of the same version and sub-model is served entirely from the relay, at the client's own
+    speed. As in :class:`ReferenceBroadcast`, a policy hands every client of a version the same
+    sub-model at a given density and width, and only the current version is remembered (a policy
+    dispatches from its current model).
+    """
+
+    def __init__(self) -> None:
+        self._version: int | None = None
+        self._models: frozenset[tuple[float, float]] = frozenset()
+
+    def egress(self, task: TaskSpec) -> int:
+        """Bytes the server's uplink carries for ``task`` (at most its download)."""
+        if task.server_egress_bytes is not None:
+            return min(task.server_egress_bytes, task.download_bytes)
+        if self._version != task.version:
+            self._version, self._models = task.version, frozenset()
+        key = (float(task.density), float(task.width))
+        if key in self._models:
+            return 0
+        self._models = self._models | {key}
+        return task.download_bytes
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": self._version, "models": sorted(self._models)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        v = state.get("version")
+        self._version = None if v is None else int(v)
+        self._models = frozenset((float(d), float(w)) for d, w in state.get("models", ()))
 
 
 @dataclass

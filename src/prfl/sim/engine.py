@@ -57,7 +57,7 @@ from prfl.policies.base import (
     TimerFired,
 )
 from prfl.settings import SimSettings
-from prfl.sim.accounting import ReferenceBroadcast, ReferenceSizes
+from prfl.sim.accounting import ReferenceBroadcast, ReferenceSizes, VersionPublication
 from prfl.sim.devices import Fleet, draw_server_speeds
 from prfl.sim.executors import Executor
 from prfl.runtime.history import TIME_PARTS, UPLOAD_PARTS, HistoryWriter
@@ -146,6 +146,7 @@ class Simulation(TaskStages, SimulationCheckpoints, RunnerBacked):
         self.reference = settings.accounting == "reference"
         self._ref_sizes = ReferenceSizes(policy.ctx.num_prunable, policy.ctx.initial_weights.numel())
         self._broadcast = ReferenceBroadcast(self._ref_sizes)
+        self._publication = VersionPublication()  # honest accounting with model_relay
         # reference accounting, compute_time "flops": every client computes at the fastest device's speed
         self._equal_flops = max(p.compute_flops for p in fleet.clients)
         self._resumed = False

@@ -93,6 +93,7 @@ class SimulationCheckpoints:
                 "upload_parts": list(self.upload_parts),
             },
             "broadcast": self._broadcast.state_dict(),
+            "publication": self._publication.state_dict(),
             **self.runner.state_dict(),
             "history_offset": self.history.offset(),
         }
@@ -134,6 +135,7 @@ class SimulationCheckpoints:
             self.time_parts = [list(r) for r in c["time_parts"]]
             self.upload_parts = list(c["upload_parts"])
         self._broadcast.load_state_dict(state.get("broadcast", {"step": None}))
+        self._publication.load_state_dict(state.get("publication", {}))
         self.runner.load_state_dict(state)
         self.inflight = {}
         # Saved jobs go back to the executor, grouped by their start values: each is read from

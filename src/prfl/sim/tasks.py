@@ -2,7 +2,8 @@
 
 A dispatched task downloads over the server's upload link (max-min fair with the other
 downloads; pieces already published for its model version come from the publication point at
-the client's own speed, the *relay*), computes (modelled FLOPs at the device's drawn speed, or
+the client's own speed, the *relay*; with ``model_relay`` any policy's sub-model already sent
+for the version does too), computes (modelled FLOPs at the device's drawn speed, or
 measured), and uploads over the server's download link. Its arrival record splits its duration
 into ``download + link_wait + compute + upload`` (:meth:`TaskStages._timing`).
 
@@ -26,7 +27,7 @@ from prfl.policies.base import Policy, ResultArrived, TaskFailed, TaskSpec
 from prfl.runtime.history import TIME_PARTS, UPLOAD_PARTS, HistoryWriter
 from prfl.seeding import int_seed
 from prfl.settings import SimSettings
-from prfl.sim.accounting import ReferenceBroadcast, ReferenceSizes, values_only_bytes
+from prfl.sim.accounting import ReferenceBroadcast, ReferenceSizes, VersionPublication, values_only_bytes
 from prfl.sim.devices import Fleet, TaskSpeeds, draw_task_speeds
 from prfl.sim.executors import Executor, TrainJob
 from prfl.sim.links import SharedLink
@@ -80,6 +81,7 @@ class TaskStages:
     reference: bool
     _ref_sizes: ReferenceSizes
     _broadcast: ReferenceBroadcast
+    _publication: VersionPublication
     _equal_flops: float
 
     def _dispatch(self, spec: TaskSpec) -> None:
@@ -100,7 +102,9 @@ class TaskStages:
         else:
             down = spec.download_bytes
             egress = down
-            if spec.server_egress_bytes is not None and self.settings.piece_relay:
+            if self.settings.model_relay:
+                egress = self._publication.egress(spec)
+            elif spec.server_egress_bytes is not None and self.settings.piece_relay:
                 egress = min(spec.server_egress_bytes, down)
         future = self.executor.submit(job)
         del job
