@@ -373,7 +373,7 @@ def simulation_config(experiment: ExperimentConfig) -> ExperimentConfig:
     """The experiment as the simulator must run it to predict the deployment: compute measured,
     every byte charged (honest accounting) and over the server's shared link, no checkpoints."""
     data = experiment.model_dump()
-    data["sim"].update(compute_time="measured", piece_relay=False, shared_server_link=True, executor="inline",
+    data["sim"].update(compute_time="measured", piece_relay=False, model_relay=False, shared_server_link=True, executor="inline",
                        checkpoint_every_rounds=None, spill_dir=None, accounting="honest")
     return ExperimentConfig.model_validate(data)
 

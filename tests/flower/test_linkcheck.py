@@ -125,6 +125,8 @@ def test_the_simulator_runs_the_experiment_as_the_deployment_did(tmp_path: Path)
     cfg = lc.simulation_config(exp)
     assert cfg.sim.compute_time == "measured" and cfg.sim.piece_relay is False and cfg.sim.executor == "inline"
     assert cfg.sim.accounting == "honest"  # a deployment moves every byte
+    relayed = ExperimentConfig.model_validate({"sim": {"max_rounds": 5, "model_relay": True}})
+    assert lc.simulation_config(relayed).sim.model_relay is False  # nor does a deployment relay models
     assert cfg.sim.max_rounds == 5 and cfg.policy == exp.policy
     app = lc.write_app(tmp_path / "app", tmp_path / "exp.yaml", tmp_path / "out", {"reply-timeout": 900.0})
     doc = tomllib.loads((app / "pyproject.toml").read_text())
