@@ -70,7 +70,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prfl.config import ConfigError, ExperimentConfig, PolicyConfig, SimConfig, load_config
+from prfl.config import ConfigError, ExperimentConfig, PolicyConfig, SimConfig, load_config, load_run_config
 from prfl.policies import POLICIES
 from prfl.report.sweep import Run, best_tuned, compact_run
 from prfl.run import build_scenario, resume_run, run_policy
@@ -544,6 +544,8 @@ class Sweep:
         rec["wall_seconds_total"] = sum(p.get("wall_seconds", 0.0) for p in pieces) or rec["summary"].get("wall_seconds")
         rec["commits"] = sorted({p["commit"] for p in pieces if p.get("commit")})
         rec["overrides"] = self.settings.overrides(cell.group, cell.seed, METHODS[cell.method]["name"])
+        # whether every policy's models were relayed (sim.model_relay; absent before the option: no)
+        rec["model_relay"] = load_run_config(rd / "config.yaml").sim.model_relay
         horizon = _horizon(rd)
         if horizon is not None and horizon != self.settings.max_time:  # taken on by `extend`
             rec["overrides"] = [f"sim.max_time={horizon:g}" if o.startswith("sim.max_time=") else o
@@ -602,7 +604,7 @@ class Sweep:
             return "complete"
         resuming = (rd / "config.yaml").is_file() and ((rd / CHECKPOINT).is_file() or (rd / PREVIOUS_CHECKPOINT).is_file())
         if resuming:
-            saved = load_config(rd / "config.yaml").model_dump(mode="json")
+            saved = load_run_config(rd / "config.yaml").model_dump(mode="json")  # as it was started
             diff = config_differences(saved, cfg.model_dump(mode="json"))
             if diff:
                 raise ConfigError(f"{rd} was started with other settings ({', '.join(diff)}); delete the directory to "

@@ -28,7 +28,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 from typer.core import TyperGroup
 
-from prfl.config import ConfigError, ExperimentConfig, format_errors, load_config, preset_names
+from prfl.config import ConfigError, ExperimentConfig, format_errors, load_config, load_run_config, preset_names
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -287,7 +287,7 @@ def run(
             raise UserError(f"{resume} is not a run directory (no config.yaml)",
                             "give one policy's run directory, e.g. runs/demo-<time>/prfl")
         with _progress(quiet) as progress:
-            cfg = load_config(resume / "config.yaml")
+            cfg = load_run_config(resume / "config.yaml")
             if extend_to is not None:  # the bar's total; resume_run checks the time and records it
                 cfg = cfg.with_max_time(extend_to)
             bar = RunProgress(progress, cfg.policy.name, cfg)

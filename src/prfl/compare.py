@@ -43,7 +43,7 @@ from prfl.config import (
     PolicyConfig,
     format_errors,
     apply_overrides,
-    load_config,
+    load_run_config,
     read_yaml_mapping,
     preset_data,
 )
@@ -320,7 +320,7 @@ def run_state(plan: ComparisonPlan, method: str, seed: int, restart: bool = Fals
     if restart or not rd.config.is_file():
         return "new"
     try:
-        there = load_config(rd.config).model_dump(mode="json")
+        there = load_run_config(rd.config).model_dump(mode="json")
     except ConfigError as exc:
         raise ConfigError(f"{d}/config.yaml cannot be read ({exc}); remove the directory or pass --restart") from None
     now = plan.run_config(method, seed).model_dump(mode="json")

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from prfl.settings import Accounting, SimSettings, TrainConfig, check_accounting, check_model_relay
+from prfl.settings import Accounting, SimSettings, TrainConfig, check_accounting
 
 
 class ConfigError(ValueError):
@@ -174,7 +174,6 @@ class SimConfig(_Strict):
         if self.accounting == "reference" and not self.piece_relay:
             raise ValueError("sim.piece_relay: false says where honest downloads come from; the reference accounting "
                              "has its own download model: set sim.accounting: honest or sim.piece_relay: true")
-        check_model_relay(self.accounting, self.piece_relay, self.model_relay, "sim.")
         return self
 
 
@@ -335,6 +334,28 @@ def load_config(
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_errors(err, source)) from None
+
+
+# Settings added after run directories were already being written, with the value that gives the
+# behaviour those runs had: a saved config.yaml without the key is read with that value, so a run
+# resumes (and is compared) under the rules it started with, whatever the default is now.
+EARLIER_RULES: dict[tuple[str, str], Any] = {("sim", "model_relay"): False}
+
+
+def load_run_config(path: str | Path) -> ExperimentConfig:
+    """The config a run directory saved (``config.yaml``), read with :data:`EARLIER_RULES` for
+    the settings it predates."""
+    data = read_yaml_mapping(path, "config file", "data, model, policy, ...")
+    for (section, key), value in EARLIER_RULES.items():
+        part = data.get(section)
+        if part is None:
+            data[section] = part = {}
+        if isinstance(part, dict) and key not in part:
+            part[key] = value
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_errors(err, str(path))) from None
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:

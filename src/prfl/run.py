@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from prfl.client.trainer import TrainConfig, evaluate
-from prfl.config import ConfigError, ExperimentConfig, PolicyConfig, load_config, save_config
+from prfl.config import ConfigError, ExperimentConfig, PolicyConfig, load_run_config, save_config
 from prfl.data import Dataset, Partition, load_dataset, partition_dataset
 from prfl.models import build_model, model_cost
 from prfl.models.cost import ModelCost
@@ -341,7 +341,7 @@ def resume_run(run_dir: str | Path, on_progress: Callable[[dict[str, Any]], None
         rd.check_resumable()
     except ResumeError as exc:
         raise ConfigError(str(exc)) from None
-    cfg = load_config(rd.config)
+    cfg = load_run_config(rd.config)
     if max_time is not None:
         old = cfg.sim.max_time
         if not (math.isfinite(max_time) and max_time > 0):

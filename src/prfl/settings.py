@@ -60,19 +60,6 @@ class TrainConfig(_Settings):
         return max(1, math.ceil(self.local_epochs * math.ceil(num_samples / self.batch_size)))
 
 
-def check_model_relay(accounting: str, piece_relay: bool, model_relay: bool, prefix: str) -> None:
-    """``model_relay`` extends the honest accounting's relay; refuse it where there is none."""
-    if not model_relay:
-        return
-    if accounting != "honest":
-        raise ValueError(f"{prefix}model_relay is a rule of the honest accounting (the reference accounting "
-                         f"publishes each step's models once by itself): set {prefix}accounting: honest or "
-                         f"{prefix}model_relay: false")
-    if not piece_relay:
-        raise ValueError(f"{prefix}model_relay publishes models through the relay that {prefix}piece_relay: false "
-                         f"turns off: set {prefix}piece_relay: true or {prefix}model_relay: false")
-
-
 class SimSettings(_Settings):
     """How the simulator models time, and when it evaluates and checkpoints."""
 
@@ -89,9 +76,10 @@ class SimSettings(_Settings):
         "client's speed; false: every downloaded byte crosses the server's shared link (as on Flower; honest "
         "accounting only)")
     model_relay: bool = Field(
-        False, description="with piece_relay: every policy's models are published once per model version, not only "
-        "PR-FL's residual pieces; a later client of the same version and sub-model (density, width) fetches it "
-        "from the relay at its own speed (honest accounting only)")
+        True, description="the relay publishes every policy's models once per model version, not only PR-FL's "
+        "residual pieces: a later client of the same version and sub-model (density, width) fetches it from the "
+        "relay at its own speed (false: only PR-FL's pieces are relayed, as before this option; no effect with "
+        "piece_relay false or the reference accounting, which broadcasts each step's models once by itself)")
     checkpoint_every_rounds: int | None = Field(
         None, ge=1, description="server updates between checkpoints of the run (null: no checkpoints)")
     target_accuracies: tuple[float, ...] = Field((), description="accuracies for time-to-accuracy")
@@ -111,5 +99,4 @@ class SimSettings(_Settings):
         if self.accounting == "reference" and not self.piece_relay:
             raise ValueError("piece_relay: false describes where honest downloads come from; the reference "
                              "accounting has its own download model: use accounting 'honest' or piece_relay true")
-        check_model_relay(self.accounting, self.piece_relay, self.model_relay, "")
         return self

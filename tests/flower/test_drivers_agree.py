@@ -119,7 +119,9 @@ def run_simulator(case: Case) -> list[dict[str, Any]]:
     sim = Simulation(
         policy, fleet, ScriptedExecutor(), [np.arange(n) for n in NUM_SAMPLES], TrainConfig(),
         step_flops=lambda mask, batch, width: 1.0, evaluator=evaluate,
-        settings=SimSettings(eval_every_rounds=EVAL_EVERY, compute_time="measured", shared_server_link=False),
+        # the SuperLink sends every node its own copy of a model: no model relay, as on Flower
+        settings=SimSettings(eval_every_rounds=EVAL_EVERY, compute_time="measured", shared_server_link=False,
+                             model_relay=False),
         seed=SEED, history=history,
     )
     sim.run()

@@ -168,12 +168,11 @@ def test_model_relay_publishes_each_versions_sub_models_once() -> None:
     assert fresh.egress(task(1_000, version=3)) == 1_000
 
 
-def test_model_relay_needs_the_honest_relay() -> None:
-    assert SimSettings(model_relay=True).model_relay
-    with pytest.raises(ValueError, match="model_relay is a rule of the honest accounting"):
-        SimSettings(accounting="reference", model_relay=True)
-    with pytest.raises(ValueError, match="set piece_relay: true or model_relay: false"):
-        SimSettings(piece_relay=False, model_relay=True)
+def test_model_relay_is_on_by_default() -> None:
+    assert SimSettings().model_relay and SimSettings().piece_relay
+    # no relay at all and the reference's own broadcast are not refused: model_relay has no effect there
+    assert SimSettings(piece_relay=False).model_relay
+    assert SimSettings(accounting="reference").model_relay
 
 
 def test_accounting_mode_is_checked() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from prfl.config import ConfigError, load_config
+from prfl.config import ConfigError, load_config, load_run_config
 from prfl.run import build_scenario, resume_run, run_policy
 from prfl.runtime.history import TIME_PARTS, read_history
 from prfl.settings import SimSettings
@@ -119,8 +119,6 @@ def test_bad_accounting_is_a_config_error() -> None:
         load_config(overrides=["sim.accounting=reference", "sim.piece_relay=false"])
     with pytest.raises(ValueError, match="piece_relay"):
         SimSettings(accounting="reference", piece_relay=False)
-    with pytest.raises(ConfigError, match="set sim.accounting: honest or sim.model_relay: false"):
-        load_config(overrides=["sim.accounting=reference", "sim.model_relay=true"])
 
 
 class Killed(Exception):
@@ -150,9 +148,9 @@ def test_model_relay_charges_each_fedbuff_version_once_and_resumes_exactly(tmp_p
     # (4 * 610 = 2,440 B honest) crosses the server's uplink once per version, and the other
     # copies come from the relay. A run cut short resumes to the uninterrupted history.
     extra = ("policy.options={k: 3}", "sim.max_rounds=30", "sim.checkpoint_every_rounds=7")
-    plain = run("honest", "fedbuff", *extra)
+    plain = run("honest", "fedbuff", *extra, "sim.model_relay=false")
     assert plain["server_egress_bytes"] == sum(plain["client_download_bytes"])
-    whole = run("honest", "fedbuff", *extra, "sim.model_relay=true", out=tmp_path / "whole")
+    whole = run("honest", "fedbuff", *extra, out=tmp_path / "whole")
     versions = {a["version"] for a in events(whole, "arrival")}
     assert whole["server_egress_bytes"] % 2_440 == 0
     assert len(versions) <= whole["server_egress_bytes"] // 2_440 <= whole["server_rounds"] + 1
@@ -162,11 +160,40 @@ def test_model_relay_charges_each_fedbuff_version_once_and_resumes_exactly(tmp_p
         if rec["round"] >= 20:
             raise Killed
 
-    cfg = load_config(overrides=overrides("honest", "fedbuff", *extra, "sim.model_relay=true"))
-    assert cfg.sim.model_relay
+    cfg = load_config(overrides=overrides("honest", "fedbuff", *extra))
+    assert cfg.sim.model_relay  # the default
     with pytest.raises(Killed):
         run_policy(build_scenario(cfg), out_dir=tmp_path / "cut", on_progress=die)
     resumed = resume_run(tmp_path / "cut")
     assert list(read_history(tmp_path / "cut" / "history.jsonl")) == list(read_history(tmp_path / "whole" / "history.jsonl"))
     drop = (*WALL_FIELDS, "history")
     assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+
+
+def test_prfl_is_the_same_run_with_or_without_model_relay() -> None:
+    # PR-FL sizes its own server egress (its residual pieces), so the model relay changes nothing
+    relayed = run("honest", "prfl", "sim.max_rounds=25")
+    before = run("honest", "prfl", "sim.max_rounds=25", "sim.model_relay=false")
+    assert relayed["history"] == before["history"]
+
+
+def test_a_run_saved_before_model_relay_resumes_under_its_old_rule(tmp_path) -> None:
+    # config.yaml of a run started before the option existed has no sim.model_relay: it resumes
+    # with every copy of a model crossing the server's link, as it started, not under the default
+    extra = ("policy.options={k: 3}", "sim.max_rounds=30", "sim.checkpoint_every_rounds=7", "sim.model_relay=false")
+    whole = run("honest", "fedbuff", *extra, out=tmp_path / "whole")
+
+    def die(rec: dict[str, Any]) -> None:
+        if rec["round"] >= 20:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_policy(build_scenario(load_config(overrides=overrides("honest", "fedbuff", *extra))),
+                   out_dir=tmp_path / "old", on_progress=die)
+    saved = tmp_path / "old" / "config.yaml"
+    text = saved.read_text()
+    assert "model_relay: false" in text
+    saved.write_text(text.replace("  model_relay: false\n", ""))
+    assert load_run_config(saved).sim.model_relay is False and load_config(saved).sim.model_relay is True
+    resume_run(tmp_path / "old")
+    assert list(read_history(tmp_path / "old" / "history.jsonl")) == list(read_history(tmp_path / "whole" / "history.jsonl"))

@@ -195,7 +195,9 @@ def make_sim(
     executor,
     initial_weights,
     *,
-    settings: SimSettings = SimSettings(eval_every_rounds=None),
+    # the scripted tasks of one version differ in size (DOWN), so they are not one published model:
+    # no model relay unless a test asks for it
+    settings: SimSettings = SimSettings(eval_every_rounds=None, model_relay=False),
     fleet: Fleet | None = None,
     availability: Any = None,
     evaluator=None,
@@ -287,7 +289,7 @@ def test_result_event_carries_the_trained_weights(executor, initial_weights) -> 
 
 
 def test_unshared_server_link_gives_each_client_min_of_caps(executor, initial_weights) -> None:
-    sim = make_sim(executor, initial_weights, settings=SimSettings(eval_every_rounds=None, shared_server_link=False))
+    sim = make_sim(executor, initial_weights, settings=SimSettings(model_relay=False, eval_every_rounds=None, shared_server_link=False))
     sim.run()
     # Every transfer sees the whole server link: rate = min(client cap, server).
     #   client 0: download 20 B at min(8, 10) = 8 -> 2.5; compute 1 s -> 3.5;
@@ -301,7 +303,7 @@ def test_unshared_server_link_still_caps_by_the_server(executor, initial_weights
     # A slow server (up 2 B/s, down 1 B/s) binds each transfer alone, but transfers do not share it.
     fleet = two_client_fleet(server_up=2.0, server_down=1.0)
     sim = make_sim(executor, initial_weights, fleet=fleet,
-                   settings=SimSettings(eval_every_rounds=None, shared_server_link=False))
+                   settings=SimSettings(model_relay=False, eval_every_rounds=None, shared_server_link=False))
     sim.run()
     #   client 0: 20/2 = 10, +1 -> 11, 24/1 = 24 -> 35.
     #   client 1: 32/2 = 16, +4 -> 20, 10/1 = 10 -> 30.
@@ -411,7 +413,7 @@ def test_evaluation_every_k_rounds(executor, initial_weights) -> None:
         seen.append(weights)
         return 0.25, 0.75
 
-    sim = make_sim(executor, initial_weights, settings=SimSettings(eval_every_rounds=2), evaluator=evaluator,
+    sim = make_sim(executor, initial_weights, settings=SimSettings(model_relay=False, eval_every_rounds=2), evaluator=evaluator,
                    redispatch=True, bump=True, stop_after=6)
     summary = sim.run()
     evals = records(sim, "eval")
@@ -430,7 +432,7 @@ def test_evaluation_every_k_rounds(executor, initial_weights) -> None:
 
 
 def test_final_evaluation_when_last_round_is_not_a_multiple(executor, initial_weights) -> None:
-    sim = make_sim(executor, initial_weights, settings=SimSettings(eval_every_rounds=2),
+    sim = make_sim(executor, initial_weights, settings=SimSettings(model_relay=False, eval_every_rounds=2),
                    redispatch=True, bump=True, stop_after=5)
     sim.run()
     assert [e["round"] for e in records(sim, "eval")] == [0, 2, 4, 5]
@@ -439,7 +441,7 @@ def test_final_evaluation_when_last_round_is_not_a_multiple(executor, initial_we
 def test_evaluation_every_seconds(executor, initial_weights) -> None:
     # eval_every_seconds=4 -> timed evaluations at 4, 8, 12 after the one at the start (0). The
     # run stops at 13.6 with the model unchanged (version 0, already evaluated): no final one.
-    sim = make_sim(executor, initial_weights, settings=SimSettings(eval_every_rounds=None, eval_every_seconds=4.0))
+    sim = make_sim(executor, initial_weights, settings=SimSettings(model_relay=False, eval_every_rounds=None, eval_every_seconds=4.0))
     sim.run()
     assert [e["time"] for e in records(sim, "eval")] == [0.0, 4.0, 8.0, 12.0]
     assert sim.policy.arrivals == [(approx(11.6), 0), (approx(13.6), 1)]
@@ -460,7 +462,7 @@ def test_request_evaluation_is_answered(executor, initial_weights) -> None:
 def test_max_time_stops_the_run(executor, initial_weights) -> None:
     # Arrivals would be at 11.6 and 13.6; a 13 s budget lets only the first one through and the
     # clock stops at exactly 13.
-    sim = make_sim(executor, initial_weights, settings=SimSettings(eval_every_rounds=None, max_time=13.0))
+    sim = make_sim(executor, initial_weights, settings=SimSettings(model_relay=False, eval_every_rounds=None, max_time=13.0))
     summary = sim.run()
     assert sim.policy.arrivals == [(approx(11.6), 0)]
     assert summary["stopped"] == "time budget spent"
@@ -471,7 +473,7 @@ def test_max_time_stops_the_run(executor, initial_weights) -> None:
 
 
 def test_max_time_before_anything_arrives(executor, initial_weights) -> None:
-    sim = make_sim(executor, initial_weights, settings=SimSettings(eval_every_rounds=None, max_time=5.0))
+    sim = make_sim(executor, initial_weights, settings=SimSettings(model_relay=False, eval_every_rounds=None, max_time=5.0))
     summary = sim.run()
     assert sim.policy.arrivals == []
     assert summary["virtual_seconds"] == 5.0
@@ -497,7 +499,8 @@ def test_mismatched_fleet_is_rejected(executor, initial_weights) -> None:
 def test_without_piece_relay_every_downloaded_byte_crosses_the_shared_uplink(executor, initial_weights) -> None:
     # The same pieces as below, on a deployment without a relay (Flower: every node pulls its
     # message from the SuperLink): client 1's 32 B all cross the shared uplink, as if nothing
-    # had been published, and the times are those of the plain two-client run.
+    # had been published, and the times are those of the plain two-client run. model_relay (on
+    # by default) has nothing to publish through then.
     sim = make_sim(executor, initial_weights, egress={0: 20, 1: 12},
                    settings=SimSettings(eval_every_rounds=None, piece_relay=False))
     summary = sim.run()
@@ -538,7 +541,7 @@ def test_model_relay_serves_a_version_already_sent_from_the_relay(executor, init
     second = [r for r in records(sim, "arrival") if r["client"] == 1][0]
     assert second["link_wait_down"] == approx(0.0) and second["download"] == approx(32 / 6)
     # without it both copies cross the uplink (the first test of this file: 4 s and 6 s)
-    plain = make_sim(executor, initial_weights)
+    plain = make_sim(executor, initial_weights, settings=SimSettings(eval_every_rounds=None, model_relay=False))
     assert plain.run()["server_egress_bytes"] == 20 + 32
 
 
@@ -614,7 +617,7 @@ def test_reference_accounting_by_hand(executor, initial_weights) -> None:
         server=ServerProfile(down_bps=10_000.0, up_bps=10_000.0, sigma=0.0),
     )
     sim = make_sim(executor, initial_weights, fleet=fleet, upload_parts={0: (4, 6), 1: (0, 3)},
-                   settings=SimSettings(eval_every_rounds=None, accounting="reference"))
+                   settings=SimSettings(model_relay=False, eval_every_rounds=None, accounting="reference"))
     summary = sim.run()
     d = 592 * 20 + 18 * 4
     assert d == 11_912

@@ -102,9 +102,9 @@ class TaskStages:
         else:
             down = spec.download_bytes
             egress = down
-            if self.settings.model_relay:
+            if self.settings.piece_relay and self.settings.model_relay:
                 egress = self._publication.egress(spec)
-            elif spec.server_egress_bytes is not None and self.settings.piece_relay:
+            elif self.settings.piece_relay and spec.server_egress_bytes is not None:
                 egress = min(spec.server_egress_bytes, down)
         future = self.executor.submit(job)
         del job
