@@ -645,8 +645,17 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
          "reached the target. Levelled off: the last 20% of a run raised its best accuracy by at most 0.005 "
          "(seeds that held it / seeds). Slow clients: the 40% with the slowest links, compute breaking ties "
          "(clients 6-9 of both fleets); their local round in seconds is download + link wait + compute + upload (the task) + "
-         "idle (waiting for the next dispatch). Definitions: `prfl.report.sweep`.\n"),
+         "idle (waiting for the next dispatch). Honest accounting: every byte is charged, and what a model version "
+         "publishes (PR-FL's residual pieces, any other policy's sub-model of one density and width) crosses the "
+         "server's uplink once, later copies coming from a relay at the client's own speed (`sim.model_relay`). "
+         "Definitions: `prfl.report.sweep`.\n"),
     ]
+    unrelayed = [r for r in runs if r.group.startswith("honest/") and r.record.get("model_relay") is False
+                 and not r.method.startswith("prfl")]
+    if unrelayed:  # made before sim.model_relay: each copy of a baseline's model crossed the server's link
+        lines.append("Runs made under the earlier relay rule (only PR-FL's pieces relayed, every copy of another "
+                     "policy's model charged to the server's uplink): "
+                     + ", ".join(f"{r.group} {r.method} seed {r.seed}" for r in unrelayed) + ".\n")
     horizon = settings.get("max_time")
     longer = [r for r in runs if isinstance(horizon, (int, float)) and r.end > horizon + 1e-9]
     if longer:  # runs `headline.py extend` took past the horizon because they had not levelled off
