@@ -125,22 +125,30 @@ class Killed(Exception):
     """Stands in for the process being killed."""
 
 
+def killed_at(run_dir: Path, at_round: int, accounting: str, policy: str, *extra: str) -> None:
+    """Run the config until its first record at ``at_round`` or later, then stop as if killed."""
+
+    def die(rec: dict[str, Any]) -> None:
+        if rec["round"] >= at_round:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_policy(build_scenario(load_config(overrides=overrides(accounting, policy, *extra))), out_dir=run_dir,
+                   on_progress=die)
+
+
+def assert_same_run(cut: Path, resumed: dict[str, Any], whole_dir: Path, whole: dict[str, Any]) -> None:
+    assert list(read_history(cut / "history.jsonl")) == list(read_history(whole_dir / "history.jsonl"))
+    drop = (*WALL_FIELDS, "history")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+
+
 @pytest.mark.parametrize("policy", ["fedasync", "prfl"])
 def test_reference_run_resumes_to_the_uninterrupted_history(tmp_path, policy) -> None:
     extra = ("sim.max_rounds=60", "sim.checkpoint_every_rounds=7")
     whole = run("reference", policy, *extra, out=tmp_path / "whole")
-
-    def die(rec: dict[str, Any]) -> None:
-        if rec["round"] >= 40:
-            raise Killed
-
-    cfg = load_config(overrides=overrides("reference", policy, *extra))
-    with pytest.raises(Killed):
-        run_policy(build_scenario(cfg), out_dir=tmp_path / "cut", on_progress=die)
-    resumed = resume_run(tmp_path / "cut")
-    assert list(read_history(tmp_path / "cut" / "history.jsonl")) == list(read_history(tmp_path / "whole" / "history.jsonl"))
-    drop = (*WALL_FIELDS, "history")
-    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+    killed_at(tmp_path / "cut", 40, "reference", policy, *extra)
+    assert_same_run(tmp_path / "cut", resume_run(tmp_path / "cut"), tmp_path / "whole", whole)
 
 
 def test_model_relay_charges_each_fedbuff_version_once_and_resumes_exactly(tmp_path) -> None:
@@ -155,19 +163,9 @@ def test_model_relay_charges_each_fedbuff_version_once_and_resumes_exactly(tmp_p
     assert whole["server_egress_bytes"] % 2_440 == 0
     assert len(versions) <= whole["server_egress_bytes"] // 2_440 <= whole["server_rounds"] + 1
     assert whole["server_egress_bytes"] < sum(whole["client_download_bytes"]) / 2
-
-    def die(rec: dict[str, Any]) -> None:
-        if rec["round"] >= 20:
-            raise Killed
-
-    cfg = load_config(overrides=overrides("honest", "fedbuff", *extra))
-    assert cfg.sim.model_relay  # the default
-    with pytest.raises(Killed):
-        run_policy(build_scenario(cfg), out_dir=tmp_path / "cut", on_progress=die)
-    resumed = resume_run(tmp_path / "cut")
-    assert list(read_history(tmp_path / "cut" / "history.jsonl")) == list(read_history(tmp_path / "whole" / "history.jsonl"))
-    drop = (*WALL_FIELDS, "history")
-    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+    assert load_config(overrides=overrides("honest", "fedbuff", *extra)).sim.model_relay  # the default
+    killed_at(tmp_path / "cut", 20, "honest", "fedbuff", *extra)
+    assert_same_run(tmp_path / "cut", resume_run(tmp_path / "cut"), tmp_path / "whole", whole)
 
 
 def test_prfl_is_the_same_run_with_or_without_model_relay() -> None:
@@ -182,18 +180,10 @@ def test_a_run_saved_before_model_relay_resumes_under_its_old_rule(tmp_path) -> 
     # with every copy of a model crossing the server's link, as it started, not under the default
     extra = ("policy.options={k: 3}", "sim.max_rounds=30", "sim.checkpoint_every_rounds=7", "sim.model_relay=false")
     whole = run("honest", "fedbuff", *extra, out=tmp_path / "whole")
-
-    def die(rec: dict[str, Any]) -> None:
-        if rec["round"] >= 20:
-            raise Killed
-
-    with pytest.raises(Killed):
-        run_policy(build_scenario(load_config(overrides=overrides("honest", "fedbuff", *extra))),
-                   out_dir=tmp_path / "old", on_progress=die)
+    killed_at(tmp_path / "old", 20, "honest", "fedbuff", *extra)
     saved = tmp_path / "old" / "config.yaml"
     text = saved.read_text()
     assert "model_relay: false" in text
     saved.write_text(text.replace("  model_relay: false\n", ""))
     assert load_run_config(saved).sim.model_relay is False and load_config(saved).sim.model_relay is True
-    resume_run(tmp_path / "old")
-    assert list(read_history(tmp_path / "old" / "history.jsonl")) == list(read_history(tmp_path / "whole" / "history.jsonl"))
+    assert_same_run(tmp_path / "old", resume_run(tmp_path / "old"), tmp_path / "whole", whole)
