@@ -71,6 +71,7 @@ def test_pause_resume_skip_and_report(headline, tmp_path: Path) -> None:
     assert Run.from_record(rec).levelled() is False
     assert (run_dir / "checkpoint.pt").is_file() and not (run_dir / "checkpoint.prev.pt").exists()
     assert rec["run_dir"] is None  # outside the repository: no machine path in the record
+    assert rec["model_relay"] is True  # the run's rule for relaying published models (the default)
 
     # the same cell run in one piece gives the same evaluations and totals
     out2, runs2 = tmp_path / "one" / "headline", tmp_path / "runs-one"
@@ -128,6 +129,17 @@ def test_pause_resume_skip_and_report(headline, tmp_path: Path) -> None:
     assert md.main(["--results", str(out.parent), "--out", str(doc), "--check"]) == 0
     (doc.parent / "figures" / "headline-honest-paper10-dirichlet.png").unlink()
     assert md.main(["--results", str(out.parent), "--out", str(doc), "--check"]) == 1
+
+    # a baseline record made before the model relay is named as such
+    assert "earlier relay rule" not in text
+    old_rule = tmp_path / "old-rule" / "headline"
+    shutil.copytree(out, old_rule)
+    stale = old_rule / "records" / cell / "seed0.json"
+    stale.write_text(json.dumps({**json.loads(stale.read_text()), "model_relay": False}))
+    assert md.main(["--results", str(old_rule.parent), "--out", str(tmp_path / "old-doc" / "RESULTS.md")]) == 0
+    assert ("Runs made under the earlier relay rule (only PR-FL's pieces relayed, every copy of another policy's "
+            "model charged to the server's uplink): honest/paper10/dirichlet fedasync-a0.6-poly seed 0.") in (
+        tmp_path / "old-doc" / "RESULTS.md").read_text()
 
 
 def test_plan_order_and_availability(headline) -> None:
