@@ -6,6 +6,7 @@ and the plain n_i-weighted average."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -174,21 +175,27 @@ class FullAggregation(SlotStore):
                     slot = self._slots[c]
                     acc.add_(slot.values if slot.index is None else self._densify_into(slot, scratch), alpha=coef)
             return acc
-        dense: list[tuple[float, torch.Tensor]] = []
         groups: dict[int, list[tuple[float, _Slot]]] = {}  # prefix storage: slots by ranking, summed in rank space
+        dense = [(coef, slot.values) for coef, slot in self._live_slots(coeffs, groups, acc[npr:])]
+        _blocked_add(acc, dense, self._arena)
+        for key, members in groups.items():
+            self._add_prefix_group(self._orders[key], members, acc[:npr], None, dtype, self._arena)
+        return acc
+
+    def _live_slots(self, coeffs: dict[int, float], groups: dict[int, list[tuple[float, _Slot]]],
+                    suffix: torch.Tensor) -> Iterator[tuple[float, _Slot]]:
+        """The slots of ``coeffs`` with a non-zero coefficient, in order. A prefix-stored slot is not
+        yielded: it is filed under its ranking in ``groups`` (summed in rank space later) and its
+        dense suffix is added to ``suffix`` here, in the same order as the caller's own adds."""
         for c, coef in coeffs.items():
             if coef == 0.0:
                 continue
             slot = self._slots[c]
             if slot.order_key is not None:
                 groups.setdefault(slot.order_key, []).append((coef, slot))
-                acc[npr:].add_(slot.values[slot.count :], alpha=coef)
-            else:
-                dense.append((coef, slot.values))
-        _blocked_add(acc, dense, self._arena)
-        for key, members in groups.items():
-            self._add_prefix_group(self._orders[key], members, acc[:npr], None, dtype, self._arena)
-        return acc
+                suffix.add_(slot.values[slot.count :], alpha=coef)
+                continue
+            yield coef, slot
 
     def _mask_fedavg(
         self, prev: torch.Tensor, coeffs: dict[int, float], total_c: float, eta_g: float, dtype: torch.dtype
@@ -204,14 +211,7 @@ class FullAggregation(SlotStore):
         terms: list[tuple[float, torch.Tensor]] = []  # dense storage: W_i ⊙ m_i, summed block by block
         masks: list[torch.Tensor | None] = []
         buf = torch.empty(npr, dtype=dtype) if self.storage == "sparse" else None  # m_i, then W_i ⊙ m_i
-        for c, coef in coeffs.items():
-            if coef == 0.0:
-                continue
-            slot = self._slots[c]
-            if slot.order_key is not None:
-                groups.setdefault(slot.order_key, []).append((coef, slot))
-                s_acc.add_(slot.values[slot.count :], alpha=coef)
-                continue
+        for coef, slot in self._live_slots(coeffs, groups, s_acc):
             if slot.mask is None and slot.index is None:
                 dense_total += coef
             if buf is None:  # the slot holds W ⊙ m (see _make_slot)
