@@ -166,6 +166,15 @@ def test_model_relay_publishes_each_versions_sub_models_once() -> None:
     fresh = VersionPublication()
     fresh.load_state_dict({})  # a checkpoint written before the rule existed
     assert fresh.egress(task(1_000, version=3)) == 1_000
+    # content a policy names itself (PR-FL's whole sub-models: its model, ranking and density) is
+    # new when the name is, within one version too (a roll-back changes the weights, not the version)
+    named = VersionPublication()
+    assert named.egress(dataclasses.replace(task(600, version=7), content_key=(4, 1, 0.5))) == 600
+    assert named.egress(dataclasses.replace(task(600, version=7, client=2), content_key=(4, 1, 0.5))) == 0
+    assert named.egress(dataclasses.replace(task(600, version=7), content_key=(5, 1, 0.5))) == 600
+    back = VersionPublication()
+    back.load_state_dict(json.loads(json.dumps(named.state_dict())))
+    assert back.egress(dataclasses.replace(task(600, version=7, client=3), content_key=(5, 1, 0.5))) == 0
 
 
 def test_model_relay_is_on_by_default() -> None:

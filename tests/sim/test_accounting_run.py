@@ -175,6 +175,16 @@ def test_prfl_is_the_same_run_with_or_without_model_relay() -> None:
     assert relayed["history"] == before["history"]
 
 
+def test_prfl_without_residual_pieces_publishes_each_sub_model_once_under_the_relay() -> None:
+    # without the residual split every client downloads its whole sub-model; the relay serves a
+    # sub-model already sent for the same model and density, and without it every copy crosses
+    off = ("policy.options={residual_split: false}", "sim.max_rounds=25")
+    relayed = run("honest", "prfl", *off)
+    before = run("honest", "prfl", *off, "sim.model_relay=false")
+    assert before["server_egress_bytes"] == sum(before["client_download_bytes"])
+    assert relayed["server_egress_bytes"] < sum(relayed["client_download_bytes"])
+
+
 def test_a_run_saved_before_model_relay_resumes_under_its_old_rule(tmp_path) -> None:
     # config.yaml of a run started before the option existed has no sim.model_relay: it resumes
     # with every copy of a model crossing the server's link, as it started, not under the default

@@ -212,6 +212,10 @@ class TaskSpec:
     importance_scope: str = "all"
     upload_index_bytes: int = 0  # part of upload_bytes that is positions
     upload_importance_bytes: int = 0  # part of upload_bytes that is importance scores
+    # what the task downloads, for a relay that serves content already published (the honest
+    # accounting's model relay); None: the version's sub-model of this density and width. A policy
+    # whose weights can change without a new version (PR-FL's roll-back) names its content itself.
+    content_key: tuple[int | float, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -130,16 +130,16 @@ class VersionPublication:
 
     A task whose policy sized its own server egress (PR-FL's residual pieces, whose ledger knows
     which pieces of the version are out) keeps it. Any other task crosses the uplink with its whole
-    download the first time its version's sub-model of that (density, width) goes out; a later task
-    of the same version and sub-model is served entirely from the relay, at the client's own
-    speed. As in :class:`ReferenceBroadcast`, a policy hands every client of a version the same
+    download the first time its version's sub-model of that (density, width) goes out (or the
+    content its policy names, ``task.content_key``); a later task of the same version and sub-model
+    is served entirely from the relay, at the client's own speed. As in :class:`ReferenceBroadcast`, a policy hands every client of a version the same
     sub-model at a given density and width, and only the current version is remembered (a policy
     dispatches from its current model).
     """
 
     def __init__(self) -> None:
         self._version: int | None = None
-        self._models: frozenset[tuple[float, float]] = frozenset()
+        self._models: frozenset[tuple[int | float, ...]] = frozenset()
 
     def egress(self, task: TaskSpec) -> int:
         """Bytes the server's uplink carries for ``task`` (at most its download)."""
@@ -147,7 +147,7 @@ class VersionPublication:
             return min(task.server_egress_bytes, task.download_bytes)
         if self._version != task.version:
             self._version, self._models = task.version, frozenset()
-        key = (float(task.density), float(task.width))
+        key = task.content_key if task.content_key is not None else (float(task.density), float(task.width))
         if key in self._models:
             return 0
         self._models = self._models | {key}
@@ -159,7 +159,7 @@ class VersionPublication:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         v = state.get("version")
         self._version = None if v is None else int(v)
-        self._models = frozenset((float(d), float(w)) for d, w in state.get("models", ()))
+        self._models = frozenset(tuple(k) for k in state.get("models", ()))
 
 
 @dataclass
