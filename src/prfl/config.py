@@ -330,6 +330,10 @@ def load_config(
     if overrides:
         data = apply_overrides(data, overrides)
         source += " + overrides"
+    return _validated(data, source)
+
+
+def _validated(data: dict[str, Any], source: str) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
@@ -352,10 +356,7 @@ def load_run_config(path: str | Path) -> ExperimentConfig:
             data[section] = part = {}
         if isinstance(part, dict) and key not in part:
             part[key] = value
-    try:
-        return ExperimentConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(format_errors(err, str(path))) from None
+    return _validated(data, str(path))
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:

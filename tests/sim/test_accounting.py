@@ -136,6 +136,11 @@ def test_broadcast_pushes_each_steps_model_once() -> None:
     c.load_state_dict(state)
     assert c.egress(spec(prefix_mask(100), version=5, density=0.17)) == 0
     assert c.egress(spec(None, version=5)) == 0
+    # content a policy names itself is pushed again when its name changes within a step (a roll-back)
+    named = ReferenceBroadcast(sizes)
+    assert named.egress(dataclasses.replace(spec(None, version=6), content_key=(3, 1, 1.0))) == 11_912
+    assert named.egress(dataclasses.replace(spec(None, version=6, client=1), content_key=(3, 1, 1.0))) == 0
+    assert named.egress(dataclasses.replace(spec(None, version=6), content_key=(4, 1, 1.0))) == 11_912
 
 
 def test_model_relay_publishes_each_versions_sub_models_once() -> None:

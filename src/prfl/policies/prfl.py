@@ -349,11 +349,13 @@ class PRFL(PRFLControl, PRFLCheckpoint):
             egress = sum(values(p) for p in new_values) + sum(index(p) for p in new_index)
             self.ledger.deliver(client, split, needed)  # the client's cache now holds this version's pieces
             pieces = tuple(str(p) for p in needed)
+            content = None  # the ledger sized the egress
         else:
             # whole sub-models: the server's egress is the simulator's rule for published models
             # (sim.model_relay), for this model's sub-model at this density
             down = dense_model_bytes(self.total) if rho >= 1.0 else sparse_model_bytes(count, self.num_prunable, suffix)
             egress = None
+            content = (self.model_id, self.ranking_id, rho)
         up = 4 * (count + suffix)  # values only: the server knows the mask it sent
         want_importance = self.config.importance and (
             self.config.importance_requests == "every" or client not in self._imp_asked)
@@ -376,7 +378,7 @@ class PRFL(PRFLControl, PRFLCheckpoint):
             upload_bytes=up,
             server_egress_bytes=egress,
             pieces=pieces,
-            content_key=(self.model_id, self.ranking_id, rho),
+            content_key=content,
             want_importance=want_importance,
             importance_dtype=self.config.importance_dtype,
             importance_scope=self.config.importance_scope,

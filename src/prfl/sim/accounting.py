@@ -124,17 +124,23 @@ class ReferenceSizes:
         return StepTiming(server_up_bps=server_up_bps, margin=REFERENCE_MARGIN, download_bytes=self.download_bytes)
 
 
+def publication_key(task: TaskSpec) -> tuple[int | float, ...]:
+    """What identifies a whole sub-model within one model version, for the broadcasts and relays
+    that send it once: the content its policy names (``task.content_key``), else its density and
+    width (a policy hands every client of a version the same sub-model at those)."""
+    return task.content_key if task.content_key is not None else (float(task.density), float(task.width))
+
+
 class VersionPublication:
     """Which bytes of an honest download cross the server's uplink with ``model_relay``: each model
     version's sub-models once, for every policy.
 
     A task whose policy sized its own server egress (PR-FL's residual pieces, whose ledger knows
     which pieces of the version are out) keeps it. Any other task crosses the uplink with its whole
-    download the first time its version's sub-model of that (density, width) goes out (or the
-    content its policy names, ``task.content_key``); a later task of the same version and sub-model
-    is served entirely from the relay, at the client's own speed. As in :class:`ReferenceBroadcast`, a policy hands every client of a version the same
-    sub-model at a given density and width, and only the current version is remembered (a policy
-    dispatches from its current model).
+    download the first time its sub-model (:func:`publication_key`) goes out in its version; a
+    later task of the same version and sub-model is served entirely from the relay, at the
+    client's own speed. Only the current version is remembered (a policy dispatches from its
+    current model).
     """
 
     def __init__(self) -> None:
@@ -147,7 +153,7 @@ class VersionPublication:
             return min(task.server_egress_bytes, task.download_bytes)
         if self._version != task.version:
             self._version, self._models = task.version, frozenset()
-        key = task.content_key if task.content_key is not None else (float(task.density), float(task.width))
+        key = publication_key(task)
         if key in self._models:
             return 0
         self._models = self._models | {key}
@@ -166,7 +172,7 @@ class VersionPublication:
 class _StepPublication:
     version: int
     prefix_kept: int = -1  # kept weights of the largest residual prefix pushed (-1: none yet)
-    models: frozenset[tuple[float, float]] = frozenset()  # (density, width) of whole sub-models pushed
+    models: frozenset[tuple[int | float, ...]] = frozenset()  # publication_key of whole sub-models pushed
 
 
 class ReferenceBroadcast:
@@ -175,8 +181,8 @@ class ReferenceBroadcast:
     Keyed by the model version a task starts from (one server step). With residual pieces
     (``task.pieces``) the pushed part is a prefix of the ranking: a task whose sub-model keeps
     ``k`` weights pushes ``20 (k - k_pushed)`` bytes, plus the dense values ``4 M`` if it is the
-    step's first; without pieces it pushes its whole ``D`` unless the same (density, width) was
-    pushed this step. Only the current step is remembered.
+    step's first; without pieces it pushes its whole ``D`` unless the same sub-model
+    (:func:`publication_key`) was pushed this step. Only the current step is remembered.
     """
 
     def __init__(self, sizes: ReferenceSizes) -> None:
@@ -197,7 +203,7 @@ class ReferenceBroadcast:
                 pushed += DENSE_VALUE_BYTES * dense
             step.prefix_kept = kept
             return pushed
-        key = (float(task.density), float(task.width))
+        key = publication_key(task)
         if key in step.models:
             return 0
         step.models = step.models | {key}
@@ -212,4 +218,4 @@ class ReferenceBroadcast:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         s = state.get("step")
         self._step = None if s is None else _StepPublication(
-            int(s["version"]), int(s["prefix_kept"]), frozenset((float(d), float(w)) for d, w in s["models"]))
+            int(s["version"]), int(s["prefix_kept"]), frozenset(tuple(k) for k in s["models"]))
