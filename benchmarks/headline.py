@@ -8,11 +8,15 @@ The sweep is a plan of cells (group x method x seed, see ``plan_cells``) run in 
 3. reference/paper10/dirichlet: PR-FL and the FedAsync grid;
 4. honest/allfast/dirichlet: PR-FL and the FedAsync grid, every client on the fastest client's links;
 5. honest/paper10/dirichlet: the PR-FL ablations;
-6.-10. the same five for the IID split.
+6.-10. the same five for the IID split;
+11. honest/reversed/dirichlet: a fleet whose speeds change during the run (the paper10 devices,
+    whose order reverses at 2,400 virtual s): PR-FL, its adaptive variant, HeteroFL (mask,
+    width), FedBuff K=5 and the FedAsync grid.
 
 The protocol (``Sweep.protocol``) runs part of that plan: the FedAsync grid is tuned on seed 0 of
 honest/paper10/<split>; its other seeds, the reference accounting and the all-fast fleet run the
-configurations best at some target there; the ablations run on seed 0. The manifest marks the other
+configurations best at some target there; the ablations and PR-FL's adaptive variant run on
+seed 0. The manifest marks the other
 cells ``skipped`` (with the reason) and those waiting for the tuning ``waiting``.
 
 Each run has its own directory under ``--runs`` (git-ignored; full history and checkpoints) and,
@@ -101,9 +105,15 @@ BASES: dict[str, list[str]] = {
         "sim.executor=inline", "sim.max_rounds=null", "sim.eval_every_rounds=null",
     ],
 }
+REVERSE_AT = 2400.0  # virtual s at which the `reversed` fleet's device order reverses
 FLEETS: dict[str, list[str]] = {
     "paper10": ["fleet.preset=paper10"],
     "allfast": ["fleet.preset=paper10", "fleet.options={links: fastest}"],  # the all-fast limit
+    # speeds that change: from REVERSE_AT on, client i has the starting device of client 9-i, so
+    # the devices a preset fitted to the starting fleet no longer match. REVERSE_AT is a fifth of
+    # the horizon, before any method reaches 0.85 on the steady fleet (the earliest, HeteroFL
+    # (mask), at 2,820 s on seed 0), so the 0.85 and 0.87 targets measure how a method copes.
+    "reversed": ["fleet.preset=paper10", f"fleet.changes=[{{at: {REVERSE_AT:g}, like: reversed}}]"],
 }
 PARTITIONS: dict[str, list[str]] = {
     "iid": ["data.partition=iid"],
@@ -133,7 +143,12 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "prfl-noresidual": {"name": "prfl", "options": {"residual_split": False}},
     "prfl-reaged": {"name": "prfl", "options": {"staleness_mode": "reaged"}},
 }
-METHODS: dict[str, dict[str, Any]] = {**PRFL, **FEDASYNC_GRID, **BASELINES, **ABLATIONS}
+# PR-FL adapting its densities for the whole run (rule A: t_fastest / t_i on dense-equivalent
+# round times, not only until the first recovery), for fleets whose speeds change
+ADAPTIVE: dict[str, dict[str, Any]] = {
+    "prfl-adaptive": {"name": "prfl", "options": {"density_rule": "A", "adapt_after_recovery": True}},
+}
+METHODS: dict[str, dict[str, Any]] = {**PRFL, **FEDASYNC_GRID, **BASELINES, **ABLATIONS, **ADAPTIVE}
 METHOD_ORDER = tuple(METHODS)
 HEAD = (*PRFL, *FEDASYNC_GRID)
 
@@ -190,6 +205,8 @@ def plan_cells(seeds: Sequence[int] = SEEDS) -> list[Cell]:
             (f"honest/allfast/{part}", HEAD),
             (f"honest/paper10/{part}", tuple(ABLATIONS)),
         ]
+    tiers.append(("honest/reversed/dirichlet",
+                  ("prfl", "heterofl-mask", *FEDASYNC_GRID, "heterofl-width", "fedbuff-k5", *ADAPTIVE)))
     cells = []
     for tier, (group, methods) in enumerate(tiers, start=1):
         for seed in seeds:
@@ -434,6 +451,8 @@ class Sweep:
         some target there (:meth:`tuned`). Ablations run on seed 0."""
         if cell.method in ABLATIONS and cell.seed != 0:
             return "skipped", "ablations run on seed 0 only"
+        if cell.method in ADAPTIVE and cell.seed != 0:
+            return "skipped", "PR-FL's adaptive variant runs on seed 0 only"
         if cell.method not in FEDASYNC_GRID:
             return None
         tuning = Group("honest", "paper10", cell.group.partition)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -560,6 +561,17 @@ def _headline_plot_job(path: Path, methods: dict[str, list[sweep.Run]], title: s
     return path, lambda: plot_bands(curves, path, title=f"{title} (mean ± sd over seeds)", targets=targets, zoom=zoom)
 
 
+def _reversal_words(settings: dict[str, Any]) -> str:
+    """What the headline's `reversed` fleet is, with the time its device order reverses read from the
+    manifest's settings ("" when the plan has no such fleet)."""
+    for override in (settings.get("fleets") or {}).get("reversed") or []:
+        m = re.match(r"fleet\.changes=\[\{at:\s*([0-9.eE+]+)", str(override))
+        if m:
+            return (f"; `reversed`: the paper10 devices until {float(m.group(1)):,.0f} virtual s, then client i on "
+                    "client 9-i's starting device, so the slow clients below are the fast ones after the change")
+    return ""
+
+
 def _scenario_words(settings: dict[str, Any]) -> str:
     """``data set, model, N clients`` from the plan's base overrides."""
     base = dict(str(o).split("=", 1) for o in settings.get("base_overrides") or [] if "=" in str(o))
@@ -637,7 +649,7 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
         (f"{_scenario_words(settings)}; {_g(settings.get('max_time'))} virtual s per run; accuracy on "
          f"{settings.get('evaluated_on', 'the test set')} every {_g(settings.get('eval_every_seconds'))} virtual s; seeds "
          f"{', '.join(map(str, seeds))}. Groups are accounting/fleet/split (`allfast`: every client on the "
-         "fastest client's links). Time to a target: "
+         "fastest client's links" + _reversal_words(settings) + "). Time to a target: "
          f"{settings.get('time_to_target', 'the first evaluation at or above it')} (mean ± sd over "
          "seeds). FedAsync is run over a grid (alpha 0.1, 0.3, 0.6 x staleness poly, hinge); at each target "
          "its best configuration on the same seeds is the baseline of the speed-ups (chosen on the seeds it "
@@ -704,7 +716,7 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
     for g in order:  # each group with an all-fast twin: how far the fleet is from its all-fast limit
         acc, fleet, part = (g.split("/") + ["", "", ""])[:3]
         twin = f"{acc}/allfast/{part}"
-        if fleet != "allfast" and twin in groups and g in groups:
+        if fleet == "paper10" and twin in groups and g in groups:
             lines.append(f"### {g} against its all-fast limit ({twin})\n")
             lines.append("Time to each target on the real fleet, with every client on the fastest client's links, "
                          "and their ratio (real / all-fast; given when every seed of both reached the target).\n")

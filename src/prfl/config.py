@@ -88,6 +88,22 @@ class FleetConfig(_Strict):
     file: str | None = Field(None, description="a fleet CSV or YAML file; overrides preset")
     options: dict[str, Any] = Field(default_factory=dict, description="options of the preset (e.g. sigma, compute_spread)")
     availability: AvailabilityConfig | None = Field(None, description="on/off periods of clients (null: always online)")
+    changes: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="speed changes over virtual time, e.g. [{at: 3000, like: reversed}] (client i takes client n-1-i's "
+                    "device from 3000 s on) or [{at: 6000, clients: [0, 1], compute: 0.5, up: 0.25}]; keys: at, "
+                    "clients, like, compute, down, up (prfl.sim.devices.SpeedChange)")
+
+    @field_validator("changes")
+    @classmethod
+    def _valid_changes(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from prfl.sim.devices import FleetError, parse_changes
+
+        try:
+            parse_changes(v, "fleet.changes")
+        except FleetError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
 
 class PolicyConfig(_Strict):

@@ -128,6 +128,8 @@ def run_deployment(workdir: str | Path, experiment: ExperimentConfig, *, timeout
     """
     if not experiment.fleet.file:
         raise ValueError("the experiment needs fleet.file: the link speeds to shape and to simulate")
+    if experiment.fleet.changes:
+        raise ValueError("the experiment sets fleet.changes; shaped links keep fixed speeds: remove them")
     fleet = load_fleet(experiment.fleet.file)
     if len(fleet) != experiment.data.num_clients:
         raise ValueError(f"fleet file {experiment.fleet.file} has {len(fleet)} clients, the experiment "

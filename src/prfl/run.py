@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +28,7 @@ from prfl.params import ParamLayout
 from prfl.policies import build_policy
 from prfl.policies.base import Policy, PolicyContext
 from prfl.report.plots import plot_accuracy, plot_round_time
-from prfl.sim.devices import Fleet, load_fleet, make_fleet
+from prfl.sim.devices import Fleet, FleetError, load_fleet, make_fleet, parse_changes
 from prfl.runtime.checkpoint import CHECKPOINT, CheckpointError
 from prfl.sim.accounting import ReferenceSizes
 from prfl.sim.engine import Simulation
@@ -213,6 +213,14 @@ def build_scenario(cfg: ExperimentConfig, dataset: Dataset | None = None) -> Sce
             raise ConfigError(f"fleet file {cfg.fleet.file} has {len(fleet)} clients but data.num_clients is {d.num_clients}")
     else:
         fleet = make_fleet(cfg.fleet.preset, d.num_clients, seed=cfg.seed, **cfg.fleet.options)
+    if cfg.fleet.changes:
+        if fleet.changes:
+            raise ConfigError(f"fleet file {cfg.fleet.file} has its own speed changes and fleet.changes sets more; "
+                              "keep them in one place")
+        try:
+            fleet = replace(fleet, changes=parse_changes(cfg.fleet.changes, "fleet.changes"))
+        except FleetError as exc:
+            raise ConfigError(str(exc)) from None
     train_cfg = cfg.train
     spec = WorkerSpec(
         dataset=d.dataset,

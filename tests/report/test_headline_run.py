@@ -299,3 +299,23 @@ def test_extend_reruns_a_cell_that_kept_no_checkpoint(headline, tmp_path: Path) 
     assert md.main(["--results", str(out.parent), "--out", str(tmp_path / "x" / "RESULTS.md")]) == 0
     assert ("honest/paper10/dirichlet fedasync-a0.6-poly seed 0 (earlier run to 2 s: repeated)"
             in (tmp_path / "x" / "RESULTS.md").read_text())
+
+
+def test_the_reversed_fleet_swaps_devices_at_its_time_and_runs_the_adaptive_variant_on_seed_0(headline, tmp_path) -> None:
+    from prfl.run import build_scenario
+
+    cells = [c for c in headline.plan_cells((0, 1, 2)) if c.group.fleet == "reversed"]
+    assert {c.tier for c in cells} == {11} and cells[0].method == "prfl"
+    assert {c.method for c in cells} == {"prfl", "prfl-adaptive", "heterofl-mask", "heterofl-width", "fedbuff-k5",
+                                         *headline.FEDASYNC_GRID}
+    cfg = headline.Settings(base="digits").config(cells[0])
+    fleet = build_scenario(cfg).fleet
+    at = headline.REVERSE_AT
+    assert [fleet.profile_at(c, at - 1) for c in range(10)] == list(fleet.clients)
+    assert [fleet.profile_at(c, at) for c in range(10)] == list(reversed(fleet.clients))
+    sweep = headline.Sweep(tmp_path / "out", tmp_path / "runs", headline.Settings(base="digits"))
+    adaptive = [c for c in cells if c.method == "prfl-adaptive"]
+    assert [sweep.protocol(c) for c in adaptive] == [
+        None, ("skipped", "PR-FL's adaptive variant runs on seed 0 only"), ("skipped", "PR-FL's adaptive variant runs on seed 0 only")]
+    spec = headline.METHODS["prfl-adaptive"]
+    assert headline.unavailable(adaptive[0]) is None and spec["options"]["adapt_after_recovery"] is True

@@ -171,6 +171,7 @@ _SIMULATOR_ONLY: dict[str, str] = {
     "privacy": "client-level differential privacy is applied by the simulator's executors; the Flower "
                "ClientApp trains without it, so the run would not be private",
     "fleet.availability": "on/off periods model simulated devices; on Flower, nodes come and go for real",
+    "fleet.changes": "speed changes model simulated devices; on Flower, nodes have the speeds they have",
 }
 
 
@@ -181,7 +182,7 @@ def refuse_simulator_only(data: Mapping[str, Any], where: str) -> None:
         node: Any = data
         for part in key.split("."):
             node = node.get(part) if isinstance(node, Mapping) else None
-        if node is not None:
+        if node not in (None, [], {}):  # an empty list of changes sets nothing
             raise ConfigError(f"prfl.{key} is set ({where}), but {why}; remove it to run on Flower, "
                               f"or run the experiment in the simulator (prfl run)")
 

@@ -159,9 +159,12 @@ class LinkSpeeds:
     def from_fleet(cls, fleet: Any) -> LinkSpeeds:
         """The mean speeds of a :class:`~prfl.sim.devices.Fleet` whose speeds do not vary per task.
 
-        A fleet with ``sigma > 0`` draws a new speed for every task, which a fixed link cannot
-        reproduce: it is refused.
+        A fleet with ``sigma > 0`` draws a new speed for every task, and a fleet with speed
+        changes changes them over time, which fixed links cannot reproduce: both are refused.
         """
+        if getattr(fleet, "changes", ()):
+            raise ShapingError(f"fleet {fleet.name!r} has speed changes ({len(fleet.changes)}); shaped links keep "
+                               "fixed speeds: remove its 'changes'")
         varying = [i for i, c in enumerate(fleet.clients) if c.sigma != 0]
         if varying or fleet.server.sigma != 0:
             where = f"clients {varying[:5]}" if varying else "the server"

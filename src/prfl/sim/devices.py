@@ -19,6 +19,14 @@ address (:func:`prfl.seeding.rng_for`):
 
 The sums use :func:`math.fsum` (correctly rounded), so a draw is identical in any process.
 
+Speed changes. A fleet may carry :class:`SpeedChange` entries: from virtual time ``at`` on, the
+listed clients get another mean profile (another client's starting device, ``like``, and/or
+multipliers of compute and links). A task keeps the profile in force when it was dispatched, and
+the per-task factors above keep their addresses, so a run with a change is the run without it up
+to the first task dispatched at or after ``at``. For each client the latest change at or before
+the dispatch time decides (changes do not compound: a change with no ``like`` and unit
+multipliers restores the starting device).
+
 Direction convention. A client *downloads* the model from the server and *uploads* its update to
 it. ``ServerProfile.up_bps`` is the server's sending capacity, shared by concurrent client
 downloads; ``ServerProfile.down_bps`` is its receiving capacity, shared by concurrent client uploads
@@ -27,14 +35,15 @@ downloads; ``ServerProfile.down_bps`` is its receiving capacity, shared by concu
 
 from __future__ import annotations
 
+import bisect
 import csv
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -45,6 +54,7 @@ __all__ = [
     "DeviceProfile",
     "ServerProfile",
     "Fleet",
+    "SpeedChange",
     "TaskSpeeds",
     "PRESETS",
     "SAMPLES_PER_DRAW",
@@ -59,9 +69,11 @@ __all__ = [
     "draw_task_speeds",
     "draw_server_speeds",
     "make_fleet",
+    "parse_changes",
     "load_fleet",
     "save_fleet",
     "fleet_summary",
+    "describe_change",
 ]
 
 MB = 1e6
@@ -157,12 +169,103 @@ UNLIMITED_SERVER = ServerProfile(down_bps=math.inf, up_bps=math.inf, sigma=0.0)
 
 
 @dataclass(frozen=True)
+class SpeedChange:
+    """From virtual time ``at`` on, new mean speeds for some clients.
+
+    ``clients``: the clients that change (None: every client). ``like``: the client whose starting
+    device each of them takes, one per entry of ``clients`` in the same order (None: its own;
+    ``"reversed"``, with every client changing: client i takes client n-1-i's device).
+    ``compute``, ``down``, ``up``: multipliers of that device's compute and link means (its
+    ``sigma`` is kept). Tasks dispatched at or after ``at`` use the new profile.
+    """
+
+    at: float
+    clients: tuple[int, ...] | None = None
+    like: tuple[int, ...] | Literal["reversed"] | None = None
+    compute: float = 1.0
+    down: float = 1.0
+    up: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.at, bool) or not isinstance(self.at, Real) or not math.isfinite(self.at) or self.at < 0:
+            raise FleetError(f"speed change: 'at' must be a finite number of virtual seconds >= 0, got {self.at!r}")
+        object.__setattr__(self, "at", float(self.at))
+        for name in ("compute", "down", "up"):
+            _check_speed(f"speed change at {self.at:g} s: multiplier {name!r}", getattr(self, name))
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if self.like == "reversed" and self.clients is not None:
+            raise FleetError(f"speed change at {self.at:g} s: 'like: reversed' applies to every client; leave 'clients' out")
+        for name in ("clients", "like"):
+            ids = getattr(self, name)
+            if ids is None or ids == "reversed":
+                continue
+            if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+                raise FleetError(f"speed change at {self.at:g} s: {name!r} must be a list of client indices, got {ids!r}")
+            ids = tuple(ids)
+            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+                raise FleetError(f"speed change at {self.at:g} s: {name!r} must list client indices >= 0, got {list(ids)}")
+            object.__setattr__(self, name, ids)
+        if self.clients is not None:
+            if not self.clients:
+                raise FleetError(f"speed change at {self.at:g} s: 'clients' is empty; list at least one client or leave it out")
+            if len(set(self.clients)) != len(self.clients):
+                raise FleetError(f"speed change at {self.at:g} s: 'clients' names a client twice: {list(self.clients)}")
+            if self.like is not None and len(self.like) != len(self.clients):
+                raise FleetError(f"speed change at {self.at:g} s: 'like' has {len(self.like)} entries for "
+                                 f"{len(self.clients)} clients; give one starting device per changed client")
+
+    def targets(self, num_clients: int) -> tuple[int, ...]:
+        """The clients this change applies to in a fleet of ``num_clients``."""
+        return tuple(range(num_clients)) if self.clients is None else self.clients
+
+    def as_dict(self) -> dict[str, Any]:
+        """The change as the mapping :func:`parse_changes` reads (defaults left out)."""
+        out: dict[str, Any] = {"at": self.at}
+        if self.clients is not None:
+            out["clients"] = list(self.clients)
+        if self.like is not None:
+            out["like"] = self.like if self.like == "reversed" else list(self.like)
+        for name in ("compute", "down", "up"):
+            if getattr(self, name) != 1.0:
+                out[name] = getattr(self, name)
+        return out
+
+
+_CHANGE_FIELDS = ("at", "clients", "like", "compute", "down", "up")
+
+
+def parse_changes(raw: Any, where: str = "fleet changes") -> tuple[SpeedChange, ...]:
+    """Speed changes from plain data: a list of mappings with keys ``at`` (virtual s), optional
+    ``clients`` (a list of client indices; default every client), ``like`` (one client index per
+    changed client, or ``reversed``: client i takes the starting device of client n-1-i, with
+    ``clients`` left out) and the multipliers ``compute``, ``down``, ``up`` (default 1)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, (list, tuple)):
+        raise FleetError(f"{where}: expected a list of changes such as [{{at: 3000, like: reversed}}], got {raw!r}")
+    out = []
+    for k, entry in enumerate(raw):
+        here = f"{where}[{k}]"
+        entry = _check_keys(here, entry, _CHANGE_FIELDS)
+        if "at" not in entry:
+            raise FleetError(f"{here}: field 'at' missing; give the virtual second the change takes effect")
+        try:
+            out.append(SpeedChange(at=entry["at"], clients=entry.get("clients"), like=entry.get("like"),
+                                   **{m: entry[m] for m in ("compute", "down", "up") if m in entry}))
+        except FleetError as exc:
+            raise FleetError(f"{here}: {exc}") from None
+    return tuple(out)
+
+
+@dataclass(frozen=True)
 class Fleet:
-    """The clients' profiles (client ``i`` is ``clients[i]``), the server and a display name."""
+    """The clients' starting profiles (client ``i`` is ``clients[i]``), the server, a display
+    name, and the clients' speed changes over time (see :class:`SpeedChange`)."""
 
     clients: tuple[DeviceProfile, ...]
     server: ServerProfile
     name: str = ""
+    changes: tuple[SpeedChange, ...] = ()
 
     def __post_init__(self) -> None:
         clients = tuple(self.clients)
@@ -174,9 +277,51 @@ class Fleet:
         if not isinstance(self.server, ServerProfile):
             raise FleetError(f"server is a {type(self.server).__name__}, expected a ServerProfile")
         object.__setattr__(self, "clients", clients)
+        n = len(clients)
+        changes = []
+        for ch in self.changes:
+            if not isinstance(ch, SpeedChange):
+                raise FleetError(f"a speed change is a {type(ch).__name__}, expected a SpeedChange")
+            if ch.like == "reversed":
+                ch = SpeedChange(ch.at, None, tuple(range(n - 1, -1, -1)), ch.compute, ch.down, ch.up)
+            if ch.clients is None and ch.like is not None and len(ch.like) != n:
+                raise FleetError(f"speed change at {ch.at:g} s: 'like' has {len(ch.like)} entries for the fleet's "
+                                 f"{n} clients; give one starting device per client")
+            bad = [i for i in (*(ch.clients or ()), *(ch.like or ())) if i >= n]
+            if bad:
+                raise FleetError(f"speed change at {ch.at:g} s names client {bad[0]}, but the fleet has {n} "
+                                 f"clients (0..{n - 1})")
+            changes.append(ch)
+        seen: set[tuple[float, int]] = set()
+        for ch in changes:
+            for c in ch.targets(n):
+                if (ch.at, c) in seen:
+                    raise FleetError(f"two speed changes of client {c} at {ch.at:g} s; merge them into one")
+                seen.add((ch.at, c))
+        # stable by time: for each client the latest change at or before a dispatch decides
+        changes.sort(key=lambda ch: ch.at)
+        object.__setattr__(self, "changes", tuple(changes))
+        timeline: dict[int, tuple[list[float], list[DeviceProfile]]] = {}
+        for ch in changes:
+            for k, c in enumerate(ch.targets(n)):
+                base = clients[c] if ch.like is None else clients[ch.like[k]]
+                times, profiles = timeline.setdefault(c, ([], []))
+                times.append(ch.at)
+                profiles.append(DeviceProfile(base.compute_flops * ch.compute, base.down_bps * ch.down,
+                                              base.up_bps * ch.up, sigma=base.sigma))
+        object.__setattr__(self, "_timeline", timeline)
 
     def __len__(self) -> int:
         return len(self.clients)
+
+    def profile_at(self, client: int, t: float) -> DeviceProfile:
+        """Client ``client``'s mean profile for a task dispatched at virtual time ``t``."""
+        entry = self._timeline.get(client)  # type: ignore[attr-defined]
+        if entry is not None:
+            k = bisect.bisect_right(entry[0], t)
+            if k:
+                return entry[1][k - 1]
+        return self.clients[client]
 
 
 @dataclass(frozen=True)
@@ -211,15 +356,16 @@ def _check_address(fleet: Fleet, client: int, task: int, run_seed: int) -> None:
         raise ValueError(f"task and run_seed must be >= 0, got task={task}, run_seed={run_seed}")
 
 
-def draw_task_speeds(fleet: Fleet, client: int, task: int, run_seed: int) -> TaskSpeeds:
-    """The speeds of ``client`` during its task number ``task``.
+def draw_task_speeds(fleet: Fleet, client: int, task: int, run_seed: int, at: float = 0.0) -> TaskSpeeds:
+    """The speeds of ``client`` during its task number ``task``, dispatched at virtual time ``at``.
 
     ``down = down_bps * F_down``, ``up = up_bps * F_up`` (stream ``"link"``, keys ``(client, task)``),
     ``compute = compute_flops * F_compute`` (stream ``"compute"``, keys ``(client, task)``), each
-    ``F`` the mean of 20 LogNormal(0, sigma) samples. The result depends only on the address.
+    ``F`` the mean of 20 LogNormal(0, sigma) samples, and the means those of the profile in force
+    at ``at`` (:meth:`Fleet.profile_at`). The result depends only on the address and ``at``.
     """
     _check_address(fleet, client, task, run_seed)
-    profile = fleet.clients[client]
+    profile = fleet.profile_at(client, at)
     if profile.sigma == 0:
         return TaskSpeeds(profile.compute_flops, profile.down_bps, profile.up_bps)
     f_down, f_up = draw_factor(rng_for(run_seed, "link", client, task), profile.sigma, 2)
@@ -515,7 +661,7 @@ def _load_yaml(path: Path) -> Fleet:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise FleetError(f"{path}: not valid YAML: {exc}") from None
-    doc = _check_keys(str(path), doc, ("name", "server", "defaults", "clients"))
+    doc = _check_keys(str(path), doc, ("name", "server", "defaults", "clients", "changes"))
     defaults = _check_keys(f"{path}: defaults", doc.get("defaults") or {}, _CLIENT_FIELDS)
     defaults = {
         k: _number(f"{path}: defaults", k, v, sigma=k == "sigma") for k, v in defaults.items()
@@ -553,7 +699,12 @@ def _load_yaml(path: Path) -> Fleet:
             raise FleetError(f"{where}: field 'count' must be a positive integer, got {count!r}")
         clients.extend([DeviceProfile(**values)] * count)
     name = doc.get("name")
-    return Fleet(clients=tuple(clients), server=server, name=str(name) if name is not None else path.stem)
+    changes = parse_changes(doc.get("changes"), f"{path}: changes")
+    try:
+        return Fleet(clients=tuple(clients), server=server, name=str(name) if name is not None else path.stem,
+                     changes=changes)
+    except FleetError as exc:
+        raise FleetError(f"{path}: {exc}") from None
 
 
 def load_fleet(path: str | Path) -> Fleet:
@@ -571,6 +722,9 @@ def load_fleet(path: str | Path) -> Fleet:
         clients:
           - {compute_flops: 2.0e10, down_bps: 2.0e7, up_bps: 5.0e6}
           - {compute_flops: 2.0e9, down_bps: 1.5e6, count: 4}  # count: repeat this entry
+        changes:                            # optional speed changes (see SpeedChange)
+          - {at: 3000, like: reversed}      # client i takes client n-1-i's device
+          - {at: 6000, clients: [0, 1], compute: 0.5, up: 0.25}
 
     Speeds are FLOP/s and bytes/s; ``.inf`` is allowed for server speeds only.
     """
@@ -601,6 +755,8 @@ def save_fleet(fleet: Fleet, path: str | Path) -> None:
             {k: float(getattr(c, k)) for k in _CLIENT_FIELDS} for c in fleet.clients
         ],
     }
+    if fleet.changes:
+        doc["changes"] = [ch.as_dict() for ch in fleet.changes]
     path.write_text(yaml.safe_dump(doc, sort_keys=False, default_flow_style=None), encoding="utf-8")
 
 
@@ -635,4 +791,28 @@ def fleet_summary(fleet: Fleet, max_rows: int = 20) -> str:
         cols = [[getattr(c, k) for c in fleet.clients] for k in _CLIENT_FIELDS]
         for label, fn in (("min", min), ("median", statistics.median), ("max", max)):
             lines.append(row(label, *(fn(col) for col in cols)))
+    for ch in fleet.changes:
+        lines.append(f"from {ch.at:g} s: {describe_change(ch, len(fleet))}")
     return "\n".join(lines)
+
+
+def describe_change(change: SpeedChange, num_clients: int) -> str:
+    """One line saying what a speed change does, e.g. ``every client takes client 9-i's device``."""
+    who = "every client" if change.clients is None else f"clients {_id_list(change.clients)}"
+    parts = []
+    if change.like is not None:
+        if change.clients is None and change.like == tuple(range(num_clients - 1, -1, -1)):
+            parts.append(f"client i takes client {num_clients - 1}-i's starting device")
+        else:
+            parts.append(f"take the starting devices of clients {_id_list(change.like)}")
+    scales = [f"{name} x{getattr(change, name):g}" for name in ("compute", "down", "up") if getattr(change, name) != 1.0]
+    if scales:
+        parts.append(", ".join(scales))
+    if not parts:
+        parts.append("back to the starting device")
+    return f"{who}: {'; '.join(parts)}"
+
+
+def _id_list(ids: Sequence[int], limit: int = 12) -> str:
+    shown = ", ".join(map(str, ids[:limit]))
+    return f"[{shown}{', ...' if len(ids) > limit else ''}]"

@@ -94,7 +94,7 @@ class TaskStages:
             self.history.write("task_failed", time=self.now, round=self.policy.version, client=c, task=spec.task_id, reason="offline")
             self._push(self.now, "failed", (c, spec.task_id, "offline"))
             return
-        speeds = draw_task_speeds(self.fleet, c, spec.task_id, self.seed)
+        speeds = draw_task_speeds(self.fleet, c, spec.task_id, self.seed, at=self.now)
         job = self._job(spec, spec.weights)
         if self.reference:
             down = self._ref_sizes.download_bytes(spec)
