@@ -544,8 +544,9 @@ def _stand_in(methods: dict[str, list[sweep.Run]], fam: str, targets: Sequence[f
 
 def _headline_plot_job(path: Path, methods: dict[str, list[sweep.Run]], title: str, targets: Sequence[float],
                        baseline: str, seeds: Sequence[int], consecutive: int = 1,
-                       order: Sequence[str] = HEADLINE_ORDER) -> FigureJob | None:
-    """The accuracy-band figure of one group: every method, the baseline's grid stood for by one member."""
+                       order: Sequence[str] = HEADLINE_ORDER, marks: Sequence[tuple[float, str]] = ()) -> FigureJob | None:
+    """The accuracy-band figure of one group: every method, the baseline's grid stood for by one
+    member; ``marks`` (time, label) drawn as vertical lines (the fleet's speed changes)."""
     from prfl.report.bands import plot_bands
 
     stand_in = _stand_in(methods, baseline, targets, seeds, consecutive)
@@ -558,18 +559,26 @@ def _headline_plot_job(path: Path, methods: dict[str, list[sweep.Run]], title: s
         return None
     top = max((a for rs in methods.values() for r in rs for a in r.accs), default=1.0)
     zoom = (round(min(targets) - 0.05, 2), round(min(1.0, top + 0.01), 2)) if targets and top > min(targets) - 0.05 else None
-    return path, lambda: plot_bands(curves, path, title=f"{title} (mean ± sd over seeds)", targets=targets, zoom=zoom)
+    return path, lambda: plot_bands(curves, path, title=f"{title} (mean ± sd over seeds)", targets=targets, zoom=zoom,
+                                    marks=marks)
+
+
+def _change_times(settings: dict[str, Any], fleet: str) -> list[float]:
+    """When a headline fleet's speeds change, read from its overrides in the manifest's settings."""
+    for override in (settings.get("fleets") or {}).get(fleet) or []:
+        if str(override).startswith("fleet.changes="):
+            return sorted({float(t) for t in re.findall(r"at:\s*([0-9.eE+]+)", str(override))})
+    return []
 
 
 def _reversal_words(settings: dict[str, Any]) -> str:
     """What the headline's `reversed` fleet is, with the time its device order reverses read from the
     manifest's settings ("" when the plan has no such fleet)."""
-    for override in (settings.get("fleets") or {}).get("reversed") or []:
-        m = re.match(r"fleet\.changes=\[\{at:\s*([0-9.eE+]+)", str(override))
-        if m:
-            return (f"; `reversed`: the paper10 devices until {float(m.group(1)):,.0f} virtual s, then client i on "
-                    "client 9-i's starting device, so the slow clients below are the fast ones after the change")
-    return ""
+    times = _change_times(settings, "reversed")
+    if not times:
+        return ""
+    return (f"; `reversed`: the paper10 devices until {times[0]:,.0f} virtual s, then client i on client 9-i's "
+            "starting device, so the slow clients below are the fast ones after the change")
 
 
 def _scenario_words(settings: dict[str, Any]) -> str:
@@ -702,7 +711,10 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
                      + (f" (seeds {', '.join(map(str, pending))} not finished yet)" if pending else "") + ".\n")
         if figure_dir is not None and targets:
             slug = g.replace("/", "-")
-            job = _headline_plot_job(figure_dir / f"headline-{slug}.png", methods, g, targets, "fedasync", gseeds, k, row_order)
+            fleet = (g.split("/") + ["", ""])[1]
+            marks = [(t, "speeds change") for t in _change_times(settings, fleet)]
+            job = _headline_plot_job(figure_dir / f"headline-{slug}.png", methods, g, targets, "fedasync", gseeds, k,
+                                     row_order, marks)
             if job is not None:
                 if jobs is not None:
                     jobs.append(job)

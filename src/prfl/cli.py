@@ -336,11 +336,11 @@ def run(
     width = max(len(dirs), len("accuracy.png"))
     _say(f"  {escape(dirs):<{width}}  run directories (config, history, summary, accuracy.png)")
     if len(results) > 1:
-        from prfl.report.plots import plot_accuracy
+        from prfl.report.plots import plot_accuracy, speed_change_marks
         from prfl.runtime.history import read_history
 
         curves = {n: list(read_history(root / n / "history.jsonl")) for n in names if (root / n).exists()}
-        plot_accuracy(curves, root / "accuracy.png", title=cfg.name)
+        plot_accuracy(curves, root / "accuracy.png", title=cfg.name, marks=speed_change_marks(cfg.fleet.changes))
         (root / "results.json").write_text(json.dumps(results, indent=2, default=float), encoding="utf-8")
         _say(f"  {'accuracy.png':<{width}}  every policy's accuracy against virtual time (and .svg)")
         _say(f"  {'results.json':<{width}}  the table above, as numbers")

@@ -27,7 +27,7 @@ from prfl.models.cost import ModelCost
 from prfl.params import ParamLayout
 from prfl.policies import build_policy
 from prfl.policies.base import Policy, PolicyContext
-from prfl.report.plots import plot_accuracy, plot_round_time
+from prfl.report.plots import plot_accuracy, plot_round_time, speed_change_marks
 from prfl.sim.devices import Fleet, FleetError, load_fleet, make_fleet, parse_changes
 from prfl.runtime.checkpoint import CHECKPOINT, CheckpointError
 from prfl.sim.accounting import ReferenceSizes
@@ -327,7 +327,7 @@ def run_policy(
     summary["name"] = cfg.name
     summary["seed"] = cfg.seed
     if rd is not None:
-        _finish_run_dir(rd, summary, history.records)
+        _finish_run_dir(rd, summary, history.records, cfg)
     summary["history"] = history.records
     return summary
 
@@ -382,14 +382,16 @@ def resume_run(run_dir: str | Path, on_progress: Callable[[dict[str, Any]], None
     summary["name"] = cfg.name
     summary["seed"] = cfg.seed
     records = list(rd.records())
-    _finish_run_dir(rd, summary, records)
+    _finish_run_dir(rd, summary, records, cfg)
     summary["history"] = records
     return summary
 
 
-def _finish_run_dir(rd: RunDirectory, summary: dict[str, Any], records: list[dict[str, Any]]) -> None:
+def _finish_run_dir(rd: RunDirectory, summary: dict[str, Any], records: list[dict[str, Any]],
+                    cfg: ExperimentConfig) -> None:
     rd.write_summary(summary)  # atomically: a run killed here leaves the old summary or none
-    plot_accuracy({summary["policy"]: records}, rd.accuracy_plot, title=summary.get("name", ""))
+    plot_accuracy({summary["policy"]: records}, rd.accuracy_plot, title=summary.get("name", ""),
+                  marks=speed_change_marks(cfg.fleet.changes))
     clients = len(summary.get("local_rounds", ())) or None
     plot_round_time({summary["policy"]: time_breakdown(records, clients)}, rd.round_time_plot,
                     title=summary.get("name", ""))

@@ -318,3 +318,22 @@ def test_checkpoint_size_breakdown_and_section(script, tmp_path) -> None:
                   "largest_parts": parts}]}, "demo_checkpoints.json"))
     assert "| prfl | 2 | 3.00x (0 MB, update 50) | 2.00x | 2.5 |" in section
     assert "goal: at most 10x the model" in section and "| `policy/buffer/slot.*.values` | 3 |" in section
+
+
+def test_headline_fleet_with_speed_changes_is_described_and_marked(script, monkeypatch, tmp_path) -> None:
+    settings = {"fleets": {"paper10": ["fleet.preset=paper10"],
+                           "reversed": ["fleet.preset=paper10", "fleet.changes=[{at: 2400, like: reversed}]"]}}
+    assert script._change_times(settings, "reversed") == [2400.0]
+    assert script._change_times(settings, "paper10") == [] and script._reversal_words({}) == ""
+    assert "`reversed`: the paper10 devices until 2,400 virtual s" in script._reversal_words(settings)
+    import prfl.report.bands as bands
+    from prfl.report.sweep import Run
+
+    seen = []
+    monkeypatch.setattr(bands, "plot_bands", lambda *a, **k: seen.append(k["marks"]))
+    run = Run.from_record({"cell": {"group": "honest/reversed/dirichlet", "method": "prfl", "seed": 0},
+                           "policy": "prfl", "seed": 0, "summary": {}, "evals": {"time": [0, 60], "accuracy": [0.1, 0.5]}})
+    job = script._headline_plot_job(tmp_path / "f.png", {"prfl": [run]}, "g", (0.8,), "fedasync", [0],
+                                    marks=[(2400.0, "speeds change")])
+    job[1]()
+    assert seen == [[(2400.0, "speeds change")]]

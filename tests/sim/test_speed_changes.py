@@ -190,3 +190,25 @@ def test_a_run_with_a_change_resumes_exactly(tmp_path) -> None:
     resumed = resume_run(tmp_path / "cut")
     assert list(read_history(tmp_path / "cut" / "history.jsonl")) == list(read_history(tmp_path / "whole" / "history.jsonl"))
     assert resumed["server_rounds"] == whole["server_rounds"] == 60
+
+
+def test_plots_mark_each_time_the_speeds_change(monkeypatch, tmp_path) -> None:
+    import matplotlib.pyplot as plt
+
+    import prfl.run as run_module
+    from prfl.report.plots import draw_marks, speed_change_marks
+
+    assert speed_change_marks([{"at": 300, "clients": [1]}, {"at": 100, "like": "reversed"}, {"at": 300}]) == [
+        (100.0, "speeds change"), (300.0, "speeds change")]
+    assert speed_change_marks([]) == speed_change_marks(None) == []
+    fig, ax = plt.subplots()
+    draw_marks(ax, [(5.0, "speeds change")])
+    assert [list(line.get_xdata()) for line in ax.lines] == [[5.0, 5.0]]
+    assert [t.get_text() for t in ax.texts] == ["speeds change"]
+    plt.close(fig)
+    # a run directory's accuracy plot is given the configured changes
+    seen: list[Any] = []
+    real = run_module.plot_accuracy
+    monkeypatch.setattr(run_module, "plot_accuracy", lambda *a, **k: seen.append(k.get("marks")) or real(*a, **k))
+    digits(REVERSED, "sim.max_rounds=10", out=tmp_path / "run")
+    assert seen == [[(CHANGE_AT, "speeds change")]] and (tmp_path / "run" / "accuracy.png").is_file()

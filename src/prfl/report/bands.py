@@ -33,9 +33,13 @@ def plot_bands(
     targets: Sequence[float] = (),
     points: int = 300,
     zoom: tuple[float, float] | None = None,
+    marks: Sequence[tuple[float, str]] = (),
 ) -> Path:
     """Write ``path`` (PNG): per label of ``curves``, the mean accuracy over its seeds and a ±1 sd
-    band. Labels keep their order and take the ``tab10`` (``tab20`` beyond ten) colours."""
+    band, and ``marks`` (time, label) as dashed vertical lines. Labels keep their order and take
+    the ``tab10`` (``tab20`` beyond ten) colours."""
+    from prfl.report.plots import draw_marks
+
     labels = list(curves)
     end = max((float(max(ts)) for seeds in curves.values() for ts, _ in seeds if len(ts)), default=1.0)
     grid = np.linspace(0.0, end, points)
@@ -53,6 +57,7 @@ def plot_bands(
                 ax.fill_between(grid, lo, hi, color=color, alpha=0.18, linewidth=0)
         for t in targets:
             ax.axhline(t, color="0.5", linestyle=":", linewidth=0.9)
+        draw_marks(ax, marks)
         if not drawn:
             ax.text(0.5, 0.5, "no evaluations yet", ha="center", va="center", transform=ax.transAxes, color="0.4")
         if k == 1 and zoom is not None:

@@ -29,9 +29,11 @@ def write_plots(rs: RunSet, out_dir: str | Path) -> dict[str, Path]:
     runs = rs.complete_runs()
     histories = {m: [r.records for r in rr] for m, rr in runs.items()}
     clock = rs.clock
+    # speed changes are in virtual time: a wall-clock figure (a Flower run) has none to mark
+    marks = plots.speed_change_marks((rs.scenario.get("fleet") or {}).get("changes")) if clock == "virtual" else []
     paths = {
         "accuracy": plots.plot_accuracy_bands(histories, out / "accuracy.png", title=f"{rs.title}: accuracy",
-                                              clock=clock),
+                                              clock=clock, marks=marks),
         "egress": plots.plot_egress(histories, out / "egress.png", title=f"{rs.title}: bytes sent by the server",
                                     clock=clock),
     }

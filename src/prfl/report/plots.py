@@ -29,15 +29,34 @@ def eval_curve(records: Iterable[Mapping[str, Any]]) -> tuple[list[float], list[
     return ts, accs
 
 
+Marks = Sequence[tuple[float, str]]  # (time, label) of events drawn as vertical lines, e.g. speed changes
+
+
+def speed_change_marks(changes: Iterable[Mapping[str, Any]] | None) -> list[tuple[float, str]]:
+    """One mark per distinct time of a fleet's speed changes (``fleet.changes`` as configured)."""
+    times = sorted({float(ch["at"]) for ch in changes or () if isinstance(ch, Mapping) and "at" in ch})
+    return [(t, "speeds change") for t in times]
+
+
+def draw_marks(ax: Any, marks: Marks) -> None:
+    """Dashed vertical lines at the marks' times, each labelled at the top of the axes."""
+    for t, label in marks:
+        ax.axvline(t, color="0.35", linestyle="--", linewidth=0.9, zorder=1)
+        ax.annotate(label, xy=(t, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -3),
+                    textcoords="offset points", ha="left", va="top", fontsize="x-small", color="0.3")
+
+
 def plot_accuracy(curves: Mapping[str, Iterable[Mapping[str, Any]]], path: str | Path, title: str = "",
-                  clock: str = "virtual") -> Path:
+                  clock: str = "virtual", marks: Marks = ()) -> Path:
     """Accuracy against time (``clock``: virtual or wall seconds), one line per run in its
-    method's colour (:func:`method_colors`); writes PNG (and SVG beside it)."""
+    method's colour (:func:`method_colors`), ``marks`` as dashed vertical lines; writes PNG (and
+    SVG beside it)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     colors = method_colors(curves)
     for label, records in curves.items():
         ts, accs = eval_curve(records)
         ax.plot(ts, accs, label=label, linewidth=1.6, color=colors[label])
+    draw_marks(ax, marks)
     ax.set_xlabel(time_label(clock))
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
@@ -147,7 +166,7 @@ def _banded(
 
 
 def plot_accuracy_bands(runs: Mapping[str, Sequence[Records]], path: str | Path, title: str = "", points: int = 200,
-                        clock: str = "virtual") -> Path:
+                        clock: str = "virtual", marks: Marks = ()) -> Path:
     """Accuracy against time: per method the mean over seeds and a ±1 sd band.
 
     The seeds of a method are linearly interpolated on a common grid of ``points`` times from 0 to
@@ -155,6 +174,7 @@ def plot_accuracy_bands(runs: Mapping[str, Sequence[Records]], path: str | Path,
     """
     fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=110)
     if _banded(ax, runs, "accuracy", 1.0, points):
+        draw_marks(ax, marks)
         ax.set_xlabel(time_label(clock))
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
