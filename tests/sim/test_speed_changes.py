@@ -212,3 +212,27 @@ def test_plots_mark_each_time_the_speeds_change(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(run_module, "plot_accuracy", lambda *a, **k: seen.append(k.get("marks")) or real(*a, **k))
     digits(REVERSED, "sim.max_rounds=10", out=tmp_path / "run")
     assert seen == [[(CHANGE_AT, "speeds change")]] and (tmp_path / "run" / "accuracy.png").is_file()
+
+
+def _densities(*options: str) -> tuple[list[float], list[float]]:
+    """PR-FL on digits with window 0 (task times, not the window, set the round times), its
+    device order reversed at 0.05 virtual s: the last densities before the change, and at the end."""
+    at = 0.05
+    cfg = load_config(overrides=[*overrides("honest", "prfl"), "sim.max_rounds=600", "sim.eval_every_rounds=300",
+                                 f"policy.options={{interval: 10, window: 0, {', '.join(options)}}}",
+                                 f"fleet.changes=[{{at: {at}, like: reversed}}]"])
+    steps = [r for r in run_policy(build_scenario(cfg))["history"] if r["event"] == "densities"]
+    return [r for r in steps if r["time"] < at][-1]["density"], steps[-1]["density"]
+
+
+def test_prfl_rule_a_follows_a_reversed_fleet_and_the_reference_rule_sends_every_client_dense() -> None:
+    # rule A with adapt_after_recovery: density t_fastest / t_i on dense-equivalent round times,
+    # so after the reversal client 9 (now on the fastest device) trains dense and client 0 sparse
+    before, after = _densities("density_rule: A", "adapt_after_recovery: true")
+    assert before[0] == 1.0 and before[9] < 0.3
+    assert after[9] == 1.0 and after[0] < 0.5 and min(after[6:]) > max(after[:4])
+    # rule B (the reference) steps every density towards client 0's round time; client 0 is then
+    # on the slowest device, so every client is faster than it and climbs to dense
+    before, after = _densities("density_rule: B")
+    assert before[0] == 1.0 and before[9] < 0.3
+    assert after[0] == 1.0 and min(after) > 0.8
