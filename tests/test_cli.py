@@ -281,3 +281,13 @@ def test_config_of_every_preset_resolves() -> None:
         result = invoke("config", "--preset", name, "--explain")
         assert result.exit_code == 0, (name, result.output)
         assert yaml.safe_load(result.output)["name"] == name
+
+
+def test_run_lists_the_fleets_speed_changes(tmp_path: Path) -> None:
+    result = invoke("run", *SMALL, "--set", "fleet.changes=[{at: 10, like: reversed}, {at: 20, clients: [1, 2], up: 0.5}]",
+                    "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert "from 10 virtual s: every client: client i takes client 9-i's starting device" in result.output
+    assert "from 20 virtual s: clients [1, 2]: up x0.5" in result.output
+    bad = invoke("run", *SMALL, "--set", "fleet.changes=[{at: 10, clients: [30]}]", "--out", str(tmp_path / "bad"))
+    assert bad.exit_code != 0 and "names client 30, but the fleet has 10 clients" in bad.output

@@ -321,6 +321,11 @@ def run(
     sc = build_scenario(cfg)  # data, split, model and fleet: bad input fails here, before any output
     _say(f"[bold]{escape(cfg.name)}[/]: {cfg.data.dataset} / {cfg.model.name} / {cfg.data.num_clients} clients "
          f"({cfg.data.partition}) / fleet {escape(cfg.fleet.file or cfg.fleet.preset)} / seed {cfg.seed}")
+    if sc.fleet.changes:
+        from prfl.sim.devices import describe_change
+
+        for ch in sc.fleet.changes:
+            _say(f"  from {ch.at:g} virtual s: {escape(describe_change(ch, len(sc.fleet)))}")
     _say(f"policies: {', '.join(names)}; each stops at {cfg.sim.budget()}")
     results = []
     with _progress(quiet) as progress:
