@@ -260,14 +260,16 @@ def test_bad_run_config_names_the_key() -> None:
 @pytest.mark.parametrize("keys, field", [
     ({"prfl.privacy.clip_norm": 1.0, "prfl.privacy.noise_multiplier": 0.5}, "prfl.privacy"),
     ({"prfl.fleet.availability.mean_on": 10.0, "prfl.fleet.availability.mean_off": 5.0}, "prfl.fleet.availability"),
+    ({"prfl.fleet.changes": "[{at: 10, like: reversed}]"}, "prfl.fleet.changes"),
 ])
 def test_settings_only_the_simulator_honours_are_refused(tmp_path: Path, keys: dict[str, Any], field: str) -> None:
     """Flower would run without them, silently: the config is refused, naming the field."""
     with pytest.raises(ConfigError, match=field.replace(".", r"\.") + " is set"):
         app_settings({**SMALL_RUN, **keys})
     section = field.split(".")[1]
-    body = ("privacy: {clip_norm: 1.0, noise_multiplier: 0.5}\n" if section == "privacy"
-            else "fleet: {availability: {mean_on: 10.0, mean_off: 5.0}}\n")
+    body = {"privacy": "privacy: {clip_norm: 1.0, noise_multiplier: 0.5}\n",
+            "availability": "fleet: {availability: {mean_on: 10.0, mean_off: 5.0}}\n",
+            "changes": "fleet: {changes: [{at: 10, like: reversed}]}\n"}[field.split(".")[-1] if section == "fleet" else section]
     (tmp_path / "exp.yaml").write_text(body)
     with pytest.raises(ConfigError, match=field.replace(".", r"\.") + r" is set \(in config-file"):
         app_settings({**SMALL_RUN, "config-file": str(tmp_path / "exp.yaml")})
