@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -563,21 +562,27 @@ def _headline_plot_job(path: Path, methods: dict[str, list[sweep.Run]], title: s
                                     marks=marks)
 
 
-def _change_times(settings: dict[str, Any], fleet: str) -> list[float]:
-    """When a headline fleet's speeds change, read from its overrides in the manifest's settings."""
+def _change_marks(settings: dict[str, Any], fleet: str) -> list[tuple[float, str]]:
+    """When a headline fleet's speeds change (one mark per time), from its `fleet.changes=` override
+    in the manifest's settings."""
+    import yaml
+
+    from prfl.report.plots import speed_change_marks
+
     for override in (settings.get("fleets") or {}).get(fleet) or []:
-        if str(override).startswith("fleet.changes="):
-            return sorted({float(t) for t in re.findall(r"at:\s*([0-9.eE+]+)", str(override))})
+        key, _, value = str(override).partition("=")
+        if key == "fleet.changes":
+            return speed_change_marks(yaml.safe_load(value))
     return []
 
 
 def _reversal_words(settings: dict[str, Any]) -> str:
     """What the headline's `reversed` fleet is, with the time its device order reverses read from the
     manifest's settings ("" when the plan has no such fleet)."""
-    times = _change_times(settings, "reversed")
-    if not times:
+    marks = _change_marks(settings, "reversed")
+    if not marks:
         return ""
-    return (f"; `reversed`: the paper10 devices until {times[0]:,.0f} virtual s, then client i on client 9-i's "
+    return (f"; `reversed`: the paper10 devices until {marks[0][0]:,.0f} virtual s, then client i on client 9-i's "
             "starting device, so the slow clients below are the fast ones after the change")
 
 
@@ -712,7 +717,7 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
         if figure_dir is not None and targets:
             slug = g.replace("/", "-")
             fleet = (g.split("/") + ["", ""])[1]
-            marks = [(t, "speeds change") for t in _change_times(settings, fleet)]
+            marks = _change_marks(settings, fleet)
             job = _headline_plot_job(figure_dir / f"headline-{slug}.png", methods, g, targets, "fedasync", gseeds, k,
                                      row_order, marks)
             if job is not None:

@@ -323,8 +323,8 @@ def test_checkpoint_size_breakdown_and_section(script, tmp_path) -> None:
 def test_headline_fleet_with_speed_changes_is_described_and_marked(script, monkeypatch, tmp_path) -> None:
     settings = {"fleets": {"paper10": ["fleet.preset=paper10"],
                            "reversed": ["fleet.preset=paper10", "fleet.changes=[{at: 2400, like: reversed}]"]}}
-    assert script._change_times(settings, "reversed") == [2400.0]
-    assert script._change_times(settings, "paper10") == [] and script._reversal_words({}) == ""
+    assert script._change_marks(settings, "reversed") == [(2400.0, "speeds change")]
+    assert script._change_marks(settings, "paper10") == [] and script._reversal_words({}) == ""
     assert "`reversed`: the paper10 devices until 2,400 virtual s" in script._reversal_words(settings)
     import prfl.report.bands as bands
     from prfl.report.sweep import Run
