@@ -79,6 +79,7 @@ from prfl.policies import POLICIES
 from prfl.report.sweep import Run, best_tuned, compact_run
 from prfl.run import build_scenario, resume_run, run_policy
 from prfl.runtime.checkpoint import CHECKPOINT, PREVIOUS_CHECKPOINT
+from prfl.runtime.machine import fingerprint
 from prfl.sim.executors import process_alive
 
 log = logging.getLogger("headline")
@@ -562,6 +563,9 @@ class Sweep:
         rec["pieces"] = len(pieces)
         rec["wall_seconds_total"] = sum(p.get("wall_seconds", 0.0) for p in pieces) or rec["summary"].get("wall_seconds")
         rec["commits"] = sorted({p["commit"] for p in pieces if p.get("commit")})
+        # the machines the pieces computed on (a seed fixes the history on one kind of machine only)
+        machines = [p["machine"] for p in pieces if isinstance(p.get("machine"), dict)]
+        rec["machines"] = [m for i, m in enumerate(machines) if m not in machines[:i]]
         rec["overrides"] = self.settings.overrides(cell.group, cell.seed, METHODS[cell.method]["name"])
         # whether every policy's models were relayed (sim.model_relay; absent before the option: no)
         rec["model_relay"] = load_run_config(rd / "config.yaml").sim.model_relay
@@ -638,7 +642,7 @@ def _piece(rd: Path, budget: WallBudget, fields: dict[str, Any], run: Callable[[
     """One piece of a cell's run (``run()``, which the budget may pause), recorded in
     ``pieces.jsonl`` whatever its end: "complete" or "paused" (a failure is raised)."""
     budget.start(rd)
-    piece = {"started": _now(), "commit": _git_commit(), **fields}
+    piece = {"started": _now(), "commit": _git_commit(), "machine": fingerprint(), **fields}
     t0 = time.perf_counter()
     ended = "complete"
     try:

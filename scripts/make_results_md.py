@@ -42,6 +42,7 @@ from typing import Any
 from prfl.report.analysis import Stat, describe, imbalance
 from prfl.report.tables import markdown
 from prfl.report import sweep
+from prfl.runtime.machine import describe as describe_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND = "python scripts/make_results_md.py"
@@ -627,6 +628,29 @@ def _estimate_lines(path: Path, rel_root: str) -> list[str]:
     return lines
 
 
+def _machine_lines(runs: Sequence[sweep.Run]) -> list[str]:
+    """Which machines the runs computed on (records name them since `prfl.runtime.machine`): a
+    seed fixes a run's history on one kind of machine, so runs are comparable line for line only
+    within one kind."""
+    kinds: dict[str, list[str]] = {}
+    unnamed = 0
+    for r in runs:
+        ms = r.record.get("machines") or []
+        if not ms:
+            unnamed += 1
+            continue
+        kinds.setdefault(" then ".join(describe_machine(m) for m in ms), []).append(f"{r.group} {r.method} seed {r.seed}")
+    if not kinds:
+        return []
+    parts = [f"{k}: {', '.join(cells)}" for k, cells in kinds.items()]
+    if unnamed:
+        parts.append(f"{unnamed} runs made before the records named their machine")
+    return ["Machines the runs computed on (processor, the kernel level PyTorch dispatches to, PyTorch and NumPy "
+            "releases). A seed fixes a run's history on one kind of machine; on another the kernels round "
+            "differently and the run follows another trajectory of the same quality (`prfl.runtime.machine`). "
+            + "; ".join(parts) + ".\n"]
+
+
 def _g(x: Any) -> str:
     return f"{x:g}" if isinstance(x, (int, float)) else "?"
 
@@ -695,6 +719,7 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
                                  f"{_g(r.record['rerun'].get('earlier_end'))} s: "
                                  f"{'repeated' if r.record['rerun'].get('history_continues_earlier') else 'DIFFERENT'})"
                                  for r in again) + ".\n")
+    lines += _machine_lines(runs)
     note = root / "NOTE.md"
     if note.is_file():  # how the sweep is being run, and what it has met on the way
         lines.append(note.read_text(encoding="utf-8").strip() + "\n")

@@ -72,6 +72,12 @@ def test_pause_resume_skip_and_report(headline, tmp_path: Path) -> None:
     assert (run_dir / "checkpoint.pt").is_file() and not (run_dir / "checkpoint.prev.pt").exists()
     assert rec["run_dir"] is None  # outside the repository: no machine path in the record
     assert rec["model_relay"] is True  # the run's rule for relaying published models (the default)
+    # both pieces ran here: the record names this machine once (a seed fixes a history per machine)
+    from prfl.runtime.machine import fingerprint
+
+    assert [p["machine"] for p in map(json.loads, (run_dir / "pieces.jsonl").read_text().splitlines())] == [
+        fingerprint()] * 2
+    assert rec["machines"] == [fingerprint()]
 
     # the same cell run in one piece gives the same evaluations and totals
     out2, runs2 = tmp_path / "one" / "headline", tmp_path / "runs-one"
@@ -100,8 +106,12 @@ def test_pause_resume_skip_and_report(headline, tmp_path: Path) -> None:
     assert ext["history"]["sha256"] == direct["history"]["sha256"] and ext["evals"] == direct["evals"]
     md = load("make_results_md_x", ROOT / "scripts" / "make_results_md.py")
     assert md.main(["--results", str(out.parent), "--out", str(tmp_path / "x" / "RESULTS.md")]) == 0
+    text = (tmp_path / "x" / "RESULTS.md").read_text()
     assert ("Runs taken past 2 virtual s because they had not levelled off there: honest/paper10/dirichlet "
-            "fedasync-a0.6-poly seed 0 to 3 s.") in (tmp_path / "x" / "RESULTS.md").read_text()
+            "fedasync-a0.6-poly seed 0 to 3 s.") in text
+    from prfl.runtime.machine import describe
+
+    assert f"{describe(fingerprint())}: honest/paper10/dirichlet fedasync-a0.6-poly seed 0." in text
     shutil.rmtree(run_dir)
     shutil.copytree(copy, run_dir)
     record.write_bytes(before)
