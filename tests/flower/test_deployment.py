@@ -53,7 +53,7 @@ def deployment_run(tmp_path_factory: pytest.TempPathFactory) -> DeploymentRun:
         "out-dir": str(out),
         "stop-file": str(stop_file),
         "reply-timeout": REPLY_TIMEOUT,
-        "hello-timeout": 20.0,
+        "hello-timeout": 60.0,
         "probe-interval": 3.0,
         "discover-interval": 1.0,
         "wait-for-nodes": 90.0,
