@@ -44,6 +44,7 @@ from prfl.client.trainer import LocalTrainer, TrainConfig, batch_schedule
 from prfl.models import build_model, model_cost
 from prfl.params import ParamLayout
 from prfl.pruning.ranking import magnitude_ranking
+from prfl.runtime.machine import fingerprint
 
 MODEL = "conv2"
 INPUT_SHAPE = (1, 28, 28)
@@ -128,14 +129,7 @@ def time_op(fn: Callable[[], Any], repeats: int, before: Callable[[], Any] | Non
 
 
 def machine_info(threads: int) -> dict[str, Any]:
-    cpu_model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu_model = fingerprint()["cpu_model"]
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -16,6 +16,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+
 def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
     """``model name`` and ``vendor_id`` of the first processor in ``path`` (empty where absent)."""
     out: dict[str, str] = {}
