@@ -53,7 +53,9 @@ def deployment_run(tmp_path_factory: pytest.TempPathFactory) -> DeploymentRun:
         "out-dir": str(out),
         "stop-file": str(stop_file),
         "reply-timeout": REPLY_TIMEOUT,
-        "hello-timeout": 60.0,
+        # shorter than a ClientApp's cold start on a loaded machine (FAB, process, imports): the
+        # first describe query may expire, and the next, living twice as long, describes the node
+        "hello-timeout": 15.0,
         "probe-interval": 3.0,
         "discover-interval": 1.0,
         "wait-for-nodes": 90.0,

@@ -179,12 +179,13 @@ def test_node_answering_every_describe_query_after_the_timeout_is_bound():
     and answers each describe query 2 x hello-timeout after it was sent. Before: a query past the
     timeout was dropped from the pending messages, so its answer was never pulled; the node was
     asked again, answered late again, and client 3 stayed without a node for the whole run
-    although its node was listed and answering. Now the first late answer binds it."""
+    although its node was listed and answering. Now the first query expires unanswered, the
+    second lives twice as long, and its answer binds the node."""
     clock, grid, driver = started_without_client_3()
     driver._deliver(driver.queue.popleft())  # client 3 has no node: its task failed as offline
     assert 3 not in driver.policy.online
     grid.add_node(7777, {"partition-id": 3, "num-partitions": NUM_CLIENTS})
-    asked, end = [], clock.t + 3 * SETTINGS.hello_timeout
+    asked, end = [], clock.t + 5 * SETTINGS.hello_timeout
     while clock.t < end and 3 not in driver.client_node:
         driver._discover(force=False)
         driver._probe()
@@ -193,9 +194,74 @@ def test_node_answering_every_describe_query_after_the_timeout_is_bound():
         clock.t += SETTINGS.poll_interval
         driver._pull()
         driver._expire()
-    assert len(asked) >= 2  # the first query timed out and the node was asked again meanwhile
+    assert len(asked) == 2  # the first query expired, the second (living 2 x hello-timeout) was answered
+    assert [m.metadata.ttl for m in asked] == [SETTINGS.hello_timeout, 2 * SETTINGS.hello_timeout]
     assert driver.client_node.get(3) == 7777 and driver._usable_node(3) is not None
     assert [(type(e), e.client) for e in driver.queue] == [(ClientIdle, 3)]
+    assert driver.nodes[7777].describe_wait == 0.0  # it answered: its next query lives hello-timeout again
+
+
+class QueueingGrid(FakeGrid):
+    """A :class:`FakeGrid` whose ``slow`` nodes handle their messages one at a time, as a
+    SuperNode does: the first takes ``cold`` seconds (a ClientApp's cold start), each later one
+    ``warm``. A message whose TTL has passed when its node reaches it is not handed out, and a
+    reply finished after the TTL is refused, as by the SuperLink."""
+
+    def __init__(self, *args, slow: set[int], cold: float, warm: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.slow, self.cold, self.warm = slow, cold, warm
+        self.free_at: dict[int, float] = {}
+        self.answered: list[tuple[float, float]] = []  # (sent, answered) of the replies that made it
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = list(super().push_messages(messages))
+        for msg, mid in zip(messages, ids):
+            dst = msg.metadata.dst_node_id
+            if dst not in self.slow:
+                continue
+            sent, dies = self.clock(), self.clock() + msg.metadata.ttl
+            start = max(self.free_at.get(dst, sent), sent)
+            if start >= dies:  # expired in the queue: never handed to the node
+                self.replies.pop(mid)
+                continue
+            done = start + (self.warm if dst in self.free_at else self.cold)
+            self.free_at[dst] = done
+            if done > dies:  # the node answered after the message's TTL: the SuperLink refuses it
+                self.replies.pop(mid)
+            else:
+                self.ready_at[mid] = done
+                self.answered.append((sent, done))
+        return ids
+
+
+def test_node_with_a_slow_cold_start_is_described_with_one_query_alive_at_a_time():
+    """On a loaded machine a node's ClientApp took longer than a describe query lives to answer
+    its first message, and each later one took most of hello-timeout. Before: the driver sent a
+    new query every hello-timeout + probe-interval while the first still lived; the SuperNode
+    handled them in turn, each behind the last, so every reply came after its message's TTL and
+    the node was never bound. Now a query goes out only when the last one has expired, and lives
+    twice as long as that one: the node is bound by its second or third."""
+    clock, _, driver = started_without_client_3()
+    hello = SETTINGS.hello_timeout
+    configs = [{"partition-id": c, "num-partitions": NUM_CLIENTS} for c in range(NUM_CLIENTS - 1)]
+    grid = QueueingGrid(fast_client_app, {}, configs, clock=clock, slow={7777}, cold=3.5 * hello, warm=0.9 * hello)
+    driver.grid = grid
+    grid.add_node(7777, {"partition-id": 3, "num-partitions": NUM_CLIENTS})
+    end = clock.t + 20 * hello
+    while clock.t < end and 3 not in driver.client_node:
+        driver._discover(force=False)
+        driver._probe()
+        alive = [p for p in driver.pending.values() if p.kind == "describe" and p.node_id == 7777]
+        assert len(alive) <= 1  # never a second query queued behind the first
+        clock.t += SETTINGS.poll_interval
+        driver._pull()
+        driver._expire()
+    asked = [m for m in grid.pushed if m.metadata.message_type == codec.DESCRIBE_TYPE
+             and m.metadata.dst_node_id == 7777]
+    assert driver.client_node.get(3) == 7777 and driver._usable_node(3) is not None
+    assert len(asked) == 3 and [m.metadata.ttl for m in asked] == [hello, 2 * hello, 4 * hello]
+    assert len(grid.answered) == 1  # the first two replies came after their TTL
 
 
 def test_describe_answer_to_a_query_sent_before_a_task_failed_does_not_clear_the_suspicion():

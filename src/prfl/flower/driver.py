@@ -272,7 +272,8 @@ class FlowerDriver(NodeDirectory, ReplyHandling, RunnerBacked):
         """Stop the run after ``idle-timeout`` seconds with no task in flight, no timer and no event
         queued. A describe query that could still give an unserved client its node (sent before the
         timeout ran out, its message still alive) defers the stop until it is answered or expires:
-        at most ``hello-timeout`` + QUERY_GRACE seconds more, since queries sent later do not count."""
+        at most the query's life (``hello-timeout``, up to 4x after expiries) more, since queries
+        sent later do not count."""
         busy = any(p.kind == "task" for p in self.pending.values())
         if busy or self.timers or self.queue:
             self.idle_since = None

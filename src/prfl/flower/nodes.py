@@ -3,11 +3,17 @@
 Nodes are listed with ``get_node_ids`` every ``discover-interval`` seconds and asked who they
 are with a describe query (partition id, delay, cached pieces). A node that answers is bound to
 its partition's client (or, without a partition id, to a free client in node-id order); a node
-whose task failed is *suspect* and probed again before it is used (a describe query not
-answered within ``hello-timeout`` is sent again, and the answer to any of them counts while its
-message lives, so a node slower than the timeout is still described); a node that leaves the
+whose task failed is *suspect* and probed again before it is used; a node that leaves the
 listing is forgotten, and its client's tasks fail. A client whose node answers (again) is
 announced to the policy with ``ClientIdle``.
+
+A node has at most one describe query alive. A SuperNode handles its messages one at a time, so
+a second query would only queue behind the first: when a node's first answer (a cold ClientApp
+start) took longer than a query lives, queries sent meanwhile each waited behind the last and
+expired in turn, and the node was never described. A query lives ``hello-timeout`` seconds (its
+message's TTL); one that expires unanswered is followed at once by a new one that lives twice as
+long, up to ``MAX_BACKOFF`` times ``hello-timeout``, so a node whose answers are always slower
+than the timeout is described too. An answer resets the node's wait to ``hello-timeout``.
 
 :class:`NodeDirectory` is a part of :class:`prfl.flower.driver.FlowerDriver` (a mixin: it works
 on the driver's state).
@@ -24,11 +30,13 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from prfl.flower import codec
-from prfl.flower.replies import QUERY_GRACE, Pending
+from prfl.flower.replies import EXPIRED_CODES, Pending
 from prfl.flower.settings import DriverSettings
 from prfl.policies.base import ClientIdle, Event
 
 log = logging.getLogger("prfl.flower.driver")
+
+MAX_BACKOFF = 4.0  # a describe query lives at most this many times hello-timeout
 
 
 @dataclass
@@ -45,6 +53,7 @@ class Node:
     next_probe: float = 0.0  # monotonic time of the next describe query
     errors: int = 0  # consecutive ClientApp errors
     failed: int = 0  # tasks failed on this node (a describe answer clears the suspicion of later failures only)
+    describe_wait: float = 0.0  # seconds its next describe query lives (0: hello-timeout; doubled after an expiry)
 
 
 class NodeDirectory:
@@ -140,32 +149,55 @@ class NodeDirectory:
 
     def _probe(self) -> None:
         t = self._clock()
-        asked = {p.node_id for p in self.pending.values() if p.kind == "describe" and not p.late}
+        asked = {p.node_id for p in self.pending.values() if p.kind == "describe"}  # one live query per node
         for node in self.nodes.values():
             if node.gone or node.node_id in asked or t < node.next_probe:
                 continue
             if node.suspect or not node.described:
                 self._describe(node)
 
+    def _describe_wait(self, node: Node) -> float:
+        return node.describe_wait or self.settings.hello_timeout
+
     def _describe(self, node: Node) -> None:
+        if any(p.kind == "describe" and p.node_id == node.node_id for p in self.pending.values()):
+            return  # its earlier query is alive: a new one would queue behind it
         content = RecordDict({"prfl.query": ConfigRecord({"num-clients": self.num_clients})})
-        msg = Message(content, node.node_id, codec.DESCRIBE_TYPE, ttl=self.settings.hello_timeout + QUERY_GRACE)
+        wait = self._describe_wait(node)
+        msg = Message(content, node.node_id, codec.DESCRIBE_TYPE, ttl=wait)
         node.next_probe = self._clock() + self.settings.probe_interval
         mid = self._push(msg)
         if mid is None:
             return
         self.record_down += codec.record_bytes(content)
-        self.pending[mid] = Pending("describe", node.node_id, self._clock() + self.settings.hello_timeout, mid,
-                                    epoch=node.failed, asked_at=self._clock())
+        self.pending[mid] = Pending("describe", node.node_id, self._clock() + wait, mid, epoch=node.failed,
+                                    asked_at=self._clock())
+
+    def _describe_expired(self, node_id: int, why: str) -> None:
+        """A describe query to ``node_id`` ended without an answer: ask again at once, with twice
+        the wait (up to MAX_BACKOFF x hello-timeout)."""
+        node = self.nodes.get(node_id)
+        if node is None or node.gone:
+            return
+        wait = self._describe_wait(node)
+        node.describe_wait = min(2 * wait, MAX_BACKOFF * self.settings.hello_timeout)
+        node.next_probe = self._clock()
+        log.info("node %d did not answer the describe query within %g s (%s); asking again with %g s",
+                 node_id, wait, why, node.describe_wait)
 
     def _on_describe_reply(self, entry: Pending, reply: Message) -> None:
         node = self.nodes.get(entry.node_id)
         if node is None or node.gone:
             return
         if reply.has_error():
+            if reply.error.code in EXPIRED_CODES:  # the SuperLink's word that the query expired unanswered
+                self._describe_expired(node.node_id, "its message expired")
+                return
+            node.describe_wait = 0.0  # it answers (if badly): its next query waits hello-timeout again
             log.info("node %d answered the describe query with an error: %s", node.node_id, reply.error.reason)
             node.next_probe = self._clock() + self.settings.probe_interval
             return
+        node.describe_wait = 0.0  # it answers: its next query waits hello-timeout again
         self.record_up += codec.record_bytes(reply.content)
         try:
             info = codec.decode_node(reply.content)

@@ -35,7 +35,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("prfl.flower.driver")
 
 NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE
-QUERY_GRACE = 5.0  # seconds a query's message outlives its timeout (its TTL is the timeout plus this)
+# flwr.common.constant.ErrorCode.MESSAGE_UNAVAILABLE and REPLY_MESSAGE_UNAVAILABLE: the SuperLink's
+# error replies for a message that expired before (a reply to) it arrived
+EXPIRED_CODES = (3, 4)
+QUERY_GRACE = 5.0  # seconds a notice's message outlives its timeout (its TTL is the timeout plus this)
 
 
 @dataclass
@@ -54,7 +57,6 @@ class Pending:
     pieces: list[str] = field(default_factory=list)
     sent_wall: float = math.nan  # wall clock (time.time()) at dispatch
     replied_wall: float = math.nan  # wall clock when the reply was pulled
-    late: bool = False  # a describe query past its timeout: a new one has gone out, this one's reply still counts
     epoch: int = 0  # describe queries: the node's Node.failed count when it was sent
     asked_at: float = 0.0  # monotonic time the message was pushed (describe queries)
 
@@ -225,25 +227,16 @@ class ReplyHandling:
         self._deliver(TaskFailed(now=self.now(), client=c, task_id=spec.task_id, reason=reason))
 
     def _expire(self) -> None:
-        """Fail tasks past their reply timeout and drop unacknowledged notices. A describe query
-        past ``hello-timeout`` lets the node be asked again, but stays pending (``late``) for the
-        ``QUERY_GRACE`` seconds its message lives on: a node whose answers are always slower than
-        the timeout is still described by the first answer that comes."""
+        """Fail tasks past their reply timeout, drop unacknowledged notices, and ask again the
+        nodes whose describe query expired unanswered (see :mod:`prfl.flower.nodes`)."""
         t = self._clock()
         for mid, entry in list(self.pending.items()):
             if entry.deadline > t or mid not in self.pending:
                 continue
-            if entry.kind == "describe" and not entry.late:
-                entry.late = True
-                entry.deadline += QUERY_GRACE
-                node = self.nodes.get(entry.node_id)
-                if node is not None:
-                    node.next_probe = t + self.settings.probe_interval
-                    log.info("node %d did not answer the describe query within %g s; asking again",
-                             entry.node_id, self.settings.hello_timeout)
-                continue
             del self.pending[mid]
             if entry.kind == "task":
                 self._task_failed(entry, f"timeout: no reply within {self.settings.reply_timeout:g} s")
+            elif entry.kind == "describe":
+                self._describe_expired(entry.node_id, "no reply")
             elif entry.kind == "notice":
                 log.info("node %d did not acknowledge a rejection notice", entry.node_id)

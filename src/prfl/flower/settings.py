@@ -40,7 +40,8 @@ DRIVER_KEYS: dict[str, str] = {
     "overwrite": "replace an earlier run in out-dir (otherwise the run is refused and the earlier one kept)",
     "reply-timeout": "seconds after which a dispatched task without reply becomes TaskFailed "
                      "(a dead node is noticed sooner when the SuperLink declares it offline)",
-    "hello-timeout": "seconds before an unanswered describe query is sent again (a later answer counts for 5 s more)",
+    "hello-timeout": "seconds a describe query lives (its TTL); a node is not asked again while one lives, and "
+                     "after one expires unanswered the next lives twice as long (up to 4x)",
     "wait-for-nodes": "seconds to wait at start until every client has a node (then start anyway)",
     "poll-interval": "seconds between pulls of replies",
     "discover-interval": "seconds between listings of the federation's nodes",
