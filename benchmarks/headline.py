@@ -24,7 +24,9 @@ once finished, a compact record under ``--out/records`` (committed; :mod:`prfl.r
 A cell with a record is done and skipped; a cell with a checkpoint is resumed. ``--budget-minutes``
 ends the invocation cleanly: after the deadline the current run goes on until it next writes a
 checkpoint (at most ``--grace-minutes`` more), then stops, and no new run starts; the next
-invocation resumes it. ``manifest.json`` lists every cell with its state; ``cells.csv`` has one
+invocation resumes it. SIGTERM or SIGINT (Ctrl-C) spends the budget at once, so the run pauses
+the same way at its next checkpoint; a second one stops it at its next step, losing the work since
+the last checkpoint, and a third is not caught. ``manifest.json`` lists every cell with its state; ``cells.csv`` has one
 row per finished run. docs/RESULTS.md is built from these files by scripts/make_results_md.py.
 
 Several invocations may run side by side on one ``--out`` and ``--runs`` (say two with
@@ -63,6 +65,7 @@ import json
 import logging
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -339,6 +342,16 @@ class WallBudget:
     def expired(self) -> bool:
         return self.clock() >= self.deadline
 
+    def stop(self) -> str:
+        """Spend the budget now: the run pauses at its next checkpoint (within the grace). Called
+        again, the grace goes too: the run stops at its next step. Returns what it did."""
+        now = self.clock()
+        if now < self.deadline:
+            self.deadline = now
+            return "pausing at the next checkpoint"
+        self.deadline, self.grace = min(self.deadline, now), 0.0
+        return "stopping at the next step (resumes from the last checkpoint)"
+
     def start(self, run_dir: Path) -> None:
         self.run_dir, self._mark, self.virtual = run_dir, False, 0.0
 
@@ -362,6 +375,31 @@ class WallBudget:
             raise PieceEnded(f"paused after the checkpoint at {self.virtual:.0f} virtual s")
         if now >= self.deadline + self.grace:
             raise PieceEnded(f"grace spent at {self.virtual:.0f} virtual s; resumes from the last checkpoint")
+
+
+def stop_on_signals(budget: WallBudget) -> Callable[[], None]:
+    """Let SIGTERM and SIGINT spend ``budget`` (:meth:`WallBudget.stop`) instead of killing the
+    process, which would leave no piece record and lose the work since the last checkpoint. The
+    third signal is not caught. Returns a function that puts the earlier handlers back."""
+    signals = (signal.SIGTERM, signal.SIGINT)
+    earlier = {sig: signal.getsignal(sig) for sig in signals}
+    caught = 0
+
+    def restore() -> None:
+        for sig, handler in earlier.items():
+            signal.signal(sig, handler)
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal caught
+        caught += 1
+        what = budget.stop()
+        log.warning("%s: %s; the next invocation resumes it", signal.Signals(signum).name, what)
+        if caught >= 2:
+            restore()
+
+    for sig in signals:
+        signal.signal(sig, handler)
+    return restore
 
 
 def _git_commit() -> str | None:
@@ -1050,14 +1088,16 @@ def main(argv: Sequence[str] | None = None, clock: Callable[[], float] = time.mo
         print(json.dumps({k: v for k, v in est.items() if k not in ("per_cell", "measured")}, indent=1))
         return 0
     budget = WallBudget(clock() + args.budget_minutes * 60.0, args.grace_minutes * 60.0, clock)
-    if args.command == "extend":
-        if args.extend_to is None or not args.extend_to > args.max_time:
-            raise SystemExit(f"extend needs --extend-to, a time after the plan's horizon of {args.max_time:g} s")
-        counts = extend_sweep(sweep, cells, budget, all_cells, args.extend_to, args.keep_checkpoints, args.rerun)
-        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-        print(json.dumps({"this invocation": counts, "cells": manifest["counts"]}))
-        return 1 if counts["failed"] else 0
-    counts = run_sweep(sweep, cells, budget, all_cells, args.keep_checkpoints)
+    if args.command == "extend" and (args.extend_to is None or not args.extend_to > args.max_time):
+        raise SystemExit(f"extend needs --extend-to, a time after the plan's horizon of {args.max_time:g} s")
+    restore = stop_on_signals(budget)
+    try:
+        if args.command == "extend":
+            counts = extend_sweep(sweep, cells, budget, all_cells, args.extend_to, args.keep_checkpoints, args.rerun)
+        else:
+            counts = run_sweep(sweep, cells, budget, all_cells, args.keep_checkpoints)
+    finally:
+        restore()
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     print(json.dumps({"this invocation": counts, "cells": manifest["counts"]}))
     return 1 if counts["failed"] else 0

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -329,3 +331,40 @@ def test_the_reversed_fleet_swaps_devices_at_its_time_and_runs_the_adaptive_vari
         None, ("skipped", "PR-FL's adaptive variant runs on seed 0 only"), ("skipped", "PR-FL's adaptive variant runs on seed 0 only")]
     spec = headline.METHODS["prfl-adaptive"]
     assert headline.unavailable(adaptive[0]) is None and spec["options"]["adapt_after_recovery"] is True
+
+
+def test_sigterm_pauses_the_run_at_its_next_checkpoint(headline, tmp_path: Path) -> None:
+    """A SIGTERM mid-run spends the budget: the run pauses after its next checkpoint with a piece
+    record (instead of dying without one and losing the work since the checkpoint), and the
+    handlers are put back when the invocation ends."""
+    before = signal.getsignal(signal.SIGTERM)
+
+    class SignalClock(Clock):
+        def __call__(self) -> float:
+            t = super().__call__()
+            if t == 4.0:  # once the run is under way
+                os.kill(os.getpid(), signal.SIGTERM)
+            return t
+
+    out, runs = tmp_path / "results" / "headline", tmp_path / "runs"
+    run_dir = runs / "honest/paper10/dirichlet/fedasync-a0.6-poly" / "seed0"
+    assert headline.main(args(out, runs, "--budget-minutes", "1000"), clock=SignalClock()) == 0
+    pieces = [json.loads(x) for x in (run_dir / "pieces.jsonl").read_text().splitlines()]
+    assert len(pieces) == 1 and pieces[0]["ended"].startswith("paused: paused after the checkpoint")
+    assert 0 < pieces[0]["virtual_to"] < 2 and (run_dir / "checkpoint.pt").is_file()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_second_signal_drops_the_grace_and_the_third_is_not_caught(headline) -> None:
+    clock = Clock()
+    budget = headline.WallBudget(1000.0, 600.0, clock)
+    before = signal.getsignal(signal.SIGINT)
+    restore = headline.stop_on_signals(budget)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert budget.expired() and budget.grace == 600.0  # pauses at the next checkpoint
+        os.kill(os.getpid(), signal.SIGINT)
+        assert budget.grace == 0.0  # stops at the next step
+        assert signal.getsignal(signal.SIGINT) is before  # a third signal is not caught
+    finally:
+        restore()

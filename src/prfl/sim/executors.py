@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import queue
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -412,6 +413,9 @@ def _exit_with_parent(parent: int, poll: float = PARENT_POLL_SECONDS) -> None:
 def _init_worker(spec: WorkerSpec, data: TrainData | None = None, slots: _OutputSlots | None = None,
                  parent: int | None = None) -> None:
     global _WORKER
+    # Ctrl-C reaches the whole process group: the process that made the pool decides what it means
+    # (a headline sweep pauses at its next checkpoint), and a worker killed by it would fail its task
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if parent is not None:  # the pid the pool was made in: it may have ended before this worker got here
         threading.Thread(target=_exit_with_parent, args=(parent,), name="prfl-parent-watch", daemon=True).start()
     ws = Workspace(spec, data)
