@@ -160,8 +160,8 @@ class NodeDirectory:
         return node.describe_wait or self.settings.hello_timeout
 
     def _describe(self, node: Node) -> None:
-        if any(p.kind == "describe" and p.node_id == node.node_id for p in self.pending.values()):
-            return  # its earlier query is alive: a new one would queue behind it
+        """Send ``node`` a describe query. Callers send one only to a node without a live query
+        (:meth:`_probe`; :meth:`_discover` for a node just listed): a second would queue behind it."""
         content = RecordDict({"prfl.query": ConfigRecord({"num-clients": self.num_clients})})
         wait = self._describe_wait(node)
         msg = Message(content, node.node_id, codec.DESCRIBE_TYPE, ttl=wait)
@@ -189,15 +189,14 @@ class NodeDirectory:
         node = self.nodes.get(entry.node_id)
         if node is None or node.gone:
             return
+        if reply.has_error() and reply.error.code in EXPIRED_CODES:  # the SuperLink: it expired unanswered
+            self._describe_expired(node.node_id, "its message expired")
+            return
+        node.describe_wait = 0.0  # it answers (if badly): its next query waits hello-timeout again
         if reply.has_error():
-            if reply.error.code in EXPIRED_CODES:  # the SuperLink's word that the query expired unanswered
-                self._describe_expired(node.node_id, "its message expired")
-                return
-            node.describe_wait = 0.0  # it answers (if badly): its next query waits hello-timeout again
             log.info("node %d answered the describe query with an error: %s", node.node_id, reply.error.reason)
             node.next_probe = self._clock() + self.settings.probe_interval
             return
-        node.describe_wait = 0.0  # it answers: its next query waits hello-timeout again
         self.record_up += codec.record_bytes(reply.content)
         try:
             info = codec.decode_node(reply.content)
