@@ -765,6 +765,22 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
             both = [s for s in seeds if all(any(r.seed == s for rs in groups[x].values() for r in rs) for x in (g, twin))]
             lines.append(markdown(sweep.limit_table(groups[g], groups[twin], targets, both or seeds, consecutive=k)))
     lines += _estimate_lines(root / "estimate.json", rel_root)
+    if isinstance(horizon, (int, float)) and runs:
+        pace_table, proj = sweep.cost_projection(runs, missing, float(horizon))
+        lines.append("### What the finished runs took\n")
+        lines.append("Wall time of the finished runs over all their pieces, scaled to the horizon (one core each, "
+                     "usually beside another run on the second core)"
+                     + (". Left out, because their records' wall time is below their training time (a piece that "
+                        "ended before pieces left their own record is missing from it): " + ", ".join(proj.short)
+                        if proj.short else "") + ".\n")
+        lines.append(markdown(pace_table))
+        if missing:
+            lines.append(f"At these paces the {proj.cells} missing cells with a finished run to go by (of their method "
+                         "under the same accounting and fleet, else the same accounting, else any; failing those, of "
+                         "their method's family the same way) need about "
+                         f"{proj.hours:.0f} wall hours of one core, i.e. about {proj.hours / 2:.0f} hours on two cores"
+                         + (f"; {len(proj.no_basis)} more have none"
+                            if proj.no_basis else "") + ".\n")
     if missing:
         states = {(str(c["group"]), str(c["method"]), int(c["seed"])): c for c in planned}
         lines.append("### Cells still missing\n")

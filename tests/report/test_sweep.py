@@ -193,3 +193,37 @@ def test_limit_table_ratio_real_over_all_fast() -> None:
     assert rows[1] == ["fedasync (best per target)", "640 ± 69", "300 ± 0", "2.13"]
     _, rows = sweep.limit_table(real, {}, [0.8], [0, 1, 2])
     assert rows[0] == ["prfl", "200 ± 69", "-", "-"]
+
+
+def test_cost_projection_uses_the_closest_finished_pace() -> None:
+    def timed(group: str, method: str, seed: int, end: float, wall: float, train: float = 0.0) -> Run:
+        rec = {"cell": {"group": group, "method": method, "seed": seed}, "evals": {"time": [0.0, end], "accuracy": [0.1, 0.5]},
+               "summary": {"virtual_seconds": end, "train_seconds": train}, "wall_seconds_total": wall}
+        return Run.from_record(rec)
+
+    runs = [
+        timed("honest/paper10/dirichlet", "prfl", 0, 1000.0, 3600.0),  # 3.6 wall s per virtual s
+        timed("honest/paper10/dirichlet", "prfl", 1, 2000.0, 3600.0),  # taken further: 1.8
+        timed("honest/paper10/dirichlet", "prfl", 2, 1000.0, 1800.0),  # 1.8
+        timed("honest/allfast/dirichlet", "prfl", 0, 1000.0, 7200.0),  # 7.2
+        timed("reference/paper10/dirichlet", "fedavg", 0, 1000.0, 360.0),  # 0.36
+        timed("reference/paper10/dirichlet", "fedavg", 1, 1000.0, 10.0, train=300.0),  # wall lost: left out
+    ]
+    missing = [
+        {"group": "honest/paper10/iid", "method": "prfl", "seed": 0},  # same accounting and fleet: 1.8
+        {"group": "honest/allfast/iid", "method": "prfl", "seed": 1, "status": "partial", "virtual_seconds": 500.0},
+        {"group": "honest/reversed/dirichlet", "method": "prfl", "seed": 0},  # same accounting: median 2.7
+        {"group": "honest/paper10/dirichlet", "method": "fedavg", "seed": 0},  # the method alone: 0.36
+        {"group": "honest/paper10/dirichlet", "method": "fedfix", "seed": 2},  # nothing to go by
+        {"group": "honest/allfast/iid", "method": "prfl-norecovery", "seed": 0},  # its family, same fleet: 7.2
+    ]
+    (headers, rows), proj = sweep.cost_projection(runs, missing, horizon=1000.0)
+    assert headers[3] == "wall h per 1000 virtual s (median)"
+    by = {(r[0], r[1]): r for r in rows}
+    assert by[("honest/paper10", "prfl")][2:] == ["3", "0.50", "0.50-1.00"]
+    assert by[("honest/allfast", "prfl")][3] == "2.00"
+    assert proj.cells == 5 and proj.no_basis == ("honest/paper10/dirichlet fedfix seed 2",)
+    assert proj.short == ("reference/paper10/dirichlet fedavg seed 1",)
+    assert by[("reference/paper10", "fedavg")][2] == "1"
+    expected = (1.8 * 1000 + 7.2 * 500 + 2.7 * 1000 + 0.36 * 1000 + 7.2 * 1000) / 3600
+    assert proj.hours == pytest.approx(expected)

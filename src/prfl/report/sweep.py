@@ -315,6 +315,76 @@ def missing_cells(planned: Iterable[Mapping[str, Any]], runs: Iterable[Run]) -> 
     return [c for c in planned if (c["group"], c["method"], int(c["seed"])) not in have]
 
 
+
+def _wall_pace(run: Run) -> float | None:
+    """Wall seconds per virtual second of a finished run, over all its pieces; ``None`` when the
+    record's wall time is below its training time (which a checkpoint carries across pieces): such
+    a record lost the wall time of a piece that ended without leaving its own record."""
+    wall = run.record.get("wall_seconds_total") or run.summary.get("wall_seconds")
+    if not isinstance(wall, (int, float)) or wall <= 0 or run.end <= 0:
+        return None
+    train = run.summary.get("train_seconds")
+    if isinstance(train, (int, float)) and train > wall:
+        return None
+    return float(wall) / run.end
+
+
+def _pace_keys(group: str, method: str) -> list[tuple[str, str]]:
+    """Where a cell's expected pace is looked up, most specific first: the same accounting and fleet
+    (the data split changes little of the cost), then the same accounting, then the method alone;
+    then the same three for the method's family (``name*``: an ablation of PR-FL, another K of
+    FedBuff)."""
+    acc, fleet = (group.split("/") + ["", ""])[:2]
+    return [(where, name) for name in (method, family(method) + "*") for where in (f"{acc}/{fleet}", acc, "")]
+
+
+@dataclass(frozen=True)
+class Projection:
+    """What the missing cells would take at the pace the finished ones ran (wall hours of one core)."""
+
+    hours: float  # sum over the cells with a basis
+    cells: int  # cells projected
+    no_basis: tuple[str, ...]  # "group method seed" of cells whose method has no finished run
+    short: tuple[str, ...]  # "group method seed" of finished runs left out: their wall time is incomplete
+
+
+def cost_projection(runs: Iterable[Run], missing: Iterable[Mapping[str, Any]], horizon: float) -> tuple[Table, Projection]:
+    """Per accounting/fleet and method, the wall time the finished runs took (median and range,
+    scaled to ``horizon`` virtual s: runs taken further cost more), and the wall hours the
+    ``missing`` cells would take at those paces: a cell takes the median pace of the finished
+    runs of its method under the same accounting and fleet, else the same accounting, else any;
+    failing those, of its family the same way (:func:`_pace_keys`).
+    A ``partial`` cell (with ``virtual_seconds`` reached) is charged the rest of the horizon. Runs
+    whose recorded wall time is incomplete (:func:`_wall_pace`) are left out. Wall time is what the runs took where they ran (one core each, often beside another run):
+    a pace, not a CPU measurement."""
+    paces: dict[tuple[str, str], list[float]] = {}
+    rows_by: dict[tuple[str, str], list[float]] = {}
+    short = []
+    for r in runs:
+        pace = _wall_pace(r)
+        if pace is None:
+            short.append(f"{r.group} {r.method} seed {r.seed}")
+            continue
+        for key in _pace_keys(r.group, r.method):
+            paces.setdefault(key, []).append(pace)
+        rows_by.setdefault(_pace_keys(r.group, r.method)[0], []).append(pace)
+    rows = [[where, method, str(len(ps)), f"{statistics.median(ps) * horizon / 3600:.2f}",
+             f"{min(ps) * horizon / 3600:.2f}-{max(ps) * horizon / 3600:.2f}"]
+            for (where, method), ps in sorted(rows_by.items())]
+    hours, cells, none = 0.0, 0, []
+    for c in missing:
+        group, method = str(c["group"]), str(c["method"])
+        done = float(c.get("virtual_seconds") or 0.0) if c.get("status") == "partial" else 0.0
+        pace = next((statistics.median(paces[k]) for k in _pace_keys(group, method) if k in paces), None)
+        if pace is None:
+            none.append(f"{group} {method} seed {c['seed']}")
+            continue
+        hours += pace * max(0.0, horizon - done) / 3600
+        cells += 1
+    headers = ["accounting/fleet", "method", "finished runs", f"wall h per {horizon:g} virtual s (median)", "range"]
+    return (headers, rows), Projection(hours, cells, tuple(none), tuple(short))
+
+
 # ---------------------------------------------------------------------------- tables
 def _time_cell(st: Stat) -> str:
     if st.n == 0:
