@@ -49,6 +49,7 @@ Usage (from the repository root):
   nice .venv/bin/python benchmarks/headline.py run --budget-minutes 100
   .venv/bin/python benchmarks/headline.py run --tiers 1 --seeds 0
   .venv/bin/python benchmarks/headline.py collect
+  .venv/bin/python benchmarks/headline.py status --runs <scratch>/headline   # where started cells stand
   nice .venv/bin/python benchmarks/headline.py estimate --probe-time 300
   nice .venv/bin/python benchmarks/headline.py extend --extend-to 18000 --tiers 1 --budget-minutes 100
   nice .venv/bin/python benchmarks/headline.py extend --extend-to 18000 --tiers 1 --rerun --budget-minutes 100
@@ -1005,9 +1006,67 @@ def _projection(sweep: Sweep, cells: Sequence[Cell], probe_time: float, measured
 
 
 # ---------------------------------------------------------------------------- command line
+def _last_time(history: Path, tail_bytes: int = 1 << 16) -> float | None:
+    """The virtual time of the last event of a history that has one (read from its end: a long
+    run's history is hundreds of megabytes)."""
+    try:
+        with history.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - tail_bytes))
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            event = json.loads(line)
+        except ValueError:  # the first, cut line of the tail, or a line being written
+            continue
+        if isinstance(event, dict) and isinstance(event.get("time"), (int, float)):
+            return float(event["time"])
+    return None
+
+
+def progress(sweep: Sweep, cell: Cell, now: float | None = None) -> dict[str, Any] | None:
+    """Where a started, unrecorded cell stands: ``None`` for a cell with a record or not started.
+    ``state`` is "running" (a live process holds its claim), "finished" (not collected yet) or
+    "paused"; ``virtual`` the time its history has reached; for a running cell, ``pace`` (virtual
+    s per wall s since its current piece started, i.e. since the claim was written) and ``eta_s``
+    (wall seconds to the horizon at that pace)."""
+    rd = sweep.run_dir(cell)
+    if sweep.record_path(cell).is_file() or not (rd / "config.yaml").is_file():
+        return None
+    pieces = _read_pieces(rd)
+    out: dict[str, Any] = {"cell": cell.key, "pieces": len(pieces),
+                           "wall_seconds": round(sum(p.get("wall_seconds", 0.0) for p in pieces), 1),
+                           "virtual": _last_time(rd / "history.jsonl")}
+    claim = rd / CLAIM
+    holder = _claim_holder(claim)
+    if holder is not None and process_alive(holder):
+        out["state"] = "running"
+        out["pid"] = holder
+        start_v = float(pieces[-1].get("virtual_to") or 0.0) if pieces else 0.0
+        try:
+            claimed = claim.stat().st_mtime
+            # a run resumed from a piece that left no record: where this piece started is unknown
+            unknown = not pieces and (rd / "config.yaml").stat().st_mtime < claimed - 60.0
+        except OSError:
+            claimed, unknown = time.time(), True
+        since = (time.time() if now is None else now) - claimed
+        if not unknown and out["virtual"] is not None and since > 0 and out["virtual"] > start_v:
+            pace = (out["virtual"] - start_v) / since
+            out["pace"] = round(pace, 3)
+            out["eta_s"] = round(max(0.0, sweep.settings.max_time - out["virtual"]) / pace)
+    elif (rd / "summary.json").is_file():
+        out["state"] = "finished"
+    else:
+        out["state"] = "paused" if pieces or (rd / CHECKPOINT).is_file() else "started"
+    return out
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["plan", "run", "collect", "estimate", "extend"])
+    ap.add_argument("command", choices=["plan", "run", "collect", "estimate", "extend", "status"])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="committed results (records, manifest)")
     ap.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="run directories (histories, checkpoints)")
     ap.add_argument("--base", choices=list(BASES), default="fmnist")
@@ -1067,6 +1126,21 @@ def main(argv: Sequence[str] | None = None, clock: Callable[[], float] = time.mo
                 extra = st.get("reason") or ""
                 print(f"tier {st['tier']}  {st['group']}/{st['method']}/seed{st['seed']}: {st['status']} {extra}")
         print(json.dumps(manifest["counts"]))
+        return 0
+    if args.command == "status":  # read-only: where the started cells stand
+        for c in cells:
+            st = progress(sweep, c)
+            if st is None:
+                continue
+            line = f"{st['cell']}: {st['state']}"
+            if st.get("virtual") is not None:
+                line += f" at {st['virtual']:.0f} of {settings.max_time:g} virtual s"
+            if st.get("pid"):
+                line += f" (pid {st['pid']})"
+            if st.get("pace"):
+                line += f", {st['pace'] * 60:.0f} virtual s per wall minute, done in about {st['eta_s'] / 60:.0f} min"
+            line += f"; {st['pieces']} earlier pieces, {st['wall_seconds'] / 60:.0f} wall min"
+            print(line)
         return 0
     if args.command == "collect":
         for c in cells:

@@ -368,3 +368,44 @@ def test_second_signal_drops_the_grace_and_the_third_is_not_caught(headline) -> 
         assert signal.getsignal(signal.SIGINT) is before  # a third signal is not caught
     finally:
         restore()
+
+
+def test_status_says_where_a_started_cell_stands(headline, tmp_path: Path, capsys) -> None:
+    """`status` reads the run directories only: a paused cell with the virtual time its history
+    reached; one whose claim a live process holds as running, with its pace since the claim; a
+    cell with a record or not started is not listed."""
+    out, runs = tmp_path / "results" / "headline", tmp_path / "runs"
+    run_dir = runs / "honest/paper10/dirichlet/fedasync-a0.6-poly" / "seed0"
+    assert headline.main(args(out, runs, "--budget-minutes", "0.05"), clock=Clock()) == 0
+    piece = json.loads((run_dir / "pieces.jsonl").read_text().splitlines()[0])
+    status = ["status", "--base", "digits", "--out", str(out), "--runs", str(runs), "--max-time", "2"]
+    capsys.readouterr()
+    assert headline.main(status) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("honest/paper10/dirichlet/fedasync-a0.6-poly/seed0: paused at ")
+    assert "1 earlier pieces" in lines[0]
+
+    # a running piece, set up by hand: the last piece ended at 100 virtual s, the history has
+    # reached 160 s, and the claim was written 10 wall s ago
+    sweep = headline.Sweep(out, runs, headline.Settings(base="digits", max_time=400.0), (0, 1))
+    cell = next(c for c in headline.plan_cells((0, 1)) if c.key == "honest/paper10/dirichlet/prfl/seed1")
+    rd = sweep.run_dir(cell)
+    rd.mkdir(parents=True)
+    (rd / "config.yaml").write_text("name: x\n")
+    (rd / "pieces.jsonl").write_text(json.dumps({"wall_seconds": 120.0, "virtual_to": 100.0}) + "\n")
+    (rd / "history.jsonl").write_text("".join(json.dumps({"kind": "eval", "time": float(t)}) + "\n"
+                                              for t in range(0, 161, 20)) + '{"kind": "arr')  # a line being written
+    claim = rd / "claim"
+    claim.write_text(f"{os.getppid()}\n")  # pytest's parent: alive
+    st = headline.progress(sweep, cell, now=claim.stat().st_mtime + 10.0)
+    assert st["state"] == "running" and st["pid"] == os.getppid() and st["virtual"] == 160.0
+    assert st["pace"] == pytest.approx(6.0) and st["eta_s"] == 40
+    assert st["pieces"] == 1 and st["wall_seconds"] == 120.0
+    claim.write_text("999999999\n")  # no such process: the cell is paused
+    assert headline.progress(sweep, cell)["state"] == "paused"
+    shutil.rmtree(rd)
+
+    assert headline.main(args(out, runs), clock=Clock()) == 0  # finishes and is recorded
+    capsys.readouterr()
+    assert headline.main(status) == 0
+    assert capsys.readouterr().out == ""
