@@ -315,7 +315,6 @@ def missing_cells(planned: Iterable[Mapping[str, Any]], runs: Iterable[Run]) -> 
     return [c for c in planned if (c["group"], c["method"], int(c["seed"])) not in have]
 
 
-
 def _wall_pace(run: Run) -> float | None:
     """Wall seconds per virtual second of a finished run, over all its pieces; ``None`` when the
     record's wall time is below its training time (which a checkpoint carries across pieces): such
@@ -355,10 +354,10 @@ def cost_projection(runs: Iterable[Run], missing: Iterable[Mapping[str, Any]], h
     runs of its method under the same accounting and fleet, else the same accounting, else any;
     failing those, of its family the same way (:func:`_pace_keys`).
     A ``partial`` cell (with ``virtual_seconds`` reached) is charged the rest of the horizon. Runs
-    whose recorded wall time is incomplete (:func:`_wall_pace`) are left out. Wall time is what the runs took where they ran (one core each, often beside another run):
-    a pace, not a CPU measurement."""
+    whose recorded wall time is incomplete (:func:`_wall_pace`) are left out. Wall time is what
+    the runs took where they ran (one core each, often beside another run): a pace, not a CPU
+    measurement."""
     paces: dict[tuple[str, str], list[float]] = {}
-    rows_by: dict[tuple[str, str], list[float]] = {}
     short = []
     for r in runs:
         pace = _wall_pace(r)
@@ -367,10 +366,10 @@ def cost_projection(runs: Iterable[Run], missing: Iterable[Mapping[str, Any]], h
             continue
         for key in _pace_keys(r.group, r.method):
             paces.setdefault(key, []).append(pace)
-        rows_by.setdefault(_pace_keys(r.group, r.method)[0], []).append(pace)
+    # the table's rows: the most specific keys (an accounting/fleet and a method, not a family)
     rows = [[where, method, str(len(ps)), f"{statistics.median(ps) * horizon / 3600:.2f}",
              f"{min(ps) * horizon / 3600:.2f}-{max(ps) * horizon / 3600:.2f}"]
-            for (where, method), ps in sorted(rows_by.items())]
+            for (where, method), ps in sorted(paces.items()) if "/" in where and not method.endswith("*")]
     hours, cells, none = 0.0, 0, []
     for c in missing:
         group, method = str(c["group"]), str(c["method"])
