@@ -700,6 +700,13 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
          "server's uplink once, later copies coming from a relay at the client's own speed (`sim.model_relay`). "
          "Definitions: `prfl.report.sweep`.\n"),
     ]
+    splits = ["dirichlet"] + sorted({g.rsplit("/", 1)[-1] for g in groups} - {"dirichlet"})
+    lines.append("### The goals, as they stand\n")
+    lines.append("What the results are read against (`prfl.report.sweep.Goals`), each on the seeds every run it "
+                 "needs has finished; `so far` while seeds are missing. Speed-ups are ratios of mean times over "
+                 "those seeds, as in the tables below.\n")
+    for split in splits:
+        lines.append(markdown(sweep.goals_table(groups, targets, seeds, split=split, consecutive=k)))
     unrelayed = [r for r in runs if r.group.startswith("honest/") and r.record.get("model_relay") is False
                  and not r.method.startswith("prfl")]
     if unrelayed:  # made before sim.model_relay: each copy of a baseline's model crossed the server's link

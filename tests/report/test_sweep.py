@@ -227,3 +227,44 @@ def test_cost_projection_uses_the_closest_finished_pace() -> None:
     assert by[("reference/paper10", "fedavg")][2] == "1"
     expected = (1.8 * 1000 + 7.2 * 500 + 2.7 * 1000 + 0.36 * 1000 + 7.2 * 1000) / 3600
     assert proj.hours == pytest.approx(expected)
+
+
+def test_goals_table_reads_each_goal_on_the_seeds_its_runs_share() -> None:
+    H, F, R = "honest/paper10/dirichlet", "honest/allfast/dirichlet", "reference/paper10/dirichlet"
+    runs = [
+        # honest: PR-FL reaches 0.8 at 120 s on every seed, the tuned FedAsync at 480 / 300 s: 4x and 2.5x
+        *(run("prfl", s, *ramp(120, end=2000), group=H, local_rounds=[100, 90, 80]) for s in (0, 1, 2)),
+        *(run("fedasync-a0.6-hinge", s, *ramp(480, end=2000), group=H) for s in (0, 1, 2)),
+        *(run("fedasync-a0.1-poly", s, *ramp(900, end=2000), group=H) for s in (0, 1, 2)),
+        # HeteroFL (mask) is ahead on seed 0 only (60 s), and (width) has seed 0 alone, behind PR-FL
+        run("heterofl-mask", 0, *ramp(60, end=2000), group=H),
+        *(run("heterofl-mask", s, *ramp(600, end=2000), group=H) for s in (1, 2)),
+        run("heterofl-width", 0, *ramp(240, end=2000), group=H),
+        # all-fast: seed 0 only, PR-FL twice as fast there (ratio 2.0 > 1.5)
+        run("prfl", 0, *ramp(60, end=2000), group=F),
+        # reference: FedAsync never reaches the target, PR-FL does
+        *(run("prfl", s, *ramp(600, end=2000), group=R) for s in (0, 1, 2)),
+        *(run("fedasync-a0.6-hinge", s, *ramp(99999, end=2000), group=R) for s in (0, 1, 2)),
+    ]
+    groups = sweep.by_group(runs)
+    goals = sweep.Goals(speedup_target=0.8)
+    headers, rows = sweep.goals_table(groups, [0.8], [0, 1, 2], goals=goals)
+    assert headers == ["goal", "measured", "on", "verdict"]
+    speed, mask, width, fair, limit, ref = rows
+    assert speed[1:] == ["4.00x to 0.8", "seeds 0, 1, 2", "met"]
+    # the mean over seeds decides: (60 + 600 + 600) / 3 = 420 against 120
+    assert mask[1:] == ["3.50x to 0.8", "seeds 0, 1, 2", "met"]
+    assert width[1:] == ["2.00x to 0.8", "seeds 0 of 0, 1, 2", "met so far (1 of 3 seeds)"]
+    assert fair[1:] == ["1.25 ± 0.00 (worst seed 1.25)", "seeds 0, 1, 2", "met"]
+    assert limit[1:] == ["2.00 to 0.8", "seeds 0 of 0, 1, 2", "not met so far (1 of 3 seeds)"]
+    assert ref[1:] == ["only prfl reaches to 0.8", "seeds 0, 1, 2", "met"]
+    # a stricter goal fails on the same runs; a split without runs says so
+    _, rows = sweep.goals_table(groups, [0.8], [0, 1, 2], goals=sweep.Goals(speedup_target=0.8, speedup=5.0))
+    assert rows[0][3] == "not met"
+    _, rows = sweep.goals_table(groups, [0.8], [0, 1, 2], split="iid", goals=goals)
+    assert {r[3] for r in rows} == {"no runs yet"} and {r[1] for r in rows} == {"-"}
+    # HeteroFL (mask) reaching a target PR-FL misses counts against PR-FL
+    slow = sweep.by_group([*(run("prfl", s, *ramp(99999, end=2000), group=H) for s in (0, 1, 2)),
+                           *(run("heterofl-mask", s, *ramp(60, end=2000), group=H) for s in (0, 1, 2))])
+    _, rows = sweep.goals_table(slow, [0.8], [0, 1, 2], goals=goals)
+    assert rows[1][1:] == ["only heterofl-mask reaches to 0.8", "seeds 0, 1, 2", "not met"]

@@ -562,3 +562,138 @@ def limit_table(slow: Mapping[str, Sequence[Run]], fast: Mapping[str, Sequence[R
                     "-" if inv is None else f"{inv:.2f}"]
         rows.append(row)
     return headers, rows
+
+
+# ---------------------------------------------------------------------------- the goals
+@dataclass(frozen=True)
+class Goals:
+    """The figures the headline's results are read against (its issue's "done when"), for one
+    data split; every threshold is a parameter so the table states what it checks."""
+
+    speedup_target: float = 0.85
+    speedup: float = 3.0  # PR-FL at least this much faster than the best-tuned FedAsync, honest
+    ahead_of: tuple[str, ...] = ("heterofl-mask", "heterofl-width")  # PR-FL ahead at every target
+    fairness: float = 1.5  # PR-FL's local rounds max/min at most this
+    allfast: float = 1.5  # PR-FL's time on the real fleet at most this x its time on the all-fast fleet
+    paper: tuple[float, float] = (2.45, 3.29)  # the paper's speed-ups over FedAsync, reference accounting
+    method: str = "prfl"
+    baseline: str = "fedasync"
+
+
+def _seeds_text(have: Sequence[int], seeds: Sequence[int]) -> str:
+    if list(have) == list(seeds):
+        return f"seeds {', '.join(map(str, have))}"
+    return f"seeds {', '.join(map(str, have))} of {', '.join(map(str, seeds))}"
+
+
+def _common(seeds: Sequence[int], *runs: Sequence[Run]) -> list[int]:
+    """The seeds of ``seeds`` every one of ``runs`` has a record for."""
+    return [s for s in seeds if all(any(r.seed == s for r in rs) for rs in runs)]
+
+
+def _family_seeds(methods: Mapping[str, Sequence[Run]], fam: str, seeds: Sequence[int]) -> list[int]:
+    """The seeds some member of family ``fam`` has a record for (the best-tuned one is chosen on them)."""
+    return [s for s in seeds if any(r.seed == s for m, rs in methods.items() if family(m) == fam for r in rs)]
+
+
+def _verdict(ok: bool | None, have: Sequence[int], seeds: Sequence[int]) -> str:
+    if ok is None:
+        return "no runs yet" if not have else "not measurable yet"
+    text = "met" if ok else "not met"
+    return text if list(have) == list(seeds) else f"{text} so far ({len(have)} of {len(seeds)} seeds)"
+
+
+def _versus(methods: Mapping[str, Sequence[Run]], other: str, t: float, seeds: Sequence[int],
+            method: str, consecutive: int) -> float | None:
+    """How many times sooner ``method`` reaches ``t`` than ``other`` (``inf``: only ``method`` reaches it
+    at every seed; ``0``: only ``other`` does; ``None``: neither)."""
+    a = seed_times(methods[method], t, seeds, consecutive)
+    if other in methods:
+        b: Stat | None = seed_times(methods[other], t, seeds, consecutive)
+    else:  # a family: its best-tuned member at t
+        b = best_tuned(methods, other, t, seeds, consecutive).time
+    reached_a = a.all_present
+    reached_b = b is not None and b.all_present
+    if reached_a and reached_b:
+        return speedup(b, a)
+    if reached_a:
+        return math.inf
+    return 0.0 if reached_b else None
+
+
+def _times_text(values: Sequence[float | None], targets: Sequence[float], method: str, other: str) -> str:
+    def one(v: float | None) -> str:
+        if v is None:
+            return "neither reaches"
+        if math.isinf(v):
+            return f"only {method} reaches"
+        return f"only {other} reaches" if v == 0 else f"{v:.2f}x"
+    return " / ".join(one(v) for v in values) + f" to {' / '.join(f'{t:g}' for t in targets)}"
+
+
+def goals_table(groups: Mapping[str, Mapping[str, Sequence[Run]]], targets: Sequence[float], seeds: Sequence[int],
+                split: str = "dirichlet", goals: Goals = Goals(), consecutive: int = 1) -> Table:
+    """Each goal of :class:`Goals` on ``split``: what it asks, the figure measured on the seeds
+    every run it needs has finished, and whether it holds (``so far`` while seeds are missing)."""
+    honest = groups.get(f"honest/paper10/{split}", {})
+    fast = groups.get(f"honest/allfast/{split}", {})
+    ref = groups.get(f"reference/paper10/{split}", {})
+    me = goals.method
+    rows: list[list[str]] = []
+
+    # 1. the speed-up over the best-tuned FedAsync, honest accounting
+    have = _common(seeds, honest.get(me, [])) if me in honest else []
+    have = [s for s in have if s in _family_seeds(honest, goals.baseline, seeds)]
+    v = _versus(honest, goals.baseline, goals.speedup_target, have, me, consecutive) if have else None
+    reading = "-" if v is None else _times_text([v], [goals.speedup_target], me, goals.baseline)
+    rows.append([f"honest/paper10/{split}: {me} at least {goals.speedup:g}x faster than the best-tuned "
+                 f"{goals.baseline} to {goals.speedup_target:g}", reading, _seeds_text(have, seeds) if have else "-",
+                 _verdict(None if v is None else v >= goals.speedup, have, seeds)])
+
+    # 2. ahead of each form of HeteroFL at every target
+    for other in goals.ahead_of:
+        have = _common(seeds, honest.get(me, []), honest.get(other, [])) if me in honest and other in honest else []
+        vals = [_versus(honest, other, t, have, me, consecutive) for t in targets] if have else []
+        known = [x for x in vals if x is not None]
+        ok = None if not known else all(x > 1.0 for x in known)
+        rows.append([f"honest/paper10/{split}: {me} ahead of {other} at every target",
+                     _times_text(vals, targets, me, other) if have else "-", _seeds_text(have, seeds) if have else "-",
+                     _verdict(ok, have, seeds)])
+
+    # 3. local rounds max/min
+    mine = honest.get(me, [])
+    have = sorted(r.seed for r in mine if r.seed in seeds)
+    ratios = [imbalance([float(x) for x in r.summary.get("local_rounds") or []])[0] for r in mine if r.seed in seeds]
+    finite = [x for x in ratios if x is not None]
+    worst = max(finite) if finite else None
+    rows.append([f"honest/paper10/{split}: {me}'s local rounds max/min at most {goals.fairness:g}",
+                 "-" if worst is None else f"{describe(finite).fmt(2)} (worst seed {worst:.2f})",
+                 _seeds_text(have, seeds) if have else "-",
+                 _verdict(None if worst is None else worst <= goals.fairness, have, seeds)])
+
+    # 4. the real fleet against its all-fast limit
+    have = _common(seeds, honest.get(me, []), fast.get(me, [])) if me in honest and me in fast else []
+    ratios_t: list[float | None] = []
+    for t in targets:
+        a = seed_times(honest[me], t, have, consecutive) if have else None
+        b = seed_times(fast[me], t, have, consecutive) if have else None
+        ratios_t.append(speedup(a, b) if a is not None and b is not None else None)  # real / all-fast
+    known = [x for x in ratios_t if x is not None]
+    rows.append([f"honest/{{paper10, allfast}}/{split}: {me} on the real fleet within {goals.allfast:g}x of the "
+                 "all-fast fleet (time ratio real / all-fast)",
+                 (" / ".join("-" if x is None else f"{x:.2f}" for x in ratios_t)
+                  + f" to {' / '.join(f'{t:g}' for t in targets)}") if have else "-",
+                 _seeds_text(have, seeds) if have else "-",
+                 _verdict(None if not known else all(x <= goals.allfast for x in known), have, seeds)])
+
+    # 5. the reference accounting against the paper's range
+    have = _common(seeds, ref.get(me, [])) if me in ref else []
+    have = [s for s in have if s in _family_seeds(ref, goals.baseline, seeds)]
+    vals = [_versus(ref, goals.baseline, t, have, me, consecutive) for t in targets] if have else []
+    known = [x for x in vals if x is not None and x != 0.0]
+    lo, hi = goals.paper
+    rows.append([f"reference/paper10/{split}: {me}'s speed-up over the best-tuned {goals.baseline} within or "
+                 f"above the paper's {lo:g}-{hi:g}x", _times_text(vals, targets, me, goals.baseline) if have else "-",
+                 _seeds_text(have, seeds) if have else "-",
+                 _verdict(None if not known else all(x >= lo for x in known) and 0.0 not in vals, have, seeds)])
+    return ["goal", "measured", "on", "verdict"], rows
