@@ -727,9 +727,6 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
                                  f"{'repeated' if r.record['rerun'].get('history_continues_earlier') else 'DIFFERENT'})"
                                  for r in again) + ".\n")
     lines += _machine_lines(runs)
-    note = root / "NOTE.md"
-    if note.is_file():  # how the sweep is being run, and what it has met on the way
-        lines.append(note.read_text(encoding="utf-8").strip() + "\n")
     for g in order:
         methods = groups.get(g, {})
         n_planned = sum(1 for c in planned if c["group"] == g)
@@ -771,6 +768,11 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
                          "and their ratio (real / all-fast; given when every seed of both reached the target).\n")
             both = [s for s in seeds if all(any(r.seed == s for rs in groups[x].values() for r in rs) for x in (g, twin))]
             lines.append(markdown(sweep.limit_table(groups[g], groups[twin], targets, both or seeds, consecutive=k)))
+    note = root / "NOTE.md"
+    if note.is_file():  # how the sweep is being run, and what it has met on the way
+        lines.append("### Notes on the sweep\n")
+        lines.append(f"From `{rel_root}/headline/NOTE.md`.\n")
+        lines.append(note.read_text(encoding="utf-8").strip() + "\n")
     lines += _estimate_lines(root / "estimate.json", rel_root)
     if isinstance(horizon, (int, float)) and runs:
         pace_table, proj = sweep.cost_projection(runs, missing, float(horizon))
