@@ -789,7 +789,13 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
                          "their method's family the same way) need about "
                          f"{proj.hours:.0f} wall hours of one core, i.e. about {proj.hours / 2:.0f} hours on two cores"
                          + (f"; {len(proj.no_basis)} more have none"
-                            if proj.no_basis else "") + ".\n")
+                            if proj.no_basis else "") + "."
+                         + (f" Of those, {proj.waiting_cells} cells ({proj.waiting_hours:.0f} h) wait for a tuning grid; "
+                            f"if each grid keeps one configuration per group and seed, as the honest Dirichlet grid "
+                            f"did, {proj.kept_cells} of them run ({proj.kept_hours:.0f} h), and the missing cells "
+                            f"need about {proj.hours - proj.waiting_hours + proj.kept_hours:.0f} wall hours of one "
+                            f"core ({(proj.hours - proj.waiting_hours + proj.kept_hours) / 2:.0f} on two)."
+                            if proj.waiting_cells else "") + "\n")
     if missing:
         states = {(str(c["group"]), str(c["method"]), int(c["seed"])): c for c in planned}
         lines.append("### Cells still missing\n")

@@ -227,6 +227,16 @@ def test_cost_projection_uses_the_closest_finished_pace() -> None:
     assert by[("reference/paper10", "fedavg")][2] == "1"
     expected = (1.8 * 1000 + 7.2 * 500 + 2.7 * 1000 + 0.36 * 1000 + 7.2 * 1000) / 3600
     assert proj.hours == pytest.approx(expected)
+    assert proj.waiting_cells == proj.kept_cells == 0
+    # cells that wait for a tuning grid: one configuration per group, family and seed is expected to stay
+    runs.append(timed("honest/paper10/dirichlet", "fedasync-a0.1-poly", 0, 1000.0, 720.0))  # 0.72
+    waiting = [{"group": "honest/paper10/iid", "method": f"fedasync-a{a}-{s}", "seed": seed, "status": "waiting"}
+               for a in ("0.1", "0.6") for s in ("poly", "hinge") for seed in (1, 2)]
+    _, proj = sweep.cost_projection(runs, missing + waiting, horizon=1000.0)
+    assert proj.cells == 5 + 8 and proj.waiting_cells == 8 and proj.kept_cells == 2
+    assert proj.waiting_hours == pytest.approx(8 * 0.72 * 1000 / 3600)  # the family's pace, same accounting
+    assert proj.kept_hours == pytest.approx(2 * 0.72 * 1000 / 3600)
+    assert proj.hours == pytest.approx(expected + proj.waiting_hours)
 
 
 def test_goals_table_reads_each_goal_on_the_seeds_its_runs_share() -> None:

@@ -345,6 +345,10 @@ class Projection:
     cells: int  # cells projected
     no_basis: tuple[str, ...]  # "group method seed" of cells whose method has no finished run
     short: tuple[str, ...]  # "group method seed" of finished runs left out: their wall time is incomplete
+    waiting_cells: int = 0  # of ``cells``, those whose tuning grid is not finished (status ``waiting``)
+    waiting_hours: float = 0.0  # of ``hours``, theirs
+    kept_cells: int = 0  # the waiting cells left if each tuning keeps one configuration per group and seed
+    kept_hours: float = 0.0  # their hours (each the mean over the configurations it stands for)
 
 
 def cost_projection(runs: Iterable[Run], missing: Iterable[Mapping[str, Any]], horizon: float) -> tuple[Table, Projection]:
@@ -371,6 +375,7 @@ def cost_projection(runs: Iterable[Run], missing: Iterable[Mapping[str, Any]], h
              f"{min(ps) * horizon / 3600:.2f}-{max(ps) * horizon / 3600:.2f}"]
             for (where, method), ps in sorted(paces.items()) if "/" in where and not method.endswith("*")]
     hours, cells, none = 0.0, 0, []
+    waiting: dict[tuple[str, str, str], list[float]] = {}  # (group, family, seed) -> hours of its configurations
     for c in missing:
         group, method = str(c["group"]), str(c["method"])
         done = float(c.get("virtual_seconds") or 0.0) if c.get("status") == "partial" else 0.0
@@ -378,10 +383,16 @@ def cost_projection(runs: Iterable[Run], missing: Iterable[Mapping[str, Any]], h
         if pace is None:
             none.append(f"{group} {method} seed {c['seed']}")
             continue
-        hours += pace * max(0.0, horizon - done) / 3600
+        h = pace * max(0.0, horizon - done) / 3600
+        hours += h
         cells += 1
+        if c.get("status") == "waiting":
+            waiting.setdefault((group, family(method), str(c["seed"])), []).append(h)
     headers = ["accounting/fleet", "method", "finished runs", f"wall h per {horizon:g} virtual s (median)", "range"]
-    return (headers, rows), Projection(hours, cells, tuple(none), tuple(short))
+    return (headers, rows), Projection(
+        hours, cells, tuple(none), tuple(short),
+        waiting_cells=sum(len(v) for v in waiting.values()), waiting_hours=sum(sum(v) for v in waiting.values()),
+        kept_cells=len(waiting), kept_hours=sum(statistics.fmean(v) for v in waiting.values()))
 
 
 # ---------------------------------------------------------------------------- tables
