@@ -707,6 +707,11 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
                  "those seeds, as in the tables below.\n")
     for split in splits:
         lines.append(markdown(sweep.goals_table(groups, targets, seeds, split=split, consecutive=k)))
+    flags = [(r, r.levelled()) for r in runs]
+    rising = sorted({f"{r.group} {r.method}" for r, f in flags if f is False})
+    if runs:  # the horizon is long enough when every run has levelled off
+        lines.append(f"Levelled off by the criterion above: {sum(1 for _, f in flags if f)} of {len(runs)} finished runs"
+                     + (f"; still rising at their end, on some seed: {', '.join(rising)}" if rising else "") + ".\n")
     unrelayed = [r for r in runs if r.group.startswith("honest/") and r.record.get("model_relay") is False
                  and not r.method.startswith("prfl")]
     if unrelayed:  # made before sim.model_relay: each copy of a baseline's model crossed the server's link
