@@ -273,6 +273,13 @@ def test_goals_table_reads_each_goal_on_the_seeds_its_runs_share() -> None:
     assert rows[0][3] == "not met"
     _, rows = sweep.goals_table(groups, [0.8], [0, 1, 2], split="iid", goals=goals)
     assert {r[3] for r in rows} == {"no runs yet"} and {r[1] for r in rows} == {"-"}
+    # a changing fleet with runs adds its own rows after the steady fleet's
+    runs += [run("prfl", 0, *ramp(120, end=2000), group="honest/reversed/dirichlet"),
+             run("heterofl-mask", 0, *ramp(99999, end=2000), group="honest/reversed/dirichlet")]
+    _, rows = sweep.goals_table(sweep.by_group(runs), [0.8], [0, 1, 2], goals=goals)
+    assert len(rows) == 8 and rows[3][0].startswith("honest/reversed/dirichlet: prfl ahead of heterofl-mask")
+    assert rows[3][1:] == ["only prfl reaches to 0.8", "seeds 0 of 0, 1, 2", "met so far (1 of 3 seeds)"]
+    assert rows[4][1:] == ["-", "-", "no runs yet"]  # no HeteroFL (width) there
     # HeteroFL (mask) reaching a target PR-FL misses counts against PR-FL
     slow = sweep.by_group([*(run("prfl", s, *ramp(99999, end=2000), group=H) for s in (0, 1, 2)),
                            *(run("heterofl-mask", s, *ramp(60, end=2000), group=H) for s in (0, 1, 2))])
