@@ -593,13 +593,15 @@ class Goals:
 
 
 def _seeds_text(have: Sequence[int], seeds: Sequence[int]) -> str:
+    if not have:
+        return "-"
     if list(have) == list(seeds):
         return f"seeds {', '.join(map(str, have))}"
     return f"seeds {', '.join(map(str, have))} of {', '.join(map(str, seeds))}"
 
 
 def _common(seeds: Sequence[int], *runs: Sequence[Run]) -> list[int]:
-    """The seeds of ``seeds`` every one of ``runs`` has a record for."""
+    """The seeds of ``seeds`` every one of ``runs`` has a record for (none if one of them is empty)."""
     return [s for s in seeds if all(any(r.seed == s for r in rs) for rs in runs)]
 
 
@@ -654,12 +656,11 @@ def goals_table(groups: Mapping[str, Mapping[str, Sequence[Run]]], targets: Sequ
     rows: list[list[str]] = []
 
     # 1. the speed-up over the best-tuned FedAsync, honest accounting
-    have = _common(seeds, honest.get(me, [])) if me in honest else []
-    have = [s for s in have if s in _family_seeds(honest, goals.baseline, seeds)]
+    have = [s for s in _common(seeds, honest.get(me, [])) if s in _family_seeds(honest, goals.baseline, seeds)]
     v = _versus(honest, goals.baseline, goals.speedup_target, have, me, consecutive) if have else None
     reading = "-" if v is None else _times_text([v], [goals.speedup_target], me, goals.baseline)
     rows.append([f"honest/paper10/{split}: {me} at least {goals.speedup:g}x faster than the best-tuned "
-                 f"{goals.baseline} to {goals.speedup_target:g}", reading, _seeds_text(have, seeds) if have else "-",
+                 f"{goals.baseline} to {goals.speedup_target:g}", reading, _seeds_text(have, seeds),
                  _verdict(None if v is None else v >= goals.speedup, have, seeds)])
 
     # 2. ahead of each form of HeteroFL at every target; on a changing fleet too, where there are runs
@@ -667,13 +668,13 @@ def goals_table(groups: Mapping[str, Mapping[str, Sequence[Run]]], targets: Sequ
     for fleet in ("paper10", *changing):
         where = groups.get(f"honest/{fleet}/{split}", {})
         for other in goals.ahead_of:
-            have = _common(seeds, where.get(me, []), where.get(other, [])) if me in where and other in where else []
+            have = _common(seeds, where.get(me, []), where.get(other, []))
             vals = [_versus(where, other, t, have, me, consecutive) for t in targets] if have else []
             known = [x for x in vals if x is not None]
             ok = None if not known else all(x > 1.0 for x in known)
             rows.append([f"honest/{fleet}/{split}: {me} ahead of {other} at every target"
                          + (" (beyond the issue's goals: the fleet changes during the run)" if fleet != "paper10" else ""),
-                         _times_text(vals, targets, me, other) if have else "-", _seeds_text(have, seeds) if have else "-",
+                         _times_text(vals, targets, me, other) if have else "-", _seeds_text(have, seeds),
                          _verdict(ok, have, seeds)])
 
     # 3. local rounds max/min
@@ -684,11 +685,11 @@ def goals_table(groups: Mapping[str, Mapping[str, Sequence[Run]]], targets: Sequ
     worst = max(finite) if finite else None
     rows.append([f"honest/paper10/{split}: {me}'s local rounds max/min at most {goals.fairness:g}",
                  "-" if worst is None else f"{describe(finite).fmt(2)} (worst seed {worst:.2f})",
-                 _seeds_text(have, seeds) if have else "-",
+                 _seeds_text(have, seeds),
                  _verdict(None if worst is None else worst <= goals.fairness, have, seeds)])
 
     # 4. the real fleet against its all-fast limit
-    have = _common(seeds, honest.get(me, []), fast.get(me, [])) if me in honest and me in fast else []
+    have = _common(seeds, honest.get(me, []), fast.get(me, []))
     ratios_t: list[float | None] = []
     for t in targets:
         a = seed_times(honest[me], t, have, consecutive) if have else None
@@ -699,17 +700,16 @@ def goals_table(groups: Mapping[str, Mapping[str, Sequence[Run]]], targets: Sequ
                  "all-fast fleet (time ratio real / all-fast)",
                  (" / ".join("-" if x is None else f"{x:.2f}" for x in ratios_t)
                   + f" to {' / '.join(f'{t:g}' for t in targets)}") if have else "-",
-                 _seeds_text(have, seeds) if have else "-",
+                 _seeds_text(have, seeds),
                  _verdict(None if not known else all(x <= goals.allfast for x in known), have, seeds)])
 
     # 5. the reference accounting against the paper's range
-    have = _common(seeds, ref.get(me, [])) if me in ref else []
-    have = [s for s in have if s in _family_seeds(ref, goals.baseline, seeds)]
+    have = [s for s in _common(seeds, ref.get(me, [])) if s in _family_seeds(ref, goals.baseline, seeds)]
     vals = [_versus(ref, goals.baseline, t, have, me, consecutive) for t in targets] if have else []
     known = [x for x in vals if x is not None and x != 0.0]
     lo, hi = goals.paper
     rows.append([f"reference/paper10/{split}: {me}'s speed-up over the best-tuned {goals.baseline} within or "
                  f"above the paper's {lo:g}-{hi:g}x", _times_text(vals, targets, me, goals.baseline) if have else "-",
-                 _seeds_text(have, seeds) if have else "-",
+                 _seeds_text(have, seeds),
                  _verdict(None if not known else all(x >= lo for x in known) and 0.0 not in vals, have, seeds)])
     return ["goal", "measured", "on", "verdict"], rows
