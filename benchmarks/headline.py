@@ -47,6 +47,7 @@ run directory beside the new one, and checks that the new history repeats the ea
 Usage (from the repository root):
   .venv/bin/python benchmarks/headline.py plan
   nice .venv/bin/python benchmarks/headline.py run --budget-minutes 100
+  nice .venv/bin/python benchmarks/headline.py run --budget-minutes 120 --fit   # only cells that will finish
   .venv/bin/python benchmarks/headline.py run --tiers 1 --seeds 0
   .venv/bin/python benchmarks/headline.py collect
   .venv/bin/python benchmarks/headline.py status --runs <scratch>/headline   # where started cells stand
@@ -72,7 +73,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,7 +81,7 @@ from typing import Any
 
 from prfl.config import ConfigError, ExperimentConfig, PolicyConfig, SimConfig, load_config, load_run_config
 from prfl.policies import POLICIES
-from prfl.report.sweep import Run, best_tuned, compact_run
+from prfl.report.sweep import Paces, Run, best_tuned, compact_run
 from prfl.run import build_scenario, resume_run, run_policy
 from prfl.runtime.checkpoint import CHECKPOINT, PREVIOUS_CHECKPOINT
 from prfl.runtime.machine import fingerprint
@@ -342,6 +343,10 @@ class WallBudget:
 
     def expired(self) -> bool:
         return self.clock() >= self.deadline
+
+    def left(self) -> float:
+        """Wall seconds to the deadline (negative past it)."""
+        return self.deadline - self.clock()
 
     def stop(self) -> str:
         """Spend the budget now: the run pauses at its next checkpoint (within the grace). Called
@@ -771,9 +776,14 @@ def write_cells_csv(out: Path, targets: Sequence[float], consecutive: int = 1) -
 
 
 def run_sweep(sweep: Sweep, cells: Sequence[Cell], budget: WallBudget, all_cells: Sequence[Cell],
-              keep_checkpoints: bool = False) -> dict[str, int]:
-    """Run ``cells`` in order until they are done or the budget is spent; returns counts by outcome."""
-    counts = {"complete": 0, "paused": 0, "failed": 0, "skipped": 0, "claimed elsewhere": 0}
+              keep_checkpoints: bool = False, fit: float | None = None) -> dict[str, int]:
+    """Run ``cells`` in order until they are done or the budget is spent; returns counts by outcome.
+
+    With ``fit`` (a margin, e.g. 1.15), a cell is started or resumed only if ``fit`` times the wall
+    time it is expected to take (:func:`expected_wall`) is left in the budget; the others are passed
+    over for a later invocation, so that an invocation finishes the cells it starts instead of
+    leaving them paused."""
+    counts = {"complete": 0, "paused": 0, "failed": 0, "skipped": 0, "claimed elsewhere": 0, "does not fit": 0}
 
     def work(cell: Cell) -> str:
         st = sweep.status(cell)  # as it is now that the cell is ours
@@ -806,11 +816,30 @@ def run_sweep(sweep: Sweep, cells: Sequence[Cell], budget: WallBudget, all_cells
         if st["status"] != "finished" and budget.expired():
             log.info("budget spent: %s and later cells wait for the next invocation", cell.key)
             break
+        if fit is not None and st["status"] != "finished":
+            need = expected_wall(sweep, cell, st)
+            if need is None or need * fit > budget.left():
+                log.info("%s: does not fit, left for a later invocation (%s; %.0f wall min left)", cell.key,
+                         "no finished run to go by" if need is None else f"expected {need / 60:.0f} wall min",
+                         budget.left() / 60)
+                counts["does not fit"] += 1
+                continue
         if _claimed(sweep, cell, all_cells, counts, work) == "paused":
             log.info("%s: paused; run the same command again to resume", cell.key)
             break
     _sweep_written(sweep, all_cells)
     return counts
+
+
+def expected_wall(sweep: Sweep, cell: Cell, status: Mapping[str, Any] | None = None) -> float | None:
+    """Wall seconds ``cell`` is expected to take to the horizon (the rest of it, for a partial
+    cell), at the pace of the finished runs recorded under ``sweep.out`` (:class:`Paces`);
+    ``None`` when none stands for it."""
+    st = sweep.status(cell) if status is None else status
+    done = float(st.get("virtual_seconds") or 0.0) if st.get("status") == "partial" else 0.0
+    runs = [Run.from_record(json.loads(p.read_text(encoding="utf-8")))
+            for p in sorted((sweep.out / "records").glob("**/seed*.json"))]
+    return Paces(runs).wall_seconds(cell.group.name, cell.method, sweep.settings.max_time - done)
 
 
 def extend_sweep(sweep: Sweep, cells: Sequence[Cell], budget: WallBudget, all_cells: Sequence[Cell], to: float,
@@ -1083,6 +1112,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="time to target: the first of this many evaluations in a row at or above it")
     ap.add_argument("--checkpoint-every", type=int, help="server updates between checkpoints (default: by policy)")
     ap.add_argument("--budget-minutes", type=float, default=100.0, help="wall minutes before the sweep pauses")
+    ap.add_argument("--fit", action="store_true",
+                    help="start or resume only cells expected to finish within the budget (at the finished runs' "
+                         "paces, times --fit-margin); pass over the others")
+    ap.add_argument("--fit-margin", type=float, default=1.15, help="--fit: margin on the expected wall time")
     ap.add_argument("--grace-minutes", type=float, default=15.0, help="longest wait for a checkpoint past the budget")
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoints of finished runs")
     ap.add_argument("--extend-to", type=float, help="extend: take finished runs that have not levelled off on to "
@@ -1169,7 +1202,7 @@ def main(argv: Sequence[str] | None = None, clock: Callable[[], float] = time.mo
         if args.command == "extend":
             counts = extend_sweep(sweep, cells, budget, all_cells, args.extend_to, args.keep_checkpoints, args.rerun)
         else:
-            counts = run_sweep(sweep, cells, budget, all_cells, args.keep_checkpoints)
+            counts = run_sweep(sweep, cells, budget, all_cells, args.keep_checkpoints, args.fit_margin if args.fit else None)
     finally:
         restore()
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))

@@ -226,6 +226,40 @@ def _record(method: str, group: str, seed: int, accuracy: list[float]) -> dict:
                       "server_ingress": [0] * len(accuracy)}}
 
 
+def test_fit_starts_only_the_cells_expected_to_finish_within_the_budget(headline, tmp_path, capsys) -> None:
+    """``--fit`` passes over a cell no finished run can price, and one whose expected wall time
+    (the pace of finished runs of its method under the same accounting and fleet, times the
+    margin) exceeds what is left of the budget; a cell that fits runs to its end."""
+    out, runs = tmp_path / "results" / "headline", tmp_path / "runs"
+    cell = "honest/paper10/dirichlet/fedasync-a0.6-poly"
+    run_dir = runs / cell / "seed0"
+
+    def counts() -> dict:
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["this invocation"]
+
+    assert headline.main(args(out, runs, "--fit"), clock=Clock()) == 0
+    assert counts()["does not fit"] == 1 and not (run_dir / "config.yaml").exists()  # nothing to go by
+
+    # a finished run of the method on the other split: 10 wall s per virtual s, so 2 virtual s
+    # are expected to take 20 s, 23 s with the default margin of 1.15
+    other = out / "records" / "honest/paper10/iid/fedasync-a0.6-poly" / "seed0.json"
+    other.parent.mkdir(parents=True)
+    other.write_text(json.dumps({**_record("fedasync-a0.6-poly", "honest/paper10/iid", 0, [0.1] * 17),
+                                 "wall_seconds_total": 9600.0}))  # 960 virtual s
+    sw = headline.Sweep(out, runs, headline.Settings(base="digits", max_time=2.0))
+    target = headline.Cell(1, headline.Group.parse("honest/paper10/dirichlet"), "fedasync-a0.6-poly", 0)
+    assert headline.expected_wall(sw, target) == pytest.approx(20.0)
+    # a paused cell is charged the rest of the horizon
+    assert headline.expected_wall(sw, target, {"status": "partial", "virtual_seconds": 1.5}) == pytest.approx(5.0)
+    # 0.3 wall minutes (18 clock readings) are too few
+    assert headline.main(args(out, runs, "--fit", "--budget-minutes", "0.3"), clock=Clock()) == 0
+    assert counts()["does not fit"] == 1 and not (run_dir / "config.yaml").exists()
+    # with a margin of 0.5 the same budget is enough, and the run finishes within it
+    assert headline.main(args(out, runs, "--fit", "--fit-margin", "0.5", "--budget-minutes", "0.3"), clock=Clock()) == 0
+    assert counts() == {"complete": 1, "paused": 0, "failed": 0, "skipped": 0, "claimed elsewhere": 0, "does not fit": 0}
+    assert (out / "records" / cell / "seed0.json").is_file()
+
+
 def test_the_protocol_runs_the_tuned_fedasync_configurations_beyond_seed_0(headline, tmp_path) -> None:
     """Until seed 0's grid is complete, FedAsync cells that depend on it wait; then seeds 1 and 2,
     the reference accounting and the all-fast fleet run the configurations best at some target

@@ -337,6 +337,38 @@ def _pace_keys(group: str, method: str) -> list[tuple[str, str]]:
     return [(where, name) for name in (method, family(method) + "*") for where in (f"{acc}/{fleet}", acc, "")]
 
 
+class Paces:
+    """Wall seconds per virtual second of finished runs, and the pace a cell is expected to run at.
+
+    A cell takes the median pace of the finished runs of its method under the same accounting and
+    fleet, else the same accounting, else any; failing those, of its family the same way
+    (:func:`_pace_keys`). Runs whose recorded wall time is incomplete (:func:`_wall_pace`) are left
+    out and named in ``short``. Wall time is what the runs took where they ran (one core each,
+    often beside another run): a pace, not a CPU measurement."""
+
+    def __init__(self, runs: Iterable[Run]) -> None:
+        self.by_key: dict[tuple[str, str], list[float]] = {}
+        short = []
+        for r in runs:
+            pace = _wall_pace(r)
+            if pace is None:
+                short.append(f"{r.group} {r.method} seed {r.seed}")
+                continue
+            for key in _pace_keys(r.group, r.method):
+                self.by_key.setdefault(key, []).append(pace)
+        self.short = tuple(short)
+
+    def expected(self, group: str, method: str) -> float | None:
+        """Wall seconds per virtual second for a cell of ``method`` in ``group``; ``None`` when no
+        finished run stands for it."""
+        return next((statistics.median(self.by_key[k]) for k in _pace_keys(group, method) if k in self.by_key), None)
+
+    def wall_seconds(self, group: str, method: str, virtual_seconds: float) -> float | None:
+        """The expected wall time of ``virtual_seconds`` of such a cell (``None``: no basis)."""
+        pace = self.expected(group, method)
+        return None if pace is None else pace * max(0.0, virtual_seconds)
+
+
 @dataclass(frozen=True)
 class Projection:
     """What the missing cells would take at the pace the finished ones ran (wall hours of one core)."""
@@ -354,43 +386,30 @@ class Projection:
 def cost_projection(runs: Iterable[Run], missing: Iterable[Mapping[str, Any]], horizon: float) -> tuple[Table, Projection]:
     """Per accounting/fleet and method, the wall time the finished runs took (median and range,
     scaled to ``horizon`` virtual s: runs taken further cost more), and the wall hours the
-    ``missing`` cells would take at those paces: a cell takes the median pace of the finished
-    runs of its method under the same accounting and fleet, else the same accounting, else any;
-    failing those, of its family the same way (:func:`_pace_keys`).
-    A ``partial`` cell (with ``virtual_seconds`` reached) is charged the rest of the horizon. Runs
-    whose recorded wall time is incomplete (:func:`_wall_pace`) are left out. Wall time is what
-    the runs took where they ran (one core each, often beside another run): a pace, not a CPU
-    measurement."""
-    paces: dict[tuple[str, str], list[float]] = {}
-    short = []
-    for r in runs:
-        pace = _wall_pace(r)
-        if pace is None:
-            short.append(f"{r.group} {r.method} seed {r.seed}")
-            continue
-        for key in _pace_keys(r.group, r.method):
-            paces.setdefault(key, []).append(pace)
+    ``missing`` cells would take at the paces :class:`Paces` expects of them. A ``partial`` cell
+    (with ``virtual_seconds`` reached) is charged the rest of the horizon."""
+    paces = Paces(runs)
     # the table's rows: the most specific keys (an accounting/fleet and a method, not a family)
     rows = [[where, method, str(len(ps)), f"{statistics.median(ps) * horizon / 3600:.2f}",
              f"{min(ps) * horizon / 3600:.2f}-{max(ps) * horizon / 3600:.2f}"]
-            for (where, method), ps in sorted(paces.items()) if "/" in where and not method.endswith("*")]
+            for (where, method), ps in sorted(paces.by_key.items()) if "/" in where and not method.endswith("*")]
     hours, cells, none = 0.0, 0, []
     waiting: dict[tuple[str, str, str], list[float]] = {}  # (group, family, seed) -> hours of its configurations
     for c in missing:
         group, method = str(c["group"]), str(c["method"])
         done = float(c.get("virtual_seconds") or 0.0) if c.get("status") == "partial" else 0.0
-        pace = next((statistics.median(paces[k]) for k in _pace_keys(group, method) if k in paces), None)
-        if pace is None:
+        wall = paces.wall_seconds(group, method, horizon - done)
+        if wall is None:
             none.append(f"{group} {method} seed {c['seed']}")
             continue
-        h = pace * max(0.0, horizon - done) / 3600
+        h = wall / 3600
         hours += h
         cells += 1
         if c.get("status") == "waiting":
             waiting.setdefault((group, family(method), str(c["seed"])), []).append(h)
     headers = ["accounting/fleet", "method", "finished runs", f"wall h per {horizon:g} virtual s (median)", "range"]
     return (headers, rows), Projection(
-        hours, cells, tuple(none), tuple(short),
+        hours, cells, tuple(none), paces.short,
         waiting_cells=sum(len(v) for v in waiting.values()), waiting_hours=sum(sum(v) for v in waiting.values()),
         kept_cells=len(waiting), kept_hours=sum(statistics.fmean(v) for v in waiting.values()))
 
@@ -578,7 +597,7 @@ def limit_table(slow: Mapping[str, Sequence[Run]], fast: Mapping[str, Sequence[R
 # ---------------------------------------------------------------------------- the goals
 @dataclass(frozen=True)
 class Goals:
-    """The figures the headline's results are read against (its issue's "done when"), for one
+    """The figures the headline's results are read against (the goals it was set), for one
     data split; every threshold is a parameter so the table states what it checks."""
 
     speedup_target: float = 0.85
@@ -673,7 +692,7 @@ def goals_table(groups: Mapping[str, Mapping[str, Sequence[Run]]], targets: Sequ
             known = [x for x in vals if x is not None]
             ok = None if not known else all(x > 1.0 for x in known)
             rows.append([f"honest/{fleet}/{split}: {me} ahead of {other} at every target"
-                         + (" (beyond the issue's goals: the fleet changes during the run)" if fleet != "paper10" else ""),
+                         + (" (beyond the headline's goals: the fleet changes during the run)" if fleet != "paper10" else ""),
                          _times_text(vals, targets, me, other) if have else "-", _seeds_text(have, seeds),
                          _verdict(ok, have, seeds)])
 
