@@ -708,10 +708,13 @@ def headline_section(results: Path, rel_root: str, figure_dir: Path | None, figu
     for split in splits:
         lines.append(markdown(sweep.goals_table(groups, targets, seeds, split=split, consecutive=k)))
     flags = [(r, r.levelled()) for r in runs]
-    rising = sorted({f"{r.group} {r.method}" for r, f in flags if f is False})
     if runs:  # the horizon is long enough when every run has levelled off
-        lines.append(f"Levelled off by the criterion above: {sum(1 for _, f in flags if f)} of {len(runs)} finished runs"
-                     + (f"; still rising at their end, on some seed: {', '.join(rising)}" if rising else "") + ".\n")
+        lines.append(f"Levelled off by the criterion above: {sum(1 for _, f in flags if f)} of {len(runs)} finished "
+                     "runs. How far each method was from a plateau at its horizon: the late climb is its mean "
+                     "accuracy over the last 20% of the run minus its mean over the 20% before, in accuracy points "
+                     "per 1,000 virtual s (`prfl.report.sweep.late_climb`; a mean over a window averages out the "
+                     "noise of single evaluations, which the best-accuracy criterion picks up).\n")
+        lines.append(markdown(sweep.climb_table(groups, seeds)))
     unrelayed = [r for r in runs if r.group.startswith("honest/") and r.record.get("model_relay") is False
                  and not r.method.startswith("prfl")]
     if unrelayed:  # made before sim.model_relay: each copy of a baseline's model crossed the server's link

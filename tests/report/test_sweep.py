@@ -58,6 +58,43 @@ def test_levelling_criterion() -> None:
         sweep.late_gain(times, flat, 1000, tail=1.0)
 
 
+def test_late_climb_compares_window_means() -> None:
+    times = [60.0 * i for i in range(51)]  # to 3,000 s: windows (1800, 2400] and (2400, 3000], 10 evaluations each
+    ramp_up = [0.5 + 0.0001 * t for t in times]  # 0.1 per 1,000 s
+    assert sweep.late_climb(times, ramp_up, 3000.0) == pytest.approx(0.1)
+    # a plateau with alternating noise of +-1 point: the best-so-far criterion sees a late gain
+    # whenever the late window's noise peaks higher, the window means do not move
+    noisy = [0.88 + (0.01 if i % 2 else -0.01) for i in range(51)]
+    noisy[-1] = 0.897  # one lucky late reading
+    assert sweep.late_gain(times, noisy, 3000.0) == pytest.approx(0.007)
+    assert sweep.levelled(times, noisy, 3000.0) is False
+    # the lucky reading moves the late window's mean by 0.027 / 10 over its 600 s: 0.0045 per 1,000 s
+    assert sweep.late_climb(times, noisy, 3000.0) == pytest.approx(0.0045)
+    noisy[-1] = 0.87
+    assert sweep.late_climb(times, noisy, 3000.0) == pytest.approx(0.0)
+    # a decline climbs negatively; a window without evaluations cannot be told
+    assert sweep.late_climb(times, [1.0 - 0.0001 * t for t in times], 3000.0) == pytest.approx(-0.1)
+    assert sweep.late_climb([0.0, 2900.0], [0.5, 0.6], 3000.0) is None
+    with pytest.raises(ValueError, match="tail"):
+        sweep.late_climb(times, ramp_up, 3000.0, tail=0.5)
+
+
+def test_climb_table_per_group_and_method() -> None:
+    times = [60.0 * i for i in range(51)]
+    flat = [0.9] * 51
+    rising = [0.5 + 0.0001 * t for t in times]
+    groups = sweep.by_group([run("fedasync-a0.6-hinge", 0, times, rising), run("fedasync-a0.6-hinge", 1, times, rising),
+                             run("prfl", 0, times, flat), run("prfl", 1, times, rising), run("prfl", 2, times, flat),
+                             run("fedavg", 0, times, flat, group="h")])
+    headers, rows = sweep.climb_table(groups, seeds=[0, 1])  # seed 2 is not asked for
+    assert headers[4] == "late climb (points per 1,000 s)"
+    assert [r[:2] for r in rows] == [["g", "prfl"], ["g", "fedasync-a0.6-hinge"], ["h", "fedavg"]]
+    prfl, fedasync, fedavg = rows
+    assert prfl[2:4] == ["2", "1/2"] and prfl[4] == "5.00 ± 7.07"  # 0 and 10 points per 1,000 s
+    assert fedasync[3:5] == ["0/2", "10.00 ± 0.00"] and fedavg[2:5] == ["1", "1/1", "0.00"]
+    assert prfl[6] == "3,000"
+
+
 def test_slow_clients_of_the_paper_fleets() -> None:
     from prfl.sim.devices import make_fleet
 

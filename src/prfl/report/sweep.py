@@ -102,6 +102,22 @@ def levelled(times: Sequence[float], accs: Sequence[float], end: float,
     return None if gain is None else gain <= tolerance + 1e-12
 
 
+def late_climb(times: Sequence[float], accs: Sequence[float], end: float, tail: float = LEVEL_TAIL) -> float | None:
+    """How fast a run was still rising at its end: its mean accuracy over the last ``tail`` of the
+    run minus its mean over the ``tail`` before that, per 1,000 virtual s. A mean over a window
+    averages out the noise of single evaluations, which a best-so-far reading (:func:`late_gain`)
+    picks up: a run on a plateau climbs about 0 by this measure whatever its noise. ``None`` when
+    either window has no evaluation."""
+    if not 0.0 < tail < 0.5:
+        raise ValueError(f"tail must lie in (0, 0.5), got {tail}")
+    cut, start = (1.0 - tail) * end, (1.0 - 2.0 * tail) * end
+    late = [a for t, a in zip(times, accs) if t > cut]
+    before = [a for t, a in zip(times, accs) if start < t <= cut]
+    if not late or not before:
+        return None
+    return (statistics.fmean(late) - statistics.fmean(before)) / (tail * end) * 1000.0
+
+
 def slow_clients(clients: Sequence[Any], fraction: float = SLOW_FRACTION) -> list[int]:
     """Indices of the ``ceil(fraction * n)`` slowest clients (by mean download, then upload, then
     compute speed; equal profiles: the higher index first), in ascending order."""
@@ -237,6 +253,9 @@ class Run:
 
     def levelled(self, tail: float = LEVEL_TAIL, tolerance: float = LEVEL_TOLERANCE) -> bool | None:
         return levelled(self.times, self.accs, self.end, tail, tolerance)
+
+    def late_climb(self, tail: float = LEVEL_TAIL) -> float | None:
+        return late_climb(self.times, self.accs, self.end, tail)
 
     def slow_split(self) -> dict[str, float | None]:
         """Mean seconds per local round of the slow clients, by part (the clients' means averaged
@@ -494,6 +513,26 @@ def grid_table(methods: Mapping[str, Sequence[Run]], fam: str, targets: Sequence
         row += [describe(r.summary.get("final_accuracy") for r in rs).fmt(3),
                 describe(r.summary.get("best_accuracy") for r in rs).fmt(3), _levelled_cell(rs, tail, tolerance)]
         rows.append(row)
+    return headers, rows
+
+
+def climb_table(groups: Mapping[str, Mapping[str, Sequence[Run]]], seeds: Sequence[int],
+                tail: float = LEVEL_TAIL, tolerance: float = LEVEL_TOLERANCE) -> Table:
+    """Per group and method: how many seeds levelled off (best accuracy, :func:`levelled`), how
+    fast the runs were still climbing at their end (:func:`late_climb`, in accuracy points per
+    1,000 virtual s, mean ± sd over seeds) and where they ended (final accuracy, horizon)."""
+    headers = ["group", "method", "seeds", "levelled off", "late climb (points per 1,000 s)", "final accuracy", "horizon (s)"]
+    rows = []
+    for group in sorted(groups):
+        for m in sorted(groups[group], key=lambda x: (family(x) != "prfl", x)):
+            rs = [r for r in groups[group][m] if r.seed in seeds]
+            if not rs:
+                continue
+            climb = describe(None if (c := r.late_climb(tail)) is None else 100.0 * c for r in rs)
+            ends = sorted({r.end for r in rs})
+            rows.append([group, m, str(len(rs)), _levelled_cell(rs, tail, tolerance), climb.fmt(2),
+                         describe(r.summary.get("final_accuracy") for r in rs).fmt(3),
+                         " / ".join(f"{e:,.0f}" for e in ends)])
     return headers, rows
 
 
