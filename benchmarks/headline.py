@@ -1195,6 +1195,8 @@ def main(argv: Sequence[str] | None = None, clock: Callable[[], float] = time.mo
         print(json.dumps({k: v for k, v in est.items() if k not in ("per_cell", "measured")}, indent=1))
         return 0
     budget = WallBudget(clock() + args.budget_minutes * 60.0, args.grace_minutes * 60.0, clock)
+    if not args.fit_margin > 0:
+        raise SystemExit(f"--fit-margin must be a positive factor on the expected wall time, got {args.fit_margin:g}")
     if args.command == "extend" and (args.extend_to is None or not args.extend_to > args.max_time):
         raise SystemExit(f"extend needs --extend-to, a time after the plan's horizon of {args.max_time:g} s")
     restore = stop_on_signals(budget)

@@ -239,6 +239,8 @@ def test_fit_starts_only_the_cells_expected_to_finish_within_the_budget(headline
 
     assert headline.main(args(out, runs, "--fit"), clock=Clock()) == 0
     assert counts()["does not fit"] == 1 and not (run_dir / "config.yaml").exists()  # nothing to go by
+    with pytest.raises(SystemExit, match="--fit-margin must be a positive factor"):
+        headline.main(args(out, runs, "--fit", "--fit-margin", "0"), clock=Clock())
 
     # a finished run of the method on the other split: 10 wall s per virtual s, so 2 virtual s
     # are expected to take 20 s, 23 s with the default margin of 1.15
