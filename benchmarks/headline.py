@@ -784,6 +784,7 @@ def run_sweep(sweep: Sweep, cells: Sequence[Cell], budget: WallBudget, all_cells
     over for a later invocation, so that an invocation finishes the cells it starts instead of
     leaving them paused."""
     counts = {"complete": 0, "paused": 0, "failed": 0, "skipped": 0, "claimed elsewhere": 0, "does not fit": 0}
+    paces: Paces | None = None
 
     def work(cell: Cell) -> str:
         st = sweep.status(cell)  # as it is now that the cell is ours
@@ -817,29 +818,40 @@ def run_sweep(sweep: Sweep, cells: Sequence[Cell], budget: WallBudget, all_cells
             log.info("budget spent: %s and later cells wait for the next invocation", cell.key)
             break
         if fit is not None and st["status"] != "finished":
-            need = expected_wall(sweep, cell, st)
+            if paces is None:  # read again once a cell has finished and added its record
+                paces = recorded_paces(sweep)
+            need = expected_wall(sweep, cell, st, paces)
             if need is None or need * fit > budget.left():
                 log.info("%s: does not fit, left for a later invocation (%s; %.0f wall min left)", cell.key,
                          "no finished run to go by" if need is None else f"expected {need / 60:.0f} wall min",
                          budget.left() / 60)
                 counts["does not fit"] += 1
                 continue
-        if _claimed(sweep, cell, all_cells, counts, work) == "paused":
+        outcome = _claimed(sweep, cell, all_cells, counts, work)
+        if outcome == "paused":
             log.info("%s: paused; run the same command again to resume", cell.key)
             break
+        if outcome == "complete":
+            paces = None
     _sweep_written(sweep, all_cells)
     return counts
 
 
-def expected_wall(sweep: Sweep, cell: Cell, status: Mapping[str, Any] | None = None) -> float | None:
+def recorded_paces(sweep: Sweep) -> Paces:
+    """The paces of the finished runs recorded under ``sweep.out`` (:class:`Paces`)."""
+    return Paces(Run.from_record(json.loads(p.read_text(encoding="utf-8")))
+                 for p in sorted((sweep.out / "records").glob("**/seed*.json")))
+
+
+def expected_wall(sweep: Sweep, cell: Cell, status: Mapping[str, Any] | None = None,
+                  paces: Paces | None = None) -> float | None:
     """Wall seconds ``cell`` is expected to take to the horizon (the rest of it, for a partial
-    cell), at the pace of the finished runs recorded under ``sweep.out`` (:class:`Paces`);
-    ``None`` when none stands for it."""
+    cell), at ``paces`` (default: :func:`recorded_paces`); ``None`` when no finished run stands
+    for it."""
     st = sweep.status(cell) if status is None else status
     done = float(st.get("virtual_seconds") or 0.0) if st.get("status") == "partial" else 0.0
-    runs = [Run.from_record(json.loads(p.read_text(encoding="utf-8")))
-            for p in sorted((sweep.out / "records").glob("**/seed*.json"))]
-    return Paces(runs).wall_seconds(cell.group.name, cell.method, sweep.settings.max_time - done)
+    paces = recorded_paces(sweep) if paces is None else paces
+    return paces.wall_seconds(cell.group.name, cell.method, sweep.settings.max_time - done)
 
 
 def extend_sweep(sweep: Sweep, cells: Sequence[Cell], budget: WallBudget, all_cells: Sequence[Cell], to: float,
