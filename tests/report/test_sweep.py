@@ -159,6 +159,24 @@ def test_time_table_rows() -> None:
     assert g["fedasync-a0.3-poly"][2] == "640 ± 69 *"
     assert g["fedasync-a0.6-poly"][2] == "420 ± 85 (2/3 reached)"
     assert g["fedasync-a0.1-poly"][1] == "2"
+    # a seed without a run is named, not counted as a seed that missed the target
+    assert g["fedasync-a0.1-poly"][2] == "60 ± 0 (seeds 0, 1 only)"
+
+
+def test_time_cells_tell_seeds_not_run_from_targets_missed() -> None:
+    methods = sweep.by_group([
+        run("prfl", 0, *ramp(120)),  # seed 0 only: reached
+        run("fedfix", 0, *ramp(120)), run("fedfix", 1, *ramp(9000)),  # seeds 0, 1: one reached
+        run("fedavg", 1, *ramp(9000)),  # seed 1 only: not reached
+    ])["g"]
+    _, rows = sweep.time_table(methods, ["prfl", "fedfix", "fedavg"], [0.8], [0, 1, 2])
+    by = {r[0]: r for r in rows}
+    assert by["prfl"][1:4] == ["1", "120 (seed 0 only)", "-"]
+    assert by["fedfix"][2] == "120 (1/2 reached, seeds 0, 1 only)"
+    assert by["fedavg"][2] == "not reached (seed 1 only)"
+    # every seed run: the count is over all of them, as before
+    _, full = sweep.time_table(grid_runs(), ["prfl"], [0.8], [0, 1, 2])
+    assert {r[0]: r for r in full}["prfl"][2] == "200 ± 69"
 
 
 def test_missing_cells_in_plan_order() -> None:

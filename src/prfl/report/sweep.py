@@ -434,11 +434,28 @@ def cost_projection(runs: Iterable[Run], missing: Iterable[Mapping[str, Any]], h
 
 
 # ---------------------------------------------------------------------------- tables
-def _time_cell(st: Stat) -> str:
+def _time_cell(st: Stat, ran: Sequence[int] | None = None) -> str:
+    """A time to target over seeds; ``ran``: the seeds with a run, when some of ``st``'s have none
+    (a seed not run is named as such, not counted as a seed that missed the target)."""
+    if ran is None or len(ran) >= st.total:
+        if st.n == 0:
+            return f"not reached (0/{st.total})"
+        text = st.fmt(0)
+        return text if st.all_present else f"{text} ({st.n}/{st.total} reached)"
+    if not ran:
+        return "no run"
+    where = ("seed " if len(ran) == 1 else "seeds ") + ", ".join(str(s) for s in ran) + " only"
     if st.n == 0:
-        return f"not reached (0/{st.total})"
-    text = st.fmt(0)
-    return text if st.all_present else f"{text} ({st.n}/{st.total} reached)"
+        return f"not reached ({where})"
+    if st.n == len(ran):
+        return f"{st.fmt(0)} ({where})"
+    return f"{st.fmt(0)} ({st.n}/{len(ran)} reached, {where})"
+
+
+def _seed_time_cell(runs: Sequence[Run], target: float, seeds: Sequence[int], consecutive: int = 1) -> str:
+    """:func:`_time_cell` of ``runs`` over ``seeds``, naming the seeds that have a run when some have none."""
+    ran = sorted({r.seed for r in runs} & set(seeds))
+    return _time_cell(seed_times(runs, target, seeds, consecutive), ran)
 
 
 def _x(v: float | None) -> str:
@@ -490,7 +507,7 @@ def time_table(methods: Mapping[str, Sequence[Run]], order: Sequence[str], targe
         row = [m, str(len(rs))]
         for t in targets:
             st = seed_times(rs, t, seeds, consecutive)
-            row += [_time_cell(st), _x(speedup(best[t].time, st))]
+            row += [_seed_time_cell(rs, t, seeds, consecutive), _x(speedup(best[t].time, st))]
         row += [describe(r.summary.get("final_accuracy") for r in rs).fmt(3),
                 describe(r.summary.get("best_accuracy") for r in rs).fmt(3), _levelled_cell(rs, tail, tolerance)]
         rows.append(row)
@@ -509,7 +526,7 @@ def grid_table(methods: Mapping[str, Sequence[Run]], fam: str, targets: Sequence
         rs = [r for r in methods[m] if r.seed in seeds]
         row = [m, str(len(rs))]
         for t in targets:
-            row.append(_time_cell(seed_times(rs, t, seeds, consecutive)) + (" *" if best[t] == m else ""))
+            row.append(_seed_time_cell(rs, t, seeds, consecutive) + (" *" if best[t] == m else ""))
         row += [describe(r.summary.get("final_accuracy") for r in rs).fmt(3),
                 describe(r.summary.get("best_accuracy") for r in rs).fmt(3), _levelled_cell(rs, tail, tolerance)]
         rows.append(row)
@@ -627,8 +644,11 @@ def limit_table(slow: Mapping[str, Sequence[Run]], fast: Mapping[str, Sequence[R
                 a = seed_times(slow[m], t, seeds, consecutive) if m in slow else None
                 b = seed_times(fast[m], t, seeds, consecutive) if m in fast else None
             inv = speedup(a, b) if a is not None and b is not None else None  # a.mean / b.mean
-            row += [_time_cell(a) if a is not None else "-", _time_cell(b) if b is not None else "-",
-                    "-" if inv is None else f"{inv:.2f}"]
+            if m == baseline:
+                cells = [_time_cell(a) if a is not None else "-", _time_cell(b) if b is not None else "-"]
+            else:
+                cells = [_seed_time_cell(g[m], t, seeds, consecutive) if m in g else "-" for g in (slow, fast)]
+            row += [*cells, "-" if inv is None else f"{inv:.2f}"]
         rows.append(row)
     return headers, rows
 
