@@ -452,10 +452,9 @@ def _time_cell(st: Stat, ran: Sequence[int] | None = None) -> str:
     return f"{st.fmt(0)} ({st.n}/{len(ran)} reached, {where})"
 
 
-def _seed_time_cell(runs: Sequence[Run], target: float, seeds: Sequence[int], consecutive: int = 1) -> str:
-    """:func:`_time_cell` of ``runs`` over ``seeds``, naming the seeds that have a run when some have none."""
-    ran = sorted({r.seed for r in runs} & set(seeds))
-    return _time_cell(seed_times(runs, target, seeds, consecutive), ran)
+def _ran(runs: Sequence[Run], seeds: Sequence[int]) -> list[int]:
+    """The seeds of ``seeds`` that ``runs`` hold a run for (what :func:`_time_cell` names)."""
+    return sorted({r.seed for r in runs} & set(seeds))
 
 
 def _x(v: float | None) -> str:
@@ -507,7 +506,7 @@ def time_table(methods: Mapping[str, Sequence[Run]], order: Sequence[str], targe
         row = [m, str(len(rs))]
         for t in targets:
             st = seed_times(rs, t, seeds, consecutive)
-            row += [_seed_time_cell(rs, t, seeds, consecutive), _x(speedup(best[t].time, st))]
+            row += [_time_cell(st, _ran(rs, seeds)), _x(speedup(best[t].time, st))]
         row += [describe(r.summary.get("final_accuracy") for r in rs).fmt(3),
                 describe(r.summary.get("best_accuracy") for r in rs).fmt(3), _levelled_cell(rs, tail, tolerance)]
         rows.append(row)
@@ -526,7 +525,7 @@ def grid_table(methods: Mapping[str, Sequence[Run]], fam: str, targets: Sequence
         rs = [r for r in methods[m] if r.seed in seeds]
         row = [m, str(len(rs))]
         for t in targets:
-            row.append(_seed_time_cell(rs, t, seeds, consecutive) + (" *" if best[t] == m else ""))
+            row.append(_time_cell(seed_times(rs, t, seeds, consecutive), _ran(rs, seeds)) + (" *" if best[t] == m else ""))
         row += [describe(r.summary.get("final_accuracy") for r in rs).fmt(3),
                 describe(r.summary.get("best_accuracy") for r in rs).fmt(3), _levelled_cell(rs, tail, tolerance)]
         rows.append(row)
@@ -644,11 +643,9 @@ def limit_table(slow: Mapping[str, Sequence[Run]], fast: Mapping[str, Sequence[R
                 a = seed_times(slow[m], t, seeds, consecutive) if m in slow else None
                 b = seed_times(fast[m], t, seeds, consecutive) if m in fast else None
             inv = speedup(a, b) if a is not None and b is not None else None  # a.mean / b.mean
-            if m == baseline:
-                cells = [_time_cell(a) if a is not None else "-", _time_cell(b) if b is not None else "-"]
-            else:
-                cells = [_seed_time_cell(g[m], t, seeds, consecutive) if m in g else "-" for g in (slow, fast)]
-            row += [*cells, "-" if inv is None else f"{inv:.2f}"]
+            ran = [None if m == baseline or m not in g else _ran(g[m], seeds) for g in (slow, fast)]
+            row += [_time_cell(a, ran[0]) if a is not None else "-", _time_cell(b, ran[1]) if b is not None else "-",
+                    "-" if inv is None else f"{inv:.2f}"]
         rows.append(row)
     return headers, rows
 
