@@ -94,6 +94,13 @@ def test_aggregate_hand_numbers(storage):
     assert buf.aggregate(prev, 0, eta_g=0.5).tolist() == [6.25, 7.5, 9.0, 6.5]
     # plain average weighted by n: (1*[2,0,0,1] + 3*[4,6,0,5]) / 4 = [3.5, 4.5, 0, 4]
     assert buf.plain_average().tolist() == [3.5, 4.5, 0.0, 4.0]
+    # given coefficients (the reference's s_i n_i): (3*[2,0,0,1] + 1*[4,6,0,5]) / 4 = [2.5, 1.5, 0, 2]
+    assert buf.plain_average(coefficients={0: 3.0, 1: 1.0}).tolist() == [2.5, 1.5, 0.0, 2.0]
+    assert torch.equal(buf.plain_average(coefficients=buf.coefficients(0)), buf.aggregate(prev, 0, masked=False))
+    with pytest.raises(ValueError, match=r"exactly the buffered clients \[0, 1\]"):
+        buf.plain_average(coefficients={0: 1.0})
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        buf.plain_average(coefficients={0: 1.0, 1: -1.0})
 
 
 @pytest.mark.parametrize("kind", ["poly", "hinge", "const"])

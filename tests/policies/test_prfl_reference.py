@@ -168,6 +168,42 @@ def test_recovery_arms_first_then_rolls_back_and_raises_every_minimum():
     assert nxt[1].density == pytest.approx(0.3)
 
 
+@pytest.mark.parametrize("server_score", ["plain", "staleness"])
+def test_the_server_monitor_scores_an_n_or_staleness_weighted_buffer_average(server_score):
+    pol = build_policy("prfl", ctx((1, 3)), window=0.0, interval=2, importance=False, initial_densities=1.0,
+                       client_scores=False, patience=1, recovery_arming=False, delta_rho=1.0,
+                       server_score=server_score)
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    a, b = [1.0, 2.0, 3.0, 4.0, 0.5, 0.5], [0.0, 6.0, 0.0, 2.0, 1.5, -0.5]
+    t1 = tasks[1]
+    for t in (1.0, 1.5):  # client 1's first two rounds: versions 1, 2 and a control step
+        t1 = dispatches(pol.on_event(ResultArrived(t, result(t1, b, n=3))))[1]
+    pol.on_event(ResultArrived(2.0, result(tasks[0], a, n=1)))  # sent at version 0, arrives at 2: s = 3^-0.6
+    t1 = dispatches(pol.on_event(ResultArrived(2.5, result(t1, b, n=3))))[1]  # client 1's 3rd round
+    assert pol.version == 4 and t1.version == 4
+    acts = pol.on_event(ResultArrived(3.0, result(t1, b, n=3)))  # 4th: s = 1, a control step
+    (req,), t1 = _control_steps(acts), dispatches(acts)[1]
+    c0 = 3.0**-0.6 if server_score == "staleness" else 1.0
+    plain = (torch.tensor(a) + 3.0 * torch.tensor(b)) / 4.0
+    assert torch.allclose(req.model(), (c0 * torch.tensor(a) + 3.0 * torch.tensor(b)) / (c0 + 3.0), atol=1e-6)
+    # a recovery that brings every minimum density to 1 opens the final phase, where the
+    # reference scores the server model itself
+    pol.on_event(EvaluationDone(2.0, SERVER_SCORE, 0.5, 1.0))
+    (rec,) = records(pol.on_event(EvaluationDone(2.0, SERVER_SCORE, 0.4, 1.0)), "recovery")
+    assert rec["final_phase"] and pol.control.all_dense
+    t1 = dispatches(pol.on_event(ResultArrived(3.5, result(t1, b, n=3))))[1]
+    (req,) = _control_steps(pol.on_event(ResultArrived(4.0, result(t1, b, n=3))))  # the next control step
+    if server_score == "staleness":
+        assert torch.equal(req.model(), pol.weights)
+    else:
+        assert torch.allclose(req.model(), plain, atol=1e-6) and not torch.allclose(req.model(), pol.weights)
+
+
+def test_server_score_must_be_plain_or_staleness():
+    with pytest.raises(ValueError, match="server_score must be 'plain' or 'staleness'"):
+        build_policy("prfl", ctx(), server_score="weighted")
+
+
 def test_density_rule_stops_after_the_first_recovery_unless_asked_to_adapt():
     for adapt in (False, True):
         pol = build_policy("prfl", ctx(nominal_round_times=(1.0, 5.0)), window=0.0, interval=2, importance=False,

@@ -149,16 +149,29 @@ class FullAggregation(SlotStore):
             new = coordinate_median(rows, held, prev)
         return new if eta_g == 1.0 else torch.lerp(prev, new, eta_g)
 
-    def plain_average(self, accumulate_dtype: torch.dtype = ACCUMULATE_DTYPE) -> torch.Tensor:
-        """The n_i-weighted average of the buffered models, sum_i n_i W_i / sum_i n_i (masks and
-        staleness ignored): PR-FL's server score model. Weighting by n_i, like every average in
-        FedAvg-style training, keeps a client with little data from counting as much as a big one."""
+    def plain_average(
+        self, accumulate_dtype: torch.dtype = ACCUMULATE_DTYPE, coefficients: dict[int, float] | None = None
+    ) -> torch.Tensor:
+        """The weighted average of the buffered models as they are held, sum_i c_i W_i / sum_i c_i
+        (masks ignored: a weight a client did not keep counts as its zero): PR-FL's server score
+        model. c_i = n_i by default; weighting by n_i, like every average in FedAvg-style training,
+        keeps a client with little data from counting as much as a big one. ``coefficients`` (one
+        per buffered client, e.g. :meth:`coefficients`' s_i n_i) replaces them."""
         if not self._slots:
             raise ValueError("the buffer is empty; put at least one client model first")
-        coeffs = {c: float(s.num_samples) for c, s in sorted(self._slots.items())}
+        if coefficients is None:
+            coeffs = {c: float(s.num_samples) for c, s in sorted(self._slots.items())}
+        else:
+            if sorted(coefficients) != self.clients():
+                raise ValueError(f"coefficients must name exactly the buffered clients {self.clients()}, "
+                                 f"got {sorted(coefficients)}")
+            bad = {c: v for c, v in coefficients.items() if not (math.isfinite(v) and v >= 0)}
+            if bad:
+                raise ValueError(f"coefficients must be finite and non-negative, got {bad}")
+            coeffs = {c: float(coefficients[c]) for c in sorted(coefficients)}
         total_c = sum(coeffs.values())
         if not total_c > 0:
-            raise ValueError("every buffered client has num_samples == 0; nothing to average")
+            raise ValueError("every buffered client has a zero coefficient (num_samples == 0?); nothing to average")
         try:
             return self._weighted_sum(coeffs, accumulate_dtype).div_(total_c).to(_DTYPE)
         finally:

@@ -144,6 +144,10 @@ class PRFLConfig:
     # reference starts checkpointing then); later run-outs roll back and raise densities
     recovery_arming: bool = True
     client_scores: bool = True  # per-client monitors: a stalled client's minimum density rises
+    # the model the server monitor scores: "plain" = sum_i n_i W_i / sum_i n_i over the buffered
+    # models; "staleness" = the reference's: weights s_i n_i (the aggregation's staleness rule and
+    # mode) until the final phase (every density 1), then the server model itself
+    server_score: Literal["plain", "staleness"] = "plain"
     buffer: bool = True  # aggregate the per-client buffer of latest models (false: the window's arrivals only)
     mask_fedavg: bool = True  # mask-aware average (false: plain weighted average)
     residual_split: bool = True  # distribute nested residual pieces (false: each client its sparse sub-model)
@@ -193,6 +197,8 @@ class PRFLConfig:
             raise ValueError(f"eta_g must lie in (0, 1], got {self.eta_g}")
         if self.window < 0:
             raise ValueError(f"window must be non-negative, got {self.window}")
+        if self.server_score not in ("plain", "staleness"):
+            raise ValueError(f"server_score must be 'plain' or 'staleness', got {self.server_score!r}")
         if self.patience < 1 or self.final_patience_factor < 1:
             raise ValueError("patience and final_patience_factor must be at least 1")
         if not 0 < self.delta_rho <= 1:

@@ -2,11 +2,12 @@
 
 Every I rounds the control step sets new densities (:class:`prfl.pruning.density.DensityController`),
 builds a new importance ranking (old rankings are then cut to the prefixes still in use) and asks
-for the scores of the recovery monitors: the server score of the buffer's plain average and, with
-``client_scores``, each buffered client's. The scores come back as ``EvaluationDone``: a stalled
-client's minimum density rises by ``delta_rho``; when the server monitor runs out of patience the
-first time it arms the roll-back, later the weights roll back to the best scored model and every
-minimum density rises, and once every density is 1 the next run-out stops the run.
+for the scores of the recovery monitors: the server score of an average of the buffered models
+(``server_score``) and, with ``client_scores``, each buffered client's. The scores come back as
+``EvaluationDone``: a stalled client's minimum density rises by ``delta_rho``; when the server
+monitor runs out of patience the first time it arms the roll-back, later the weights roll back to
+the best scored model and every minimum density rises, and once every density is 1 the next
+run-out stops the run.
 """
 
 from __future__ import annotations
@@ -100,14 +101,26 @@ class PRFLControl(FleetPolicy):
             self._compact_orders()
             actions.append(Record("ranking", {"ranking_id": self.ranking_id}))
         if cfg.recovery:
-            score_model = self.buffer.plain_average(torch.float32) if len(self.buffer) else self.weights
-            if not bool(torch.isfinite(score_model.sum())):
-                score_model = self.weights  # the fp32 sum overflowed (huge but finite slots): score the model
-            actions.append(RequestEvaluation(score_model, SERVER_SCORE))
+            actions.append(RequestEvaluation(self._score_model(), SERVER_SCORE))
             if cfg.client_scores:
                 for c in self.buffer.clients():  # each client's model is built when it is evaluated
                     actions.append(RequestEvaluation(partial(self._buffered_model, c), f"{CLIENT_SCORE}{c}"))
         return actions
+
+    def _score_model(self) -> torch.Tensor:
+        """The model the server monitor scores (``server_score``): an average of the buffered
+        models, weighted by n_i ("plain") or by the aggregation's s_i n_i ("staleness", the
+        reference's, which scores the server model itself in the final phase)."""
+        cfg = self.config
+        if not len(self.buffer) or (cfg.server_score == "staleness" and self.final_phase):
+            return self.weights
+        coeffs = None
+        if cfg.server_score == "staleness":
+            coeffs = self.buffer.coefficients(self.version, cfg.staleness, cfg.a, cfg.b, cfg.staleness_mode)
+        model = self.buffer.plain_average(torch.float32, coeffs)
+        if not bool(torch.isfinite(model.sum())):
+            return self.weights  # the fp32 sum overflowed (huge but finite slots): score the model
+        return model
 
     def _buffered_model(self, client: int) -> torch.Tensor:
         entry = self.buffer.get(client)
