@@ -128,8 +128,8 @@ def test_recovery_fires_on_scripted_accuracy_and_ends_training():
         acts = pol.on_event(EvaluationDone(2.0, SERVER_SCORE, 0.1, 1.0))
         minimums.append(pol.control.minimums[0])
     assert minimums == pytest.approx([0.3, 0.5, 0.7, 0.9, 1.0])
-    assert pol.final_phase and pol.monitor.patience == 10
-    for _ in range(9):
+    assert pol.final_phase and pol.monitor.patience == 16  # 2 x final_patience_factor 8
+    for _ in range(15):
         assert pol.on_event(EvaluationDone(3.0, SERVER_SCORE, 0.1, 1.0)) == []
     acts = pol.on_event(EvaluationDone(3.0, SERVER_SCORE, 0.1, 1.0))
     assert any(isinstance(a, Stop) for a in acts) and pol.stopped

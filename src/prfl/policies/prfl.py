@@ -139,7 +139,9 @@ class PRFLConfig:
     recovery: bool = True  # early-stopping monitor that rolls back and raises minimum densities
     patience: int = 10  # monitor checks (one per interval) without improvement before it fires
     delta_rho: float = 0.2  # how much a recovery raises the minimum densities
-    final_patience_factor: int = 5  # patience multiplier once every density is 1 (then the next firing stops)
+    # patience multiplier once every density is 1 (then the next firing stops); 8 as the reference
+    # runs it: it multiplies by 5 when the last rise lands, then resets to 8 x patience at the next check
+    final_patience_factor: int = 8
     # the first time the server monitor runs out of patience it only arms the roll-back (the
     # reference starts checkpointing then); later run-outs roll back and raise densities
     recovery_arming: bool = True

@@ -3,7 +3,7 @@
 The monitor sees a score every ``I`` server rounds. When the score has not improved on its best
 for ``patience`` consecutive checks, it *fires*: PR-FL rolls back to the best checkpoint and
 raises the minimum densities by ``delta_rho``. Once every density is 1, patience is multiplied by
-``final_patience_factor`` (5) and the next firing ends training.
+``final_patience_factor`` (8, as the reference runs it) and the next firing ends training.
 """
 
 from __future__ import annotations
