@@ -11,12 +11,14 @@ The sweep is a plan of cells (group x method x seed, see ``plan_cells``) run in 
 6.-10. the same five for the IID split;
 11. honest/reversed/dirichlet: a fleet whose speeds change during the run (the paper10 devices,
     whose order reverses at 2,400 virtual s): PR-FL, its adaptive variant, HeteroFL (mask,
-    width), FedBuff K=5 and the FedAsync grid.
+    width), FedBuff K=5 and the FedAsync grid;
+12. honest/paper10/dirichlet: PR-FL with recovery patience 3 (the reference's 10 never runs out
+    within 12,000 virtual s there, so this shows what recovery does when it fires).
 
 The protocol (``Sweep.protocol``) runs part of that plan: the FedAsync grid is tuned on seed 0 of
 honest/paper10/<split>; its other seeds, the reference accounting and the all-fast fleet run the
-configurations best at some target there; the ablations and PR-FL's adaptive variant run on
-seed 0. The manifest marks the other
+configurations best at some target there; the ablations, PR-FL's adaptive variant and the
+recovery probe run on seed 0. The manifest marks the other
 cells ``skipped`` (with the reason) and those waiting for the tuning ``waiting``.
 
 Each run has its own directory under ``--runs`` (git-ignored; full history and checkpoints) and,
@@ -154,7 +156,11 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 ADAPTIVE: dict[str, dict[str, Any]] = {
     "prfl-adaptive": {"name": "prfl", "options": {"density_rule": "A", "adapt_after_recovery": True}},
 }
-METHODS: dict[str, dict[str, Any]] = {**PRFL, **FEDASYNC_GRID, **BASELINES, **ABLATIONS, **ADAPTIVE}
+# PR-FL with a recovery monitor that fires on this horizon: under the reference's patience (10
+# checks of I = 50 fastest-client rounds, about 540 virtual s each) it never runs out in 12,000 s,
+# so the default's figures are those of PR-FL without recovery; patience 3 shows what recovery does
+RECOVERY_PROBE: dict[str, dict[str, Any]] = {"prfl-patience3": {"name": "prfl", "options": {"patience": 3}}}
+METHODS: dict[str, dict[str, Any]] = {**PRFL, **FEDASYNC_GRID, **BASELINES, **ABLATIONS, **ADAPTIVE, **RECOVERY_PROBE}
 METHOD_ORDER = tuple(METHODS)
 HEAD = (*PRFL, *FEDASYNC_GRID)
 
@@ -213,6 +219,7 @@ def plan_cells(seeds: Sequence[int] = SEEDS) -> list[Cell]:
         ]
     tiers.append(("honest/reversed/dirichlet",
                   ("prfl", "heterofl-mask", *FEDASYNC_GRID, "heterofl-width", "fedbuff-k5", *ADAPTIVE)))
+    tiers.append(("honest/paper10/dirichlet", tuple(RECOVERY_PROBE)))
     cells = []
     for tier, (group, methods) in enumerate(tiers, start=1):
         for seed in seeds:
@@ -493,11 +500,13 @@ class Sweep:
         waits for the FedAsync tuning it depends on, None for a cell to run. The FedAsync grid is
         tuned on seed 0 of honest/paper10/<split>; every other FedAsync cell of that split (seeds
         1 and 2, the reference accounting, the all-fast fleet) runs the configurations best at
-        some target there (:meth:`tuned`). Ablations run on seed 0."""
+        some target there (:meth:`tuned`). Ablations and the other PR-FL variants run on seed 0."""
         if cell.method in ABLATIONS and cell.seed != 0:
             return "skipped", "ablations run on seed 0 only"
         if cell.method in ADAPTIVE and cell.seed != 0:
             return "skipped", "PR-FL's adaptive variant runs on seed 0 only"
+        if cell.method in RECOVERY_PROBE and cell.seed != 0:
+            return "skipped", "the recovery probe runs on seed 0 only"
         if cell.method not in FEDASYNC_GRID:
             return None
         tuning = Group("honest", "paper10", cell.group.partition)

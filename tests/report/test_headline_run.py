@@ -369,6 +369,17 @@ def test_the_reversed_fleet_swaps_devices_at_its_time_and_runs_the_adaptive_vari
     assert headline.unavailable(adaptive[0]) is None and spec["options"]["adapt_after_recovery"] is True
 
 
+def test_the_recovery_probe_runs_last_on_seed_0_of_the_dirichlet_split_with_patience_3(headline, tmp_path) -> None:
+    cells = headline.plan_cells((0, 1, 2))
+    probe = [c for c in cells if c.method == "prfl-patience3"]
+    assert [(c.tier, c.group.name, c.seed) for c in probe] == [(12, "honest/paper10/dirichlet", s) for s in (0, 1, 2)]
+    assert max(c.tier for c in cells) == 12 and cells[-len(probe):] == probe
+    sweep = headline.Sweep(tmp_path / "out", tmp_path / "runs", headline.Settings(base="digits"))
+    assert [sweep.protocol(c) for c in probe] == [None] + [("skipped", "the recovery probe runs on seed 0 only")] * 2
+    cfg = headline.Settings(base="digits").config(probe[0])
+    assert cfg.policy.name == "prfl" and cfg.policy.options["patience"] == 3
+
+
 def test_sigterm_pauses_the_run_at_its_next_checkpoint(headline, tmp_path: Path) -> None:
     """A SIGTERM mid-run spends the budget: the run pauses after its next checkpoint with a piece
     record (instead of dying without one and losing the work since the checkpoint), and the
