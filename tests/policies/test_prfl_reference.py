@@ -233,6 +233,65 @@ def test_client_monitors_raise_a_stalled_clients_minimum():
     assert pol.densities == pytest.approx([1.0, 0.3]) and pol.control.minimums == pytest.approx([0.1, 0.3])
 
 
+def _client_checks(actions):
+    return sorted(int(a.tag[len(CLIENT_SCORE):]) for a in actions
+                  if isinstance(a, RequestEvaluation) and a.tag.startswith(CLIENT_SCORE))
+
+
+def test_a_client_that_sent_nothing_new_since_its_last_check_is_not_checked():
+    # counting in server steps with interval 1: a control step at every arrival of client 0,
+    # while client 1 is away; client 1's monitor sees its model once, not once per step
+    pol = build_policy("prfl", ctx(), window=0.0, interval=1, counting="server_steps", importance=False,
+                       initial_densities=(1.0, 0.5), patience=2)
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    acts = pol.on_event(ResultArrived(1.0, result(tasks[1], [0, 0, 3, 4, 0.5, 0.5])))
+    assert _client_checks(acts) == [1]
+    t0, t1, checks = tasks[0], dispatches(acts)[1], []
+    for k in range(4):
+        acts = pol.on_event(ResultArrived(2.0 + k, result(t0, [1, 2, 3, 4, 0.5, 0.5])))
+        checks.append(_client_checks(acts))
+        t0 = dispatches(acts)[0]
+        for c in _client_checks(acts):  # every check that is made sees no improvement
+            pol.on_event(EvaluationDone(2.0 + k, f"{CLIENT_SCORE}{c}", 0.1, 1.0))
+    assert checks == [[0], [0], [0], [0]]  # client 1: no check, so no run-out, while it is away
+    assert pol.client_monitors[1].bad_checks == 0 and pol.control.minimums[1] == pytest.approx(0.1)
+    # its next model is checked again; the state survives a checkpoint
+    b = build_policy("prfl", ctx(), window=0.0, interval=1, counting="server_steps", importance=False,
+                     initial_densities=(1.0, 0.5), patience=2)
+    b.load_state_dict(pol.state_dict())
+    assert b.buffered_models == pol.buffered_models == [4, 1] and b.scored_models == pol.scored_models == [4, 1]
+    acts = b.on_event(ResultArrived(7.0, result(t1, [0, 0, 3, 5, 0.5, 0.5])))
+    assert _client_checks(acts) == [1] and b.scored_models == [4, 2]
+
+
+@pytest.mark.parametrize(("client_recovery", "density", "minimum"), [("minimum", 0.6, 0.3), ("density", 0.8, 0.1)])
+def test_a_client_run_out_raises_its_minimum_or_its_density(client_recovery, density, minimum):
+    pol = build_policy("prfl", ctx(), window=0.0, interval=1, importance=False, patience=1,
+                       initial_densities=(1.0, 0.6), client_recovery=client_recovery)
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    pol.on_event(ResultArrived(1.0, result(tasks[1], [0, 0, 3, 4, 0.5, 0.5])))
+    pol.on_event(EvaluationDone(1.0, f"{CLIENT_SCORE}1", 0.6, 1.0))
+    (rec,) = records(pol.on_event(EvaluationDone(2.0, f"{CLIENT_SCORE}1", 0.5, 1.0)), "recovery")
+    assert rec["scope"] == "client" and rec["density"] == pytest.approx([1.0, density])
+    assert pol.densities == pytest.approx([1.0, density]) and pol.control.minimums == pytest.approx([0.1, minimum])
+    assert not pol.first_stage
+
+
+def test_a_server_recovery_restarts_the_patience_of_the_clients_it_densifies():
+    pol = build_policy("prfl", ctx(), window=0.0, interval=1000, importance=False, patience=3,
+                       recovery_arming=False, initial_densities=(1.0, 0.1))
+    pol.on_event(Start(0.0))
+    for m in pol.client_monitors:
+        m.best, m.bad_checks = 0.9, 2  # both clients one bad check from a run-out
+    pol.on_event(EvaluationDone(0.0, SERVER_SCORE, 0.5, 1.0))
+    for k in range(3):
+        acts = pol.on_event(EvaluationDone(1.0 + k, SERVER_SCORE, 0.4, 1.0))
+    (rec,) = records(acts, "recovery")
+    assert rec["scope"] == "server" and pol.densities == pytest.approx([1.0, 0.3])
+    # client 1's density rose: its patience starts afresh; client 0, dense already, keeps its count
+    assert [m.bad_checks for m in pol.client_monitors] == [2, 0]
+
+
 def test_reference_state_survives_a_checkpoint():
     kw = dict(window=0.0, interval=2, initial_densities=(1.0, 0.5))
     a = build_policy("prfl", ctx(), **kw)

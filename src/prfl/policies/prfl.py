@@ -146,6 +146,11 @@ class PRFLConfig:
     # reference starts checkpointing then); later run-outs roll back and raise densities
     recovery_arming: bool = True
     client_scores: bool = True  # per-client monitors: a stalled client's minimum density rises
+    # what a client monitor's run-out raises by delta_rho: "minimum" = the client's minimum
+    # density (its density follows only where it was below); "density" = its density itself, as
+    # the reference code does (once the density rule has stopped, only this moves a density that
+    # is above its minimum)
+    client_recovery: Literal["minimum", "density"] = "minimum"
     # the model the server monitor scores: "plain" = sum_i n_i W_i / sum_i n_i over the buffered
     # models; "staleness" = the reference's: weights s_i n_i (the aggregation's staleness rule and
     # mode) until the final phase (every density 1), then the server model itself
@@ -199,6 +204,8 @@ class PRFLConfig:
             raise ValueError(f"eta_g must lie in (0, 1], got {self.eta_g}")
         if self.window < 0:
             raise ValueError(f"window must be non-negative, got {self.window}")
+        if self.client_recovery not in ("minimum", "density"):
+            raise ValueError(f"client_recovery must be 'minimum' or 'density', got {self.client_recovery!r}")
         if self.server_score not in ("plain", "staleness"):
             raise ValueError(f"server_score must be 'plain' or 'staleness', got {self.server_score!r}")
         if self.patience < 1 or self.final_patience_factor < 1:
@@ -260,6 +267,10 @@ class PRFL(PRFLControl, PRFLCheckpoint):
         self.ledger = PieceLedger(n)
         self.monitor = EarlyStopping(cfg.patience)
         self.client_monitors = [EarlyStopping(cfg.patience) for _ in range(n)]
+        # models of each client put into the buffer, and that count when its monitor last checked
+        # it: a client that sent nothing new since is not checked (it did not stall, it was away)
+        self.buffered_models = [0] * n
+        self.scored_models = [0] * n
         self.best_weights: torch.Tensor = self.weights
         self.final_phase = False
         self.armed = not cfg.recovery_arming  # a roll-back needs the monitor to have run out once before
@@ -514,6 +525,7 @@ class PRFL(PRFLControl, PRFLCheckpoint):
         self.window = []
         masks = {t.task_id: self.task_masks.pop(t.task_id) for t, _, _ in arrived}
         for task, result, st in arrived:  # st: staleness at arrival, frozen into the slot
+            self.buffered_models[task.client] += 1
             self.buffer.put(task.client, result.weights, masks[task.task_id], result.num_samples, task.version,
                             order=self.task_orders.pop(task.task_id, None), arrival_round=task.version + st,
                             zero_outside_mask=True,  # take_result checked the mask (clipping keeps it)

@@ -51,6 +51,8 @@ class PRFLCheckpoint(FleetPolicy):
     ledger: PieceLedger
     monitor: EarlyStopping
     client_monitors: list[EarlyStopping]
+    buffered_models: list[int]
+    scored_models: list[int]
     best_weights: torch.Tensor
     final_phase: bool
     ranked_from: torch.Tensor | None
@@ -82,6 +84,8 @@ class PRFLCheckpoint(FleetPolicy):
             ledger=self.ledger.state_dict(),
             monitor=self.monitor.state_dict(),
             client_monitors=[m.state_dict() for m in self.client_monitors],
+            buffered_models=list(self.buffered_models),
+            scored_models=list(self.scored_models),
             best_weights=Near(self.best_weights.clone(), state["weights"]),
             final_phase=self.final_phase,
         )
@@ -149,6 +153,11 @@ class PRFLCheckpoint(FleetPolicy):
         self.monitor.load_state_dict(state["monitor"])
         for m, s in zip(self.client_monitors, state["client_monitors"]):
             m.load_state_dict(s)
+        # checkpoints of earlier versions did not count the models: every buffered client is
+        # then checked at the next control step, as those versions checked them
+        n = self.ctx.num_clients
+        self.buffered_models = [int(x) for x in state.get("buffered_models", [1] * n)]
+        self.scored_models = [int(x) for x in state.get("scored_models", [0] * n)]
         self.best_weights = materialize(state["best_weights"]).clone()
         self.final_phase = state["final_phase"]
 

@@ -104,6 +104,9 @@ class PRFLControl(FleetPolicy):
             actions.append(RequestEvaluation(self._score_model(), SERVER_SCORE))
             if cfg.client_scores:
                 for c in self.buffer.clients():  # each client's model is built when it is evaluated
+                    if self.buffered_models[c] == self.scored_models[c]:
+                        continue  # nothing new from this client since its last check: no check
+                    self.scored_models[c] = self.buffered_models[c]
                     actions.append(RequestEvaluation(partial(self._buffered_model, c), f"{CLIENT_SCORE}{c}"))
         return actions
 
@@ -132,12 +135,17 @@ class PRFLControl(FleetPolicy):
         if ev.tag.startswith(CLIENT_SCORE):
             c = int(ev.tag[len(CLIENT_SCORE) :])
             _, fired = self.client_monitors[c].check(ev.accuracy, self.version)
-            if fired and self.control.minimums[c] < 1.0:
+            if not fired:
+                return []
+            if cfg.client_recovery == "density" and self.control.densities[c] < 1.0:
+                self.control.raise_density(c, cfg.delta_rho)
+            elif cfg.client_recovery == "minimum" and self.control.minimums[c] < 1.0:
                 self.control.raise_minimum(c, cfg.delta_rho)
-                self.first_stage = False
-                return [Record("recovery", {"scope": "client", "client": c, "min_density": self.control.minimums[c],
-                                            "density": self.densities, "score": ev.accuracy})]
-            return []
+            else:
+                return []
+            self.first_stage = False
+            return [Record("recovery", {"scope": "client", "client": c, "min_density": self.control.minimums[c],
+                                        "density": self.densities, "score": ev.accuracy})]
         if ev.tag != SERVER_SCORE:
             return []
         improved, fired = self.monitor.check(ev.accuracy, self.version)
@@ -156,7 +164,11 @@ class PRFLControl(FleetPolicy):
                     Stop("early stopping: no improvement with every density at 1")]
         self.weights = self.best_weights  # roll back to the best checkpoint
         self.model_id += 1
+        before = self.densities
         self.control.raise_minimum(None, cfg.delta_rho)
+        for c, (old, new) in enumerate(zip(before, self.densities)):
+            if new > old:  # a client whose density rose starts its own monitor's patience afresh
+                self.client_monitors[c].bad_checks = 0
         self.first_stage = False
         rec: dict[str, Any] = {"scope": "server", "min_density": list(self.control.minimums), "density": self.densities,
                                "best_score": self.monitor.best, "best_round": self.monitor.best_round, "score": ev.accuracy}

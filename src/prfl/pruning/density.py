@@ -116,6 +116,11 @@ class DensityController:
             self.minimums[i] = min(1.0, round(self.minimums[i] + delta, 10))
             self.densities[i] = max(self.densities[i], self.minimums[i])
 
+    def raise_density(self, client: int, delta: float) -> None:
+        """Recovery of one client as the reference code does it: its density itself rises by
+        ``delta``, capped at 1 (its minimum stays; a rule still adapting may lower it again)."""
+        self.densities[client] = min(1.0, round(self.densities[client] + delta, 10))
+
     @property
     def all_dense(self) -> bool:
         return all(m >= 1.0 for m in self.minimums)
