@@ -7,7 +7,7 @@ import weakref
 import pytest
 import torch
 
-from prfl.aggregation import mask_fedavg, weighted_average
+from prfl.aggregation import Staleness, mask_fedavg, weighted_average
 from prfl.runtime.checkpoint import Near, Streamed, dumps, loads
 from prfl.buffer import BufferEntry, ClientBuffer
 
@@ -699,3 +699,30 @@ def test_put_of_a_checked_update_stores_it_as_it_is(storage):
     b.put(0, w, mask, 2, 0, zero_outside_mask=True)
     assert torch.equal(a.get(0).weights, b.get(0).weights) and torch.equal(a.get(0).mask, b.get(0).mask)
     assert torch.equal(a.aggregate(torch.zeros(6), 0), b.aggregate(torch.zeros(6), 0))
+
+
+@pytest.mark.parametrize("storage", ["dense", "sparse", "prefix"])
+def test_a_copy_aggregates_like_the_buffer_and_is_independent_of_it(storage):
+    g = torch.Generator().manual_seed(3)
+    buf = ClientBuffer(3, 8, 6, storage=storage, frozen=Staleness("poly", 0.6, 2.0))
+    order = torch.randperm(6, generator=g)
+    for c in range(3):
+        m = torch.zeros(6, dtype=torch.bool)
+        m[order[: 2 + 2 * c]] = True
+        w = torch.randn(8, generator=g)
+        w[:6][~m] = 0
+        buf.put(c, w, m, 10 + c, c, order=order if storage == "prefix" else None, arrival_round=c + 1,
+                zero_outside_mask=True)
+    prev = torch.randn(8, generator=g)
+    cp = buf.copy()
+    assert cp.clients() == buf.clients() and cp.storage == storage
+    assert torch.equal(cp.aggregate_running(prev), buf.aggregate_running(prev))
+    cp.put(0, torch.ones(8), None, 5, 3, arrival_round=3)  # the copy moves on alone
+    assert not torch.equal(cp.aggregate_running(prev), buf.aggregate_running(prev))
+    assert torch.equal(buf.get(0).weights, buf.copy().get(0).weights)
+
+
+def test_a_file_backed_buffer_is_not_copied(tmp_path):
+    buf = ClientBuffer(2, 4, 3, path=tmp_path / "slots.bin")
+    with pytest.raises(ValueError, match="file-backed buffer"):
+        buf.copy()

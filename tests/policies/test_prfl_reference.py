@@ -151,21 +151,27 @@ def test_recovery_arms_first_then_rolls_back_and_raises_every_minimum():
     pol = build_policy("prfl", ctx(), window=0.0, interval=1000, importance=False, patience=1, delta_rho=0.2,
                        initial_densities=(1.0, 0.1), client_scores=False)
     tasks = dispatches(pol.on_event(Start(0.0)))
-    best = pol.weights
     assert pol.on_event(EvaluationDone(0.0, SERVER_SCORE, 0.5, 1.0)) == []  # best so far
-    pol.on_event(ResultArrived(1.0, result(tasks[0], [9, 9, 9, 9, 9, 9])))
-    moved = pol.weights
-    acts = pol.on_event(EvaluationDone(1.0, SERVER_SCORE, 0.4, 1.0))  # first run-out: armed only
+    acts = pol.on_event(ResultArrived(1.0, result(tasks[0], [9, 9, 9, 9, 9, 9])))
+    t0, moved = dispatches(acts)[0], pol.weights
+    acts = pol.on_event(EvaluationDone(1.0, SERVER_SCORE, 0.4, 1.0))  # first run-out: armed only, state saved
     assert [r["scope"] for r in records(acts, "recovery")] == ["armed"]
     assert torch.equal(pol.weights, moved) and pol.control.minimums == [0.1, 0.1] and pol.first_stage
+    assert pol.on_event(EvaluationDone(1.5, SERVER_SCORE, 0.6, 1.0)) == []  # an improvement saves the state again
+    t1 = dispatches(pol.on_event(ResultArrived(2.0, result(tasks[1], [0, 0, 0, 4, 0.5, 0.5]))))[1]  # joins the buffer
+    assert pol.buffer.clients() == [0, 1] and not torch.equal(pol.weights, moved)
     acts = pol.on_event(EvaluationDone(2.0, SERVER_SCORE, 0.3, 1.0))  # second: roll back and raise
     (rec,) = records(acts, "recovery")
-    assert rec["scope"] == "server" and rec["min_density"] == pytest.approx([0.3, 0.3])
-    assert rec["density"] == pytest.approx([1.0, 0.3]) and rec["best_score"] == 0.5
-    assert torch.equal(pol.weights, best) and not pol.first_stage
+    assert rec["scope"] == "server" and rec["min_density"] == pytest.approx([0.3, 0.3]) and rec["buffer_restored"]
+    assert rec["density"] == pytest.approx([1.0, 0.3]) and rec["best_score"] == 0.6
+    # the weights and the buffer are those of the last improvement: client 1's model has left the
+    # buffer, so the next aggregation does not bring it back
+    assert torch.equal(pol.weights, moved) and pol.buffer.clients() == [0] and not pol.first_stage
+    pol.on_event(ResultArrived(3.0, result(t0, [7, 7, 7, 7, 7, 7])))
+    assert torch.equal(pol.weights, torch.full((6,), 7.0))
     # the next dispatch to client 1 carries the raised density
-    nxt = dispatches(pol.on_event(ResultArrived(3.0, result(tasks[1], [0, 0, 0, 4, 0.5, 0.5]))))
-    assert nxt[1].density == pytest.approx(0.3)
+    nxt = dispatches(pol.on_event(ResultArrived(4.0, result(t1, [0, 0, 0, 5, 0.5, 0.5]))))
+    assert t1.density == pytest.approx(0.1) and nxt[1].density == pytest.approx(0.3)
 
 
 @pytest.mark.parametrize("server_score", ["plain", "staleness"])
@@ -303,3 +309,22 @@ def test_reference_state_survives_a_checkpoint():
     for pol in (a, b):
         pol.on_event(ResultArrived(2.0, result(tasks[1], [0, 0, 3, 4, 0.5, 0.5], [5, 5, 2, 6])))
     assert torch.equal(a.weights, b.weights) and a.ranking.order.tolist() == b.ranking.order.tolist()
+
+
+def test_the_saved_state_of_a_roll_back_survives_a_checkpoint():
+    kw = dict(window=0.0, interval=1000, importance=False, patience=1, initial_densities=(1.0, 0.1),
+              client_scores=False)
+    a = build_policy("prfl", ctx(), **kw)
+    tasks = dispatches(a.on_event(Start(0.0)))
+    a.on_event(EvaluationDone(0.0, SERVER_SCORE, 0.5, 1.0))
+    t0 = dispatches(a.on_event(ResultArrived(1.0, result(tasks[0], [9, 9, 9, 9, 9, 9]))))[0]
+    a.on_event(EvaluationDone(1.0, SERVER_SCORE, 0.4, 1.0))  # armed: weights and buffer saved
+    a.on_event(ResultArrived(2.0, result(tasks[1], [0, 0, 0, 4, 0.5, 0.5])))
+    b = build_policy("prfl", ctx(), **kw)
+    b.load_state_dict(a.state_dict())
+    assert b.best_buffer is not None and b.best_buffer.clients() == a.best_buffer.clients() == [0]
+    for pol in (a, b):  # a roll-back, then an arrival: the same in both
+        pol.on_event(EvaluationDone(3.0, SERVER_SCORE, 0.3, 1.0))
+        pol.on_event(ResultArrived(4.0, result(t0, [5, 6, 7, 8, 0.5, 0.5])))
+    assert a.buffer.clients() == b.buffer.clients() == [0] and torch.equal(a.weights, b.weights)
+    assert torch.equal(a.weights, torch.tensor([5.0, 6.0, 7.0, 8.0, 0.5, 0.5]))

@@ -44,6 +44,10 @@ class BufferCheckpoint(SlotStore):
         with the same sums, bit for bit (the sums themselves are not saved)."""
         if self._running is not None:
             self._recompute()
+        return self._contents(near)
+
+    def _contents(self, near: torch.Tensor | None = None) -> dict[str, torch.Tensor | Streamed | Near]:
+        """The state of :meth:`state_dict` without recomputing the running sums first."""
         ids = self.clients()
         if near is not None and (near.dim() != 1 or near.numel() != self.total or not near.is_floating_point()):
             raise ValueError(f"near must be a 1-D floating-point tensor of {self.total} weights")

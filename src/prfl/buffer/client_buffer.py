@@ -75,6 +75,17 @@ class ClientBuffer(FullAggregation, RunningAggregation, BufferCheckpoint):
                 self.num_clients, self.total
             )
 
+    def copy(self) -> ClientBuffer:
+        """An independent in-memory copy of the buffer: the same slots, in its storage kind, with
+        its running sums recomputed from them (as a checkpoint's reader recomputes them). This
+        buffer is left as it is, sums included. A file-backed buffer is not copied (ValueError)."""
+        if self.path is not None:
+            raise ValueError("a file-backed buffer (buffer_dir) is not copied in memory")
+        other = ClientBuffer(self.num_clients, self.total, self.num_prunable, storage=self.storage, frozen=self.frozen,
+                             recompute_every=self.recompute_every)
+        other.load_state_dict({k: v.clone() for k, v in self._contents().items()})  # type: ignore[union-attr]
+        return other
+
     def put(
         self, client: int, weights: torch.Tensor, mask: torch.Tensor | None, num_samples: int, sent_round: int,
         order: torch.Tensor | None = None, arrival_round: int | None = None, zero_outside_mask: bool = False,

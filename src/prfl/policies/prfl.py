@@ -271,9 +271,16 @@ class PRFL(PRFLControl, PRFLCheckpoint):
         # it: a client that sent nothing new since is not checked (it did not stall, it was away)
         self.buffered_models = [0] * n
         self.scored_models = [0] * n
+        # the state a roll-back returns to: the global weights and the buffer of client models
+        # (restoring the weights alone would not last: the next MaskFedAvg recomputes the weights
+        # from the buffer). Saved from the arming on: when the monitor first runs out, then at each
+        # improvement of its score; a file-backed buffer is not saved (best_buffer stays None)
         self.best_weights: torch.Tensor = self.weights
+        self.best_buffer: ClientBuffer | None = None
         self.final_phase = False
         self.armed = not cfg.recovery_arming  # a roll-back needs the monitor to have run out once before
+        if self.armed and cfg.recovery:
+            self._save_best()
         self.first_stage = True  # the density rule runs until the server changes a density itself
         self.local_rounds = [0] * n  # accepted results per client
         self.control_steps = 0  # control steps taken

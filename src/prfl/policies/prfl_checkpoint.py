@@ -54,6 +54,7 @@ class PRFLCheckpoint(FleetPolicy):
     buffered_models: list[int]
     scored_models: list[int]
     best_weights: torch.Tensor
+    best_buffer: ClientBuffer | None
     final_phase: bool
     ranked_from: torch.Tensor | None
 
@@ -87,6 +88,7 @@ class PRFLCheckpoint(FleetPolicy):
             buffered_models=list(self.buffered_models),
             scored_models=list(self.scored_models),
             best_weights=Near(self.best_weights.clone(), state["weights"]),
+            best_buffer=None if self.best_buffer is None else self.best_buffer.state_dict(),
             final_phase=self.final_phase,
         )
         return state
@@ -159,6 +161,12 @@ class PRFLCheckpoint(FleetPolicy):
         self.buffered_models = [int(x) for x in state.get("buffered_models", [1] * n)]
         self.scored_models = [int(x) for x in state.get("scored_models", [0] * n)]
         self.best_weights = materialize(state["best_weights"]).clone()
+        self.best_buffer = None
+        if state.get("best_buffer") is not None:  # (checkpoints of earlier versions saved no buffer)
+            self.best_buffer = ClientBuffer(self.buffer.num_clients, self.total, self.num_prunable,
+                                            storage=self.buffer.storage, frozen=self.buffer.frozen,
+                                            recompute_every=self.buffer.recompute_every)
+            self.best_buffer.load_state_dict(state["best_buffer"])
         self.final_phase = state["final_phase"]
 
 

@@ -51,6 +51,7 @@ class PRFLControl(FleetPolicy):
     monitor: EarlyStopping
     client_monitors: list[EarlyStopping]
     best_weights: torch.Tensor
+    best_buffer: ClientBuffer | None
     final_phase: bool
     ranked_from: torch.Tensor | None  # the scores the ranking was built from
     armed: bool
@@ -125,6 +126,11 @@ class PRFLControl(FleetPolicy):
             return self.weights  # the fp32 sum overflowed (huge but finite slots): score the model
         return model
 
+    def _save_best(self) -> None:
+        """The state a roll-back returns to: the weights and a copy of the buffer."""
+        self.best_weights = self.weights
+        self.best_buffer = self.buffer.copy() if self.buffer.path is None else None
+
     def _buffered_model(self, client: int) -> torch.Tensor:
         entry = self.buffer.get(client)
         assert entry is not None
@@ -150,19 +156,23 @@ class PRFLControl(FleetPolicy):
             return []
         improved, fired = self.monitor.check(ev.accuracy, self.version)
         if improved:
-            self.best_weights = self.weights
+            if self.armed:
+                self._save_best()
             return []
         if not fired:
             return []
-        if not self.armed:  # the first run-out only arms the roll-back
+        if not self.armed:  # the first run-out only arms the roll-back, saving the state it returns to
             self.armed = True
+            self._save_best()
             return [Record("recovery", {"scope": "armed", "best_score": self.monitor.best,
                                         "best_round": self.monitor.best_round, "score": ev.accuracy})]
         if self.final_phase:
             self.stopped = True
             return [Record("recovery", {"scope": "stop", "best_score": self.monitor.best, "best_round": self.monitor.best_round}),
                     Stop("early stopping: no improvement with every density at 1")]
-        self.weights = self.best_weights  # roll back to the best checkpoint
+        self.weights = self.best_weights  # roll back to the saved state: the weights and the buffer
+        if self.best_buffer is not None:
+            self.buffer = self.best_buffer.copy()
         self.model_id += 1
         before = self.densities
         self.control.raise_minimum(None, cfg.delta_rho)
@@ -171,6 +181,7 @@ class PRFLControl(FleetPolicy):
                 self.client_monitors[c].bad_checks = 0
         self.first_stage = False
         rec: dict[str, Any] = {"scope": "server", "min_density": list(self.control.minimums), "density": self.densities,
+                               "buffer_restored": self.best_buffer is not None,
                                "best_score": self.monitor.best, "best_round": self.monitor.best_round, "score": ev.accuracy}
         if self.control.all_dense:
             self.final_phase = True
