@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,13 @@ from typing import Any
 from prfl.flower.settings import DRIVER_DEFAULTS
 
 EXAMPLE_APP = Path(__file__).resolve().parents[2] / "examples" / "flower"
+
+
+def ctrl_c_default() -> None:
+    """``preexec_fn`` of a child that a test interrupts with SIGINT: Ctrl-C's default disposition,
+    so the child's Python installs its KeyboardInterrupt handler even when the suite itself runs
+    with SIGINT ignored (as a background job of a non-interactive shell does)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 # A small, fast experiment: digits, an MLP with one hidden layer of 32, PR-FL on 3 clients.
 SMALL_RUN: dict[str, Any] = {

@@ -19,6 +19,8 @@ import pytest
 
 pytest.importorskip("flwr", reason="Flower is not installed: pip install 'prfl[flower]' to run the deployment tests")
 
+from flower_support import ctrl_c_default
+
 from prfl.flower.processes import ManagedProcesses
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +55,7 @@ def test_killing_the_test_runner_mid_deployment_leaves_no_process(sig: signal.Si
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={base}", str(VICTIM)]
     with ManagedProcesses() as procs, open(log, "wb") as out:
-        runner = procs.popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        runner = procs.popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=ctrl_c_default)
         deadline = time.monotonic() + 480
         while not list(base.glob("*/READY")):
             assert runner.poll() is None, f"the runner ended before the deployment trained:\n{log.read_text()[-3000:]}"

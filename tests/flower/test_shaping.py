@@ -21,6 +21,8 @@ import pytest
 
 pytest.importorskip("flwr", reason="Flower is not installed: pip install 'prfl[flower]' to run the Flower tests")
 
+from flower_support import ctrl_c_default
+
 from prfl.flower import shaping
 from prfl.flower.shaping import (
     PAYLOAD_EFFICIENCY,
@@ -312,7 +314,8 @@ def fluid_finish(caps: tuple[float, ...], capacity: float, sizes: list[float], s
 def _start_child(tmp_path: Path, mode: str) -> tuple[subprocess.Popen[str], dict[str, object]]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, str(HERE / "shaping_child.py"), str(tmp_path / "fed"), mode],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=ctrl_c_default)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:
@@ -342,10 +345,15 @@ def _assert_clean(info: dict[str, object]) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_removes_every_class_filter_relay_and_process(tmp_path: Path, sig: signal.Signals) -> None:
     proc, info = _start_child(tmp_path, "wait")
-    assert _our_classes(int(info["slot"]))  # type: ignore[arg-type]
-    assert all(_alive(int(p)) for p in info["pids"])  # type: ignore[union-attr]
-    proc.send_signal(sig)
-    assert proc.wait(120) != 0
+    try:
+        assert _our_classes(int(info["slot"]))  # type: ignore[arg-type]
+        assert all(_alive(int(p)) for p in info["pids"])  # type: ignore[union-attr]
+        proc.send_signal(sig)
+        assert proc.wait(120) != 0
+    finally:
+        if proc.poll() is None:  # it did not stop: SIGTERM, so that a failure leaves nothing on lo
+            proc.terminate()
+            proc.wait(60)
     _assert_clean(info)
 
 

@@ -151,10 +151,10 @@ class PRFLConfig:
     # the reference code does (once the density rule has stopped, only this moves a density that
     # is above its minimum)
     client_recovery: Literal["minimum", "density"] = "minimum"
-    # the model the server monitor scores: "plain" = sum_i n_i W_i / sum_i n_i over the buffered
-    # models; "staleness" = the reference's: weights s_i n_i (the aggregation's staleness rule and
-    # mode) until the final phase (every density 1), then the server model itself
-    server_score: Literal["plain", "staleness"] = "plain"
+    # the model the server monitor scores: "staleness" = the reference's, the buffered models
+    # averaged with weights s_i n_i (the aggregation's staleness rule and mode) until the final
+    # phase (every density 1), then the server model itself; "plain" = sum_i n_i W_i / sum_i n_i
+    server_score: Literal["plain", "staleness"] = "staleness"
     buffer: bool = True  # aggregate the per-client buffer of latest models (false: the window's arrivals only)
     mask_fedavg: bool = True  # mask-aware average (false: plain weighted average)
     residual_split: bool = True  # distribute nested residual pieces (false: each client its sparse sub-model)
