@@ -145,7 +145,7 @@ class PRFLConfig:
     # the first time the server monitor runs out of patience it only arms the roll-back (the
     # reference starts checkpointing then); later run-outs roll back and raise densities
     recovery_arming: bool = True
-    client_scores: bool = True  # per-client monitors: a stalled client's minimum density rises
+    client_scores: bool = True  # per-client monitors: a stalled client's density rises (client_recovery)
     # what a client monitor's run-out raises by delta_rho: "minimum" = the client's minimum
     # density (its density follows only where it was below); "density" = its density itself, as
     # the reference code does (once the density rule has stopped, only this moves a density that

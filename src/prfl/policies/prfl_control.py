@@ -4,10 +4,12 @@ Every I rounds the control step sets new densities (:class:`prfl.pruning.density
 builds a new importance ranking (old rankings are then cut to the prefixes still in use) and asks
 for the scores of the recovery monitors: the server score of an average of the buffered models
 (``server_score``) and, with ``client_scores``, each buffered client's. The scores come back as
-``EvaluationDone``: a stalled client's minimum density rises by ``delta_rho``; when the server
-monitor runs out of patience the first time it arms the roll-back, later the weights roll back to
-the best scored model and every minimum density rises, and once every density is 1 the next
-run-out stops the run.
+``EvaluationDone``: a stalled client's minimum density (or density, ``client_recovery``) rises by
+``delta_rho``; when the server monitor runs out of patience the first time it arms the roll-back
+and saves the state (the weights and a copy of the buffer, saved again at each improvement from
+then on), later run-outs restore that state and raise every minimum density, and once every
+density is 1 the next run-out stops the run. A client that sent no new model since its last check
+is not checked.
 """
 
 from __future__ import annotations
