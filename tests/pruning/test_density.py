@@ -48,6 +48,21 @@ def test_recovery_raises_minimums_and_caps_at_one():
     assert dc.all_dense
 
 
+def test_a_client_recovery_of_the_density_itself_caps_at_one_and_keeps_to_the_grid():
+    dc = DensityController(3, rule="B", global_min=0.1, initial=[1.0, 0.45, 0.9])
+    dc.raise_density(1, 0.2)
+    dc.raise_density(2, 0.2)
+    assert dc.densities == [1.0, pytest.approx(0.65), 1.0] and dc.minimums == [0.1] * 3  # the minimum stays
+    grid = DensityController(2, rule="B", global_min=0.1, initial=[1.0, 0.3], step=0.25)
+    assert grid.densities == [1.0, 0.3]
+    grid.raise_density(1, 0.2)  # 0.5 lies on the grid of 0.25
+    assert grid.densities[1] == pytest.approx(0.5)
+    grid.raise_density(1, 0.2)  # 0.7 rounds up to 0.75: a recovery always raises the density
+    assert grid.densities[1] == pytest.approx(0.75)
+    grid.raise_density(1, 0.2)  # 0.95 -> 1.0
+    assert grid.densities[1] == 1.0
+
+
 def test_state_round_trip_and_errors():
     dc = DensityController(2, interval=2)
     dc.observe(0, 1.0)

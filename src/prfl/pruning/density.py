@@ -118,8 +118,12 @@ class DensityController:
 
     def raise_density(self, client: int, delta: float) -> None:
         """Recovery of one client as the reference code does it: its density itself rises by
-        ``delta``, capped at 1 (its minimum stays; a rule still adapting may lower it again)."""
-        self.densities[client] = min(1.0, round(self.densities[client] + delta, 10))
+        ``delta``, rounded up to the grid of a density ``step``, capped at 1 (its minimum stays; a
+        rule still adapting may lower it again)."""
+        rho = round(self.densities[client] + delta, 10)
+        if self.step is not None:
+            rho = round(self.step * math.ceil(rho / self.step - 1e-9), 10)
+        self.densities[client] = min(1.0, rho)
 
     @property
     def all_dense(self) -> bool:
