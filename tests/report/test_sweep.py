@@ -226,6 +226,23 @@ def test_compact_run_and_the_slow_clients_split(tmp_path: Path) -> None:
     assert rows[0][:7] == ["fedasync-a0.6-poly", "1", "6", "∞", "4.00", "2.00", "666.7"]
 
 
+def test_compact_run_counts_recoveries_and_keeps_the_last_densities(tmp_path: Path) -> None:
+    write_run_dir(tmp_path / "r", [{"client": 0, "time": 10.0, "staleness": 0}])
+    with open(tmp_path / "r" / "history.jsonl", "a", encoding="utf-8") as fh:
+        for x in ({"event": "recovery", "time": 60.0, "scope": "client", "client": 3},
+                  {"event": "recovery", "time": 70.0, "scope": "armed"},
+                  {"event": "recovery", "time": 80.0, "scope": "client", "client": 4},
+                  {"event": "eval", "time": 90.0, "accuracy": 0.85, "loss": 0.5, "density": [1.0, 0.5]},
+                  {"event": "eval", "time": 95.0, "accuracy": 0.86, "loss": 0.5}):
+            fh.write(json.dumps(x) + "\n")
+    rec = sweep.compact_run(tmp_path / "r")["recoveries"]
+    assert rec == {"count": {"client": 2, "armed": 1}, "first_time": {"client": 60.0, "armed": 70.0},
+                   "final_density": [1.0, 0.5]}
+    fedasync = tmp_path / "f"
+    write_run_dir(fedasync, [{"client": 0, "time": 10.0, "staleness": 0}])
+    assert sweep.compact_run(fedasync)["recoveries"] == {"count": {}, "first_time": {}, "final_density": None}
+
+
 def test_compact_run_says_which_parts_the_history_lacks(tmp_path: Path) -> None:
     arrivals = [{"client": c, "time": 50.0, "staleness": 0, "compute": 2.0, "duration": 30.0} for c in range(10)]
     write_run_dir(tmp_path / "r", arrivals)

@@ -151,7 +151,8 @@ def compact_run(run_dir: str | Path, cell: Mapping[str, Any] | None = None, slow
     Keeps the summary's scalar and per-client fields, the evaluation series (:data:`EVAL_KEYS`)
     and per client the arrival count and the mean seconds of each :data:`TIME_PARTS` part and of
     the whole task (``duration``); a part the history does not record is ``None`` and listed in
-    ``timing_missing``. ``cell`` (group, method, seed, ...) is stored as given.
+    ``timing_missing``; PR-FL's recovery events by scope (count and first time) and its densities
+    at the last evaluation (``recoveries``). ``cell`` (group, method, seed, ...) is stored as given.
     """
     rd = RunDirectory(run_dir)
     d = rd.path
@@ -166,12 +167,20 @@ def compact_run(run_dir: str | Path, cell: Mapping[str, Any] | None = None, slow
     count = [0] * n
     staleness = [0.0] * n
     records = 0
+    recoveries: dict[str, int] = {}  # PR-FL's recovery events by scope (armed, server, client, stop)
+    first_recovery: dict[str, float] = {}
+    final_density = None  # PR-FL's densities at the last evaluation
     for r in rd.records():
         records += 1
         ev = r.get("event")
         if ev == "eval" and r.get("accuracy") is not None:
             for k in EVAL_KEYS:
                 series[k].append(r.get(k))
+            final_density = r.get("density", final_density)
+        elif ev == "recovery":
+            scope = str(r.get("scope"))
+            recoveries[scope] = recoveries.get(scope, 0) + 1
+            first_recovery.setdefault(scope, float(r.get("time", 0.0)))
         elif ev == "arrival":
             c = int(r["client"])
             count[c] += 1
@@ -209,6 +218,7 @@ def compact_run(run_dir: str | Path, cell: Mapping[str, Any] | None = None, slow
         "slow_clients": slow,
         "slow_fraction": slow_fraction,
         "history": {"records": records, "sha256": _file_sha256(rd.history)},
+        "recoveries": {"count": recoveries, "first_time": first_recovery, "final_density": final_density},
     }
     if slow_error:
         out["slow_clients_error"] = slow_error
