@@ -81,10 +81,14 @@ class ClientBuffer(FullAggregation, RunningAggregation, BufferCheckpoint):
         buffer is left as it is, sums included. A file-backed buffer is not copied (ValueError)."""
         if self.path is not None:
             raise ValueError("a file-backed buffer (buffer_dir) is not copied in memory")
-        other = ClientBuffer(self.num_clients, self.total, self.num_prunable, storage=self.storage, frozen=self.frozen,
-                             recompute_every=self.recompute_every)
+        other = self.empty_like()
         other.load_state_dict({k: v.clone() for k, v in self._contents().items()})  # type: ignore[union-attr]
         return other
+
+    def empty_like(self) -> ClientBuffer:
+        """An empty in-memory buffer with this one's sizes, storage kind and running sums."""
+        return ClientBuffer(self.num_clients, self.total, self.num_prunable, storage=self.storage, frozen=self.frozen,
+                            recompute_every=self.recompute_every)
 
     def put(
         self, client: int, weights: torch.Tensor, mask: torch.Tensor | None, num_samples: int, sent_round: int,

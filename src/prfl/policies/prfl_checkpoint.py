@@ -163,9 +163,7 @@ class PRFLCheckpoint(FleetPolicy):
         self.best_weights = materialize(state["best_weights"]).clone()
         self.best_buffer = None
         if state.get("best_buffer") is not None:  # (checkpoints of earlier versions saved no buffer)
-            self.best_buffer = ClientBuffer(self.buffer.num_clients, self.total, self.num_prunable,
-                                            storage=self.buffer.storage, frozen=self.buffer.frozen,
-                                            recompute_every=self.buffer.recompute_every)
+            self.best_buffer = self.buffer.empty_like()
             self.best_buffer.load_state_dict(state["best_buffer"])
         self.final_phase = state["final_phase"]
 
