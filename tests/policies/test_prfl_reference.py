@@ -298,6 +298,76 @@ def test_a_server_recovery_restarts_the_patience_of_the_clients_it_densifies():
     assert [m.bad_checks for m in pol.client_monitors] == [2, 0]
 
 
+@pytest.mark.parametrize("minimum_rule", ["fixed", "follow"])
+def test_the_minimums_follow_the_densities_and_a_clamp_ends_the_first_stage(minimum_rule):
+    pol = build_policy("prfl", ctx(nominal_round_times=(1.0, 5.0)), window=0.0, interval=2, importance=False,
+                       client_scores=False, initial_densities=(1.0, 0.5), minimum_rule=minimum_rule)
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    a, b = [1, 2, 3, 4, 0.5, 0.5], [0, 0, 3, 4, 0.5, 0.5]
+    t0 = dispatches(pol.on_event(ResultArrived(2.0, result(tasks[0], a))))[0]
+    t1 = dispatches(pol.on_event(ResultArrived(3.0, result(tasks[1], b))))[1]
+    pol.monitor.best, pol.monitor.bad_checks = 0.9, 1
+    acts = pol.on_event(ResultArrived(4.0, result(t0, a)))  # step 1: client 1 0.5 -> 0.35 (as above)
+    t0 = dispatches(acts)[0]
+    assert pol.densities == [1.0, 0.35] and pol.first_stage
+    if minimum_rule == "follow":  # the lowest density is more than 0.01 above the minimums: they follow it
+        assert records(acts, "minimums") == [{"min_density": [0.35, 0.35], "density": [1.0, 0.35]}]
+        assert pol.monitor.bad_checks == 0  # and the server monitor's patience starts afresh
+    else:
+        assert records(acts, "minimums") == [] and pol.control.minimums == [0.1, 0.1] and pol.monitor.bad_checks == 1
+    pol.client_monitors[1].bad_checks = 1
+    t0 = dispatches(pol.on_event(ResultArrived(6.0, result(t0, a))))[0]
+    pol.on_event(ResultArrived(7.5, result(t1, b)))  # client 1: 3 and 4.5 s, mean 3.75 against 2
+    acts = pol.on_event(ResultArrived(8.0, result(t0, a)))  # step 2: rate 0.467, 0.35 * 0.58 -> 0.2
+    t0 = dispatches(acts)[0]
+    (rec,) = records(acts, "densities")
+    if minimum_rule == "follow":  # held at its minimum: the server changed a density, the first stage ends
+        assert rec["density"] == [1.0, 0.35] and rec["clamped"] == [1] and not pol.first_stage
+        assert pol.client_monitors[1].bad_checks == 0
+    else:
+        assert rec["density"] == [1.0, 0.2] and "clamped" not in rec and pol.first_stage
+        assert pol.client_monitors[1].bad_checks == 1
+    for t in (10.0, 12.0):  # step 3 (same means): the rule adapts only in the first stage, 0.2 * 0.58 -> 0.12
+        t0 = dispatches(pol.on_event(ResultArrived(t, result(t0, a))))[0]
+    assert pol.densities == ([1.0, 0.35] if minimum_rule == "follow" else [1.0, 0.12])
+
+
+def test_minimums_that_follow_the_densities_to_one_open_the_final_phase():
+    pol = build_policy("prfl", ctx(), window=0.0, interval=1, importance=False, patience=1,
+                       initial_densities=(1.0, 0.9), client_recovery="density", minimum_rule="follow")
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    acts = pol.on_event(ResultArrived(1.0, result(tasks[1], [0, 0, 3, 4, 0.5, 0.5])))
+    assert records(acts, "minimums")[0]["min_density"] == [0.9, 0.9]
+    pol.on_event(EvaluationDone(1.0, f"{CLIENT_SCORE}1", 0.6, 1.0))
+    acts = pol.on_event(EvaluationDone(2.0, f"{CLIENT_SCORE}1", 0.5, 1.0))  # client 1 runs out: 0.9 -> 1
+    assert [r["scope"] for r in records(acts, "recovery")] == ["client"]
+    assert records(acts, "minimums") == [{"min_density": [1.0, 1.0], "density": [1.0, 1.0], "final_phase": True}]
+    assert pol.final_phase and pol.control.all_dense and pol.monitor.patience == 8
+
+
+def test_a_roll_back_restores_the_importance_scores_and_ranks_from_them():
+    kw = dict(window=0.0, interval=1, patience=1, client_scores=False, initial_densities=(1.0, 0.1))
+    pol = build_policy("prfl", ctx(), **kw)
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    pol.on_event(EvaluationDone(0.0, SERVER_SCORE, 0.5, 1.0))
+    t0 = dispatches(pol.on_event(ResultArrived(1.0, result(tasks[0], [1, 2, 3, 4, 0.5, 0.5], [1, 4, 9, 16]))))[0]
+    saved, first = pol.scores.scores.clone(), pol.ranking.order.tolist()
+    pol.on_event(EvaluationDone(1.0, SERVER_SCORE, 0.4, 1.0))  # armed: the state is saved, scores included
+    moved = [4, 3, 2, 1, 0.5, 0.5]
+    t0 = dispatches(pol.on_event(ResultArrived(2.0, result(t0, moved, [16, 9, 4, 1]))))[0]
+    assert not torch.equal(pol.scores.scores, saved) and pol.ranking.order.tolist() != first
+    b = build_policy("prfl", ctx(), **kw)
+    b.load_state_dict(pol.state_dict())
+    assert torch.equal(b.best_scores, saved)
+    for p in (pol, b):
+        acts = p.on_event(EvaluationDone(3.0, SERVER_SCORE, 0.3, 1.0))  # roll back: client 1's density 0.1 -> 0.3
+        (rec,) = records(acts, "recovery")
+        assert rec["scope"] == "server" and rec["scores_restored"] and p.densities == pytest.approx([1.0, 0.3])
+        assert torch.equal(p.scores.scores, saved) and len(records(acts, "ranking")) == 1
+        # the new sub-models are ranked as at the saved state: from its scores and its weights
+        assert p.ranking.order.tolist() == first and torch.equal(p.weights, torch.tensor([1, 2, 3, 4, 0.5, 0.5]))
+
+
 def test_reference_state_survives_a_checkpoint():
     kw = dict(window=0.0, interval=2, initial_densities=(1.0, 0.5))
     a = build_policy("prfl", ctx(), **kw)

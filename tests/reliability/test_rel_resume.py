@@ -1,8 +1,9 @@
 """Exact resume after SIGKILL, and fallback from a torn checkpoint.
 
 The experiment is PR-FL on digits / mlp with 10 clients, with the recovery monitor firing often
-(interval 5, patience 3) and a checkpoint every 7 rounds, so checkpoints fall on rounds where the
-policy asks for evaluations, sets window timers and rebuilds its ranking.
+(interval 5, patience 3), the reference's minimum rule and client recovery (minimums that follow
+the densities), and a checkpoint every 7 rounds, so checkpoints fall on rounds where the policy
+asks for evaluations, sets window timers and rebuilds its ranking.
 
 1. An uninterrupted ``prfl run`` (in process, through the CLI) is the reference.
 2. The same ``prfl run`` as a subprocess is killed with SIGKILL after a random delay once its
@@ -43,7 +44,8 @@ data: {dataset: digits, num_clients: 10, partition: iid}
 model: {name: mlp, options: {hidden: [32]}}
 train: {lr: 0.1, batch_size: 20, local_steps: 5}
 fleet: {preset: lognormal}
-policy: {name: prfl, options: {interval: 5, patience: 3, window: 0.5, delta_rho: 0.1}}
+policy: {name: prfl, options: {interval: 5, patience: 3, window: 0.5, delta_rho: 0.1, minimum_rule: follow,
+                                client_recovery: density}}
 sim:
   executor: inline
   max_rounds: 290
@@ -83,7 +85,7 @@ def reference(tmp_path_factory) -> tuple[Path, Path]:
     run_dir = root / "out" / POLICY
     records = [json.loads(line) for line in history_lines(run_dir)]
     kinds = {r["event"] for r in records}
-    assert {"recovery", "ranking", "checkpoint", "end"} <= kinds  # the state worth checkpointing is there
+    assert {"recovery", "minimums", "ranking", "checkpoint", "end"} <= kinds  # the state worth checkpointing is there
     return cfg, run_dir
 
 

@@ -98,10 +98,18 @@ class PRFLConfig:
     # None: the paper's preset (1, 1, .6, .6, .3, .3, .1, .1, .1, .1) mapped onto the fleet by
     # nominal speed (the client at speed rank r of n gets entry floor(10 r / n))
     initial_densities: tuple[float, ...] | float | None = None
-    # rule B adapts densities only until the server first changes one itself (a recovery), as
-    # the reference does; True keeps adapting afterwards
+    # rule B adapts densities only until the server first changes one itself (a recovery, or under
+    # minimum_rule "follow" a clamp to a raised minimum), as the reference does; True keeps
+    # adapting afterwards
     adapt_after_recovery: bool = False
     min_density: float = 0.1  # global minimum density
+    # how the minimum densities move besides recoveries: "fixed" = they do not, and a density-rule
+    # step below a client's minimum is clamped to it; "follow" = the reference's global minimum
+    # (R:1448-1453, 1476-1484, 2332, 2377-2381): after each control step and each recovery the
+    # minimums rise to the lowest density when it lies more than 0.01 above them, a rule step
+    # below min_density is not taken, one below a raised minimum is clamped and ends the first
+    # stage, a rise restarts the server monitor's patience, and a rise to 1 opens the final phase
+    minimum_rule: Literal["fixed", "follow"] = "fixed"
     density_step: float | None = None  # round densities down to multiples of this (large fleets)
     # how the buffer stores sparse models: "dense" vectors, "sparse" (values + index) or
     # "prefix" (values in ranking order; see prfl.buffer); prefix suits large fleets
@@ -204,6 +212,8 @@ class PRFLConfig:
             raise ValueError(f"eta_g must lie in (0, 1], got {self.eta_g}")
         if self.window < 0:
             raise ValueError(f"window must be non-negative, got {self.window}")
+        if self.minimum_rule not in ("fixed", "follow"):
+            raise ValueError(f"minimum_rule must be 'fixed' or 'follow', got {self.minimum_rule!r}")
         if self.client_recovery not in ("minimum", "density"):
             raise ValueError(f"client_recovery must be 'minimum' or 'density', got {self.client_recovery!r}")
         if self.server_score not in ("plain", "staleness"):
@@ -239,7 +249,8 @@ class PRFL(PRFLControl, PRFLCheckpoint):
             raise ValueError("PR-FL needs ctx.layer_bounds (the prunable layers of the model)")
         self.control = DensityController(n, cfg.interval, cfg.density_rule, cfg.min_density, self._initial_densities(),
                                          self._time_basis(), step=cfg.density_step,
-                                         anchor=ctx.speed_order()[0] if cfg.density_rule == "B" else None)
+                                         anchor=ctx.speed_order()[0] if cfg.density_rule == "B" else None,
+                                         below_min="keep" if cfg.minimum_rule == "follow" else "clamp")
         self.num_prunable = ctx.num_prunable
         self.total = ctx.initial_weights.numel()
         self.ranking: Ranking = magnitude_ranking(self.weights[: self.num_prunable], ctx.layer_bounds, cfg.floor)
@@ -271,12 +282,14 @@ class PRFL(PRFLControl, PRFLCheckpoint):
         # it: a client that sent nothing new since is not checked (it did not stall, it was away)
         self.buffered_models = [0] * n
         self.scored_models = [0] * n
-        # the state a roll-back returns to: the global weights and the buffer of client models
+        # the state a roll-back returns to: the global weights, the buffer of client models
         # (restoring the weights alone would not last: the next MaskFedAvg recomputes the weights
-        # from the buffer). Saved from the arming on: when the monitor first runs out, then at each
-        # improvement of its score; a file-backed buffer is not saved (best_buffer stays None)
+        # from the buffer) and the persistent importance scores. Saved from the arming on: when
+        # the monitor first runs out, then at each improvement of its score; a file-backed buffer
+        # is not saved (best_buffer stays None)
         self.best_weights: torch.Tensor = self.weights
         self.best_buffer: ClientBuffer | None = None
+        self.best_scores: torch.Tensor | None = None
         self.final_phase = False
         self.armed = not cfg.recovery_arming  # a roll-back needs the monitor to have run out once before
         if self.armed and cfg.recovery:

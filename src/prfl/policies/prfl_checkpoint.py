@@ -55,6 +55,7 @@ class PRFLCheckpoint(FleetPolicy):
     scored_models: list[int]
     best_weights: torch.Tensor
     best_buffer: ClientBuffer | None
+    best_scores: torch.Tensor | None
     final_phase: bool
     ranked_from: torch.Tensor | None
 
@@ -89,6 +90,7 @@ class PRFLCheckpoint(FleetPolicy):
             scored_models=list(self.scored_models),
             best_weights=Near(self.best_weights.clone(), state["weights"]),
             best_buffer=None if self.best_buffer is None else self.best_buffer.state_dict(),
+            best_scores=None if self.best_scores is None else self.best_scores.clone(),
             final_phase=self.final_phase,
         )
         return state
@@ -165,6 +167,9 @@ class PRFLCheckpoint(FleetPolicy):
         if state.get("best_buffer") is not None:  # (checkpoints of earlier versions saved no buffer)
             self.best_buffer = self.buffer.empty_like()
             self.best_buffer.load_state_dict(state["best_buffer"])
+        # (checkpoints of earlier versions saved no scores: a roll-back then keeps the current ones)
+        saved = state.get("best_scores")
+        self.best_scores = None if saved is None else materialize(saved).clone()
         self.final_phase = state["final_phase"]
 
 

@@ -6,10 +6,11 @@ for the scores of the recovery monitors: the server score of an average of the b
 (``server_score``) and, with ``client_scores``, each buffered client's. The scores come back as
 ``EvaluationDone``: a stalled client's minimum density (or density, ``client_recovery``) rises by
 ``delta_rho``; when the server monitor runs out of patience the first time it arms the roll-back
-and saves the state (the weights and a copy of the buffer, saved again at each improvement from
-then on), later run-outs restore that state and raise every minimum density, and once every
-density is 1 the next run-out stops the run. A client that sent no new model since its last check
-is not checked.
+and saves the state (the weights, a copy of the buffer and the importance scores, saved again at
+each improvement from then on), later run-outs restore that state and raise every minimum
+density, and once every density is 1 the next run-out stops the run. A client that sent no new
+model since its last check is not checked. With ``minimum_rule: follow`` the minimums also follow
+the lowest density upwards, and a density held at a raised minimum ends the first stage.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class PRFLControl(FleetPolicy):
     client_monitors: list[EarlyStopping]
     best_weights: torch.Tensor
     best_buffer: ClientBuffer | None
+    best_scores: torch.Tensor | None
     final_phase: bool
     ranked_from: torch.Tensor | None  # the scores the ranking was built from
     armed: bool
@@ -90,19 +92,20 @@ class PRFLControl(FleetPolicy):
         before = self.densities
         if self.first_stage or cfg.adapt_after_recovery:
             after = self.control.update()
-            if after != before:
-                actions.append(Record("densities", {"density": after, "mean_round_time": self.control.mean_times()}))
+            clamped = self.control.clamped if cfg.minimum_rule == "follow" else []
+            if after != before or clamped:
+                data: dict[str, Any] = {"density": after, "mean_round_time": self.control.mean_times()}
+                if clamped:
+                    data["clamped"] = list(clamped)
+                actions.append(Record("densities", data))
+            if clamped:  # the server held a density at its raised minimum: the first stage ends
+                self.first_stage = False
+                for c in clamped:
+                    self.client_monitors[c].bad_checks = 0
         scores = self.scores.take(self.weights[: self.num_prunable]) if cfg.importance else None
         if scores is not None:
-            cost = self.ctx.layer_cost if cfg.layer_cost else None
-            self.ranking = build_ranking(scores, self.weights[: self.num_prunable], self.ctx.layer_bounds, cfg.floor,
-                                         layer_cost=cost)
-            self.ranked_from = scores  # the scores persist (holders rule): a checkpoint rebuilds the ranking from them
-            self._imp_asked = set()
-            self.ranking_id += 1
-            self._masks = {}
-            self._compact_orders()
-            actions.append(Record("ranking", {"ranking_id": self.ranking_id}))
+            self._rank(scores, actions)
+        actions += self._follow_minimums()
         if cfg.recovery:
             actions.append(RequestEvaluation(self._score_model(), SERVER_SCORE))
             if cfg.client_scores:
@@ -128,10 +131,41 @@ class PRFLControl(FleetPolicy):
             return self.weights  # the fp32 sum overflowed (huge but finite slots): score the model
         return model
 
+    def _rank(self, scores: torch.Tensor, actions: list[Action]) -> None:
+        """A new ranking built from importance ``scores`` and the current weights."""
+        cfg = self.config
+        cost = self.ctx.layer_cost if cfg.layer_cost else None
+        self.ranking = build_ranking(scores, self.weights[: self.num_prunable], self.ctx.layer_bounds, cfg.floor,
+                                     layer_cost=cost)
+        self.ranked_from = scores  # the scores persist (holders rule): a checkpoint rebuilds the ranking from them
+        self._imp_asked = set()
+        self.ranking_id += 1
+        self._masks = {}
+        self._compact_orders()
+        actions.append(Record("ranking", {"ranking_id": self.ranking_id}))
+
+    def _follow_minimums(self) -> list[Action]:
+        """``minimum_rule: follow``: the minimums rise to the lowest density when it lies more
+        than 0.01 above them; the server monitor's patience then starts afresh, and once every
+        minimum is 1 the final phase opens (the reference's R:1476-1484, which runs with recovery on)."""
+        cfg = self.config
+        if cfg.minimum_rule != "follow" or not cfg.recovery or not self.control.lift_minimums():
+            return []
+        self.monitor.bad_checks = 0
+        rec: dict[str, Any] = {"min_density": list(self.control.minimums), "density": self.densities}
+        if self.control.all_dense and not self.final_phase:
+            self.final_phase = True
+            self.monitor.patience *= cfg.final_patience_factor
+            rec["final_phase"] = True
+        return [Record("minimums", rec)]
+
     def _save_best(self) -> None:
-        """The state a roll-back returns to: the weights and a copy of the buffer."""
+        """The state a roll-back returns to: the weights, a copy of the buffer and the persistent
+        importance scores (``ImportanceScores.take`` replaces its scores, never changes them in
+        place, so the tensor itself is kept)."""
         self.best_weights = self.weights
         self.best_buffer = self.buffer.copy() if self.buffer.path is None else None
+        self.best_scores = self.scores.scores
 
     def _buffered_model(self, client: int) -> torch.Tensor:
         entry = self.buffer.get(client)
@@ -153,7 +187,7 @@ class PRFLControl(FleetPolicy):
                 return []
             self.first_stage = False
             return [Record("recovery", {"scope": "client", "client": c, "min_density": self.control.minimums[c],
-                                        "density": self.densities, "score": ev.accuracy})]
+                                        "density": self.densities, "score": ev.accuracy}), *self._follow_minimums()]
         if ev.tag != SERVER_SCORE:
             return []
         improved, fired = self.monitor.check(ev.accuracy, self.version)
@@ -172,7 +206,7 @@ class PRFLControl(FleetPolicy):
             self.stopped = True
             return [Record("recovery", {"scope": "stop", "best_score": self.monitor.best, "best_round": self.monitor.best_round}),
                     Stop("early stopping: no improvement with every density at 1")]
-        self.weights = self.best_weights  # roll back to the saved state: the weights and the buffer
+        self.weights = self.best_weights  # roll back to the saved state: the weights, the buffer, the scores
         if self.best_buffer is not None:
             self.buffer = self.best_buffer.copy()
         self.model_id += 1
@@ -182,11 +216,17 @@ class PRFLControl(FleetPolicy):
             if new > old:  # a client whose density rose starts its own monitor's patience afresh
                 self.client_monitors[c].bad_checks = 0
         self.first_stage = False
+        actions: list[Action] = []
+        restored = self.best_scores is not None
+        if self.best_scores is not None:
+            self.scores.scores = self.best_scores
+            if self.densities != before:  # new sub-models, ranked as at the saved state (R:1423, 1502)
+                self._rank(self.best_scores, actions)
         rec: dict[str, Any] = {"scope": "server", "min_density": list(self.control.minimums), "density": self.densities,
-                               "buffer_restored": self.best_buffer is not None,
+                               "buffer_restored": self.best_buffer is not None, "scores_restored": restored,
                                "best_score": self.monitor.best, "best_round": self.monitor.best_round, "score": ev.accuracy}
         if self.control.all_dense:
             self.final_phase = True
             self.monitor.patience *= cfg.final_patience_factor
             rec["final_phase"] = True
-        return [Record("recovery", rec)]
+        return [Record("recovery", rec), *actions, *self._follow_minimums()]

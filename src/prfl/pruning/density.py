@@ -9,6 +9,12 @@
   ``|rate| > 0.05`` then ``rho_i <- round(rho_i * (1 - 0.9 * rate), 2)``, never below
   ``rho_min_i`` (nor above 1). A client faster than the anchor (rate < 0) gets a denser model.
 
+A step below the global minimum is clamped to the client's minimum, or not taken at all
+(``below_min="keep"``, the reference's); a step below a minimum raised above the global one is
+clamped, and :attr:`DensityController.clamped` names the clients it was. Recoveries raise the
+minimums (:meth:`~DensityController.raise_minimum`), and :meth:`~DensityController.lift_minimums`
+lets them follow the lowest density upwards, as the reference's global minimum does.
+
 Clients with no observation yet keep their density.
 
 Time basis. The rules compare a client's round time with the fastest client's to find the density
@@ -44,9 +50,14 @@ class DensityController:
     # clients then shares a few sub-models (masks, residual pieces) instead of one per client.
     step: float | None = None
     anchor: int | None = None  # rule B's reference client (None: the client with the smallest mean)
+    # a rule's step below the global minimum: "clamp" it to the client's minimum, or "keep" the
+    # density where it was (the reference takes no such step, R:2332). A step below a client's
+    # minimum raised above the global one is clamped either way, and listed in ``clamped``
+    below_min: Literal["clamp", "keep"] = "clamp"
     densities: list[float] = field(init=False)
     minimums: list[float] = field(init=False)
     queues: list[deque[float]] = field(init=False)
+    clamped: list[int] = field(init=False)  # the clients the last update() clamped to their minimum
 
     def __post_init__(self) -> None:
         if self.rule not in ("A", "B"):
@@ -55,6 +66,8 @@ class DensityController:
             raise ValueError(f"time_basis must be 'dense' or 'observed', got {self.time_basis!r}")
         if self.interval < 1:
             raise ValueError(f"interval must be at least 1, got {self.interval}")
+        if self.below_min not in ("clamp", "keep"):
+            raise ValueError(f"below_min must be 'clamp' or 'keep', got {self.below_min!r}")
         if self.anchor is not None and not 0 <= self.anchor < self.num_clients:
             raise ValueError(f"anchor client {self.anchor} out of range [0, {self.num_clients})")
         if self.step is not None and not 0 < self.step <= 1:
@@ -70,6 +83,7 @@ class DensityController:
         self.minimums = [self.global_min] * self.num_clients
         self.densities = [max(d, self.global_min) for d in start]
         self.queues = [deque(maxlen=self.interval) for _ in range(self.num_clients)]
+        self.clamped = []
 
     def observe(self, client: int, round_time: float, density: float = 1.0) -> None:
         """Append one round time (dispatch to arrival) of ``client``, trained at ``density``."""
@@ -84,7 +98,9 @@ class DensityController:
         return [sum(q) / len(q) if q else None for q in self.queues]
 
     def update(self) -> list[float]:
-        """One control step; returns the new densities."""
+        """One control step; returns the new densities (``clamped`` lists the clients whose step
+        went below their minimum)."""
+        self.clamped = []
         t = self.mean_times()
         known = [x for x in t if x is not None and x > 0]
         if not known:
@@ -107,6 +123,10 @@ class DensityController:
                     rho = round(rho * (1 - RATE_GAIN * rate), 2)
             if self.step is not None:
                 rho = round(self.step * math.floor(rho / self.step + 1e-9), 10)
+            if self.below_min == "keep" and rho < self.global_min - 1e-12:
+                continue
+            if rho < self.minimums[i] - 1e-12:
+                self.clamped.append(i)
             self.densities[i] = min(1.0, max(rho, self.minimums[i]))
         return list(self.densities)
 
@@ -115,6 +135,16 @@ class DensityController:
         for i in range(self.num_clients) if client is None else [client]:
             self.minimums[i] = min(1.0, round(self.minimums[i] + delta, 10))
             self.densities[i] = max(self.densities[i], self.minimums[i])
+
+    def lift_minimums(self, margin: float = 0.01) -> bool:
+        """The reference's global minimum that follows the densities (R:1476-1484): when the
+        lowest density lies more than ``margin`` above the lowest minimum, every minimum rises to
+        that density (none falls). Returns whether they rose."""
+        lowest = min(self.densities)
+        if not round(lowest - min(self.minimums), 10) > margin:
+            return False
+        self.minimums = [max(m, lowest) for m in self.minimums]
+        return True
 
     def raise_density(self, client: int, delta: float) -> None:
         """Recovery of one client as the reference code does it: its density itself rises by
