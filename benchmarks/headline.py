@@ -160,7 +160,15 @@ ADAPTIVE: dict[str, dict[str, Any]] = {
 # checks of I = 50 fastest-client rounds, about 540 virtual s each) it never runs out in 12,000 s,
 # so the default's figures are those of PR-FL without recovery; patience 3 shows what recovery does
 RECOVERY_PROBE: dict[str, dict[str, Any]] = {"prfl-patience3": {"name": "prfl", "options": {"patience": 3}}}
-METHODS: dict[str, dict[str, Any]] = {**PRFL, **FEDASYNC_GRID, **BASELINES, **ABLATIONS, **ADAPTIVE, **RECOVERY_PROBE}
+# PR-FL with the two rules whose defaults still differ from the reference code: minimums that
+# follow the lowest density (a clamp to one ends the first stage) and client recoveries that raise
+# the density itself. They become the defaults once the table is complete; this cell shows what
+# the switch changes on the Dirichlet split
+REFERENCE_MINIMUMS: dict[str, dict[str, Any]] = {
+    "prfl-refminimums": {"name": "prfl", "options": {"minimum_rule": "follow", "client_recovery": "density"}},
+}
+METHODS: dict[str, dict[str, Any]] = {**PRFL, **FEDASYNC_GRID, **BASELINES, **ABLATIONS, **ADAPTIVE, **RECOVERY_PROBE,
+                                      **REFERENCE_MINIMUMS}
 METHOD_ORDER = tuple(METHODS)
 HEAD = (*PRFL, *FEDASYNC_GRID)
 
@@ -220,6 +228,7 @@ def plan_cells(seeds: Sequence[int] = SEEDS) -> list[Cell]:
     tiers.append(("honest/reversed/dirichlet",
                   ("prfl", "heterofl-mask", *FEDASYNC_GRID, "heterofl-width", "fedbuff-k5", *ADAPTIVE)))
     tiers.append(("honest/paper10/dirichlet", tuple(RECOVERY_PROBE)))
+    tiers.append(("honest/paper10/dirichlet", tuple(REFERENCE_MINIMUMS)))
     cells = []
     for tier, (group, methods) in enumerate(tiers, start=1):
         for seed in seeds:
@@ -507,6 +516,8 @@ class Sweep:
             return "skipped", "PR-FL's adaptive variant runs on seed 0 only"
         if cell.method in RECOVERY_PROBE and cell.seed != 0:
             return "skipped", "the recovery probe runs on seed 0 only"
+        if cell.method in REFERENCE_MINIMUMS and cell.seed != 0:
+            return "skipped", "the reference's minimum rule runs on seed 0 only"
         if cell.method not in FEDASYNC_GRID:
             return None
         tuning = Group("honest", "paper10", cell.group.partition)

@@ -373,11 +373,23 @@ def test_the_recovery_probe_runs_last_on_seed_0_of_the_dirichlet_split_with_pati
     cells = headline.plan_cells((0, 1, 2))
     probe = [c for c in cells if c.method == "prfl-patience3"]
     assert [(c.tier, c.group.name, c.seed) for c in probe] == [(12, "honest/paper10/dirichlet", s) for s in (0, 1, 2)]
-    assert max(c.tier for c in cells) == 12 and cells[-len(probe):] == probe
+    assert max(c.tier for c in cells if c.method != "prfl-refminimums") == 12
     sweep = headline.Sweep(tmp_path / "out", tmp_path / "runs", headline.Settings(base="digits"))
     assert [sweep.protocol(c) for c in probe] == [None] + [("skipped", "the recovery probe runs on seed 0 only")] * 2
     cfg = headline.Settings(base="digits").config(probe[0])
     assert cfg.policy.name == "prfl" and cfg.policy.options["patience"] == 3
+
+
+def test_the_reference_minimum_rule_runs_last_on_seed_0_of_the_dirichlet_split(headline, tmp_path) -> None:
+    cells = headline.plan_cells((0, 1, 2))
+    ref = [c for c in cells if c.method == "prfl-refminimums"]
+    assert [(c.tier, c.group.name, c.seed) for c in ref] == [(13, "honest/paper10/dirichlet", s) for s in (0, 1, 2)]
+    assert cells[-len(ref):] == ref
+    sweep = headline.Sweep(tmp_path / "out", tmp_path / "runs", headline.Settings(base="digits"))
+    assert [sweep.protocol(c) for c in ref] == [None] + [("skipped", "the reference's minimum rule runs on seed 0 only")] * 2
+    options = headline.Settings(base="digits").config(ref[0]).policy.options
+    assert options["minimum_rule"] == "follow" and options["client_recovery"] == "density"
+    assert headline.unavailable(ref[0]) is None
 
 
 def test_sigterm_pauses_the_run_at_its_next_checkpoint(headline, tmp_path: Path) -> None:
