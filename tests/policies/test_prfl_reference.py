@@ -332,6 +332,21 @@ def test_the_minimums_follow_the_densities_and_a_clamp_ends_the_first_stage(mini
     assert pol.densities == ([1.0, 0.35] if minimum_rule == "follow" else [1.0, 0.12])
 
 
+@pytest.mark.parametrize(("step_floor", "first_stage"), [(None, True), (0.05, False)])
+def test_a_step_under_the_minimum_but_over_the_step_floor_is_clamped_and_ends_the_first_stage(step_floor, first_stage):
+    # the reference's CIFAR-10 and FEMNIST settings take rule steps down to 0.05 and clamp them to
+    # the global minimum; its Fashion-MNIST setting (the default floor: min_density) takes none
+    pol = build_policy("prfl", ctx(nominal_round_times=(1.0, 5.0)), window=0.0, interval=2, importance=False,
+                       client_scores=False, initial_densities=(1.0, 0.1), minimum_rule="follow", step_floor=step_floor)
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    t0 = dispatches(pol.on_event(ResultArrived(2.0, result(tasks[0], [1, 2, 3, 4, 0.5, 0.5]))))[0]
+    pol.on_event(ResultArrived(3.0, result(tasks[1], [0, 0, 0, 4, 0.5, 0.5])))
+    acts = pol.on_event(ResultArrived(4.0, result(t0, [1, 2, 3, 4, 0.5, 0.5])))  # 0.1 * 0.7 -> 0.07
+    assert pol.densities == [1.0, 0.1] and pol.first_stage == first_stage
+    assert records(acts, "densities") == ([] if first_stage else [{"density": [1.0, 0.1], "mean_round_time": [2.0, 3.0],
+                                                                     "clamped": [1]}])
+
+
 def test_minimums_that_follow_the_densities_to_one_open_the_final_phase():
     pol = build_policy("prfl", ctx(), window=0.0, interval=1, importance=False, patience=1,
                        initial_densities=(1.0, 0.9), client_recovery="density", minimum_rule="follow")

@@ -108,18 +108,19 @@ def test_density_step_rounds_rule_a_down_to_shared_levels():
         DensityController(2, step=0.0)
 
 
-@pytest.mark.parametrize(("below_min", "density", "clamped"), [("clamp", 0.1, [2]), ("keep", 0.14, [])])
-def test_a_rule_b_step_below_the_global_minimum_is_clamped_or_not_taken(below_min, density, clamped):
-    dc = DensityController(3, interval=5, rule="B", global_min=0.1, initial=[1.0, 0.6, 0.14], below_min=below_min)
+@pytest.mark.parametrize(("step_floor", "density", "clamped"), [(None, 0.1, [2]), (0.1, 0.14, []), (0.01, 0.1, [2])])
+def test_a_rule_b_step_below_the_step_floor_is_not_taken_and_one_below_the_minimum_is_clamped(step_floor, density,
+                                                                                                 clamped):
+    dc = DensityController(3, interval=5, rule="B", global_min=0.1, initial=[1.0, 0.6, 0.14], step_floor=step_floor)
     dc.observe(0, 2.0)
     dc.observe(1, 2.5)  # 0.49, above every minimum
     dc.observe(2, 50.0)  # rate 0.96 -> 0.14 * 0.136 -> 0.02, below the global minimum 0.1
     assert dc.update() == pytest.approx([1.0, 0.49, density]) and dc.clamped == clamped
 
 
-def test_a_step_below_a_raised_minimum_is_clamped_under_either_rule():
-    for below_min in ("clamp", "keep"):
-        dc = DensityController(2, interval=5, rule="B", global_min=0.1, initial=[1.0, 0.6], below_min=below_min)
+def test_a_step_above_the_floor_below_a_raised_minimum_is_clamped():
+    for step_floor in (None, 0.1):
+        dc = DensityController(2, interval=5, rule="B", global_min=0.1, initial=[1.0, 0.6], step_floor=step_floor)
         dc.raise_minimum(None, 0.4)  # minimums 0.5
         dc.observe(0, 2.0)
         dc.observe(1, 2.5)  # 0.6 * 0.82 -> 0.49: above 0.1, below 0.5
@@ -145,5 +146,5 @@ def test_the_minimums_follow_the_lowest_density_only_upwards_and_by_more_than_th
     assert dc.lift_minimums() and dc.minimums == pytest.approx([0.8, 0.45, 0.45])
     dc.densities[2] = 0.2  # a lower density never lowers them
     assert not dc.lift_minimums() and dc.minimums == pytest.approx([0.8, 0.45, 0.45])
-    with pytest.raises(ValueError, match="below_min must be 'clamp' or 'keep'"):
-        DensityController(2, below_min="floor")
+    with pytest.raises(ValueError, match="step floor must lie in"):
+        DensityController(2, step_floor=1.5)

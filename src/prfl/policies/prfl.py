@@ -107,9 +107,13 @@ class PRFLConfig:
     # step below a client's minimum is clamped to it; "follow" = the reference's global minimum
     # (R:1448-1453, 1476-1484, 2332, 2377-2381): after each control step and each recovery the
     # minimums rise to the lowest density when it lies more than 0.01 above them, a rule step
-    # below min_density is not taken, one below a raised minimum is clamped and ends the first
-    # stage, a rise restarts the server monitor's patience, and a rise to 1 opens the final phase
+    # below step_floor is not taken, one below a minimum is clamped and ends the first stage, a
+    # rise restarts the server monitor's patience, and a rise to 1 opens the final phase
     minimum_rule: Literal["fixed", "follow"] = "fixed"
+    # a density-rule step below this is not taken (the density stays). None: min_density under
+    # minimum_rule "follow" (the reference's Fashion-MNIST setting; its CIFAR-10 and FEMNIST
+    # settings take steps down to 0.05 and clamp them to the minimum), no floor under "fixed"
+    step_floor: float | None = None
     density_step: float | None = None  # round densities down to multiples of this (large fleets)
     # how the buffer stores sparse models: "dense" vectors, "sparse" (values + index) or
     # "prefix" (values in ranking order; see prfl.buffer); prefix suits large fleets
@@ -212,6 +216,8 @@ class PRFLConfig:
             raise ValueError(f"eta_g must lie in (0, 1], got {self.eta_g}")
         if self.window < 0:
             raise ValueError(f"window must be non-negative, got {self.window}")
+        if self.step_floor is not None and not 0 <= self.step_floor <= 1:
+            raise ValueError(f"step_floor must lie in [0, 1], got {self.step_floor}")
         if self.minimum_rule not in ("fixed", "follow"):
             raise ValueError(f"minimum_rule must be 'fixed' or 'follow', got {self.minimum_rule!r}")
         if self.client_recovery not in ("minimum", "density"):
@@ -250,7 +256,7 @@ class PRFL(PRFLControl, PRFLCheckpoint):
         self.control = DensityController(n, cfg.interval, cfg.density_rule, cfg.min_density, self._initial_densities(),
                                          self._time_basis(), step=cfg.density_step,
                                          anchor=ctx.speed_order()[0] if cfg.density_rule == "B" else None,
-                                         below_min="keep" if cfg.minimum_rule == "follow" else "clamp")
+                                         step_floor=self._step_floor())
         self.num_prunable = ctx.num_prunable
         self.total = ctx.initial_weights.numel()
         self.ranking: Ranking = magnitude_ranking(self.weights[: self.num_prunable], ctx.layer_bounds, cfg.floor)
@@ -298,6 +304,12 @@ class PRFL(PRFLControl, PRFLCheckpoint):
         self.local_rounds = [0] * n  # accepted results per client
         self.control_steps = 0  # control steps taken
         self.last_arrival = [0.0] * n  # when each client's last result arrived (inter-arrival times)
+
+    def _step_floor(self) -> float | None:
+        cfg: PRFLConfig = self.config
+        if cfg.step_floor is not None:
+            return cfg.step_floor
+        return cfg.min_density if cfg.minimum_rule == "follow" else None
 
     def _time_basis(self) -> str:
         cfg: PRFLConfig = self.config

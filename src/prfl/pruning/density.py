@@ -9,9 +9,8 @@
   ``|rate| > 0.05`` then ``rho_i <- round(rho_i * (1 - 0.9 * rate), 2)``, never below
   ``rho_min_i`` (nor above 1). A client faster than the anchor (rate < 0) gets a denser model.
 
-A step below the global minimum is clamped to the client's minimum, or not taken at all
-(``below_min="keep"``, the reference's); a step below a minimum raised above the global one is
-clamped, and :attr:`DensityController.clamped` names the clients it was. Recoveries raise the
+A step below ``step_floor`` is not taken (the density stays); one taken below the client's
+minimum is clamped to it, and :attr:`DensityController.clamped` names the clients it was. Recoveries raise the
 minimums (:meth:`~DensityController.raise_minimum`), and :meth:`~DensityController.lift_minimums`
 lets them follow the lowest density upwards, as the reference's global minimum does.
 
@@ -50,10 +49,10 @@ class DensityController:
     # clients then shares a few sub-models (masks, residual pieces) instead of one per client.
     step: float | None = None
     anchor: int | None = None  # rule B's reference client (None: the client with the smallest mean)
-    # a rule's step below the global minimum: "clamp" it to the client's minimum, or "keep" the
-    # density where it was (the reference takes no such step, R:2332). A step below a client's
-    # minimum raised above the global one is clamped either way, and listed in ``clamped``
-    below_min: Literal["clamp", "keep"] = "clamp"
+    # a rule step below this is not taken: the density stays where it was (the reference's
+    # per-dataset floor, R:2332); None: every step is taken. A step taken below a client's
+    # minimum is clamped to it, and listed in ``clamped``
+    step_floor: float | None = None
     densities: list[float] = field(init=False)
     minimums: list[float] = field(init=False)
     queues: list[deque[float]] = field(init=False)
@@ -66,8 +65,8 @@ class DensityController:
             raise ValueError(f"time_basis must be 'dense' or 'observed', got {self.time_basis!r}")
         if self.interval < 1:
             raise ValueError(f"interval must be at least 1, got {self.interval}")
-        if self.below_min not in ("clamp", "keep"):
-            raise ValueError(f"below_min must be 'clamp' or 'keep', got {self.below_min!r}")
+        if self.step_floor is not None and not 0 <= self.step_floor <= 1:
+            raise ValueError(f"step floor must lie in [0, 1], got {self.step_floor}")
         if self.anchor is not None and not 0 <= self.anchor < self.num_clients:
             raise ValueError(f"anchor client {self.anchor} out of range [0, {self.num_clients})")
         if self.step is not None and not 0 < self.step <= 1:
@@ -123,7 +122,7 @@ class DensityController:
                     rho = round(rho * (1 - RATE_GAIN * rate), 2)
             if self.step is not None:
                 rho = round(self.step * math.floor(rho / self.step + 1e-9), 10)
-            if self.below_min == "keep" and rho < self.global_min - 1e-12:
+            if self.step_floor is not None and rho < self.step_floor - 1e-12:
                 continue
             if rho < self.minimums[i] - 1e-12:
                 self.clamped.append(i)
