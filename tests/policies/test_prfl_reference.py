@@ -306,15 +306,18 @@ def test_the_minimums_follow_the_densities_and_a_clamp_ends_the_first_stage(mini
     a, b = [1, 2, 3, 4, 0.5, 0.5], [0, 0, 3, 4, 0.5, 0.5]
     t0 = dispatches(pol.on_event(ResultArrived(2.0, result(tasks[0], a))))[0]
     t1 = dispatches(pol.on_event(ResultArrived(3.0, result(tasks[1], b))))[1]
-    pol.monitor.best, pol.monitor.bad_checks = 0.9, 1
+    pol.monitor.best = 0.9
     acts = pol.on_event(ResultArrived(4.0, result(t0, a)))  # step 1: client 1 0.5 -> 0.35 (as above)
     t0 = dispatches(acts)[0]
-    assert pol.densities == [1.0, 0.35] and pol.first_stage
-    if minimum_rule == "follow":  # the lowest density is more than 0.01 above the minimums: they follow it
+    assert pol.densities == [1.0, 0.35] and pol.first_stage and records(acts, "minimums") == []
+    # after the server monitor's check of this step (no new best: one bad check), the minimums
+    # follow the lowest density, which is more than 0.01 above them, and the patience starts afresh
+    acts = pol.on_event(EvaluationDone(4.0, SERVER_SCORE, 0.5, 1.0))
+    if minimum_rule == "follow":
         assert records(acts, "minimums") == [{"min_density": [0.35, 0.35], "density": [1.0, 0.35]}]
-        assert pol.monitor.bad_checks == 0  # and the server monitor's patience starts afresh
+        assert pol.monitor.bad_checks == 0
     else:
-        assert records(acts, "minimums") == [] and pol.control.minimums == [0.1, 0.1] and pol.monitor.bad_checks == 1
+        assert acts == [] and pol.control.minimums == [0.1, 0.1] and pol.monitor.bad_checks == 1
     pol.client_monitors[1].bad_checks = 1
     t0 = dispatches(pol.on_event(ResultArrived(6.0, result(t0, a))))[0]
     pol.on_event(ResultArrived(7.5, result(t1, b)))  # client 1: 3 and 4.5 s, mean 3.75 against 2
@@ -330,6 +333,23 @@ def test_the_minimums_follow_the_densities_and_a_clamp_ends_the_first_stage(mini
     for t in (10.0, 12.0):  # step 3 (same means): the rule adapts only in the first stage, 0.2 * 0.58 -> 0.12
         t0 = dispatches(pol.on_event(ResultArrived(t, result(t0, a))))[0]
     assert pol.densities == ([1.0, 0.35] if minimum_rule == "follow" else [1.0, 0.12])
+
+
+def test_the_minimums_follow_after_the_server_check_so_a_run_out_in_the_same_step_is_not_lost():
+    pol = build_policy("prfl", ctx(nominal_round_times=(1.0, 5.0)), window=0.0, interval=2, importance=False,
+                       client_scores=False, initial_densities=(1.0, 0.5), minimum_rule="follow", patience=2,
+                       recovery_arming=False)
+    tasks = dispatches(pol.on_event(Start(0.0)))
+    a, b = [1, 2, 3, 4, 0.5, 0.5], [0, 0, 3, 4, 0.5, 0.5]
+    t0 = dispatches(pol.on_event(ResultArrived(2.0, result(tasks[0], a))))[0]
+    pol.on_event(ResultArrived(3.0, result(tasks[1], b)))
+    pol.monitor.best, pol.monitor.bad_checks = 0.9, 1  # one bad check from a run-out
+    pol.on_event(ResultArrived(4.0, result(t0, a)))  # a step: 0.5 -> 0.35, the lowest density
+    acts = pol.on_event(EvaluationDone(4.0, SERVER_SCORE, 0.5, 1.0))
+    # the check runs out first: a roll-back raises the minimums to 0.3; then they follow to 0.35
+    assert [r["scope"] for r in records(acts, "recovery")] == ["server"]
+    assert records(acts, "minimums") == [{"min_density": [0.35, 0.35], "density": [1.0, 0.35]}]
+    assert pol.monitor.bad_checks == 0 and not pol.first_stage
 
 
 @pytest.mark.parametrize(("step_floor", "first_stage"), [(None, True), (0.05, False)])
@@ -351,7 +371,8 @@ def test_minimums_that_follow_the_densities_to_one_open_the_final_phase():
     pol = build_policy("prfl", ctx(), window=0.0, interval=1, importance=False, patience=1,
                        initial_densities=(1.0, 0.9), client_recovery="density", minimum_rule="follow")
     tasks = dispatches(pol.on_event(Start(0.0)))
-    acts = pol.on_event(ResultArrived(1.0, result(tasks[1], [0, 0, 3, 4, 0.5, 0.5])))
+    pol.on_event(ResultArrived(1.0, result(tasks[1], [0, 0, 3, 4, 0.5, 0.5])))
+    acts = pol.on_event(EvaluationDone(1.0, SERVER_SCORE, 0.5, 1.0))
     assert records(acts, "minimums")[0]["min_density"] == [0.9, 0.9]
     pol.on_event(EvaluationDone(1.0, f"{CLIENT_SCORE}1", 0.6, 1.0))
     acts = pol.on_event(EvaluationDone(2.0, f"{CLIENT_SCORE}1", 0.5, 1.0))  # client 1 runs out: 0.9 -> 1

@@ -105,8 +105,8 @@ class PRFLConfig:
     min_density: float = 0.1  # global minimum density
     # how the minimum densities move besides recoveries: "fixed" = they do not, and a density-rule
     # step below a client's minimum is clamped to it; "follow" = the reference's global minimum
-    # (R:1448-1453, 1476-1484, 2332, 2377-2381): after each control step and each recovery the
-    # minimums rise to the lowest density when it lies more than 0.01 above them, a rule step
+    # (R:1448-1453, 1476-1484, 2332, 2377-2381): after each server monitor check and each client
+    # recovery the minimums rise to the lowest density when it lies more than 0.01 above them, a rule step
     # below step_floor is not taken, one below a minimum is clamped and ends the first stage, a
     # rise restarts the server monitor's patience, and a rise to 1 opens the final phase
     minimum_rule: Literal["fixed", "follow"] = "fixed"

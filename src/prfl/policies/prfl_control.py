@@ -105,7 +105,6 @@ class PRFLControl(FleetPolicy):
         scores = self.scores.take(self.weights[: self.num_prunable]) if cfg.importance else None
         if scores is not None:
             self._rank(scores, actions)
-        actions += self._follow_minimums()
         if cfg.recovery:
             actions.append(RequestEvaluation(self._score_model(), SERVER_SCORE))
             if cfg.client_scores:
@@ -145,8 +144,9 @@ class PRFLControl(FleetPolicy):
         actions.append(Record("ranking", {"ranking_id": self.ranking_id}))
 
     def _follow_minimums(self) -> list[Action]:
-        """``minimum_rule: follow``: the minimums rise to the lowest density when it lies more
-        than 0.01 above them; the server monitor's patience then starts afresh, and once every
+        """``minimum_rule: follow``, after each server monitor check (and its roll-back, if any)
+        and each client recovery: the minimums rise to the lowest density when it lies more than
+        0.01 above them; the server monitor's patience then starts afresh, and once every
         minimum is 1 the final phase opens (the reference's R:1476-1484, which runs with recovery on)."""
         cfg = self.config
         if cfg.minimum_rule != "follow" or not cfg.recovery or not self.control.lift_minimums():
@@ -190,6 +190,14 @@ class PRFLControl(FleetPolicy):
                                         "density": self.densities, "score": ev.accuracy}), *self._follow_minimums()]
         if ev.tag != SERVER_SCORE:
             return []
+        actions = self._server_check(ev)
+        if not self.stopped:  # after the check, as the reference orders them: a rise restarts the patience
+            actions += self._follow_minimums()
+        return actions
+
+    def _server_check(self, ev: EvaluationDone) -> list[Action]:
+        """The server monitor's check of one score: arm, save, roll back and raise, or stop."""
+        cfg = self.config
         improved, fired = self.monitor.check(ev.accuracy, self.version)
         if improved:
             if self.armed:
@@ -229,4 +237,4 @@ class PRFLControl(FleetPolicy):
             self.final_phase = True
             self.monitor.patience *= cfg.final_patience_factor
             rec["final_phase"] = True
-        return [Record("recovery", rec), *actions, *self._follow_minimums()]
+        return [Record("recovery", rec), *actions]
